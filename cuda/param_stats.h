@@ -1,0 +1,215 @@
+// Parameter-space metrics (SPEC.md §1, §4): the torch-free launcher interface and the per-element,
+// combine and finalise logic shared by the CUDA kernel (param_stats.cu) and the CPU implementation
+// (src/param_stats.cpp).
+//
+// One call reads each of g, θ, θ₀, θ_prev once per element and produces, for every tensor and for
+// the whole list: Σg², Σ|g|, Σ|θ|, Σ(θ−θ₀)², Σ(θ−θ_prev)², the count of non-finite gradient
+// elements and an exact int64 histogram of the gradient elements; optionally it refreshes θ_prev.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "cuda/common.h"
+
+namespace trainscope {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------
+// What to compute. Which input arrays a call reads follows from these flags.
+enum ParamStatsFlag : uint32_t {
+  kGradSq = 1u << 0,        // Σ g²             -> grad_norm
+  kGradAbs = 1u << 1,       // Σ |g|            -> grad_magnitude
+  kParamAbs = 1u << 2,      // Σ |θ|            -> weight_magnitude
+  kDistSq = 1u << 3,        // Σ (θ − θ₀)²      -> distance
+  kUpdateSq = 1u << 4,      // Σ (θ − θ_prev)²  -> update_size
+  kHistogram = 1u << 5,     // histogram of g (§4)
+  kRefreshPrev = 1u << 6,   // θ_prev ← θ after reading it
+};
+
+// Slots of the sums and of the finished metrics, in this order everywhere (outputs included).
+enum ParamStatsSlot : int {
+  kSlotGradNorm = 0,
+  kSlotGradMagnitude = 1,
+  kSlotWeightMagnitude = 2,
+  kSlotDistance = 3,
+  kSlotUpdateSize = 4,
+  kNumSlots = 5,
+};
+
+TS_HD bool reads_grad(uint32_t f) { return (f & (kGradSq | kGradAbs | kHistogram)) != 0; }
+TS_HD bool reads_param(uint32_t f) {
+  return (f & (kParamAbs | kDistSq | kUpdateSq | kRefreshPrev)) != 0;
+}
+TS_HD bool reads_init(uint32_t f) { return (f & kDistSq) != 0; }
+TS_HD bool reads_prev(uint32_t f) { return (f & kUpdateSq) != 0; }
+
+// One tensor of the list (all four arrays contiguous, same dtype and element count). Pointers
+// of arrays the flags do not read may be null. `weight_selected` marks the tensors that count
+// toward the global weight magnitude (all of them, or only weight matrices).
+struct TensorDesc {
+  const void* grad;
+  const void* param;
+  const void* init;
+  void* prev;
+  int64_t numel;
+  DType dtype;
+  int32_t weight_selected;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Histogram binning (SPEC.md §4), evaluated in float64 so CUDA, CPU and a NumPy float64 reference
+// put every element in the same bin.
+struct HistSpec {
+  int64_t nbins;
+  double maxval;
+  double width;      // 2·maxval / nbins
+  double inv_width;  // 1 / width
+};
+
+inline HistSpec make_hist_spec(int64_t nbins, double maxval) {
+  HistSpec h;
+  h.nbins = nbins;
+  h.maxval = maxval;
+  h.width = 2.0 * maxval / static_cast<double>(nbins);
+  h.inv_width = 1.0 / h.width;
+  return h;
+}
+
+// Largest nbins accepted: keeps the multiply-then-check shortcut below exact (see hist_bin).
+constexpr int64_t kMaxHistBins = int64_t{1} << 20;
+
+// Bin of a finite value: floor((clamp(x, −m, m) + m) / w), x = m in the last bin. A multiply by
+// 1/w is off from the division by at most a few ulp (≤ 1e-9 for nbins ≤ 2^20), so the exact
+// division is only evaluated when the quotient lies that close to a bin edge.
+TS_HD int64_t hist_bin(double x, const HistSpec& h) {
+  const double c = x < -h.maxval ? -h.maxval : (x > h.maxval ? h.maxval : x);
+  const double s = c + h.maxval;
+  const double t = s * h.inv_width;
+  double f = floor(t);
+  if (t - f < 1e-9 || f + 1.0 - t < 1e-9) f = floor(s / h.width);
+  const int64_t b = static_cast<int64_t>(f);
+  return b < h.nbins ? (b < 0 ? 0 : b) : h.nbins - 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-element accumulation. Acc is float for 16/32-bit inputs on the GPU (each thread sums a
+// few dozen elements before a float64 block reduction) and double on the CPU and for float64.
+template <typename Acc>
+struct ParamSums {
+  Acc s[kNumSlots];
+  int64_t nonfinite;
+
+  TS_HD void clear() {
+    for (int i = 0; i < kNumSlots; ++i) s[i] = Acc(0);
+    nonfinite = 0;
+  }
+  template <typename Other>
+  TS_HD void add(const ParamSums<Other>& o) {
+    for (int i = 0; i < kNumSlots; ++i) s[i] += static_cast<Acc>(o.s[i]);
+    nonfinite += o.nonfinite;
+  }
+};
+
+TS_HD float abs_value(float v) { return fabsf(v); }
+TS_HD double abs_value(double v) { return fabs(v); }
+
+template <typename Acc>
+TS_HD void accumulate_grad(ParamSums<Acc>& a, uint32_t flags, Acc g) {
+  if (flags & kGradSq) a.s[kSlotGradNorm] += g * g;
+  if (flags & kGradAbs) a.s[kSlotGradMagnitude] += abs_value(g);
+  if (flags & (kGradSq | kGradAbs | kHistogram)) a.nonfinite += is_finite(g) ? 0 : 1;
+}
+
+// p0 and pprev are only read when the flags ask for them.
+template <typename Acc>
+TS_HD void accumulate_param(ParamSums<Acc>& a, uint32_t flags, Acc p, Acc p0, Acc pprev) {
+  if (flags & kParamAbs) a.s[kSlotWeightMagnitude] += abs_value(p);
+  if (flags & kDistSq) {
+    const Acc d = p - p0;
+    a.s[kSlotDistance] += d * d;
+  }
+  if (flags & kUpdateSq) {
+    const Acc u = p - pprev;
+    a.s[kSlotUpdateSize] += u * u;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finalise: sums -> metrics. A metric the flags did not ask for is NaN. Magnitudes of an empty
+// selection are 0/0 = NaN, as the mean of an empty tensor is.
+template <typename Out>
+TS_HD void finalize_metrics(const double* sums, double numel, double weight_numel, uint32_t flags,
+                            Out* out) {
+  const double nan = static_cast<double>(NAN);
+  out[kSlotGradNorm] = static_cast<Out>((flags & kGradSq) ? sqrt(sums[kSlotGradNorm]) : nan);
+  out[kSlotGradMagnitude] =
+      static_cast<Out>((flags & kGradAbs) ? sums[kSlotGradMagnitude] / numel : nan);
+  out[kSlotWeightMagnitude] =
+      static_cast<Out>((flags & kParamAbs) ? sums[kSlotWeightMagnitude] / weight_numel : nan);
+  out[kSlotDistance] = static_cast<Out>((flags & kDistSq) ? sqrt(sums[kSlotDistance]) : nan);
+  out[kSlotUpdateSize] = static_cast<Out>((flags & kUpdateSq) ? sqrt(sums[kSlotUpdateSize]) : nan);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunking: every tensor is cut into chunks of `chunk_elems` elements (the last one shorter);
+// chunk c of the whole list belongs to the last tensor whose first chunk is ≤ c. Empty tensors
+// own no chunk. 64-bit throughout: one flattened tensor may pass 2^31 elements.
+constexpr int64_t kDefaultChunkElems = int64_t{1} << 14;
+
+TS_HD int64_t num_chunks(int64_t numel, int64_t chunk_elems) {
+  return numel > 0 ? ceil_div(numel, chunk_elems) : 0;
+}
+
+// first_chunk[i] for i < n from the element counts; returns the total chunk count.
+inline int64_t assign_first_chunks(const int64_t* numel, int64_t n, int64_t chunk_elems,
+                                   int64_t* first_chunk) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    first_chunk[i] = total;
+    total += num_chunks(numel[i], chunk_elems);
+  }
+  return total;
+}
+
+// Index of the tensor owning `chunk`: the last i with first_chunk[i] ≤ chunk (binary search).
+TS_HD int64_t find_tensor_of_chunk(const int64_t* first_chunk, int64_t n, int64_t chunk) {
+  int64_t lo = 0, hi = n;  // invariant: answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (first_chunk[mid] <= chunk) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CUDA launcher.
+struct ParamStatsArgs {
+  const TensorDesc* tensors;  // host array of num_tensors descriptors
+  int64_t num_tensors;
+  uint32_t flags;
+  HistSpec hist_spec;          // used when flags has kHistogram
+  int64_t chunk_elems;         // a multiple of 1024; kDefaultChunkElems unless tuning
+
+  // Device outputs. Float outputs have out_dtype (kFloat32 or kFloat64).
+  DType out_dtype;
+  void* global;                // [kNumSlots]
+  void* per_tensor;            // [num_tensors, kNumSlots]
+  int64_t* nonfinite;          // [1]
+  int64_t* nonfinite_per_tensor;  // [num_tensors]
+  int64_t* hist;               // [nbins]                (kHistogram only)
+  int64_t* hist_per_tensor;    // [num_tensors, nbins]   (kHistogram only)
+};
+
+// Device scratch the launch needs (partials per chunk, tensor table), in bytes.
+size_t param_stats_workspace_bytes(const ParamStatsArgs& args);
+
+// Enqueues the whole computation on `stream`; never synchronises. Returns the first CUDA error.
+cudaError_t param_stats_launch(const ParamStatsArgs& args, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace trainscope

@@ -1,0 +1,191 @@
+"""Parameter-space metrics (SPEC.md §1, §4): one fused pass over gradients and parameters.
+
+Call once per batch after ``optimizer.step()``::
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    init = [p.detach().clone() for p in params]      # θ₀, when tracking begins
+    prev = [p.detach().clone() for p in params]      # θ before the latest step
+    ...
+    stats = trainscope.param_stats(grads=[p.grad for p in params], params=params,
+                                   init_params=init, prev_params=prev, refresh_prev=True)
+    stats["grad_norm"], stats.per_tensor_metric("grad_norm"), stats.hist
+
+Every result is a tensor on the inputs' device; nothing here waits for the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from . import _ops  # noqa: F401  (loads the op library)
+
+#: Column order of ``ParamStats.metrics`` and ``ParamStats.per_tensor``.
+METRICS = ("grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size")
+
+TensorList = Union[torch.Tensor, Iterable[torch.Tensor], None]
+
+
+@dataclass
+class ParamStats:
+    """Results of :func:`param_stats`. A metric whose inputs were not given is NaN."""
+
+    metrics: torch.Tensor               # [5] in METRICS order
+    per_tensor: torch.Tensor            # [T, 5]
+    nonfinite: torch.Tensor             # [] int64: NaN/Inf gradient elements
+    nonfinite_per_tensor: torch.Tensor  # [T] int64
+    hist: torch.Tensor                  # [nbins] int64 ([0] without histogram)
+    hist_per_tensor: torch.Tensor       # [T, nbins] int64
+    loss: Optional[torch.Tensor] = None  # [] when per-sample losses were given
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.metrics[_metric_index(name)]
+
+    def per_tensor_metric(self, name: str) -> torch.Tensor:
+        return self.per_tensor[:, _metric_index(name)]
+
+    def as_dict(self, names: Optional[Sequence[str]] = None) -> dict:
+        """``{metric: 0-d tensor, "metric/<name>": 0-d tensor per tensor}`` for the given
+        parameter names (or indices when ``names`` is None); histograms are left out."""
+        out = {}
+        if self.loss is not None:
+            out["loss"] = self.loss
+        labels = list(names) if names is not None else [str(i) for i in range(self.per_tensor.shape[0])]
+        if len(labels) != self.per_tensor.shape[0]:
+            raise ValueError(f"as_dict: names has {len(labels)} entries, expected {self.per_tensor.shape[0]}")
+        for j, m in enumerate(METRICS):
+            out[m] = self.metrics[j]
+            for i, label in enumerate(labels):
+                out[f"{m}/{label}"] = self.per_tensor[i, j]
+        out["nonfinite_grads"] = self.nonfinite
+        return out
+
+
+def _metric_index(name: str) -> int:
+    try:
+        return METRICS.index(name)
+    except ValueError:
+        raise KeyError(f"unknown metric {name!r}; expected one of {METRICS}") from None
+
+
+def _as_list(arg: TensorList, name: str) -> list:
+    if arg is None:
+        return []
+    if isinstance(arg, torch.Tensor):
+        return [arg]
+    out = list(arg)
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] is {type(t).__name__}, expected a tensor"
+                            + (" (a parameter without .grad?)" if t is None else ""))
+    return out
+
+
+def _run(caller: str, g: list, p: list, p0: list, pp: list, *, histogram: bool = False,
+         nbins: int = 100, maxval: float = 0.05, matrices_only: bool = False,
+         refresh_prev: bool = False):
+    """Calls the fused op; returns its six outputs."""
+    if not (g or p or p0 or pp):
+        raise ValueError(f"{caller}: no tensors given (every tensor list is empty)")
+    if refresh_prev and not pp:
+        raise ValueError(f"{caller}: refresh_prev=True needs prev_params")
+    op = torch.ops.trainscope.param_stats_refresh_ if refresh_prev else torch.ops.trainscope.param_stats
+    return op(g, p, p0, pp, histogram, int(nbins), float(maxval), matrices_only)
+
+
+def param_stats(
+    grads: TensorList = None,
+    params: TensorList = None,
+    init_params: TensorList = None,
+    prev_params: TensorList = None,
+    *,
+    histogram: bool = True,
+    nbins: int = 100,
+    maxval: float = 0.05,
+    weight_magnitude_of: str = "all",
+    refresh_prev: bool = False,
+    losses: Optional[torch.Tensor] = None,
+) -> ParamStats:
+    """Every parameter-space metric, global and per tensor, from one pass over memory.
+
+    Lists are paired by position. ``grads`` gives grad_norm, grad_magnitude, the non-finite
+    count and (``histogram``) the gradient histogram; ``params`` gives weight_magnitude;
+    with ``init_params`` distance; with ``prev_params`` update_size. ``weight_magnitude_of`` is
+    ``"all"`` or ``"matrices"`` (tensors with dim >= 2, i.e. biases and norms excluded) for the
+    global weight magnitude; per-tensor values are always reported. ``refresh_prev`` copies
+    ``params`` into ``prev_params`` after reading them, ready for the next step.
+    """
+    if weight_magnitude_of not in ("all", "matrices"):
+        raise ValueError(f"param_stats: weight_magnitude_of must be 'all' or 'matrices', got {weight_magnitude_of!r}")
+    out = _run("param_stats", _as_list(grads, "grads"), _as_list(params, "params"),
+               _as_list(init_params, "init_params"), _as_list(prev_params, "prev_params"),
+               histogram=histogram, nbins=nbins, maxval=maxval,
+               matrices_only=weight_magnitude_of == "matrices", refresh_prev=refresh_prev)
+    return ParamStats(*out, loss=loss(losses) if losses is not None else None)
+
+
+def _metric(out, index: int, per_tensor: bool) -> torch.Tensor:
+    return out[1][:, index] if per_tensor else out[0][index]
+
+
+def grad_norm(grads: TensorList, per_tensor: bool = False) -> torch.Tensor:
+    """sqrt(Σ g²) over all gradients: 0-d, or [T] with ``per_tensor``."""
+    return _metric(_run("grad_norm", _as_list(grads, "grads"), [], [], []), 0, per_tensor)
+
+
+def grad_magnitude(grads: TensorList, per_tensor: bool = False) -> torch.Tensor:
+    """Σ|g| / numel (mean absolute gradient element)."""
+    return _metric(_run("grad_magnitude", _as_list(grads, "grads"), [], [], []), 1, per_tensor)
+
+
+def weight_magnitude(params: TensorList, per_tensor: bool = False,
+                     matrices_only: bool = False) -> torch.Tensor:
+    """Σ|θ| / numel; ``matrices_only`` restricts the global value to tensors with dim >= 2."""
+    out = _run("weight_magnitude", [], _as_list(params, "params"), [], [], matrices_only=matrices_only)
+    return _metric(out, 2, per_tensor)
+
+
+def distance(params: TensorList, init_params: TensorList, per_tensor: bool = False) -> torch.Tensor:
+    """sqrt(Σ (θ − θ₀)²): distance from the parameters when tracking began."""
+    p, p0 = _as_list(params, "params"), _as_list(init_params, "init_params")
+    if not p0:
+        raise ValueError("distance: init_params is empty")
+    return _metric(_run("distance", [], p, p0, []), 3, per_tensor)
+
+
+def update_size(params: TensorList, prev_params: TensorList, per_tensor: bool = False,
+                refresh_prev: bool = False) -> torch.Tensor:
+    """sqrt(Σ (θ_after − θ_before)²) of the latest step; ``refresh_prev`` then sets prev ← params."""
+    p, pp = _as_list(params, "params"), _as_list(prev_params, "prev_params")
+    if not pp:
+        raise ValueError("update_size: prev_params is empty")
+    return _metric(_run("update_size", [], p, [], pp, refresh_prev=refresh_prev), 4, per_tensor)
+
+
+def grad_hist1d(tensors: TensorList, nbins: int = 100, maxval: float = 0.05,
+                per_tensor: bool = False) -> torch.Tensor:
+    """Exact int64 histogram (SPEC.md §4): ``nbins`` equal bins over [-maxval, maxval], outliers
+    in the edge bins, NaN/Inf left out (see :func:`nonfinite_count`). [nbins] or [T, nbins]."""
+    out = _run("grad_hist1d", _as_list(tensors, "tensors"), [], [], [], histogram=True,
+               nbins=nbins, maxval=maxval)
+    return out[5] if per_tensor else out[4]
+
+
+def nonfinite_count(tensors: TensorList, per_tensor: bool = False) -> torch.Tensor:
+    """Number of NaN and ±Inf elements: 0-d int64, or [T]."""
+    out = _run("nonfinite_count", _as_list(tensors, "tensors"), [], [], [])
+    return out[3] if per_tensor else out[2]
+
+
+def loss(losses: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-sample loss vector, accumulated in at least float32."""
+    return torch.ops.trainscope.loss(losses)
+
+
+def hist_bin_edges(nbins: int = 100, maxval: float = 0.05, device=None) -> torch.Tensor:
+    """The nbins + 1 edges of :func:`grad_hist1d`'s bins (float64)."""
+    if nbins < 1 or not maxval > 0:
+        raise ValueError(f"hist_bin_edges: need nbins >= 1 and maxval > 0, got nbins={nbins}, maxval={maxval}")
+    return torch.linspace(-maxval, maxval, nbins + 1, dtype=torch.float64, device=device)

@@ -1,0 +1,71 @@
+// Torch op schemas (one TORCH_LIBRARY) and their CPU and CUDA kernels. The fake kernels that
+// torch.compile traces live in python_bindings/trainscope/_ops.py.
+#include <tuple>
+
+#include <torch/library.h>
+
+#include "src/param_stats_internal.h"
+
+namespace trainscope {
+namespace {
+
+using ParamStatsTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ParamStatsTuple as_tuple(const ParamStats& s) {
+  return {s.metrics, s.per_tensor, s.nonfinite, s.nonfinite_per_tensor, s.hist, s.hist_per_tensor};
+}
+
+ParamStatsOptions options(bool histogram, int64_t nbins, double maxval, bool weights_matrices_only,
+                          bool refresh_prev) {
+  ParamStatsOptions o;
+  o.histogram = histogram;
+  o.nbins = nbins;
+  o.maxval = maxval;
+  o.weights_matrices_only = weights_matrices_only;
+  o.refresh_prev = refresh_prev;
+  return o;
+}
+
+ParamStatsTuple param_stats_op(at::TensorList grads, at::TensorList params, at::TensorList init_params,
+                               at::TensorList prev_params, bool histogram, int64_t nbins, double maxval,
+                               bool weights_matrices_only) {
+  return as_tuple(param_stats_impl("trainscope.param_stats", grads, params, init_params, prev_params,
+                                   options(histogram, nbins, maxval, weights_matrices_only, false)));
+}
+
+ParamStatsTuple param_stats_refresh_op(at::TensorList grads, at::TensorList params,
+                                       at::TensorList init_params, at::TensorList prev_params,
+                                       bool histogram, int64_t nbins, double maxval,
+                                       bool weights_matrices_only) {
+  return as_tuple(param_stats_impl("trainscope.param_stats", grads, params, init_params, prev_params,
+                                   options(histogram, nbins, maxval, weights_matrices_only, true)));
+}
+
+at::Tensor loss_op(const at::Tensor& losses) { return loss(losses); }
+
+}  // namespace
+}  // namespace trainscope
+
+TORCH_LIBRARY(trainscope, m) {
+  m.def(
+      "param_stats(Tensor[] grads, Tensor[] params, Tensor[] init_params, Tensor[] prev_params, "
+      "bool histogram=True, int nbins=100, float maxval=0.05, bool weights_matrices_only=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "param_stats_refresh_(Tensor[] grads, Tensor[] params, Tensor[] init_params, "
+      "Tensor(a!)[] prev_params, bool histogram=True, int nbins=100, float maxval=0.05, "
+      "bool weights_matrices_only=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("loss(Tensor losses) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(trainscope, CPU, m) {
+  m.impl("param_stats", &trainscope::param_stats_op);
+  m.impl("param_stats_refresh_", &trainscope::param_stats_refresh_op);
+  m.impl("loss", &trainscope::loss_op);
+}
+
+TORCH_LIBRARY_IMPL(trainscope, CUDA, m) {
+  m.impl("param_stats", &trainscope::param_stats_op);
+  m.impl("param_stats_refresh_", &trainscope::param_stats_refresh_op);
+  m.impl("loss", &trainscope::loss_op);
+}
