@@ -111,14 +111,30 @@ struct ChunkWork {
   unsigned long long* tensor_hist;    // this tensor's global histogram
   ParamSums<Acc> acc;
 
+  // Gradients crowd into a few central bins, so neighbouring elements mostly share a bin: a
+  // per-thread run (bin, count) is flushed only when the bin changes, which keeps the atomics
+  // off the hottest shared-memory addresses.
+  int64_t run_bin;
+  unsigned int run_count;
+
+  __device__ void flush_run() {
+    if (run_count == 0) return;
+    if (warp_hist != nullptr) {
+      atomicAdd(warp_hist + run_bin, run_count);
+    } else {
+      atomicAdd(tensor_hist + run_bin, static_cast<unsigned long long>(run_count));
+    }
+    run_count = 0;
+  }
+
   __device__ void count_bin(Acc g) {
     if (!is_finite(g)) return;
     const int64_t b = hist_bin(static_cast<double>(g), *hist);
-    if (warp_hist != nullptr) {
-      atomicAdd(warp_hist + b, 1u);
-    } else {
-      atomicAdd(tensor_hist + b, 1ull);
+    if (b != run_bin) {
+      flush_run();
+      run_bin = b;
     }
+    ++run_count;
   }
 
   __device__ void element(T g, T p, T p0, T pp) {
@@ -162,6 +178,7 @@ struct ChunkWork {
       element(gx, px, ri ? p0[i] : zero, rv ? pp[i] : zero);
       if (refresh) pp[i] = px;
     }
+    if (flags & kHistogram) flush_run();
   }
 };
 
@@ -174,6 +191,8 @@ __device__ Partial run_chunk(const GroupTensor& d, int64_t begin, int64_t end, c
   w.warp_hist = warp_hist;
   w.tensor_hist = tensor_hist;
   w.acc.clear();
+  w.run_bin = -1;
+  w.run_count = 0;
   w.run(d, begin, end);
   Partial out;
 #pragma unroll

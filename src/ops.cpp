@@ -58,6 +58,14 @@ TORCH_LIBRARY(trainscope, m) {
   m.def("loss(Tensor losses) -> Tensor");
 }
 
+// Metrics are diagnostics, not differentiable outputs: below autograd the ops see plain tensors,
+// and results never carry a grad_fn, even when the inputs are nn.Parameters.
+TORCH_LIBRARY_IMPL(trainscope, Autograd, m) {
+  m.impl("param_stats", torch::CppFunction::makeFallthrough());
+  m.impl("param_stats_refresh_", torch::CppFunction::makeFallthrough());
+  m.impl("loss", torch::CppFunction::makeFallthrough());
+}
+
 TORCH_LIBRARY_IMPL(trainscope, CPU, m) {
   m.impl("param_stats", &trainscope::param_stats_op);
   m.impl("param_stats_refresh_", &trainscope::param_stats_refresh_op);

@@ -229,9 +229,9 @@ void cuda_param_stats(const std::vector<tc::TensorDesc>& descs, uint32_t flags,
 
 ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList params,
                             at::TensorList init_params, at::TensorList prev_params,
-                            const ParamStatsOptions& o) {
+                            const ParamStatsOptions& o, const char* grads_name) {
   nvtx3::scoped_range range{op};
-  const at::Device device = check_inputs(op, {{"grads", grads}, {"params", params},
+  const at::Device device = check_inputs(op, {{grads_name, grads}, {"params", params},
                                               {"init_params", init_params}, {"prev_params", prev_params}});
   TORCH_CHECK(init_params.empty() || !params.empty(), op,
               ": init_params were given without params; distance needs both");
@@ -353,12 +353,13 @@ at::Tensor grad_hist1d(at::TensorList tensors, int64_t nbins, double maxval, boo
   ParamStatsOptions o;
   o.nbins = nbins;
   o.maxval = maxval;
-  ParamStats s = param_stats_impl("trainscope::grad_hist1d", tensors, {}, {}, {}, o);
+  ParamStats s = param_stats_impl("trainscope::grad_hist1d", tensors, {}, {}, {}, o, "tensors");
   return per_tensor ? s.hist_per_tensor : s.hist;
 }
 
 at::Tensor nonfinite_count(at::TensorList tensors, bool per_tensor) {
-  ParamStats s = param_stats_impl("trainscope::nonfinite_count", tensors, {}, {}, {}, no_histogram());
+  ParamStats s =
+      param_stats_impl("trainscope::nonfinite_count", tensors, {}, {}, {}, no_histogram(), "tensors");
   return per_tensor ? s.nonfinite_per_tensor : s.nonfinite;
 }
 

@@ -8,6 +8,6 @@ namespace trainscope {
 
 ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList params,
                             at::TensorList init_params, at::TensorList prev_params,
-                            const ParamStatsOptions& options);
+                            const ParamStatsOptions& options, const char* grads_name = "grads");
 
 }  // namespace trainscope
