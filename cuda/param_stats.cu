@@ -21,6 +21,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr int kMinChunkBlocksPerSM = 3;  // register cap: 3 × 256 threads resident per SM
 constexpr int kFinalizeThreads = 1024;
 constexpr int kMaxGroupTensors = 96;              // keeps LaunchGroup near 6 KB of parameters
 constexpr size_t kMaxSharedHistBytes = 48 * 1024;  // default dynamic shared-memory limit
@@ -111,30 +112,41 @@ struct ChunkWork {
   unsigned long long* tensor_hist;    // this tensor's global histogram
   ParamSums<Acc> acc;
 
-  // Gradients crowd into a few central bins, so neighbouring elements mostly share a bin: a
-  // per-thread run (bin, count) is flushed only when the bin changes, which keeps the atomics
-  // off the hottest shared-memory addresses.
-  int64_t run_bin;
-  unsigned int run_count;
+  // Gradients crowd into the two bins either side of zero, so most elements hit a bin one of
+  // the thread's last two elements hit: two per-thread (bin, count) slots are flushed only when
+  // a third bin turns up, which keeps the atomics off the hottest shared-memory addresses.
+  int32_t slot_bin[2];  // nbins ≤ 2^20 fits
+  unsigned int slot_count[2];
 
-  __device__ void flush_run() {
-    if (run_count == 0) return;
+  __device__ void flush_slot(int s) {
+    if (slot_count[s] == 0) return;
     if (warp_hist != nullptr) {
-      atomicAdd(warp_hist + run_bin, run_count);
+      atomicAdd(warp_hist + slot_bin[s], slot_count[s]);
     } else {
-      atomicAdd(tensor_hist + run_bin, static_cast<unsigned long long>(run_count));
+      atomicAdd(tensor_hist + slot_bin[s], static_cast<unsigned long long>(slot_count[s]));
     }
-    run_count = 0;
+    slot_count[s] = 0;
   }
 
   __device__ void count_bin(Acc g) {
     if (!is_finite(g)) return;
-    const int64_t b = hist_bin(static_cast<double>(g), *hist);
-    if (b != run_bin) {
-      flush_run();
-      run_bin = b;
+    const int32_t b = static_cast<int32_t>(hist_bin(static_cast<double>(g), *hist));
+    if (b == slot_bin[0]) {
+      ++slot_count[0];
+    } else if (b == slot_bin[1]) {
+      ++slot_count[1];
+    } else {
+      flush_slot(1);
+      slot_bin[1] = slot_bin[0];
+      slot_count[1] = slot_count[0];
+      slot_bin[0] = b;
+      slot_count[0] = 1;
     }
-    ++run_count;
+  }
+
+  __device__ void flush_slots() {
+    flush_slot(0);
+    flush_slot(1);
   }
 
   __device__ void element(T g, T p, T p0, T pp) {
@@ -178,7 +190,7 @@ struct ChunkWork {
       element(gx, px, ri ? p0[i] : zero, rv ? pp[i] : zero);
       if (refresh) pp[i] = px;
     }
-    if (flags & kHistogram) flush_run();
+    if (flags & kHistogram) flush_slots();
   }
 };
 
@@ -191,8 +203,8 @@ __device__ Partial run_chunk(const GroupTensor& d, int64_t begin, int64_t end, c
   w.warp_hist = warp_hist;
   w.tensor_hist = tensor_hist;
   w.acc.clear();
-  w.run_bin = -1;
-  w.run_count = 0;
+  w.slot_bin[0] = w.slot_bin[1] = -1;
+  w.slot_count[0] = w.slot_count[1] = 0;
   w.run(d, begin, end);
   Partial out;
 #pragma unroll
@@ -201,7 +213,7 @@ __device__ Partial run_chunk(const GroupTensor& d, int64_t begin, int64_t end, c
   return out;
 }
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinChunkBlocksPerSM)
     chunk_kernel(const __grid_constant__ LaunchGroup grp, const Config cfg, Partial* partials,
                  TensorMeta* meta, unsigned long long* hist_per_tensor) {
   extern __shared__ unsigned int shared_hist[];  // [kWarps][nbins] when cfg.shared_hist
