@@ -24,7 +24,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMinChunkBlocksPerSM = 3;  // register cap: 3 × 256 threads resident per SM
 constexpr int kFinalizeThreads = 1024;
 constexpr int kMaxGroupTensors = 96;              // keeps LaunchGroup near 6 KB of parameters
-constexpr size_t kMaxSharedHistBytes = 48 * 1024;  // default dynamic shared-memory limit
+constexpr size_t kSharedMemPerBlockDefault = 48 * 1024;  // without opting in to more
 
 struct GroupTensor {
   const void* grad;
@@ -406,8 +406,13 @@ cudaError_t param_stats_launch(const ParamStatsArgs& args, void* workspace, size
   cfg.flags = args.flags;
   cfg.hist = args.hist_spec;
   cfg.chunk_elems = args.chunk_elems;
+  // Per-warp histograms in shared memory when they fit beside the kernel's own static shared
+  // memory within the default per-block limit; otherwise count straight into global memory.
   const size_t shared_bytes = hist ? sizeof(unsigned int) * kWarps * static_cast<size_t>(args.hist_spec.nbins) : 0;
-  cfg.shared_hist = hist && shared_bytes <= kMaxSharedHistBytes;
+  cudaFuncAttributes attr;
+  err = cudaFuncGetAttributes(&attr, chunk_kernel);
+  if (err != cudaSuccess) return err;
+  cfg.shared_hist = hist && shared_bytes + attr.sharedSizeBytes <= kSharedMemPerBlockDefault;
   const size_t dyn_shared = cfg.shared_hist ? shared_bytes : 0;
 
   const uint32_t f = args.flags;
