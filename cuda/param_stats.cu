@@ -78,20 +78,17 @@ struct TensorMeta {
 
 // Global sums of the list: the five slots plus the counts the magnitudes divide by.
 struct ListTotal {
-  double s[kNumSlots];
+  Partial sums;
   double numel;
   double weight_numel;
-  long long nonfinite;
 };
 
 struct ListTotalSum {
   __device__ ListTotal operator()(const ListTotal& a, const ListTotal& b) const {
     ListTotal r;
-#pragma unroll
-    for (int i = 0; i < kNumSlots; ++i) r.s[i] = a.s[i] + b.s[i];
+    r.sums = PartialSum()(a.sums, b.sums);
     r.numel = a.numel + b.numel;
     r.weight_numel = a.weight_numel + b.weight_numel;
-    r.nonfinite = a.nonfinite + b.nonfinite;
     return r;
   }
 };
@@ -324,26 +321,26 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 
   ListTotal acc;
 #pragma unroll
-  for (int i = 0; i < kNumSlots; ++i) acc.s[i] = 0.0;
+  for (int i = 0; i < kNumSlots; ++i) acc.sums.s[i] = 0.0;
+  acc.sums.nonfinite = 0;
   acc.numel = acc.weight_numel = 0.0;
-  acc.nonfinite = 0;
   for (int64_t t = threadIdx.x; t < num_tensors; t += kFinalizeThreads) {
     const Partial& s = tensor_sums[t];
     const bool selected = meta[t].selected != 0;
 #pragma unroll
     for (int i = 0; i < kNumSlots; ++i) {
-      if (i != kSlotWeightMagnitude || selected) acc.s[i] += s.s[i];
+      if (i != kSlotWeightMagnitude || selected) acc.sums.s[i] += s.s[i];
     }
+    acc.sums.nonfinite += s.nonfinite;
     acc.numel += static_cast<double>(meta[t].numel);
     if (selected) acc.weight_numel += static_cast<double>(meta[t].numel);
-    acc.nonfinite += s.nonfinite;
   }
   using BlockReduce = cub::BlockReduce<ListTotal, kFinalizeThreads>;
   __shared__ typename BlockReduce::TempStorage storage;
   const ListTotal total = BlockReduce(storage).Reduce(acc, ListTotalSum());
   if (threadIdx.x == 0) {
-    finalize_metrics(total.s, total.numel, total.weight_numel, flags, global);
-    *nonfinite = total.nonfinite;
+    finalize_metrics(total.sums.s, total.numel, total.weight_numel, flags, global);
+    *nonfinite = total.sums.nonfinite;
   }
 }
 

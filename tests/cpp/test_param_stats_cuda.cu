@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cuda/param_stats.h"
+#include "tests/cpp/reference_bin.h"
 
 namespace {
 
@@ -102,15 +103,6 @@ double store_value(unsigned char* dst, DType t, double v) {
   return kNaN;
 }
 
-// SPEC.md §4 in float64: floor((clamp(x, −m, m) + m) / w), x = m in the last bin.
-int64_t reference_bin(double x, int64_t nbins, double maxval) {
-  const double w = 2.0 * maxval / static_cast<double>(nbins);
-  const double c = std::min(std::max(x, -maxval), maxval);
-  const double b = std::floor((c + maxval) / w);
-  if (b < 0.0) return 0;
-  if (b >= static_cast<double>(nbins)) return nbins - 1;
-  return static_cast<int64_t>(b);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Host lists

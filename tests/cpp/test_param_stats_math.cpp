@@ -13,6 +13,7 @@
 
 #include "cuda/common.h"
 #include "cuda/param_stats.h"
+#include "tests/cpp/reference_bin.h"
 
 namespace {
 
@@ -25,16 +26,6 @@ namespace tc = trainscope::cuda;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-// SPEC.md §4 written out plainly in float64: floor((clamp(x, −m, m) + m) / w), w = 2m/nbins,
-// the value m itself in the last bin.
-int64_t reference_bin(double x, int64_t nbins, double maxval) {
-  const double w = 2.0 * maxval / static_cast<double>(nbins);
-  const double c = std::min(std::max(x, -maxval), maxval);
-  const double b = std::floor((c + maxval) / w);
-  if (b < 0.0) return 0;
-  if (b >= static_cast<double>(nbins)) return nbins - 1;
-  return static_cast<int64_t>(b);
-}
 
 uint32_t float_bits(float f) {
   uint32_t u;
