@@ -325,6 +325,17 @@ struct LaunchConfig {
   DType out_dtype = DType::kFloat32;
 };
 
+LaunchConfig launch_config(uint32_t flags, int64_t nbins = 100, double maxval = 0.05,
+                           int64_t chunk_elems = tc::kDefaultChunkElems, DType out_dtype = DType::kFloat32) {
+  LaunchConfig c;
+  c.flags = flags;
+  c.nbins = nbins;
+  c.maxval = maxval;
+  c.chunk_elems = chunk_elems;
+  c.out_dtype = out_dtype;
+  return c;
+}
+
 std::string describe(const LaunchConfig& c) {
   std::ostringstream os;
   os << "flags=0x" << std::hex << c.flags << std::dec << " nbins=" << c.nbins << " maxval=" << c.maxval
@@ -726,10 +737,7 @@ TEST_F(ParamStatsCudaTest, EveryFlagSubsetOnAMixedList) {
   const Reference ref = compute_reference(h, 100, 0.05);
   for (uint32_t flags = 0; flags <= kAllFlags; ++flags) {
     for (DType out : {DType::kFloat32, DType::kFloat64}) {
-      LaunchConfig cfg;
-      cfg.flags = flags;
-      cfg.chunk_elems = 1024;
-      cfg.out_dtype = out;
+      const LaunchConfig cfg = launch_config(flags, 100, 0.05, 1024, out);
       ASSERT_NO_FATAL_FAILURE(run_and_check(h, d, ref, cfg, "mixed list"));
     }
   }
@@ -755,9 +763,7 @@ TEST_F(ParamStatsCudaTest, DefaultChunkOnLargerTensors) {
   const Reference ref = compute_reference(h, 100, 0.05);
   for (uint32_t flags : {kAllMetrics, kAllFlags, uint32_t{tc::kHistogram}, uint32_t{tc::kUpdateSq | tc::kRefreshPrev}}) {
     for (int64_t chunk : {tc::kDefaultChunkElems, int64_t{3072}, int64_t{65536}}) {
-      LaunchConfig cfg;
-      cfg.flags = flags;
-      cfg.chunk_elems = chunk;
+      const LaunchConfig cfg = launch_config(flags, 100, 0.05, chunk);
       ASSERT_NO_FATAL_FAILURE(run_and_check(h, d, ref, cfg, "larger tensors"));
     }
   }
@@ -771,9 +777,7 @@ TEST_F(ParamStatsCudaTest, LaunchGroupBoundaries) {
     DeviceList d;
     ASSERT_NO_FATAL_FAILURE(upload(h, &d));
     const Reference ref = compute_reference(h, 100, 0.05);
-    LaunchConfig cfg;
-    cfg.flags = kAllFlags;
-    cfg.chunk_elems = 1024;
+    const LaunchConfig cfg = launch_config(kAllFlags, 100, 0.05, 1024);
     ASSERT_NO_FATAL_FAILURE(run_and_check(h, d, ref, cfg, std::to_string(count) + " tensors"));
   }
 }
@@ -786,10 +790,8 @@ TEST_F(ParamStatsCudaTest, Float64ListIntoFloat64OutputsIsTight) {
   DeviceList d;
   ASSERT_NO_FATAL_FAILURE(upload(h, &d));
   const Reference ref = compute_reference(h, 100, 0.05);
-  LaunchConfig cfg;
-  cfg.flags = kAllFlags;
-  cfg.chunk_elems = 1024;
-  cfg.out_dtype = DType::kFloat64;  // check_results then holds every metric to 1e-12
+  // A float64 output: check_results then holds every metric to 1e-12.
+  const LaunchConfig cfg = launch_config(kAllFlags, 100, 0.05, 1024, DType::kFloat64);
   ASSERT_NO_FATAL_FAILURE(run_and_check(h, d, ref, cfg, "float64 list"));
 }
 
@@ -833,11 +835,7 @@ TEST_F(ParamStatsCudaTest, HistogramsAreExactForManyBinCounts) {
       DeviceList d;
       ASSERT_NO_FATAL_FAILURE(upload(h, &d));
       const Reference ref = compute_reference(h, nbins, maxval);
-      LaunchConfig cfg;
-      cfg.flags = tc::kHistogram | tc::kGradSq;
-      cfg.nbins = nbins;
-      cfg.maxval = maxval;
-      cfg.chunk_elems = 1024;
+      const LaunchConfig cfg = launch_config(tc::kHistogram | tc::kGradSq, nbins, maxval, 1024);
       ASSERT_NO_FATAL_FAILURE(run_and_check(h, d, ref, cfg, "histogram"));
     }
   }
@@ -877,10 +875,7 @@ TEST_F(ParamStatsCudaTest, NonfiniteGradientsAreCountedAndNotBinned) {
   for (uint32_t flags : {kAllFlags, uint32_t{tc::kHistogram}, uint32_t{tc::kGradSq}, uint32_t{tc::kGradAbs},
                          uint32_t{tc::kParamAbs | tc::kDistSq}}) {
     for (int64_t nbins : {int64_t{100}, int64_t{4096}}) {
-      LaunchConfig cfg;
-      cfg.flags = flags;
-      cfg.nbins = nbins;
-      cfg.chunk_elems = 1024;
+      const LaunchConfig cfg = launch_config(flags, nbins, 0.05, 1024);
       ASSERT_NO_FATAL_FAILURE(run_and_check(h, d, ref, cfg, "non-finite gradients"));
     }
   }
@@ -892,9 +887,7 @@ TEST_F(ParamStatsCudaTest, RefreshPrevMakesTheNextUpdateZero) {
   DeviceList d;
   ASSERT_NO_FATAL_FAILURE(upload(h, &d));
   const Reference ref = compute_reference(h, 100, 0.05);
-  LaunchConfig cfg;
-  cfg.flags = tc::kUpdateSq | tc::kRefreshPrev;
-  cfg.chunk_elems = 1024;
+  const LaunchConfig cfg = launch_config(tc::kUpdateSq | tc::kRefreshPrev, 100, 0.05, 1024);
   ASSERT_NO_FATAL_FAILURE(run_and_check(h, d, ref, cfg, "refresh"));  // update from the old θ_prev
   Results second;
   ASSERT_NO_FATAL_FAILURE(run(h, d, cfg, &second));
@@ -914,9 +907,7 @@ TEST_F(ParamStatsCudaTest, WeightMagnitudeOverSelectedTensorsOnly) {
     DeviceList d;
     ASSERT_NO_FATAL_FAILURE(upload(h, &d));
     const Reference ref = compute_reference(h, 100, 0.05);
-    LaunchConfig cfg;
-    cfg.flags = kAllMetrics;
-    cfg.chunk_elems = 1024;
+    const LaunchConfig cfg = launch_config(kAllMetrics, 100, 0.05, 1024);
     Results res;
     ASSERT_NO_FATAL_FAILURE(run_and_check(h, d, ref, cfg, "weight selection", &res));
     if (!any_selected) {
@@ -937,8 +928,7 @@ TEST_F(ParamStatsCudaTest, EmptyListAndListOfEmptyTensors) {
     DeviceList d;
     ASSERT_NO_FATAL_FAILURE(upload(h, &d));
     const Reference ref = compute_reference(h, 100, 0.05);
-    LaunchConfig cfg;
-    cfg.flags = kAllFlags;
+    const LaunchConfig cfg = launch_config(kAllFlags);
     Results res;
     ASSERT_NO_FATAL_FAILURE(run_and_check(h, d, ref, cfg, std::to_string(count) + " empty tensors", &res));
     EXPECT_EQ(res.metric(tc::kSlotGradNorm), 0.0);
@@ -961,10 +951,7 @@ TEST_F(ParamStatsCudaTest, RepeatedLaunchesAreBitwiseEqual) {
   ASSERT_NO_FATAL_FAILURE(upload(h, &d));
   for (int64_t nbins : {int64_t{100}, int64_t{5000}}) {
     for (int64_t chunk : {int64_t{1024}, tc::kDefaultChunkElems}) {
-      LaunchConfig cfg;
-      cfg.flags = kAllMetrics;
-      cfg.nbins = nbins;
-      cfg.chunk_elems = chunk;
+      const LaunchConfig cfg = launch_config(kAllMetrics, nbins, 0.05, chunk);
       Results first;
       ASSERT_NO_FATAL_FAILURE(run(h, d, cfg, &first));
       for (int rep = 0; rep < 3; ++rep) {
@@ -981,8 +968,7 @@ TEST_F(ParamStatsCudaTest, LaunchDoesNotWaitForTheStream) {
   const HostList h = build_list(random_specs(rng, 20, 1024), 14);
   DeviceList d;
   ASSERT_NO_FATAL_FAILURE(upload(h, &d));
-  LaunchConfig cfg;
-  cfg.flags = kAllFlags;
+  const LaunchConfig cfg = launch_config(kAllFlags);
   Launch L;
   ASSERT_NO_FATAL_FAILURE(prepare(h, d, cfg, &L));
   ASSERT_NO_FATAL_FAILURE(poison(L));
@@ -1003,10 +989,7 @@ TEST_F(ParamStatsCudaTest, GraphCaptureMatchesEager) {
   ASSERT_NO_FATAL_FAILURE(upload(h, &d));
   const Reference ref = compute_reference(h, 100, 0.05);
   for (int64_t nbins : {int64_t{100}, int64_t{3000}}) {
-    LaunchConfig cfg;
-    cfg.flags = kAllFlags;
-    cfg.nbins = nbins;
-    cfg.chunk_elems = 1024;
+    const LaunchConfig cfg = launch_config(kAllFlags, nbins, 0.05, 1024);
     const Reference& r = nbins == 100 ? ref : compute_reference(h, nbins, 0.05);
 
     Results eager;
