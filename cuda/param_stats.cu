@@ -211,7 +211,7 @@ __device__ Partial run_chunk(const GroupTensor& d, int64_t begin, int64_t end, c
 }
 
 __global__ void __launch_bounds__(kThreads, kMinChunkBlocksPerSM)
-    chunk_kernel(const __grid_constant__ LaunchGroup grp, const Config cfg, Partial* partials,
+    chunk_kernel(const __grid_constant__ LaunchGroup grp, const __grid_constant__ Config cfg, Partial* partials,
                  TensorMeta* meta, unsigned long long* hist_per_tensor) {
   extern __shared__ unsigned int shared_hist[];  // [kWarps][nbins] when cfg.shared_hist
 
