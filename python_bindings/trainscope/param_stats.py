@@ -63,6 +63,58 @@ class ParamStats:
         return out
 
 
+# Fake (meta) kernels: output shapes and dtypes for torch.compile and opcheck.
+def _out_dtype(*lists):
+    tensors = [t for lst in lists for t in lst]
+    if tensors and all(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def _list_device(*lists):
+    for lst in lists:
+        for t in lst:
+            return t.device
+    return torch.device("cpu")
+
+
+def _fake_param_stats(grads, params, init_params, prev_params, histogram, nbins, maxval,
+                      weights_matrices_only):
+    lists = (grads, params, init_params, prev_params)
+    n = max(len(lst) for lst in lists)
+    dev = _list_device(*lists)
+    fdt = _out_dtype(*lists)
+    nb = nbins if histogram else 0
+    return (
+        torch.empty(5, dtype=fdt, device=dev),
+        torch.empty(n, 5, dtype=fdt, device=dev),
+        torch.empty((), dtype=torch.int64, device=dev),
+        torch.empty(n, dtype=torch.int64, device=dev),
+        torch.empty(nb, dtype=torch.int64, device=dev),
+        torch.empty(n, nb, dtype=torch.int64, device=dev),
+    )
+
+
+@torch.library.register_fake("trainscope::param_stats")
+def _(grads, params, init_params, prev_params, histogram=True, nbins=100, maxval=0.05,
+      weights_matrices_only=False):
+    return _fake_param_stats(grads, params, init_params, prev_params, histogram, nbins, maxval,
+                             weights_matrices_only)
+
+
+@torch.library.register_fake("trainscope::param_stats_refresh_")
+def _(grads, params, init_params, prev_params, histogram=True, nbins=100, maxval=0.05,
+      weights_matrices_only=False):
+    return _fake_param_stats(grads, params, init_params, prev_params, histogram, nbins, maxval,
+                             weights_matrices_only)
+
+
+@torch.library.register_fake("trainscope::loss")
+def _(losses):
+    dt = torch.float64 if losses.dtype == torch.float64 else torch.float32
+    return torch.empty((), dtype=dt, device=losses.device)
+
+
 def _metric_index(name: str) -> int:
     try:
         return METRICS.index(name)

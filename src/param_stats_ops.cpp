@@ -1,5 +1,7 @@
-// Torch op schemas (one TORCH_LIBRARY) and their CPU and CUDA kernels. The fake kernels that
-// torch.compile traces live in python_bindings/trainscope/_ops.py.
+// Torch ops of the parameter-space family: schemas and their CPU and CUDA kernels. This file
+// holds the namespace's one TORCH_LIBRARY block; other families add theirs with
+// TORCH_LIBRARY_FRAGMENT in src/<family>_ops.cpp. The fake kernels torch.compile traces are
+// registered next to each family's Python functions.
 #include <tuple>
 
 #include <torch/library.h>
