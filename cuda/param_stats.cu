@@ -9,6 +9,7 @@
 // Pass 2 (finalize_kernel): one block sums the partials of each tensor in a fixed order, then
 // the tensors, and writes every metric per tensor and for the list.
 #include "cuda/param_stats.h"
+#include "cuda/histogram.cuh"
 
 #include <cub/block/block_reduce.cuh>
 
@@ -105,52 +106,14 @@ struct ChunkWork {
 
   uint32_t flags;
   const HistSpec* hist;
-  unsigned int* warp_hist;            // this warp's shared histogram, or null
-  unsigned long long* tensor_hist;    // this tensor's global histogram
+  HistCounter counter;
   ParamSums<Acc> acc;
-
-  // Gradients crowd into the two bins either side of zero, so most elements hit a bin one of
-  // the thread's last two elements hit: two per-thread (bin, count) slots are flushed only when
-  // a third bin turns up, which keeps the atomics off the hottest shared-memory addresses.
-  int32_t slot_bin[2];  // nbins ≤ 2^20 fits
-  unsigned int slot_count[2];
-
-  __device__ void flush_slot(int s) {
-    if (slot_count[s] == 0) return;
-    if (warp_hist != nullptr) {
-      atomicAdd(warp_hist + slot_bin[s], slot_count[s]);
-    } else {
-      atomicAdd(tensor_hist + slot_bin[s], static_cast<unsigned long long>(slot_count[s]));
-    }
-    slot_count[s] = 0;
-  }
-
-  __device__ void count_bin(Acc g) {
-    if (!is_finite(g)) return;
-    const int32_t b = static_cast<int32_t>(hist_bin(static_cast<double>(g), *hist));
-    if (b == slot_bin[0]) {
-      ++slot_count[0];
-    } else if (b == slot_bin[1]) {
-      ++slot_count[1];
-    } else {
-      flush_slot(1);
-      slot_bin[1] = slot_bin[0];
-      slot_count[1] = slot_count[0];
-      slot_bin[0] = b;
-      slot_count[0] = 1;
-    }
-  }
-
-  __device__ void flush_slots() {
-    flush_slot(0);
-    flush_slot(1);
-  }
 
   __device__ void element(T g, T p, T p0, T pp) {
     if (flags & (kGradSq | kGradAbs | kHistogram)) {
       const Acc gx = widen(g);
       accumulate_grad(acc, flags, gx);
-      if (flags & kHistogram) count_bin(gx);
+      if ((flags & kHistogram) && is_finite(gx)) counter.add(static_cast<int32_t>(hist_bin(gx, *hist)));
     }
     if (flags & (kParamAbs | kDistSq | kUpdateSq)) {
       accumulate_param(acc, flags, static_cast<Acc>(widen(p)), static_cast<Acc>(widen(p0)),
@@ -187,7 +150,7 @@ struct ChunkWork {
       element(gx, px, ri ? p0[i] : zero, rv ? pp[i] : zero);
       if (refresh) pp[i] = px;
     }
-    if (flags & kHistogram) flush_slots();
+    if (flags & kHistogram) counter.flush();
   }
 };
 
@@ -197,11 +160,8 @@ __device__ Partial run_chunk(const GroupTensor& d, int64_t begin, int64_t end, c
   ChunkWork<T> w;
   w.flags = cfg.flags;
   w.hist = &cfg.hist;
-  w.warp_hist = warp_hist;
-  w.tensor_hist = tensor_hist;
+  w.counter.init(warp_hist, tensor_hist);
   w.acc.clear();
-  w.slot_bin[0] = w.slot_bin[1] = -1;
-  w.slot_count[0] = w.slot_count[1] = 0;
   w.run(d, begin, end);
   Partial out;
 #pragma unroll
