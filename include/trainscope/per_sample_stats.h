@@ -33,7 +33,8 @@ constexpr int64_t kNumPerSampleStats = 6;
 // "norm_test", "inner_test", ... as SPEC.md and the logs spell them.
 const char* per_sample_stat_name(PerSampleStat s);
 
-// The additive parts. Float tensors (float32, or float64 for float64 inputs) on one device.
+// The additive parts, on one device. Materialised inputs give float64 parts whatever their dtype:
+// the statistics subtract nearly equal quantities, and the parts are only B + 1 numbers.
 struct PerSampleParts {
   at::Tensor sq_norms;      // [B]  ‖gᵢ‖²
   at::Tensor dots;          // [B]  gᵢ·ḡ
@@ -56,7 +57,7 @@ struct PerSampleOptions {
 
 struct PerSampleStats {
   PerSampleParts parts;
-  at::Tensor stats;      // [kNumPerSampleStats]
+  at::Tensor stats;      // [kNumPerSampleStats] float64
   at::Tensor hist;       // [nbins] int64 ([0] without histogram)
   at::Tensor nonfinite;  // [] int64: NaN/Inf per-sample gradient elements
 

@@ -5,6 +5,18 @@ none of them waits for the GPU. See SPEC.md in the docs for the exact meaning of
 """
 
 from ._ops import library_path
+from .per_sample_stats import (
+    PER_SAMPLE_STATS,
+    PerSampleParts,
+    PerSampleStats,
+    gradient_noise_scale,
+    inner_test,
+    norm_test,
+    ortho_test,
+    per_sample_grad_hist1d,
+    per_sample_parts,
+    per_sample_stats,
+)
 from .param_stats import (
     METRICS,
     ParamStats,
@@ -24,6 +36,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METRICS",
+    "PER_SAMPLE_STATS",
+    "PerSampleParts",
+    "PerSampleStats",
+    "gradient_noise_scale",
+    "inner_test",
+    "norm_test",
+    "ortho_test",
+    "per_sample_grad_hist1d",
+    "per_sample_parts",
+    "per_sample_stats",
     "ParamStats",
     "distance",
     "grad_hist1d",

@@ -1,0 +1,158 @@
+"""Per-sample gradient statistics (SPEC.md §2).
+
+Every statistic is a function of three additive parts — per-sample squared norms ‖gᵢ‖², inner
+products gᵢ·ḡ with the mean gradient, and ‖ḡ‖² — so layers measured separately add their
+:class:`PerSampleParts` before the statistics are taken. From materialised per-sample gradients::
+
+    grads = torch.func.vmap(torch.func.grad(loss_of_one_sample), ...)(...)   # each [B, *shape]
+    s = trainscope.per_sample_stats(list(grads.values()))
+    s["norm_test"], s["gradient_noise_scale"], s.hist
+
+Per-sample gradients of a mean-reduced loss (scaled by 1/B) give the same statistics. Everything
+stays on the inputs' device; nothing here waits for the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+import torch
+
+from . import _ops  # noqa: F401  (loads the op library)
+
+#: Order of ``PerSampleStats.stats``.
+PER_SAMPLE_STATS = ("norm_test", "inner_test", "ortho_test", "grad_variance_trace",
+                    "grad_sq_norm_unbiased", "gradient_noise_scale")
+
+
+@dataclass
+class PerSampleParts:
+    """‖gᵢ‖² [B], gᵢ·ḡ [B] and ‖ḡ‖² []; parts of different layers add with ``+``."""
+
+    sq_norms: torch.Tensor
+    dots: torch.Tensor
+    mean_sq_norm: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.sq_norms.shape[0]
+
+    def __add__(self, other: "PerSampleParts") -> "PerSampleParts":
+        if not isinstance(other, PerSampleParts):
+            return NotImplemented
+        if other.batch_size != self.batch_size:
+            raise ValueError(f"PerSampleParts: batch sizes differ ({self.batch_size} and {other.batch_size})")
+        return PerSampleParts(self.sq_norms + other.sq_norms, self.dots + other.dots,
+                              self.mean_sq_norm + other.mean_sq_norm)
+
+    def __radd__(self, other):
+        return self if other == 0 else self.__add__(other)  # so sum(list_of_parts) works
+
+    def stats(self) -> torch.Tensor:
+        """The six statistics, in PER_SAMPLE_STATS order."""
+        return torch.ops.trainscope.per_sample_stats_from_parts(self.sq_norms, self.dots, self.mean_sq_norm)
+
+
+@dataclass
+class PerSampleStats:
+    """Results of :func:`per_sample_stats`."""
+
+    parts: PerSampleParts
+    stats: torch.Tensor      # [6] in PER_SAMPLE_STATS order
+    hist: torch.Tensor       # [nbins] int64 ([0] without histogram)
+    nonfinite: torch.Tensor  # [] int64
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self.stats[PER_SAMPLE_STATS.index(name)]
+        except ValueError:
+            raise KeyError(f"unknown statistic {name!r}; expected one of {PER_SAMPLE_STATS}") from None
+
+    def as_dict(self) -> dict:
+        out = {name: self.stats[i] for i, name in enumerate(PER_SAMPLE_STATS)}
+        out["per_sample_nonfinite"] = self.nonfinite
+        return out
+
+
+PerSampleInput = Union[PerSampleParts, torch.Tensor, Iterable[torch.Tensor]]
+
+
+def _as_grad_list(per_sample_grads) -> list:
+    if isinstance(per_sample_grads, torch.Tensor):
+        return [per_sample_grads]
+    if isinstance(per_sample_grads, dict):  # torch.func returns {name: [B, *shape]}
+        per_sample_grads = per_sample_grads.values()
+    out = list(per_sample_grads)
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"per_sample_grads[{i}] is {type(t).__name__}, expected a tensor")
+    if not out:
+        raise ValueError("per_sample_grads is empty")
+    return out
+
+
+def per_sample_stats(per_sample_grads, *, histogram: bool = True, nbins: int = 100,
+                     maxval: float = 0.05) -> PerSampleStats:
+    """All of SPEC.md §2 from materialised per-sample gradients (a tensor, a list of tensors or a
+    dict of them, each [B, *param_shape]) in one fused pass; with ``histogram`` also the exact
+    histogram of all B·P per-sample gradient elements."""
+    sq, dots, msq, hist, nonfinite = torch.ops.trainscope.per_sample_parts(
+        _as_grad_list(per_sample_grads), histogram, int(nbins), float(maxval))
+    parts = PerSampleParts(sq, dots, msq)
+    return PerSampleStats(parts, parts.stats(), hist, nonfinite)
+
+
+def per_sample_parts(per_sample_grads) -> PerSampleParts:
+    """Only the additive parts of materialised per-sample gradients, for combining with others."""
+    sq, dots, msq, _, _ = torch.ops.trainscope.per_sample_parts(_as_grad_list(per_sample_grads), False, 1, 1.0)
+    return PerSampleParts(sq, dots, msq)
+
+
+def _stats_of(x: PerSampleInput) -> torch.Tensor:
+    return x.stats() if isinstance(x, PerSampleParts) else per_sample_parts(x).stats()
+
+
+def norm_test(per_sample: PerSampleInput) -> torch.Tensor:
+    """(Σ‖gᵢ‖²/‖ḡ‖² − B) / (B(B−1)); Cockpit's NormTest is its square root. Takes per-sample
+    gradients or :class:`PerSampleParts`."""
+    return _stats_of(per_sample)[0]
+
+
+def inner_test(per_sample: PerSampleInput) -> torch.Tensor:
+    """Σ (gᵢ·ḡ − ‖ḡ‖²)² / (B(B−1)‖ḡ‖⁴); Cockpit's InnerTest is its square root."""
+    return _stats_of(per_sample)[1]
+
+
+def ortho_test(per_sample: PerSampleInput) -> torch.Tensor:
+    """Σ ‖gᵢ − (gᵢ·ḡ/‖ḡ‖²) ḡ‖² / (B(B−1)‖ḡ‖²); Cockpit's OrthoTest is its square root."""
+    return _stats_of(per_sample)[2]
+
+
+def gradient_noise_scale(per_sample: PerSampleInput) -> torch.Tensor:
+    """B_simple = tr Σ̂ / ‖G‖² (McCandlish et al. 2018). Both parts, to smooth before dividing,
+    are ``per_sample_stats(...)["grad_variance_trace"]`` and ``["grad_sq_norm_unbiased"]``."""
+    return _stats_of(per_sample)[5]
+
+
+def per_sample_grad_hist1d(per_sample_grads, nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
+    """Exact int64 histogram [nbins] of all B·P per-sample gradient elements (SPEC.md §4)."""
+    return torch.ops.trainscope.per_sample_parts(_as_grad_list(per_sample_grads), True, int(nbins),
+                                                 float(maxval))[3]
+
+
+# Fake (meta) kernels: output shapes and dtypes for torch.compile and opcheck. Parts and
+# statistics are float64 whatever the input dtype: the statistics subtract nearly equal numbers.
+@torch.library.register_fake("trainscope::per_sample_parts")
+def _(per_sample_grads, histogram=True, nbins=100, maxval=0.05):
+    first = per_sample_grads[0]
+    b, dev, fdt = first.shape[0], first.device, torch.float64
+    return (torch.empty(b, dtype=fdt, device=dev), torch.empty(b, dtype=fdt, device=dev),
+            torch.empty((), dtype=fdt, device=dev),
+            torch.empty(nbins if histogram else 0, dtype=torch.int64, device=dev),
+            torch.empty((), dtype=torch.int64, device=dev))
+
+
+@torch.library.register_fake("trainscope::per_sample_stats_from_parts")
+def _(sq_norms, dots, mean_sq_norm):
+    return torch.empty(len(PER_SAMPLE_STATS), dtype=torch.float64, device=sq_norms.device)
