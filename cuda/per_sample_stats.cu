@@ -87,7 +87,9 @@ __device__ void process_tile(const PsTensor& d, int64_t c0, int64_t wt, const Ps
   const int64_t B = cfg.batch, W = cfg.width;
   const int tid = threadIdx.x;
 
-  // 1. Stage the tile (consecutive threads read consecutive columns of a row).
+  // 1. Stage the tile (consecutive threads read consecutive columns of a row; unrolled so each
+  // thread has several independent loads in flight).
+#pragma unroll 4
   for (int64_t idx = tid; idx < B * W; idx += kThreads) {
     const int64_t r = idx >> cfg.log_width, c = idx & (W - 1);
     if (c >= wt) continue;
