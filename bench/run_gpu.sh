@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Build and run the param_stats benchmarks on a GPU machine; everything lands in one folder.
+# Build and run the param_stats and per-sample statistics benchmarks on a GPU machine; everything
+# lands in one folder.
 #
 #   bench/run_gpu.sh [OUT_DIR]            (default: bench/results/latest)
 #
 # OUT_DIR receives: nvidia-smi.txt, nvidia-smi-q.txt (before), nvidia-smi-after.txt,
 # environment.txt, build.log, bench_param_stats_cpp.{log,json} (launcher, C++),
-# bench_param_stats.{log,json} (trainscope.param_stats against PyTorch, Python), run_gpu.log.
+# bench_param_stats.{log,json} (trainscope.param_stats against PyTorch, Python),
+# bench_per_sample_stats.{log,json} (per-sample gradient statistics against vmap, the einsum
+# ghost norm, BackPACK and Cockpit), peers_install.log (with PEER_WHEELS), run_gpu.log.
 #
 # Environment (all optional):
 #   PYTHON     interpreter with torch (default: .venv/bin/python if present, else python3)
@@ -13,6 +16,10 @@
 #   CUDA_ARCH  CMAKE_CUDA_ARCHITECTURES (default: 90)
 #   CPP_ARGS   extra arguments for the C++ bench, e.g. "--sizes 125M --repeats 100"
 #   PY_ARGS    extra arguments for the Python bench, e.g. "--sizes 125M,1B"
+#   PS_ARGS    extra arguments for bench_per_sample_stats.py, e.g. "--batch-sizes 128 --dims 4096"
+#   PEER_WHEELS  folder of wheels for bench/requirements-peers.txt (BackPACK, Cockpit and what they
+#              import); when set they are installed first, offline and without dependency
+#              resolution (`pip download --no-deps -d DIR -r bench/requirements-peers.txt` makes it)
 #
 # The Python bench uses the trainscope package if it imports already (e.g. after `make build`);
 # otherwise the op library is built here and loaded through TRAINSCOPE_OPS_LIBRARY, with the
@@ -107,6 +114,26 @@ if "$PYTHON" -c "import trainscope; print('trainscope library:', trainscope.libr
   if [[ $rc -ne 0 ]]; then log "Python bench exited with $rc"; status=1; fi
 else
   log "cannot import trainscope; Python bench not run"
+  status=1
+fi
+
+# ---- Python: per-sample gradient statistics against vmap, einsum ghost norm, BackPACK, Cockpit --
+if [[ -n "${PEER_WHEELS:-}" ]]; then
+  log "installing the optional peers from $PEER_WHEELS (no index, no dependency resolution)"
+  if ! "$PYTHON" -m pip install --no-index --no-deps --find-links "$PEER_WHEELS" \
+      -r "$ROOT/bench/requirements-peers.txt" >"$OUT/peers_install.log" 2>&1; then
+    log "installing the peers failed; see peers_install.log (their rows will say not installed)"
+  fi
+fi
+if "$PYTHON" -c "import trainscope" >/dev/null 2>&1; then
+  log "running bench_per_sample_stats.py ${PS_ARGS:-}"
+  # shellcheck disable=SC2086  # PS_ARGS is a list of words
+  "$PYTHON" "$ROOT/bench/bench_per_sample_stats.py" --device cuda ${PS_ARGS:-} \
+    --json "$OUT/bench_per_sample_stats.json" 2>&1 | tee "$OUT/bench_per_sample_stats.log"
+  rc=${PIPESTATUS[0]}
+  if [[ $rc -ne 0 ]]; then log "per-sample bench exited with $rc"; status=1; fi
+else
+  log "cannot import trainscope; per-sample bench not run"
   status=1
 fi
 

@@ -10,7 +10,9 @@
 //   auto s = trainscope::per_sample_stats(per_sample_grads);   // each [B, *param_shape]
 //   at::Tensor nt = s.stat(trainscope::PerSampleStat::kNormTest);  // 0-d, on the device
 //
-// Per-sample gradients of a mean-reduced loss (scaled by 1/B) give the same statistics.
+// Scaling every gᵢ by one constant c (per-sample gradients of a mean-reduced loss carry c = 1/B)
+// leaves the norm, inner-product and orthogonality tests and the gradient noise scale unchanged;
+// grad_variance_trace and grad_sq_norm_unbiased are quadratic in g and scale by c².
 #pragma once
 
 #include <cstdint>

@@ -5,6 +5,14 @@ none of them waits for the GPU. See SPEC.md in the docs for the exact meaning of
 """
 
 from ._ops import library_path
+from .hist2d import Hist2d, grad_hist2d, hist2d_bin_edges
+from .per_sample_factors import (
+    SUPPORTED_LAYERS,
+    PerSampleHooks,
+    conv2d_per_sample_parts,
+    layer_per_sample_parts,
+    linear_per_sample_parts,
+)
 from .per_sample_stats import (
     PER_SAMPLE_STATS,
     PerSampleParts,
@@ -36,6 +44,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METRICS",
+    "Hist2d",
+    "PerSampleHooks",
+    "SUPPORTED_LAYERS",
+    "conv2d_per_sample_parts",
+    "layer_per_sample_parts",
+    "linear_per_sample_parts",
+    "grad_hist2d",
+    "hist2d_bin_edges",
     "PER_SAMPLE_STATS",
     "PerSampleParts",
     "PerSampleStats",

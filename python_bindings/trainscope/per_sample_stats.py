@@ -8,7 +8,9 @@ products gᵢ·ḡ with the mean gradient, and ‖ḡ‖² — so layers measure
     s = trainscope.per_sample_stats(list(grads.values()))
     s["norm_test"], s["gradient_noise_scale"], s.hist
 
-Per-sample gradients of a mean-reduced loss (scaled by 1/B) give the same statistics. Everything
+Scaling every gᵢ by one constant c (per-sample gradients of a mean-reduced loss carry c = 1/B)
+leaves the norm, inner-product and orthogonality tests and the gradient noise scale unchanged;
+grad_variance_trace and grad_sq_norm_unbiased are quadratic in g and scale by c². Everything
 stays on the inputs' device; nothing here waits for the GPU.
 """
 
@@ -145,7 +147,12 @@ def per_sample_grad_hist1d(per_sample_grads, nbins: int = 100, maxval: float = 0
 # statistics are float64 whatever the input dtype: the statistics subtract nearly equal numbers.
 @torch.library.register_fake("trainscope::per_sample_parts")
 def _(per_sample_grads, histogram=True, nbins=100, maxval=0.05):
+    if not per_sample_grads:
+        raise RuntimeError("trainscope.per_sample_parts: per_sample_grads is empty")
     first = per_sample_grads[0]
+    if first.dim() < 1:
+        raise RuntimeError("trainscope.per_sample_parts: per_sample_grads[0] is 0-d; each entry is "
+                           "[B, *param_shape] with the batch first")
     b, dev, fdt = first.shape[0], first.device, torch.float64
     return (torch.empty(b, dtype=fdt, device=dev), torch.empty(b, dtype=fdt, device=dev),
             torch.empty((), dtype=fdt, device=dev),

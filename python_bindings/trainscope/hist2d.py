@@ -1,0 +1,109 @@
+"""Joint histogram of (per-sample gradient element, parameter value) (SPEC.md §2 ``grad_hist2d``,
+as Cockpit's GradHist2d), exact int64 counts from one pass over the per-sample gradients::
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = torch.func.vmap(torch.func.grad(loss_of_one_sample), in_dims=(None, 0, 0))(params, x, y)
+    h = trainscope.hist2d.grad_hist2d(grads, params)          # each grads[k] is [B, *params[k].shape]
+    h.counts        # [nbins_grad, nbins_param] int64: gradient bin × parameter bin
+    h.nonfinite     # [] int64: pairs left out because either value is NaN or ±Inf
+    h.grad_edges, h.param_edges                               # float64 bin edges of each axis
+
+Each axis is binned by SPEC.md §4 (outliers in the edge bins). Results stay on the inputs'
+device; nothing here waits for the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from . import _ops  # noqa: F401  (loads the op library)
+
+
+@dataclass
+class Hist2d:
+    """Result of :func:`grad_hist2d`. ``counts[i, j]`` holds the (gradient, parameter) pairs with
+    the gradient in bin i of ``grad_edges`` and the parameter in bin j of ``param_edges``."""
+
+    counts: torch.Tensor       # [nbins_grad, nbins_param] int64
+    nonfinite: torch.Tensor    # [] int64
+    grad_edges: torch.Tensor   # [nbins_grad + 1] float64
+    param_edges: torch.Tensor  # [nbins_param + 1] float64
+
+
+def hist2d_bin_edges(nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
+                     maxval_param: float = 1.0, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The bin edges of :func:`grad_hist2d`'s two axes, float64: ``(grad_edges [nbins_grad + 1],
+    param_edges [nbins_param + 1])``, each nbins + 1 equally spaced values from -maxval to maxval
+    (as :func:`trainscope.hist_bin_edges`)."""
+    for nbins_name, nbins, maxval_name, maxval in (("nbins_grad", nbins_grad, "maxval_grad", maxval_grad),
+                                                   ("nbins_param", nbins_param, "maxval_param", maxval_param)):
+        if nbins < 1:
+            raise ValueError(f"hist2d_bin_edges: {nbins_name} must be >= 1, got {nbins}")
+        if not 0.0 < maxval < float("inf"):
+            raise ValueError(f"hist2d_bin_edges: {maxval_name} must be positive and finite, got {maxval}")
+    return (_edges(nbins_grad, maxval_grad, device), _edges(nbins_param, maxval_param, device))
+
+
+def _edges(nbins: int, maxval: float, device) -> torch.Tensor:
+    return torch.linspace(-maxval, maxval, nbins + 1, dtype=torch.float64, device=device)
+
+
+def _as_list(arg, name: str) -> list:
+    if isinstance(arg, torch.Tensor):
+        out = [arg]
+    elif isinstance(arg, Mapping):
+        out = list(arg.values())
+    elif arg is None:
+        out = []
+    else:
+        out = list(arg)
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"grad_hist2d: {name}[{i}] is {type(t).__name__}, expected a tensor")
+    return out
+
+
+def _pair_lists(per_sample_grads, params) -> Tuple[list, list]:
+    """Two position-paired lists. Two dicts (torch.func style ``{name: tensor}``) pair by name, in
+    the order of ``per_sample_grads``; entries of ``params`` without a gradient are left out."""
+    if isinstance(per_sample_grads, Mapping) and isinstance(params, Mapping):
+        missing = [k for k in per_sample_grads if k not in params]
+        if missing:
+            raise ValueError(f"grad_hist2d: params has no entry for per_sample_grads {missing[0]!r}")
+        grads = _as_list(per_sample_grads, "per_sample_grads")
+        return grads, _as_list({k: params[k] for k in per_sample_grads}, "params")
+    return _as_list(per_sample_grads, "per_sample_grads"), _as_list(params, "params")
+
+
+def grad_hist2d(per_sample_grads, params, nbins_grad: int = 100, maxval_grad: float = 0.05,
+                nbins_param: int = 100, maxval_param: float = 1.0) -> Hist2d:
+    """Exact int64 joint histogram of every (per-sample gradient element, parameter value) pair.
+
+    ``per_sample_grads`` and ``params`` are tensors, lists of tensors or dicts of them (paired by
+    position, or by name when both are dicts); ``per_sample_grads[t]`` is ``[B, *params[t].shape]``
+    with one B for the whole list (any B: histograms of sample tiles add up), in the dtype of
+    ``params[t]``. The gradient axis has ``nbins_grad`` bins over [-maxval_grad, maxval_grad], the
+    parameter axis ``nbins_param`` bins over [-maxval_param, maxval_param] (SPEC.md §4 each;
+    nbins_grad * nbins_param <= 2^24). A pair with a NaN or ±Inf on either side is counted in
+    ``nonfinite`` instead, so ``counts.sum() + nonfinite == B * sum(p.numel() for p in params)``.
+    """
+    grads, ps = _pair_lists(per_sample_grads, params)
+    if not grads and not ps:
+        raise ValueError("grad_hist2d: per_sample_grads and params are empty")
+    counts, nonfinite = torch.ops.trainscope.grad_hist2d(grads, ps, int(nbins_grad), float(maxval_grad),
+                                                         int(nbins_param), float(maxval_param))
+    grad_edges, param_edges = hist2d_bin_edges(int(nbins_grad), float(maxval_grad), int(nbins_param),
+                                               float(maxval_param), device=counts.device)
+    return Hist2d(counts, nonfinite, grad_edges, param_edges)
+
+
+# Fake (meta) kernel: output shapes and dtypes for torch.compile and opcheck.
+@torch.library.register_fake("trainscope::grad_hist2d")
+def _(per_sample_grads, params, nbins_grad=100, maxval_grad=0.05, nbins_param=100, maxval_param=1.0):
+    dev: Optional[torch.device] = per_sample_grads[0].device if per_sample_grads else torch.device("cpu")
+    return (torch.empty((nbins_grad, nbins_param), dtype=torch.int64, device=dev),
+            torch.empty((), dtype=torch.int64, device=dev))

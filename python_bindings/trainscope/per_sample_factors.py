@@ -1,0 +1,540 @@
+"""Per-sample gradient statistics from layer factors (SPEC.md §2), never materialising B copies
+of a layer's weights.
+
+For ``nn.Linear`` (y = x Wᵀ + b, x [B, T, d_in]) sample i's weight gradient is
+Gᵢ = Σ_t δ_itᵀ x_it, with δ = ∂loss/∂y the layer's output gradient. ‖Gᵢ‖², Gᵢ·Ḡ and ‖Ḡ‖² come
+from x and δ alone: the ghost norm Σ_{t,s}(x_it·x_is)(δ_it·δ_is) or, when 2T² > d_in·d_out,
+Gᵢ formed in bounded tiles of samples. ``nn.Conv2d`` is unfolded into the same problem.
+
+The easy way in is :class:`PerSampleHooks`, which captures every layer's input and output
+gradient during an ordinary backward::
+
+    with trainscope.PerSampleHooks(model) as hooks:
+        loss = F.cross_entropy(model(x), y)      # mean-reduced (loss_reduction="sum" otherwise)
+        loss.backward()
+        stats = hooks.stats()                    # [6] in PER_SAMPLE_STATS order
+        hist = hooks.grad_hist1d()               # per-sample gradient elements, int64 [100]
+
+The functions below take one layer's input and output gradient directly; their
+:class:`PerSampleParts` add up across layers (``sum(parts)``), then ``.stats()``.
+
+The factors are exact when sample i's output depends on sample i's input alone (no batch norm
+across samples between a layer and the loss). Results stay on the inputs' device; nothing
+here waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _ops  # noqa: F401  (loads the op library)
+from .per_sample_stats import PerSampleParts
+
+#: How ‖Gᵢ‖² is formed: "auto" takes "tiled" when 2T² > d_in·d_out, "ghost" otherwise.
+FACTOR_METHODS = ("auto", "ghost", "tiled")
+
+#: Layer types PerSampleHooks handles (subclasses that keep their forward are accepted too).
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def _pair(name: str, v: IntOrPair) -> list:
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(a) for a in v]
+    if len(v) not in (1, 2):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v}")
+    return v * 2 if len(v) == 1 else v
+
+
+def _check_method(method: str) -> str:
+    if method not in FACTOR_METHODS:
+        raise ValueError(f"method must be one of {FACTOR_METHODS}, got {method!r}")
+    return method
+
+
+# ------------------------------------------------------------------------------------------------
+# One layer, from its input and output gradient
+
+
+def linear_per_sample_parts(input: torch.Tensor, grad_output: torch.Tensor, has_bias: bool = True,
+                            method: str = "auto") -> PerSampleParts:
+    """Parts of nn.Linear's per-sample gradients (weight, and bias when ``has_bias``).
+    ``input`` [B, ..., d_in], ``grad_output`` [B, ..., d_out] with the same leading dims."""
+    sq, dots, msq = torch.ops.trainscope.linear_per_sample_parts(input, grad_output, bool(has_bias),
+                                                                 _check_method(method))
+    return PerSampleParts(sq, dots, msq)
+
+
+def conv2d_per_sample_parts(input: torch.Tensor, grad_output: torch.Tensor, kernel_size: IntOrPair,
+                            stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                            groups: int = 1, has_bias: bool = True, method: str = "auto") -> PerSampleParts:
+    """Parts of nn.Conv2d's per-sample gradients (zero padding given as numbers; see
+    :func:`layer_per_sample_parts` for a module with any padding mode)."""
+    sq, dots, msq = torch.ops.trainscope.conv2d_per_sample_parts(
+        input, grad_output, _pair("kernel_size", kernel_size), _pair("stride", stride),
+        _pair("padding", padding), _pair("dilation", dilation), int(groups), bool(has_bias),
+        _check_method(method))
+    return PerSampleParts(sq, dots, msq)
+
+
+def linear_per_sample_grad_hist1d(input: torch.Tensor, grad_output: torch.Tensor, has_bias: bool = True,
+                                  nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
+    """Exact int64 histogram [nbins] (SPEC.md §4) of the B·P per-sample gradient elements
+    δᵢᵀxᵢ (and Σ_t δ_it) of an nn.Linear, formed tile by tile. Pass B·δ to bin the gradients of
+    the per-sample losses of a mean-reduced loss."""
+    return torch.ops.trainscope.linear_per_sample_grad_hist1d(input, grad_output, bool(has_bias),
+                                                              int(nbins), float(maxval))
+
+
+def conv2d_per_sample_grad_hist1d(input: torch.Tensor, grad_output: torch.Tensor, kernel_size: IntOrPair,
+                                  stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                                  groups: int = 1, has_bias: bool = True, nbins: int = 100,
+                                  maxval: float = 0.05) -> torch.Tensor:
+    """As :func:`linear_per_sample_grad_hist1d`, for nn.Conv2d with zero padding."""
+    return torch.ops.trainscope.conv2d_per_sample_grad_hist1d(
+        input, grad_output, _pair("kernel_size", kernel_size), _pair("stride", stride),
+        _pair("padding", padding), _pair("dilation", dilation), int(groups), bool(has_bias),
+        int(nbins), float(maxval))
+
+
+def linear_per_sample_grad_hist2d(input: torch.Tensor, grad_output: torch.Tensor, weight: torch.Tensor,
+                                  bias: Optional[torch.Tensor] = None, nbins_grad: int = 100,
+                                  maxval_grad: float = 0.05, nbins_param: int = 100,
+                                  maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Joint histogram of (per-sample gradient element, parameter value) of an nn.Linear, as
+    ``trainscope::grad_hist2d`` counts it: (counts [nbins_grad, nbins_param] int64,
+    nonfinite [] int64). ``bias`` None: the layer has none (or it is not tracked)."""
+    return torch.ops.trainscope.linear_per_sample_grad_hist2d(
+        input, grad_output, weight, bias, int(nbins_grad), float(maxval_grad), int(nbins_param),
+        float(maxval_param))
+
+
+def conv2d_per_sample_grad_hist2d(input: torch.Tensor, grad_output: torch.Tensor, weight: torch.Tensor,
+                                  bias: Optional[torch.Tensor] = None, stride: IntOrPair = 1,
+                                  padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1,
+                                  nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
+                                  maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`linear_per_sample_grad_hist2d`, for nn.Conv2d with zero padding (the kernel
+    size is the weight's)."""
+    return torch.ops.trainscope.conv2d_per_sample_grad_hist2d(
+        input, grad_output, weight, bias, _pair("stride", stride), _pair("padding", padding),
+        _pair("dilation", dilation), int(groups), int(nbins_grad), float(maxval_grad),
+        int(nbins_param), float(maxval_param))
+
+
+# ------------------------------------------------------------------------------------------------
+# One module, from its input and output gradient
+
+
+def _supported(module: nn.Module) -> bool:
+    # A subclass that replaces forward computes something else from the same parameters.
+    if isinstance(module, nn.Conv2d):
+        cls = type(module)
+        return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _conv_input(module: nn.Conv2d, x: torch.Tensor) -> Tuple[torch.Tensor, list]:
+    """The input padded as the module pads it, and the zero padding left for the op."""
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return x, list(module.padding)
+    if isinstance(module.padding, str) and module.padding == "valid":
+        return x, [0, 0]
+    # Non-zero padding modes and "same" (whose odd remainder goes right and below, as in torch).
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, module._reversed_padding_repeated_twice, mode=mode), [0, 0]
+
+
+def _layer_kind_error(name: Optional[str], module: nn.Module) -> TypeError:
+    kinds = ", ".join(f"nn.{c.__name__}" for c in SUPPORTED_LAYERS)
+    what = f"PerSampleHooks: layer {name!r} is" if name is not None else "trainscope: the module is"
+    hint = " Pass layers=[...] to track only layers of those types." if name is not None else ""
+    return TypeError(f"{what} {type(module).__name__}; per-sample gradients from layer factors handle "
+                     f"{kinds} (subclasses that keep their forward).{hint}")
+
+
+def _tracks_bias(module: nn.Module) -> bool:
+    return module.bias is not None and module.bias.requires_grad
+
+
+def layer_per_sample_parts(module: nn.Module, input: torch.Tensor, grad_output: torch.Tensor,
+                           method: str = "auto") -> PerSampleParts:
+    """Parts of the per-sample gradients of an nn.Linear or nn.Conv2d module (its trainable
+    weight and bias) from the module's input and output gradient."""
+    if not _supported(module):
+        raise _layer_kind_error(None, module)
+    if isinstance(module, nn.Linear):
+        return linear_per_sample_parts(input, grad_output, _tracks_bias(module), method)
+    x, padding = _conv_input(module, input)
+    return conv2d_per_sample_parts(x, grad_output, module.kernel_size, module.stride, padding,
+                                   module.dilation, module.groups, _tracks_bias(module), method)
+
+
+def layer_per_sample_grad_hist1d(module: nn.Module, input: torch.Tensor, grad_output: torch.Tensor,
+                                 nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
+    """Histogram of the per-sample gradient elements of an nn.Linear or nn.Conv2d module."""
+    if not _supported(module):
+        raise _layer_kind_error(None, module)
+    if isinstance(module, nn.Linear):
+        return linear_per_sample_grad_hist1d(input, grad_output, _tracks_bias(module), nbins, maxval)
+    x, padding = _conv_input(module, input)
+    return conv2d_per_sample_grad_hist1d(x, grad_output, module.kernel_size, module.stride, padding,
+                                         module.dilation, module.groups, _tracks_bias(module), nbins, maxval)
+
+
+def layer_per_sample_grad_hist2d(module: nn.Module, input: torch.Tensor, grad_output: torch.Tensor,
+                                 nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
+                                 maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Joint (per-sample gradient, parameter value) histogram of an nn.Linear or nn.Conv2d module."""
+    if not _supported(module):
+        raise _layer_kind_error(None, module)
+    weight = module.weight.detach()
+    bias = module.bias.detach() if _tracks_bias(module) else None
+    if isinstance(module, nn.Linear):
+        return linear_per_sample_grad_hist2d(input, grad_output, weight, bias, nbins_grad, maxval_grad,
+                                             nbins_param, maxval_param)
+    x, padding = _conv_input(module, input)
+    return conv2d_per_sample_grad_hist2d(x, grad_output, weight, bias, module.stride, padding,
+                                         module.dilation, module.groups, nbins_grad, maxval_grad,
+                                         nbins_param, maxval_param)
+
+
+# ------------------------------------------------------------------------------------------------
+# Module hooks
+
+
+@dataclass
+class _Capture:
+    input: Optional[torch.Tensor] = None
+    grad: Optional[torch.Tensor] = None
+    out_shape: Optional[torch.Size] = None
+    out_dtype: Optional[torch.dtype] = None
+    generation: int = 0
+    repeated: bool = False
+
+
+def _hook_target(output: torch.Tensor):
+    """The tensor whose gradient to hook, and how to read the output's gradient out of it.
+
+    A hook on a view (nn.Linear on a [B, T, d] input with a bias returns one) misses the gradient
+    that reaches the view through a later in-place change of it (an in-place ReLU), which autograd
+    routes to the view's base. The base's gradient is complete, and the view's elements are read
+    out of it."""
+    if output._is_view():
+        base = output._base
+        if base.is_contiguous() and base.requires_grad:
+            return base, (output.size(), output.stride(), output.storage_offset() - base.storage_offset())
+    return output, None
+
+
+class PerSampleHooks:
+    """Captures the input and the output gradient of every nn.Linear and nn.Conv2d of ``model``
+    (or of the listed ``layers``: modules or their names) during an ordinary forward and
+    ``loss.backward()``, for per-sample gradient statistics of their trainable parameters.
+
+    With ``layers=None`` every module that holds trainable parameters directly must be one of
+    :data:`SUPPORTED_LAYERS` (TypeError otherwise: list the layers to track instead). Each
+    forward pass of ``model`` with grad enabled starts a new capture; passes under
+    ``torch.no_grad()`` are ignored. A layer applied more than once in one pass (weight sharing)
+    makes :meth:`parts` raise: its per-sample gradient is not one δᵀx.
+
+    Everything describes the gradients ∇ℓᵢ of the per-sample losses, as the materialised path
+    does: with ``loss_reduction="mean"`` (the loss is the mean of B per-sample losses, torch's
+    default) the captured gradients ∇ℓᵢ/B are scaled back by B (parts by B²); pass ``"sum"`` for a
+    summed loss. A wrong choice changes only the scale: the norm, inner-product and orthogonality
+    tests and the noise scale are scale-free, tr Σ̂, ‖G‖² and the histograms are not.
+    :meth:`grad_hist2d` pairs gradients with the parameters' current values: call it before
+    ``optimizer.step()``.
+
+    The captured inputs are held until the next pass, :meth:`clear` or :meth:`remove`.
+    """
+
+    def __init__(self, model: nn.Module, layers: Optional[Iterable[Union[nn.Module, str]]] = None, *,
+                 method: str = "auto", loss_reduction: str = "mean"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"PerSampleHooks: model must be an nn.Module, got {type(model).__name__}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"PerSampleHooks: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.method = _check_method(method)
+        self.loss_reduction = loss_reduction
+        self._layers = self._select(model, layers)
+        self._captures = {name: _Capture() for name, _ in self._layers}
+        self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
+        for name, module in self._layers:
+            self._handles.append(module.register_forward_hook(
+                functools.partial(self._on_layer_forward, name), with_kwargs=True))
+
+    # -- selection
+
+    @staticmethod
+    def _select(model: nn.Module, layers) -> list:
+        names = {m: n for n, m in model.named_modules()}
+        if layers is None:
+            chosen = []
+            for name, module in model.named_modules():
+                if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                    continue
+                if not _supported(module):
+                    raise _layer_kind_error(name, module)
+                chosen.append((name, module))
+        else:
+            if isinstance(layers, (nn.Module, str)):
+                layers = [layers]
+            chosen = []
+            for layer in layers:
+                if isinstance(layer, str):
+                    name, module = layer, model.get_submodule(layer)
+                elif isinstance(layer, nn.Module):
+                    if layer not in names:
+                        raise ValueError(f"PerSampleHooks: layers holds a {type(layer).__name__} that is "
+                                         "not a submodule of model")
+                    name, module = names[layer], layer
+                else:
+                    raise TypeError(f"PerSampleHooks: layers holds a {type(layer).__name__}; "
+                                    "expected modules or their names")
+                if not _supported(module):
+                    raise _layer_kind_error(name, module)
+                if not module.weight.requires_grad and not _tracks_bias(module):
+                    raise ValueError(f"PerSampleHooks: layer {name!r} has no trainable parameters")
+                chosen.append((name, module))
+        for name, module in chosen:
+            if not module.weight.requires_grad and _tracks_bias(module):
+                raise ValueError(f"PerSampleHooks: layer {name!r} has a frozen weight and a trainable bias; "
+                                 "layer factors give the weight and bias together")
+        if not chosen:
+            raise ValueError("PerSampleHooks: model has no trainable nn.Linear or nn.Conv2d layers")
+        unique, seen, owner = [], set(), {}
+        for name, module in chosen:
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            unique.append((name, module))
+            # A parameter tied across layers has one per-sample gradient, the sum of both layers'
+            # δᵀx: per-layer parts would not add up to its parts.
+            for p in (module.weight, module.bias):
+                if p is not None and p.requires_grad:
+                    if id(p) in owner:
+                        raise ValueError(f"PerSampleHooks: layers {owner[id(p)]!r} and {name!r} share a "
+                                         "parameter; tied parameters are not supported")
+                    owner[id(p)] = name
+        return unique
+
+    @property
+    def layers(self) -> list:
+        """Names of the tracked layers."""
+        return [name for name, _ in self._layers]
+
+    # -- hooks
+
+    def _on_model_forward(self, module, args):
+        if torch.is_grad_enabled():
+            self.clear()
+
+    def _on_layer_forward(self, name, module, args, kwargs, output):
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        cap = self._captures[name]
+        if cap.input is not None and cap.grad is None:
+            cap.repeated = True  # a second application before the gradient of the first
+            return
+        x = args[0] if args else kwargs["input"]
+        cap.generation += 1
+        cap.input, cap.grad, cap.repeated = x.detach(), None, False
+        cap.out_shape, cap.out_dtype = output.shape, output.dtype
+        target, view = _hook_target(output)
+        target.register_hook(functools.partial(self._on_grad, cap, cap.generation, view))
+
+    @staticmethod
+    def _on_grad(cap: _Capture, generation: int, view, grad: torch.Tensor):
+        if cap.generation == generation:
+            if view is not None:
+                grad = grad.contiguous().as_strided(*view)
+            cap.grad = grad.detach()
+
+    # -- results
+
+    def _ready(self) -> list:
+        """(name, module, input, output gradient) of every layer that ran in the latest pass."""
+        ready, any_grad = [], False
+        for name, module in self._layers:
+            cap = self._captures[name]
+            if cap.input is None:
+                continue
+            if cap.repeated:
+                raise ValueError(f"PerSampleHooks: layer {name!r} ran more than once in one forward pass "
+                                 "(shared weights); its per-sample gradient is not one δᵀx. Leave it out "
+                                 "with layers=[...].")
+            any_grad = any_grad or cap.grad is not None
+            ready.append((name, module, cap))
+        if not ready:
+            raise RuntimeError("PerSampleHooks: no tracked layer ran a forward pass with grad enabled since "
+                               "the hooks were set up or cleared")
+        if not any_grad:
+            raise RuntimeError("PerSampleHooks: no output gradient was captured; call after loss.backward()")
+        out = []
+        for name, module, cap in ready:
+            # A layer whose output did not reach the loss has zero gradient.
+            grad = cap.grad if cap.grad is not None else torch.zeros(
+                cap.out_shape, dtype=cap.out_dtype, device=cap.input.device)
+            out.append((name, module, cap.input, grad))
+        return out
+
+    def layer_parts(self) -> dict:
+        """{layer name: PerSampleParts} of every tracked layer that ran in the latest pass."""
+        out = {}
+        for name, module, x, g in self._ready():
+            p = layer_per_sample_parts(module, x, g, self.method)
+            if self.loss_reduction == "mean":  # the captured gᵢ are ∇ℓᵢ / B
+                s = float(x.shape[0]) ** 2
+                p = PerSampleParts(p.sq_norms * s, p.dots * s, p.mean_sq_norm * s)
+            out[name] = p
+        return out
+
+    def parts(self) -> PerSampleParts:
+        """PerSampleParts summed over the tracked layers."""
+        return sum(self.layer_parts().values())
+
+    def stats(self) -> torch.Tensor:
+        """The six statistics [6], in PER_SAMPLE_STATS order (needs B >= 2)."""
+        return self.parts().stats()
+
+    def _hist_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.loss_reduction == "sum":
+            return grad
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        return grad.to(acc) * grad.shape[0]
+
+    def grad_hist1d(self, nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
+        """Exact int64 histogram [nbins] of all per-sample gradient elements of the tracked layers."""
+        hists = [layer_per_sample_grad_hist1d(m, x, self._hist_grad(g), nbins, maxval)
+                 for _, m, x, g in self._ready()]
+        return functools.reduce(torch.add, hists)
+
+    def grad_hist2d(self, nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
+                    maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Joint histogram of (per-sample gradient element, parameter value) over the tracked
+        layers: (counts [nbins_grad, nbins_param] int64, nonfinite [] int64)."""
+        results = [layer_per_sample_grad_hist2d(m, x, self._hist_grad(g), nbins_grad, maxval_grad,
+                                                nbins_param, maxval_param)
+                   for _, m, x, g in self._ready()]
+        return (functools.reduce(torch.add, [c for c, _ in results]),
+                functools.reduce(torch.add, [n for _, n in results]))
+
+    # -- lifetime
+
+    def clear(self) -> None:
+        """Forgets the captured inputs and gradients."""
+        for cap in self._captures.values():
+            cap.generation += 1
+            cap.input = cap.grad = None
+            cap.out_shape = cap.out_dtype = None
+            cap.repeated = False
+
+    def remove(self) -> None:
+        """Removes the hooks and forgets what they captured."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def __enter__(self) -> "PerSampleHooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake (meta) kernels: output shapes and dtypes for torch.compile and opcheck.
+
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _fake_check(op: str, input, grad_output, conv: bool) -> None:
+    """The shape and dtype checks of the kernels, so that a traced call fails as an eager one
+    does, naming the argument (the kernels check the rest when they run)."""
+    for name, t in (("input", input), ("grad_output", grad_output)):
+        if t.dtype not in _FLOATS:
+            raise RuntimeError(f"trainscope::{op}: {name} has dtype {t.dtype}; trainscope needs float32, "
+                               "float64, bfloat16 or float16")
+    if conv:
+        if input.dim() != 4:
+            raise RuntimeError(f"trainscope::{op}: input must be [B, C_in, H, W], got shape {list(input.shape)}")
+        if grad_output.dim() != 4:
+            raise RuntimeError(f"trainscope::{op}: grad_output must be [B, C_out, H', W'], got shape "
+                               f"{list(grad_output.shape)}")
+    elif input.dim() < 2:
+        raise RuntimeError(f"trainscope::{op}: input must be [B, d_in] or [B, ..., d_in], got shape "
+                           f"{list(input.shape)}")
+    elif grad_output.dim() != input.dim():
+        raise RuntimeError(f"trainscope::{op}: grad_output has shape {list(grad_output.shape)} but input has "
+                           f"shape {list(input.shape)}; they must agree in every dim but the last")
+
+
+def _fake_check_nbins(op: str, **nbins) -> None:
+    for name, n in nbins.items():
+        if n < 1:
+            raise RuntimeError(f"trainscope::{op}: {name} must be in [1, 1048576], got {n}")
+
+
+def _parts_fake(input, grad_output):
+    fdt = torch.float64 if input.dtype == torch.float64 and grad_output.dtype == torch.float64 else torch.float32
+    b = input.shape[0]
+    return (input.new_empty(b, dtype=fdt), input.new_empty(b, dtype=fdt), input.new_empty((), dtype=fdt))
+
+
+@torch.library.register_fake("trainscope::linear_per_sample_parts")
+def _(input, grad_output, has_bias=True, method="auto"):
+    _fake_check("linear_per_sample_parts", input, grad_output, conv=False)
+    return _parts_fake(input, grad_output)
+
+
+@torch.library.register_fake("trainscope::conv2d_per_sample_parts")
+def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+      has_bias=True, method="auto"):
+    _fake_check("conv2d_per_sample_parts", input, grad_output, conv=True)
+    return _parts_fake(input, grad_output)
+
+
+@torch.library.register_fake("trainscope::linear_per_sample_grad_hist1d")
+def _(input, grad_output, has_bias=True, nbins=100, maxval=0.05):
+    _fake_check("linear_per_sample_grad_hist1d", input, grad_output, conv=False)
+    _fake_check_nbins("linear_per_sample_grad_hist1d", nbins=nbins)
+    return input.new_empty(nbins, dtype=torch.int64)
+
+
+@torch.library.register_fake("trainscope::conv2d_per_sample_grad_hist1d")
+def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+      has_bias=True, nbins=100, maxval=0.05):
+    _fake_check("conv2d_per_sample_grad_hist1d", input, grad_output, conv=True)
+    _fake_check_nbins("conv2d_per_sample_grad_hist1d", nbins=nbins)
+    return input.new_empty(nbins, dtype=torch.int64)
+
+
+def _hist2d_fake(input, nbins_grad, nbins_param):
+    return (input.new_empty((nbins_grad, nbins_param), dtype=torch.int64), input.new_empty((), dtype=torch.int64))
+
+
+@torch.library.register_fake("trainscope::linear_per_sample_grad_hist2d")
+def _(input, grad_output, weight, bias=None, nbins_grad=100, maxval_grad=0.05, nbins_param=100,
+      maxval_param=1.0):
+    _fake_check("linear_per_sample_grad_hist2d", input, grad_output, conv=False)
+    _fake_check_nbins("linear_per_sample_grad_hist2d", nbins_grad=nbins_grad, nbins_param=nbins_param)
+    return _hist2d_fake(input, nbins_grad, nbins_param)
+
+
+@torch.library.register_fake("trainscope::conv2d_per_sample_grad_hist2d")
+def _(input, grad_output, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+      nbins_grad=100, maxval_grad=0.05, nbins_param=100, maxval_param=1.0):
+    _fake_check("conv2d_per_sample_grad_hist2d", input, grad_output, conv=True)
+    _fake_check_nbins("conv2d_per_sample_grad_hist2d", nbins_grad=nbins_grad, nbins_param=nbins_param)
+    return _hist2d_fake(input, nbins_grad, nbins_param)

@@ -1,0 +1,231 @@
+// Joint (per-sample gradient, parameter) histogram: argument checks, the CPU implementation, and
+// the adapter that hands CUDA tensors to the torch-free launcher in cuda/hist2d.cu.
+//
+// The CPU path walks the same items (hist2d_plan / hist2d_item) with the same binning functions
+// (cuda/hist2d.h) as the kernel, so both devices put every pair in the same bin.
+#include "trainscope/hist2d.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <nvtx3/nvtx3.hpp>
+
+#include "cuda/hist2d.h"
+
+namespace trainscope {
+
+namespace tc = trainscope::cuda;
+
+namespace {
+
+constexpr const char* kOp = "trainscope::grad_hist2d";
+
+// Local counters per CPU task up to this many bins; beyond, tasks add straight into the output
+// with integer atomics (a private copy per thread would cost up to 128 MiB each).
+constexpr int64_t kMaxPrivateCpuBins = int64_t{1} << 20;
+
+tc::DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return tc::DType::kFloat32;
+    case at::kDouble: return tc::DType::kFloat64;
+    case at::kBFloat16: return tc::DType::kBFloat16;
+    default: return tc::DType::kFloat16;
+  }
+}
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_axis(const char* nbins_name, int64_t nbins, const char* maxval_name, double maxval) {
+  TORCH_CHECK(nbins >= 1 && nbins <= tc::kMaxHistBins, kOp, ": ", nbins_name, " must be in [1, ",
+              tc::kMaxHistBins, "], got ", nbins);
+  TORCH_CHECK(maxval > 0.0 && std::isfinite(maxval), kOp, ": ", maxval_name,
+              " must be positive and finite, got ", maxval);
+  TORCH_CHECK(tc::hist2d_axis_ok(tc::make_hist_spec(nbins, maxval)), kOp, ": ", maxval_name, " = ",
+              maxval, " is too small for ", nbins_name, " = ", nbins, " bins (the bin width underflows)");
+}
+
+// Everything SPEC.md §5 asks to reject, checked before any work; messages name the argument.
+// Returns B (0 when both lists are empty).
+int64_t check_inputs(at::TensorList grads, at::TensorList params, const Hist2dOptions& o) {
+  check_axis("nbins_grad", o.nbins_grad, "maxval_grad", o.maxval_grad);
+  check_axis("nbins_param", o.nbins_param, "maxval_param", o.maxval_param);
+  TORCH_CHECK(o.nbins_grad * o.nbins_param <= tc::kMaxHist2dBins, kOp, ": nbins_grad * nbins_param must be at most ",
+              tc::kMaxHist2dBins, " (2^24 bins), got ", o.nbins_grad, " * ", o.nbins_param, " = ",
+              o.nbins_grad * o.nbins_param);
+  TORCH_CHECK(grads.size() == params.size(), kOp, ": per_sample_grads has ", grads.size(),
+              " tensors but params has ", params.size(), "; the lists are paired by position");
+  if (grads.empty()) return 0;
+
+  const int64_t n = static_cast<int64_t>(grads.size());
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(grads[i].defined(), kOp, ": per_sample_grads[", i, "] is an undefined tensor");
+    TORCH_CHECK(params[i].defined(), kOp, ": params[", i, "] is an undefined tensor");
+  }
+  const at::Device device = grads[0].device();
+  TORCH_CHECK(device.is_cpu() || device.is_cuda(), kOp, ": per_sample_grads[0] is on ", device,
+              "; trainscope runs on CPU or CUDA tensors");
+  TORCH_CHECK(grads[0].dim() >= 1, kOp,
+              ": per_sample_grads[0] is 0-d; per-sample gradients are [B, *param_shape]");
+  const int64_t batch = grads[0].size(0);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& g = grads[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(supported_dtype(g.scalar_type()), kOp, ": per_sample_grads[", i, "] has dtype ",
+                g.scalar_type(), "; trainscope needs float32, float64, bfloat16 or float16");
+    TORCH_CHECK(supported_dtype(p.scalar_type()), kOp, ": params[", i, "] has dtype ", p.scalar_type(),
+                "; trainscope needs float32, float64, bfloat16 or float16");
+    TORCH_CHECK(g.device() == device, kOp, ": per_sample_grads[", i, "] is on ", g.device(),
+                " but per_sample_grads[0] is on ", device, "; all tensors must share one device");
+    TORCH_CHECK(p.device() == device, kOp, ": params[", i, "] is on ", p.device(),
+                " but per_sample_grads[0] is on ", device, "; all tensors must share one device");
+    TORCH_CHECK(g.dim() == p.dim() + 1 && g.sizes().slice(1) == p.sizes(), kOp, ": per_sample_grads[", i,
+                "] has shape ", g.sizes(), " but params[", i, "] has shape ", p.sizes(),
+                "; per-sample gradients are [B, *param_shape]");
+    TORCH_CHECK(g.size(0) == batch, kOp, ": per_sample_grads[", i, "] has batch size ", g.size(0),
+                " but per_sample_grads[0] has ", batch, "; one B for the whole list");
+    TORCH_CHECK(g.scalar_type() == p.scalar_type(), kOp, ": per_sample_grads[", i, "] has dtype ",
+                g.scalar_type(), " but params[", i, "] has dtype ", p.scalar_type());
+  }
+  // No B >= 2 check: unlike the statistics of SPEC.md §2 that divide by B − 1, the histogram is a
+  // sum over samples, so any B works, and callers that count a batch in tiles of samples
+  // (src/per_sample_factors.cpp) may pass a single sample.
+  return batch;
+}
+
+// One item on the CPU: the parameter bins of its columns once, then its rows.
+template <typename T>
+void cpu_item(const tc::Hist2dPair& d, const tc::Hist2dPlan& plan, int64_t batch, int64_t item,
+              const tc::HistSpec& gs, const tc::HistSpec& ps, int64_t* counts, bool atomic,
+              std::vector<int32_t>& pbin, int64_t& nonfinite) {
+  const tc::Hist2dItem it = tc::hist2d_item(plan, batch, d.numel, item);
+  const T* theta = static_cast<const T*>(d.param);
+  const T* grad = static_cast<const T*>(d.grad);
+  const int64_t width = it.col_end - it.col_begin;
+  pbin.resize(static_cast<size_t>(width));
+  for (int64_t c = 0; c < width; ++c) {
+    pbin[c] = tc::hist2d_param_bin(static_cast<double>(tc::widen(theta[it.col_begin + c])), ps);
+  }
+  for (int64_t r = it.row_begin; r < it.row_end; ++r) {
+    const T* row = grad + r * d.numel + it.col_begin;
+    for (int64_t c = 0; c < width; ++c) {
+      const int32_t b = tc::hist2d_flat_bin(static_cast<double>(tc::widen(row[c])), pbin[c], gs, ps.nbins);
+      if (b < 0) {
+        ++nonfinite;
+      } else if (atomic) {
+        __atomic_fetch_add(counts + b, int64_t{1}, __ATOMIC_RELAXED);  // integer adds commute
+      } else {
+        ++counts[b];
+      }
+    }
+  }
+}
+
+void cpu_hist2d(const std::vector<tc::Hist2dPair>& pairs, int64_t batch, const tc::HistSpec& gs,
+                const tc::HistSpec& ps, const Hist2d& out) {
+  const int64_t n = static_cast<int64_t>(pairs.size());
+  std::vector<tc::Hist2dPlan> plans(n);
+  std::vector<int64_t> first_item(n);
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    plans[i] = tc::hist2d_plan(batch, pairs[i].numel);
+    first_item[i] = total;
+    total += plans[i].items;
+  }
+  const int64_t nbins = gs.nbins * ps.nbins;
+  const bool large = nbins > kMaxPrivateCpuBins;
+  int64_t* counts = out.counts.data_ptr<int64_t>();
+  int64_t nonfinite = 0;
+  std::mutex mutex;
+
+  // Items hold up to 2^15 elements: a grain of 4 keeps a small call on one thread.
+  at::parallel_for(0, total, 4, [&](int64_t lo, int64_t hi) {
+    // One task for the whole range (a small call, or one thread) owns the output outright.
+    const bool alone = lo == 0 && hi == total;
+    const bool shared = large && !alone;
+    std::vector<int64_t> local(large || alone ? 0 : static_cast<size_t>(nbins), 0);
+    int64_t* dst = large || alone ? counts : local.data();
+    std::vector<int32_t> pbin;
+    int64_t bad = 0;
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t t = tc::hist2d_find_pair(first_item.data(), n, item);
+      const tc::Hist2dPair& d = pairs[t];
+      auto run = [&](auto element) {
+        cpu_item<decltype(element)>(d, plans[t], batch, item - first_item[t], gs, ps, dst, shared, pbin, bad);
+      };
+      switch (d.dtype) {
+        case tc::DType::kFloat32: run(float{}); break;
+        case tc::DType::kFloat64: run(double{}); break;
+        case tc::DType::kBFloat16: run(tc::bf16_bits{}); break;
+        case tc::DType::kFloat16: run(tc::f16_bits{}); break;
+      }
+    }
+    std::lock_guard<std::mutex> lock(mutex);  // integer sums: the order does not matter
+    if (!local.empty()) {
+      for (int64_t b = 0; b < nbins; ++b) counts[b] += local[b];
+    }
+    nonfinite += bad;
+  });
+  out.nonfinite.fill_(nonfinite);
+}
+
+void cuda_hist2d(const std::vector<tc::Hist2dPair>& pairs, int64_t batch, const tc::HistSpec& gs,
+                 const tc::HistSpec& ps, const Hist2d& out, at::Device device) {
+  c10::cuda::CUDAGuard guard(device);
+  tc::Hist2dArgs args{};
+  args.pairs = pairs.data();
+  args.num_pairs = static_cast<int64_t>(pairs.size());
+  args.batch = batch;
+  args.grad_spec = gs;
+  args.param_spec = ps;
+  args.counts = out.counts.data_ptr<int64_t>();
+  args.nonfinite = out.nonfinite.data_ptr<int64_t>();
+  const cudaError_t err = tc::hist2d_launch(args, at::cuda::getCurrentCUDAStream(device.index()).stream());
+  TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+Hist2d grad_hist2d(at::TensorList per_sample_grads, at::TensorList params, const Hist2dOptions& options) {
+  nvtx3::scoped_range range{kOp};
+  const int64_t batch = check_inputs(per_sample_grads, params, options);
+  const at::Device device = per_sample_grads.empty() ? at::Device(at::kCPU) : per_sample_grads[0].device();
+
+  // Contiguous views (a copy only for non-contiguous inputs), kept alive for the launch; pairs
+  // without elements are left out.
+  std::vector<at::Tensor> keep;
+  std::vector<tc::Hist2dPair> pairs;
+  for (size_t i = 0; i < per_sample_grads.size(); ++i) {
+    if (per_sample_grads[i].numel() == 0) continue;
+    keep.push_back(per_sample_grads[i].contiguous());
+    const void* g = keep.back().data_ptr();
+    keep.push_back(params[i].contiguous());
+    const void* p = keep.back().data_ptr();
+    pairs.push_back(tc::Hist2dPair{g, p, params[i].numel(), to_dtype(params[i].scalar_type())});
+  }
+
+  const tc::HistSpec gs = tc::make_hist_spec(options.nbins_grad, options.maxval_grad);
+  const tc::HistSpec ps = tc::make_hist_spec(options.nbins_param, options.maxval_param);
+  const auto iopt = at::TensorOptions().device(device).dtype(at::kLong);
+  Hist2d out;
+  if (device.is_cuda()) {
+    // The launcher clears both outputs itself.
+    out.counts = at::empty({options.nbins_grad, options.nbins_param}, iopt);
+    out.nonfinite = at::empty({}, iopt);
+    cuda_hist2d(pairs, batch, gs, ps, out, device);
+  } else {
+    out.counts = at::zeros({options.nbins_grad, options.nbins_param}, iopt);
+    out.nonfinite = at::zeros({}, iopt);
+    cpu_hist2d(pairs, batch, gs, ps, out);
+  }
+  return out;
+}
+
+}  // namespace trainscope

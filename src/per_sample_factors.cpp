@@ -1,0 +1,545 @@
+// Per-sample gradient statistics and histograms from layer factors (input x, output gradient δ),
+// with ATen ops only: the GEMMs go to cuBLAS / the CPU BLAS through at::bmm and friends.
+//
+// Every layer is first reduced to G independent linear problems (G = conv groups, 1 for
+// nn.Linear): x [B, G, T, d_in], δ [B, G, T, d_out], read through accessors that return a tile
+// of samples in the accumulation dtype. Conv2d unfolds (im2col) tile by tile, so no temporary
+// grows with B beyond a fixed budget, except the [B] results and the parameter-sized Ḡ.
+#include "trainscope/per_sample_factors.h"
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <c10/core/GradMode.h>
+#include <nvtx3/nvtx3.hpp>
+
+#include "cuda/hist2d.h"
+#include "cuda/histogram.h"
+#include "src/per_sample_factors_internal.h"
+#include "trainscope/param_stats.h"
+
+namespace trainscope {
+
+const char* factor_method_name(FactorMethod m) {
+  switch (m) {
+    case FactorMethod::kAuto: return "auto";
+    case FactorMethod::kGhost: return "ghost";
+    case FactorMethod::kTiled: return "tiled";
+  }
+  return "unknown";
+}
+
+FactorMethod parse_factor_method(const std::string& method) {
+  if (method == "auto") return FactorMethod::kAuto;
+  if (method == "ghost") return FactorMethod::kGhost;
+  if (method == "tiled") return FactorMethod::kTiled;
+  TORCH_CHECK(false, "trainscope: method must be \"auto\", \"ghost\" or \"tiled\", got \"", method, "\"");
+  return FactorMethod::kAuto;
+}
+
+namespace {
+constexpr int64_t kDefaultTileElems = int64_t{1} << 26;
+std::atomic<int64_t> g_tile_elems{kDefaultTileElems};
+}  // namespace
+
+int64_t factor_tile_elems() { return g_tile_elems.load(std::memory_order_relaxed); }
+
+int64_t set_factor_tile_elems(int64_t elems) {
+  return g_tile_elems.exchange(elems >= 1 ? elems : kDefaultTileElems);
+}
+
+namespace {
+
+using Accessor = std::function<at::Tensor(int64_t begin, int64_t count)>;
+
+// One layer as G linear problems. x(begin, count) is [count, G, T, d_in] and d(begin, count)
+// [count, G, T, d_out], both in `acc`; x_elems_per_sample bounds what one sample of x costs in
+// temporaries (0 when x is a view).
+struct Problem {
+  const char* op;
+  int64_t B, G, T, din, dout;
+  at::ScalarType acc;
+  at::TensorOptions opts;
+  Accessor x, d;
+  int64_t x_elems_per_sample;
+  // [B, G·d_out] per-sample bias gradients; empty when the layer's bias is not tracked. A
+  // function, so that building a Problem does no work before every argument is checked.
+  std::function<at::Tensor()> bias_grads;
+};
+
+// Samples per tile when one sample needs `work` elements of temporaries besides its x and δ in
+// the accumulation dtype (copies when upcast, unfolded or reshaped).
+int64_t tile_samples(const Problem& p, int64_t work) {
+  const int64_t per_sample = work + p.x_elems_per_sample + 2 * p.G * p.T * (p.din + p.dout);
+  return std::max<int64_t>(1, std::min<int64_t>(p.B, factor_tile_elems() / std::max<int64_t>(1, per_sample)));
+}
+
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", name, " has dtype ", t.scalar_type(),
+              "; trainscope needs float32, float64, bfloat16 or float16");
+  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": ", name, " is on ", t.device(),
+              "; trainscope runs on CPU or CUDA tensors");
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+              ref.device(), "; all tensors must share one device");
+}
+
+void check_batch_for_stats(const char* op, int64_t b) {
+  TORCH_CHECK(b >= 2, op, ": the per-sample statistics need a batch of B >= 2 samples, got B = ", b);
+}
+
+void check_hist(const char* op, const char* nbins_name, int64_t nbins, const char* maxval_name,
+                double maxval) {
+  TORCH_CHECK(nbins >= 1 && nbins <= cuda::kMaxHistBins, op, ": ", nbins_name, " must be in [1, ",
+              cuda::kMaxHistBins, "], got ", nbins);
+  TORCH_CHECK(maxval > 0.0 && std::isfinite(maxval), op, ": ", maxval_name,
+              " must be positive and finite, got ", maxval);
+}
+
+at::ScalarType acc_dtype(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kDouble && b.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem builders: nn.Linear and nn.Conv2d.
+
+Problem linear_problem(const char* op, const at::Tensor& input, const at::Tensor& grad_output,
+                       bool has_bias) {
+  check_tensor(op, "input", input);
+  check_tensor(op, "grad_output", grad_output);
+  check_same_device(op, "grad_output", grad_output, input);
+  TORCH_CHECK(input.dim() >= 2, op, ": input must be [B, d_in] or [B, ..., d_in], got shape ",
+              input.sizes());
+  TORCH_CHECK(grad_output.dim() == input.dim() &&
+                  grad_output.sizes().slice(0, input.dim() - 1) == input.sizes().slice(0, input.dim() - 1),
+              op, ": grad_output has shape ", grad_output.sizes(), " but input has shape ", input.sizes(),
+              "; they must agree in every dim but the last");
+  Problem p;
+  p.op = op;
+  p.B = input.size(0);
+  p.G = 1;
+  p.din = input.size(-1);
+  p.dout = grad_output.size(-1);
+  p.T = 1;
+  for (int64_t k = 1; k < input.dim() - 1; ++k) p.T *= input.size(k);
+  p.acc = acc_dtype(input, grad_output);
+  p.opts = at::TensorOptions().dtype(p.acc).device(input.device());
+  const at::ScalarType acc = p.acc;
+  const int64_t T = p.T, din = p.din, dout = p.dout, B = p.B;
+  // Reshaped tile by tile: a non-contiguous input is copied one tile at a time.
+  p.x = [input, acc, T, din](int64_t begin, int64_t count) {
+    return input.narrow(0, begin, count).reshape({count, 1, T, din}).to(acc);
+  };
+  p.d = [grad_output, acc, T, dout](int64_t begin, int64_t count) {
+    return grad_output.narrow(0, begin, count).reshape({count, 1, T, dout}).to(acc);
+  };
+  p.x_elems_per_sample = 0;
+  if (has_bias) {
+    p.bias_grads = [grad_output, acc, B, T, dout] {
+      return at::sum(grad_output.reshape({B, T, dout}), {1}, false, acc);
+    };
+  }
+  return p;
+}
+
+std::array<int64_t, 2> expand2(const char* op, const char* name, at::IntArrayRef v) {
+  TORCH_CHECK(v.size() == 1 || v.size() == 2, op, ": ", name, " must have 1 or 2 values, got ", v.size());
+  return {v[0], v.size() == 2 ? v[1] : v[0]};
+}
+
+struct ConvGeometry {
+  std::array<int64_t, 2> kernel, stride, padding, dilation;
+  int64_t groups;
+};
+
+ConvGeometry conv_geometry(const char* op, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  ConvGeometry g{expand2(op, "kernel_size", kernel_size), expand2(op, "stride", stride),
+                 expand2(op, "padding", padding), expand2(op, "dilation", dilation), groups};
+  for (int k = 0; k < 2; ++k) {
+    TORCH_CHECK(g.kernel[k] >= 1, op, ": kernel_size must be positive, got ", kernel_size);
+    TORCH_CHECK(g.stride[k] >= 1, op, ": stride must be positive, got ", stride);
+    TORCH_CHECK(g.padding[k] >= 0, op, ": padding must be non-negative, got ", padding);
+    TORCH_CHECK(g.dilation[k] >= 1, op, ": dilation must be positive, got ", dilation);
+  }
+  TORCH_CHECK(groups >= 1, op, ": groups must be positive, got ", groups);
+  return g;
+}
+
+Problem conv2d_problem(const char* op, const at::Tensor& input, const at::Tensor& grad_output,
+                       const ConvGeometry& g, bool has_bias) {
+  check_tensor(op, "input", input);
+  check_tensor(op, "grad_output", grad_output);
+  check_same_device(op, "grad_output", grad_output, input);
+  TORCH_CHECK(input.dim() == 4, op, ": input must be [B, C_in, H, W], got shape ", input.sizes());
+  TORCH_CHECK(grad_output.dim() == 4, op, ": grad_output must be [B, C_out, H', W'], got shape ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.size(0) == input.size(0), op, ": grad_output has batch size ",
+              grad_output.size(0), " but input has ", input.size(0));
+  const int64_t cin = input.size(1), cout = grad_output.size(1);
+  TORCH_CHECK(cin % g.groups == 0, op, ": input has ", cin, " channels, not divisible by groups = ", g.groups);
+  TORCH_CHECK(cout % g.groups == 0, op, ": grad_output has ", cout,
+              " channels, not divisible by groups = ", g.groups);
+  std::array<int64_t, 2> out{};
+  for (int k = 0; k < 2; ++k) {
+    const int64_t span = input.size(2 + k) + 2 * g.padding[k] - g.dilation[k] * (g.kernel[k] - 1) - 1;
+    TORCH_CHECK(span >= 0, op, ": input of spatial size ", input.sizes().slice(2),
+                " is smaller than the dilated kernel (kernel_size ", at::IntArrayRef(g.kernel),
+                ", dilation ", at::IntArrayRef(g.dilation), ", padding ", at::IntArrayRef(g.padding), ")");
+    out[k] = span / g.stride[k] + 1;
+  }
+  TORCH_CHECK(grad_output.size(2) == out[0] && grad_output.size(3) == out[1], op,
+              ": grad_output has spatial size ", grad_output.sizes().slice(2), " but the convolution of input ",
+              input.sizes(), " gives [", out[0], ", ", out[1], "]");
+
+  Problem p;
+  p.op = op;
+  p.B = input.size(0);
+  p.G = g.groups;
+  p.T = out[0] * out[1];
+  p.din = cin / g.groups * g.kernel[0] * g.kernel[1];
+  p.dout = cout / g.groups;
+  p.acc = acc_dtype(input, grad_output);
+  p.opts = at::TensorOptions().dtype(p.acc).device(input.device());
+  const at::ScalarType acc = p.acc;
+  const int64_t G = p.G, T = p.T, din = p.din, dout = p.dout;
+  // im2col orders an unfolded column as (channel, kh, kw): channel groups are consecutive blocks
+  // of d_in, and a block matches the flattening of the group's weight [C_out/G, C_in/G, kh, kw].
+  p.x = [input, g, acc, G, T, din](int64_t begin, int64_t count) {
+    const at::Tensor cols = at::im2col(input.narrow(0, begin, count).to(acc), g.kernel, g.dilation,
+                                       g.padding, g.stride);  // [count, C_in·kh·kw, T]
+    return cols.view({count, G, din, T}).transpose(2, 3);
+  };
+  p.d = [grad_output, acc, G, T, dout](int64_t begin, int64_t count) {
+    return grad_output.narrow(0, begin, count).to(acc).reshape({count, G, dout, T}).transpose(2, 3);
+  };
+  // The input tile upcast, before unfolding.
+  p.x_elems_per_sample = cin * input.size(2) * input.size(3);
+  if (has_bias) p.bias_grads = [grad_output, acc] { return at::sum(grad_output, {2, 3}, false, acc); };
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The parts.
+
+bool use_tiled(const Problem& p, FactorMethod m) {
+  if (m == FactorMethod::kAuto) return 2 * p.T * p.T > p.din * p.dout;
+  return m == FactorMethod::kTiled;
+}
+
+// [b·G, T, d] of a [b, G, T, d] tile.
+at::Tensor flat_batch(const at::Tensor& t) { return t.reshape({-1, t.size(2), t.size(3)}); }
+// [G, b·T, d] of a [b, G, T, d] tile.
+at::Tensor flat_groups(const at::Tensor& t) {
+  return t.transpose(0, 1).reshape({t.size(1), -1, t.size(3)});
+}
+
+// ‖Gᵢ‖² of the samples of one tile, [b], by the ghost norm: Σ_{t,s} (x_t·x_s)(δ_t·δ_s) with the
+// two T×T Gram matrices formed in blocks of rows.
+at::Tensor ghost_sq_norms(const Problem& p, const at::Tensor& x, const at::Tensor& d) {
+  const int64_t b = x.size(0);
+  if (p.T == 1) {  // ‖x‖²‖δ‖²: no Gram matrices needed
+    return (x.square().sum(at::IntArrayRef{2, 3}) * d.square().sum(at::IntArrayRef{2, 3})).sum(1);
+  }
+  const at::Tensor X = flat_batch(x), D = flat_batch(d);
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(p.T, factor_tile_elems() / std::max<int64_t>(1, 2 * X.size(0) * p.T)));
+  at::Tensor acc;
+  for (int64_t r0 = 0; r0 < p.T; r0 += rows) {
+    const int64_t r = std::min(rows, p.T - r0);
+    at::Tensor gx = at::bmm(X.narrow(1, r0, r), X.transpose(1, 2));
+    const at::Tensor gd = at::bmm(D.narrow(1, r0, r), D.transpose(1, 2));
+    const at::Tensor s = gx.mul_(gd).sum(at::IntArrayRef{1, 2});
+    acc = acc.defined() ? acc.add_(s) : s;
+  }
+  if (!acc.defined()) return at::zeros({b}, p.opts);  // T = 0
+  return acc.view({b, p.G}).sum(1);
+}
+
+// Calls fn(o0, Gt) for the per-sample weight gradients of one tile, Gt [b, G, o, d_in] holding
+// rows o0 .. o0+o of d_out, in blocks of rows small enough for the tile budget.
+void for_each_grad_block(const Problem& p, const at::Tensor& x, const at::Tensor& d,
+                         const std::function<void(int64_t, at::Tensor)>& fn) {
+  const int64_t b = x.size(0);
+  const at::Tensor X = flat_batch(x), D = flat_batch(d).transpose(1, 2);  // [bG, d_out, T]
+  const int64_t rows =
+      std::max<int64_t>(1, std::min<int64_t>(p.dout, factor_tile_elems() / std::max<int64_t>(1, b * p.G * p.din)));
+  for (int64_t o0 = 0; o0 < p.dout; o0 += rows) {
+    const int64_t o = std::min(rows, p.dout - o0);
+    fn(o0, at::bmm(D.narrow(1, o0, o), X).view({b, p.G, o, p.din}));
+  }
+}
+
+// Samples per tile of the weight-gradient blocks (a tile of rows when one sample is too large).
+int64_t grad_tile_samples(const Problem& p) { return tile_samples(p, p.G * p.dout * p.din); }
+
+at::Tensor tiled_sq_norms(const Problem& p, const at::Tensor& x, const at::Tensor& d) {
+  at::Tensor acc;
+  for_each_grad_block(p, x, d, [&](int64_t, at::Tensor g) {
+    const at::Tensor s = g.square_().sum(at::IntArrayRef{1, 2, 3});
+    acc = acc.defined() ? acc.add_(s) : s;
+  });
+  return acc.defined() ? acc : at::zeros({x.size(0)}, p.opts);
+}
+
+// The parts of the bias, from the per-sample bias gradients [B, d_out].
+PerSampleParts bias_parts(const at::Tensor& bg) {
+  const at::Tensor mean = bg.mean(0);
+  return {bg.square().sum(1), at::mv(bg, mean), mean.square().sum()};
+}
+
+PerSampleParts weight_parts(const Problem& p, FactorMethod method) {
+  const bool tiled = use_tiled(p, method);
+  // Pass 1: ‖Gᵢ‖² and Σᵢ Gᵢ over tiles of samples, sharing each tile's x and δ.
+  const int64_t b1 = tile_samples(p, tiled ? p.G * p.dout * p.din : 2 * p.G * p.T * p.T);
+  const int64_t b2 = tile_samples(p, p.G * p.T * p.dout);
+  std::vector<at::Tensor> sq;
+  at::Tensor gsum = at::zeros({p.G, p.dout, p.din}, p.opts);
+  at::Tensor xg, dg;  // [G, B·T, d] of the whole batch, kept when both passes take it in one tile
+  for (int64_t i0 = 0; i0 < p.B; i0 += b1) {
+    const int64_t b = std::min(b1, p.B - i0);
+    const at::Tensor x = p.x(i0, b), d = p.d(i0, b);
+    sq.push_back(tiled ? tiled_sq_norms(p, x, d) : ghost_sq_norms(p, x, d));
+    at::Tensor xf = flat_groups(x), df = flat_groups(d);
+    gsum.baddbmm_(df.transpose(1, 2), xf);
+    if (b == p.B && b2 == p.B) {
+      xg = std::move(xf);
+      dg = std::move(df);
+    }
+  }
+  const at::Tensor gbar = gsum.div_(static_cast<double>(p.B));  // Ḡ [G, d_out, d_in]
+
+  // Pass 2: Gᵢ·Ḡ = Σ_t δ_it · (Ḡ x_it), the rowwise sum of δ ∘ (x Ḡᵀ).
+  std::vector<at::Tensor> dots;
+  for (int64_t i0 = 0; i0 < p.B; i0 += b2) {
+    const int64_t b = std::min(b2, p.B - i0);
+    const at::Tensor xf = xg.defined() ? xg : flat_groups(p.x(i0, b));
+    const at::Tensor df = dg.defined() ? dg : flat_groups(p.d(i0, b));
+    const at::Tensor y = at::bmm(xf, gbar.transpose(1, 2));  // [G, b·T, d_out]
+    dots.push_back(y.mul_(df).view({p.G, b, -1}).sum(at::IntArrayRef{0, 2}));
+  }
+  return {at::cat(sq), at::cat(dots), gbar.square().sum()};
+}
+
+PerSampleParts parts_of(const Problem& p, FactorMethod method) {
+  check_batch_for_stats(p.op, p.B);
+  PerSampleParts w = weight_parts(p, method);
+  if (!p.bias_grads) return w;
+  const PerSampleParts b = bias_parts(p.bias_grads());
+  return {w.sq_norms.add_(b.sq_norms), w.dots.add_(b.dots), w.mean_sq_norm.add_(b.mean_sq_norm)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Histograms.
+
+at::Tensor hist1d_of(const Problem& p, int64_t nbins, double maxval) {
+  check_hist(p.op, "nbins", nbins, "maxval", maxval);
+  at::Tensor hist = at::zeros({nbins}, at::TensorOptions().dtype(at::kLong).device(p.opts.device()));
+  const int64_t bt = grad_tile_samples(p);
+  for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
+    const int64_t b = std::min(bt, p.B - i0);
+    for_each_grad_block(p, p.x(i0, b), p.d(i0, b),
+                        [&](int64_t, at::Tensor g) { hist.add_(grad_hist1d({g}, nbins, maxval)); });
+  }
+  if (p.bias_grads && p.B > 0) hist.add_(grad_hist1d({p.bias_grads()}, nbins, maxval));
+  return hist;
+}
+
+std::tuple<at::Tensor, at::Tensor> hist2d_of(const Problem& p, const at::Tensor& weight,
+                                             const at::Tensor& bias, const Hist2dOptions& o) {
+  check_hist(p.op, "nbins_grad", o.nbins_grad, "maxval_grad", o.maxval_grad);
+  check_hist(p.op, "nbins_param", o.nbins_param, "maxval_param", o.maxval_param);
+  TORCH_CHECK(o.nbins_grad * o.nbins_param <= cuda::kMaxHist2dBins, p.op,
+              ": nbins_grad * nbins_param must be at most ", cuda::kMaxHist2dBins, ", got ",
+              o.nbins_grad * o.nbins_param);
+  const auto iopt = at::TensorOptions().dtype(at::kLong).device(p.opts.device());
+  at::Tensor counts = at::zeros({o.nbins_grad, o.nbins_param}, iopt);
+  at::Tensor nonfinite = at::zeros({}, iopt);
+  auto add = [&](const at::Tensor& grads, const at::Tensor& params) {
+    const Hist2d h = grad_hist2d(at::TensorList(grads), at::TensorList(params), o);
+    counts.add_(h.counts);
+    nonfinite.add_(h.nonfinite);
+  };
+  // Parameters upcast exactly to the dtype the gradients are formed in.
+  const at::Tensor w = weight.to(p.acc).reshape({p.G, p.dout, p.din});
+  const int64_t bt = grad_tile_samples(p);
+  for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
+    const int64_t b = std::min(bt, p.B - i0);
+    for_each_grad_block(p, p.x(i0, b), p.d(i0, b), [&](int64_t o0, at::Tensor g) {
+      add(g, w.narrow(1, o0, g.size(2)));
+    });
+  }
+  if (p.bias_grads && p.B > 0) add(p.bias_grads(), bias.to(p.acc));
+  return {counts, nonfinite};
+}
+
+void check_param(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
+                 at::IntArrayRef expected) {
+  check_tensor(op, name, t);
+  check_same_device(op, name, t, input);
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " has shape ", t.sizes(), " but the layer's ",
+              name, " is ", expected);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Public entry points.
+
+PerSampleParts linear_per_sample_parts(const at::Tensor& input, const at::Tensor& grad_output,
+                                       bool has_bias, FactorMethod method) {
+  const char* op = "trainscope::linear_per_sample_parts";
+  nvtx3::scoped_range range{op};
+  c10::NoGradGuard no_grad;
+  return parts_of(linear_problem(op, input, grad_output, has_bias), method);
+}
+
+PerSampleParts conv2d_per_sample_parts(const at::Tensor& input, const at::Tensor& grad_output,
+                                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       int64_t groups, bool has_bias, FactorMethod method) {
+  const char* op = "trainscope::conv2d_per_sample_parts";
+  nvtx3::scoped_range range{op};
+  c10::NoGradGuard no_grad;
+  const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
+  return parts_of(conv2d_problem(op, input, grad_output, g, has_bias), method);
+}
+
+at::Tensor linear_per_sample_grad_hist1d(const at::Tensor& input, const at::Tensor& grad_output,
+                                         bool has_bias, int64_t nbins, double maxval) {
+  const char* op = "trainscope::linear_per_sample_grad_hist1d";
+  nvtx3::scoped_range range{op};
+  c10::NoGradGuard no_grad;
+  check_hist(op, "nbins", nbins, "maxval", maxval);
+  return hist1d_of(linear_problem(op, input, grad_output, has_bias), nbins, maxval);
+}
+
+at::Tensor conv2d_per_sample_grad_hist1d(const at::Tensor& input, const at::Tensor& grad_output,
+                                         at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups, bool has_bias, int64_t nbins, double maxval) {
+  const char* op = "trainscope::conv2d_per_sample_grad_hist1d";
+  nvtx3::scoped_range range{op};
+  c10::NoGradGuard no_grad;
+  check_hist(op, "nbins", nbins, "maxval", maxval);
+  const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
+  return hist1d_of(conv2d_problem(op, input, grad_output, g, has_bias), nbins, maxval);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_per_sample_grad_hist2d(const at::Tensor& input,
+                                                                 const at::Tensor& grad_output,
+                                                                 const at::Tensor& weight,
+                                                                 const at::Tensor& bias,
+                                                                 const Hist2dOptions& options) {
+  const char* op = "trainscope::linear_per_sample_grad_hist2d";
+  nvtx3::scoped_range range{op};
+  c10::NoGradGuard no_grad;
+  const Problem p = linear_problem(op, input, grad_output, bias.defined());
+  check_param(op, "weight", weight, input, {p.dout, p.din});
+  if (bias.defined()) check_param(op, "bias", bias, input, {p.dout});
+  return hist2d_of(p, weight, bias, options);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_per_sample_grad_hist2d(
+    const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& weight,
+    const at::Tensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, const Hist2dOptions& options) {
+  const char* op = "trainscope::conv2d_per_sample_grad_hist2d";
+  nvtx3::scoped_range range{op};
+  c10::NoGradGuard no_grad;
+  check_tensor(op, "weight", weight);
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be [C_out, C_in/groups, kh, kw], got shape ",
+              weight.sizes());
+  const ConvGeometry g =
+      conv_geometry(op, weight.sizes().slice(2), stride, padding, dilation, groups);
+  const Problem p = conv2d_problem(op, input, grad_output, g, bias.defined());
+  check_param(op, "weight", weight, input,
+              {p.G * p.dout, input.size(1) / p.G, g.kernel[0], g.kernel[1]});
+  if (bias.defined()) check_param(op, "bias", bias, input, {p.G * p.dout});
+  return hist2d_of(p, weight, bias, options);
+}
+
+// ---------------------------------------------------------------------------------------------
+// OutputGradCapture
+
+struct OutputGradCapture::State {
+  std::mutex mutex;  // backward may run on another thread (CUDA autograd worker)
+  at::Tensor grad;
+  uint64_t generation = 0;
+};
+
+OutputGradCapture::OutputGradCapture() : state_(std::make_shared<State>()) {}
+
+at::Tensor OutputGradCapture::watch(const at::Tensor& output) {
+  TORCH_CHECK(output.defined(), "trainscope::OutputGradCapture::watch: output is an undefined tensor");
+  TORCH_CHECK(output.requires_grad(), "trainscope::OutputGradCapture::watch: output does not require "
+              "grad, so backward will never reach it (is grad mode off?)");
+  uint64_t generation;
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->grad = at::Tensor();
+    generation = ++state_->generation;
+  }
+  // A hook of an earlier watch() must not overwrite a later capture; a weak reference lets the
+  // capture die before the graph does.
+  std::weak_ptr<State> weak = state_;
+  // A hook on a view (at::linear of a 3-D input returns one) misses the gradient that reaches it
+  // through a later in-place change of the view, which autograd routes to the view's base: hook
+  // the base then, and read the view's elements out of the base's gradient.
+  at::Tensor target = output;
+  bool from_base = false;
+  std::vector<int64_t> sizes, strides;
+  int64_t offset = 0;
+  if (output.is_view()) {
+    const at::Tensor base(output._base());
+    if (base.is_contiguous() && base.requires_grad()) {
+      target = base;
+      from_base = true;
+      sizes = output.sizes().vec();
+      strides = output.strides().vec();
+      offset = output.storage_offset() - base.storage_offset();
+    }
+  }
+  target.register_hook([weak, generation, from_base, sizes, strides, offset](const at::Tensor& grad) {
+    auto s = weak.lock();
+    if (!s || !grad.defined()) return;
+    at::Tensor g = from_base ? grad.contiguous().as_strided(sizes, strides, offset) : grad;
+    std::lock_guard<std::mutex> lock(s->mutex);
+    if (s->generation == generation) s->grad = g.detach();
+  });
+  return output;
+}
+
+bool OutputGradCapture::has_grad() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->grad.defined();
+}
+
+at::Tensor OutputGradCapture::grad() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  TORCH_CHECK(state_->grad.defined(), "trainscope::OutputGradCapture::grad: no gradient captured yet; "
+              "call watch(output) in the forward pass and run backward first");
+  return state_->grad;
+}
+
+void OutputGradCapture::reset() {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->grad = at::Tensor();
+  ++state_->generation;
+}
+
+}  // namespace trainscope

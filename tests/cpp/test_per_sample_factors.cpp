@@ -1,0 +1,382 @@
+// The LibTorch API of include/trainscope/per_sample_factors.h against a reference built from
+// explicit per-sample gradients: one autograd backward per sample through at::linear / at::conv2d
+// in double (SPEC.md §2, §4, §5). Ghost and tiled methods, a small tile budget that forces every
+// tiling path, dtypes, non-contiguous inputs, conv groups/stride/dilation, histograms,
+// OutputGradCapture, and the errors bad input must raise. CUDA variants skip without a GPU.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/Exception.h>
+#include <torch/cuda.h>
+
+
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "src/per_sample_factors_internal.h"
+#include "tests/cpp/reference_bin.h"
+#include "trainscope/per_sample_factors.h"
+
+namespace {
+
+using trainscope::FactorMethod;
+using trainscope::PerSampleParts;
+
+const auto kF64 = at::TensorOptions().dtype(at::kDouble);
+
+at::Tensor cpu64(const at::Tensor& t) { return t.detach().to(at::kCPU).to(at::kDouble); }
+
+// Per-sample gradients [B, P] (weight, then bias) of the loss Σᵢ Σ(layer(xᵢ) ∘ δᵢ), whose output
+// gradient is δ, one backward per sample, in double.
+using Layer = std::function<at::Tensor(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)>;
+
+at::Tensor reference_grads(const Layer& layer, const at::Tensor& x, const at::Tensor& d,
+                           at::IntArrayRef weight_shape, bool has_bias) {
+  const at::Tensor x64 = cpu64(x), d64 = cpu64(d);
+  std::vector<at::Tensor> rows;
+  for (int64_t i = 0; i < x64.size(0); ++i) {
+    at::Tensor w = at::randn(weight_shape, kF64).requires_grad_();
+    at::Tensor b = has_bias ? at::randn({weight_shape[0]}, kF64).requires_grad_() : at::Tensor();
+    const at::Tensor y = layer(x64.narrow(0, i, 1), w, b);
+    (y * d64.narrow(0, i, 1)).sum().backward();
+    std::vector<at::Tensor> g{w.grad().flatten()};
+    if (has_bias) g.push_back(b.grad());
+    rows.push_back(at::cat(g));
+  }
+  return at::stack(rows);
+}
+
+struct Parts64 {
+  at::Tensor sq, dots, msq;
+};
+
+Parts64 reference_parts(const at::Tensor& g) {
+  const at::Tensor mean = g.mean(0);
+  return {(g * g).sum(1), at::mv(g, mean), mean.dot(mean)};
+}
+
+void expect_close(const at::Tensor& got, const at::Tensor& want, double rtol, const std::string& what) {
+  const at::Tensor g = cpu64(got), w = cpu64(want);
+  ASSERT_EQ(g.sizes(), w.sizes()) << what;
+  const double scale = w.abs().max().item<double>();
+  const double err = (g - w).abs().max().item<double>();
+  EXPECT_LE(err, rtol * scale + 1e-300) << what << ": got " << g << " want " << w;
+}
+
+void expect_parts(const PerSampleParts& got, const Parts64& want, double rtol, const std::string& what,
+                  at::ScalarType dtype) {
+  for (const at::Tensor* t : {&got.sq_norms, &got.dots, &got.mean_sq_norm}) {
+    EXPECT_EQ(t->scalar_type(), dtype) << what;
+    EXPECT_FALSE(t->requires_grad()) << what;
+  }
+  expect_close(got.sq_norms, want.sq, rtol, what + " sq_norms");
+  // gᵢ·ḡ may be near zero for some i: compare against the scale of ‖ḡ‖·max‖gᵢ‖.
+  const double scale = std::sqrt(cpu64(want.msq).item<double>() * cpu64(want.sq).max().item<double>());
+  const double err = (cpu64(got.dots) - want.dots).abs().max().item<double>();
+  EXPECT_LE(err, rtol * scale) << what << " dots: got " << got.dots << " want " << want.dots;
+  expect_close(got.mean_sq_norm, want.msq, rtol, what + " mean_sq_norm");
+}
+
+double tolerance(at::ScalarType t) { return t == at::kDouble ? 1e-11 : 2e-5; }
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor randn(at::IntArrayRef shape, at::Generator& gen, at::ScalarType dtype, at::Device device) {
+  return at::randn(shape, gen, kF64).to(at::TensorOptions().dtype(dtype).device(device));
+}
+
+Layer linear_layer() {
+  return [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) { return at::linear(x, w, b); };
+}
+
+Layer conv_layer(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  std::vector<int64_t> s(stride.begin(), stride.end()), p(padding.begin(), padding.end()),
+      d(dilation.begin(), dilation.end());
+  return [=](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+    return at::conv2d(x, w, b, s, p, d, groups);
+  };
+}
+
+// Restores the default tile budget when a test ends.
+struct TileBudget {
+  explicit TileBudget(int64_t elems) { trainscope::set_factor_tile_elems(elems); }
+  ~TileBudget() { trainscope::set_factor_tile_elems(0); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Parameterised over device and dtype.
+
+struct Config {
+  bool cuda;
+  at::ScalarType dtype;
+};
+
+std::string config_name(const testing::TestParamInfo<Config>& info) {
+  return std::string(info.param.cuda ? "cuda_" : "cpu_") + c10::toString(info.param.dtype);
+}
+
+class PerSampleFactorsApiTest : public testing::TestWithParam<Config> {
+ protected:
+  void SetUp() override {
+    if (GetParam().cuda && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  }
+  at::Device device() const { return GetParam().cuda ? at::Device(at::kCUDA) : at::Device(at::kCPU); }
+  at::ScalarType dtype() const { return GetParam().dtype; }
+};
+
+TEST_P(PerSampleFactorsApiTest, LinearAllShapesAndMethods) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  struct Case {
+    std::vector<int64_t> lead;  // [B, ...]
+    int64_t din, dout;
+    bool bias;
+  };
+  const std::vector<Case> cases = {{{6}, 5, 4, true}, {{3, 7}, 4, 3, true}, {{4, 2, 3}, 6, 2, false},
+                                   {{2, 1}, 3, 3, true}, {{5, 9}, 2, 2, true}};
+  for (const Case& c : cases) {
+    std::vector<int64_t> xs = c.lead, ds = c.lead;
+    xs.push_back(c.din);
+    ds.push_back(c.dout);
+    const at::Tensor x = randn(xs, gen, dtype(), device()), d = randn(ds, gen, dtype(), device());
+    const Parts64 want = reference_parts(reference_grads(linear_layer(), x, d, {c.dout, c.din}, c.bias));
+    for (FactorMethod m : {FactorMethod::kAuto, FactorMethod::kGhost, FactorMethod::kTiled}) {
+      const std::string what = std::string("linear ") + c10::str(at::IntArrayRef(xs)) + " " +
+                               trainscope::factor_method_name(m);
+      const PerSampleParts got = trainscope::linear_per_sample_parts(x, d, c.bias, m);
+      EXPECT_EQ(got.sq_norms.device(), device());
+      expect_parts(got, want, tolerance(dtype()), what, acc_of(dtype()));
+    }
+  }
+}
+
+TEST_P(PerSampleFactorsApiTest, Conv2dGeometries) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(12);
+  struct Case {
+    int64_t cin, cout, h, w, k0, k1;
+    std::vector<int64_t> stride, padding, dilation;
+    int64_t groups;
+    bool bias;
+  };
+  const std::vector<Case> cases = {
+      {3, 4, 6, 5, 3, 3, {1}, {1}, {1}, 1, true},
+      {4, 6, 7, 7, 3, 2, {2, 1}, {1, 0}, {1, 1}, 2, true},
+      {2, 3, 8, 6, 2, 2, {1}, {0}, {2}, 1, false},
+      {4, 4, 5, 5, 3, 3, {2}, {2}, {1}, 4, true},  // depthwise
+      {3, 2, 4, 4, 1, 1, {1}, {0}, {1}, 1, true},  // 1×1: T = 16 > d_in·d_out / 2, auto tiles
+  };
+  const int64_t B = 3;
+  for (const Case& c : cases) {
+    const at::Tensor x = randn({B, c.cin, c.h, c.w}, gen, dtype(), device());
+    const Layer layer = conv_layer(c.stride, c.padding, c.dilation, c.groups);
+    const std::vector<int64_t> wshape{c.cout, c.cin / c.groups, c.k0, c.k1};
+    const at::Tensor out_shape_probe =
+        layer(at::zeros({1, c.cin, c.h, c.w}, kF64), at::zeros(wshape, kF64), at::Tensor());
+    const at::Tensor d = randn({B, c.cout, out_shape_probe.size(2), out_shape_probe.size(3)}, gen, dtype(), device());
+    const Parts64 want = reference_parts(reference_grads(layer, x, d, wshape, c.bias));
+    for (FactorMethod m : {FactorMethod::kAuto, FactorMethod::kGhost, FactorMethod::kTiled}) {
+      const std::string what = "conv cin=" + std::to_string(c.cin) + " groups=" + std::to_string(c.groups) +
+                               " " + trainscope::factor_method_name(m);
+      const PerSampleParts got = trainscope::conv2d_per_sample_parts(
+          x, d, {c.k0, c.k1}, c.stride, c.padding, c.dilation, c.groups, c.bias, m);
+      expect_parts(got, want, tolerance(dtype()), what, acc_of(dtype()));
+    }
+  }
+}
+
+TEST_P(PerSampleFactorsApiTest, SmallTileBudgetTakesEveryTilingPath) {
+  // 64 elements: tiles of one sample, Gram matrices and weight gradients in blocks of rows.
+  const TileBudget budget(64);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(13);
+  const at::Tensor x = randn({5, 9, 7}, gen, dtype(), device()), d = randn({5, 9, 6}, gen, dtype(), device());
+  const Parts64 want = reference_parts(reference_grads(linear_layer(), x, d, {6, 7}, true));
+  for (FactorMethod m : {FactorMethod::kGhost, FactorMethod::kTiled}) {
+    expect_parts(trainscope::linear_per_sample_parts(x, d, true, m), want, tolerance(dtype()),
+                 std::string("linear tiny budget ") + trainscope::factor_method_name(m), acc_of(dtype()));
+  }
+  const at::Tensor xc = randn({4, 4, 6, 6}, gen, dtype(), device()), dc = randn({4, 6, 3, 3}, gen, dtype(), device());
+  const Parts64 wc =
+      reference_parts(reference_grads(conv_layer({2}, {1}, {1}, 2), xc, dc, {6, 2, 3, 3}, true));
+  for (FactorMethod m : {FactorMethod::kGhost, FactorMethod::kTiled}) {
+    expect_parts(trainscope::conv2d_per_sample_parts(xc, dc, {3}, {2}, {1}, {1}, 2, true, m), wc,
+                 tolerance(dtype()), std::string("conv tiny budget ") + trainscope::factor_method_name(m),
+                 acc_of(dtype()));
+  }
+}
+
+TEST_P(PerSampleFactorsApiTest, NonContiguousInputs) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(14);
+  const at::Tensor x = randn({5, 6, 4}, gen, dtype(), device()).transpose(0, 1);  // [6, 5, 4]
+  const at::Tensor d = randn({3, 5, 6}, gen, dtype(), device()).permute({2, 1, 0});  // [6, 5, 3]
+  ASSERT_FALSE(x.is_contiguous());
+  const Parts64 want = reference_parts(reference_grads(linear_layer(), x, d, {3, 4}, true));
+  expect_parts(trainscope::linear_per_sample_parts(x, d, true), want, tolerance(dtype()), "linear strided",
+               acc_of(dtype()));
+  const at::Tensor xc = randn({3, 5, 5, 2}, gen, dtype(), device()).permute({0, 3, 1, 2});  // channels last
+  const at::Tensor dc = randn({3, 5, 5, 4}, gen, dtype(), device()).permute({0, 3, 1, 2});
+  const Parts64 wc = reference_parts(reference_grads(conv_layer({1}, {1}, {1}, 1), xc, dc, {4, 2, 3, 3}, true));
+  expect_parts(trainscope::conv2d_per_sample_parts(xc, dc, {3}, {1}, {1}, {1}, 1, true), wc,
+               tolerance(dtype()), "conv channels_last", acc_of(dtype()));
+}
+
+// Histograms of double inputs match the reference exactly (a value computed in float32 may fall
+// on the other side of a bin edge than its float64 reference, so float32 is checked by totals).
+TEST_P(PerSampleFactorsApiTest, Hist1d) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(15);
+  const TileBudget budget(100);  // several tiles and row blocks
+  const int64_t nbins = 37;
+  const double maxval = 1.5;
+  const at::Tensor x = randn({4, 3, 5}, gen, dtype(), device()), d = 0.3 * randn({4, 3, 6}, gen, dtype(), device());
+  const at::Tensor g = reference_grads(linear_layer(), x, d, {6, 5}, true);
+  const at::Tensor xc = randn({3, 2, 5, 5}, gen, dtype(), device()), dc = 0.3 * randn({3, 4, 3, 3}, gen, dtype(), device());
+  const at::Tensor gc = reference_grads(conv_layer({2}, {1}, {1}, 2), xc, dc, {4, 1, 3, 3}, true);
+  const at::Tensor h = trainscope::linear_per_sample_grad_hist1d(x, d, true, nbins, maxval);
+  const at::Tensor hc = trainscope::conv2d_per_sample_grad_hist1d(xc, dc, {3}, {2}, {1}, {1}, 2, true, nbins, maxval);
+  for (const auto& [got, ref] : {std::pair<at::Tensor, at::Tensor>{h, g}, {hc, gc}}) {
+    ASSERT_EQ(got.scalar_type(), at::kLong);
+    ASSERT_EQ(got.device(), device());
+    const at::Tensor flat = ref.flatten();
+    std::vector<int64_t> want(nbins, 0);
+    for (int64_t i = 0; i < flat.numel(); ++i) ++want[reference_bin(flat[i].item<double>(), nbins, maxval)];
+    const at::Tensor got_cpu = got.cpu();
+    EXPECT_EQ(got_cpu.sum().item<int64_t>(), flat.numel());
+    int64_t l1 = 0;
+    for (int64_t b = 0; b < nbins; ++b) l1 += std::abs(got_cpu[b].item<int64_t>() - want[b]);
+    EXPECT_LE(l1, dtype() == at::kDouble ? 0 : 4) << got_cpu;
+  }
+}
+
+const Config kConfigs[] = {{false, at::kFloat}, {false, at::kDouble}, {false, at::kBFloat16},
+                           {false, at::kHalf},  {true, at::kFloat},   {true, at::kDouble},
+                           {true, at::kBFloat16}};
+INSTANTIATE_TEST_SUITE_P(AllDevicesAndDtypes, PerSampleFactorsApiTest, testing::ValuesIn(kConfigs), config_name);
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(PerSampleFactorsApi, AutocastDtypesMayDiffer) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(16);
+  const at::Tensor x = randn({4, 5}, gen, at::kFloat, at::kCPU), d = randn({4, 3}, gen, at::kBFloat16, at::kCPU);
+  const Parts64 want = reference_parts(reference_grads(linear_layer(), x, d, {3, 5}, true));
+  expect_parts(trainscope::linear_per_sample_parts(x, d, true), want, 2e-5, "float32 x, bfloat16 δ", at::kFloat);
+}
+
+TEST(PerSampleFactorsApi, ResultsCarryNoGraph) {
+  const at::Tensor x = at::randn({4, 5}).requires_grad_(), d = at::randn({4, 3});
+  const PerSampleParts p = trainscope::linear_per_sample_parts(x, d, true);
+  EXPECT_FALSE(p.sq_norms.requires_grad());
+  EXPECT_FALSE(p.dots.requires_grad());
+  EXPECT_FALSE(p.mean_sq_norm.requires_grad());
+}
+
+TEST(PerSampleFactorsApi, AdditiveWithOtherLayers) {
+  // Parts of two layers add up to the parts of their concatenated per-sample gradients.
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(17);
+  const at::Tensor x1 = randn({5, 4}, gen, at::kDouble, at::kCPU), d1 = randn({5, 3}, gen, at::kDouble, at::kCPU);
+  const at::Tensor x2 = randn({5, 2, 3}, gen, at::kDouble, at::kCPU), d2 = randn({5, 2, 2}, gen, at::kDouble, at::kCPU);
+  const at::Tensor g = at::cat({reference_grads(linear_layer(), x1, d1, {3, 4}, true),
+                                reference_grads(linear_layer(), x2, d2, {2, 3}, false)}, 1);
+  const Parts64 want = reference_parts(g);
+  PerSampleParts p1 = trainscope::linear_per_sample_parts(x1, d1, true);
+  const PerSampleParts p2 = trainscope::linear_per_sample_parts(x2, d2, false);
+  const PerSampleParts sum{p1.sq_norms + p2.sq_norms, p1.dots + p2.dots, p1.mean_sq_norm + p2.mean_sq_norm};
+  expect_parts(sum, want, 1e-11, "two layers", at::kDouble);
+}
+
+TEST(PerSampleFactorsApi, OutputGradCapture) {
+  const at::Tensor x = at::randn({4, 3, 5}, kF64);
+  const at::Tensor w = at::randn({2, 5}, kF64).requires_grad_(), b = at::randn({2}, kF64).requires_grad_();
+  trainscope::OutputGradCapture cap;
+  EXPECT_FALSE(cap.has_grad());
+  EXPECT_THROW(cap.grad(), c10::Error);
+  const at::Tensor y = cap.watch(at::linear(x, w, b));
+  const at::Tensor target = at::randn({4, 3, 2}, kF64);
+  // In-place change after the watch: the capture is the gradient of the linear output itself.
+  const at::Tensor z = y.clone();
+  y.relu_();
+  ((y * target).sum() + (z * z).sum()).backward();
+  ASSERT_TRUE(cap.has_grad());
+  const at::Tensor want = target * (cpu64(z) > 0).to(at::kDouble) + 2 * z.detach();
+  expect_close(cap.grad(), want, 1e-14, "captured δ");
+  // The per-sample parts from the capture equal those of explicit per-sample gradients.
+  const PerSampleParts p = trainscope::linear_per_sample_parts(x, cap.grad(), true);
+  const Parts64 ref = reference_parts(reference_grads(linear_layer(), x, cap.grad(), {2, 5}, true));
+  expect_parts(p, ref, 1e-11, "from capture", at::kDouble);
+  cap.reset();
+  EXPECT_FALSE(cap.has_grad());
+  EXPECT_THROW(cap.watch(at::randn({2})), c10::Error);  // does not require grad
+}
+
+// Pairs of (per-sample gradient element, parameter value) binned by the §4 rule on both axes.
+at::Tensor reference_hist2d(const at::Tensor& grads, const at::Tensor& params, const trainscope::Hist2dOptions& o) {
+  at::Tensor counts = at::zeros({o.nbins_grad, o.nbins_param}, at::kLong);
+  const at::Tensor g = cpu64(grads), p = cpu64(params).flatten();
+  auto acc = counts.accessor<int64_t, 2>();
+  for (int64_t i = 0; i < g.size(0); ++i) {
+    for (int64_t j = 0; j < g.size(1); ++j) {
+      ++acc[reference_bin(g[i][j].item<double>(), o.nbins_grad, o.maxval_grad)]
+           [reference_bin(p[j].item<double>(), o.nbins_param, o.maxval_param)];
+    }
+  }
+  return counts;
+}
+
+TEST(PerSampleFactorsApi, Hist2dOfTiles) {
+  const at::Tensor x = at::randn({4, 3, 5}, kF64), d = 0.3 * at::randn({4, 3, 2}, kF64);
+  const at::Tensor w = at::randn({2, 5}, kF64), b = at::randn({2}, kF64);
+  trainscope::Hist2dOptions o;
+  o.nbins_grad = 12;
+  o.maxval_grad = 1.0;
+  o.nbins_param = 6;
+  o.maxval_param = 2.0;
+  const TileBudget budget(8);  // one sample and one row per tile
+  const auto [counts, nonfinite] = trainscope::linear_per_sample_grad_hist2d(x, d, w, b, o);
+  const at::Tensor g = reference_grads(linear_layer(), x, d, {2, 5}, true);
+  EXPECT_TRUE(at::equal(counts, reference_hist2d(g, at::cat({w.flatten(), b}), o)));
+  EXPECT_EQ(nonfinite.item<int64_t>(), 0);
+
+  const at::Tensor xc = at::randn({3, 4, 5, 5}, kF64), dc = 0.3 * at::randn({3, 6, 3, 3}, kF64);
+  const at::Tensor wc = at::randn({6, 2, 3, 3}, kF64);
+  const auto [cc, nc] = trainscope::conv2d_per_sample_grad_hist2d(xc, dc, wc, at::Tensor(), {2}, {1}, {1}, 2, o);
+  const at::Tensor gc = reference_grads(conv_layer({2}, {1}, {1}, 2), xc, dc, {6, 2, 3, 3}, false);
+  EXPECT_TRUE(at::equal(cc, reference_hist2d(gc, wc, o)));
+  EXPECT_EQ(nc.item<int64_t>(), 0);
+}
+
+void expect_error(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one mentioning \"" << needle << "\"";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find(needle), std::string::npos)
+        << "message \"" << e.what_without_backtrace() << "\" does not mention \"" << needle << "\"";
+  }
+}
+
+TEST(PerSampleFactorsApi, BadInputNamesTheArgument) {
+  const at::Tensor x = at::randn({4, 5}), d = at::randn({4, 3});
+  using trainscope::conv2d_per_sample_parts;
+  using trainscope::linear_per_sample_parts;
+  expect_error([&] { linear_per_sample_parts(x.narrow(0, 0, 1), d.narrow(0, 0, 1), true); }, "B >= 2");
+  expect_error([&] { linear_per_sample_parts(x.to(at::kInt), d, true); }, "input has dtype");
+  expect_error([&] { linear_per_sample_parts(x, d.to(at::kLong), true); }, "grad_output has dtype");
+  expect_error([&] { linear_per_sample_parts(at::randn({5}), d, true); }, "input must be");
+  expect_error([&] { linear_per_sample_parts(x, at::randn({3, 3}), true); }, "grad_output has shape");
+  expect_error([&] { linear_per_sample_parts(x, d.to(at::kMeta), true); }, "grad_output is on meta");
+  expect_error([&] { linear_per_sample_parts(at::Tensor(), d, true); }, "input is an undefined tensor");
+  expect_error([] { trainscope::parse_factor_method("fast"); }, "method must be");
+  const at::Tensor xc = at::randn({2, 4, 6, 6}), dc = at::randn({2, 6, 6, 6});
+  expect_error([&] { conv2d_per_sample_parts(xc, dc, {3}, {1}, {1}, {1}, 3, true); }, "groups = 3");
+  expect_error([&] { conv2d_per_sample_parts(xc, dc, {3}, {1}, {0}, {1}, 1, true); }, "grad_output has spatial size");
+  expect_error([&] { conv2d_per_sample_parts(xc, dc, {3, 3, 3}, {1}, {1}, {1}, 1, true); }, "kernel_size must have");
+  expect_error([&] { conv2d_per_sample_parts(xc, dc, {3}, {0}, {1}, {1}, 1, true); }, "stride must be positive");
+  expect_error([&] { conv2d_per_sample_parts(xc[0], dc, {3}, {1}, {1}, {1}, 1, true); }, "input must be [B, C_in, H, W]");
+  expect_error([&] { trainscope::linear_per_sample_grad_hist1d(x, d, true, 0, 0.1); }, "nbins must be");
+  expect_error([&] { trainscope::linear_per_sample_grad_hist1d(x, d, true, 10, -1.0); }, "maxval must be");
+  expect_error([&] { trainscope::linear_per_sample_grad_hist2d(x, d, at::randn({3, 4}), at::Tensor()); },
+               "weight has shape");
+}
+
+}  // namespace

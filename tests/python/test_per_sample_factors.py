@@ -1,0 +1,765 @@
+"""Per-sample gradient statistics from layer factors (SPEC.md §2, §4, §5): the ops of
+``trainscope.per_sample_factors`` and ``PerSampleHooks``, against a float64 reference built from
+explicit per-sample gradients (one backward per sample through a float64 copy of each model: a
+small MLP, a small CNN, and a sequence model applying Linear layers to [B, T, d]).
+
+Also: mean- and sum-reduced losses give the same statistics; forced ghost and tiled methods agree;
+the factor path agrees with the materialised path (``trainscope.per_sample_stats`` on
+``torch.func.vmap`` gradients); errors name the argument; opcheck of every op. CUDA variants skip
+cleanly without a GPU, and nothing here touches the GPU at import time.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import trainscope
+from conftest import requires_cuda
+from trainscope.per_sample_factors import (
+    PerSampleHooks,
+    conv2d_per_sample_grad_hist1d,
+    conv2d_per_sample_grad_hist2d,
+    conv2d_per_sample_parts,
+    layer_per_sample_parts,
+    linear_per_sample_grad_hist1d,
+    linear_per_sample_grad_hist2d,
+    linear_per_sample_parts,
+)
+from trainscope.per_sample_stats import PerSampleParts
+
+NAMES = ("norm_test", "inner_test", "ortho_test", "grad_variance_trace", "grad_sq_norm_unbiased",
+         "gradient_noise_scale")
+
+
+def has_op(name: str) -> bool:
+    return hasattr(torch.ops.trainscope, name)
+
+
+requires_stats_op = pytest.mark.skipif(not has_op("per_sample_stats_from_parts"),
+                                       reason="trainscope::per_sample_stats_from_parts not built yet")
+requires_materialised = pytest.mark.skipif(not has_op("per_sample_parts"),
+                                           reason="trainscope::per_sample_parts not built yet")
+requires_hist2d = pytest.mark.skipif(not has_op("grad_hist2d"), reason="trainscope::grad_hist2d not built yet")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference (float64)
+
+
+class Reference:
+    """Parts and statistics of per-sample gradients G [B, P] in float64, each statistic from its
+    definition. ``scale[k]`` bounds the magnitude of the terms statistic k subtracts, so a result
+    correct to relative precision ε in its inputs is within ε·scale[k] (cancellation-aware)."""
+
+    def __init__(self, G: torch.Tensor):
+        G = G.detach().cpu().to(torch.float64)
+        self.G = G
+        self.batch = B = G.shape[0]
+        gbar = G.mean(0)
+        self.sq_norms = (G * G).sum(1)
+        self.dots = G @ gbar
+        self.mean_sq_norm = m = gbar @ gbar
+        self.dots_scale = G.abs() @ gbar.abs()
+        sum_sq, pairs = self.sq_norms.sum(), B * (B - 1.0)
+        proj = G - (self.dots / m)[:, None] * gbar[None, :]
+        trace = ((G - gbar) ** 2).sum() / (B - 1)
+        unbiased = m - trace / B
+        self.stats = torch.stack([(sum_sq / m - B) / pairs, ((self.dots - m) ** 2).sum() / (pairs * m * m),
+                                  (proj * proj).sum() / (pairs * m), trace, unbiased, trace / unbiased])
+        trace_scale = (sum_sq + B * m) / (B - 1)
+        unbiased_scale = m + trace_scale / B
+        self.scale = torch.stack([
+            (sum_sq / m + B) / pairs,
+            (2 * (self.dots - m).abs() * (self.dots.abs() + m)).sum() / (pairs * m * m) + self.stats[1].abs(),
+            sum_sq / (pairs * m),
+            trace_scale,
+            unbiased_scale,
+            (trace / unbiased).abs() * (trace_scale / trace.abs() + unbiased_scale / unbiased.abs()),
+        ])
+
+
+def reference_hist1d(x: torch.Tensor, nbins: int, maxval: float) -> torch.Tensor:
+    """SPEC.md §4 in float64."""
+    x = x.detach().cpu().to(torch.float64).reshape(-1).numpy()
+    x = x[np.isfinite(x)]
+    bins = np.floor((np.clip(x, -maxval, maxval) + maxval) / (2.0 * maxval / nbins)).astype(np.int64)
+    return torch.from_numpy(np.bincount(np.clip(bins, 0, nbins - 1), minlength=nbins).astype(np.int64))
+
+
+def reference_hist2d(g: torch.Tensor, p: torch.Tensor, nbins_grad, maxval_grad, nbins_param, maxval_param):
+    """Joint histogram of (g, p) pairs, both binned by SPEC.md §4; pairs with a non-finite side
+    are counted apart."""
+    g = g.detach().cpu().to(torch.float64).reshape(-1).numpy()
+    p = p.detach().cpu().to(torch.float64).reshape(-1).numpy()
+    ok = np.isfinite(g) & np.isfinite(p)
+
+    def bin_of(x, n, m):
+        return np.clip(np.floor((np.clip(x, -m, m) + m) / (2.0 * m / n)).astype(np.int64), 0, n - 1)
+
+    flat = bin_of(g[ok], nbins_grad, maxval_grad) * nbins_param + bin_of(p[ok], nbins_param, maxval_param)
+    counts = np.bincount(flat, minlength=nbins_grad * nbins_param).reshape(nbins_grad, nbins_param)
+    return torch.from_numpy(counts.astype(np.int64)), int((~ok).sum())
+
+
+def assert_parts_close(parts: PerSampleParts, ref: Reference, rtol: float, dtype=None) -> None:
+    b = ref.batch
+    assert parts.sq_norms.shape == (b,) and parts.dots.shape == (b,) and parts.mean_sq_norm.shape == ()
+    for t in (parts.sq_norms, parts.dots, parts.mean_sq_norm):
+        assert not t.requires_grad
+        if dtype is not None:
+            assert t.dtype == dtype
+    torch.testing.assert_close(parts.sq_norms.cpu().double(), ref.sq_norms, rtol=rtol, atol=0.0)
+    torch.testing.assert_close(parts.mean_sq_norm.cpu().double(), ref.mean_sq_norm, rtol=rtol, atol=0.0)
+    diff = (parts.dots.cpu().double() - ref.dots).abs()
+    assert bool((diff <= rtol * ref.dots_scale).all()), f"dots: {parts.dots.cpu()} vs {ref.dots}"
+
+
+def assert_stats_close(got: torch.Tensor, ref: Reference, rtol: float) -> None:
+    got = got.detach().cpu().double()
+    for k, name in enumerate(NAMES):
+        g, w, s = float(got[k]), float(ref.stats[k]), float(ref.scale[k])
+        assert abs(g - w) <= rtol * s, f"{name}: got {g!r}, want {w!r} (|diff| {abs(g - w):.3g} > {rtol}·{s:.3g})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Models. Each has in-place ReLUs after Linear/Conv layers (the hook must see the gradient of the
+# layer's output before the in-place change) and layers with and without bias.
+
+
+class SequenceModel(nn.Module):
+    """Linear layers applied to every position of [B, T, d]. nn.Linear on a 3-D input with a bias
+    returns a view, which the in-place ReLU then modifies."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.mid = nn.Linear(8, 8, bias=False)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mid(self.act(self.inp(x)))))
+
+
+class SmallCNN(nn.Module):
+    """Zero, reflect and "same" padding, stride, dilation and groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2, padding_mode="reflect")
+        self.c3 = nn.Conv2d(4, 3, 2, padding="same", dilation=2, bias=False)
+        self.fc = nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x), inplace=True)
+        x = torch.tanh(self.c2(x))
+        x = F.relu(self.c3(x))
+        return self.fc(x.flatten(1))
+
+
+def make_model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(7, 12), nn.ReLU(inplace=True), nn.Linear(12, 5, bias=False),
+                              nn.Tanh(), nn.Linear(5, 3))
+        return model, (7,), 3
+    if kind == "cnn":
+        return SmallCNN(), (2, 6, 6), 3
+    return SequenceModel(), (5, 6), 4
+
+
+def make_batch(kind: str, batch: int, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    _, x_shape, classes = make_model(kind)
+    x = torch.randn((batch,) + x_shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, classes, (batch, 5) if kind == "seq" else (batch,), generator=gen)
+    return x, y
+
+
+def batch_loss(out, y, reduction):
+    """Cross entropy, over the positions of a sequence too."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
+
+
+def explicit_per_sample_grads(model, x, y, params=None) -> torch.Tensor:
+    """[B, P] float64: ∇ℓᵢ, one backward per sample of a float64 copy of the model (ℓᵢ summed
+    over the positions of a sequence)."""
+    model64 = copy.deepcopy(model).to(torch.float64)
+    params64 = [p for p in model64.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        loss = batch_loss(model64(x[i:i + 1].to(torch.float64)), y[i:i + 1], "sum")
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params64)]))
+    return torch.stack(rows)
+
+
+def hooked_step(model, x, y, reduction="mean", **hook_kwargs):
+    """An ordinary training step's forward and backward with PerSampleHooks (told the reduction);
+    returns the hooks (still attached) after backward."""
+    hook_kwargs.setdefault("loss_reduction", reduction)
+    hooks = PerSampleHooks(model, **hook_kwargs)
+    batch_loss(model(x), y, reduction).backward()
+    return hooks
+
+
+MODELS = ["mlp", "cnn", "seq"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Models against explicit per-sample gradients
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("method", ["auto", "ghost", "tiled"])
+def test_hooks_against_explicit_per_sample_grads(device, kind, method):
+    model, _, _ = make_model(kind)
+    x, y = make_batch(kind, 6)
+    ref = Reference(explicit_per_sample_grads(model, x, y))
+    model64 = copy.deepcopy(model).to(torch.float64).to(device)
+    hooks = hooked_step(model64, x.to(device), y.to(device), "sum", method=method)
+    parts = hooks.parts()
+    assert parts.sq_norms.device.type == device
+    assert_parts_close(parts, ref, 1e-10, torch.float64)
+    if has_op("per_sample_stats_from_parts"):
+        assert_stats_close(hooks.stats(), ref, 1e-9)
+    hooks.remove()
+
+
+SCALE_FREE = [0, 1, 2, 5]  # norm, inner-product and orthogonality tests, noise scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mean_and_sum_reductions_give_the_same_statistics(device, kind, dtype):
+    """With loss_reduction matching the loss, every part and statistic is that of ∇ℓᵢ. The seq
+    loss averages over B·T tokens, not B samples: its scale-free statistics still agree."""
+    model, _, _ = make_model(kind)
+    model = model.to(dtype).to(device)
+    x, y = make_batch(kind, 5)
+    x, y = x.to(dtype).to(device), y.to(device)
+    got = {}
+    for reduction in ("mean", "sum"):
+        model.zero_grad()
+        with PerSampleHooks(model, loss_reduction=reduction) as hooks:
+            batch_loss(model(x), y, reduction).backward()
+            got[reduction] = hooks.parts()
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    mean, total = got["mean"], got["sum"]
+    scale = (y.numel() / y.shape[0]) ** 2  # T² for the seq model, 1 otherwise
+    torch.testing.assert_close(mean.sq_norms * scale, total.sq_norms, rtol=rtol, atol=0.0)
+    torch.testing.assert_close(mean.mean_sq_norm * scale, total.mean_sq_norm, rtol=rtol, atol=0.0)
+    if has_op("per_sample_stats_from_parts"):
+        ref = Reference(explicit_per_sample_grads(model, x.cpu(), y.cpu()))
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+        assert_stats_close(total.stats(), ref, tol)
+        if scale == 1:
+            assert_stats_close(mean.stats(), ref, tol)
+        else:
+            ref.stats[3:5] /= scale
+            ref.scale[3:5] /= scale
+            assert_stats_close(mean.stats(), ref, tol)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_low_precision_models_against_the_float64_reference(kind, dtype, rtol):
+    """The model itself runs in dtype (its activations and gradients rounded), the reference in
+    float64 from the same weights: the looser tolerance is the model's rounding, not ours."""
+    model, _, _ = make_model(kind)
+    model = model.to(dtype)
+    x, y = make_batch(kind, 6)
+    x = x.to(dtype)
+    ref = Reference(explicit_per_sample_grads(model, x, y))
+    with hooked_step(model, x, y, "sum") as hooks:
+        parts = hooks.parts()
+        assert parts.sq_norms.dtype == torch.float32
+        assert_parts_close(parts, ref, rtol)
+        if has_op("per_sample_stats_from_parts"):
+            assert_stats_close(hooks.stats(), ref, 2 * rtol)
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops on random factors, against explicit per-sample gradients of the same values
+
+
+def explicit_linear_grads(x, d, bias=True) -> torch.Tensor:
+    """[B, P] float64 from an autograd backward per sample through F.linear."""
+    x64, d64 = x.detach().cpu().double(), d.detach().cpu().double()
+    rows = []
+    for i in range(x64.shape[0]):
+        w = torch.zeros(d64.shape[-1], x64.shape[-1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(d64.shape[-1], dtype=torch.float64, requires_grad=True) if bias else None
+        params = [w] + ([b] if bias else [])
+        (F.linear(x64[i:i + 1], w, b) * d64[i:i + 1]).sum().backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    return torch.stack(rows)
+
+
+def explicit_conv_grads(x, d, weight_shape, stride, padding, dilation, groups, bias=True) -> torch.Tensor:
+    x64, d64 = x.detach().cpu().double(), d.detach().cpu().double()
+    rows = []
+    for i in range(x64.shape[0]):
+        w = torch.zeros(weight_shape, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(weight_shape[0], dtype=torch.float64, requires_grad=True) if bias else None
+        params = [w] + ([b] if bias else [])
+        (F.conv2d(x64[i:i + 1], w, b, stride, padding, dilation, groups) * d64[i:i + 1]).sum().backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    return torch.stack(rows)
+
+
+def randn(gen, shape, dtype=torch.float32, device="cpu", scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+CONV_CASES = [  # C_in, C_out, H, W, kernel, stride, padding, dilation, groups, bias
+    (3, 4, 6, 5, (3, 3), 1, 1, 1, 1, True),
+    (4, 6, 7, 7, (3, 2), (2, 1), (1, 0), 1, 2, True),
+    (2, 3, 8, 6, (2, 2), 1, 0, 2, 1, False),
+    (3, 2, 4, 4, (1, 1), 1, 0, 1, 1, True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_ops_against_explicit_grads_of_the_same_values(device, dtype, gen):
+    """16-bit inputs are read exactly and upcast, so every dtype meets SPEC.md §5's 1e-5."""
+    rtol = 1e-11 if dtype == torch.float64 else 1e-5
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for shape_x, dout, bias in [((6, 5), 4, True), ((3, 7, 4), 3, False), ((4, 2, 3, 6), 2, True)]:
+        x = randn(gen, shape_x, dtype, device)
+        d = randn(gen, shape_x[:-1] + (dout,), dtype, device)
+        ref = Reference(explicit_linear_grads(x, d, bias))
+        for method in ("auto", "ghost", "tiled"):
+            assert_parts_close(linear_per_sample_parts(x, d, bias, method), ref, rtol, acc)
+    for cin, cout, h, w, k, s, p, dl, g, bias in CONV_CASES:
+        x = randn(gen, (3, cin, h, w), dtype, device)
+        probe = F.conv2d(torch.zeros(1, cin, h, w), torch.zeros(cout, cin // g, *k), None, s, p, dl, g)
+        d = randn(gen, (3, cout) + probe.shape[2:], dtype, device)
+        ref = Reference(explicit_conv_grads(x, d, (cout, cin // g) + k, s, p, dl, g, bias))
+        for method in ("auto", "ghost", "tiled"):
+            got = conv2d_per_sample_parts(x, d, k, s, p, dl, g, bias, method)
+            assert_parts_close(got, ref, rtol, acc)
+
+
+def test_parts_add_over_layers(gen):
+    x1, d1 = randn(gen, (5, 4), torch.float64), randn(gen, (5, 3), torch.float64)
+    x2, d2 = randn(gen, (5, 2, 3), torch.float64), randn(gen, (5, 2, 2), torch.float64)
+    ref = Reference(torch.cat([explicit_linear_grads(x1, d1), explicit_linear_grads(x2, d2, False)], 1))
+    total = sum([linear_per_sample_parts(x1, d1), linear_per_sample_parts(x2, d2, has_bias=False)])
+    assert_parts_close(total, ref, 1e-12, torch.float64)
+
+
+def test_mixed_dtypes_as_under_autocast(gen):
+    x, d = randn(gen, (4, 5), torch.float32), randn(gen, (4, 3), torch.bfloat16)
+    assert_parts_close(linear_per_sample_parts(x, d), Reference(explicit_linear_grads(x, d)), 1e-5,
+                       torch.float32)
+
+
+def test_non_contiguous_inputs(gen):
+    x = randn(gen, (5, 6, 4), torch.float32).transpose(0, 1)
+    d = randn(gen, (3, 5, 6), torch.float32).permute(2, 1, 0)
+    assert_parts_close(linear_per_sample_parts(x, d), Reference(explicit_linear_grads(x, d)), 1e-5)
+    xc = randn(gen, (3, 2, 5, 5), torch.float32).to(memory_format=torch.channels_last)
+    dc = randn(gen, (3, 4, 5, 5), torch.float32).to(memory_format=torch.channels_last)
+    ref = Reference(explicit_conv_grads(xc, dc, (4, 2, 3, 3), 1, 1, 1, 1))
+    assert_parts_close(conv2d_per_sample_parts(xc, dc, 3, padding=1), ref, 1e-5)
+
+
+def test_results_carry_no_graph(gen):
+    x = randn(gen, (4, 5), torch.float32).requires_grad_()
+    d = randn(gen, (4, 3), torch.float32).requires_grad_()
+    parts = linear_per_sample_parts(x, d)
+    assert not any(t.requires_grad for t in (parts.sq_norms, parts.dots, parts.mean_sq_norm))
+    assert not linear_per_sample_grad_hist1d(x, d).requires_grad
+
+
+def test_deterministic(gen):
+    x, d = randn(gen, (16, 9, 12), torch.float32), randn(gen, (16, 9, 10), torch.float32)
+    for method in ("ghost", "tiled"):
+        a, b = linear_per_sample_parts(x, d, True, method), linear_per_sample_parts(x, d, True, method)
+        for s, t in zip((a.sq_norms, a.dots, a.mean_sq_norm), (b.sq_norms, b.dots, b.mean_sq_norm)):
+            assert torch.equal(s, t)
+
+
+# ------------------------------------------------------------------------------------------------
+# Histograms
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hist1d_ops_exact(device, gen):
+    nbins, maxval = 41, 1.2
+    x, d = randn(gen, (5, 3, 4), torch.float64, device), randn(gen, (5, 3, 6), torch.float64, device, 0.3)
+    got = linear_per_sample_grad_hist1d(x, d, True, nbins, maxval)
+    assert got.dtype == torch.int64 and got.device.type == device
+    assert torch.equal(got.cpu(), reference_hist1d(explicit_linear_grads(x, d), nbins, maxval))
+    xc, dc = randn(gen, (3, 4, 5, 5), torch.float64, device), randn(gen, (3, 6, 3, 3), torch.float64, device, 0.3)
+    got = conv2d_per_sample_grad_hist1d(xc, dc, 3, 2, 1, 1, 2, True, nbins, maxval)
+    want = reference_hist1d(explicit_conv_grads(xc, dc, (6, 2, 3, 3), 2, 1, 1, 2), nbins, maxval)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_hooks_hist1d_bins_per_sample_loss_gradients(kind):
+    """Float64, so every element lands in the reference's bin: mean-reduced (scaled back by B)
+    and sum-reduced losses give the same histogram, that of ∇ℓᵢ."""
+    model, _, _ = make_model(kind)
+    model = model.to(torch.float64)
+    x, y = make_batch(kind, 4)
+    want = reference_hist1d(explicit_per_sample_grads(model, x, y), 60, 0.3)
+    with hooked_step(model, x, y, "sum", loss_reduction="sum") as hooks:
+        assert torch.equal(hooks.grad_hist1d(60, 0.3), want)
+    if kind != "seq":  # the seq loss averages over B·T tokens, not B samples
+        model.zero_grad()
+        with hooked_step(model, x, y, "mean", loss_reduction="mean") as hooks:
+            assert torch.equal(hooks.grad_hist1d(60, 0.3), want)
+
+
+@requires_hist2d
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_hooks_hist2d_against_reference(kind):
+    model, _, _ = make_model(kind)
+    model = model.to(torch.float64)
+    x, y = make_batch(kind, 4)
+    grads = explicit_per_sample_grads(model, x, y)
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    want_counts, want_nonfinite = reference_hist2d(grads, params.expand_as(grads), 20, 0.3, 10, 0.5)
+    with hooked_step(model, x, y, "mean") as hooks:
+        counts, nonfinite = hooks.grad_hist2d(20, 0.3, 10, 0.5)
+    assert counts.dtype == torch.int64 and counts.shape == (20, 10)
+    assert torch.equal(counts, want_counts)
+    assert int(nonfinite) == want_nonfinite
+
+
+@requires_hist2d
+def test_hist2d_ops_exact(gen):
+    x, d = randn(gen, (5, 3, 4), torch.float64), randn(gen, (5, 3, 6), torch.float64, scale=0.3)
+    w, b = randn(gen, (6, 4), torch.float64), randn(gen, (6,), torch.float64)
+    g = explicit_linear_grads(x, d)
+    params = torch.cat([w.reshape(-1), b]).expand_as(g)
+    counts, nonfinite = linear_per_sample_grad_hist2d(x, d, w, b, 16, 1.0, 8, 2.0)
+    want, want_nf = reference_hist2d(g, params, 16, 1.0, 8, 2.0)
+    assert torch.equal(counts, want) and int(nonfinite) == want_nf
+    xc, dc = randn(gen, (3, 4, 5, 5), torch.float64), randn(gen, (3, 6, 3, 3), torch.float64, scale=0.3)
+    wc = randn(gen, (6, 2, 3, 3), torch.float64)
+    gc = explicit_conv_grads(xc, dc, (6, 2, 3, 3), 2, 1, 1, 2, bias=False)
+    counts, nonfinite = conv2d_per_sample_grad_hist2d(xc, dc, wc, None, 2, 1, 1, 2, 16, 1.0, 8, 2.0)
+    want, want_nf = reference_hist2d(gc, wc.reshape(-1).expand_as(gc), 16, 1.0, 8, 2.0)
+    assert torch.equal(counts, want) and int(nonfinite) == want_nf
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the materialised path
+
+
+def vmap_per_sample_grads(model, x, y, scale=1.0):
+    """torch.func per-sample gradients of scale·ℓᵢ, in the model's dtype."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_of_one(p, xi, yi):
+        out = torch.func.functional_call(model, p, (xi.unsqueeze(0),))
+        return scale * batch_loss(out, yi.unsqueeze(0), "sum")
+
+    return torch.func.vmap(torch.func.grad(loss_of_one), in_dims=(None, 0, 0))(params, x, y)
+
+
+@requires_materialised
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("method", ["ghost", "tiled"])
+def test_factor_path_equals_materialised_path(device, kind, method):
+    model, _, _ = make_model(kind)
+    # In-place ReLUs do not mix with vmap of functional_call; the factors do not care.
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    model = model.to(torch.float64).to(device)
+    x, y = make_batch(kind, 6)
+    x, y = x.to(device), y.to(device)
+    grads = vmap_per_sample_grads(model, x, y)
+    materialised = trainscope.per_sample_stats(grads, nbins=50, maxval=0.2)
+    with hooked_step(model, x, y, "sum", method=method) as hooks:
+        parts = hooks.parts()
+        hist = hooks.grad_hist1d(50, 0.2)
+    ref = Reference(torch.cat([g.reshape(6, -1) for g in grads.values()], 1))
+    for got, want in ((parts.sq_norms, materialised.parts.sq_norms), (parts.dots, materialised.parts.dots),
+                      (parts.mean_sq_norm, materialised.parts.mean_sq_norm)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * float(ref.dots_scale.max()))
+    assert_stats_close(parts.stats(), ref, 1e-9)
+    assert_stats_close(materialised.stats, ref, 1e-9)
+    assert torch.equal(hist, materialised.hist)
+
+
+# ------------------------------------------------------------------------------------------------
+# PerSampleHooks: selection, lifetime, errors
+
+
+def test_unsupported_layer_type_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"'1' is LayerNorm.*nn\.Linear, nn\.Conv2d"):
+        PerSampleHooks(model)
+    with pytest.raises(TypeError, match="LayerNorm"):
+        PerSampleHooks(model, layers=[model[1]])
+    # Listing the supported layers tracks only those.
+    with PerSampleHooks(model, layers=[model[0], "2"]) as hooks:
+        assert hooks.layers == ["0", "2"]
+    # Frozen modules of other types are fine.
+    model[1].requires_grad_(False)
+    with PerSampleHooks(model) as hooks:
+        assert hooks.layers == ["0", "2"]
+
+
+def test_subclass_with_its_own_forward_is_rejected():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(TypeError, match="Scaled"):
+        PerSampleHooks(nn.Sequential(Scaled(3, 3)))
+
+
+def test_layer_applied_twice_is_a_clear_error():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.fc(torch.tanh(self.fc(x))))
+
+    model = Twice()
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    with hooked_step(model, x, y) as hooks:
+        with pytest.raises(ValueError, match="'fc' ran more than once"):
+            hooks.parts()
+    # Leaving it out works.
+    with hooked_step(model, x, y, layers=["head"]) as hooks:
+        assert hooks.parts().batch_size == 5
+
+
+def test_batch_of_one_raises():
+    model, _, _ = make_model("mlp")
+    x, y = make_batch("mlp", 1)
+    model = model.double()
+    with hooked_step(model, x, y) as hooks:
+        with pytest.raises(RuntimeError, match=r"B >= 2"):
+            hooks.stats()
+    with pytest.raises(RuntimeError, match=r"B >= 2"):
+        linear_per_sample_parts(torch.randn(1, 3), torch.randn(1, 2))
+
+
+def test_hooks_lifetime():
+    model, _, _ = make_model("mlp")
+    x, y = make_batch("mlp", 4)
+    model = model.double()
+    hooks = PerSampleHooks(model)
+    with pytest.raises(RuntimeError, match="no tracked layer ran"):
+        hooks.parts()
+    out = model(x)
+    with pytest.raises(RuntimeError, match="after loss.backward"):
+        hooks.parts()
+    batch_loss(out, y, "mean").backward()
+    first = hooks.parts()
+    # Forward passes under no_grad are ignored; a new training pass replaces the capture.
+    with torch.no_grad():
+        model(x[:2])
+    assert torch.equal(hooks.parts().sq_norms, first.sq_norms)
+    x2, y2 = make_batch("mlp", 3, seed=5)
+    model.zero_grad()
+    batch_loss(model(x2), y2, "mean").backward()
+    assert hooks.parts().batch_size == 3
+    hooks.clear()
+    with pytest.raises(RuntimeError, match="no tracked layer ran"):
+        hooks.parts()
+    hooks.remove()
+    batch_loss(model(x), y, "mean").backward()
+    with pytest.raises(RuntimeError, match="no tracked layer ran"):
+        hooks.parts()
+
+
+def test_tied_parameters_are_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    with pytest.raises(ValueError, match="'0' and '2' share a parameter"):
+        PerSampleHooks(model)
+
+
+def test_layer_whose_output_does_not_reach_the_loss_contributes_zero():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(3, 2)
+            self.unused = nn.Linear(3, 2)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.used(x)
+
+    model = Branch().double()
+    x, y = make_batch("mlp", 4)
+    x = x[:, :3]
+    ref = Reference(explicit_per_sample_grads(model.used, x, y[:] % 2))
+    with hooked_step(model, x, y % 2, "sum") as hooks:
+        parts = hooks.layer_parts()
+        assert float(parts["unused"].sq_norms.abs().sum()) == 0.0
+        assert_parts_close(hooks.parts(), ref, 1e-12)
+        assert int(hooks.grad_hist1d(10, 1.0).sum()) == 4 * 2 * (2 * 3 + 2)
+
+
+def test_frozen_parameters():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model[2].bias.requires_grad_(False)
+    model[0].requires_grad_(False)
+    x, y = make_batch("mlp", 5)
+    x = x[:, :3]
+    y = y % 2
+    ref = Reference(explicit_per_sample_grads(model, x, y))
+    with hooked_step(model, x, y, "sum") as hooks:
+        assert hooks.layers == ["2"]
+        assert_parts_close(hooks.parts(), ref, 1e-12)
+    model[2].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen weight and a trainable bias"):
+        PerSampleHooks(model)
+
+
+def test_hooks_argument_errors():
+    model, _, _ = make_model("mlp")
+    with pytest.raises(TypeError, match="nn.Module"):
+        PerSampleHooks([model])
+    with pytest.raises(ValueError, match="loss_reduction"):
+        PerSampleHooks(model, loss_reduction="none")
+    with pytest.raises(ValueError, match="method"):
+        PerSampleHooks(model, method="fast")
+    with pytest.raises(ValueError, match="not a submodule"):
+        PerSampleHooks(model, layers=[nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="no trainable"):
+        PerSampleHooks(nn.Sequential(nn.ReLU()))
+
+
+def test_layer_per_sample_parts_rejects_other_modules():
+    with pytest.raises(TypeError, match=r"nn\.Linear, nn\.Conv2d"):
+        layer_per_sample_parts(nn.LayerNorm(3), torch.randn(2, 3), torch.randn(2, 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input to the ops: a clear error naming the argument, before any work
+
+
+def _bad_cases():
+    x, d = torch.randn(4, 5), torch.randn(4, 3)
+    xc, dc = torch.randn(2, 4, 6, 6), torch.randn(2, 6, 6, 6)
+    return [
+        ("int input", lambda: linear_per_sample_parts(x.int(), d), "input has dtype"),
+        ("int grad_output", lambda: linear_per_sample_parts(x, d.long()), "grad_output has dtype"),
+        ("1-D input", lambda: linear_per_sample_parts(torch.randn(5), d), "input must be"),
+        ("leading dims", lambda: linear_per_sample_parts(x, torch.randn(3, 3)), "grad_output has shape"),
+        ("grad_output rank", lambda: linear_per_sample_parts(x, torch.randn(4, 2, 3)), "grad_output has shape"),
+        ("method", lambda: torch.ops.trainscope.linear_per_sample_parts(x, d, True, "fast"), "method must be"),
+        ("groups", lambda: conv2d_per_sample_parts(xc, dc, 3, 1, 1, 1, 3), "groups = 3"),
+        ("spatial", lambda: conv2d_per_sample_parts(xc, dc, 3, 1, 0), "grad_output has spatial size"),
+        ("stride", lambda: conv2d_per_sample_parts(xc, dc, 3, 0, 1), "stride must be positive"),
+        ("3-D conv input", lambda: conv2d_per_sample_parts(xc[0], dc, 3, 1, 1), "input must be [B, C_in, H, W]"),
+        ("nbins", lambda: linear_per_sample_grad_hist1d(x, d, True, 0, 0.1), "nbins must be"),
+        ("maxval", lambda: linear_per_sample_grad_hist1d(x, d, True, 10, float("inf")), "maxval must be"),
+        ("weight shape", lambda: linear_per_sample_grad_hist2d(x, d, torch.randn(3, 4)), "weight has shape"),
+        ("bias shape", lambda: linear_per_sample_grad_hist2d(x, d, torch.randn(3, 5), torch.randn(4)),
+         "bias has shape"),
+        ("conv weight", lambda: conv2d_per_sample_grad_hist2d(xc, dc, torch.randn(6, 4, 3)), "weight must be"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input(case):
+    _, fn, message = case
+    with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        fn()
+
+
+def test_python_method_check():
+    with pytest.raises(ValueError, match="method must be one of"):
+        linear_per_sample_parts(torch.randn(4, 5), torch.randn(4, 3), method="fast")
+
+
+@requires_cuda
+def test_mixed_devices_cuda():
+    with pytest.raises(RuntimeError, match="grad_output is on cuda"):
+        linear_per_sample_parts(torch.randn(4, 5), torch.randn(4, 3, device="cuda"))
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+
+
+def sample_inputs(device):
+    gen = torch.Generator().manual_seed(3)
+    x, d = randn(gen, (4, 3, 5), device=device), randn(gen, (4, 3, 2), device=device)
+    x64, d64 = randn(gen, (3, 5), torch.float64, device), randn(gen, (3, 2), torch.float64, device)
+    xb, db = randn(gen, (3, 5), torch.bfloat16, device), randn(gen, (3, 2), torch.bfloat16, device)
+    xc, dc = randn(gen, (2, 4, 5, 5), device=device), randn(gen, (2, 6, 3, 3), device=device)
+    w, b = randn(gen, (2, 5), device=device), randn(gen, (2,), device=device)
+    wc = randn(gen, (6, 2, 3, 3), device=device)
+    ops = torch.ops.trainscope
+    samples = [
+        (ops.linear_per_sample_parts.default, (x, d, True, "ghost")),
+        (ops.linear_per_sample_parts.default, (x, d, False, "tiled")),
+        (ops.linear_per_sample_parts.default, (x64, d64, True, "auto")),
+        (ops.linear_per_sample_parts.default, (xb, db, True, "auto")),
+        (ops.linear_per_sample_parts.default, (x.detach().clone().requires_grad_(), d, True, "auto")),
+        (ops.conv2d_per_sample_parts.default, (xc, dc, [3, 3], [2, 2], [1, 1], [1, 1], 2, True, "auto")),
+        (ops.linear_per_sample_grad_hist1d.default, (x, d, True, 17, 0.5)),
+        (ops.conv2d_per_sample_grad_hist1d.default, (xc, dc, [3, 3], [2, 2], [1, 1], [1, 1], 2, False, 9, 1.0)),
+    ]
+    if has_op("grad_hist2d"):
+        samples += [
+            (ops.linear_per_sample_grad_hist2d.default, (x, d, w, b, 7, 0.5, 5, 1.0)),
+            (ops.conv2d_per_sample_grad_hist2d.default, (xc, dc, wc, None, [2, 2], [1, 1], [1, 1], 2, 7, 0.5, 5, 1.0)),
+        ]
+    return samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in sample_inputs(device):
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph(gen):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    x, d = randn(gen, (4, 3, 5)), randn(gen, (4, 3, 2))
+    xc, dc = randn(gen, (4, 4, 5, 5)), randn(gen, (4, 6, 3, 3))
+
+    def step(x, d, xc, dc):
+        p = linear_per_sample_parts(x, d) + conv2d_per_sample_parts(xc, dc, 3, 2, 1, groups=2)
+        return (p.sq_norms, p.dots, p.mean_sq_norm, linear_per_sample_grad_hist1d(x, d, nbins=8),
+                conv2d_per_sample_grad_hist1d(xc, dc, 3, 2, 1, groups=2, nbins=8))
+
+    counter = CompileCounterWithBackend("aot_eager")
+    got = torch.compile(step, backend=counter, fullgraph=True)(x, d, xc, dc)
+    want = step(x, d, xc, dc)
+    assert counter.frame_count == 1
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["1-D input", "int input", "3-D conv input", "nbins"])
+def test_compile_bad_input_names_the_argument(case):
+    """Traced calls fail as eager ones do, naming the argument."""
+    torch._dynamo.reset()
+    _, fn, message = next(c for c in _bad_cases() if c[0] == case)
+    with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
+        torch.compile(fn, backend="aot_eager", fullgraph=True)()
