@@ -17,6 +17,7 @@
 #include <nvtx3/nvtx3.hpp>
 
 #include "cuda/hist2d.h"
+#include "src/tensor_checks.h"
 
 namespace trainscope {
 
@@ -30,33 +31,11 @@ constexpr const char* kOp = "trainscope::grad_hist2d";
 // with integer atomics (a private copy per thread would cost up to 128 MiB each).
 constexpr int64_t kMaxPrivateCpuBins = int64_t{1} << 20;
 
-tc::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return tc::DType::kFloat32;
-    case at::kDouble: return tc::DType::kFloat64;
-    case at::kBFloat16: return tc::DType::kBFloat16;
-    default: return tc::DType::kFloat16;
-  }
-}
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
-void check_axis(const char* nbins_name, int64_t nbins, const char* maxval_name, double maxval) {
-  TORCH_CHECK(nbins >= 1 && nbins <= tc::kMaxHistBins, kOp, ": ", nbins_name, " must be in [1, ",
-              tc::kMaxHistBins, "], got ", nbins);
-  TORCH_CHECK(maxval > 0.0 && std::isfinite(maxval), kOp, ": ", maxval_name,
-              " must be positive and finite, got ", maxval);
-  TORCH_CHECK(tc::hist2d_axis_ok(tc::make_hist_spec(nbins, maxval)), kOp, ": ", maxval_name, " = ",
-              maxval, " is too small for ", nbins_name, " = ", nbins, " bins (the bin width underflows)");
-}
-
 // Everything SPEC.md §5 asks to reject, checked before any work; messages name the argument.
 // Returns B (0 when both lists are empty).
 int64_t check_inputs(at::TensorList grads, at::TensorList params, const Hist2dOptions& o) {
-  check_axis("nbins_grad", o.nbins_grad, "maxval_grad", o.maxval_grad);
-  check_axis("nbins_param", o.nbins_param, "maxval_param", o.maxval_param);
+  check_hist_axis(kOp, "nbins_grad", o.nbins_grad, "maxval_grad", o.maxval_grad);
+  check_hist_axis(kOp, "nbins_param", o.nbins_param, "maxval_param", o.maxval_param);
   TORCH_CHECK(o.nbins_grad * o.nbins_param <= tc::kMaxHist2dBins, kOp, ": nbins_grad * nbins_param must be at most ",
               tc::kMaxHist2dBins, " (2^24 bins), got ", o.nbins_grad, " * ", o.nbins_param, " = ",
               o.nbins_grad * o.nbins_param);
@@ -78,10 +57,8 @@ int64_t check_inputs(at::TensorList grads, at::TensorList params, const Hist2dOp
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& g = grads[i];
     const at::Tensor& p = params[i];
-    TORCH_CHECK(supported_dtype(g.scalar_type()), kOp, ": per_sample_grads[", i, "] has dtype ",
-                g.scalar_type(), "; trainscope needs float32, float64, bfloat16 or float16");
-    TORCH_CHECK(supported_dtype(p.scalar_type()), kOp, ": params[", i, "] has dtype ", p.scalar_type(),
-                "; trainscope needs float32, float64, bfloat16 or float16");
+    check_float_dtype(kOp, "per_sample_grads", static_cast<int64_t>(i), g);
+    check_float_dtype(kOp, "params", static_cast<int64_t>(i), p);
     TORCH_CHECK(g.device() == device, kOp, ": per_sample_grads[", i, "] is on ", g.device(),
                 " but per_sample_grads[0] is on ", device, "; all tensors must share one device");
     TORCH_CHECK(p.device() == device, kOp, ": params[", i, "] is on ", p.device(),
@@ -208,7 +185,7 @@ Hist2d grad_hist2d(at::TensorList per_sample_grads, at::TensorList params, const
     const void* g = keep.back().data_ptr();
     keep.push_back(params[i].contiguous());
     const void* p = keep.back().data_ptr();
-    pairs.push_back(tc::Hist2dPair{g, p, params[i].numel(), to_dtype(params[i].scalar_type())});
+    pairs.push_back(tc::Hist2dPair{g, p, params[i].numel(), to_kernel_dtype(params[i].scalar_type())});
   }
 
   const tc::HistSpec gs = tc::make_hist_spec(options.nbins_grad, options.maxval_grad);

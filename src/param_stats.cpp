@@ -19,6 +19,7 @@
 
 #include "cuda/param_stats.h"
 #include "src/param_stats_internal.h"
+#include "src/tensor_checks.h"
 
 namespace trainscope {
 
@@ -36,19 +37,6 @@ const char* metric_name(Metric m) {
 }
 
 namespace {
-
-tc::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return tc::DType::kFloat32;
-    case at::kDouble: return tc::DType::kFloat64;
-    case at::kBFloat16: return tc::DType::kBFloat16;
-    default: return tc::DType::kFloat16;
-  }
-}
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
 
 struct NamedList {
   const char* name;
@@ -83,8 +71,7 @@ at::Device check_inputs(const char* op, const std::vector<NamedList>& lists) {
       if (l.tensors.empty()) continue;
       const at::Tensor& t = l.tensors[i];
       TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is an undefined tensor");
-      TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", l.name, "[", i, "] has dtype ",
-                  t.scalar_type(), "; trainscope needs float32, float64, bfloat16 or float16");
+      check_float_dtype(op, l.name, i, t);
       TORCH_CHECK(t.device() == device, op, ": ", l.name, "[", i, "] is on ", t.device(),
                   " but ", ref->name, "[0] is on ", device, "; all tensors must share one device");
       if (pair == nullptr) {
@@ -239,10 +226,7 @@ ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList
               ": prev_params were given without params; update_size needs both");
   TORCH_CHECK(!o.refresh_prev || !prev_params.empty(), op, ": refresh_prev needs prev_params");
   if (o.histogram) {
-    TORCH_CHECK(o.nbins >= 1 && o.nbins <= tc::kMaxHistBins, op, ": nbins must be in [1, ",
-                tc::kMaxHistBins, "], got ", o.nbins);
-    TORCH_CHECK(o.maxval > 0.0 && std::isfinite(o.maxval), op,
-                ": maxval must be positive and finite, got ", o.maxval);
+    check_hist_axis(op, "nbins", o.nbins, "maxval", o.maxval);
   }
 
   uint32_t flags = 0;
@@ -263,7 +247,7 @@ ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList
     d = tc::TensorDesc{};
     const at::Tensor& any = !grads.empty() ? grads[i] : params[i];
     d.numel = any.numel();
-    d.dtype = to_dtype(any.scalar_type());
+    d.dtype = to_kernel_dtype(any.scalar_type());
     d.weight_selected = (!o.weights_matrices_only || any.dim() >= 2) ? 1 : 0;
     auto take = [&](at::TensorList l) -> void* {
       if (l.empty()) return nullptr;
@@ -366,8 +350,7 @@ at::Tensor nonfinite_count(at::TensorList tensors, bool per_tensor) {
 at::Tensor loss(const at::Tensor& per_sample_losses) {
   nvtx3::scoped_range range{"trainscope::loss"};
   TORCH_CHECK(per_sample_losses.defined(), "trainscope::loss: losses is an undefined tensor");
-  TORCH_CHECK(supported_dtype(per_sample_losses.scalar_type()), "trainscope::loss: losses has dtype ",
-              per_sample_losses.scalar_type(), "; trainscope needs float32, float64, bfloat16 or float16");
+  check_float_dtype("trainscope::loss", "losses", -1, per_sample_losses);
   const auto acc = per_sample_losses.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return at::mean(per_sample_losses, acc);
 }

@@ -17,6 +17,7 @@
 #include "cuda/param_stats.h"
 #include "cuda/per_sample_stats.h"
 #include "src/per_sample_stats_internal.h"
+#include "src/tensor_checks.h"
 
 namespace trainscope {
 
@@ -82,15 +83,6 @@ at::Tensor per_sample_stats_from_parts(const PerSampleParts& parts) {
 
 namespace {
 
-tc::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return tc::DType::kFloat32;
-    case at::kDouble: return tc::DType::kFloat64;
-    case at::kBFloat16: return tc::DType::kBFloat16;
-    default: return tc::DType::kFloat16;
-  }
-}
-
 // SPEC.md §5 checks, before any work; returns B.
 int64_t check_per_sample_grads(const char* op, at::TensorList grads, const PerSampleOptions& o) {
   TORCH_CHECK(!grads.empty(), op, ": per_sample_grads is empty");
@@ -99,10 +91,7 @@ int64_t check_per_sample_grads(const char* op, at::TensorList grads, const PerSa
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& t = grads[i];
     TORCH_CHECK(t.defined(), op, ": per_sample_grads[", i, "] is an undefined tensor");
-    const at::ScalarType st = t.scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
-                ": per_sample_grads[", i, "] has dtype ", st,
-                "; trainscope needs float32, float64, bfloat16 or float16");
+    check_float_dtype(op, "per_sample_grads", static_cast<int64_t>(i), t);
     TORCH_CHECK(t.dim() >= 1, op, ": per_sample_grads[", i,
                 "] is 0-d; each entry is [B, *param_shape] with the batch first");
     if (i == 0) {
@@ -118,10 +107,7 @@ int64_t check_per_sample_grads(const char* op, at::TensorList grads, const PerSa
   }
   TORCH_CHECK(b >= 2, op, ": the per-sample statistics need a batch of B >= 2 samples, got B = ", b);
   if (o.histogram) {
-    TORCH_CHECK(o.nbins >= 1 && o.nbins <= tc::kMaxHistBins, op, ": nbins must be in [1, ",
-                tc::kMaxHistBins, "], got ", o.nbins);
-    TORCH_CHECK(o.maxval > 0.0 && std::isfinite(o.maxval), op, ": maxval must be positive and finite, got ",
-                o.maxval);
+    check_hist_axis(op, "nbins", o.nbins, "maxval", o.maxval);
   }
   return b;
 }
@@ -283,7 +269,7 @@ PerSampleStats per_sample_parts_impl(const char* op, at::TensorList per_sample_g
     tc::PerSampleTensorDesc d;
     d.grads = keep.back().data_ptr();
     d.cols = t.numel() / b;
-    d.dtype = to_dtype(t.scalar_type());
+    d.dtype = to_kernel_dtype(t.scalar_type());
     has_f64 = has_f64 || (t.scalar_type() == at::kDouble && t.numel() > 0);
     descs.push_back(d);
   }
