@@ -44,14 +44,14 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(BUILD)/.gtest-checked $(NATIVE_SOURCES)
 build: $(BUILD_STAMP)
 
 test-cpp: build
-	cd $(BUILD) && ctest --output-on-failure
+	cd $(BUILD) && ctest --output-on-failure -j $(shell nproc)
 
 test-python: build
 	$(PY) -m pytest tests/python -q -rs
 
 test: build
 	@status=0; \
-	( cd $(BUILD) && ctest --output-on-failure ) || status=1; \
+	( cd $(BUILD) && ctest --output-on-failure -j $(shell nproc) ) || status=1; \
 	$(PY) -m pytest tests/python -q -rs || status=1; \
 	exit $$status
 
