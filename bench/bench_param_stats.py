@@ -26,18 +26,17 @@ Run ``python bench/bench_param_stats.py --help``; bench/README.md explains the o
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import (  # noqa: E402  (same folder; stdlib only)
+    environment, resolve_repeats, select_device, summarize, write_json)
 
 # Goals of the issue this benchmark answers, at 125M parameters and above.
 GOAL_MIN_PARAMS = 125_000_000
@@ -313,12 +312,6 @@ def time_cpu(fn, sets, warmup, repeats):
     return out
 
 
-def summarize(ms):
-    q = statistics.quantiles(ms, n=10) if len(ms) >= 2 else [ms[0]] * 9
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "p10_ms": q[0], "p90_ms": q[-1],
-            "samples": len(ms)}
-
-
 def copy_bandwidth(torch, device, nbytes, warmup, repeats):
     """Bandwidth of dst.copy_(src) on ``nbytes`` buffers, counting bytes read + written."""
     n = nbytes // 4
@@ -330,62 +323,6 @@ def copy_bandwidth(torch, device, nbytes, warmup, repeats):
         ms = time_cpu(lambda _: dst.copy_(src), [None], warmup, repeats)
     med = statistics.median(ms)
     return {"bytes": 2 * n * 4, "median_ms": med, "GBps": 2 * n * 4 / (med * 1e-3) / 1e9}
-
-
-# ---------------------------------------------------------------------------------------------
-# Environment.
-
-def gpu_driver_version(gpu_name):
-    """The display driver's version from nvidia-smi (the row of this GPU's model), else NVML."""
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            q = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=30, check=True)
-            rows = [[f.strip() for f in line.split(",")] for line in q.stdout.splitlines() if "," in line]
-            for name, version in rows:
-                if name == gpu_name:
-                    return version
-            if rows:
-                return rows[0][1]
-        except (OSError, ValueError, subprocess.SubprocessError):
-            pass
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        version = pynvml.nvmlSystemGetDriverVersion()
-        return version.decode() if isinstance(version, bytes) else version
-    except Exception:  # noqa: BLE001  (NVML absent or unusable: the version stays unknown)
-        return None
-
-
-def environment(torch, trainscope, device):
-    env = {
-        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "trainscope": getattr(trainscope, "__version__", None),
-        "trainscope_library": getattr(trainscope, "library_path", None),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update({
-            "gpu": props.name,
-            "gpu_memory_bytes": props.total_memory,
-            "gpu_sm_count": props.multi_processor_count,
-            "gpu_compute_capability": f"{props.major}.{props.minor}",
-            "gpu_l2_bytes": getattr(props, "L2_cache_size", None),
-        })
-        env["driver"] = gpu_driver_version(props.name)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-        env["cpu_threads"] = torch.get_num_threads()
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,10 +440,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.sizes is None:
         args.sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
-    args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 50)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    resolve_repeats(p, args, repeats=(50, 5), warmup=(5, 1))
     if not args.grad_std > 0:
         p.error("--grad-std must be positive")
     labels = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -524,23 +458,16 @@ def main(argv=None) -> int:
     import torch  # imported here: `--help` and argument errors need neither torch nor a GPU
     import trainscope
 
-    device = torch.device(args.device)
+    device = select_device(torch, args.device, "bench_param_stats")
+    if device is None:
+        return 2
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("bench_param_stats: no CUDA device; use --device cpu", file=sys.stderr)
-            return 2
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
         free, _ = torch.cuda.mem_get_info(device)
         copy_bytes = min(1 << 30, free // 8) // 4 * 4
-    elif device.type == "cpu":
+    else:
         l2 = 32 << 20  # rotate input sets below ~128 MB, beyond a typical last-level cache
         copy_bytes = 256 << 20
-    else:
-        print(f"bench_param_stats: unsupported device {args.device!r}", file=sys.stderr)
-        return 2
 
     torch.manual_seed(0)
     env = environment(torch, trainscope, device)
@@ -557,10 +484,7 @@ def main(argv=None) -> int:
                             "grad_std": args.grad_std,
                             "bytes_per_param": BYTES_PER_PARAM},
                "copy_bandwidth": args.copy_bw, "results": rows, "verified": ok}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+        write_json(args.json, out)
     return 0 if ok else 1
 
 

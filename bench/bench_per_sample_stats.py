@@ -48,7 +48,8 @@ import traceback
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_param_stats import environment, summarize  # noqa: E402  (same folder; stdlib only)
+from bench_common import (  # noqa: E402  (same folder; stdlib only)
+    environment, resolve_repeats, select_device, summarize, write_json)
 
 # Goals of the issue this benchmark answers.
 GOAL_OVERHEAD_FRACTION = 0.15   # trainscope step − plain step ≤ 15 % of the plain backward pass
@@ -164,16 +165,21 @@ def _grad_sq_norm(torch, params):
     return torch.stack(torch._foreach_norm(grads)).square().sum()
 
 
+def _forward_backward(torch, model, x, y, mark):
+    """One plain training step's phases: clear .grad, forward with the loss, backward."""
+    model.zero_grad(set_to_none=True)
+    loss = _loss(torch, model, x, y)
+    mark("forward")
+    loss.backward()
+    mark("backward")
+
+
 def make_plain(torch, ctx):
     model = make_model(torch, ctx["d"], ctx["layers"], ctx["device"], torch.float32, ctx["seed"])
     x, y = ctx["x"], ctx["y"]
 
     def step(mark):
-        model.zero_grad(set_to_none=True)
-        loss = _loss(torch, model, x, y)
-        mark("forward")
-        loss.backward()
-        mark("backward")
+        _forward_backward(torch, model, x, y, mark)
         return None
 
     return step, lambda: None
@@ -194,11 +200,7 @@ def make_trainscope(torch, ctx):
     hooks = _per_sample_hooks_class(trainscope)(model, method=ctx["method"], loss_reduction="mean")
 
     def step(mark):
-        model.zero_grad(set_to_none=True)
-        loss = _loss(torch, model, x, y)
-        mark("forward")
-        loss.backward()
-        mark("backward")
+        _forward_backward(torch, model, x, y, mark)
         s = hooks.stats()
         mark("stats")
         return s
@@ -275,11 +277,7 @@ def make_einsum(torch, ctx):
 
     def step(mark):
         cap.clear()  # the previous step's captures go now, as PerSampleHooks lets them go
-        model.zero_grad(set_to_none=True)
-        loss = _loss(torch, model, x, y)
-        mark("forward")
-        loss.backward()
-        mark("backward")
+        _forward_backward(torch, model, x, y, mark)
         # δ of the mean loss is δᵢ/B: Σ‖gᵢ‖² comes out scaled by 1/B², as ‖ḡ‖² from .grad is
         # the mean gradient's; B² puts them on one scale.
         sq = sum(einsum_ghost_sq_norms(torch, a, g) for a, g in zip(cap.inputs, cap.grads))
@@ -847,10 +845,7 @@ def parse_args(argv=None):
         p.error("--batch-sizes: the statistics need B >= 2")
     if args.layers < 1:
         p.error("--layers must be >= 1")
-    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    resolve_repeats(p, args, repeats=(20, 3), warmup=(3, 1))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -865,16 +860,8 @@ def main(argv=None) -> int:
     import torch  # imported here: `--help` and argument errors need neither torch nor a GPU
     import trainscope
 
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("bench_per_sample_stats: no CUDA device; use --device cpu", file=sys.stderr)
-            return 2
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        print(f"bench_per_sample_stats: unsupported device {args.device!r}", file=sys.stderr)
+    device = select_device(torch, args.device, "bench_per_sample_stats")
+    if device is None:
         return 2
     args.device_obj = device
     # Known and harmless: BackPACK's module hooks on the first layer, whose input needs no
@@ -940,10 +927,7 @@ def main(argv=None) -> int:
                          "speedup_vs_vmap_at": {"B": GOAL_SPEEDUP_AT[0], "d": GOAL_SPEEDUP_AT[1]},
                          "peak_ratio_max": GOAL_PEAK_RATIO},
                "verify": verify_reports, "results": rows, "verified": bool(ok)}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
-            f.write("\n")
+        write_json(args.json, out, default=str)
     return 0 if ok else 1
 
 

@@ -11,26 +11,22 @@
 #include <torch/cuda.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <functional>
-#include <limits>
 #include <numeric>
-#include <ostream>
 #include <string>
 #include <vector>
 
 #include "tests/cpp/reference_bin.h"
+#include "tests/cpp/torch_test_util.h"
 #include "trainscope/hist2d.h"
 
 namespace {
 
+using namespace trainscope_test;
 using trainscope::Hist2d;
 using trainscope::Hist2dOptions;
-
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // Parameter shapes: matrices, vectors, a scalar, empty ones between non-empty ones, and one wider
 // than the kernel's 2048-element window.
@@ -62,13 +58,6 @@ Lists make_lists(int64_t batch, const std::vector<std::vector<int64_t>>& shapes,
   return l;
 }
 
-at::Tensor as_double_cpu(const at::Tensor& t) { return t.detach().to(at::kCPU).to(at::kDouble).contiguous(); }
-
-std::vector<int64_t> to_vector(const at::Tensor& t) {
-  const at::Tensor c = t.detach().to(at::kCPU).to(at::kLong).contiguous().reshape({-1});
-  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
-}
-
 struct Reference {
   std::vector<int64_t> counts;
   int64_t nonfinite = 0;
@@ -79,10 +68,10 @@ Reference reference(const Lists& l, const Hist2dOptions& o) {
   Reference r;
   r.counts.assign(static_cast<size_t>(o.nbins_grad * o.nbins_param), 0);
   for (size_t t = 0; t < l.grads.size(); ++t) {
-    const at::Tensor p = as_double_cpu(l.params[t]).reshape({-1});
+    const at::Tensor p = as_double_cpu(l.params[t]).contiguous().reshape({-1});
     const int64_t P = p.numel();
     if (P == 0) continue;
-    const at::Tensor g = as_double_cpu(l.grads[t]).reshape({-1, P});
+    const at::Tensor g = as_double_cpu(l.grads[t]).contiguous().reshape({-1, P});
     const double* pp = p.data_ptr<double>();
     const double* gp = g.data_ptr<double>();
     for (int64_t b = 0; b < g.size(0); ++b) {
@@ -106,66 +95,11 @@ int64_t total_pairs(const Lists& l) {
   return n;
 }
 
-bool is_identifier_char(char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }
-
-// True when `name` appears in `text` as a whole word ("params" in "params[1]", not in "per_sample_grads").
-bool names_argument(const std::string& text, const std::string& name) {
-  for (size_t pos = text.find(name); pos != std::string::npos; pos = text.find(name, pos + 1)) {
-    const bool start_ok = pos == 0 || !is_identifier_char(text[pos - 1]);
-    const size_t end = pos + name.size();
-    const bool end_ok = end == text.size() || !is_identifier_char(text[end]);
-    if (start_ok && end_ok) return true;
-  }
-  return false;
-}
-
-// Bad input must raise c10::Error whose message names the offending argument.
-void expect_error_naming(const std::function<void()>& call, const std::string& argument, const std::string& what) {
-  EXPECT_THROW(
-      {
-        try {
-          call();
-        } catch (const c10::Error& e) {
-          const std::string msg = e.what_without_backtrace();
-          EXPECT_TRUE(names_argument(msg, argument))
-              << what << ": the message does not name `" << argument << "`: " << msg;
-          throw;
-        }
-      },
-      c10::Error)
-      << what;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Parameterised over device and dtype
 
-struct Case {
-  bool cuda;
-  at::ScalarType dtype;
-};
-
-std::string case_label(const Case& c) {
-  std::string dt;
-  switch (c.dtype) {
-    case at::kFloat: dt = "float32"; break;
-    case at::kDouble: dt = "float64"; break;
-    case at::kBFloat16: dt = "bfloat16"; break;
-    default: dt = "float16"; break;
-  }
-  return std::string(c.cuda ? "cuda_" : "cpu_") + dt;
-}
-
-std::string case_name(const testing::TestParamInfo<Case>& info) { return case_label(info.param); }
-
-void PrintTo(const Case& c, std::ostream* os) { *os << case_label(c); }
-
-class Hist2dApiTest : public testing::TestWithParam<Case> {
+class Hist2dApiTest : public DeviceDtypeTest {
  protected:
-  void SetUp() override {
-    if (GetParam().cuda && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  }
-  at::Device device() const { return GetParam().cuda ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU); }
-  at::ScalarType dtype() const { return GetParam().dtype; }
   Lists lists(int64_t batch, uint64_t seed, const std::vector<std::vector<int64_t>>& shapes = kShapes) const {
     return make_lists(batch, shapes, {dtype()}, device(), seed);
   }
@@ -316,12 +250,7 @@ TEST_P(Hist2dApiTest, ParametersThatRequireGrad) {
   EXPECT_EQ(h.counts.sum().item<int64_t>() + h.nonfinite.item<int64_t>(), total_pairs(l));
 }
 
-INSTANTIATE_TEST_SUITE_P(AllDevicesAndDtypes, Hist2dApiTest,
-                         testing::Values(Case{false, at::kFloat}, Case{false, at::kDouble},
-                                         Case{false, at::kBFloat16}, Case{false, at::kHalf},
-                                         Case{true, at::kFloat}, Case{true, at::kDouble},
-                                         Case{true, at::kBFloat16}, Case{true, at::kHalf}),
-                         case_name);
+INSTANTIATE_TEST_SUITE_P(AllDevicesAndDtypes, Hist2dApiTest, all_cases(), case_name);
 
 // ---------------------------------------------------------------------------------------------
 // Not parameterised by dtype
@@ -431,8 +360,8 @@ TEST(Hist2dApi, BadOptionsNameTheArgument) {
 }
 
 TEST(Hist2dApi, MixedDevicesNameTheArgument) {
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  const Lists l = make_lists(2, {{4, 3}, {5}}, {at::kFloat}, at::Device(at::kCUDA, 0), 92);
+  SKIP_WITHOUT_CUDA();
+  const Lists l = make_lists(2, {{4, 3}, {5}}, {at::kFloat}, cuda0(), 92);
   std::vector<at::Tensor> g = l.grads, p = l.params;
   g[1] = g[1].cpu();
   expect_error_naming([&] { trainscope::grad_hist2d(g, l.params); }, "per_sample_grads[1]", "gradient on the CPU");

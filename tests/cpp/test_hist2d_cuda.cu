@@ -8,15 +8,13 @@
 // Every test that needs a GPU skips cleanly when none is present.
 #include <gtest/gtest.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -24,78 +22,15 @@
 #include <vector>
 
 #include "cuda/hist2d.h"
+#include "tests/cpp/cuda_test_util.h"
 #include "tests/cpp/reference_bin.h"
 
 namespace {
 
+using namespace trainscope_test;
 namespace tc = trainscope::cuda;
-using tc::DType;
 
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kGroupPairs = 128;  // kMaxGroupPairs of the launcher: longer lists take several launches
-
-#define ASSERT_CUDA_OK(expr)                                                                      \
-  do {                                                                                            \
-    const cudaError_t ts_status_ = (expr);                                                        \
-    ASSERT_EQ(ts_status_, cudaSuccess) << #expr << " -> " << cudaGetErrorName(ts_status_) << ": " \
-                                       << cudaGetErrorString(ts_status_);                         \
-  } while (0)
-
-#define EXPECT_CUDA_OK(expr)                                                                      \
-  do {                                                                                            \
-    const cudaError_t ts_status_ = (expr);                                                        \
-    EXPECT_EQ(ts_status_, cudaSuccess) << #expr << " -> " << cudaGetErrorName(ts_status_) << ": " \
-                                       << cudaGetErrorString(ts_status_);                         \
-  } while (0)
-
-bool gpu_present() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the error so later calls do not see it
-    return false;
-  }
-  return count > 0;
-}
-
-size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
-size_t elem_size(DType t) { return static_cast<size_t>(tc::dtype_size(t)); }
-
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat64: return "float64";
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kFloat16: return "float16";
-  }
-  return "?";
-}
-
-// Stores v in dtype t at dst (round to nearest even) and returns the value actually stored.
-// The 16-bit conversions are CUDA's own host functions, independent of the library's decoders.
-double store_value(unsigned char* dst, DType t, double v) {
-  switch (t) {
-    case DType::kFloat32: {
-      const float f = static_cast<float>(v);
-      std::memcpy(dst, &f, sizeof f);
-      return f;
-    }
-    case DType::kFloat64:
-      std::memcpy(dst, &v, sizeof v);
-      return v;
-    case DType::kBFloat16: {
-      const __nv_bfloat16 b = __float2bfloat16_rn(static_cast<float>(v));
-      std::memcpy(dst, &b, sizeof b);
-      return static_cast<double>(__bfloat162float(b));
-    }
-    case DType::kFloat16: {
-      const __half h = __float2half_rn(static_cast<float>(v));
-      std::memcpy(dst, &h, sizeof h);
-      return static_cast<double>(__half2float(h));
-    }
-  }
-  return kNaN;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Host lists
@@ -140,17 +75,13 @@ HostList build_list(const std::vector<PairSpec>& specs, int64_t batch, uint64_t 
   size_t gcur = 0, pcur = 0;
   for (const PairSpec& s : specs) {
     const size_t es = elem_size(s.dtype);
-    gcur = align_up(gcur, 256) + (s.misaligned_grad ? es : 0);
-    pcur = align_up(pcur, 256) + (s.misaligned_param ? es : 0);
-    h.grad_offset.push_back(gcur);
-    h.param_offset.push_back(pcur);
-    gcur += static_cast<size_t>(batch * s.numel) * es;
-    pcur += static_cast<size_t>(s.numel) * es;
+    h.grad_offset.push_back(place_tensor(&gcur, static_cast<size_t>(batch * s.numel), es, s.misaligned_grad));
+    h.param_offset.push_back(place_tensor(&pcur, static_cast<size_t>(s.numel), es, s.misaligned_param));
     h.grad.emplace_back(static_cast<size_t>(batch * s.numel), 0.0);
     h.param.emplace_back(static_cast<size_t>(s.numel), 0.0);
   }
-  h.grad_bytes.assign(align_up(gcur, 256) + 256, 0xA5);  // padding holds a known pattern
-  h.param_bytes.assign(align_up(pcur, 256) + 256, 0xA5);
+  h.grad_bytes.assign(padded_bytes(gcur), kPadByte);
+  h.param_bytes.assign(padded_bytes(pcur), kPadByte);
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> normal(0.0, 1.0);
   for (size_t t = 0; t < specs.size(); ++t) {
@@ -242,34 +173,7 @@ void expect_matches(const Reference& ref, const Results& res, int64_t nbp, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// Device memory
-
-class DeviceMemory {
- public:
-  DeviceMemory() = default;
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  ~DeviceMemory() { release(); }
-
-  cudaError_t allocate(size_t bytes) {
-    release();
-    bytes_ = bytes;
-    return cudaMalloc(&ptr_, std::max<size_t>(bytes, 256));
-  }
-  void release() {
-    if (ptr_ != nullptr) EXPECT_CUDA_OK(cudaFree(ptr_));
-    ptr_ = nullptr;
-    bytes_ = 0;
-  }
-  template <typename T = void>
-  T* get() const { return static_cast<T*>(ptr_); }
-  unsigned char* bytes_at(size_t offset) const { return static_cast<unsigned char*>(ptr_) + offset; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
+// Device lists and launches
 
 struct DeviceList {
   DeviceMemory grad, param;
@@ -287,33 +191,9 @@ struct Launch {
   DeviceMemory counts, nonfinite;
 };
 
-__global__ void spin_for_cycles(long long cycles) {
-  const long long start = clock64();
-  while (clock64() - start < cycles) {
-  }
-}
-
-__global__ void fill_periodic(uint16_t* out, int64_t n, const uint16_t* table, int64_t period) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[i] = table[i % period];
-  }
-}
-
-class Hist2dCudaTest : public ::testing::Test {
+// Fixture: a stream of its own (CudaStreamTest); every memory operation goes through it.
+class Hist2dCudaTest : public CudaStreamTest {
  protected:
-  void SetUp() override {
-    if (!gpu_present()) GTEST_SKIP() << "no CUDA device";
-    ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  }
-  void TearDown() override {
-    if (stream_ != nullptr) {
-      EXPECT_CUDA_OK(cudaStreamSynchronize(stream_));
-      EXPECT_CUDA_OK(cudaStreamDestroy(stream_));
-      stream_ = nullptr;
-    }
-  }
-
   void upload(const HostList& h, DeviceList* d) {
     ASSERT_CUDA_OK(d->grad.allocate(h.grad_bytes.size()));
     ASSERT_CUDA_OK(d->param.allocate(h.param_bytes.size()));
@@ -386,8 +266,6 @@ class Hist2dCudaTest : public ::testing::Test {
     EXPECT_TRUE(g == h.grad_bytes) << "per-sample gradients were modified";
     EXPECT_TRUE(p == h.param_bytes) << "parameters were modified";
   }
-
-  cudaStream_t stream_ = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -414,31 +292,17 @@ TEST(Hist2dLaunchArgs, InvalidArgumentsAreRejectedBeforeAnyWork) {
   auto expect_invalid = [](const tc::Hist2dArgs& a, const std::string& what) {
     EXPECT_EQ(tc::hist2d_launch(a, nullptr), cudaErrorInvalidValue) << what;
   };
-  {
+  // `good` with one change.
+  auto expect_invalid_with = [&](const std::function<void(tc::Hist2dArgs&)>& change, const std::string& what) {
     tc::Hist2dArgs a = good;
-    a.num_pairs = -1;
-    expect_invalid(a, "num_pairs = -1");
-  }
-  {
-    tc::Hist2dArgs a = good;
-    a.pairs = nullptr;
-    expect_invalid(a, "pairs = nullptr with num_pairs = 2");
-  }
-  {
-    tc::Hist2dArgs a = good;
-    a.batch = -1;
-    expect_invalid(a, "batch = -1");
-  }
-  {
-    tc::Hist2dArgs a = good;
-    a.counts = nullptr;
-    expect_invalid(a, "counts = nullptr");
-  }
-  {
-    tc::Hist2dArgs a = good;
-    a.nonfinite = nullptr;
-    expect_invalid(a, "nonfinite = nullptr");
-  }
+    change(a);
+    expect_invalid(a, what);
+  };
+  expect_invalid_with([](tc::Hist2dArgs& a) { a.num_pairs = -1; }, "num_pairs = -1");
+  expect_invalid_with([](tc::Hist2dArgs& a) { a.pairs = nullptr; }, "pairs = nullptr with num_pairs = 2");
+  expect_invalid_with([](tc::Hist2dArgs& a) { a.batch = -1; }, "batch = -1");
+  expect_invalid_with([](tc::Hist2dArgs& a) { a.counts = nullptr; }, "counts = nullptr");
+  expect_invalid_with([](tc::Hist2dArgs& a) { a.nonfinite = nullptr; }, "nonfinite = nullptr");
   for (int64_t nbins : {int64_t{0}, int64_t{-1}, tc::kMaxHistBins + 1}) {
     tc::Hist2dArgs a = good;
     a.grad_spec = tc::make_hist_spec(1, 0.05);
@@ -671,17 +535,9 @@ TEST_F(Hist2dCudaTest, GraphCaptureMatchesEager) {
 
     Launch L;
     ASSERT_NO_FATAL_FAILURE(prepare(h, d, nbg, 0.05, 100, 1.0, &L));
-    cudaGraph_t graph = nullptr;
-    ASSERT_CUDA_OK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal));
-    const cudaError_t launch_status = tc::hist2d_launch(L.args, stream_);
-    const cudaError_t end_status = cudaStreamEndCapture(stream_, &graph);
-    ASSERT_EQ(launch_status, cudaSuccess) << "launch under capture: " << cudaGetErrorString(launch_status);
-    ASSERT_EQ(end_status, cudaSuccess) << "end capture: " << cudaGetErrorString(end_status);
-    ASSERT_NE(graph, nullptr);
     cudaGraphExec_t exec = nullptr;
-    const cudaError_t inst_status = cudaGraphInstantiate(&exec, graph, 0);
-    EXPECT_CUDA_OK(cudaGraphDestroy(graph));
-    ASSERT_EQ(inst_status, cudaSuccess) << "instantiate: " << cudaGetErrorString(inst_status);
+    ASSERT_NO_FATAL_FAILURE(
+        capture_graph(cudaStreamCaptureModeGlobal, [&] { return tc::hist2d_launch(L.args, stream_); }, &exec));
     for (int replay = 0; replay < 2; ++replay) {
       ASSERT_NO_FATAL_FAILURE(poison(L));
       ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream_));

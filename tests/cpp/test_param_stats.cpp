@@ -12,26 +12,23 @@
 
 #include <algorithm>
 #include <array>
-#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <functional>
-#include <limits>
 #include <numeric>
-#include <ostream>
 #include <string>
 #include <vector>
 
+#include "tests/cpp/torch_test_util.h"
 #include "trainscope/param_stats.h"
 
 namespace {
 
+using namespace trainscope_test;
 using trainscope::Metric;
 using trainscope::ParamStats;
 using trainscope::ParamStatsOptions;
 
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr double kInf = std::numeric_limits<double>::infinity();
 const Metric kMetrics[] = {Metric::kGradNorm, Metric::kGradMagnitude, Metric::kWeightMagnitude,
                            Metric::kDistance, Metric::kUpdateSize};
 
@@ -64,9 +61,6 @@ Lists make_lists(const std::vector<std::vector<int64_t>>& shapes,
   }
   return l;
 }
-
-at::Tensor as_double_cpu(const at::Tensor& t) { return t.detach().to(at::kCPU).to(at::kDouble); }
-double value(const at::Tensor& t) { return as_double_cpu(t).item<double>(); }
 
 // Per-tensor sums in float64: Σg², Σ|g|, Σ|θ|, Σ(θ−θ₀)², Σ(θ−θ_prev)², in Metric order.
 struct Reference {
@@ -120,113 +114,17 @@ double expected_global(const Reference& r, Metric m, bool matrices_only = false)
   return from_sum(m, sum, count);
 }
 
-// SPEC.md §4 in float64: floor((clamp(x, −m, m) + m) / w), x = m in the last bin; NaN/Inf skipped.
-std::vector<int64_t> reference_hist(const at::Tensor& t, int64_t nbins, double maxval) {
-  std::vector<int64_t> counts(static_cast<size_t>(nbins), 0);
-  const at::Tensor x = as_double_cpu(t).contiguous().reshape({-1});
-  const double* p = x.data_ptr<double>();
-  const double w = 2.0 * maxval / static_cast<double>(nbins);
-  for (int64_t i = 0; i < x.numel(); ++i) {
-    if (!std::isfinite(p[i])) continue;
-    const double c = std::min(std::max(p[i], -maxval), maxval);
-    const double b = std::floor((c + maxval) / w);
-    const int64_t bin = b < 0.0 ? 0 : (b >= static_cast<double>(nbins) ? nbins - 1 : static_cast<int64_t>(b));
-    ++counts[static_cast<size_t>(bin)];
-  }
-  return counts;
-}
-
-std::vector<int64_t> to_vector(const at::Tensor& t) {
-  const at::Tensor c = t.detach().to(at::kCPU).to(at::kLong).contiguous().reshape({-1});
-  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
-}
-
-bool close_enough(double got, double want, double rel) {
-  if (std::isnan(want)) return std::isnan(got);
-  if (std::isinf(want)) return got == want;
-  return std::fabs(got - want) <= rel * std::fabs(want);
-}
-
-testing::AssertionResult is_close(double got, double want, double rel) {
-  if (close_enough(got, want, rel)) return testing::AssertionSuccess();
-  return testing::AssertionFailure() << "got " << got << ", want " << want << " (relative tolerance " << rel << ")";
-}
-
-// NaN matches NaN, ±Inf itself, anything else within rel·|want|; takes << context like EXPECT_*.
-#define EXPECT_CLOSE(got, want, rel) EXPECT_TRUE(is_close((got), (want), (rel)))
-
-bool is_identifier_char(char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }
-
-// True when `name` appears in `text` as a whole word ("params" in "params[1]", not in "prev_params").
-bool names_argument(const std::string& text, const std::string& name) {
-  for (size_t pos = text.find(name); pos != std::string::npos; pos = text.find(name, pos + 1)) {
-    const bool start_ok = pos == 0 || !is_identifier_char(text[pos - 1]);
-    const size_t end = pos + name.size();
-    const bool end_ok = end == text.size() || !is_identifier_char(text[end]);
-    if (start_ok && end_ok) return true;
-  }
-  return false;
-}
-
-// Bad input must raise c10::Error whose message names the offending argument.
-void expect_error_naming(const std::function<void()>& call, const std::string& argument,
-                         const std::string& what) {
-  EXPECT_THROW(
-      {
-        try {
-          call();
-        } catch (const c10::Error& e) {
-          const std::string msg = e.what_without_backtrace();
-          EXPECT_TRUE(names_argument(msg, argument))
-              << what << ": the message does not name `" << argument << "`: " << msg;
-          throw;
-        }
-      },
-      c10::Error)
-      << what;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Parameterised over device and dtype
 
-struct Case {
-  bool cuda;
-  at::ScalarType dtype;
-};
-
-std::string case_label(const Case& c) {
-  std::string dt;
-  switch (c.dtype) {
-    case at::kFloat: dt = "float32"; break;
-    case at::kDouble: dt = "float64"; break;
-    case at::kBFloat16: dt = "bfloat16"; break;
-    default: dt = "float16"; break;
-  }
-  return std::string(c.cuda ? "cuda_" : "cpu_") + dt;
-}
-
-std::string case_name(const testing::TestParamInfo<Case>& info) { return case_label(info.param); }
-
-// How gtest prints a Case (test listings, failure messages).
-void PrintTo(const Case& c, std::ostream* os) { *os << case_label(c); }
-
-class ParamStatsApiTest : public testing::TestWithParam<Case> {
+class ParamStatsApiTest : public DeviceDtypeTest {
  protected:
-  void SetUp() override {
-    if (GetParam().cuda && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  }
-  at::Device device() const { return GetParam().cuda ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU); }
-  at::ScalarType dtype() const { return GetParam().dtype; }
   Lists lists(uint64_t seed, const std::vector<std::vector<int64_t>>& shapes = kShapes) const {
     return make_lists(shapes, {dtype()}, device(), seed);
   }
   // SPEC.md §5: float32 results within 1e-5 of float64; float64 data keeps float64 accuracy.
   double tolerance() const { return dtype() == at::kDouble ? 1e-10 : 1e-5; }
   at::ScalarType result_dtype() const { return dtype() == at::kDouble ? at::kDouble : at::kFloat; }
-
-  void expect_on_device(const at::Tensor& t, const char* what) const {
-    EXPECT_EQ(t.device(), device()) << what;
-  }
 
   // Every output of a fused call against the reference.
   void check_stats(const ParamStats& s, const Lists& l, const ParamStatsOptions& o, const char* context) const {
@@ -679,12 +577,7 @@ void check_tensor_over_2_to_31(at::Device device) {
                1e-5);
 }
 
-INSTANTIATE_TEST_SUITE_P(AllDevicesAndDtypes, ParamStatsApiTest,
-                         testing::Values(Case{false, at::kFloat}, Case{false, at::kDouble},
-                                         Case{false, at::kBFloat16}, Case{false, at::kHalf},
-                                         Case{true, at::kFloat}, Case{true, at::kDouble},
-                                         Case{true, at::kBFloat16}, Case{true, at::kHalf}),
-                         case_name);
+INSTANTIATE_TEST_SUITE_P(AllDevicesAndDtypes, ParamStatsApiTest, all_cases(), case_name);
 
 // ---------------------------------------------------------------------------------------------
 // Not parameterised by dtype
@@ -718,20 +611,20 @@ void check_mixed_dtype_list(at::Device device) {
 TEST(ParamStatsApi, MixedDtypeListOnCpu) { check_mixed_dtype_list(at::kCPU); }
 
 TEST(ParamStatsApi, MixedDtypeListOnCuda) {
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  check_mixed_dtype_list(at::Device(at::kCUDA, 0));
+  SKIP_WITHOUT_CUDA();
+  check_mixed_dtype_list(cuda0());
 }
 
 TEST(ParamStatsApi, TensorOfMoreThan2To31ElementsOnCpu) { check_tensor_over_2_to_31(at::kCPU); }
 
 TEST(ParamStatsApi, TensorOfMoreThan2To31ElementsOnCuda) {
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  check_tensor_over_2_to_31(at::Device(at::kCUDA, 0));
+  SKIP_WITHOUT_CUDA();
+  check_tensor_over_2_to_31(cuda0());
 }
 
 TEST(ParamStatsApi, TensorsOnDifferentDevicesAreRejected) {
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  const Lists l = make_lists({{4, 3}, {6}}, {at::kFloat}, at::Device(at::kCUDA, 0), 17);
+  SKIP_WITHOUT_CUDA();
+  const Lists l = make_lists({{4, 3}, {6}}, {at::kFloat}, cuda0(), 17);
   std::vector<at::Tensor> params_cpu = l.params;
   params_cpu[1] = params_cpu[1].cpu();
   expect_error_naming([&] { trainscope::param_stats(l.grads, params_cpu, {}, {}, ParamStatsOptions{}); },

@@ -7,8 +7,6 @@
 // Every test that needs a GPU skips cleanly when none is present.
 #include <gtest/gtest.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -16,7 +14,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -25,84 +22,20 @@
 #include <vector>
 
 #include "cuda/param_stats.h"
+#include "tests/cpp/cuda_test_util.h"
 #include "tests/cpp/reference_bin.h"
 
 namespace {
 
+using namespace trainscope_test;
 namespace tc = trainscope::cuda;
-using tc::DType;
 
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kGroupTensors = 96;  // kMaxGroupTensors of the launcher: lists above take several launches
 constexpr uint32_t kAllFlags = tc::kGradSq | tc::kGradAbs | tc::kParamAbs | tc::kDistSq |
                                tc::kUpdateSq | tc::kHistogram | tc::kRefreshPrev;
 constexpr uint32_t kAllMetrics = kAllFlags & ~static_cast<uint32_t>(tc::kRefreshPrev);
 constexpr uint32_t kSlotFlag[tc::kNumSlots] = {tc::kGradSq, tc::kGradAbs, tc::kParamAbs, tc::kDistSq,
                                                tc::kUpdateSq};
-
-#define ASSERT_CUDA_OK(expr)                                                                   \
-  do {                                                                                         \
-    const cudaError_t ts_status_ = (expr);                                                     \
-    ASSERT_EQ(ts_status_, cudaSuccess) << #expr << " -> " << cudaGetErrorName(ts_status_) << ": " \
-                                       << cudaGetErrorString(ts_status_);                      \
-  } while (0)
-
-#define EXPECT_CUDA_OK(expr)                                                                   \
-  do {                                                                                         \
-    const cudaError_t ts_status_ = (expr);                                                     \
-    EXPECT_EQ(ts_status_, cudaSuccess) << #expr << " -> " << cudaGetErrorName(ts_status_) << ": " \
-                                       << cudaGetErrorString(ts_status_);                      \
-  } while (0)
-
-bool gpu_present() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the error so later calls do not see it
-    return false;
-  }
-  return count > 0;
-}
-
-size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
-size_t elem_size(DType t) { return static_cast<size_t>(tc::dtype_size(t)); }
-
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat64: return "float64";
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kFloat16: return "float16";
-  }
-  return "?";
-}
-
-// Stores v in dtype t at dst (round to nearest even) and returns the value actually stored.
-// The 16-bit conversions are CUDA's own host functions, independent of the library's decoders.
-double store_value(unsigned char* dst, DType t, double v) {
-  switch (t) {
-    case DType::kFloat32: {
-      const float f = static_cast<float>(v);
-      std::memcpy(dst, &f, sizeof f);
-      return f;
-    }
-    case DType::kFloat64:
-      std::memcpy(dst, &v, sizeof v);
-      return v;
-    case DType::kBFloat16: {
-      const __nv_bfloat16 b = __float2bfloat16_rn(static_cast<float>(v));
-      std::memcpy(dst, &b, sizeof b);
-      return static_cast<double>(__bfloat162float(b));
-    }
-    case DType::kFloat16: {
-      const __half h = __float2half_rn(static_cast<float>(v));
-      std::memcpy(dst, &h, sizeof h);
-      return static_cast<double>(__half2float(h));
-    }
-  }
-  return kNaN;
-}
-
 
 // ---------------------------------------------------------------------------------------------
 // Host lists
@@ -147,13 +80,11 @@ HostList build_list(const std::vector<TensorSpec>& specs, uint64_t seed, double 
     h.offset[r].resize(specs.size());
     h.values[r].resize(specs.size());
     for (size_t t = 0; t < specs.size(); ++t) {
-      const size_t es = elem_size(specs[t].dtype);
-      cursor = align_up(cursor, 256) + (specs[t].misaligned[r] ? es : 0);
-      h.offset[r][t] = cursor;
-      cursor += static_cast<size_t>(specs[t].numel) * es;
+      h.offset[r][t] = place_tensor(&cursor, static_cast<size_t>(specs[t].numel), elem_size(specs[t].dtype),
+                                    specs[t].misaligned[r]);
       h.values[r][t].resize(static_cast<size_t>(specs[t].numel));
     }
-    h.bytes[r].assign(align_up(cursor, 256) + 256, 0xA5);  // padding holds a known pattern
+    h.bytes[r].assign(padded_bytes(cursor), kPadByte);
   }
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> normal(0.0, 1.0);
@@ -256,62 +187,8 @@ double expected_global_metric(const HostList& h, const Reference& ref, int slot,
   return metric_from_sum(slot, static_cast<double>(sum), static_cast<double>(count), flags);
 }
 
-// Collects mismatches so that a systematic error reports a few examples, not thousands.
-class Mismatches {
- public:
-  template <typename... Args>
-  void add(const Args&... parts) {
-    if (count_++ < 12) {
-      std::ostringstream os;
-      (os << ... << parts);
-      text_ += "\n  " + os.str();
-    }
-  }
-  void expect_none(const std::string& context) const {
-    EXPECT_EQ(count_, 0) << context << ": " << count_ << " mismatches, first ones:" << text_;
-  }
-
- private:
-  int64_t count_ = 0;
-  std::string text_;
-};
-
-// NaN matches NaN, ±Inf matches itself, anything else within rel·|want|.
-bool close_enough(double got, double want, double rel) {
-  if (std::isnan(want)) return std::isnan(got);
-  if (std::isinf(want)) return got == want;
-  return std::fabs(got - want) <= rel * std::fabs(want);
-}
-
 // ---------------------------------------------------------------------------------------------
-// Device memory
-
-class DeviceMemory {
- public:
-  DeviceMemory() = default;
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  ~DeviceMemory() { release(); }
-
-  cudaError_t allocate(size_t bytes) {
-    release();
-    bytes_ = bytes;
-    return cudaMalloc(&ptr_, std::max<size_t>(bytes, 256));
-  }
-  void release() {
-    if (ptr_ != nullptr) EXPECT_CUDA_OK(cudaFree(ptr_));
-    ptr_ = nullptr;
-    bytes_ = 0;
-  }
-  template <typename T = void>
-  T* get() const { return static_cast<T*>(ptr_); }
-  unsigned char* bytes_at(size_t offset) const { return static_cast<unsigned char*>(ptr_) + offset; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
+// Device lists and launches
 
 struct DeviceList {
   std::array<DeviceMemory, kNumRoles> buf;
@@ -449,35 +326,10 @@ void check_results(const HostList& h, const Reference& ref, const LaunchConfig& 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fixture: a stream of its own; every memory operation goes through it.
+// Fixture: a stream of its own (CudaStreamTest); every memory operation goes through it.
 
-__global__ void spin_for_cycles(long long cycles) {
-  const long long start = clock64();
-  while (clock64() - start < cycles) {
-  }
-}
-
-__global__ void fill_periodic(uint16_t* out, int64_t n, const uint16_t* table, int64_t period) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[i] = table[i % period];
-  }
-}
-
-class ParamStatsCudaTest : public ::testing::Test {
+class ParamStatsCudaTest : public CudaStreamTest {
  protected:
-  void SetUp() override {
-    if (!gpu_present()) GTEST_SKIP() << "no CUDA device";
-    ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  }
-  void TearDown() override {
-    if (stream_ != nullptr) {
-      EXPECT_CUDA_OK(cudaStreamSynchronize(stream_));
-      EXPECT_CUDA_OK(cudaStreamDestroy(stream_));
-      stream_ = nullptr;
-    }
-  }
-
   void upload_role(const HostList& h, Role r, DeviceList* d) {
     ASSERT_CUDA_OK(cudaMemcpyAsync(d->buf[r].get(), h.bytes[r].data(), h.bytes[r].size(),
                                    cudaMemcpyHostToDevice, stream_));
@@ -632,8 +484,6 @@ class ParamStatsCudaTest : public ::testing::Test {
     ASSERT_NO_FATAL_FAILURE(expect_prev(h, d, (cfg.flags & tc::kRefreshPrev) != 0, context + " [" + describe(cfg) + "]"));
     if (res_out != nullptr) *res_out = std::move(res);
   }
-
-  cudaStream_t stream_ = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -999,17 +849,10 @@ TEST_F(ParamStatsCudaTest, GraphCaptureMatchesEager) {
 
     Launch L;
     ASSERT_NO_FATAL_FAILURE(prepare(h, d, cfg, &L));
-    cudaGraph_t graph = nullptr;
-    ASSERT_CUDA_OK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    const cudaError_t launch_status = tc::param_stats_launch(L.args, L.workspace.get(), L.workspace_bytes, stream_);
-    const cudaError_t end_status = cudaStreamEndCapture(stream_, &graph);
-    ASSERT_EQ(launch_status, cudaSuccess) << "launch under capture: " << cudaGetErrorString(launch_status);
-    ASSERT_EQ(end_status, cudaSuccess) << "end capture: " << cudaGetErrorString(end_status);
-    ASSERT_NE(graph, nullptr);
     cudaGraphExec_t exec = nullptr;
-    const cudaError_t inst_status = cudaGraphInstantiate(&exec, graph, 0);
-    EXPECT_CUDA_OK(cudaGraphDestroy(graph));
-    ASSERT_EQ(inst_status, cudaSuccess) << "instantiate: " << cudaGetErrorString(inst_status);
+    ASSERT_NO_FATAL_FAILURE(capture_graph(cudaStreamCaptureModeThreadLocal, [&] {
+      return tc::param_stats_launch(L.args, L.workspace.get(), L.workspace_bytes, stream_);
+    }, &exec));
 
     for (int replay = 0; replay < 2; ++replay) {
       ASSERT_NO_FATAL_FAILURE(upload_role(h, kPrev, &d));

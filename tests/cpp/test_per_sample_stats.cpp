@@ -13,27 +13,24 @@
 
 #include <algorithm>
 #include <array>
-#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <functional>
-#include <limits>
 #include <numeric>
-#include <ostream>
 #include <string>
 #include <vector>
 
+#include "tests/cpp/torch_test_util.h"
 #include "trainscope/per_sample_stats.h"
 
 namespace {
 
+using namespace trainscope_test;
 using trainscope::PerSampleOptions;
 using trainscope::PerSampleParts;
 using trainscope::PerSampleStat;
 using trainscope::PerSampleStats;
 
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int kNumStats = 6;
 const PerSampleStat kStats[kNumStats] = {PerSampleStat::kNormTest,           PerSampleStat::kInnerTest,
                                          PerSampleStat::kOrthoTest,          PerSampleStat::kGradVarianceTrace,
@@ -61,9 +58,6 @@ std::vector<at::Tensor> make_grads(int64_t batch, const Shapes& shapes, const st
   }
   return out;
 }
-
-at::Tensor as_double_cpu(const at::Tensor& t) { return t.detach().to(at::kCPU).to(at::kDouble); }
-double value(const at::Tensor& t) { return as_double_cpu(t).item<double>(); }
 
 // ---------------------------------------------------------------------------------------------
 // Float64 reference
@@ -120,45 +114,11 @@ Reference reference(const std::vector<at::Tensor>& grads) {
   return r;
 }
 
-// SPEC.md §4 in float64: floor((clamp(x, −m, m) + m) / w), x = m in the last bin; NaN/Inf skipped.
-std::vector<int64_t> reference_hist(const std::vector<at::Tensor>& grads, int64_t nbins, double maxval) {
-  std::vector<int64_t> counts(static_cast<size_t>(nbins), 0);
-  const double w = 2.0 * maxval / static_cast<double>(nbins);
-  for (const at::Tensor& g : grads) {
-    const at::Tensor x = as_double_cpu(g).contiguous().reshape({-1});
-    const double* p = x.data_ptr<double>();
-    for (int64_t i = 0; i < x.numel(); ++i) {
-      if (!std::isfinite(p[i])) continue;
-      const double c = std::min(std::max(p[i], -maxval), maxval);
-      const double b = std::floor((c + maxval) / w);
-      const int64_t bin = b < 0.0 ? 0 : (b >= static_cast<double>(nbins) ? nbins - 1 : static_cast<int64_t>(b));
-      ++counts[static_cast<size_t>(bin)];
-    }
-  }
-  return counts;
-}
-
 int64_t finite_count(const std::vector<at::Tensor>& grads) {
   int64_t n = 0;
   for (const at::Tensor& g : grads) n += as_double_cpu(g).isfinite().sum().item<int64_t>();
   return n;
 }
-
-std::vector<int64_t> to_vector(const at::Tensor& t) {
-  const at::Tensor c = t.detach().to(at::kCPU).to(at::kLong).contiguous().reshape({-1});
-  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
-}
-
-testing::AssertionResult is_within(double got, double want, double scale, double rel) {
-  if (std::isnan(want) ? std::isnan(got) : (std::isinf(want) ? got == want : std::fabs(got - want) <= rel * scale)) {
-    return testing::AssertionSuccess();
-  }
-  return testing::AssertionFailure() << "got " << got << ", want " << want << " (tolerance " << rel << " × "
-                                     << scale << ")";
-}
-
-// NaN matches NaN, ±Inf itself, anything else within rel·|want|.
-#define EXPECT_CLOSE(got, want, rel) EXPECT_TRUE(is_within((got), (want), std::fabs(want), (rel)))
 
 // True when the raw bytes are equal (at::equal treats NaN as unequal).
 bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
@@ -202,75 +162,17 @@ void expect_stats_close(const at::Tensor& stats, const Reference& r, double rel,
   }
 }
 
-bool is_identifier_char(char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }
-
-// True when `name` appears in `text` as a whole word ("B" in "got B = 1", not in "Batch").
-bool names_argument(const std::string& text, const std::string& name) {
-  for (size_t pos = text.find(name); pos != std::string::npos; pos = text.find(name, pos + 1)) {
-    const bool start_ok = pos == 0 || !is_identifier_char(text[pos - 1]);
-    const size_t end = pos + name.size();
-    const bool end_ok = end == text.size() || !is_identifier_char(text[end]);
-    if (start_ok && end_ok) return true;
-  }
-  return false;
-}
-
-// Bad input must raise c10::Error whose message names the offending argument.
-void expect_error_naming(const std::function<void()>& call, const std::string& argument, const std::string& what) {
-  EXPECT_THROW(
-      {
-        try {
-          call();
-        } catch (const c10::Error& e) {
-          const std::string msg = e.what_without_backtrace();
-          EXPECT_TRUE(names_argument(msg, argument))
-              << what << ": the message does not name `" << argument << "`: " << msg;
-          throw;
-        }
-      },
-      c10::Error)
-      << what;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Parameterised over device and dtype
 
-struct Case {
-  bool cuda;
-  at::ScalarType dtype;
-};
-
-std::string case_label(const Case& c) {
-  std::string dt;
-  switch (c.dtype) {
-    case at::kFloat: dt = "float32"; break;
-    case at::kDouble: dt = "float64"; break;
-    case at::kBFloat16: dt = "bfloat16"; break;
-    default: dt = "float16"; break;
-  }
-  return std::string(c.cuda ? "cuda_" : "cpu_") + dt;
-}
-
-std::string case_name(const testing::TestParamInfo<Case>& info) { return case_label(info.param); }
-
-void PrintTo(const Case& c, std::ostream* os) { *os << case_label(c); }
-
-class PerSampleStatsApiTest : public testing::TestWithParam<Case> {
+class PerSampleStatsApiTest : public DeviceDtypeTest {
  protected:
-  void SetUp() override {
-    if (GetParam().cuda && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  }
-  at::Device device() const { return GetParam().cuda ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU); }
-  at::ScalarType dtype() const { return GetParam().dtype; }
-  at::TensorOptions options() const { return at::TensorOptions().dtype(dtype()).device(device()); }
   std::vector<at::Tensor> grads(int64_t batch, uint64_t seed, const Shapes& shapes = kShapes) const {
     return make_grads(batch, shapes, {dtype()}, device(), seed);
   }
   // The reference reads the very values the library reads, so only accumulation differs:
   // float64 data keep float64 accuracy; the others are held to SPEC.md's 1e-5.
   double tolerance() const { return dtype() == at::kDouble ? 1e-9 : 1e-5; }
-
-  void expect_on_device(const at::Tensor& t, const char* what) const { EXPECT_EQ(t.device(), device()) << what; }
 
   void check_all(const PerSampleStats& s, const std::vector<at::Tensor>& g, const PerSampleOptions& o,
                  const char* what) const {
@@ -632,12 +534,7 @@ TEST_P(PerSampleStatsApiTest, BadInputRaisesErrorsNamingTheArgument) {
                       "mean_sq_norm", "undefined");
 }
 
-INSTANTIATE_TEST_SUITE_P(AllDevicesAndDtypes, PerSampleStatsApiTest,
-                         testing::Values(Case{false, at::kFloat}, Case{false, at::kDouble},
-                                         Case{false, at::kBFloat16}, Case{false, at::kHalf},
-                                         Case{true, at::kFloat}, Case{true, at::kDouble},
-                                         Case{true, at::kBFloat16}, Case{true, at::kHalf}),
-                         case_name);
+INSTANTIATE_TEST_SUITE_P(AllDevicesAndDtypes, PerSampleStatsApiTest, all_cases(), case_name);
 
 // ---------------------------------------------------------------------------------------------
 // Not parameterised by dtype
@@ -666,12 +563,12 @@ void check_mixed_dtype_list(at::Device device) {
 TEST(PerSampleStatsApi, MixedDtypeListOnCpu) { check_mixed_dtype_list(at::kCPU); }
 
 TEST(PerSampleStatsApi, MixedDtypeListOnCuda) {
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  check_mixed_dtype_list(at::Device(at::kCUDA, 0));
+  SKIP_WITHOUT_CUDA();
+  check_mixed_dtype_list(cuda0());
 }
 
 TEST(PerSampleStatsApi, CudaMatchesCpu) {
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_CUDA();
   const std::vector<at::Tensor> g = make_grads(9, kShapes, {at::kFloat}, at::kCPU, 18);
   std::vector<at::Tensor> gc;
   for (const at::Tensor& t : g) gc.push_back(t.cuda());
@@ -681,8 +578,8 @@ TEST(PerSampleStatsApi, CudaMatchesCpu) {
 }
 
 TEST(PerSampleStatsApi, TensorsOnDifferentDevicesAreRejected) {
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  std::vector<at::Tensor> g = make_grads(4, {{4, 3}, {6}, {2}}, {at::kFloat}, at::Device(at::kCUDA, 0), 17);
+  SKIP_WITHOUT_CUDA();
+  std::vector<at::Tensor> g = make_grads(4, {{4, 3}, {6}, {2}}, {at::kFloat}, cuda0(), 17);
   std::vector<at::Tensor> mixed = g;
   mixed[1] = mixed[1].cpu();
   expect_error_naming([&] { trainscope::per_sample_stats(mixed); }, "per_sample_grads[1]", "entry 1 on the CPU");

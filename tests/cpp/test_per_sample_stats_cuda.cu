@@ -9,15 +9,13 @@
 // memory before it does anything else.
 #include <gtest/gtest.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -26,78 +24,15 @@
 #include <vector>
 
 #include "cuda/per_sample_stats.h"
+#include "tests/cpp/cuda_test_util.h"
 #include "tests/cpp/reference_bin.h"
 
 namespace {
 
+using namespace trainscope_test;
 namespace tc = trainscope::cuda;
-using tc::DType;
 
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kGroupTensors = 96;  // kMaxGroupTensors of the launcher: longer lists take several launches
-
-#define ASSERT_CUDA_OK(expr)                                                                   \
-  do {                                                                                         \
-    const cudaError_t ts_status_ = (expr);                                                     \
-    ASSERT_EQ(ts_status_, cudaSuccess) << #expr << " -> " << cudaGetErrorName(ts_status_) << ": " \
-                                       << cudaGetErrorString(ts_status_);                      \
-  } while (0)
-
-#define EXPECT_CUDA_OK(expr)                                                                   \
-  do {                                                                                         \
-    const cudaError_t ts_status_ = (expr);                                                     \
-    EXPECT_EQ(ts_status_, cudaSuccess) << #expr << " -> " << cudaGetErrorName(ts_status_) << ": " \
-                                       << cudaGetErrorString(ts_status_);                      \
-  } while (0)
-
-bool gpu_present() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the error so later calls do not see it
-    return false;
-  }
-  return count > 0;
-}
-
-size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
-size_t elem_size(DType t) { return static_cast<size_t>(tc::dtype_size(t)); }
-
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat64: return "float64";
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kFloat16: return "float16";
-  }
-  return "?";
-}
-
-// Stores v in dtype t at dst (round to nearest even) and returns the value actually stored.
-// The 16-bit conversions are CUDA's own host functions, independent of the library's decoders.
-double store_value(unsigned char* dst, DType t, double v) {
-  switch (t) {
-    case DType::kFloat32: {
-      const float f = static_cast<float>(v);
-      std::memcpy(dst, &f, sizeof f);
-      return f;
-    }
-    case DType::kFloat64:
-      std::memcpy(dst, &v, sizeof v);
-      return v;
-    case DType::kBFloat16: {
-      const __nv_bfloat16 b = __float2bfloat16_rn(static_cast<float>(v));
-      std::memcpy(dst, &b, sizeof b);
-      return static_cast<double>(__bfloat162float(b));
-    }
-    case DType::kFloat16: {
-      const __half h = __float2half_rn(static_cast<float>(v));
-      std::memcpy(dst, &h, sizeof h);
-      return static_cast<double>(__half2float(h));
-    }
-  }
-  return kNaN;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Host lists: per-sample gradients [B, cols] per tensor, row-major, in one byte buffer
@@ -137,13 +72,11 @@ HostList build_list(int64_t batch, const std::vector<TensorSpec>& specs, uint64_
   h.offset.resize(specs.size());
   h.values.resize(specs.size());
   for (size_t t = 0; t < specs.size(); ++t) {
-    const size_t es = elem_size(specs[t].dtype);
-    cursor = align_up(cursor, 256) + (specs[t].misaligned ? es : 0);
-    h.offset[t] = cursor;
-    cursor += static_cast<size_t>(batch * specs[t].cols) * es;
+    h.offset[t] = place_tensor(&cursor, static_cast<size_t>(batch * specs[t].cols), elem_size(specs[t].dtype),
+                               specs[t].misaligned);
     h.values[t].resize(static_cast<size_t>(batch * specs[t].cols));
   }
-  h.bytes.assign(align_up(cursor, 256) + 256, 0xA5);
+  h.bytes.assign(padded_bytes(cursor), kPadByte);
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> normal(0.0, 1.0);
   for (size_t t = 0; t < specs.size(); ++t) {
@@ -236,26 +169,6 @@ Reference compute_reference(const HostList& h, int64_t nbins, double maxval) {
   return ref;
 }
 
-// Collects mismatches so that a systematic error reports a few examples, not thousands.
-class Mismatches {
- public:
-  template <typename... Args>
-  void add(const Args&... parts) {
-    if (count_++ < 12) {
-      std::ostringstream os;
-      (os << ... << parts);
-      text_ += "\n  " + os.str();
-    }
-  }
-  void expect_none(const std::string& context) const {
-    EXPECT_EQ(count_, 0) << context << ": " << count_ << " mismatches, first ones:" << text_;
-  }
-
- private:
-  int64_t count_ = 0;
-  std::string text_;
-};
-
 // Float64 accumulation of values read exactly: 1e-10 of the magnitudes involved leaves room for
 // summation order over ~10⁶ terms and nothing more.
 constexpr double kRel = 1e-10;
@@ -265,36 +178,6 @@ bool within(double got, double want, double scale) {
   if (std::isinf(want)) return got == want;
   return std::fabs(got - want) <= kRel * scale;
 }
-
-// ---------------------------------------------------------------------------------------------
-// Device memory
-
-class DeviceMemory {
- public:
-  DeviceMemory() = default;
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  ~DeviceMemory() { release(); }
-
-  cudaError_t allocate(size_t bytes) {
-    release();
-    bytes_ = bytes;
-    return cudaMalloc(&ptr_, std::max<size_t>(bytes, 256));
-  }
-  void release() {
-    if (ptr_ != nullptr) EXPECT_CUDA_OK(cudaFree(ptr_));
-    ptr_ = nullptr;
-    bytes_ = 0;
-  }
-  template <typename T = void>
-  T* get() const { return static_cast<T*>(ptr_); }
-  unsigned char* bytes_at(size_t offset) const { return static_cast<unsigned char*>(ptr_) + offset; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
 
 struct Results {
   std::vector<double> sq_norms, dots;
@@ -350,13 +233,7 @@ void check_results(const HostList& h, const Reference& ref, bool histogram, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fixture: a stream of its own; every memory operation goes through it.
-
-__global__ void spin_for_cycles(long long cycles) {
-  const long long start = clock64();
-  while (clock64() - start < cycles) {
-  }
-}
+// Fixture: a stream of its own (CudaStreamTest); every memory operation goes through it.
 
 // Everything one launch needs; args.tensors points into descs, so a Launch stays where it is made.
 struct Launch {
@@ -371,19 +248,12 @@ struct Launch {
   size_t workspace_bytes = 0;
 };
 
-class PerSampleStatsCudaTest : public ::testing::Test {
+class PerSampleStatsCudaTest : public CudaStreamTest {
  protected:
   void SetUp() override {
-    if (!gpu_present()) GTEST_SKIP() << "no CUDA device";
+    CudaStreamTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
     ASSERT_CUDA_OK(cudaGetDevice(&device_));
-    ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  }
-  void TearDown() override {
-    if (stream_ != nullptr) {
-      EXPECT_CUDA_OK(cudaStreamSynchronize(stream_));
-      EXPECT_CUDA_OK(cudaStreamDestroy(stream_));
-      stream_ = nullptr;
-    }
   }
 
   // Uploads the list and fills in descriptors, outputs and workspace (nbins = 0: no histogram,
@@ -460,12 +330,17 @@ class PerSampleStatsCudaTest : public ::testing::Test {
     ASSERT_CUDA_OK(tc::per_sample_launch(L.args, L.workspace.get(), L.workspace_bytes, stream_, device_));
   }
 
-  void run(const HostList& h, int64_t nbins, double maxval, Results* r) {
-    Launch L;
-    ASSERT_NO_FATAL_FAILURE(prepare(h, nbins, maxval, &L));
+  // Poisons the outputs, launches and fetches what the launch wrote.
+  void poison_launch_fetch(const Launch& L, Results* r) {
     ASSERT_NO_FATAL_FAILURE(poison(L));
     ASSERT_NO_FATAL_FAILURE(launch(L));
     ASSERT_NO_FATAL_FAILURE(fetch(L, r));
+  }
+
+  void run(const HostList& h, int64_t nbins, double maxval, Results* r) {
+    Launch L;
+    ASSERT_NO_FATAL_FAILURE(prepare(h, nbins, maxval, &L));
+    ASSERT_NO_FATAL_FAILURE(poison_launch_fetch(L, r));
   }
 
   void run_and_check(const HostList& h, int64_t nbins, double maxval, const std::string& context,
@@ -477,7 +352,6 @@ class PerSampleStatsCudaTest : public ::testing::Test {
   }
 
   int device_ = 0;
-  cudaStream_t stream_ = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -649,15 +523,11 @@ TEST_F(PerSampleStatsCudaTest, RepeatedLaunchesAreBitwiseEqual) {
       Launch L;
       ASSERT_NO_FATAL_FAILURE(prepare(h, nbins, 0.05, &L));
       Results first;
-      ASSERT_NO_FATAL_FAILURE(poison(L));
-      ASSERT_NO_FATAL_FAILURE(launch(L));
-      ASSERT_NO_FATAL_FAILURE(fetch(L, &first));
+      ASSERT_NO_FATAL_FAILURE(poison_launch_fetch(L, &first));
       check_results(h, compute_reference(h, nbins, 0.05), nbins > 0, first, "determinism");
       for (int rep = 0; rep < 3; ++rep) {
         Results again;
-        ASSERT_NO_FATAL_FAILURE(poison(L));
-        ASSERT_NO_FATAL_FAILURE(launch(L));
-        ASSERT_NO_FATAL_FAILURE(fetch(L, &again));
+        ASSERT_NO_FATAL_FAILURE(poison_launch_fetch(L, &again));
         expect_bitwise_equal(first, again, "B=" + std::to_string(B) + " nbins=" + std::to_string(nbins) +
                                                " repetition " + std::to_string(rep));
       }
@@ -689,23 +559,13 @@ TEST_F(PerSampleStatsCudaTest, GraphCaptureMatchesEager) {
       Launch L;
       ASSERT_NO_FATAL_FAILURE(prepare(h, nbins, 0.05, &L));
       Results eager;
-      ASSERT_NO_FATAL_FAILURE(poison(L));
-      ASSERT_NO_FATAL_FAILURE(launch(L));
-      ASSERT_NO_FATAL_FAILURE(fetch(L, &eager));
+      ASSERT_NO_FATAL_FAILURE(poison_launch_fetch(L, &eager));
       check_results(h, compute_reference(h, nbins, 0.05), nbins > 0, eager, context + " eager");
 
-      cudaGraph_t graph = nullptr;
-      ASSERT_CUDA_OK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-      const cudaError_t launch_status =
-          tc::per_sample_launch(L.args, L.workspace.get(), L.workspace_bytes, stream_, device_);
-      const cudaError_t end_status = cudaStreamEndCapture(stream_, &graph);
-      ASSERT_EQ(launch_status, cudaSuccess) << "launch under capture: " << cudaGetErrorString(launch_status);
-      ASSERT_EQ(end_status, cudaSuccess) << "end capture: " << cudaGetErrorString(end_status);
-      ASSERT_NE(graph, nullptr);
       cudaGraphExec_t exec = nullptr;
-      const cudaError_t inst_status = cudaGraphInstantiate(&exec, graph, 0);
-      EXPECT_CUDA_OK(cudaGraphDestroy(graph));
-      ASSERT_EQ(inst_status, cudaSuccess) << "instantiate: " << cudaGetErrorString(inst_status);
+      ASSERT_NO_FATAL_FAILURE(capture_graph(cudaStreamCaptureModeThreadLocal, [&] {
+        return tc::per_sample_launch(L.args, L.workspace.get(), L.workspace_bytes, stream_, device_);
+      }, &exec));
 
       for (int replay = 0; replay < 2; ++replay) {
         ASSERT_NO_FATAL_FAILURE(poison(L));
@@ -773,31 +633,27 @@ TEST_F(PerSampleStatsCudaTest, WorkspaceTooSmallAndBadArgumentsAreInvalidValue) 
   EXPECT_EQ(status(L.args, L.workspace.get(), L.workspace_bytes - 1), cudaErrorInvalidValue) << "one byte short";
   EXPECT_EQ(status(L.args, L.workspace.get(), 0), cudaErrorInvalidValue) << "0 bytes";
   EXPECT_EQ(status(L.args, nullptr, L.workspace_bytes), cudaErrorInvalidValue) << "null workspace";
-  {
+  // The launch's arguments with one change, and the workspace it needs.
+  auto status_with = [&](const std::function<void(tc::PerSampleArgs&)>& change) {
     tc::PerSampleArgs a = L.args;
-    a.batch = 0;
-    EXPECT_EQ(status(a, L.workspace.get(), L.workspace_bytes), cudaErrorInvalidValue) << "batch 0";
-  }
-  {
-    tc::PerSampleArgs a = L.args;
-    a.tensors = nullptr;
-    EXPECT_EQ(status(a, L.workspace.get(), L.workspace_bytes), cudaErrorInvalidValue) << "null tensors";
-  }
-  {
-    tc::PerSampleArgs a = L.args;
-    a.num_tensors = -1;
-    EXPECT_EQ(status(a, L.workspace.get(), L.workspace_bytes), cudaErrorInvalidValue) << "num_tensors -1";
-  }
+    change(a);
+    return status(a, L.workspace.get(), L.workspace_bytes);
+  };
+  EXPECT_EQ(status_with([](tc::PerSampleArgs& a) { a.batch = 0; }), cudaErrorInvalidValue) << "batch 0";
+  EXPECT_EQ(status_with([](tc::PerSampleArgs& a) { a.tensors = nullptr; }), cudaErrorInvalidValue) << "null tensors";
+  EXPECT_EQ(status_with([](tc::PerSampleArgs& a) { a.num_tensors = -1; }), cudaErrorInvalidValue) << "num_tensors -1";
   for (int64_t nbins : {int64_t{0}, int64_t{-1}, tc::kMaxHistBins + 1}) {
-    tc::PerSampleArgs a = L.args;
-    a.hist_spec = tc::make_hist_spec(1, 0.05);
-    a.hist_spec.nbins = nbins;
-    EXPECT_EQ(status(a, L.workspace.get(), L.workspace_bytes), cudaErrorInvalidValue) << "nbins=" << nbins;
+    EXPECT_EQ(status_with([&](tc::PerSampleArgs& a) {
+                a.hist_spec = tc::make_hist_spec(1, 0.05);
+                a.hist_spec.nbins = nbins;
+              }),
+              cudaErrorInvalidValue)
+        << "nbins=" << nbins;
   }
   for (double maxval : {0.0, -0.05, kNaN}) {
-    tc::PerSampleArgs a = L.args;
-    a.hist_spec = tc::make_hist_spec(100, maxval);
-    EXPECT_EQ(status(a, L.workspace.get(), L.workspace_bytes), cudaErrorInvalidValue) << "maxval=" << maxval;
+    EXPECT_EQ(status_with([&](tc::PerSampleArgs& a) { a.hist_spec = tc::make_hist_spec(100, maxval); }),
+              cudaErrorInvalidValue)
+        << "maxval=" << maxval;
   }
   // Nothing was enqueued by the refused calls: the outputs still hold the poison.
   Results res;

@@ -6,7 +6,12 @@ whether a device exists, and every CUDA parametrization is skipped through a mar
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +52,32 @@ def gen(seed) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+#: The repository's bench/ folder (the benchmark scripts the smoke tests run).
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
+
+def env_with_trainscope_on_path(extra: dict | None = None) -> dict:
+    """Environment of a child interpreter that imports the same trainscope as this one, however it
+    was found, and stays off the GPU; ``extra`` entries are added last."""
+    env = dict(os.environ)
+    spec = importlib.util.find_spec("trainscope")
+    if spec is not None and spec.origin:
+        pkg_parent = str(Path(spec.origin).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run has no business with the GPU
+    env.update(extra or {})
+    return env
+
+
+def run_bench_quick_cpu(script: str, json_out: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs ``bench/<script> --quick --device cpu --json <json_out>`` in a child interpreter and
+    asserts that it exits 0 and writes the JSON; returns the finished process (stdout, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / script), "--quick", "--device", "cpu", "--json", str(json_out)],
+        capture_output=True, text=True, timeout=600, env=env_with_trainscope_on_path(extra_env),
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert json_out.is_file(), f"no JSON written\nstdout:\n{proc.stdout}"
+    return proc

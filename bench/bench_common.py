@@ -1,0 +1,115 @@
+"""What the Python benchmarks (bench/bench_*.py) share: the --device choice, timing summaries,
+the recorded environment and the JSON output.
+
+Standard library only; torch and trainscope are passed in by the caller, which imports them after
+parsing its arguments (so ``--help`` and argument errors need neither). The scripts run as
+``python bench/<name>.py`` from anywhere: Python puts the script's folder, this one, first on
+sys.path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+
+
+def select_device(torch, spec, prog):
+    """The torch.device of ``--device spec``; a CUDA device gets its index filled in and is made
+    current. None, after saying why on stderr as ``prog``, when there is no CUDA device or the
+    device type is neither cuda nor cpu (the caller exits 2)."""
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print(f"{prog}: no CUDA device; use --device cpu", file=sys.stderr)
+            return None
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        print(f"{prog}: unsupported device {spec!r}", file=sys.stderr)
+        return None
+    return device
+
+
+def resolve_repeats(p, args, repeats, warmup):
+    """Fills in args.repeats and args.warmup where not given: ``repeats`` and ``warmup`` are
+    (default, default with --quick) pairs. Errors through the parser ``p``."""
+    args.repeats = args.repeats if args.repeats is not None else (repeats[1] if args.quick else repeats[0])
+    args.warmup = args.warmup if args.warmup is not None else (warmup[1] if args.quick else warmup[0])
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+
+
+def summarize(ms):
+    q = statistics.quantiles(ms, n=10) if len(ms) >= 2 else [ms[0]] * 9
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "p10_ms": q[0], "p90_ms": q[-1],
+            "samples": len(ms)}
+
+
+def gpu_driver_version(gpu_name):
+    """The display driver's version from nvidia-smi (the row of this GPU's model), else NVML."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            q = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30, check=True)
+            rows = [[f.strip() for f in line.split(",")] for line in q.stdout.splitlines() if "," in line]
+            for name, version in rows:
+                if name == gpu_name:
+                    return version
+            if rows:
+                return rows[0][1]
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else version
+    except Exception:  # noqa: BLE001  (NVML absent or unusable: the version stays unknown)
+        return None
+
+
+def environment(torch, trainscope, device):
+    env = {
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "trainscope": getattr(trainscope, "__version__", None),
+        "trainscope_library": getattr(trainscope, "library_path", None),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update({
+            "gpu": props.name,
+            "gpu_memory_bytes": props.total_memory,
+            "gpu_sm_count": props.multi_processor_count,
+            "gpu_compute_capability": f"{props.major}.{props.minor}",
+            "gpu_l2_bytes": getattr(props, "L2_cache_size", None),
+        })
+        env["driver"] = gpu_driver_version(props.name)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def write_json(path, data, **dump_kwargs):
+    """Writes ``data`` to ``path`` (folders made as needed), indented, with a final newline;
+    ``dump_kwargs`` go to json.dump (e.g. default=str)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, **dump_kwargs)
+        f.write("\n")
