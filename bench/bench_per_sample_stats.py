@@ -823,7 +823,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-lens", default=None,
                    help=f"T values; 1 means 2-D input [B, d] (default {DEFAULT_GRID['seq_lens']})")
     p.add_argument("--layers", type=int, default=3, help="nn.Linear(d, d) layers in the MLP (default 3)")
-    p.add_argument("--method", default="auto", choices=("auto", "ghost", "tiled"),
+    p.add_argument("--method", default="auto", choices=("auto", "gram", "ghost", "tiled"),
                    help="trainscope's way of forming ‖Gᵢ‖² (default auto)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"which to run, comma-separated among {','.join(METHODS)} (default all; "

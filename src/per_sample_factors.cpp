@@ -5,6 +5,12 @@
 // nn.Linear): x [B, G, T, d_in], δ [B, G, T, d_out], read through accessors that return a tile
 // of samples in the accumulation dtype. Conv2d unfolds (im2col) tile by tile, so no temporary
 // grows with B beyond a fixed budget, except the [B] results and the parameter-sized Ḡ.
+//
+// Two routes to the parts (formulas in per_sample_factors.h): the Ḡ route (Ḡ and x Ḡᵀ, two GEMMs
+// as large as the backward pass's weight-gradient GEMM, plus ghost or tiled ‖Gᵢ‖²) and the Gram
+// route (K_x ∘ K_δ over all N = B·T rows, block-summed per pair of samples), cheaper when N is
+// small next to the weight. Every reduction after the GEMMs runs in float64: the statistics
+// subtract nearly equal parts, and float32 sums lose their difference when gradient noise is low.
 #include "trainscope/per_sample_factors.h"
 
 #include <algorithm>
@@ -17,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/core/GradMode.h>
 #include <nvtx3/nvtx3.hpp>
 
@@ -32,6 +39,7 @@ const char* factor_method_name(FactorMethod m) {
     case FactorMethod::kAuto: return "auto";
     case FactorMethod::kGhost: return "ghost";
     case FactorMethod::kTiled: return "tiled";
+    case FactorMethod::kGram: return "gram";
   }
   return "unknown";
 }
@@ -40,7 +48,9 @@ FactorMethod parse_factor_method(const std::string& method) {
   if (method == "auto") return FactorMethod::kAuto;
   if (method == "ghost") return FactorMethod::kGhost;
   if (method == "tiled") return FactorMethod::kTiled;
-  TORCH_CHECK(false, "trainscope: method must be \"auto\", \"ghost\" or \"tiled\", got \"", method, "\"");
+  if (method == "gram") return FactorMethod::kGram;
+  TORCH_CHECK(false, "trainscope: method must be \"auto\", \"ghost\", \"tiled\" or \"gram\", got \"", method,
+              "\"");
   return FactorMethod::kAuto;
 }
 
@@ -69,9 +79,9 @@ struct Problem {
   at::TensorOptions opts;
   Accessor x, d;
   int64_t x_elems_per_sample;
-  // [B, G·d_out] per-sample bias gradients; empty when the layer's bias is not tracked. A
-  // function, so that building a Problem does no work before every argument is checked.
-  std::function<at::Tensor()> bias_grads;
+  // [B, G·d_out] per-sample bias gradients summed in `dtype`; empty when the layer's bias is not
+  // tracked. A function, so that building a Problem does no work before every argument is checked.
+  std::function<at::Tensor(at::ScalarType dtype)> bias_grads;
 };
 
 // Samples per tile when one sample needs `work` elements of temporaries besides its x and δ in
@@ -150,8 +160,8 @@ Problem linear_problem(const char* op, const at::Tensor& input, const at::Tensor
   };
   p.x_elems_per_sample = 0;
   if (has_bias) {
-    p.bias_grads = [grad_output, acc, B, T, dout] {
-      return at::sum(grad_output.reshape({B, T, dout}), {1}, false, acc);
+    p.bias_grads = [grad_output, B, T, dout](at::ScalarType dtype) {
+      return at::sum(grad_output.reshape({B, T, dout}), {1}, false, dtype);
     };
   }
   return p;
@@ -230,54 +240,82 @@ Problem conv2d_problem(const char* op, const at::Tensor& input, const at::Tensor
   };
   // The input tile upcast, before unfolding.
   p.x_elems_per_sample = cin * input.size(2) * input.size(3);
-  if (has_bias) p.bias_grads = [grad_output, acc] { return at::sum(grad_output, {2, 3}, false, acc); };
+  if (has_bias) {
+    p.bias_grads = [grad_output](at::ScalarType dtype) { return at::sum(grad_output, {2, 3}, false, dtype); };
+  }
   return p;
 }
 
 // ---------------------------------------------------------------------------------------------
 // The parts.
 
-bool use_tiled(const Problem& p, FactorMethod m) {
-  if (m == FactorMethod::kAuto) return 2 * p.T * p.T > p.din * p.dout;
-  return m == FactorMethod::kTiled;
-}
-
-// [b·G, T, d] of a [b, G, T, d] tile.
-at::Tensor flat_batch(const at::Tensor& t) { return t.reshape({-1, t.size(2), t.size(3)}); }
+// [b·G, T, d] of a [b, G, T, d] tile (sizes spelled out: -1 is ambiguous when T = 0).
+at::Tensor flat_batch(const at::Tensor& t) { return t.reshape({t.size(0) * t.size(1), t.size(2), t.size(3)}); }
 // [G, b·T, d] of a [b, G, T, d] tile.
 at::Tensor flat_groups(const at::Tensor& t) {
-  return t.transpose(0, 1).reshape({t.size(1), -1, t.size(3)});
+  return t.transpose(0, 1).reshape({t.size(1), t.size(0) * t.size(2), t.size(3)});
 }
 
-// ‖Gᵢ‖² of the samples of one tile, [b], by the ghost norm: Σ_{t,s} (x_t·x_s)(δ_t·δ_s) with the
-// two T×T Gram matrices formed in blocks of rows.
+at::TensorOptions f64_options(const Problem& p) { return p.opts.dtype(at::kDouble); }
+
+// Σ_j a_ij·b_ij [n] float64 of two [n, m] matrices (Σ_j a_ij² when b is undefined), each element
+// upcast before the product. On the CPU in blocks that stay in cache (whole float64 copies would
+// cost more memory traffic than the GEMM that made a); on a GPU at once.
+at::Tensor rowwise_dot_f64(const at::Tensor& a, const at::Tensor& b = {}) {
+  auto dot = [](const at::Tensor& x, const at::Tensor& y) {
+    const at::Tensor x64 = x.to(at::kDouble);
+    return (y.defined() ? x64 * y.to(at::kDouble) : x64 * x64).sum(1);
+  };
+  if (!a.device().is_cpu()) return dot(a, b);
+  constexpr int64_t kBlock = int64_t{1} << 17;
+  const int64_t n = a.size(0), m = a.size(1);
+  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(n, kBlock / std::max<int64_t>(1, m)));
+  const int64_t cb = std::max<int64_t>(1, std::min<int64_t>(m, kBlock / rb));
+  at::Tensor out = at::zeros({n}, a.options().dtype(at::kDouble));
+  for (int64_t r0 = 0; r0 < n; r0 += rb) {
+    const int64_t r = std::min(rb, n - r0);
+    at::Tensor o = out.narrow(0, r0, r);
+    for (int64_t c0 = 0; c0 < m; c0 += cb) {
+      const int64_t c = std::min(cb, m - c0);
+      o.add_(dot(a.narrow(0, r0, r).narrow(1, c0, c), b.defined() ? b.narrow(0, r0, r).narrow(1, c0, c) : b));
+    }
+  }
+  return out;
+}
+
+// ‖Gᵢ‖² of the samples of one tile, [b] float64, by the ghost norm: Σ_{t,s} (x_t·x_s)(δ_t·δ_s)
+// with the two T×T Gram matrices formed in blocks of rows.
 at::Tensor ghost_sq_norms(const Problem& p, const at::Tensor& x, const at::Tensor& d) {
   const int64_t b = x.size(0);
-  if (p.T == 1) {  // ‖x‖²‖δ‖²: no Gram matrices needed
-    return (x.square().sum(at::IntArrayRef{2, 3}) * d.square().sum(at::IntArrayRef{2, 3})).sum(1);
+  if (p.T == 1) {  // ‖x‖²‖δ‖² per group: no Gram matrices needed
+    return (rowwise_dot_f64(x.reshape({b * p.G, p.din})) * rowwise_dot_f64(d.reshape({b * p.G, p.dout})))
+        .view({b, p.G})
+        .sum(1);
   }
   const at::Tensor X = flat_batch(x), D = flat_batch(d);
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(p.T, factor_tile_elems() / std::max<int64_t>(1, 2 * X.size(0) * p.T)));
+  // Three blocks alive at once: one Gram block in float64, the other before and after upcasting.
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(p.T, factor_tile_elems() / std::max<int64_t>(1, 3 * X.size(0) * p.T)));
   at::Tensor acc;
   for (int64_t r0 = 0; r0 < p.T; r0 += rows) {
     const int64_t r = std::min(rows, p.T - r0);
-    at::Tensor gx = at::bmm(X.narrow(1, r0, r), X.transpose(1, 2));
-    const at::Tensor gd = at::bmm(D.narrow(1, r0, r), D.transpose(1, 2));
+    at::Tensor gx = at::bmm(X.narrow(1, r0, r), X.transpose(1, 2)).to(at::kDouble);
+    const at::Tensor gd = at::bmm(D.narrow(1, r0, r), D.transpose(1, 2)).to(at::kDouble);
     const at::Tensor s = gx.mul_(gd).sum(at::IntArrayRef{1, 2});
     acc = acc.defined() ? acc.add_(s) : s;
   }
-  if (!acc.defined()) return at::zeros({b}, p.opts);  // T = 0
+  if (!acc.defined()) return at::zeros({b}, f64_options(p));  // T = 0
   return acc.view({b, p.G}).sum(1);
 }
 
 // Calls fn(o0, Gt) for the per-sample weight gradients of one tile, Gt [b, G, o, d_in] holding
-// rows o0 .. o0+o of d_out, in blocks of rows small enough for the tile budget.
+// rows o0 .. o0+o of d_out, in blocks of rows small enough for the tile budget when `copies`
+// blocks of that size are alive at once.
 void for_each_grad_block(const Problem& p, const at::Tensor& x, const at::Tensor& d,
-                         const std::function<void(int64_t, at::Tensor)>& fn) {
+                         const std::function<void(int64_t, at::Tensor)>& fn, int64_t copies = 1) {
   const int64_t b = x.size(0);
   const at::Tensor X = flat_batch(x), D = flat_batch(d).transpose(1, 2);  // [bG, d_out, T]
-  const int64_t rows =
-      std::max<int64_t>(1, std::min<int64_t>(p.dout, factor_tile_elems() / std::max<int64_t>(1, b * p.G * p.din)));
+  const int64_t rows = std::max<int64_t>(
+      1, std::min<int64_t>(p.dout, factor_tile_elems() / std::max<int64_t>(1, copies * b * p.G * p.din)));
   for (int64_t o0 = 0; o0 < p.dout; o0 += rows) {
     const int64_t o = std::min(rows, p.dout - o0);
     fn(o0, at::bmm(D.narrow(1, o0, o), X).view({b, p.G, o, p.din}));
@@ -287,26 +325,44 @@ void for_each_grad_block(const Problem& p, const at::Tensor& x, const at::Tensor
 // Samples per tile of the weight-gradient blocks (a tile of rows when one sample is too large).
 int64_t grad_tile_samples(const Problem& p) { return tile_samples(p, p.G * p.dout * p.din); }
 
+// ‖Gᵢ‖² [b] float64 from the per-sample weight gradients, squared after upcasting (exactly).
 at::Tensor tiled_sq_norms(const Problem& p, const at::Tensor& x, const at::Tensor& d) {
   at::Tensor acc;
-  for_each_grad_block(p, x, d, [&](int64_t, at::Tensor g) {
-    const at::Tensor s = g.square_().sum(at::IntArrayRef{1, 2, 3});
-    acc = acc.defined() ? acc.add_(s) : s;
-  });
-  return acc.defined() ? acc : at::zeros({x.size(0)}, p.opts);
+  for_each_grad_block(
+      p, x, d,
+      [&](int64_t, at::Tensor g) {
+        const at::Tensor s = rowwise_dot_f64(g.view({g.size(0), -1}));
+        acc = acc.defined() ? acc.add_(s) : s;
+      },
+      /*copies=*/x.device().is_cpu() ? 1 : 2);  // a GPU upcasts a whole block
+  return acc.defined() ? acc : at::zeros({x.size(0)}, f64_options(p));
 }
 
-// The parts of the bias, from the per-sample bias gradients [B, d_out].
+// The parts of the bias, from the per-sample bias gradients [B, d_out] (float64).
 PerSampleParts bias_parts(const at::Tensor& bg) {
   const at::Tensor mean = bg.mean(0);
   return {bg.square().sum(1), at::mv(bg, mean), mean.square().sum()};
 }
 
-PerSampleParts weight_parts(const Problem& p, FactorMethod method) {
-  const bool tiled = use_tiled(p, method);
+// ‖t‖² in float64, upcasting a chunk at a time: Ḡ is parameter-sized. (The mean of the Gᵢ·Ḡ
+// equals ‖Ḡ‖² too, but carries the rounding of the float32 GEMM x Ḡᵀ: ten times less accurate.)
+at::Tensor sq_norm_f64(const at::Tensor& t) {
+  const at::Tensor flat = t.reshape(-1);
+  const int64_t n = flat.numel(), chunk = int64_t{1} << 20;
+  at::Tensor acc = at::zeros({}, t.options().dtype(at::kDouble));
+  for (int64_t i = 0; i < n; i += chunk) {
+    acc.add_(flat.narrow(0, i, std::min(chunk, n - i)).to(at::kDouble, false, /*copy=*/true).square_().sum());
+  }
+  return acc;
+}
+
+// The Ḡ route: ‖Gᵢ‖² by the ghost norm or tiled, Ḡ = δᵀx / B, and Gᵢ·Ḡ from x Ḡᵀ. The GEMMs
+// run in the accumulation dtype, everything after them in float64.
+PerSampleParts gbar_parts(const Problem& p, bool tiled) {
   // Pass 1: ‖Gᵢ‖² and Σᵢ Gᵢ over tiles of samples, sharing each tile's x and δ.
   const int64_t b1 = tile_samples(p, tiled ? p.G * p.dout * p.din : 2 * p.G * p.T * p.T);
-  const int64_t b2 = tile_samples(p, p.G * p.T * p.dout);
+  // Pass 2 holds x Ḡᵀ, and on a GPU its float64 copy and δ's.
+  const int64_t b2 = tile_samples(p, 3 * p.G * p.T * p.dout);
   std::vector<at::Tensor> sq;
   at::Tensor gsum = at::zeros({p.G, p.dout, p.din}, p.opts);
   at::Tensor xg, dg;  // [G, B·T, d] of the whole batch, kept when both passes take it in one tile
@@ -330,16 +386,188 @@ PerSampleParts weight_parts(const Problem& p, FactorMethod method) {
     const at::Tensor xf = xg.defined() ? xg : flat_groups(p.x(i0, b));
     const at::Tensor df = dg.defined() ? dg : flat_groups(p.d(i0, b));
     const at::Tensor y = at::bmm(xf, gbar.transpose(1, 2));  // [G, b·T, d_out]
-    dots.push_back(y.mul_(df).view({p.G, b, -1}).sum(at::IntArrayRef{0, 2}));
+    const int64_t rows = p.G * b * p.T;
+    const at::Tensor row_dots = rowwise_dot_f64(y.view({rows, p.dout}), df.reshape({rows, p.dout}));
+    dots.push_back(row_dots.view({p.G, b, p.T}).sum(at::IntArrayRef{0, 2}));
   }
-  return {at::cat(sq), at::cat(dots), gbar.square().sum()};
+  return {at::cat(sq), at::cat(dots), sq_norm_f64(gbar)};
+}
+
+int64_t isqrt(int64_t v) { return static_cast<int64_t>(std::sqrt(static_cast<double>(std::max<int64_t>(0, v)))); }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Temporaries per sample when the Gram route loads x and δ: a second tile, upcast and centred
+// copies, and both tiles' T×T cross terms with the centres (held whole, even for one sample).
+int64_t gram_load_work(const Problem& p) { return 3 * p.G * p.T * (p.din + p.dout) + 4 * p.G * p.T * p.T; }
+
+// One factor (x or δ) of the Gram route, centred: rows r_it = x_it − c_t with c [G, T, d] a
+// per-position centre, so that x_it·x_ks = r_it·r_ks + r_it·c_s + c_t·r_ks + c_t·c_s. A float32
+// GEMM rounds r_it·r_ks to ε·|r_it||r_ks| rather than ε·|x_it||x_ks|: when the samples are alike
+// (low gradient noise s) that is s² smaller, which is what the statistics, differences of order
+// s², need. The cross terms' rounding amounts to moving a row by ε·|r| along c, which the
+// statistics see as ε relative; c_t·c_s is formed in float64.
+struct Centre {
+  at::Tensor c;   // [G, T, d] in the GEMM dtype
+  at::Tensor ct;  // [G, d, T]
+  at::Tensor cc;  // [G, T, T] float64: c_t·c_s
+};
+
+Centre centre_of(const at::Tensor& first_tile, at::ScalarType gemm) {
+  const at::Tensor c = first_tile.to(at::kDouble).mean(0).to(gemm);  // per-position mean
+  const at::Tensor c64 = c.to(at::kDouble);
+  return {c, c.transpose(1, 2), at::bmm(c64, c64.transpose(1, 2))};
+}
+
+// A tile of one factor, centred.
+struct GramTile {
+  at::Tensor r;   // [b, G, T, d] in the GEMM dtype
+  at::Tensor rt;  // [G, d, b·T]
+  at::Tensor u;   // [G, b, T, T] float64: r_it·c_s
+};
+
+GramTile gram_tile(const at::Tensor& r, const Centre& c) {
+  const int64_t b = r.size(0), G = r.size(1), T = r.size(2);
+  const at::Tensor rows = flat_groups(r);
+  return {r, rows.transpose(1, 2), at::bmm(rows, c.ct).to(at::kDouble).view({G, b, T, T})};
+}
+
+// K_x (or K_δ) [G, bi, r, bk, T] float64 between the rows t0 .. t0+r of the samples of tile i
+// and all rows of tile k.
+at::Tensor centred_gram(const Centre& c, const GramTile& i, const GramTile& k, int64_t t0, int64_t r) {
+  const int64_t G = i.r.size(1), bi = i.r.size(0), T = i.r.size(2), bk = k.r.size(0);
+  at::Tensor g = at::bmm(flat_groups(i.r.narrow(2, t0, r)), k.rt).to(at::kDouble).view({G, bi, r, bk, T});
+  g.add_(i.u.narrow(2, t0, r).unsqueeze(3));                             // r_it·c_s
+  g.add_(k.u.permute({0, 3, 1, 2}).narrow(1, t0, r).unsqueeze(1));      // c_t·r_ks
+  g.add_(c.cc.narrow(1, t0, r).unsqueeze(1).unsqueeze(3));               // c_t·c_s
+  return g;
+}
+
+// S_ik = Gᵢ·G_k [bi, bk] float64 for the samples i of tiles (xi, di) and k of tiles (xk, dk):
+// the block sums of K_x ∘ K_δ over the rows of the two tiles, in chunks of the T rows of each
+// sample of the first tile when the blocks are large.
+at::Tensor gram_block(const Problem& p, const Centre& cx, const Centre& cd, const GramTile& xi,
+                      const GramTile& di, const GramTile& xk, const GramTile& dk) {
+  const int64_t bi = xi.r.size(0), cols = xk.r.size(0) * p.T;
+  // Four blocks alive at once: K_x and K_δ before and after upcasting.
+  const int64_t tr = std::max<int64_t>(
+      1, std::min<int64_t>(p.T, factor_tile_elems() / std::max<int64_t>(1, 4 * p.G * bi * cols)));
+  at::Tensor s;
+  for (int64_t t0 = 0; t0 < p.T; t0 += tr) {
+    const int64_t r = std::min(tr, p.T - t0);
+    at::Tensor m = centred_gram(cx, xi, xk, t0, r);
+    m.mul_(centred_gram(cd, di, dk, t0, r));
+    // With T = 1 and one group, S is M itself.
+    const at::Tensor blk = p.G == 1 && p.T == 1 ? m.view({m.size(1), m.size(3)}) : m.sum(at::IntArrayRef{0, 2, 4});
+    s = s.defined() ? s.add_(blk) : blk;
+  }
+  return s;
+}
+
+// Samples per tile of the Gram route. Two tiles make blocks of (b·T)² Gram entries: whole blocks
+// within the budget where samples allow. S is symmetric, so nt tiles cost nt(nt+1)/2 blocks of
+// nt²: up to 8 tiles while a tile keeps 256 rows or more (GEMMs that large run at full speed).
+int64_t gram_tile_samples(const Problem& p) {
+  if (p.T == 0) return p.B;
+  const int64_t side = isqrt(factor_tile_elems() / (4 * p.G));
+  const int64_t bt = std::min(tile_samples(p, gram_load_work(p)), side / p.T);
+  return std::max<int64_t>(1, std::min(bt, std::max(ceil_div(p.B, 8), ceil_div(256, p.T))));
+}
+
+// The Gram route: ‖Gᵢ‖² = S_ii, Gᵢ·Ḡ = Σ_k S_ik / B, ‖Ḡ‖² = Σ_ik S_ik / B². Only pairs of tiles
+// k >= i are formed, and only S's diagonal and row sums are kept. `f64`: the GEMMs run in float64
+// (x and δ are upcast exactly); in the accumulation dtype otherwise.
+PerSampleParts gram_parts(const Problem& p, bool f64) {
+  const at::TensorOptions o64 = f64_options(p);
+  if (p.T == 0) return {at::zeros({p.B}, o64), at::zeros({p.B}, o64), at::zeros({}, o64)};
+  const at::ScalarType gemm = f64 ? at::kDouble : p.acc;
+  const int64_t bt = gram_tile_samples(p);
+  // The centres: per-position means over the first tile (any centre is exact; one near every
+  // sample keeps the float32 rounding small).
+  at::Tensor x0 = p.x(0, bt).to(gemm), d0 = p.d(0, bt).to(gemm);
+  const Centre cx = centre_of(x0, gemm), cd = centre_of(d0, gemm);
+  // The tiles of both factors, centred: all made once when the whole batch fits the budget, each
+  // made again for every pair otherwise. Out of place, as a tile may be a view of the caller's.
+  using Tiles = std::pair<GramTile, GramTile>;
+  auto make = [&](const at::Tensor& x, const at::Tensor& d) -> Tiles {
+    return {gram_tile(x.to(gemm) - cx.c, cx), gram_tile(d.to(gemm) - cd.c, cd)};
+  };
+  std::vector<Tiles> all;
+  if (tile_samples(p, gram_load_work(p)) >= p.B) {
+    const at::Tensor x = bt == p.B ? x0 : p.x(0, p.B), d = bt == p.B ? d0 : p.d(0, p.B);
+    for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
+      const int64_t b = std::min(bt, p.B - i0);
+      all.push_back(make(x.narrow(0, i0, b), d.narrow(0, i0, b)));
+    }
+  }
+  x0 = d0 = at::Tensor();
+  auto load = [&](int64_t i0, int64_t b) { return all.empty() ? make(p.x(i0, b), p.d(i0, b)) : all[i0 / bt]; };
+  at::Tensor sq = at::empty({p.B}, o64), rows = at::zeros({p.B}, o64);
+  for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
+    const int64_t bi = std::min(bt, p.B - i0);
+    const Tiles ti = load(i0, bi);
+    const at::Tensor s = gram_block(p, cx, cd, ti.first, ti.second, ti.first, ti.second);
+    sq.narrow(0, i0, bi).copy_(s.diagonal());
+    rows.narrow(0, i0, bi).add_(s.sum(1));
+    for (int64_t k0 = i0 + bi; k0 < p.B; k0 += bt) {
+      const int64_t bk = std::min(bt, p.B - k0);
+      const Tiles tk = load(k0, bk);
+      const at::Tensor sk = gram_block(p, cx, cd, ti.first, ti.second, tk.first, tk.second);
+      rows.narrow(0, i0, bi).add_(sk.sum(1));
+      rows.narrow(0, k0, bk).add_(sk.sum(0));
+    }
+  }
+  const double b = static_cast<double>(p.B);
+  return {sq, rows.div(b), rows.sum().div_(b * b)};
+}
+
+// How much slower a float64 GEMM is than a float32 one on `device` (roughly): GPUs of compute
+// capability 6.0, 7.0, 8.0, 9.0 and 10.0 (P100 to B200) run float64 at half rate or better, the
+// others at 1/32 or 1/64.
+double f64_gemm_penalty(const at::Device& device) {
+  if (!device.is_cuda()) return 2.0;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
+  return prop->minor == 0 && prop->major >= 6 && prop->major <= 10 ? 2.0 : 64.0;
+}
+
+// The Gram route's GEMMs of float32 inputs run in float64 when N is small: under this many
+// flops, or at float64's speed still this many times cheaper than the Ḡ route.
+constexpr double kSmallGramFlops = double(int64_t{1} << 24);
+constexpr double kGram64Saving = 4.0;
+
+struct Route {
+  bool gram;      // the Gram route; the Ḡ route otherwise
+  bool gram_f64;  // the Gram route's GEMMs in float64
+  bool tiled;     // the Ḡ route's ‖Gᵢ‖² tiled rather than by the ghost norm
+};
+
+// kAuto takes the route of fewer flops (float64 flops weighted by the device's float64 penalty),
+// the Ḡ route tiled when 2T² > d_in·d_out. The Gram route counts only the pairs of tiles formed.
+Route route_of(const Problem& p, FactorMethod m) {
+  const double G = p.G, B = p.B, T = p.T, N = B * T, din = p.din, dout = p.dout;
+  Route r{};
+  r.tiled = m == FactorMethod::kAuto ? 2 * p.T * p.T > p.din * p.dout : m == FactorMethod::kTiled;
+  const double sq_flops = r.tiled ? 2 * G * B * T * din * dout : 2 * G * B * T * T * (din + dout);
+  const double gbar_flops = 4 * G * N * din * dout + sq_flops;
+  const double tiles = static_cast<double>(ceil_div(p.B, gram_tile_samples(p)));
+  const double gram_flops = 2 * G * N * N * (din + dout) * (tiles + 1) / (2 * tiles);
+  const double penalty = p.acc == at::kDouble ? 1.0 : f64_gemm_penalty(p.opts.device());
+  r.gram_f64 = p.acc == at::kDouble || gram_flops <= kSmallGramFlops ||
+               kGram64Saving * penalty * gram_flops <= gbar_flops;
+  const double gram_cost = (r.gram_f64 ? penalty : 1.0) * gram_flops;
+  r.gram = m == FactorMethod::kGram || (m == FactorMethod::kAuto && gram_cost < gbar_flops);
+  return r;
+}
+
+PerSampleParts weight_parts(const Problem& p, FactorMethod method) {
+  const Route r = route_of(p, method);
+  return r.gram ? gram_parts(p, r.gram_f64) : gbar_parts(p, r.tiled);
 }
 
 PerSampleParts parts_of(const Problem& p, FactorMethod method) {
   check_batch_for_stats(p.op, p.B);
   PerSampleParts w = weight_parts(p, method);
   if (!p.bias_grads) return w;
-  const PerSampleParts b = bias_parts(p.bias_grads());
+  const PerSampleParts b = bias_parts(p.bias_grads(at::kDouble));
   return {w.sq_norms.add_(b.sq_norms), w.dots.add_(b.dots), w.mean_sq_norm.add_(b.mean_sq_norm)};
 }
 
@@ -355,7 +583,7 @@ at::Tensor hist1d_of(const Problem& p, int64_t nbins, double maxval) {
     for_each_grad_block(p, p.x(i0, b), p.d(i0, b),
                         [&](int64_t, at::Tensor g) { hist.add_(grad_hist1d({g}, nbins, maxval)); });
   }
-  if (p.bias_grads && p.B > 0) hist.add_(grad_hist1d({p.bias_grads()}, nbins, maxval));
+  if (p.bias_grads && p.B > 0) hist.add_(grad_hist1d({p.bias_grads(p.acc)}, nbins, maxval));
   return hist;
 }
 
@@ -383,7 +611,7 @@ std::tuple<at::Tensor, at::Tensor> hist2d_of(const Problem& p, const at::Tensor&
       add(g, w.narrow(1, o0, g.size(2)));
     });
   }
-  if (p.bias_grads && p.B > 0) add(p.bias_grads(), bias.to(p.acc));
+  if (p.bias_grads && p.B > 0) add(p.bias_grads(p.acc), bias.to(p.acc));
   return {counts, nonfinite};
 }
 

@@ -3,8 +3,27 @@ of a layer's weights.
 
 For ``nn.Linear`` (y = x Wᵀ + b, x [B, T, d_in]) sample i's weight gradient is
 Gᵢ = Σ_t δ_itᵀ x_it, with δ = ∂loss/∂y the layer's output gradient. ‖Gᵢ‖², Gᵢ·Ḡ and ‖Ḡ‖² come
-from x and δ alone: the ghost norm Σ_{t,s}(x_it·x_is)(δ_it·δ_is) or, when 2T² > d_in·d_out,
-Gᵢ formed in bounded tiles of samples. ``nn.Conv2d`` is unfolded into the same problem.
+from x and δ alone, by one of two routes over the N = B·T rows:
+
+- the Ḡ route (``"ghost"``, ``"tiled"``): Ḡ = δᵀx/B and x Ḡᵀ, two GEMMs as large as the
+  backward pass's weight-gradient GEMM (about 4·N·d_in·d_out flops), with ‖Gᵢ‖² by the ghost
+  norm Σ_{t,s}(x_it·x_is)(δ_it·δ_is) or, when 2T² > d_in·d_out, Gᵢ formed in bounded tiles;
+- the Gram route (``"gram"``, about 2·N²·(d_in + d_out) flops): with K_x = X Xᵀ and K_δ = Δ Δᵀ
+  over all N rows, the per-sample block sums S_ik of K_x ∘ K_δ are Gᵢ·G_k, so ‖Gᵢ‖² = S_ii,
+  Gᵢ·Ḡ = Σ_k S_ik / B and ‖Ḡ‖² = Σ_ik S_ik / B². Far cheaper when N is small next to the weight
+  (roughly N below the harmonic mean of d_in and d_out).
+
+``"auto"`` takes the route of fewer flops. ``nn.Conv2d`` is unfolded into the same problem.
+
+The parts are float64 whatever the inputs (as the materialised path's): GEMMs run in float32
+for float32/bfloat16/float16 inputs (torch's float32 matmul precision applies; TF32 is off by
+default and trainscope leaves it alone) and everything after them in float64. The Gram route
+runs its GEMMs in float64 when N is small, and otherwise in float32 on rows centred on a
+per-position mean, so that their rounding is relative to how much the samples differ: it stays
+within SPEC.md §5's 1e-5 of float64 arithmetic however low the gradient noise (measured: 1e-7
+or better). The Ḡ route's float32 Ḡ and x Ḡᵀ lose accuracy as 1/s² when per-sample gradients
+differ by a relative s: norm test of float32 x, δ [64, 256] off by 2.9e-7, 2.3e-5, 7.7e-4 at
+s = 0.1, 0.01, 0.001 (below 1e-8/s²). See ``per_sample_factors.h`` for the numbers.
 
 The easy way in is :class:`PerSampleHooks`, which captures every layer's input and output
 gradient during an ordinary backward::
@@ -36,8 +55,9 @@ from torch import nn
 from . import _ops  # noqa: F401  (loads the op library)
 from .per_sample_stats import PerSampleParts
 
-#: How ‖Gᵢ‖² is formed: "auto" takes "tiled" when 2T² > d_in·d_out, "ghost" otherwise.
-FACTOR_METHODS = ("auto", "ghost", "tiled")
+#: The route: "ghost"/"tiled" (the Ḡ route, ‖Gᵢ‖² by the ghost norm or tiled), "gram" (the Gram
+#: route), "auto" (the one of fewer flops; the Ḡ route tiles when 2T² > d_in·d_out).
+FACTOR_METHODS = ("auto", "ghost", "tiled", "gram")
 
 #: Layer types PerSampleHooks handles (subclasses that keep their forward are accepted too).
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
@@ -66,8 +86,9 @@ def _check_method(method: str) -> str:
 
 def linear_per_sample_parts(input: torch.Tensor, grad_output: torch.Tensor, has_bias: bool = True,
                             method: str = "auto") -> PerSampleParts:
-    """Parts of nn.Linear's per-sample gradients (weight, and bias when ``has_bias``).
-    ``input`` [B, ..., d_in], ``grad_output`` [B, ..., d_out] with the same leading dims."""
+    """Parts of nn.Linear's per-sample gradients (weight, and bias when ``has_bias``), float64.
+    ``input`` [B, ..., d_in], ``grad_output`` [B, ..., d_out] with the same leading dims;
+    ``method`` one of :data:`FACTOR_METHODS`."""
     sq, dots, msq = torch.ops.trainscope.linear_per_sample_parts(input, grad_output, bool(has_bias),
                                                                  _check_method(method))
     return PerSampleParts(sq, dots, msq)
@@ -76,7 +97,7 @@ def linear_per_sample_parts(input: torch.Tensor, grad_output: torch.Tensor, has_
 def conv2d_per_sample_parts(input: torch.Tensor, grad_output: torch.Tensor, kernel_size: IntOrPair,
                             stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
                             groups: int = 1, has_bias: bool = True, method: str = "auto") -> PerSampleParts:
-    """Parts of nn.Conv2d's per-sample gradients (zero padding given as numbers; see
+    """Parts of nn.Conv2d's per-sample gradients, float64 (zero padding given as numbers; see
     :func:`layer_per_sample_parts` for a module with any padding mode)."""
     sq, dots, msq = torch.ops.trainscope.conv2d_per_sample_parts(
         input, grad_output, _pair("kernel_size", kernel_size), _pair("stride", stride),
@@ -487,9 +508,10 @@ def _fake_check_nbins(op: str, **nbins) -> None:
 
 
 def _parts_fake(input, grad_output):
-    fdt = torch.float64 if input.dtype == torch.float64 and grad_output.dtype == torch.float64 else torch.float32
+    # float64 whatever the inputs' dtypes, as the kernels return.
     b = input.shape[0]
-    return (input.new_empty(b, dtype=fdt), input.new_empty(b, dtype=fdt), input.new_empty((), dtype=fdt))
+    f64 = torch.float64
+    return (input.new_empty(b, dtype=f64), input.new_empty(b, dtype=f64), input.new_empty((), dtype=f64))
 
 
 @torch.library.register_fake("trainscope::linear_per_sample_parts")

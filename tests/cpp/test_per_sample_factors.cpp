@@ -1,8 +1,9 @@
 // The LibTorch API of include/trainscope/per_sample_factors.h against a reference built from
 // explicit per-sample gradients: one autograd backward per sample through at::linear / at::conv2d
-// in double (SPEC.md §2, §4, §5). Ghost and tiled methods, a small tile budget that forces every
-// tiling path, dtypes, non-contiguous inputs, conv groups/stride/dilation, histograms,
-// OutputGradCapture, and the errors bad input must raise. CUDA variants skip without a GPU.
+// in double (SPEC.md §2, §4, §5). The Ḡ route (ghost, tiled) and the Gram route, a small tile
+// budget that forces every tiling path, float64 parts from every dtype, non-contiguous inputs,
+// conv groups/stride/dilation, histograms, OutputGradCapture, and the errors bad input must
+// raise. CUDA variants skip without a GPU.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
@@ -83,7 +84,10 @@ void expect_parts(const PerSampleParts& got, const Parts64& want, double rtol, c
 }
 
 double tolerance(at::ScalarType t) { return t == at::kDouble ? 1e-11 : 2e-5; }
-at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+const FactorMethod kAllMethods[] = {FactorMethod::kAuto, FactorMethod::kGhost, FactorMethod::kTiled,
+                                    FactorMethod::kGram};
+const FactorMethod kForcedMethods[] = {FactorMethod::kGhost, FactorMethod::kTiled, FactorMethod::kGram};
 
 at::Tensor randn(at::IntArrayRef shape, at::Generator& gen, at::ScalarType dtype, at::Device device) {
   return at::randn(shape, gen, kF64).to(at::TensorOptions().dtype(dtype).device(device));
@@ -143,12 +147,12 @@ TEST_P(PerSampleFactorsApiTest, LinearAllShapesAndMethods) {
     ds.push_back(c.dout);
     const at::Tensor x = randn(xs, gen, dtype(), device()), d = randn(ds, gen, dtype(), device());
     const Parts64 want = reference_parts(reference_grads(linear_layer(), x, d, {c.dout, c.din}, c.bias));
-    for (FactorMethod m : {FactorMethod::kAuto, FactorMethod::kGhost, FactorMethod::kTiled}) {
+    for (FactorMethod m : kAllMethods) {
       const std::string what = std::string("linear ") + c10::str(at::IntArrayRef(xs)) + " " +
                                trainscope::factor_method_name(m);
       const PerSampleParts got = trainscope::linear_per_sample_parts(x, d, c.bias, m);
       EXPECT_EQ(got.sq_norms.device(), device());
-      expect_parts(got, want, tolerance(dtype()), what, acc_of(dtype()));
+      expect_parts(got, want, tolerance(dtype()), what, at::kDouble);
     }
   }
 }
@@ -177,12 +181,12 @@ TEST_P(PerSampleFactorsApiTest, Conv2dGeometries) {
         layer(at::zeros({1, c.cin, c.h, c.w}, kF64), at::zeros(wshape, kF64), at::Tensor());
     const at::Tensor d = randn({B, c.cout, out_shape_probe.size(2), out_shape_probe.size(3)}, gen, dtype(), device());
     const Parts64 want = reference_parts(reference_grads(layer, x, d, wshape, c.bias));
-    for (FactorMethod m : {FactorMethod::kAuto, FactorMethod::kGhost, FactorMethod::kTiled}) {
+    for (FactorMethod m : kAllMethods) {
       const std::string what = "conv cin=" + std::to_string(c.cin) + " groups=" + std::to_string(c.groups) +
                                " " + trainscope::factor_method_name(m);
       const PerSampleParts got = trainscope::conv2d_per_sample_parts(
           x, d, {c.k0, c.k1}, c.stride, c.padding, c.dilation, c.groups, c.bias, m);
-      expect_parts(got, want, tolerance(dtype()), what, acc_of(dtype()));
+      expect_parts(got, want, tolerance(dtype()), what, at::kDouble);
     }
   }
 }
@@ -193,17 +197,17 @@ TEST_P(PerSampleFactorsApiTest, SmallTileBudgetTakesEveryTilingPath) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(13);
   const at::Tensor x = randn({5, 9, 7}, gen, dtype(), device()), d = randn({5, 9, 6}, gen, dtype(), device());
   const Parts64 want = reference_parts(reference_grads(linear_layer(), x, d, {6, 7}, true));
-  for (FactorMethod m : {FactorMethod::kGhost, FactorMethod::kTiled}) {
+  for (FactorMethod m : kForcedMethods) {
     expect_parts(trainscope::linear_per_sample_parts(x, d, true, m), want, tolerance(dtype()),
-                 std::string("linear tiny budget ") + trainscope::factor_method_name(m), acc_of(dtype()));
+                 std::string("linear tiny budget ") + trainscope::factor_method_name(m), at::kDouble);
   }
   const at::Tensor xc = randn({4, 4, 6, 6}, gen, dtype(), device()), dc = randn({4, 6, 3, 3}, gen, dtype(), device());
   const Parts64 wc =
       reference_parts(reference_grads(conv_layer({2}, {1}, {1}, 2), xc, dc, {6, 2, 3, 3}, true));
-  for (FactorMethod m : {FactorMethod::kGhost, FactorMethod::kTiled}) {
+  for (FactorMethod m : kForcedMethods) {
     expect_parts(trainscope::conv2d_per_sample_parts(xc, dc, {3}, {2}, {1}, {1}, 2, true, m), wc,
                  tolerance(dtype()), std::string("conv tiny budget ") + trainscope::factor_method_name(m),
-                 acc_of(dtype()));
+                 at::kDouble);
   }
 }
 
@@ -214,12 +218,12 @@ TEST_P(PerSampleFactorsApiTest, NonContiguousInputs) {
   ASSERT_FALSE(x.is_contiguous());
   const Parts64 want = reference_parts(reference_grads(linear_layer(), x, d, {3, 4}, true));
   expect_parts(trainscope::linear_per_sample_parts(x, d, true), want, tolerance(dtype()), "linear strided",
-               acc_of(dtype()));
+               at::kDouble);
   const at::Tensor xc = randn({3, 5, 5, 2}, gen, dtype(), device()).permute({0, 3, 1, 2});  // channels last
   const at::Tensor dc = randn({3, 5, 5, 4}, gen, dtype(), device()).permute({0, 3, 1, 2});
   const Parts64 wc = reference_parts(reference_grads(conv_layer({1}, {1}, {1}, 1), xc, dc, {4, 2, 3, 3}, true));
   expect_parts(trainscope::conv2d_per_sample_parts(xc, dc, {3}, {1}, {1}, {1}, 1, true), wc,
-               tolerance(dtype()), "conv channels_last", acc_of(dtype()));
+               tolerance(dtype()), "conv channels_last", at::kDouble);
 }
 
 // Histograms of double inputs match the reference exactly (a value computed in float32 may fall
@@ -260,7 +264,7 @@ TEST(PerSampleFactorsApi, AutocastDtypesMayDiffer) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(16);
   const at::Tensor x = randn({4, 5}, gen, at::kFloat, at::kCPU), d = randn({4, 3}, gen, at::kBFloat16, at::kCPU);
   const Parts64 want = reference_parts(reference_grads(linear_layer(), x, d, {3, 5}, true));
-  expect_parts(trainscope::linear_per_sample_parts(x, d, true), want, 2e-5, "float32 x, bfloat16 δ", at::kFloat);
+  expect_parts(trainscope::linear_per_sample_parts(x, d, true), want, 2e-5, "float32 x, bfloat16 δ", at::kDouble);
 }
 
 TEST(PerSampleFactorsApi, ResultsCarryNoGraph) {
@@ -283,6 +287,47 @@ TEST(PerSampleFactorsApi, AdditiveWithOtherLayers) {
   const PerSampleParts p2 = trainscope::linear_per_sample_parts(x2, d2, false);
   const PerSampleParts sum{p1.sq_norms + p2.sq_norms, p1.dots + p2.dots, p1.mean_sq_norm + p2.mean_sq_norm};
   expect_parts(sum, want, 1e-11, "two layers", at::kDouble);
+}
+
+// The Gram route in tiles of samples (pairs k >= i of tiles, the T rows of a sample in chunks)
+// under budgets from one row to the whole batch, against the Ḡ route, both in double.
+TEST(PerSampleFactorsApi, GramRouteInTilesEqualsGbarRoute) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(18);
+  const at::Tensor x = randn({9, 5, 7}, gen, at::kDouble, at::kCPU), d = randn({9, 5, 6}, gen, at::kDouble, at::kCPU);
+  const at::Tensor xc = randn({5, 4, 6, 6}, gen, at::kDouble, at::kCPU);
+  const at::Tensor dc = randn({5, 6, 3, 3}, gen, at::kDouble, at::kCPU);
+  const PerSampleParts lin = trainscope::linear_per_sample_parts(x, d, true, FactorMethod::kGhost);
+  const PerSampleParts conv =
+      trainscope::conv2d_per_sample_parts(xc, dc, {3}, {2}, {1}, {1}, 2, true, FactorMethod::kTiled);
+  const Parts64 want_lin{lin.sq_norms, lin.dots, lin.mean_sq_norm};
+  const Parts64 want_conv{conv.sq_norms, conv.dots, conv.mean_sq_norm};
+  for (int64_t budget : {int64_t{1}, int64_t{64}, int64_t{700}, int64_t{5000}, int64_t{0}}) {
+    const TileBudget b(budget);
+    const std::string what = "gram budget " + std::to_string(budget);
+    expect_parts(trainscope::linear_per_sample_parts(x, d, true, FactorMethod::kGram), want_lin, 1e-12,
+                 what + " linear", at::kDouble);
+    expect_parts(trainscope::conv2d_per_sample_parts(xc, dc, {3}, {2}, {1}, {1}, 2, true, FactorMethod::kGram),
+                 want_conv, 1e-12, what + " conv", at::kDouble);
+  }
+}
+
+// 160 rows of 256: the Gram route's GEMMs of float32 factors stay in float32 here (float64
+// would cost more than the Ḡ route); reductions in float64 still meet 2e-5.
+TEST(PerSampleFactorsApi, GramRouteWithFloat32Gemms) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(19);
+  const at::Tensor x = randn({20, 8, 256}, gen, at::kFloat, at::kCPU), d = randn({20, 8, 256}, gen, at::kFloat, at::kCPU);
+  const Parts64 want = reference_parts(reference_grads(linear_layer(), x, d, {256, 256}, true));
+  for (FactorMethod m : {FactorMethod::kGram, FactorMethod::kAuto}) {
+    expect_parts(trainscope::linear_per_sample_parts(x, d, true, m), want, 2e-5,
+                 std::string("float32 gram ") + trainscope::factor_method_name(m), at::kDouble);
+  }
+}
+
+TEST(PerSampleFactorsApi, MethodNames) {
+  for (FactorMethod m : kAllMethods) {
+    EXPECT_EQ(trainscope::parse_factor_method(trainscope::factor_method_name(m)), m);
+  }
+  EXPECT_EQ(trainscope::parse_factor_method("gram"), FactorMethod::kGram);
 }
 
 TEST(PerSampleFactorsApi, OutputGradCapture) {
