@@ -12,12 +12,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> grad_hist2d_op(at::TensorList per_sample_grads, at::TensorList params,
                                                   int64_t nbins_grad, double maxval_grad, int64_t nbins_param,
                                                   double maxval_param) {
-  Hist2dOptions o;
-  o.nbins_grad = nbins_grad;
-  o.maxval_grad = maxval_grad;
-  o.nbins_param = nbins_param;
-  o.maxval_param = maxval_param;
-  Hist2d h = grad_hist2d(per_sample_grads, params, o);
+  const Hist2d h = grad_hist2d(per_sample_grads, params,
+                               Hist2dOptions{nbins_grad, maxval_grad, nbins_param, maxval_param});
   return {h.counts, h.nonfinite};
 }
 

@@ -20,12 +20,7 @@ at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value
 
 Hist2dOptions hist2d_options(int64_t nbins_grad, double maxval_grad, int64_t nbins_param,
                              double maxval_param) {
-  Hist2dOptions o;
-  o.nbins_grad = nbins_grad;
-  o.maxval_grad = maxval_grad;
-  o.nbins_param = nbins_param;
-  o.maxval_param = maxval_param;
-  return o;
+  return Hist2dOptions{nbins_grad, maxval_grad, nbins_param, maxval_param};
 }
 
 PartsTuple linear_parts_op(const at::Tensor& input, const at::Tensor& grad_output, bool has_bias,
