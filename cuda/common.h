@@ -67,5 +67,17 @@ TS_HD bool is_finite(float v) { return v - v == 0.0f; }
 
 TS_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Work cut into consecutive pieces per tensor (chunks, tiles, items): with first[i] the index of
+// tensor i's first piece, piece `index` belongs to the last i with first[i] ≤ index. Tensors
+// that own no piece may sit in the list; the binary search lands on the one that owns it.
+TS_HD int64_t find_owner(const int64_t* first, int64_t n, int64_t index) {
+  int64_t lo = 0, hi = n;  // invariant: answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (first[mid] <= index) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
 }  // namespace cuda
 }  // namespace trainscope

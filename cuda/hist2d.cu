@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   unsigned long long nonfinite = 0;
 
   for (int64_t item = blockIdx.x; item < grp.items; item += gridDim.x) {  // block-uniform
-    const int64_t t = hist2d_find_pair(grp.first_item, grp.n, item);
+    const int64_t t = find_owner(grp.first_item, grp.n, item);
     const GroupPair& d = grp.p[t];
     const int64_t local = item - grp.first_item[t];
     switch (static_cast<DType>(d.dtype)) {

@@ -112,17 +112,6 @@ TS_HD Hist2dSlot hist2d_slot(const Hist2dItem& it, int64_t rows_per_pass, int32_
   return slot;
 }
 
-// Index of the pair owning `item`: the last i with first_item[i] ≤ item (binary search). Pairs
-// without items may sit in the list; the search lands on the non-empty one that owns the item.
-TS_HD int64_t hist2d_find_pair(const int64_t* first_item, int64_t n, int64_t item) {
-  int64_t lo = 0, hi = n;  // invariant: answer in [lo, hi)
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (first_item[mid] <= item) lo = mid; else hi = mid;
-  }
-  return lo;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Binning. The parameter bin of a column is found once per item; a NaN/±Inf parameter is -1.
 TS_HD int32_t hist2d_param_bin(double p, const HistSpec& param) {

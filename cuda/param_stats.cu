@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, kMinChunkBlocksPerSM)
   }
   if (static_cast<int64_t>(blockIdx.x) >= grp.num_chunks) return;  // block-uniform
 
-  const int64_t local = find_tensor_of_chunk(grp.first_chunk, grp.n, blockIdx.x);
+  const int64_t local = find_owner(grp.first_chunk, grp.n, blockIdx.x);
   const GroupTensor& d = grp.t[local];
   const int64_t begin = (static_cast<int64_t>(blockIdx.x) - grp.first_chunk[local]) * cfg.chunk_elems;
   const int64_t end = min(begin + cfg.chunk_elems, d.numel);

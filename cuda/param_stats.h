@@ -122,8 +122,8 @@ TS_HD void finalize_metrics(const double* sums, double numel, double weight_nume
 
 // ---------------------------------------------------------------------------------------------
 // Chunking: every tensor is cut into chunks of `chunk_elems` elements (the last one shorter);
-// chunk c of the whole list belongs to the last tensor whose first chunk is ≤ c. Empty tensors
-// own no chunk. 64-bit throughout: one flattened tensor may pass 2^31 elements.
+// chunk c of the whole list belongs to the last tensor whose first chunk is ≤ c (find_owner in
+// common.h). Empty tensors own no chunk. 64-bit throughout: one flattened tensor may pass 2^31 elements.
 constexpr int64_t kDefaultChunkElems = int64_t{1} << 14;
 
 TS_HD int64_t num_chunks(int64_t numel, int64_t chunk_elems) {
@@ -139,16 +139,6 @@ inline int64_t assign_first_chunks(const int64_t* numel, int64_t n, int64_t chun
     total += num_chunks(numel[i], chunk_elems);
   }
   return total;
-}
-
-// Index of the tensor owning `chunk`: the last i with first_chunk[i] ≤ chunk (binary search).
-TS_HD int64_t find_tensor_of_chunk(const int64_t* first_chunk, int64_t n, int64_t chunk) {
-  int64_t lo = 0, hi = n;  // invariant: answer in [lo, hi)
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (first_chunk[mid] <= chunk) lo = mid; else hi = mid;
-  }
-  return lo;
 }
 
 // ---------------------------------------------------------------------------------------------

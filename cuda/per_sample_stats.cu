@@ -14,7 +14,6 @@
 #include <algorithm>
 
 #include "cuda/histogram.cuh"
-#include "cuda/param_stats.h"  // find_tensor_of_chunk
 
 namespace trainscope {
 namespace cuda {
@@ -187,7 +186,7 @@ __global__ void __launch_bounds__(kThreads)
   long long nonfinite = 0;
   double mean_sq = 0.0;
   for (int64_t tile = blockIdx.x; tile < grp.num_tiles; tile += gridDim.x) {
-    const int64_t t = find_tensor_of_chunk(grp.first_tile, grp.n, tile);
+    const int64_t t = find_owner(grp.first_tile, grp.n, tile);
     const PsTensor& d = grp.t[t];
     const int64_t c0 = (tile - grp.first_tile[t]) * cfg.width;
     const int64_t wt = min(cfg.width, d.cols - c0);

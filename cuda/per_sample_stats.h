@@ -26,7 +26,7 @@ struct PerSampleTensorDesc {
 };
 
 // Column tiles of width W (a power of two) cut each tensor; tile k of the list belongs to the last
-// tensor whose first tile is ≤ k (find_tensor_of_chunk in param_stats.h does that search).
+// tensor whose first tile is ≤ k (find_owner in common.h).
 TS_HD int64_t num_col_tiles(int64_t cols, int64_t width) { return cols > 0 ? ceil_div(cols, width) : 0; }
 
 struct PerSampleArgs {

@@ -132,7 +132,7 @@ void cpu_hist2d(const std::vector<tc::Hist2dPair>& pairs, int64_t batch, const t
     std::vector<int32_t> pbin;
     int64_t bad = 0;
     for (int64_t item = lo; item < hi; ++item) {
-      const int64_t t = tc::hist2d_find_pair(first_item.data(), n, item);
+      const int64_t t = tc::find_owner(first_item.data(), n, item);
       const tc::Hist2dPair& d = pairs[t];
       auto run = [&](auto element) {
         cpu_item<decltype(element)>(d, plans[t], batch, item - first_item[t], gs, ps, dst, shared, pbin, bad);

@@ -138,7 +138,7 @@ void cpu_param_stats(const std::vector<tc::TensorDesc>& descs, uint32_t flags,
       std::fill(counts.begin(), counts.end(), 0);
     };
     for (int64_t c = lo; c < hi; ++c) {
-      const int64_t t = tc::find_tensor_of_chunk(first_chunk.data(), n, c);
+      const int64_t t = tc::find_owner(first_chunk.data(), n, c);
       if (want_hist && t != counts_tensor) {
         flush();
         counts_tensor = t;

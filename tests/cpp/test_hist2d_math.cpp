@@ -203,11 +203,11 @@ TEST(Hist2dPlanTest, FindPairSkipsPairsWithoutItems) {
   const std::vector<int64_t> first = {0, 3, 3, 5, 5, 5};
   const int64_t want[] = {0, 0, 0, 2, 2, 5, 5, 5, 5};
   for (int64_t item = 0; item < 9; ++item) {
-    EXPECT_EQ(tc::hist2d_find_pair(first.data(), static_cast<int64_t>(first.size()), item), want[item]) << item;
+    EXPECT_EQ(tc::find_owner(first.data(), static_cast<int64_t>(first.size()), item), want[item]) << item;
   }
   const int64_t single = 0;
-  EXPECT_EQ(tc::hist2d_find_pair(&single, 1, 0), 0);
-  EXPECT_EQ(tc::hist2d_find_pair(&single, 1, 1000), 0);
+  EXPECT_EQ(tc::find_owner(&single, 1, 0), 0);
+  EXPECT_EQ(tc::find_owner(&single, 1, 1000), 0);
 }
 
 TEST(Hist2dPlanTest, SixtyFourBitSizes) {

@@ -605,14 +605,14 @@ TEST(ChunkPlanTest, HugeTensorsAndEmptyOnesBetween) {
   // Chunks around every boundary; empty tensors own none of them.
   for (int64_t chunk : {int64_t{0}, int64_t{1}, int64_t{2}, big1, big1 + 1, big1 + 2, big1 + 3,
                         big1 + 4, total - 1, total / 2}) {
-    const int64_t t = tc::find_tensor_of_chunk(first.data(), n, chunk);
+    const int64_t t = tc::find_owner(first.data(), n, chunk);
     EXPECT_EQ(t, owner_by_linear_scan(numel, c, chunk)) << "chunk " << chunk;
     EXPECT_GT(numel[t], 0) << "chunk " << chunk;
   }
   // The last chunk of each huge tensor starts inside it and ends at its end.
   for (int64_t i : {int64_t{4}, int64_t{8}}) {
     const int64_t last = first[i] + tc::num_chunks(numel[i], c) - 1;
-    ASSERT_EQ(tc::find_tensor_of_chunk(first.data(), n, last), i);
+    ASSERT_EQ(tc::find_owner(first.data(), n, last), i);
     const int64_t begin = (last - first[i]) * c;
     EXPECT_LT(begin, numel[i]);
     EXPECT_EQ(std::min(begin + c, numel[i]), numel[i]);
@@ -630,7 +630,7 @@ TEST(ChunkPlanTest, AllEmptyAndLeadingTrailingEmpty) {
   first.assign(numel.size(), -1);
   EXPECT_EQ(tc::assign_first_chunks(numel.data(), 5, 1024, first.data()), 3);
   EXPECT_EQ(first, (std::vector<int64_t>{0, 0, 0, 3, 3}));
-  for (int64_t chunk = 0; chunk < 3; ++chunk) EXPECT_EQ(tc::find_tensor_of_chunk(first.data(), 5, chunk), 2);
+  for (int64_t chunk = 0; chunk < 3; ++chunk) EXPECT_EQ(tc::find_owner(first.data(), 5, chunk), 2);
 
   EXPECT_EQ(tc::assign_first_chunks(numel.data(), 0, 1024, first.data()), 0);
 }
@@ -661,7 +661,7 @@ TEST(ChunkPlanTest, FindTensorOfEveryChunkOfRandomPlans) {
 
     std::vector<int64_t> covered(numel.size(), 0);
     for (int64_t chunk = 0; chunk < total; ++chunk) {
-      const int64_t t = tc::find_tensor_of_chunk(first.data(), n, chunk);
+      const int64_t t = tc::find_owner(first.data(), n, chunk);
       ASSERT_EQ(t, owner_by_linear_scan(numel, chunk_elems, chunk)) << "plan " << plan << " chunk " << chunk;
       const int64_t begin = (chunk - first[t]) * chunk_elems;
       const int64_t end = std::min(begin + chunk_elems, numel[t]);
@@ -692,7 +692,7 @@ TEST(ChunkPlanTest, RandomHugePlansAtTheBoundaries) {
       const int64_t nc = tc::num_chunks(numel[i], chunk_elems);
       if (nc == 0) continue;
       for (int64_t chunk : {first[i], first[i] + nc / 2, first[i] + nc - 1}) {
-        ASSERT_EQ(tc::find_tensor_of_chunk(first.data(), n, chunk), i) << "plan " << plan;
+        ASSERT_EQ(tc::find_owner(first.data(), n, chunk), i) << "plan " << plan;
       }
       const int64_t last_begin = (nc - 1) * chunk_elems;
       ASSERT_LT(last_begin, numel[i]);
