@@ -30,6 +30,8 @@
 #include "cuda/hist2d.h"
 #include "cuda/histogram.h"
 #include "src/per_sample_factors_internal.h"
+#include "src/per_sample_stats_internal.h"
+#include "src/tensor_checks.h"
 #include "trainscope/param_stats.h"
 
 namespace trainscope {
@@ -92,14 +94,9 @@ int64_t tile_samples(const Problem& p, int64_t work) {
 }
 
 
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
 void check_tensor(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", name, " has dtype ", t.scalar_type(),
-              "; trainscope needs float32, float64, bfloat16 or float16");
+  check_float_dtype(op, name, -1, t);
   TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": ", name, " is on ", t.device(),
               "; trainscope runs on CPU or CUDA tensors");
 }
@@ -111,14 +108,6 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t, co
 
 void check_batch_for_stats(const char* op, int64_t b) {
   TORCH_CHECK(b >= 2, op, ": the per-sample statistics need a batch of B >= 2 samples, got B = ", b);
-}
-
-void check_hist(const char* op, const char* nbins_name, int64_t nbins, const char* maxval_name,
-                double maxval) {
-  TORCH_CHECK(nbins >= 1 && nbins <= cuda::kMaxHistBins, op, ": ", nbins_name, " must be in [1, ",
-              cuda::kMaxHistBins, "], got ", nbins);
-  TORCH_CHECK(maxval > 0.0 && std::isfinite(maxval), op, ": ", maxval_name,
-              " must be positive and finite, got ", maxval);
 }
 
 at::ScalarType acc_dtype(const at::Tensor& a, const at::Tensor& b) {
@@ -336,12 +325,6 @@ at::Tensor tiled_sq_norms(const Problem& p, const at::Tensor& x, const at::Tenso
       },
       /*copies=*/x.device().is_cpu() ? 1 : 2);  // a GPU upcasts a whole block
   return acc.defined() ? acc : at::zeros({x.size(0)}, f64_options(p));
-}
-
-// The parts of the bias, from the per-sample bias gradients [B, d_out] (float64).
-PerSampleParts bias_parts(const at::Tensor& bg) {
-  const at::Tensor mean = bg.mean(0);
-  return {bg.square().sum(1), at::mv(bg, mean), mean.square().sum()};
 }
 
 // ‖t‖² in float64, upcasting a chunk at a time: Ḡ is parameter-sized. (The mean of the Gᵢ·Ḡ
@@ -567,7 +550,7 @@ PerSampleParts parts_of(const Problem& p, FactorMethod method) {
   check_batch_for_stats(p.op, p.B);
   PerSampleParts w = weight_parts(p, method);
   if (!p.bias_grads) return w;
-  const PerSampleParts b = bias_parts(p.bias_grads(at::kDouble));
+  const PerSampleParts b = parts_of_rows(p.bias_grads(at::kDouble));  // [B, d_out] float64
   return {w.sq_norms.add_(b.sq_norms), w.dots.add_(b.dots), w.mean_sq_norm.add_(b.mean_sq_norm)};
 }
 
@@ -575,7 +558,7 @@ PerSampleParts parts_of(const Problem& p, FactorMethod method) {
 // Histograms.
 
 at::Tensor hist1d_of(const Problem& p, int64_t nbins, double maxval) {
-  check_hist(p.op, "nbins", nbins, "maxval", maxval);
+  check_hist_axis(p.op, "nbins", nbins, "maxval", maxval);
   at::Tensor hist = at::zeros({nbins}, at::TensorOptions().dtype(at::kLong).device(p.opts.device()));
   const int64_t bt = grad_tile_samples(p);
   for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
@@ -589,8 +572,8 @@ at::Tensor hist1d_of(const Problem& p, int64_t nbins, double maxval) {
 
 std::tuple<at::Tensor, at::Tensor> hist2d_of(const Problem& p, const at::Tensor& weight,
                                              const at::Tensor& bias, const Hist2dOptions& o) {
-  check_hist(p.op, "nbins_grad", o.nbins_grad, "maxval_grad", o.maxval_grad);
-  check_hist(p.op, "nbins_param", o.nbins_param, "maxval_param", o.maxval_param);
+  check_hist_axis(p.op, "nbins_grad", o.nbins_grad, "maxval_grad", o.maxval_grad);
+  check_hist_axis(p.op, "nbins_param", o.nbins_param, "maxval_param", o.maxval_param);
   TORCH_CHECK(o.nbins_grad * o.nbins_param <= cuda::kMaxHist2dBins, p.op,
               ": nbins_grad * nbins_param must be at most ", cuda::kMaxHist2dBins, ", got ",
               o.nbins_grad * o.nbins_param);
@@ -652,7 +635,7 @@ at::Tensor linear_per_sample_grad_hist1d(const at::Tensor& input, const at::Tens
   const char* op = "trainscope::linear_per_sample_grad_hist1d";
   nvtx3::scoped_range range{op};
   c10::NoGradGuard no_grad;
-  check_hist(op, "nbins", nbins, "maxval", maxval);
+  check_hist_axis(op, "nbins", nbins, "maxval", maxval);
   return hist1d_of(linear_problem(op, input, grad_output, has_bias), nbins, maxval);
 }
 
@@ -663,7 +646,7 @@ at::Tensor conv2d_per_sample_grad_hist1d(const at::Tensor& input, const at::Tens
   const char* op = "trainscope::conv2d_per_sample_grad_hist1d";
   nvtx3::scoped_range range{op};
   c10::NoGradGuard no_grad;
-  check_hist(op, "nbins", nbins, "maxval", maxval);
+  check_hist_axis(op, "nbins", nbins, "maxval", maxval);
   const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
   return hist1d_of(conv2d_problem(op, input, grad_output, g, has_bias), nbins, maxval);
 }

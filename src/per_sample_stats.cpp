@@ -234,11 +234,10 @@ void composite_parts(const std::vector<at::Tensor>& grads, int64_t b, const PerS
   std::vector<at::Tensor> flat;
   for (const at::Tensor& t : grads) {
     if (t.numel() == 0) continue;
-    const at::Tensor g = t.reshape({b, -1}).to(at::kDouble);
-    const at::Tensor mean = g.mean(0);
-    out.sq.add_(g.square().sum(1));
-    out.dots.add_(at::mv(g, mean));
-    out.msq.add_(mean.square().sum());
+    const PerSampleParts parts = parts_of_rows(t.reshape({b, -1}).to(at::kDouble));
+    out.sq.add_(parts.sq_norms);
+    out.dots.add_(parts.dots);
+    out.msq.add_(parts.mean_sq_norm);
     flat.push_back(t);
   }
   if (flat.empty()) {
@@ -255,6 +254,11 @@ void composite_parts(const std::vector<at::Tensor>& grads, int64_t b, const PerS
 }
 
 }  // namespace
+
+PerSampleParts parts_of_rows(const at::Tensor& rows) {
+  const at::Tensor mean = rows.mean(0);
+  return {rows.square().sum(1), at::mv(rows, mean), mean.square().sum()};
+}
 
 PerSampleStats per_sample_parts_impl(const char* op, at::TensorList per_sample_grads, const PerSampleOptions& o) {
   nvtx3::scoped_range range{op};
