@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
+from ._lists import tensor_list
 
 
 @dataclass
@@ -52,21 +53,6 @@ def _edges(nbins: int, maxval: float, device) -> torch.Tensor:
     return torch.linspace(-maxval, maxval, nbins + 1, dtype=torch.float64, device=device)
 
 
-def _as_list(arg, name: str) -> list:
-    if isinstance(arg, torch.Tensor):
-        out = [arg]
-    elif isinstance(arg, Mapping):
-        out = list(arg.values())
-    elif arg is None:
-        out = []
-    else:
-        out = list(arg)
-    for i, t in enumerate(out):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"grad_hist2d: {name}[{i}] is {type(t).__name__}, expected a tensor")
-    return out
-
-
 def _pair_lists(per_sample_grads, params) -> Tuple[list, list]:
     """Two position-paired lists. Two dicts (torch.func style ``{name: tensor}``) pair by name, in
     the order of ``per_sample_grads``; entries of ``params`` without a gradient are left out."""
@@ -74,9 +60,9 @@ def _pair_lists(per_sample_grads, params) -> Tuple[list, list]:
         missing = [k for k in per_sample_grads if k not in params]
         if missing:
             raise ValueError(f"grad_hist2d: params has no entry for per_sample_grads {missing[0]!r}")
-        grads = _as_list(per_sample_grads, "per_sample_grads")
-        return grads, _as_list({k: params[k] for k in per_sample_grads}, "params")
-    return _as_list(per_sample_grads, "per_sample_grads"), _as_list(params, "params")
+        grads = tensor_list(per_sample_grads, "per_sample_grads", "grad_hist2d")
+        return grads, tensor_list({k: params[k] for k in per_sample_grads}, "params", "grad_hist2d")
+    return tensor_list(per_sample_grads, "per_sample_grads", "grad_hist2d"), tensor_list(params, "params", "grad_hist2d")
 
 
 def grad_hist2d(per_sample_grads, params, nbins_grad: int = 100, maxval_grad: float = 0.05,

@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
+from ._lists import tensor_list
 
 #: Column order of ``ParamStats.metrics`` and ``ParamStats.per_tensor``.
 METRICS = ("grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size")
@@ -122,19 +123,6 @@ def _metric_index(name: str) -> int:
         raise KeyError(f"unknown metric {name!r}; expected one of {METRICS}") from None
 
 
-def _as_list(arg: TensorList, name: str) -> list:
-    if arg is None:
-        return []
-    if isinstance(arg, torch.Tensor):
-        return [arg]
-    out = list(arg)
-    for i, t in enumerate(out):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] is {type(t).__name__}, expected a tensor"
-                            + (" (a parameter without .grad?)" if t is None else ""))
-    return out
-
-
 def _run(caller: str, g: list, p: list, p0: list, pp: list, *, histogram: bool = False,
          nbins: int = 100, maxval: float = 0.05, matrices_only: bool = False,
          refresh_prev: bool = False):
@@ -171,8 +159,8 @@ def param_stats(
     """
     if weight_magnitude_of not in ("all", "matrices"):
         raise ValueError(f"param_stats: weight_magnitude_of must be 'all' or 'matrices', got {weight_magnitude_of!r}")
-    out = _run("param_stats", _as_list(grads, "grads"), _as_list(params, "params"),
-               _as_list(init_params, "init_params"), _as_list(prev_params, "prev_params"),
+    out = _run("param_stats", tensor_list(grads, "grads"), tensor_list(params, "params"),
+               tensor_list(init_params, "init_params"), tensor_list(prev_params, "prev_params"),
                histogram=histogram, nbins=nbins, maxval=maxval,
                matrices_only=weight_magnitude_of == "matrices", refresh_prev=refresh_prev)
     return ParamStats(*out, loss=loss(losses) if losses is not None else None)
@@ -184,24 +172,24 @@ def _metric(out, index: int, per_tensor: bool) -> torch.Tensor:
 
 def grad_norm(grads: TensorList, per_tensor: bool = False) -> torch.Tensor:
     """sqrt(Σ g²) over all gradients: 0-d, or [T] with ``per_tensor``."""
-    return _metric(_run("grad_norm", _as_list(grads, "grads"), [], [], []), 0, per_tensor)
+    return _metric(_run("grad_norm", tensor_list(grads, "grads"), [], [], []), 0, per_tensor)
 
 
 def grad_magnitude(grads: TensorList, per_tensor: bool = False) -> torch.Tensor:
     """Σ|g| / numel (mean absolute gradient element)."""
-    return _metric(_run("grad_magnitude", _as_list(grads, "grads"), [], [], []), 1, per_tensor)
+    return _metric(_run("grad_magnitude", tensor_list(grads, "grads"), [], [], []), 1, per_tensor)
 
 
 def weight_magnitude(params: TensorList, per_tensor: bool = False,
                      matrices_only: bool = False) -> torch.Tensor:
     """Σ|θ| / numel; ``matrices_only`` restricts the global value to tensors with dim >= 2."""
-    out = _run("weight_magnitude", [], _as_list(params, "params"), [], [], matrices_only=matrices_only)
+    out = _run("weight_magnitude", [], tensor_list(params, "params"), [], [], matrices_only=matrices_only)
     return _metric(out, 2, per_tensor)
 
 
 def distance(params: TensorList, init_params: TensorList, per_tensor: bool = False) -> torch.Tensor:
     """sqrt(Σ (θ − θ₀)²): distance from the parameters when tracking began."""
-    p, p0 = _as_list(params, "params"), _as_list(init_params, "init_params")
+    p, p0 = tensor_list(params, "params"), tensor_list(init_params, "init_params")
     if not p0:
         raise ValueError("distance: init_params is empty")
     return _metric(_run("distance", [], p, p0, []), 3, per_tensor)
@@ -210,7 +198,7 @@ def distance(params: TensorList, init_params: TensorList, per_tensor: bool = Fal
 def update_size(params: TensorList, prev_params: TensorList, per_tensor: bool = False,
                 refresh_prev: bool = False) -> torch.Tensor:
     """sqrt(Σ (θ_after − θ_before)²) of the latest step; ``refresh_prev`` then sets prev ← params."""
-    p, pp = _as_list(params, "params"), _as_list(prev_params, "prev_params")
+    p, pp = tensor_list(params, "params"), tensor_list(prev_params, "prev_params")
     if not pp:
         raise ValueError("update_size: prev_params is empty")
     return _metric(_run("update_size", [], p, [], pp, refresh_prev=refresh_prev), 4, per_tensor)
@@ -220,14 +208,14 @@ def grad_hist1d(tensors: TensorList, nbins: int = 100, maxval: float = 0.05,
                 per_tensor: bool = False) -> torch.Tensor:
     """Exact int64 histogram (SPEC.md §4): ``nbins`` equal bins over [-maxval, maxval], outliers
     in the edge bins, NaN/Inf left out (see :func:`nonfinite_count`). [nbins] or [T, nbins]."""
-    out = _run("grad_hist1d", _as_list(tensors, "tensors"), [], [], [], histogram=True,
+    out = _run("grad_hist1d", tensor_list(tensors, "tensors"), [], [], [], histogram=True,
                nbins=nbins, maxval=maxval)
     return out[5] if per_tensor else out[4]
 
 
 def nonfinite_count(tensors: TensorList, per_tensor: bool = False) -> torch.Tensor:
     """Number of NaN and ±Inf elements: 0-d int64, or [T]."""
-    out = _run("nonfinite_count", _as_list(tensors, "tensors"), [], [], [])
+    out = _run("nonfinite_count", tensor_list(tensors, "tensors"), [], [], [])
     return out[3] if per_tensor else out[2]
 
 

@@ -22,6 +22,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
+from ._lists import tensor_list
 
 #: Order of ``PerSampleStats.stats``.
 PER_SAMPLE_STATS = ("norm_test", "inner_test", "ortho_test", "grad_variance_trace",
@@ -81,14 +82,7 @@ PerSampleInput = Union[PerSampleParts, torch.Tensor, Iterable[torch.Tensor]]
 
 
 def _as_grad_list(per_sample_grads) -> list:
-    if isinstance(per_sample_grads, torch.Tensor):
-        return [per_sample_grads]
-    if isinstance(per_sample_grads, dict):  # torch.func returns {name: [B, *shape]}
-        per_sample_grads = per_sample_grads.values()
-    out = list(per_sample_grads)
-    for i, t in enumerate(out):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"per_sample_grads[{i}] is {type(t).__name__}, expected a tensor")
+    out = tensor_list(per_sample_grads, "per_sample_grads")
     if not out:
         raise ValueError("per_sample_grads is empty")
     return out
