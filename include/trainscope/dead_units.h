@@ -75,7 +75,7 @@ class DeadUnitCounter {
   // The first batch fixes the number of units and the device; later batches must match.
   void add(const at::Tensor& acts);
   DeadUnits result() const;  // throws c10::Error before the first add
-  void reset();
+  void reset();  // forgets every batch: the next add fixes the units and the device again
   int64_t observations() const { return observations_; }
   const at::Tensor& counts() const { return counts_; }
   const DeadUnitOptions& options() const { return options_; }
