@@ -25,7 +25,9 @@
 //    users who ask for it. Streamed, it keeps every row of Φ.
 //
 // A zero matrix (and a matrix with no rows or columns) has every measure 0. Results are float64 /
-// int64 whatever the input dtype, on the input's device; nothing waits for the GPU.
+// int64 whatever the input dtype, on the input's device; nothing waits for the GPU. A matrix with
+// a NaN or infinite entry, or whose solve did not converge (the solver's status is read on the
+// device), gets NaN effective and stable rank and −1 for both approximate ranks.
 #pragma once
 
 #include <cstdint>
@@ -90,9 +92,9 @@ class GramAccumulator {
   // The first batch fixes units and device; later batches must match (c10::Error otherwise).
   void add(const at::Tensor& acts);
   // The symmetric float64 matrix whose eigenvalues are σ² of Φ: ΦΦᵀ or ΦᵀΦ, whichever is
-  // smaller ([0, 0] before any row arrives).
+  // smaller ([0, 0] before any row arrives). A new tensor: later add() calls leave it alone.
   at::Tensor gram() const;
-  // ΦᵀΦ [units, units] in every state (what adds up across data-parallel ranks).
+  // ΦᵀΦ [units, units] in every state (what adds up across data-parallel ranks); a new tensor.
   at::Tensor unit_gram() const;
   // Φ [rows, units] float64: only while the rows are kept (kSvd, or fewer rows than units).
   at::Tensor rows() const;
@@ -108,6 +110,7 @@ class GramAccumulator {
   RankMethod method_;
   int64_t observations_ = 0;
   int64_t units_ = -1;   // -1 before the first add
+  at::Device device_ = at::Device(at::kCPU);  // fixed by the first add
   std::vector<at::Tensor> row_batches_;  // the batches' rows, float64, while rows are kept
   at::Tensor unit_gram_; // [units, units] float64 once accumulating ΦᵀΦ
 };

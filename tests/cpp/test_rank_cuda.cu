@@ -1,0 +1,282 @@
+// The torch-free CUDA launchers of cuda/rank.h against host references: the syrk Gram update
+// (both sides, overwrite and accumulate, a padded leading dimension), the eigensolve on both
+// routes against known spectra, gesvdj singular values, the rank kernel against the host
+// rank_values(), solver status turning results undefined, and argument errors. Own cuBLAS and
+// cuSOLVER handles; every test skips without a GPU.
+#include <gtest/gtest.h>
+
+#include <cublas_v2.h>
+#include <cusolverDn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "cuda/rank.h"
+#include "tests/cpp/cuda_test_util.h"
+
+namespace {
+
+using namespace trainscope_test;
+namespace tc = trainscope::cuda;
+
+#define ASSERT_RANK_OK(expr)                                                                     \
+  do {                                                                                           \
+    const tc::RankStatus s_ = (expr);                                                            \
+    ASSERT_TRUE(s_.ok()) << #expr << ": " << tc::rank_status_library(s_) << " " << s_.what << ": " \
+                         << tc::rank_status_name(s_);                                            \
+  } while (0)
+
+class RankCudaTest : public CudaStreamTest {
+ protected:
+  void SetUp() override {
+    CudaStreamTest::SetUp();
+    if (IsSkipped()) return;
+    ASSERT_EQ(cublasCreate(&blas_), CUBLAS_STATUS_SUCCESS);
+    ASSERT_EQ(cusolverDnCreate(&solver_), CUSOLVER_STATUS_SUCCESS);
+  }
+  void TearDown() override {
+    if (blas_ != nullptr) cublasDestroy(blas_);
+    if (solver_ != nullptr) cusolverDnDestroy(solver_);
+    CudaStreamTest::TearDown();
+  }
+
+  template <typename T>
+  void upload(DeviceMemory& d, const std::vector<T>& h) {
+    ASSERT_CUDA_OK(d.allocate(h.size() * sizeof(T)));
+    ASSERT_CUDA_OK(cudaMemcpyAsync(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice, stream_));
+  }
+  template <typename T>
+  std::vector<T> download(const DeviceMemory& d, size_t count) {
+    std::vector<T> h(count);
+    EXPECT_CUDA_OK(cudaMemcpyAsync(h.data(), d.get(), count * sizeof(T), cudaMemcpyDeviceToHost, stream_));
+    EXPECT_CUDA_OK(cudaStreamSynchronize(stream_));
+    return h;
+  }
+
+  cublasHandle_t blas_ = nullptr;
+  cusolverDnHandle_t solver_ = nullptr;
+};
+
+std::vector<double> random_matrix(int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd;
+  std::vector<double> m(static_cast<size_t>(rows * cols));
+  for (double& v : m) v = nd(rng);
+  return m;
+}
+
+// Q diag(λ) Qᵀ (row-major n × n) with Q a product of random Householder reflections.
+std::vector<double> symmetric_with_eigenvalues(const std::vector<double>& lambda, uint32_t seed) {
+  const int64_t n = static_cast<int64_t>(lambda.size());
+  std::vector<double> a(static_cast<size_t>(n * n), 0.0);
+  for (int64_t i = 0; i < n; ++i) a[i * n + i] = lambda[i];
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd;
+  for (int r = 0; r < 3; ++r) {
+    std::vector<double> v(static_cast<size_t>(n));
+    double vv = 0;
+    for (double& x : v) {
+      x = nd(rng);
+      vv += x * x;
+    }
+    // A ← H A H, H = I − 2 v vᵀ / vᵀv.
+    std::vector<double> av(static_cast<size_t>(n), 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) av[i] += a[i * n + j] * v[j];
+    double vav = 0;
+    for (int64_t i = 0; i < n; ++i) vav += v[i] * av[i];
+    const double c = 2.0 / vv;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        a[i * n + j] += -c * v[i] * av[j] - c * av[i] * v[j] + c * c * vav * v[i] * v[j];
+  }
+  return a;
+}
+
+TEST_F(RankCudaTest, GramUpdateBothSidesAndAccumulate) {
+  const int64_t rows = 37, cols = 23;
+  const std::vector<double> phi = random_matrix(rows, cols, 1);
+  const std::vector<double> phi2 = random_matrix(rows, cols, 2);
+  DeviceMemory dphi, dphi2;
+  upload(dphi, phi);
+  upload(dphi2, phi2);
+  for (const tc::GramSide side : {tc::GramSide::kUnits, tc::GramSide::kRows}) {
+    const int64_t n = side == tc::GramSide::kUnits ? cols : rows;
+    const int64_t ld = n + 5;  // the leading block of a padded matrix
+    DeviceMemory dc;
+    std::vector<double> init(static_cast<size_t>(n * ld), kNaN);  // beta = 0 must not read these
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = n; j < ld; ++j) init[i * ld + j] = 42.0;  // outside the block: untouched
+    upload(dc, init);
+    ASSERT_RANK_OK(tc::gram_update_launch(blas_, dphi.get<double>(), rows, cols, side, 0.0, dc.get<double>(), ld, stream_));
+    ASSERT_RANK_OK(tc::gram_update_launch(blas_, dphi2.get<double>(), rows, cols, side, 1.0, dc.get<double>(), ld, stream_));
+    const std::vector<double> c = download<double>(dc, init.size());
+    Mismatches bad;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        double want = 0;
+        if (side == tc::GramSide::kUnits) {
+          for (int64_t r = 0; r < rows; ++r) want += phi[r * cols + i] * phi[r * cols + j] + phi2[r * cols + i] * phi2[r * cols + j];
+        } else {
+          for (int64_t q = 0; q < cols; ++q) want += phi[i * cols + q] * phi[j * cols + q] + phi2[i * cols + q] * phi2[j * cols + q];
+        }
+        if (!(std::fabs(c[i * ld + j] - want) <= 1e-12 * (1.0 + std::fabs(want)))) bad.add(i, ",", j, ": ", c[i * ld + j], " want ", want);
+        if (c[i * ld + j] != c[j * ld + i]) bad.add(i, ",", j, ": not symmetric");
+      }
+      for (int64_t j = n; j < ld; ++j) {
+        if (c[i * ld + j] != 42.0) bad.add(i, ",", j, ": padding written");
+      }
+    }
+    bad.expect_none(side == tc::GramSide::kUnits ? "PhiT Phi" : "Phi PhiT");
+  }
+}
+
+TEST_F(RankCudaTest, EigensolveBothRoutesAgainstKnownSpectra) {
+  // Three matrices of sizes 12, 5, 0 padded to 12, and the same at size 40 (above the batched
+  // threshold) to give kAuto both routes.
+  for (const int64_t n : {int64_t{12}, int64_t{40}}) {
+    const std::vector<int64_t> dims = {n, 5, 0};
+    std::vector<std::vector<double>> lambdas;
+    std::vector<double> a(static_cast<size_t>(3 * n * n), 0.0);
+    for (int b = 0; b < 3; ++b) {
+      std::vector<double> lam;
+      for (int64_t i = 0; i < dims[b]; ++i) lam.push_back(std::pow(10.0, -0.15 * static_cast<double>(i)) * (b + 1));
+      const std::vector<double> g = symmetric_with_eigenvalues(lam, 10 + b);
+      for (int64_t i = 0; i < dims[b]; ++i)
+        for (int64_t j = 0; j < dims[b]; ++j) a[b * n * n + i * n + j] = g[i * dims[b] + j];
+      std::sort(lam.begin(), lam.end());
+      lambdas.push_back(lam);
+    }
+    for (const tc::EigRoute route : {tc::EigRoute::kBatched, tc::EigRoute::kPerMatrix, tc::EigRoute::kAuto}) {
+      DeviceMemory da, dw, dinfo;
+      upload(da, a);
+      ASSERT_CUDA_OK(dw.allocate(sizeof(double) * 3 * n));
+      ASSERT_CUDA_OK(dinfo.allocate(sizeof(int) * 3));
+      ASSERT_CUDA_OK(cudaMemsetAsync(dinfo.get(), 0x7f, sizeof(int) * 3, stream_));
+      tc::EigvalsArgs args{solver_, da.get<double>(), n, 3, dims.data(), dw.get<double>(), dinfo.get<int>(), route};
+      size_t dev = 0, host = 0;
+      ASSERT_RANK_OK(tc::eigvals_workspace(args, &dev, &host));
+      DeviceMemory dws;
+      ASSERT_CUDA_OK(dws.allocate(std::max<size_t>(dev, 1)));
+      std::vector<unsigned char> hws(std::max<size_t>(host, 1));
+      ASSERT_RANK_OK(tc::eigvals_launch(args, dws.get(), dev, hws.data(), host, stream_));
+      const std::vector<double> w = download<double>(dw, static_cast<size_t>(3 * n));
+      const std::vector<int> info = download<int>(dinfo, 3);
+      Mismatches bad;
+      for (int b = 0; b < 3; ++b) {
+        if (info[b] != 0) bad.add("info[", b, "] = ", info[b]);
+        const double lmax = lambdas[b].empty() ? 1.0 : lambdas[b].back();
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t j = i - (n - dims[b]);  // right-aligned: padding first
+          const double want = j >= 0 ? lambdas[b][j] : 0.0;
+          if (!(std::fabs(w[b * n + i] - want) <= 1e-12 * lmax * n)) bad.add("w[", b, ",", i, "] = ", w[b * n + i], " want ", want);
+        }
+      }
+      bad.expect_none("n = " + std::to_string(n) + " route " + std::to_string(static_cast<int>(route)));
+    }
+  }
+}
+
+TEST_F(RankCudaTest, SvdvalsAgainstKnownSpectrum) {
+  // A = diag(σ) rotated by reflections on both sides is awkward for non-square: use a tall
+  // matrix with orthogonal columns from a symmetric eigenbasis, σ_i = 2^-i.
+  const int64_t n = 9;
+  const std::vector<double> q = symmetric_with_eigenvalues(std::vector<double>{1, -1, 1, -1, 1, -1, 1, -1, 1}, 5);
+  // q is Q diag(±1) Qᵀ: orthogonal. Column-major m × n with m = n: A = q · diag(σ).
+  std::vector<double> a(static_cast<size_t>(n * n));
+  std::vector<double> sigma;
+  for (int64_t j = 0; j < n; ++j) sigma.push_back(std::ldexp(1.0, -static_cast<int>(j)));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < n; ++i) a[j * n + i] = q[i * n + j] * sigma[j];
+  DeviceMemory da, ds, dinfo;
+  upload(da, a);
+  ASSERT_CUDA_OK(ds.allocate(sizeof(double) * n));
+  ASSERT_CUDA_OK(dinfo.allocate(sizeof(int)));
+  tc::SvdvalsArgs args{solver_, da.get<double>(), n, n, ds.get<double>(), dinfo.get<int>()};
+  size_t bytes = 0;
+  ASSERT_RANK_OK(tc::svdvals_workspace(args, &bytes));
+  DeviceMemory dws;
+  ASSERT_CUDA_OK(dws.allocate(std::max<size_t>(bytes, 1)));
+  ASSERT_RANK_OK(tc::svdvals_launch(args, dws.get(), bytes, stream_));
+  const std::vector<double> s = download<double>(ds, n);
+  EXPECT_EQ(download<int>(dinfo, 1)[0], 0);
+  for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(s[i], sigma[i], 1e-12) << i;
+}
+
+TEST_F(RankCudaTest, RankKernelEqualsHostFunction) {
+  const int64_t n = 50, batch = 300;  // more than kRankGroup: two launches
+  std::vector<double> w(static_cast<size_t>(batch * n));
+  std::vector<int64_t> dims(static_cast<size_t>(batch));
+  std::mt19937_64 rng(3);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  for (int64_t b = 0; b < batch; ++b) {
+    dims[b] = b % (n + 1);
+    std::vector<double> row(static_cast<size_t>(n));
+    for (double& v : row) v = b % 7 == 0 ? 0.0 : std::pow(ud(rng), 4.0);
+    std::sort(row.begin(), row.end());
+    std::copy(row.begin(), row.end(), w.begin() + b * n);
+  }
+  std::vector<int> info(static_cast<size_t>(batch), 0);
+  info[17] = 3;  // a failed solve
+  DeviceMemory dw, dinfo, de, da, dab, dst;
+  upload(dw, w);
+  upload(dinfo, info);
+  ASSERT_CUDA_OK(de.allocate(sizeof(double) * batch));
+  ASSERT_CUDA_OK(da.allocate(sizeof(int64_t) * batch));
+  ASSERT_CUDA_OK(dab.allocate(sizeof(int64_t) * batch));
+  ASSERT_CUDA_OK(dst.allocate(sizeof(double) * batch));
+  const tc::RankOut out{de.get<double>(), da.get<int64_t>(), dab.get<int64_t>(), dst.get<double>()};
+  for (const double prop : {0.5, 0.99, 1.0}) {
+    ASSERT_RANK_OK(tc::rank_from_eigenvalues_launch(dw.get<double>(), n, batch, dims.data(), dinfo.get<int>(), prop, out, stream_));
+    const auto e = download<double>(de, batch);
+    const auto a = download<int64_t>(da, batch);
+    const auto ab = download<int64_t>(dab, batch);
+    const auto st = download<double>(dst, batch);
+    Mismatches bad;
+    for (int64_t b = 0; b < batch; ++b) {
+      const tc::RankValues want = b == 17 ? tc::undefined_rank_values()
+                                          : tc::rank_values_from_eigenvalues(w.data() + b * n, n, dims[b], prop);
+      if (!close_enough(e[b], want.effective_rank, 1e-13)) bad.add(b, ": erank ", e[b], " want ", want.effective_rank);
+      if (!close_enough(st[b], want.stable_rank, 1e-13)) bad.add(b, ": srank ", st[b], " want ", want.stable_rank);
+      if (a[b] != want.approximate_rank) bad.add(b, ": arank ", a[b], " want ", want.approximate_rank);
+      if (ab[b] != want.abs_approximate_rank) bad.add(b, ": abs ", ab[b], " want ", want.abs_approximate_rank);
+    }
+    bad.expect_none("eigenvalues, prop " + std::to_string(prop));
+  }
+  // Singular values: sqrt of the same rows, reversed.
+  std::vector<double> s(w.size());
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < n; ++i) s[b * n + i] = std::sqrt(w[b * n + n - 1 - i]);
+  DeviceMemory ds;
+  upload(ds, s);
+  ASSERT_RANK_OK(tc::rank_from_singular_values_launch(ds.get<double>(), n, batch, nullptr, 0.9, out, stream_));
+  const auto e = download<double>(de, batch);
+  const auto a = download<int64_t>(da, batch);
+  Mismatches bad;
+  for (int64_t b = 0; b < batch; ++b) {
+    const tc::RankValues want = tc::rank_values_from_singular_values(s.data() + b * n, n, 0.9);
+    if (!close_enough(e[b], want.effective_rank, 1e-13)) bad.add(b, ": erank ", e[b], " want ", want.effective_rank);
+    if (a[b] != want.approximate_rank) bad.add(b, ": arank ", a[b], " want ", want.approximate_rank);
+  }
+  bad.expect_none("singular values");
+}
+
+TEST_F(RankCudaTest, InvalidArguments) {
+  const std::vector<int64_t> dims = {5};
+  tc::EigvalsArgs args{solver_, nullptr, 4, 1, dims.data(), nullptr, nullptr, tc::EigRoute::kAuto};
+  size_t dev = 0, host = 0;
+  EXPECT_EQ(tc::eigvals_workspace(args, &dev, &host).kind, tc::RankStatus::kInvalidValue);  // dims > n
+  EXPECT_EQ(tc::gram_update_launch(blas_, nullptr, 3, 4, tc::GramSide::kUnits, 0.0, nullptr, 4, stream_).kind,
+            tc::RankStatus::kInvalidValue);
+  double dummy = 0;
+  EXPECT_EQ(tc::gram_update_launch(blas_, &dummy, 3, 4, tc::GramSide::kUnits, 0.0, &dummy, 3, stream_).kind,
+            tc::RankStatus::kInvalidValue);  // ldc < n
+  tc::SvdvalsArgs sv{solver_, nullptr, int64_t{1} << 33, 2, nullptr, nullptr};
+  size_t bytes = 0;
+  EXPECT_EQ(tc::svdvals_workspace(sv, &bytes).kind, tc::RankStatus::kInvalidValue);
+}
+
+}  // namespace
