@@ -18,6 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 
 
 def select_device(torch, spec, prog):
@@ -113,3 +114,49 @@ def write_json(path, data, **dump_kwargs):
     with open(path, "w") as f:
         json.dump(data, f, indent=2, **dump_kwargs)
         f.write("\n")
+
+
+# Timing: ``sets`` are the inputs the calls rotate through (so small inputs can be read from
+# DRAM rather than L2), ``fn`` takes one of them.
+
+def time_cuda(torch, fn, sets, warmup, repeats):
+    """Per-call milliseconds from CUDA events, calls back to back (no sync between them), so a
+    call whose host side is slower than its GPU work is charged for it, as in a training loop."""
+    for i in range(warmup):
+        fn(sets[i % len(sets)])
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        starts[i].record()
+        fn(sets[i % len(sets)])
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in zip(starts, ends)]
+
+
+def time_cpu(fn, sets, warmup, repeats):
+    for i in range(warmup):
+        fn(sets[i % len(sets)])
+    out = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn(sets[i % len(sets)])
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def copy_bandwidth(torch, device, nbytes, warmup, repeats):
+    """Bandwidth of dst.copy_(src) on ``nbytes`` buffers, counting bytes read + written."""
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    if device.type == "cuda":
+        ms = time_cuda(torch, lambda _: dst.copy_(src), [None], warmup, repeats)
+    else:
+        ms = time_cpu(lambda _: dst.copy_(src), [None], warmup, repeats)
+    med = statistics.median(ms)
+    return {"bytes": 2 * n * 4, "median_ms": med, "GBps": 2 * n * 4 / (med * 1e-3) / 1e9}
+
+
+#

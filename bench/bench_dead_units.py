@@ -3,7 +3,7 @@
 
 trainscope side: per-unit active counts of one batch of activations::
 
-    trainscope.dead_units.active_counts(acts, kind, eps)
+    trainscope.active_counts(acts, kind, eps)
 
 PyTorch side, per kind (units are dim 1, the sum runs over the batch and the spatial dims)::
 
@@ -34,14 +34,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (  # noqa: E402  (same folder; stdlib only)
-    environment, resolve_repeats, select_device, summarize, write_json)
+    copy_bandwidth, environment, resolve_repeats, select_device, summarize, time_cpu, time_cuda, write_json)
 
 GOAL_FRACTION_OF_COPY = 0.85  # of measured copy bandwidth, on inputs large enough to stream
 GOAL_MIN_BYTES = 32 << 20
@@ -103,7 +101,7 @@ def float64_active_counts(torch, acts, kind, eps):
 
 
 def verify(torch, trainscope, acts, kind, eps):
-    ts = trainscope.dead_units.active_counts(acts, kind, eps)
+    ts = trainscope.active_counts(acts, kind, eps)
     th = torch_active_counts(torch, acts, kind, eps)
     f64 = float64_active_counts(torch, acts, kind, eps)
     ts_exact = bool(torch.equal(ts, f64))
@@ -117,48 +115,6 @@ def verify(torch, trainscope, acts, kind, eps):
     report["ok"] = ts_exact and (ts_vs_th or not th_exact)
     return report["ok"], report
 
-
-# ---------------------------------------------------------------------------------------------
-# Timing.
-
-def time_cuda(torch, fn, sets, warmup, repeats):
-    """Per-call milliseconds from CUDA events, calls back to back (no sync between them), so a
-    call whose host side is slower than its GPU work is charged for it."""
-    for i in range(warmup):
-        fn(sets[i % len(sets)])
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for i in range(repeats):
-        starts[i].record()
-        fn(sets[i % len(sets)])
-        ends[i].record()
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) for a, b in zip(starts, ends)]
-
-
-def time_cpu(fn, sets, warmup, repeats):
-    for i in range(warmup):
-        fn(sets[i % len(sets)])
-    out = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn(sets[i % len(sets)])
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def copy_bandwidth(torch, device, nbytes, warmup, repeats):
-    """Bandwidth of dst.copy_(src) on ``nbytes`` buffers, counting bytes read + written."""
-    n = nbytes // 4
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    if device.type == "cuda":
-        ms = time_cuda(torch, lambda _: dst.copy_(src), [None], warmup, repeats)
-    else:
-        ms = time_cpu(lambda _: dst.copy_(src), [None], warmup, repeats)
-    med = statistics.median(ms)
-    return {"bytes": 2 * n * 4, "median_ms": med, "GBps": 2 * n * 4 / (med * 1e-3) / 1e9}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +138,7 @@ def bench_case(torch, trainscope, shape, dtype_name, kind, device, args, l2_byte
         row["verify"] = verify(torch, trainscope, sets[0], kind, EPS)[1]
 
         def ts_fn(a):
-            trainscope.dead_units.active_counts(a, kind, EPS)
+            trainscope.active_counts(a, kind, EPS)
 
         def torch_fn(a):
             torch_active_counts(torch, a, kind, EPS)

@@ -29,14 +29,12 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (  # noqa: E402  (same folder; stdlib only)
-    environment, resolve_repeats, select_device, summarize, write_json)
+    copy_bandwidth, environment, resolve_repeats, select_device, summarize, time_cpu, time_cuda, write_json)
 
 # Goals of the issue this benchmark answers, at 125M parameters and above.
 GOAL_MIN_PARAMS = 125_000_000
@@ -281,51 +279,6 @@ def verify(torch, trainscope, s, numel):
     report["ok"] = bool(ok)
     return bool(ok), report
 
-
-# ---------------------------------------------------------------------------------------------
-# Timing.
-
-def time_cuda(torch, fn, sets, warmup, repeats):
-    """Per-call milliseconds from CUDA events, calls back to back (no sync between them), so a
-    call whose host side is slower than its GPU work is charged for it, as in a training loop."""
-    for i in range(warmup):
-        fn(sets[i % len(sets)])
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for i in range(repeats):
-        starts[i].record()
-        fn(sets[i % len(sets)])
-        ends[i].record()
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) for a, b in zip(starts, ends)]
-
-
-def time_cpu(fn, sets, warmup, repeats):
-    for i in range(warmup):
-        fn(sets[i % len(sets)])
-    out = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn(sets[i % len(sets)])
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def copy_bandwidth(torch, device, nbytes, warmup, repeats):
-    """Bandwidth of dst.copy_(src) on ``nbytes`` buffers, counting bytes read + written."""
-    n = nbytes // 4
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    if device.type == "cuda":
-        ms = time_cuda(torch, lambda _: dst.copy_(src), [None], warmup, repeats)
-    else:
-        ms = time_cpu(lambda _: dst.copy_(src), [None], warmup, repeats)
-    med = statistics.median(ms)
-    return {"bytes": 2 * n * 4, "median_ms": med, "GBps": 2 * n * 4 / (med * 1e-3) / 1e9}
-
-
-# ---------------------------------------------------------------------------------------------
 
 def bench_size(torch, trainscope, target, device, args, l2_bytes):
     cfg = gpt_config(target)

@@ -7,8 +7,10 @@ chosen device. Ways of getting SPEC.md §3's four rank measures of every layer:
 
 trainscope        ``trainscope.rank.rank_measures(layers)``: float64 Gram matrices (cuBLAS syrk)
                   and one batched symmetric eigensolve (cuSOLVER) for all layers.
-trainscope_grams  Gram matrices streamed over batches of ``--batch-rows`` rows with torch float64
-                  addmm, then ``trainscope.rank.rank_measures_from_grams``: the streamed path.
+trainscope_grams  the probe's streamed path: batches of ``--batch-rows`` rows of every layer into
+                  ``trainscope.RepresentationAccumulator`` (per layer a float64 Gram matrix by
+                  cuBLAS syrk, kept as rows while fewer rows than units, and per-unit active
+                  counts), then one batched eigensolve for all layers.
 trainscope_svd    ``rank_measures(layers, method="svd")``: float64 SVD per layer (gesvdj).
 svdvals           ``torch.linalg.svdvals`` in a Python loop over the layers, measures in torch.
 scipy             ``scipy.linalg.svd(..., compute_uv=False, lapack_driver="gesvd")`` on the CPU,
@@ -114,15 +116,11 @@ def bench_width(torch, np, trainscope, scipy_linalg, width, args, device):
         return r.effective_rank, r.approximate_rank, r.abs_approximate_rank, r.stable_rank
 
     def run_grams():
-        grams = []
-        for x in layers:
-            g = torch.zeros(width, width, dtype=torch.float64, device=device)
-            for b in range(0, args.rows, args.batch_rows):
-                xb = x[b:b + args.batch_rows].double()
-                g.addmm_(xb.T, xb)
-            grams.append(g)
-        r = rank.rank_measures_from_grams(grams)
-        return r.effective_rank, r.approximate_rank, r.abs_approximate_rank, r.stable_rank
+        acc = trainscope.RepresentationAccumulator([f"layer{i}" for i in range(len(layers))])
+        for b in range(0, args.rows, args.batch_rows):
+            acc.add([x[b:b + args.batch_rows] for x in layers])
+        r = acc.result().per_layer
+        return r["effective_rank"], r["approximate_rank"], r["abs_approximate_rank"], r["stable_rank"]
 
     def run_trainscope_svd():
         r = rank.rank_measures(layers, method="svd")

@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Build and run the param_stats and per-sample statistics benchmarks on a GPU machine; everything
-# lands in one folder.
+# Build and run every benchmark on a GPU machine; everything lands in one folder.
 #
 #   bench/run_gpu.sh [OUT_DIR]            (default: bench/results/latest)
 #
@@ -8,7 +7,9 @@
 # environment.txt, build.log, bench_param_stats_cpp.{log,json} (launcher, C++),
 # bench_param_stats.{log,json} (trainscope.param_stats against PyTorch, Python),
 # bench_per_sample_stats.{log,json} (per-sample gradient statistics against vmap, the einsum
-# ghost norm, BackPACK and Cockpit), peers_install.log (with PEER_WHEELS), run_gpu.log.
+# ghost norm, BackPACK and Cockpit), bench_dead_units.{log,json} (the dead-unit pass against
+# PyTorch), bench_rank.{log,json} (rank measures against torch.linalg.svdvals and SciPy),
+# peers_install.log (with PEER_WHEELS), run_gpu.log.
 #
 # Environment (all optional):
 #   PYTHON     interpreter with torch (default: .venv/bin/python if present, else python3)
@@ -17,6 +18,7 @@
 #   CPP_ARGS   extra arguments for the C++ bench, e.g. "--sizes 125M --repeats 100"
 #   PY_ARGS    extra arguments for the Python bench, e.g. "--sizes 125M,1B"
 #   PS_ARGS    extra arguments for bench_per_sample_stats.py, e.g. "--batch-sizes 128 --dims 4096"
+#   DEAD_UNITS_ARGS, RANK_ARGS  extra arguments for bench_dead_units.py and bench_rank.py
 #   PEER_WHEELS  folder of wheels for bench/requirements-peers.txt (BackPACK, Cockpit and what they
 #              import); when set they are installed first, offline and without dependency
 #              resolution (`pip download --no-deps -d DIR -r bench/requirements-peers.txt` makes it)
@@ -136,6 +138,22 @@ else
   log "cannot import trainscope; per-sample bench not run"
   status=1
 fi
+
+# ---- Python: representation metrics (dead-unit pass, rank measures against svdvals and scipy) ---
+for bench in dead_units rank; do
+  if "$PYTHON" -c "import trainscope" >/dev/null 2>&1; then
+    args_var="$(echo "$bench" | tr '[:lower:]' '[:upper:]')_ARGS"
+    log "running bench_$bench.py ${!args_var:-}"
+    # shellcheck disable=SC2086  # the *_ARGS variables are lists of words
+    "$PYTHON" "$ROOT/bench/bench_$bench.py" --device cuda ${!args_var:-} \
+      --json "$OUT/bench_$bench.json" 2>&1 | tee "$OUT/bench_$bench.log"
+    rc=${PIPESTATUS[0]}
+    if [[ $rc -ne 0 ]]; then log "bench_$bench.py exited with $rc"; status=1; fi
+  else
+    log "cannot import trainscope; bench_$bench.py not run"
+    status=1
+  fi
+done
 
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi -q -d CLOCK,TEMPERATURE,PERFORMANCE,POWER >"$OUT/nvidia-smi-after.txt" 2>&1

@@ -22,34 +22,26 @@ RankStatus invalid(const char* what) {
   return s;
 }
 
-RankStatus from_cuda(cudaError_t e, const char* what) {
+RankStatus failure_if(bool failed, RankStatus::Kind kind, int32_t code, const char* what) {
   RankStatus s;
-  if (e != cudaSuccess) {
-    s.kind = RankStatus::kCuda;
-    s.code = static_cast<int32_t>(e);
+  if (failed) {
+    s.kind = kind;
+    s.code = code;
     s.what = what;
   }
   return s;
+}
+
+RankStatus from_cuda(cudaError_t e, const char* what) {
+  return failure_if(e != cudaSuccess, RankStatus::kCuda, static_cast<int32_t>(e), what);
 }
 
 RankStatus from_cublas(cublasStatus_t e, const char* what) {
-  RankStatus s;
-  if (e != CUBLAS_STATUS_SUCCESS) {
-    s.kind = RankStatus::kCublas;
-    s.code = static_cast<int32_t>(e);
-    s.what = what;
-  }
-  return s;
+  return failure_if(e != CUBLAS_STATUS_SUCCESS, RankStatus::kCublas, static_cast<int32_t>(e), what);
 }
 
 RankStatus from_cusolver(cusolverStatus_t e, const char* what) {
-  RankStatus s;
-  if (e != CUSOLVER_STATUS_SUCCESS) {
-    s.kind = RankStatus::kCusolver;
-    s.code = static_cast<int32_t>(e);
-    s.what = what;
-  }
-  return s;
+  return failure_if(e != CUSOLVER_STATUS_SUCCESS, RankStatus::kCusolver, static_cast<int32_t>(e), what);
 }
 
 #define TS_RANK_TRY(expr)             \

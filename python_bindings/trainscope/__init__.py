@@ -5,6 +5,14 @@ none of them waits for the GPU. See SPEC.md in the docs for the exact meaning of
 """
 
 from ._ops import library_path
+from .dead_units import (
+    DeadUnitCounter,
+    DeadUnits,
+    active_counts,
+    dead_units,
+    dead_units_from_counts,
+    observations_per_unit,
+)
 from .hist2d import Hist2d, grad_hist2d, hist2d_bin_edges
 from .per_sample_factors import (
     SUPPORTED_LAYERS,
@@ -25,6 +33,24 @@ from .per_sample_stats import (
     per_sample_parts,
     per_sample_stats,
 )
+from .rank import (
+    RankMeasures,
+    abs_approximate_rank,
+    approximate_rank,
+    effective_rank,
+    rank_measures,
+    rank_measures_from_grams,
+    rank_measures_from_singular_values,
+    stable_rank,
+)
+from .representation import (
+    ACTIVATION_KINDS,
+    REPRESENTATION_METRICS,
+    RepresentationAccumulator,
+    RepresentationProbe,
+    RepresentationResult,
+    weight_rank_measures,
+)
 from .param_stats import (
     METRICS,
     ParamStats,
@@ -43,6 +69,26 @@ from .param_stats import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACTIVATION_KINDS",
+    "DeadUnitCounter",
+    "DeadUnits",
+    "REPRESENTATION_METRICS",
+    "RankMeasures",
+    "RepresentationAccumulator",
+    "RepresentationProbe",
+    "RepresentationResult",
+    "abs_approximate_rank",
+    "active_counts",
+    "approximate_rank",
+    "dead_units",
+    "dead_units_from_counts",
+    "effective_rank",
+    "observations_per_unit",
+    "rank_measures",
+    "rank_measures_from_grams",
+    "rank_measures_from_singular_values",
+    "stable_rank",
+    "weight_rank_measures",
     "METRICS",
     "Hist2d",
     "PerSampleHooks",

@@ -1,12 +1,12 @@
 """Dead units of a layer's representation (SPEC.md §3 ``dead_units``): per-unit active counts over
 a probe set, exact int64, accumulated on the device::
 
-    d = trainscope.dead_units.dead_units(acts, kind="relu")   # acts [N, units] or [N, C, *spatial]
+    d = trainscope.dead_units(acts, kind="relu")   # acts [N, units] or [N, C, *spatial]
     d.count            # [] int64: units whose active fraction f_u <= tau
     d.fraction         # [] float64: count / units
     d.active_fraction  # [units] float64: f_u
 
-    counter = trainscope.dead_units.DeadUnitCounter(kind="tanh", eps=0.01)
+    counter = trainscope.DeadUnitCounter(kind="tanh", eps=0.01)
     for x in probe_batches:
         counter.add(layer_output(x))                          # counts stay on the device
     d = counter.result()

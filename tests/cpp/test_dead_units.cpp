@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "tests/cpp/torch_test_util.h"
+#include "tests/cpp/reference_activity.h"
 #include "trainscope/dead_units.h"
 
 namespace {
@@ -27,15 +28,6 @@ using trainscope::DeadUnitOptions;
 using trainscope::DeadUnits;
 
 const ActivationKind kKinds[] = {ActivationKind::kReLU, ActivationKind::kTanh, ActivationKind::kSigmoid};
-
-bool reference_active(double a, ActivationKind k, double eps) {
-  switch (k) {
-    case ActivationKind::kReLU: return a != 0.0;
-    case ActivationKind::kTanh: return std::fabs(a) <= 1.0 - eps;
-    case ActivationKind::kSigmoid: return eps <= a && a <= 1.0 - eps;
-  }
-  return false;
-}
 
 // Per-unit active counts in float64 of the values as stored; units are dim 1, the rest observations.
 std::vector<int64_t> reference_counts(const at::Tensor& acts, ActivationKind k, double eps) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cuda/dead_units.h"
+#include "tests/cpp/reference_activity.h"
 #include "tests/cpp/cuda_test_util.h"
 
 namespace {
@@ -27,26 +28,13 @@ using tc::ActivityKind;
 const DType kDtypes[] = {DType::kFloat32, DType::kFloat64, DType::kBFloat16, DType::kFloat16};
 const ActivityKind kKinds[] = {ActivityKind::kReLU, ActivityKind::kTanh, ActivityKind::kSigmoid};
 
-const char* kind_name(ActivityKind k) {
-  return k == ActivityKind::kReLU ? "relu" : (k == ActivityKind::kTanh ? "tanh" : "sigmoid");
-}
-
-bool reference_active(double a, ActivityKind k, double eps) {
-  switch (k) {
-    case ActivityKind::kReLU: return a != 0.0;
-    case ActivityKind::kTanh: return std::fabs(a) <= 1.0 - eps;
-    case ActivityKind::kSigmoid: return eps <= a && a <= 1.0 - eps;
-  }
-  return false;
-}
-
 struct Shape {
   int64_t n, channels, inner;
 };
 
 std::string label(const Shape& s, DType t, ActivityKind k, bool misaligned) {
   return std::to_string(s.n) + "x" + std::to_string(s.channels) + "x" + std::to_string(s.inner) + " " +
-         dtype_name(t) + " " + kind_name(k) + (misaligned ? " misaligned" : "");
+         dtype_name(t) + " " + reference_kind_name(k) + (misaligned ? " misaligned" : "");
 }
 
 // A [n, channels, inner] array in dtype t on the host, and the float64 reference counts of the

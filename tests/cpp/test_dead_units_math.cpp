@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda/dead_units.h"
+#include "tests/cpp/reference_activity.h"
 
 namespace {
 
@@ -25,20 +26,6 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 const ActivityKind kKinds[] = {ActivityKind::kReLU, ActivityKind::kTanh, ActivityKind::kSigmoid};
 const double kEps[] = {0.0, 0.01, 0.1, 0.25, 1.0 / 3.0, 0.49999999999999994, 0.5, 1e-30, 1e-8, 0.001};
-
-const char* kind_name(ActivityKind k) {
-  return k == ActivityKind::kReLU ? "relu" : (k == ActivityKind::kTanh ? "tanh" : "sigmoid");
-}
-
-// SPEC.md §3 in float64: ReLU a ≠ 0; tanh |a| ≤ 1 − ε; sigmoid ε ≤ a ≤ 1 − ε.
-bool reference_active(double a, ActivityKind k, double eps) {
-  switch (k) {
-    case ActivityKind::kReLU: return a != 0.0;
-    case ActivityKind::kTanh: return std::fabs(a) <= 1.0 - eps;
-    case ActivityKind::kSigmoid: return eps <= a && a <= 1.0 - eps;
-  }
-  return false;
-}
 
 // IEEE binary16 bits → double, written independently of the library's decoder.
 double f16_value(uint16_t h) {
@@ -109,7 +96,7 @@ TEST(DeadUnitsActivityTest, FloatThresholdsAreTheNearestFloatsInside) {
   for (ActivityKind k : kKinds) {
     for (double eps : kEps) {
       const tc::ActivityTest t = tc::make_activity_test(k, eps);
-      const std::string what = std::string(kind_name(k)) + " eps=" + std::to_string(eps);
+      const std::string what = std::string(reference_kind_name(k)) + " eps=" + std::to_string(eps);
       EXPECT_GE(static_cast<double>(t.lo_f), t.lo) << what;
       EXPECT_LT(static_cast<double>(std::nextafter(t.lo_f, -std::numeric_limits<float>::infinity())), t.lo) << what;
       EXPECT_LE(static_cast<double>(t.hi_f), t.hi) << what;
@@ -129,7 +116,7 @@ TEST(DeadUnitsActivityTest, DoublesNextToTheThresholds) {
       const tc::ActivityTest t = tc::make_activity_test(k, eps);
       for (double a : double_values(eps)) {
         ASSERT_EQ(tc::is_active(a, t), reference_active(a, k, eps))
-            << kind_name(k) << " eps=" << eps << " a=" << a;
+            << reference_kind_name(k) << " eps=" << eps << " a=" << a;
       }
     }
   }
@@ -141,7 +128,7 @@ TEST(DeadUnitsActivityTest, FloatsNextToTheThresholds) {
       const tc::ActivityTest t = tc::make_activity_test(k, eps);
       for (float a : float_values(eps)) {
         ASSERT_EQ(tc::is_active(a, t), reference_active(static_cast<double>(a), k, eps))
-            << kind_name(k) << " eps=" << eps << " a=" << a;
+            << reference_kind_name(k) << " eps=" << eps << " a=" << a;
         ASSERT_EQ(tc::is_active_value(a, t), tc::is_active(a, t));
       }
     }
@@ -155,9 +142,9 @@ TEST(DeadUnitsActivityTest, EveryBFloat16AndFloat16) {
       for (uint32_t bits = 0; bits < 65536; ++bits) {
         const uint16_t b = static_cast<uint16_t>(bits);
         ASSERT_EQ(tc::is_active_value(tc::bf16_bits{b}, t), reference_active(bf16_value(b), k, eps))
-            << kind_name(k) << " eps=" << eps << " bf16 bits " << bits << " = " << bf16_value(b);
+            << reference_kind_name(k) << " eps=" << eps << " bf16 bits " << bits << " = " << bf16_value(b);
         ASSERT_EQ(tc::is_active_value(tc::f16_bits{b}, t), reference_active(f16_value(b), k, eps))
-            << kind_name(k) << " eps=" << eps << " f16 bits " << bits << " = " << f16_value(b);
+            << reference_kind_name(k) << " eps=" << eps << " f16 bits " << bits << " = " << f16_value(b);
       }
     }
   }

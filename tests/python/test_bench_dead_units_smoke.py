@@ -7,29 +7,13 @@ exactly (and the PyTorch composition's, where that one is exact), and exits non-
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from conftest import BENCH_DIR, env_with_trainscope_on_path
-
-
-def run_quick_cpu(json_out):
-    """As conftest.run_bench_quick_cpu, but the child also skips site-packages when this
-    interpreter does (-S): then only PYTHONPATH decides which trainscope it imports, as here."""
-    flags = ["-S"] if sys.flags.no_site else []
-    proc = subprocess.run(
-        [sys.executable, *flags, str(BENCH_DIR / "bench_dead_units.py"), "--quick", "--device", "cpu",
-         "--json", str(json_out)],
-        capture_output=True, text=True, timeout=600, env=env_with_trainscope_on_path(),
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert json_out.is_file(), f"no JSON written\nstdout:\n{proc.stdout}"
-    return proc
+from conftest import run_bench_quick_cpu
 
 
 def test_bench_dead_units_quick_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_quick_cpu(out)
+    proc = run_bench_quick_cpu("bench_dead_units.py", out)
 
     data = json.loads(out.read_text())
     assert data["benchmark"] == "dead_units"

@@ -8,24 +8,14 @@ peer: without it its rows say "not installed" and the run still passes.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from conftest import BENCH_DIR, env_with_trainscope_on_path
+from conftest import run_bench_quick_cpu
 
 
 def test_bench_rank_quick_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    # The child interpreter runs with this one's -S, so it imports the same trainscope even where
-    # an installed copy's import hook would win over PYTHONPATH. One intra-op thread: tiny ops on
-    # a busy machine otherwise stall on OpenMP barriers.
-    flags = ["-S"] if sys.flags.no_site else []
-    proc = subprocess.run(
-        [sys.executable, *flags, str(BENCH_DIR / "bench_rank.py"), "--quick", "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, env=env_with_trainscope_on_path({"OMP_NUM_THREADS": "1"}),
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert out.is_file(), f"no JSON written\nstdout:\n{proc.stdout}"
+    # One intra-op thread: tiny ops on a busy machine otherwise stall on OpenMP barriers.
+    proc = run_bench_quick_cpu("bench_rank.py", out, {"OMP_NUM_THREADS": "1"})
 
     data = json.loads(out.read_text())
     assert data["benchmark"] == "rank"

@@ -1,0 +1,261 @@
+"""Representation metrics of a model's layers on a probe set (SPEC.md §3): dead units and the four
+rank measures, per layer and averaged, as Dohare et al. (Nature 2024) track them at each task
+boundary of a continual-learning run::
+
+    probe = trainscope.RepresentationProbe(model, probe_inputs)   # hooks every activation module
+    r = probe()                                                    # runs 2,000 examples, no_grad
+    r.per_layer["effective_rank"]      # [L] float64, in the order of r.layers
+    r.summary["dead_fraction"]         # 0-d: dead units over all measured units
+    r.scalars()                        # {"effective_rank": ..., "effective_rank/<layer>": ...}
+
+A layer's representation is the output of the hooked module: [N, units], or [N, C, *spatial] where
+a unit is a channel and every spatial position one more observation. The batches stream through
+the C++ accumulator (``torch.classes.trainscope.RepresentationAccumulator``): per-unit active counts
+and a Gram matrix per layer stay on the device, and one batched eigensolve across layers finishes
+the run. Every result is a tensor on the model's device; nothing here waits for the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import _ops  # noqa: F401  (loads the op library and its custom classes)
+from .rank import RankMeasures, rank_measures
+
+#: Metric names of RepresentationResult.per_layer and .summary, as logs spell them.
+REPRESENTATION_METRICS = ("dead_units", "dead_fraction", "effective_rank", "approximate_rank",
+                          "abs_approximate_rank", "stable_rank")
+
+#: Activation modules the probe hooks by default, and the dead-unit criterion each gets with
+#: kind="auto". Modules that are never exactly 0 (GELU, SiLU, LeakyReLU, ...) get the ReLU
+#: criterion (active ⇔ a ≠ 0), under which their units are (correctly) almost never dead.
+ACTIVATION_KINDS: Dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu", nn.LeakyReLU: "relu", nn.PReLU: "relu", nn.ELU: "relu",
+    nn.SELU: "relu", nn.CELU: "relu", nn.GELU: "relu", nn.SiLU: "relu", nn.Mish: "relu",
+    nn.Softplus: "relu", nn.Hardswish: "relu",
+    nn.Tanh: "tanh", nn.Hardtanh: "tanh", nn.Softsign: "tanh",
+    nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "sigmoid",
+}
+
+
+@dataclass
+class RepresentationResult:
+    """Metrics of the probed layers. Tensors live on the activations' device."""
+
+    layers: List[str]
+    per_layer: Dict[str, torch.Tensor]        # metric -> [L], in the order of ``layers``
+    summary: Dict[str, torch.Tensor]          # metric -> 0-d, averaged over layers (see below)
+    active_fraction: Dict[str, torch.Tensor]  # layer -> [units] float64, f_u of every unit
+    units: Dict[str, int]                     # layer -> number of units
+    observations: Dict[str, int]              # layer -> observations per unit (N * prod(spatial))
+    weights: Optional[Dict[str, RankMeasures]] = field(default=None)  # see weight_rank_measures
+
+    def scalars(self, prefix: str = "") -> Dict[str, torch.Tensor]:
+        """Flat ``{name: 0-d tensor}`` for logging: the averages under the plain metric name and
+        each layer's value under ``<metric>/<layer>``; with weights, ``weight_<measure>/<layer>``."""
+        out: Dict[str, torch.Tensor] = {}
+        for metric in REPRESENTATION_METRICS:
+            out[prefix + metric] = self.summary[metric]
+            for i, layer in enumerate(self.layers):
+                out[f"{prefix}{metric}/{layer}"] = self.per_layer[metric][i]
+        for layer, m in (self.weights or {}).items():
+            for measure in ("effective_rank", "approximate_rank", "abs_approximate_rank", "stable_rank"):
+                out[f"{prefix}weight_{measure}/{layer}"] = getattr(m, measure)
+        return out
+
+
+class RepresentationAccumulator:
+    """Streams batches of activations of several layers (one tensor per layer, same order every
+    call) into per-unit active counts and Gram matrices; :meth:`result` finishes with one batched
+    eigensolve. ``kinds`` is one dead-unit criterion per layer ("relu", "tanh" or "sigmoid") or
+    one for all; ``method`` is "gram" (default) or "svd" (exact, keeps every row)."""
+
+    def __init__(self, names: Sequence[str], kinds: Union[str, Sequence[str]] = "relu", eps: float = 0.01,
+                 tau: float = 0.0, prop: float = 0.99, method: str = "gram"):
+        self.names = [str(n) for n in names]
+        if not self.names:
+            raise ValueError("RepresentationAccumulator: names is empty; give one name per layer")
+        kinds = [kinds] * len(self.names) if isinstance(kinds, str) else [str(k) for k in kinds]
+        if len(kinds) != len(self.names):
+            raise ValueError(f"RepresentationAccumulator: kinds has {len(kinds)} entries but names has "
+                             f"{len(self.names)}; give one kind per layer or a single kind")
+        self._acc = torch.classes.trainscope.RepresentationAccumulator(
+            self.names, kinds, float(eps), float(tau), float(prop), str(method))
+
+    def add(self, acts: Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]) -> None:
+        """Adds one batch: a list in the order of ``names``, or a dict keyed by them."""
+        if isinstance(acts, Mapping):
+            missing = [n for n in self.names if n not in acts]
+            if missing:
+                raise ValueError(f"RepresentationAccumulator.add: acts has no entry for layer {missing[0]!r}")
+            acts = [acts[n] for n in self.names]
+        self._acc.add([a.detach() for a in acts])
+
+    def result(self) -> RepresentationResult:
+        (dead, dead_fraction, active_fraction, erank, arank, abs_arank, srank, units, observations,
+         summary) = self._acc.result()
+        per_layer = {"dead_units": dead, "dead_fraction": dead_fraction, "effective_rank": erank,
+                     "approximate_rank": arank, "abs_approximate_rank": abs_arank, "stable_rank": srank}
+        return RepresentationResult(
+            layers=list(self.names), per_layer=per_layer, summary=dict(summary),
+            active_fraction=dict(zip(self.names, active_fraction)),
+            units=dict(zip(self.names, units)), observations=dict(zip(self.names, observations)))
+
+    def reset(self) -> None:
+        self._acc.reset()
+
+
+def weight_rank_measures(model: nn.Module, prop: float = 0.99, method: str = "gram") -> Dict[str, RankMeasures]:
+    """Rank measures of every weight matrix of ``model`` (parameters named ``weight`` with at least
+    two dimensions; a convolution's [out, in, *k] is measured as [out, in * prod(k)]), in one
+    batched solve: ``{module name: RankMeasures of 0-d tensors}``."""
+    names, mats = [], []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() >= 2:
+            names.append(name or "weight")
+            mats.append(w.detach().reshape(w.shape[0], -1))
+    if not mats:
+        return {}
+    r = rank_measures(mats, prop=prop, method=method)
+    return {n: RankMeasures(r.effective_rank[i], r.approximate_rank[i], r.abs_approximate_rank[i], r.stable_rank[i])
+            for i, n in enumerate(names)}
+
+
+def _activation_kind(module: nn.Module) -> str:
+    for cls in type(module).__mro__:
+        if cls in ACTIVATION_KINDS:
+            return ACTIVATION_KINDS[cls]
+    return "relu"
+
+
+class RepresentationProbe:
+    """Measures the representations of chosen layers on a fixed probe set.
+
+    - ``probe_set``: the examples, a tensor [N, ...] (or a tuple/list whose first entry is the
+      inputs, as a dataset's (x, y)), or an iterable of such batches (a DataLoader). At most
+      ``num_examples`` examples are used (default 2,000).
+    - ``layers``: None for every activation module of ``model`` (:data:`ACTIVATION_KINDS`), or a
+      list of module names, or a dict ``{name: module}``. A module called several times in one
+      forward pass gives one layer per call, named ``<name>:<call index>`` from the second call.
+    - ``kind``: "auto" (by module type, :data:`ACTIVATION_KINDS`), one of "relu"/"tanh"/"sigmoid"
+      for every layer, or a dict ``{layer name: kind}``; ``eps``, ``tau``: the dead-unit criterion.
+    - ``prop``, ``method``: the rank measures' share and "gram"/"svd".
+    - ``weights``: also measure the ranks of every weight matrix (:func:`weight_rank_measures`).
+    - ``forward``: how to run the model on one batch of inputs (default ``model(x)``).
+
+    Calling the probe runs the probe set in batches of ``batch_size`` under ``torch.no_grad()``
+    with the model in eval mode (``train_mode=True`` keeps it as it is), restores every module's
+    train/eval state and removes its hooks, and returns a :class:`RepresentationResult`.
+    """
+
+    def __init__(self, model: nn.Module, probe_set, layers=None, batch_size: int = 500, kind="auto",
+                 eps: float = 0.01, tau: float = 0.0, prop: float = 0.99, method: str = "gram",
+                 num_examples: int = 2000, weights: bool = False, train_mode: bool = False,
+                 forward: Optional[Callable[[nn.Module, torch.Tensor], object]] = None):
+        if batch_size < 1:
+            raise ValueError(f"RepresentationProbe: batch_size must be >= 1, got {batch_size}")
+        if num_examples < 1:
+            raise ValueError(f"RepresentationProbe: num_examples must be >= 1, got {num_examples}")
+        self.model = model
+        self.probe_set = probe_set
+        self.batch_size = int(batch_size)
+        self.num_examples = int(num_examples)
+        self.kind, self.eps, self.tau, self.prop, self.method = kind, eps, tau, prop, method
+        self.weights, self.train_mode = weights, train_mode
+        self.forward = forward or (lambda m, x: m(x))
+        self.modules = self._select_modules(layers)
+
+    def _select_modules(self, layers) -> Dict[str, nn.Module]:
+        if layers is None:
+            chosen = {n: m for n, m in self.model.named_modules() if type(m) in ACTIVATION_KINDS}
+            if not chosen:
+                raise ValueError("RepresentationProbe: the model has no activation module "
+                                 f"({', '.join(sorted(c.__name__ for c in ACTIVATION_KINDS))}); pass layers=")
+            return chosen
+        if isinstance(layers, Mapping):
+            return dict(layers)
+        named = dict(self.model.named_modules())
+        chosen = {}
+        for name in layers:
+            if name not in named:
+                raise ValueError(f"RepresentationProbe: layers names {name!r}, which is not a module of the model")
+            chosen[name] = named[name]
+        if not chosen:
+            raise ValueError("RepresentationProbe: layers is empty")
+        return chosen
+
+    def _kind_of(self, name: str, module: nn.Module) -> str:
+        if isinstance(self.kind, Mapping):
+            base = name.split(":")[0]
+            return self.kind.get(name, self.kind.get(base, _activation_kind(module)))
+        return _activation_kind(module) if self.kind == "auto" else self.kind
+
+    def _batches(self) -> Iterable[torch.Tensor]:
+        data = self.probe_set
+        if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+            data = data[0]
+        if isinstance(data, torch.Tensor):
+            data = data[: self.num_examples]
+            for start in range(0, data.shape[0], self.batch_size):
+                yield data[start:start + self.batch_size]
+            return
+        seen = 0
+        for batch in data:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = x[: self.num_examples - seen]
+            seen += x.shape[0]
+            yield x
+            if seen >= self.num_examples:
+                return
+
+    def __call__(self) -> RepresentationResult:
+        calls: Dict[str, List[torch.Tensor]] = {name: [] for name in self.modules}
+
+        def hook_for(name):
+            def hook(_module, _inputs, output):
+                calls[name].append(output.detach())
+            return hook
+
+        states = [(m, m.training) for m in self.model.modules()]
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in self.modules.items()]
+        acc: Optional[RepresentationAccumulator] = None
+        try:
+            if not self.train_mode:
+                self.model.eval()
+            with torch.no_grad():
+                for x in self._batches():
+                    for v in calls.values():
+                        v.clear()
+                    self.forward(self.model, x)
+                    names, acts, kinds = [], [], []
+                    for name, module in self.modules.items():
+                        for i, out in enumerate(calls[name]):
+                            layer = name if i == 0 else f"{name}:{i}"
+                            names.append(layer)
+                            acts.append(out)
+                            kinds.append(self._kind_of(layer, module))
+                    if acc is None:
+                        if not names:
+                            raise RuntimeError("RepresentationProbe: the forward pass ran none of the chosen layers")
+                        acc = RepresentationAccumulator(names, kinds, self.eps, self.tau, self.prop, self.method)
+                    elif names != acc.names:
+                        raise RuntimeError(f"RepresentationProbe: this batch ran layers {names}, "
+                                           f"the first ran {acc.names}; the probe needs the same layers every batch")
+                    acc.add(acts)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, training in states:
+                m.training = training
+        if acc is None:
+            raise ValueError("RepresentationProbe: probe_set gave no examples")
+        result = acc.result()
+        if self.weights:
+            result.weights = weight_rank_measures(self.model, self.prop, self.method)
+        return result

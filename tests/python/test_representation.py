@@ -1,0 +1,255 @@
+"""RepresentationProbe and RepresentationAccumulator: hooks, streaming, train/eval restore, and
+results equal to the single-layer functions (and to a float64 NumPy SVD) on the same activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import trainscope
+from trainscope.representation import REPRESENTATION_METRICS
+
+
+def _np_effective_rank(phi: np.ndarray) -> float:
+    s = np.linalg.svd(phi.astype(np.float64), compute_uv=False)
+    if s.sum() == 0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+class ThreeActs(nn.Module):
+    """An MLP with one ReLU, one tanh and one sigmoid layer; the first four ReLU units are dead by
+    construction (zero weights, negative bias) and dropout makes train mode observable."""
+
+    def __init__(self, d_in=12, width=16, dead=4):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, width)
+        self.act1 = nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(width, width)
+        self.act2 = nn.Tanh()
+        self.fc3 = nn.Linear(width, 8)
+        self.act3 = nn.Sigmoid()
+        with torch.no_grad():
+            self.fc1.weight[:dead] = 0.0
+            self.fc1.bias[:dead] = -1.0
+
+    def forward(self, x):
+        h1 = self.drop(self.act1(self.fc1(x)))
+        h2 = self.act2(self.fc2(h1))
+        return self.act3(self.fc3(h2))
+
+
+def _activations(model, x):
+    with torch.no_grad():
+        h1 = model.act1(model.fc1(x))
+        h2 = model.act2(model.fc2(h1))
+        h3 = model.act3(model.fc3(h2))
+    return {"act1": h1, "act2": h2, "act3": h3}
+
+
+def _model(device, seed=0):
+    torch.manual_seed(seed)
+    return ThreeActs().to(device)
+
+
+def test_probe_matches_single_layer_functions(device):
+    model = _model(device)
+    x = torch.randn(300, 12, device=device)
+    r = trainscope.RepresentationProbe(model, x, batch_size=64)()
+    assert r.layers == ["act1", "act2", "act3"]
+    acts = _activations(model.eval(), x)
+    kinds = {"act1": "relu", "act2": "tanh", "act3": "sigmoid"}
+    for i, layer in enumerate(r.layers):
+        d = trainscope.dead_units(acts[layer], kind=kinds[layer])
+        assert int(r.per_layer["dead_units"][i]) == int(d.count)
+        torch.testing.assert_close(r.active_fraction[layer], d.active_fraction)
+        m = trainscope.rank_measures(acts[layer])
+        torch.testing.assert_close(r.per_layer["effective_rank"][i], m.effective_rank, rtol=1e-6, atol=0)
+        assert int(r.per_layer["approximate_rank"][i]) == int(m.approximate_rank)
+        assert int(r.per_layer["abs_approximate_rank"][i]) == int(m.abs_approximate_rank)
+        torch.testing.assert_close(r.per_layer["stable_rank"][i], m.stable_rank, rtol=1e-6, atol=0)
+        want = _np_effective_rank(acts[layer].double().cpu().numpy())
+        assert abs(float(r.per_layer["effective_rank"][i]) - want) <= 1e-3 * want
+        assert r.units[layer] == acts[layer].shape[1]
+        assert r.observations[layer] == 300
+    assert int(r.per_layer["dead_units"][0]) >= 4  # the constructed dead units
+    for t in list(r.per_layer.values()) + list(r.summary.values()):
+        assert t.device.type == torch.device(device).type
+
+
+def test_summary_averages_over_layers(device):
+    model = _model(device)
+    r = trainscope.RepresentationProbe(model, torch.randn(200, 12, device=device))()
+    pl = r.per_layer
+    assert int(r.summary["dead_units"]) == int(pl["dead_units"].sum())
+    total_units = sum(r.units.values())
+    assert float(r.summary["dead_fraction"]) == pytest.approx(float(pl["dead_units"].sum()) / total_units)
+    for metric in ("effective_rank", "approximate_rank", "abs_approximate_rank", "stable_rank"):
+        assert float(r.summary[metric]) == pytest.approx(float(pl[metric].double().mean()))
+    scalars = r.scalars(prefix="repr/")
+    for metric in REPRESENTATION_METRICS:
+        assert f"repr/{metric}" in scalars
+        for layer in r.layers:
+            assert f"repr/{metric}/{layer}" in scalars
+
+
+def test_streamed_equals_one_batch(device):
+    model = _model(device)
+    x = torch.randn(257, 12, device=device)
+    a = trainscope.RepresentationProbe(model, x, batch_size=13)()
+    b = trainscope.RepresentationProbe(model, x, batch_size=257)()
+    for metric in REPRESENTATION_METRICS:
+        torch.testing.assert_close(a.per_layer[metric], b.per_layer[metric], rtol=1e-7, atol=0)
+
+
+def test_svd_method_agrees_with_gram(device):
+    model = _model(device)
+    x = torch.randn(100, 12, device=device)
+    a = trainscope.RepresentationProbe(model, x, batch_size=30, method="gram")()
+    b = trainscope.RepresentationProbe(model, x, batch_size=30, method="svd")()
+    torch.testing.assert_close(a.per_layer["effective_rank"], b.per_layer["effective_rank"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.per_layer["dead_units"], b.per_layer["dead_units"])
+
+
+def test_restores_train_eval_state_and_removes_hooks():
+    model = _model("cpu")
+    model.train()
+    model.fc2.eval()  # a mixed state must come back as it was
+    seen_training = []
+    model.drop.register_forward_pre_hook(lambda m, inp: seen_training.append(m.training))
+    trainscope.RepresentationProbe(model, torch.randn(10, 12))()
+    assert seen_training == [False]  # eval mode while probing
+    assert model.training and model.drop.training and not model.fc2.training
+    for m in (model.act1, model.act2, model.act3):
+        assert len(m._forward_hooks) == 0
+
+    class Boom(Exception):
+        pass
+
+    def failing_forward(m, x):
+        m(x)
+        raise Boom()
+
+    with pytest.raises(Boom):
+        trainscope.RepresentationProbe(model, torch.randn(10, 12), forward=failing_forward)()
+    assert model.training and not model.fc2.training
+    assert all(len(m._forward_hooks) == 0 for m in (model.act1, model.act2, model.act3))
+
+
+def test_train_mode_keeps_the_state():
+    model = _model("cpu").train()
+    seen = []
+    model.drop.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    trainscope.RepresentationProbe(model, torch.randn(10, 12), train_mode=True)()
+    assert seen == [True] and model.training
+
+
+def test_probe_set_forms_and_num_examples():
+    model = _model("cpu")
+    x = torch.randn(2500, 12)
+    y = torch.zeros(2500)
+    r = trainscope.RepresentationProbe(model, x)()
+    assert r.observations["act1"] == 2000  # default num_examples
+    r2 = trainscope.RepresentationProbe(model, (x, y), num_examples=300)()
+    assert r2.observations["act1"] == 300
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=128)
+    r3 = trainscope.RepresentationProbe(model, loader, num_examples=300)()
+    assert r3.observations["act1"] == 300
+    torch.testing.assert_close(r2.per_layer["effective_rank"], r3.per_layer["effective_rank"], rtol=1e-9, atol=0)
+
+
+def test_chosen_layers_kinds_and_repeated_module():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 10), nn.Linear(10, 10)
+            self.act = nn.ReLU()  # applied twice
+
+        def forward(self, x):
+            return self.act(self.fc2(self.act(self.fc1(x))))
+
+    torch.manual_seed(1)
+    model = Shared()
+    x = torch.randn(64, 6)
+    r = trainscope.RepresentationProbe(model, x)()
+    assert r.layers == ["act", "act:1"]
+    h1 = torch.relu(model.fc1(x)).detach()
+    h2 = torch.relu(model.fc2(h1)).detach()
+    torch.testing.assert_close(r.per_layer["effective_rank"][1], trainscope.rank_measures(h2).effective_rank,
+                               rtol=1e-6, atol=0)
+
+    r2 = trainscope.RepresentationProbe(model, x, layers=["fc1"], kind={"fc1": "tanh"})()
+    assert r2.layers == ["fc1"]
+    d = trainscope.dead_units(model.fc1(x).detach(), kind="tanh")
+    torch.testing.assert_close(r2.active_fraction["fc1"], d.active_fraction)
+
+
+def test_conv_channels_are_units():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    x = torch.randn(20, 3, 6, 6)
+    r = trainscope.RepresentationProbe(model, x, batch_size=7)()
+    acts = model(x).detach()
+    assert r.units["1"] == 8 and r.observations["1"] == 20 * 36
+    phi = acts.permute(0, 2, 3, 1).reshape(-1, 8)
+    want = _np_effective_rank(phi.double().numpy())
+    assert abs(float(r.per_layer["effective_rank"][0]) - want) <= 1e-3 * want
+    d = trainscope.dead_units(acts)
+    torch.testing.assert_close(r.active_fraction["1"], d.active_fraction)
+
+
+def test_weight_rank_measures():
+    model = _model("cpu")
+    r = trainscope.RepresentationProbe(model, torch.randn(10, 12), weights=True)()
+    assert set(r.weights) == {"fc1", "fc2", "fc3"}
+    m = trainscope.rank_measures(model.fc2.weight.detach())
+    torch.testing.assert_close(r.weights["fc2"].effective_rank, m.effective_rank)
+    assert "weight_effective_rank/fc2" in r.scalars()
+    conv = nn.Conv2d(4, 6, 3)
+    w = trainscope.weight_rank_measures(conv)
+    torch.testing.assert_close(w["weight"].stable_rank,
+                               trainscope.rank_measures(conv.weight.detach().reshape(6, -1)).stable_rank)
+
+
+def test_accumulator_dict_input_and_errors():
+    acc = trainscope.RepresentationAccumulator(["a", "b"], kinds=["relu", "tanh"])
+    with pytest.raises(RuntimeError, match="no batch"):
+        acc.result()
+    a, b = torch.randn(9, 5).relu(), torch.randn(9, 3).tanh()
+    acc.add({"a": a, "b": b})
+    r = acc.result()
+    assert r.units == {"a": 5, "b": 3}
+    with pytest.raises(ValueError, match="no entry for layer 'b'"):
+        acc.add({"a": a})
+    with pytest.raises(RuntimeError, match="acts has 1 tensors"):
+        acc.add([a])
+    with pytest.raises(RuntimeError, match="layer b"):
+        acc.add([a, torch.randn(9, 4)])  # units changed
+    with pytest.raises(ValueError, match="kinds has 1 entries"):
+        trainscope.RepresentationAccumulator(["a", "b"], kinds=["relu"])
+    with pytest.raises(RuntimeError, match="kinds"):
+        trainscope.RepresentationAccumulator(["a"], kinds=["softmax"])
+    with pytest.raises(RuntimeError, match="prop"):
+        trainscope.RepresentationAccumulator(["a"], prop=1.5)
+    with pytest.raises(RuntimeError, match="method"):
+        trainscope.RepresentationAccumulator(["a"], method="qr")
+    acc.reset()
+    with pytest.raises(RuntimeError, match="no batch"):
+        acc.result()
+
+
+def test_probe_argument_errors():
+    model = _model("cpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        trainscope.RepresentationProbe(model, torch.randn(4, 12), batch_size=0)
+    with pytest.raises(ValueError, match="not a module"):
+        trainscope.RepresentationProbe(model, torch.randn(4, 12), layers=["nope"])
+    with pytest.raises(ValueError, match="no activation module"):
+        trainscope.RepresentationProbe(nn.Linear(3, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="no examples"):
+        trainscope.RepresentationProbe(model, torch.randn(0, 12))()
