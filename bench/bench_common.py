@@ -160,3 +160,15 @@ def copy_bandwidth(torch, device, nbytes, warmup, repeats):
 
 
 #
+
+
+def cache_and_copy_sizes(torch, device):
+    """(bytes of last-level cache to outgrow, bytes for the copy-bandwidth measurement) on
+    ``device``: the GPU's L2 and up to 1 GiB of free memory; on the CPU, inputs below ~128 MB are
+    rotated (beyond a typical last-level cache) and the copy uses 256 MiB."""
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+        free, _ = torch.cuda.mem_get_info(device)
+        return l2, min(1 << 30, free // 8) // 4 * 4
+    return 32 << 20, 256 << 20
+

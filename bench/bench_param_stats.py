@@ -34,7 +34,8 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (  # noqa: E402  (same folder; stdlib only)
-    copy_bandwidth, environment, resolve_repeats, select_device, summarize, time_cpu, time_cuda, write_json)
+    cache_and_copy_sizes, copy_bandwidth, environment, resolve_repeats, select_device, summarize, time_cpu,
+    time_cuda, write_json)
 
 # Goals of the issue this benchmark answers, at 125M parameters and above.
 GOAL_MIN_PARAMS = 125_000_000
@@ -414,13 +415,7 @@ def main(argv=None) -> int:
     device = select_device(torch, args.device, "bench_param_stats")
     if device is None:
         return 2
-    if device.type == "cuda":
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
-        free, _ = torch.cuda.mem_get_info(device)
-        copy_bytes = min(1 << 30, free // 8) // 4 * 4
-    else:
-        l2 = 32 << 20  # rotate input sets below ~128 MB, beyond a typical last-level cache
-        copy_bytes = 256 << 20
+    l2, copy_bytes = cache_and_copy_sizes(torch, device)
 
     torch.manual_seed(0)
     env = environment(torch, trainscope, device)

@@ -240,3 +240,19 @@ def test_cuda_gram_matches_svd_large():
     s = rank_measures([x, x[:, :40]], method="svd")
     assert torch.allclose(g.effective_rank, s.effective_rank, rtol=1e-8, atol=0)
     assert torch.equal(g.approximate_rank, s.approximate_rank)
+
+
+@requires_cuda
+def test_cuda_no_host_sync():
+    """Neither route asks torch to synchronise: solver status stays on the device."""
+    x = torch.from_numpy(with_spectrum(120, 50, spectrum("geometric", 50), 4)).to("cuda", torch.float32)
+    for method in ("gram", "svd"):  # warm up handles and workspaces first
+        rank_measures([x, x[:, :20]], method=method)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for method in ("gram", "svd"):
+            rank_measures([x, x[:, :20]], method=method)
+            rank_measures(x, method=method)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import trainscope
+from conftest import requires_cuda
 from trainscope.representation import REPRESENTATION_METRICS
 
 
@@ -253,3 +254,17 @@ def test_probe_argument_errors():
         trainscope.RepresentationProbe(nn.Linear(3, 3), torch.randn(4, 3))
     with pytest.raises(ValueError, match="no examples"):
         trainscope.RepresentationProbe(model, torch.randn(0, 12))()
+
+
+@requires_cuda
+def test_cuda_probe_no_host_sync():
+    model = _model("cuda")
+    x = torch.randn(300, 12, device="cuda")
+    trainscope.RepresentationProbe(model, x, batch_size=64)()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        r = trainscope.RepresentationProbe(model, x, batch_size=64)()
+        r.scalars()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
