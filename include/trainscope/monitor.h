@@ -18,12 +18,25 @@
 // sinks by the next step() or poll(), on the calling thread; only flush() and a full ring (more
 // than `ring_slots` steps in flight) wait for the GPU.
 //
-// Inside a CUDA graph capture, step() records only device work into a fixed slot; after each
-// replay, call collect_captured(step) to queue that step's copy to the host (see the docs).
+// Inside a CUDA graph capture, step() records only device work into a fixed capture slot; after
+// each replay, call collect_captured(step) (outside the capture) to queue that slot's copy to the
+// host as step `step`. Which quantities the captured step computes is decided at capture time
+// (schedules and requests are evaluated then, for the step number given to the captured call);
+// every replay computes that same set. The first step() should run eagerly before capturing
+// (the usual CUDA-graph warm-up), and no poll happens inside a capture.
 //
 // Memory: θ₀ and θ_prev are one copy of the parameters each (in their own dtype), kept only when
 // distance / update_size are tracked (MonitorConfig::track_init / track_prev). The ring holds
-// ring_slots × (metrics + histogram bins) float64 values on the device and in pinned memory.
+// ring_slots × (scalars + histogram bins) 8-byte values on the device and in pinned memory.
+// A step at which nothing is due makes no record.
+// A parameter whose .grad() is undefined at a step (while others have one) is read as zeros,
+// from a zero tensor of its size kept from then on; when no parameter has a gradient, the
+// gradient metrics are NaN and the histogram counts are zero.
+//
+// θ_prev refresh: update_size must mean the latest optimizer step, whatever step comes next
+// (an on-demand request can make any step due), so θ_prev ← θ at every step(): inside the fused
+// pass when parameter metrics are due, otherwise by one multi-tensor copy (one read and one
+// write of the parameters, in their dtype). Call step() once per optimizer step.
 #pragma once
 
 #include <cstdint>
@@ -44,14 +57,17 @@ class Schedule {
   static Schedule every(int64_t k, int64_t start = 0);      // start, start + k, start + 2k, ...
   static Schedule at(std::vector<int64_t> steps);           // exactly the listed steps
   // About `per_decade` steps per power of ten from `start` (≥ 1): the distinct values of
-  // floor(start · 10^(i / per_decade)), i = 0, 1, ... — 1, 2, 3, ..., 10, 12, 15, 19, 25, ...
+  // floor(start · 10^(i / per_decade)), i = 0, 1, ... — with the defaults
+  // 1, 2, 3, 5, 6, 7, 10, 12, 15, 19, 25, 31, 39, 50, 63, 79, 100, ...
+  // Checks (c10::Error naming the argument): every: k ≥ 1; log_spaced: per_decade ≥ 1, start ≥ 1.
   static Schedule log_spaced(int64_t per_decade = 10, int64_t start = 1);
   static Schedule on_demand();                              // only after Monitor::request(key)
+  // "at:" (no steps) is a schedule that never fires.
   // The same from text, for configuration files and the Python package: "every:K" or
   // "every:K:START", "at:S1,S2,...", "log:PER_DECADE" or "log:PER_DECADE:START", "on_demand".
   // Anything else throws c10::Error naming `arg`.
   static Schedule parse(const std::string& spec, const char* arg = "schedule");
-  bool due(int64_t step) const;
+  bool due(int64_t step) const;  // on_demand: always false (requests live in the Monitor)
   std::string describe() const;                             // "every 10 from 0", ...
 
  private:
@@ -62,7 +78,7 @@ class Schedule {
 };
 
 struct QuantityConfig {
-  bool enabled = true;
+  bool enabled = true;          // off: never computed, not even when requested
   Schedule schedule = Schedule::every(1);
 };
 
@@ -75,19 +91,22 @@ struct MonitorConfig {
   double maxval = 0.05;
   bool per_tensor = true;
   bool weights_matrices_only = false;
-  bool track_init = true;       // keep θ₀ for distance
-  bool track_prev = true;       // keep θ_prev for update_size (refreshed when the next step is due)
-  int64_t ring_slots = 64;      // steps in flight before step() waits for the oldest
+  bool track_init = true;       // keep θ₀ for distance; off: no "distance" entries in records
+  bool track_prev = true;       // keep θ_prev for update_size; off: no "update_size" entries
+  int64_t ring_slots = 64;      // steps in flight before step() waits for the oldest (≥ 1)
 };
 
 // One finished step, on the host.
 struct StepRecord {
   int64_t step = 0;
   // Global values under the metric name ("grad_norm"), per tensor under "<metric>/<name>",
-  // custom quantities under their key (or "<key>/<sub-name>").
+  // custom quantities under their key (or "<key>/<sub-name>"), extra scalars under their name.
+  // Order: loss (when losses were given), grad_norm, grad_magnitude, weight_magnitude, distance,
+  // update_size, nonfinite_count; then the per-tensor values metric by metric, each in parameter
+  // order; then custom quantities in registration order; then extra scalars by name.
   std::vector<std::pair<std::string, double>> scalars;
   struct Histogram {
-    std::string name;             // "grad_hist1d", or a custom histogram's key
+    std::string name;             // "grad_hist1d": the gradient histogram of every parameter
     std::vector<double> edges;    // nbins + 1
     std::vector<int64_t> counts;  // nbins
   };
@@ -108,8 +127,10 @@ struct QuantityContext {
 };
 
 // A user-defined quantity (the seed's "Creating new quantities"): a unique key and a compute
-// that returns device tensors (no host sync): 0-d tensors are scalars, logged as "<key>" for the
-// entry named "" or "<key>/<name>" otherwise.
+// that returns device tensors (no host sync): one-element tensors on the parameters' device
+// (any floating or integer dtype, logged as float64), logged as "<key>" for the entry named ""
+// or "<key>/<name>" otherwise. Anything else throws c10::Error naming the key. compute runs
+// under no-grad, only at steps where the quantity is due.
 class Quantity {
  public:
   virtual ~Quantity() = default;
@@ -124,7 +145,9 @@ class Monitor {
   Monitor(const Monitor&) = delete;
   Monitor& operator=(const Monitor&) = delete;
 
-  // Keys must be unique among built-ins ("param_metrics", "grad_hist") and custom quantities.
+  // named_params: non-empty, unique names, floating tensors on one device (CPU or CUDA).
+  // Keys must be unique among built-ins ("param_metrics", "grad_hist") and custom quantities;
+  // a duplicate or empty key throws c10::Error naming the key.
   void add_quantity(std::shared_ptr<Quantity> quantity, Schedule schedule = Schedule::every(1));
   void add_sink(Sink sink);
   // A quantity computed by the caller (a Python Quantity): reserves the key with its schedule, so
@@ -135,12 +158,16 @@ class Monitor {
   void step(int64_t step, const at::Tensor& per_sample_losses = {},
             const std::map<std::string, at::Tensor>& extras = {},
             const std::map<std::string, at::Tensor>& extra_scalars = {});
-  // Makes an on-demand (or any) quantity due at the next step() (e.g. at a task boundary).
+  // Makes an on-demand (or any) quantity due at the next step() (e.g. at a task boundary); the
+  // request is used up by that step (not by a captured one). An unknown key throws.
   void request(const std::string& key);
+  // Whether `key` is computed at `step` (its schedule, or a pending request); unknown key throws.
   bool due(const std::string& key, int64_t step) const;
-  // Hands every finished step to the sinks without waiting; returns how many.
+  // Hands every finished step to the sinks without waiting, in step order, stopping at the
+  // first unfinished one; returns how many. Does nothing inside a CUDA graph capture.
   int64_t poll();
-  // Waits for every step in flight and hands it to the sinks.
+  // Waits for every step in flight and hands it to the sinks. Also run by the destructor
+  // (errors there are swallowed: destructors must not throw).
   void flush();
   // After replaying a graph that captured step(): queue the captured slot's copy as `step`.
   void collect_captured(int64_t step);
@@ -155,8 +182,12 @@ class Monitor {
 
 // File sinks. JSONL: one object per step, {"step": s, "scalars": {"<name>": value, ...},
 // "histograms": {"<name>": {"edges": [...], "counts": [...]}}} (NaN and ±Inf written as null).
-// CSV: long format, a header "step,name,value" then one row per scalar, since schedules make the
-// set of names differ from step to step. Both append and flush after each record.
+// CSV: long format, a header "step,name,value" (written when the file is empty) then one row per
+// scalar, since schedules make the set of names differ from step to step; histograms are not
+// written; NaN and ±Inf as nan, inf, -inf. Numbers (both sinks) use the fewest of 15-17
+// significant digits that read back exactly.
+// Both append and flush after each record; a path that cannot be opened throws c10::Error naming
+// `path`.
 Sink JsonlSink(const std::string& path);
 Sink CsvSink(const std::string& path);
 

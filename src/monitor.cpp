@@ -1,0 +1,754 @@
+// The Monitor: schedules, the per-step launch of the fused parameter pass and custom quantities,
+// the device ring of step results with its asynchronous copies to pinned host memory, the hand-
+// over of finished steps to sinks, and the file sinks.
+#include "trainscope/monitor.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
+#include <nvtx3/nvtx3.hpp>
+
+#include "trainscope/param_stats.h"
+
+namespace trainscope {
+
+// ---------------------------------------------------------------------------------------------
+// Schedule
+
+namespace {
+
+// floor(start · 10^(i / per_decade)); the relative nudge keeps exact powers (10^(20/10) · 1 =
+// 100) from landing just below their integer through rounding in pow.
+int64_t log_value(int64_t start, int64_t per_decade, int64_t i) {
+  const double v = static_cast<double>(start) *
+                   std::pow(10.0, static_cast<double>(i) / static_cast<double>(per_decade));
+  return static_cast<int64_t>(std::floor(v * (1.0 + 1e-12)));
+}
+
+bool parse_int(const std::string& text, int64_t* out) {
+  if (text.empty()) return false;
+  errno = 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(text.c_str(), &end, 10);
+  if (errno != 0 || end != text.c_str() + text.size()) return false;
+  *out = static_cast<int64_t>(v);
+  return true;
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> parts;
+  size_t begin = 0;
+  while (true) {
+    const size_t pos = s.find(sep, begin);
+    parts.push_back(s.substr(begin, pos == std::string::npos ? std::string::npos : pos - begin));
+    if (pos == std::string::npos) break;
+    begin = pos + 1;
+  }
+  return parts;
+}
+
+}  // namespace
+
+Schedule Schedule::every(int64_t k, int64_t start) {
+  TORCH_CHECK(k >= 1, "trainscope::Schedule::every: k must be >= 1, got ", k);
+  Schedule s;
+  s.kind_ = Kind::kEvery;
+  s.k_ = k;
+  s.start_ = start;
+  return s;
+}
+
+Schedule Schedule::at(std::vector<int64_t> steps) {
+  Schedule s;
+  s.kind_ = Kind::kAt;
+  std::sort(steps.begin(), steps.end());
+  steps.erase(std::unique(steps.begin(), steps.end()), steps.end());
+  s.steps_ = std::move(steps);
+  return s;
+}
+
+Schedule Schedule::log_spaced(int64_t per_decade, int64_t start) {
+  TORCH_CHECK(per_decade >= 1, "trainscope::Schedule::log_spaced: per_decade must be >= 1, got ", per_decade);
+  TORCH_CHECK(start >= 1, "trainscope::Schedule::log_spaced: start must be >= 1, got ", start);
+  Schedule s;
+  s.kind_ = Kind::kLog;
+  s.k_ = per_decade;
+  s.start_ = start;
+  return s;
+}
+
+Schedule Schedule::on_demand() {
+  Schedule s;
+  s.kind_ = Kind::kOnDemand;
+  return s;
+}
+
+Schedule Schedule::parse(const std::string& spec, const char* arg) {
+  const std::vector<std::string> parts = split(spec, ':');
+  const std::string& kind = parts[0];
+  auto bad = [&](const std::string& why) {
+    TORCH_CHECK(false, "trainscope::Schedule::parse: ", arg, " = '", spec, "' ", why,
+                "; expected every:K, every:K:START, at:S1,S2,..., log:PER_DECADE, "
+                "log:PER_DECADE:START or on_demand");
+  };
+  int64_t a = 0, b = 0;
+  if (kind == "every" && (parts.size() == 2 || parts.size() == 3)) {
+    if (!parse_int(parts[1], &a) || (parts.size() == 3 && !parse_int(parts[2], &b))) bad("has a bad integer");
+    if (a < 1) bad("needs K >= 1");
+    return every(a, parts.size() == 3 ? b : 0);
+  }
+  if (kind == "log" && (parts.size() == 2 || parts.size() == 3)) {
+    b = 1;
+    if (!parse_int(parts[1], &a) || (parts.size() == 3 && !parse_int(parts[2], &b))) bad("has a bad integer");
+    if (a < 1) bad("needs PER_DECADE >= 1");
+    if (b < 1) bad("needs START >= 1");
+    return log_spaced(a, b);
+  }
+  if (kind == "at" && parts.size() == 2) {
+    std::vector<int64_t> steps;
+    if (!parts[1].empty()) {
+      for (const std::string& t : split(parts[1], ',')) {
+        if (!parse_int(t, &a)) bad("has a bad step '" + t + "'");
+        steps.push_back(a);
+      }
+    }
+    return at(std::move(steps));
+  }
+  if (kind == "on_demand" && parts.size() == 1) return on_demand();
+  bad("is not a schedule");
+  return on_demand();  // not reached
+}
+
+bool Schedule::due(int64_t step) const {
+  switch (kind_) {
+    case Kind::kEvery:
+      return step >= start_ && (step - start_) % k_ == 0;
+    case Kind::kAt:
+      return std::binary_search(steps_.begin(), steps_.end(), step);
+    case Kind::kLog: {
+      if (step < start_) return false;
+      // The values are non-decreasing in i: look around the i whose value is nearest `step`.
+      const double x = static_cast<double>(k_) * std::log10(static_cast<double>(step) / static_cast<double>(start_));
+      const int64_t i0 = std::max<int64_t>(0, static_cast<int64_t>(std::floor(x)) - 2);
+      for (int64_t i = i0; i <= i0 + 5; ++i) {
+        const int64_t v = log_value(start_, k_, i);
+        if (v == step) return true;
+        if (v > step) break;
+      }
+      return false;
+    }
+    case Kind::kOnDemand:
+      return false;
+  }
+  return false;
+}
+
+std::string Schedule::describe() const {
+  std::ostringstream os;
+  switch (kind_) {
+    case Kind::kEvery: os << "every " << k_ << " from " << start_; break;
+    case Kind::kAt: {
+      os << "at steps ";
+      if (steps_.empty()) os << "(none)";
+      for (size_t i = 0; i < steps_.size(); ++i) os << (i ? ", " : "") << steps_[i];
+      break;
+    }
+    case Kind::kLog: os << "log-spaced, " << k_ << " per decade from " << start_; break;
+    case Kind::kOnDemand: os << "on demand"; break;
+  }
+  return os.str();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Monitor
+
+namespace {
+
+constexpr const char* kParamMetricsKey = "param_metrics";
+constexpr const char* kGradHistKey = "grad_hist";
+constexpr const char* kGradHistName = "grad_hist1d";
+
+// Where a step's values sit in its slot: the scalar names in blocks (the built-in blocks are
+// shared between steps, so a step costs no string copies), and the histograms after them.
+struct Layout {
+  std::vector<std::shared_ptr<const std::vector<std::string>>> blocks;
+  int64_t num_scalars = 0;
+  bool hist = false;  // grad_hist1d at offset num_scalars, nbins int64 values
+
+  void add(std::shared_ptr<const std::vector<std::string>> names) {
+    num_scalars += static_cast<int64_t>(names->size());
+    blocks.push_back(std::move(names));
+  }
+};
+
+struct Slot {
+  at::Tensor device;  // float64 [capacity] on the parameters' device; histograms as int64 bits
+  at::Tensor host;    // float64 [capacity], pinned for CUDA
+  std::unique_ptr<at::cuda::CUDAEvent> event;
+};
+
+struct InFlight {
+  int64_t step;
+  int64_t slot;
+  std::shared_ptr<const Layout> layout;
+  bool has_event;
+};
+
+bool is_capturing(const at::Device& device) {
+  if (!device.is_cuda()) return false;
+  c10::cuda::CUDAGuard guard(device);
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+}  // namespace
+
+struct Monitor::Impl {
+  MonitorConfig cfg;
+  std::vector<std::string> names;
+  std::vector<at::Tensor> params;
+  std::vector<at::Tensor> init, prev;       // θ₀, θ_prev (empty when not tracked)
+  std::vector<at::Tensor> zero_grads;       // stand-ins for missing gradients, made when needed
+  at::Device device{at::kCPU};
+
+  struct Custom {
+    std::string key;
+    std::shared_ptr<Quantity> quantity;  // null for an external (caller-computed) quantity
+    Schedule schedule;
+  };
+  std::vector<Custom> customs;
+  std::set<std::string> requested;
+  std::vector<Sink> sinks;
+
+  // Built-in scalar names: with and without the loss in front.
+  std::shared_ptr<const std::vector<std::string>> pm_names_loss, pm_names;
+  std::vector<int64_t> global_cols, per_tensor_cols;  // ParamStats columns logged
+  std::vector<double> hist_edges;
+
+  std::vector<Slot> ring;
+  int64_t next_slot = 0;
+  std::deque<InFlight> in_flight;
+
+  Slot capture;  // device part only
+  std::shared_ptr<const Layout> captured_layout;
+
+  bool builtin_due(const QuantityConfig& q, const char* key, int64_t step) const {
+    return q.enabled && (q.schedule.due(step) || requested.count(key) > 0);
+  }
+
+  const Custom* find_custom(const std::string& key) const {
+    for (const Custom& c : customs) {
+      if (c.key == key) return &c;
+    }
+    return nullptr;
+  }
+
+  bool known(const std::string& key) const {
+    return key == kParamMetricsKey || key == kGradHistKey || find_custom(key) != nullptr;
+  }
+
+  void check_new_key(const char* op, const std::string& key) const {
+    TORCH_CHECK(!key.empty(), "trainscope::Monitor::", op, ": the quantity key is empty");
+    TORCH_CHECK(!known(key), "trainscope::Monitor::", op, ": key '", key,
+                "' is already registered; every quantity needs a unique key");
+  }
+
+  // Grows `t` to hold `n` values; only called on a slot that has no copy in flight.
+  static void ensure(at::Tensor& t, int64_t n, const at::TensorOptions& opt) {
+    if (t.defined() && t.numel() >= n) return;
+    t = at::empty({std::max<int64_t>(n, 1)}, opt);
+  }
+
+  at::TensorOptions device_opt() const { return at::TensorOptions().dtype(at::kDouble).device(device); }
+  at::TensorOptions host_opt() const {
+    return at::TensorOptions().dtype(at::kDouble).device(at::kCPU).pinned_memory(device.is_cuda());
+  }
+
+  std::vector<at::Tensor> current_grads() {
+    std::vector<at::Tensor> grads(params.size());
+    bool any = false;
+    for (size_t i = 0; i < params.size(); ++i) {
+      grads[i] = params[i].grad();
+      any = any || grads[i].defined();
+    }
+    if (!any) return {};
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (grads[i].defined()) continue;
+      if (!zero_grads[i].defined()) zero_grads[i] = at::zeros_like(params[i], at::MemoryFormat::Contiguous);
+      grads[i] = zero_grads[i];
+    }
+    return grads;
+  }
+
+  std::vector<at::Tensor> detached_params() const {
+    std::vector<at::Tensor> out;
+    out.reserve(params.size());
+    for (const at::Tensor& p : params) out.push_back(p.detach());
+    return out;
+  }
+
+  at::Tensor as_scalar(const at::Tensor& t, const std::string& name, const char* what) const {
+    TORCH_CHECK(t.defined(), "trainscope::Monitor::step: ", what, " '", name, "' is an undefined tensor");
+    TORCH_CHECK(t.numel() == 1, "trainscope::Monitor::step: ", what, " '", name,
+                "' must be a one-element tensor, got shape ", t.sizes());
+    TORCH_CHECK(t.device() == device, "trainscope::Monitor::step: ", what, " '", name, "' is on ", t.device(),
+                " but the parameters are on ", device, "; return device tensors (no host copies)");
+    TORCH_CHECK(!t.is_complex(), "trainscope::Monitor::step: ", what, " '", name, "' is complex");
+    return t.detach().reshape({1}).to(at::kDouble);
+  }
+
+  // Computes the step's values into `dst` (a device buffer, grown as needed) and returns where
+  // they sit. Only device work; nothing here waits for the GPU.
+  std::shared_ptr<const Layout> compute(int64_t step, const at::Tensor& losses,
+                                        const std::map<std::string, at::Tensor>& extras,
+                                        const std::map<std::string, at::Tensor>& extra_scalars, at::Tensor& dst) {
+    const bool pm = builtin_due(cfg.param_metrics, kParamMetricsKey, step);
+    const bool hist = builtin_due(cfg.grad_hist, kGradHistKey, step);
+    auto layout = std::make_shared<Layout>();
+    std::vector<at::Tensor> pieces;
+
+    const std::vector<at::Tensor> grads = current_grads();
+    const std::vector<at::Tensor> ps = detached_params();
+    at::Tensor hist_counts;
+    if (pm || (hist && !grads.empty())) {
+      ParamStatsOptions o;
+      o.histogram = hist && !grads.empty();
+      o.nbins = cfg.nbins;
+      o.maxval = cfg.maxval;
+      o.weights_matrices_only = cfg.weights_matrices_only;
+      o.refresh_prev = pm && !prev.empty();
+      const std::vector<at::Tensor> none;
+      // Only the histogram due: the parameter lists are left out, θ_prev refreshed below.
+      const ParamStats s = param_stats(grads, pm ? ps : none, pm ? init : none, pm ? prev : none, o);
+      if (pm) {
+        if (losses.defined()) {
+          pieces.push_back(loss(losses.detach()).reshape({1}).to(at::kDouble));
+          layout->add(pm_names_loss);
+        } else {
+          layout->add(pm_names);
+        }
+        const at::Tensor metrics = s.metrics.to(at::kDouble);
+        for (int64_t c : global_cols) pieces.push_back(metrics.narrow(0, c, 1));
+        pieces.push_back(s.nonfinite.reshape({1}).to(at::kDouble));
+        if (cfg.per_tensor) {
+          const at::Tensor pt = s.per_tensor.to(at::kDouble);
+          for (int64_t c : per_tensor_cols) pieces.push_back(pt.select(1, c));
+          pieces.push_back(s.nonfinite_per_tensor.to(at::kDouble));
+        }
+      }
+      if (o.histogram) hist_counts = s.hist;
+    }
+    if (hist && !hist_counts.defined()) {
+      hist_counts = at::zeros({cfg.nbins}, at::TensorOptions().dtype(at::kLong).device(device));
+    }
+    if (!pm && !prev.empty()) at::_foreach_copy_(prev, ps);
+
+    if (!customs.empty()) {
+      QuantityContext ctx;
+      ctx.step = step;
+      ctx.names = &names;
+      ctx.params = &params;
+      ctx.grads.reserve(params.size());
+      for (const at::Tensor& p : params) ctx.grads.push_back(p.grad());
+      ctx.losses = losses;
+      ctx.extras = &extras;
+      for (const Custom& c : customs) {
+        if (!c.quantity || !(c.schedule.due(step) || requested.count(c.key) > 0)) continue;
+        const std::map<std::string, at::Tensor> values = c.quantity->compute(ctx);
+        auto block = std::make_shared<std::vector<std::string>>();
+        for (const auto& [sub, t] : values) {
+          const std::string name = sub.empty() ? c.key : c.key + "/" + sub;
+          pieces.push_back(as_scalar(t, name, "quantity"));
+          block->push_back(name);
+        }
+        layout->add(std::move(block));
+      }
+    }
+    if (!extra_scalars.empty()) {
+      auto block = std::make_shared<std::vector<std::string>>();
+      for (const auto& [name, t] : extra_scalars) {
+        pieces.push_back(as_scalar(t, name, "extra scalar"));
+        block->push_back(name);
+      }
+      layout->add(std::move(block));
+    }
+
+    layout->hist = hist_counts.defined();
+    const int64_t total = layout->num_scalars + (layout->hist ? cfg.nbins : 0);
+    ensure(dst, total, device_opt());
+    if (!pieces.empty()) {
+      at::Tensor out = dst.narrow(0, 0, layout->num_scalars);
+      at::cat_out(out, pieces);
+    }
+    if (layout->hist) dst.narrow(0, layout->num_scalars, cfg.nbins).view(at::kLong).copy_(hist_counts);
+    return layout;
+  }
+
+  int64_t layout_size(const Layout& l) const { return l.num_scalars + (l.hist ? cfg.nbins : 0); }
+
+  // The next ring slot, freed first when the ring is full: the one wait outside flush(), for
+  // the oldest step in flight (which holds this slot, as slots are used in turn).
+  int64_t free_slot() {
+    if (static_cast<int64_t>(in_flight.size()) >= cfg.ring_slots) {
+      const InFlight& oldest = in_flight.front();
+      if (oldest.has_event) ring[oldest.slot].event->synchronize();
+      deliver_front();
+    }
+    return next_slot;
+  }
+
+  // Queues the copy of `n` values of `src` into the slot's host buffer, and its event.
+  void enqueue(int64_t step, int64_t slot, std::shared_ptr<const Layout> layout, const at::Tensor& src) {
+    Slot& s = ring[slot];
+    next_slot = (slot + 1) % cfg.ring_slots;
+    const int64_t n = layout_size(*layout);
+    ensure(s.host, n, host_opt());
+    s.host.narrow(0, 0, n).copy_(src.narrow(0, 0, n), /*non_blocking=*/device.is_cuda());
+    bool has_event = false;
+    if (device.is_cuda()) {
+      if (!s.event) s.event = std::make_unique<at::cuda::CUDAEvent>();
+      s.event->record(at::cuda::getCurrentCUDAStream(device.index()));
+      has_event = true;
+    }
+    in_flight.push_back(InFlight{step, slot, std::move(layout), has_event});
+  }
+
+  bool front_ready() const {
+    const InFlight& f = in_flight.front();
+    return !f.has_event || ring[f.slot].event->query();
+  }
+
+  void deliver_front() {
+    const InFlight f = std::move(in_flight.front());
+    in_flight.pop_front();
+    StepRecord r;
+    r.step = f.step;
+    const double* v = ring[f.slot].host.defined() ? ring[f.slot].host.data_ptr<double>() : nullptr;
+    r.scalars.reserve(f.layout->num_scalars);
+    int64_t k = 0;
+    for (const auto& block : f.layout->blocks) {
+      for (const std::string& name : *block) r.scalars.emplace_back(name, v[k++]);
+    }
+    if (f.layout->hist) {
+      StepRecord::Histogram h;
+      h.name = kGradHistName;
+      h.edges = hist_edges;
+      const auto* counts = reinterpret_cast<const int64_t*>(v + f.layout->num_scalars);
+      h.counts.assign(counts, counts + cfg.nbins);
+      r.histograms.push_back(std::move(h));
+    }
+    for (const Sink& sink : sinks) sink(r);
+  }
+
+  int64_t poll() {
+    if (is_capturing(device)) return 0;
+    int64_t n = 0;
+    while (!in_flight.empty() && front_ready()) {
+      deliver_front();
+      ++n;
+    }
+    return n;
+  }
+
+  void flush() {
+    while (!in_flight.empty()) {
+      const InFlight& f = in_flight.front();
+      if (f.has_event) ring[f.slot].event->synchronize();
+      deliver_front();
+    }
+  }
+};
+
+Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, MonitorConfig config)
+    : impl_(std::make_unique<Impl>()) {
+  nvtx3::scoped_range range{"trainscope::Monitor::Monitor"};
+  Impl& m = *impl_;
+  TORCH_CHECK(!named_params.empty(), "trainscope::Monitor: named_params is empty; give the model's named parameters");
+  TORCH_CHECK(config.ring_slots >= 1, "trainscope::Monitor: ring_slots must be >= 1, got ", config.ring_slots);
+  TORCH_CHECK(config.nbins >= 1, "trainscope::Monitor: nbins must be >= 1, got ", config.nbins);
+  TORCH_CHECK(config.maxval > 0.0 && std::isfinite(config.maxval), "trainscope::Monitor: maxval must be finite and > 0, got ",
+              config.maxval);
+  std::unordered_set<std::string> seen;
+  for (size_t i = 0; i < named_params.size(); ++i) {
+    const auto& [name, t] = named_params[i];
+    TORCH_CHECK(t.defined(), "trainscope::Monitor: named_params[", i, "] ('", name, "') is an undefined tensor");
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "trainscope::Monitor: named_params[", i, "] ('", name,
+                "') has dtype ", t.scalar_type(), "; parameters must be floating point");
+    TORCH_CHECK(seen.insert(name).second, "trainscope::Monitor: named_params has the name '", name,
+                "' twice; names must be unique");
+    if (i == 0) m.device = t.device();
+    TORCH_CHECK(t.device() == m.device, "trainscope::Monitor: named_params[", i, "] ('", name, "') is on ",
+                t.device(), " but named_params[0] is on ", m.device, "; all parameters must share one device");
+    TORCH_CHECK(m.device.is_cpu() || m.device.is_cuda(), "trainscope::Monitor: parameters are on ", m.device,
+                "; the Monitor runs on CPU or CUDA tensors");
+    m.names.push_back(name);
+    m.params.push_back(t);
+  }
+  m.cfg = std::move(config);
+  m.zero_grads.resize(m.params.size());
+  c10::OptionalDeviceGuard guard;
+  if (m.device.is_cuda()) guard.reset_device(m.device);
+  for (const at::Tensor& p : m.params) {
+    if (m.cfg.track_init) m.init.push_back(p.detach().clone(at::MemoryFormat::Contiguous));
+    if (m.cfg.track_prev) m.prev.push_back(p.detach().clone(at::MemoryFormat::Contiguous));
+  }
+
+  // Built-in names, in the order compute() gathers the values.
+  std::vector<std::string> globals;
+  for (int64_t c = 0; c < kNumMetrics; ++c) {
+    const Metric metric = static_cast<Metric>(c);
+    if (metric == Metric::kDistance && !m.cfg.track_init) continue;
+    if (metric == Metric::kUpdateSize && !m.cfg.track_prev) continue;
+    m.global_cols.push_back(c);
+    globals.push_back(metric_name(metric));
+  }
+  m.per_tensor_cols = m.global_cols;
+  std::vector<std::string> names = globals;
+  names.push_back("nonfinite_count");
+  if (m.cfg.per_tensor) {
+    for (const std::string& g : globals) {
+      for (const std::string& n : m.names) names.push_back(g + "/" + n);
+    }
+    for (const std::string& n : m.names) names.push_back("nonfinite_count/" + n);
+  }
+  std::vector<std::string> with_loss{"loss"};
+  with_loss.insert(with_loss.end(), names.begin(), names.end());
+  m.pm_names = std::make_shared<const std::vector<std::string>>(std::move(names));
+  m.pm_names_loss = std::make_shared<const std::vector<std::string>>(std::move(with_loss));
+  const at::Tensor edges = hist_bin_edges(m.cfg.nbins, m.cfg.maxval, at::kCPU);
+  m.hist_edges.assign(edges.data_ptr<double>(), edges.data_ptr<double>() + edges.numel());
+
+  // Slots sized for the built-ins; custom values grow a slot when it is free.
+  m.ring.resize(static_cast<size_t>(m.cfg.ring_slots));
+  const int64_t builtin = static_cast<int64_t>(m.pm_names_loss->size()) + m.cfg.nbins;
+  for (Slot& s : m.ring) {
+    Impl::ensure(s.device, builtin, m.device_opt());
+    Impl::ensure(s.host, builtin, m.host_opt());
+  }
+  if (m.device.is_cuda()) Impl::ensure(m.capture.device, builtin, m.device_opt());
+}
+
+Monitor::~Monitor() {
+  if (!impl_) return;
+  try {
+    if (!is_capturing(impl_->device)) impl_->flush();
+  } catch (...) {
+    // A destructor must not throw; flush() reports errors to callers who call it.
+  }
+}
+
+void Monitor::add_quantity(std::shared_ptr<Quantity> quantity, Schedule schedule) {
+  nvtx3::scoped_range range{"trainscope::Monitor::add_quantity"};
+  TORCH_CHECK(quantity != nullptr, "trainscope::Monitor::add_quantity: quantity is null");
+  const std::string key = quantity->key();
+  impl_->check_new_key("add_quantity", key);
+  impl_->customs.push_back(Impl::Custom{key, std::move(quantity), std::move(schedule)});
+}
+
+void Monitor::add_external_quantity(const std::string& key, Schedule schedule) {
+  nvtx3::scoped_range range{"trainscope::Monitor::add_external_quantity"};
+  impl_->check_new_key("add_external_quantity", key);
+  impl_->customs.push_back(Impl::Custom{key, nullptr, std::move(schedule)});
+}
+
+void Monitor::add_sink(Sink sink) {
+  nvtx3::scoped_range range{"trainscope::Monitor::add_sink"};
+  TORCH_CHECK(static_cast<bool>(sink), "trainscope::Monitor::add_sink: sink is empty");
+  impl_->sinks.push_back(std::move(sink));
+}
+
+void Monitor::step(int64_t step, const at::Tensor& per_sample_losses, const std::map<std::string, at::Tensor>& extras,
+                   const std::map<std::string, at::Tensor>& extra_scalars) {
+  nvtx3::scoped_range range{"trainscope::Monitor::step"};
+  Impl& m = *impl_;
+  c10::NoGradGuard no_grad;
+  c10::OptionalDeviceGuard guard;
+  if (m.device.is_cuda()) guard.reset_device(m.device);
+  if (per_sample_losses.defined()) {
+    TORCH_CHECK(per_sample_losses.device() == m.device, "trainscope::Monitor::step: per_sample_losses is on ",
+                per_sample_losses.device(), " but the parameters are on ", m.device);
+  }
+  if (is_capturing(m.device)) {
+    // Device work only, into the fixed capture slot; collect_captured() queues its copy.
+    m.captured_layout = m.compute(step, per_sample_losses, extras, extra_scalars, m.capture.device);
+    return;
+  }
+  m.poll();
+  const int64_t slot = m.free_slot();
+  auto layout = m.compute(step, per_sample_losses, extras, extra_scalars, m.ring[slot].device);
+  m.requested.clear();
+  // A step at which nothing was due makes no record.
+  if (m.layout_size(*layout) > 0) m.enqueue(step, slot, std::move(layout), m.ring[slot].device);
+}
+
+void Monitor::collect_captured(int64_t step) {
+  nvtx3::scoped_range range{"trainscope::Monitor::collect_captured"};
+  Impl& m = *impl_;
+  TORCH_CHECK(m.captured_layout != nullptr,
+              "trainscope::Monitor::collect_captured: no step() was captured in a CUDA graph");
+  c10::OptionalDeviceGuard guard;
+  if (m.device.is_cuda()) guard.reset_device(m.device);
+  TORCH_CHECK(!is_capturing(m.device),
+              "trainscope::Monitor::collect_captured: call it after replaying the graph, outside the capture");
+  m.poll();
+  if (m.layout_size(*m.captured_layout) == 0) return;
+  const int64_t slot = m.free_slot();
+  m.enqueue(step, slot, m.captured_layout, m.capture.device);
+}
+
+void Monitor::request(const std::string& key) {
+  nvtx3::scoped_range range{"trainscope::Monitor::request"};
+  TORCH_CHECK(impl_->known(key), "trainscope::Monitor::request: unknown key '", key,
+              "'; request param_metrics, grad_hist or a registered quantity's key");
+  impl_->requested.insert(key);
+}
+
+bool Monitor::due(const std::string& key, int64_t step) const {
+  nvtx3::scoped_range range{"trainscope::Monitor::due"};
+  const Impl& m = *impl_;
+  if (key == kParamMetricsKey) return m.builtin_due(m.cfg.param_metrics, kParamMetricsKey, step);
+  if (key == kGradHistKey) return m.builtin_due(m.cfg.grad_hist, kGradHistKey, step);
+  const Impl::Custom* c = m.find_custom(key);
+  TORCH_CHECK(c != nullptr, "trainscope::Monitor::due: unknown key '", key, "'");
+  return c->schedule.due(step) || m.requested.count(key) > 0;
+}
+
+int64_t Monitor::poll() {
+  nvtx3::scoped_range range{"trainscope::Monitor::poll"};
+  return impl_->poll();
+}
+
+void Monitor::flush() {
+  nvtx3::scoped_range range{"trainscope::Monitor::flush"};
+  TORCH_CHECK(!is_capturing(impl_->device), "trainscope::Monitor::flush: cannot wait inside a CUDA graph capture");
+  impl_->flush();
+}
+
+const std::vector<std::string>& Monitor::names() const { return impl_->names; }
+const MonitorConfig& Monitor::config() const { return impl_->cfg; }
+
+// ---------------------------------------------------------------------------------------------
+// File sinks
+
+namespace {
+
+// The shortest of 15, 16 or 17 significant digits that reads back as the same double.
+std::string number(double v) {
+  char buf[32];
+  for (int digits = 15; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof(buf), "%.*g", digits, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  return buf;
+}
+
+std::string json_number(double v) { return std::isfinite(v) ? number(v) : "null"; }
+
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    switch (ch) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          out += buf;
+        } else {
+          out += ch;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+std::string csv_field(const std::string& s) {
+  if (s.find_first_of(",\"\n\r") == std::string::npos) return s;
+  std::string out = "\"";
+  for (const char ch : s) out += ch == '"' ? std::string("\"\"") : std::string(1, ch);
+  return out + "\"";
+}
+
+std::string csv_number(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  return number(v);
+}
+
+std::shared_ptr<std::ofstream> open_append(const char* sink, const std::string& path) {
+  auto f = std::make_shared<std::ofstream>(path, std::ios::out | std::ios::app | std::ios::binary);
+  TORCH_CHECK(f->is_open(), "trainscope::", sink, ": cannot open path '", path, "' for appending");
+  return f;
+}
+
+}  // namespace
+
+Sink JsonlSink(const std::string& path) {
+  nvtx3::scoped_range range{"trainscope::JsonlSink"};
+  auto f = open_append("JsonlSink", path);
+  return [f, path](const StepRecord& r) {
+    nvtx3::scoped_range range{"trainscope::JsonlSink::write"};
+    std::string line = "{\"step\": " + std::to_string(r.step) + ", \"scalars\": {";
+    for (size_t i = 0; i < r.scalars.size(); ++i) {
+      line += (i ? ", " : "") + json_string(r.scalars[i].first) + ": " + json_number(r.scalars[i].second);
+    }
+    line += "}, \"histograms\": {";
+    for (size_t i = 0; i < r.histograms.size(); ++i) {
+      const auto& h = r.histograms[i];
+      line += (i ? ", " : "") + json_string(h.name) + ": {\"edges\": [";
+      for (size_t j = 0; j < h.edges.size(); ++j) line += (j ? ", " : "") + json_number(h.edges[j]);
+      line += "], \"counts\": [";
+      for (size_t j = 0; j < h.counts.size(); ++j) line += (j ? ", " : "") + std::to_string(h.counts[j]);
+      line += "]}";
+    }
+    line += "}}\n";
+    *f << line;
+    f->flush();
+    TORCH_CHECK(f->good(), "trainscope::JsonlSink: writing to path '", path, "' failed");
+  };
+}
+
+Sink CsvSink(const std::string& path) {
+  nvtx3::scoped_range range{"trainscope::CsvSink"};
+  auto f = open_append("CsvSink", path);
+  f->seekp(0, std::ios::end);
+  if (f->tellp() == std::streampos(0)) {
+    *f << "step,name,value\n";
+    f->flush();
+  }
+  return [f, path](const StepRecord& r) {
+    nvtx3::scoped_range range{"trainscope::CsvSink::write"};
+    std::string rows;
+    const std::string step = std::to_string(r.step);
+    for (const auto& [name, v] : r.scalars) rows += step + "," + csv_field(name) + "," + csv_number(v) + "\n";
+    *f << rows;
+    f->flush();
+    TORCH_CHECK(f->good(), "trainscope::CsvSink: writing to path '", path, "' failed");
+  };
+}
+
+}  // namespace trainscope

@@ -1,0 +1,152 @@
+// The Monitor as a TorchScript custom class, so the Python Monitor
+// (python_bindings/trainscope/monitor.py) runs the same C++ pipeline as LibTorch users:
+// torch.classes.trainscope.Monitor. Python quantities are computed in Python and arrive as
+// extra scalars; finished steps queue up in the holder until Python polls them.
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include "trainscope/monitor.h"
+
+namespace trainscope {
+namespace {
+
+// (step, scalar names, scalar values, histogram names, histogram edges, histogram counts)
+using RecordTuple = std::tuple<int64_t, std::vector<std::string>, std::vector<double>, std::vector<std::string>,
+                               std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+QuantityConfig quantity_config(const std::string& spec, const char* arg) {
+  QuantityConfig q;
+  if (spec == "off") {
+    q.enabled = false;
+  } else {
+    q.schedule = Schedule::parse(spec, arg);
+  }
+  return q;
+}
+
+MonitorConfig make_config(const std::string& param_metrics, const std::string& grad_hist, int64_t nbins,
+                          double maxval, bool per_tensor, bool weights_matrices_only, bool track_init,
+                          bool track_prev, int64_t ring_slots) {
+  MonitorConfig c;
+  c.param_metrics = quantity_config(param_metrics, "param_metrics");
+  c.grad_hist = quantity_config(grad_hist, "grad_hist");
+  c.nbins = nbins;
+  c.maxval = maxval;
+  c.per_tensor = per_tensor;
+  c.weights_matrices_only = weights_matrices_only;
+  c.track_init = track_init;
+  c.track_prev = track_prev;
+  c.ring_slots = ring_slots;
+  return c;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> zip_params(const std::vector<std::string>& names,
+                                                           const std::vector<at::Tensor>& params) {
+  TORCH_CHECK(names.size() == params.size(), "trainscope.Monitor: names has ", names.size(),
+              " entries but params has ", params.size());
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (size_t i = 0; i < names.size(); ++i) out.emplace_back(names[i], params[i]);
+  return out;
+}
+
+RecordTuple as_tuple(const StepRecord& r) {
+  std::vector<std::string> names;
+  std::vector<double> values;
+  names.reserve(r.scalars.size());
+  values.reserve(r.scalars.size());
+  for (const auto& [n, v] : r.scalars) {
+    names.push_back(n);
+    values.push_back(v);
+  }
+  std::vector<std::string> hist_names;
+  std::vector<at::Tensor> edges, counts;
+  for (const auto& h : r.histograms) {
+    hist_names.push_back(h.name);
+    edges.push_back(at::tensor(h.edges, at::TensorOptions().dtype(at::kDouble)));
+    counts.push_back(at::tensor(h.counts, at::TensorOptions().dtype(at::kLong)));
+  }
+  return {r.step, std::move(names), std::move(values), std::move(hist_names), std::move(edges), std::move(counts)};
+}
+
+struct MonitorHolder : torch::CustomClassHolder {
+  MonitorHolder(std::vector<std::string> names, std::vector<at::Tensor> params, std::string param_metrics,
+                std::string grad_hist, int64_t nbins, double maxval, bool per_tensor, bool weights_matrices_only,
+                bool track_init, bool track_prev, int64_t ring_slots)
+      : queue(std::make_shared<std::deque<RecordTuple>>()),
+        monitor(zip_params(names, params), make_config(param_metrics, grad_hist, nbins, maxval, per_tensor,
+                                                      weights_matrices_only, track_init, track_prev, ring_slots)) {
+    auto q = queue;
+    monitor.add_sink([q](const StepRecord& r) { q->push_back(as_tuple(r)); });
+  }
+
+  void add_external_quantity(std::string key, std::string spec) {
+    monitor.add_external_quantity(key, Schedule::parse(spec, "schedule"));
+  }
+
+  void request(std::string key) { monitor.request(key); }
+
+  bool due(std::string key, int64_t step) { return monitor.due(key, step); }
+
+  void step(int64_t step, c10::optional<at::Tensor> losses, c10::Dict<std::string, at::Tensor> extra_scalars) {
+    std::map<std::string, at::Tensor> extras;
+    for (const auto& e : extra_scalars) extras.emplace(e.key(), e.value());
+    monitor.step(step, losses.has_value() ? *losses : at::Tensor(), {}, extras);
+  }
+
+  std::vector<RecordTuple> take() {
+    std::vector<RecordTuple> out(std::make_move_iterator(queue->begin()), std::make_move_iterator(queue->end()));
+    queue->clear();
+    return out;
+  }
+
+  std::vector<RecordTuple> poll_records() {
+    monitor.poll();
+    return take();
+  }
+
+  std::vector<RecordTuple> flush_records() {
+    monitor.flush();
+    return take();
+  }
+
+  void collect_captured(int64_t step) { monitor.collect_captured(step); }
+
+  std::vector<std::string> names() { return monitor.names(); }
+
+  std::shared_ptr<std::deque<RecordTuple>> queue;  // before monitor: its sink holds a reference
+  Monitor monitor;
+};
+
+bool schedule_due(std::string spec, int64_t step) { return Schedule::parse(spec, "spec").due(step); }
+
+std::string schedule_describe(std::string spec) { return Schedule::parse(spec, "spec").describe(); }
+
+}  // namespace
+}  // namespace trainscope
+
+TORCH_LIBRARY_FRAGMENT(trainscope, m) {
+  using trainscope::MonitorHolder;
+  m.class_<MonitorHolder>("Monitor")
+      .def(torch::init<std::vector<std::string>, std::vector<at::Tensor>, std::string, std::string, int64_t, double,
+                       bool, bool, bool, bool, int64_t>())
+      .def("add_external_quantity", &MonitorHolder::add_external_quantity)
+      .def("request", &MonitorHolder::request)
+      .def("due", &MonitorHolder::due)
+      .def("step", &MonitorHolder::step)
+      .def("poll_records", &MonitorHolder::poll_records)
+      .def("flush_records", &MonitorHolder::flush_records)
+      .def("collect_captured", &MonitorHolder::collect_captured)
+      .def("names", &MonitorHolder::names);
+  // The one schedule implementation, for the Python Schedule objects.
+  m.def("schedule_due(str spec, int step) -> bool", &trainscope::schedule_due);
+  m.def("schedule_describe(str spec) -> str", &trainscope::schedule_describe);
+}
