@@ -102,6 +102,7 @@ struct MonitorHolder : torch::CustomClassHolder {
     monitor.step(step, losses.has_value() ? *losses : at::Tensor(), {}, extras);
   }
 
+  // What the sinks got so far (step() and collect_captured() poll first), without polling again.
   std::vector<RecordTuple> take() {
     std::vector<RecordTuple> out(std::make_move_iterator(queue->begin()), std::make_move_iterator(queue->end()));
     queue->clear();
@@ -142,6 +143,7 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
       .def("request", &MonitorHolder::request)
       .def("due", &MonitorHolder::due)
       .def("step", &MonitorHolder::step)
+      .def("take_records", &MonitorHolder::take)
       .def("poll_records", &MonitorHolder::poll_records)
       .def("flush_records", &MonitorHolder::flush_records)
       .def("collect_captured", &MonitorHolder::collect_captured)

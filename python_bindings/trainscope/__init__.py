@@ -14,6 +14,19 @@ from .dead_units import (
     observations_per_unit,
 )
 from .hist2d import Hist2d, grad_hist2d, hist2d_bin_edges
+from .monitor import (
+    CsvSink,
+    JsonlSink,
+    Monitor,
+    Quantity,
+    QuantityContext,
+    Schedule,
+    StepRecord,
+    at_steps,
+    every,
+    log_spaced,
+    on_demand,
+)
 from .per_sample_factors import (
     SUPPORTED_LAYERS,
     PerSampleHooks,
@@ -90,6 +103,17 @@ __all__ = [
     "stable_rank",
     "weight_rank_measures",
     "METRICS",
+    "CsvSink",
+    "JsonlSink",
+    "Monitor",
+    "Quantity",
+    "QuantityContext",
+    "Schedule",
+    "StepRecord",
+    "at_steps",
+    "every",
+    "log_spaced",
+    "on_demand",
     "Hist2d",
     "PerSampleHooks",
     "SUPPORTED_LAYERS",

@@ -1,0 +1,316 @@
+"""The Monitor: every parameter metric once per batch, with no host synchronisation::
+
+    mon = trainscope.Monitor(model, param_metrics=trainscope.every(1), grad_hist=trainscope.every(10),
+                             sinks=[trainscope.JsonlSink("runs/metrics.jsonl")])
+    for step, (x, y) in enumerate(loader):
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        opt.zero_grad(); losses.mean().backward(); opt.step()
+        mon.step(step, losses)            # launches, never waits
+    mon.flush()                           # the one wait, at the end (or use ``with Monitor(...)``)
+
+The work runs in C++ (``torch.classes.trainscope.Monitor``, the same code as the LibTorch
+``trainscope::Monitor``): one fused pass over parameters and gradients on the current stream, the
+step's values written into a slot of a device ring buffer and copied asynchronously to pinned host
+memory with an event. Finished steps reach the sinks as :class:`StepRecord` at a later ``step()``,
+``poll()`` or ``flush()``; only ``flush()`` and a full ring (more than ``ring_slots`` steps in
+flight) wait for the GPU. A step at which nothing is due makes no record.
+
+Names in a record: ``loss`` (when per-sample losses are given), ``grad_norm``, ``grad_magnitude``,
+``weight_magnitude``, ``distance`` (with ``track_init``), ``update_size`` (with ``track_prev``),
+``nonfinite_count``; per tensor ``<metric>/<parameter name>`` (``per_tensor``); custom quantities
+``<key>`` or ``<key>/<name>``; the gradient histogram ``grad_hist1d``. θ₀ and θ_prev cost one copy
+of the parameters each; θ_prev follows the parameters at every step, so ``update_size`` always
+means the latest optimizer step: call ``step()`` once per optimizer step.
+
+CUDA graphs: ``step()`` inside ``torch.cuda.graph(...)`` captures only device work into a fixed
+slot (which quantities it computes is decided at capture time, for the step number given); after
+each ``graph.replay()`` call ``collect_captured(step)``. Run one eager ``step()`` first (warm-up).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import _ops  # noqa: F401  (loads the op library and its custom classes)
+
+__all__ = ["Monitor", "Quantity", "QuantityContext", "StepRecord", "Schedule", "every", "at_steps",
+           "log_spaced", "on_demand", "JsonlSink", "CsvSink"]
+
+
+class Schedule:
+    """When a quantity is computed. Carries the spec string the C++ side parses ("every:K:START",
+    "at:S1,S2,...", "log:PER_DECADE:START", "on_demand"); ``due`` asks the C++ implementation."""
+
+    def __init__(self, spec: str):
+        self.spec = str(spec)
+        self._description = torch.ops.trainscope.schedule_describe(self.spec)  # validates
+
+    def due(self, step: int) -> bool:
+        """Whether the schedule fires at ``step`` (on_demand: never by itself)."""
+        return bool(torch.ops.trainscope.schedule_due(self.spec, int(step)))
+
+    def describe(self) -> str:
+        return self._description
+
+    def __repr__(self) -> str:
+        return f"Schedule({self.spec!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Schedule) and other.spec == self.spec
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
+
+
+def every(k: int, start: int = 0) -> Schedule:
+    """Steps start, start + k, start + 2k, ... (k >= 1)."""
+    return Schedule(f"every:{int(k)}:{int(start)}")
+
+
+def at_steps(steps: Iterable[int]) -> Schedule:
+    """Exactly the listed steps."""
+    return Schedule("at:" + ",".join(str(int(s)) for s in steps))
+
+
+def log_spaced(per_decade: int = 10, start: int = 1) -> Schedule:
+    """The distinct values of floor(start · 10^(i / per_decade)), i = 0, 1, ...: with the defaults
+    1, 2, 3, 5, 6, 7, 10, 12, 15, 19, 25, ..."""
+    return Schedule(f"log:{int(per_decade)}:{int(start)}")
+
+
+def on_demand() -> Schedule:
+    """Only at the step after :meth:`Monitor.request` (e.g. at a task boundary)."""
+    return Schedule("on_demand")
+
+
+ScheduleLike = Union[Schedule, bool, str, None]
+
+
+def _spec(schedule: ScheduleLike, arg: str) -> str:
+    """A schedule, True (every step), False/None (off), or a spec string, as the C++ spec."""
+    if schedule is True:
+        return "every:1:0"
+    if schedule is False or schedule is None:
+        return "off"
+    if isinstance(schedule, Schedule):
+        return schedule.spec
+    if isinstance(schedule, str):
+        return schedule  # parsed in C++, whose errors name `arg`
+    raise TypeError(f"Monitor: {arg} must be a Schedule, True, False or None, got {type(schedule).__name__}")
+
+
+@dataclass
+class StepRecord:
+    """One finished step, on the host."""
+
+    step: int
+    scalars: Dict[str, float] = field(default_factory=dict)
+    #: name -> (edges [nbins + 1] float64, counts [nbins] int64), CPU tensors.
+    histograms: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class QuantityContext:
+    """What a custom quantity sees at a step."""
+
+    step: int
+    names: List[str]                     # parameter names
+    params: List[torch.Tensor]           # the parameters
+    grads: List[Optional[torch.Tensor]]  # their .grad (None where none)
+    losses: Optional[torch.Tensor]       # per-sample losses of the batch, when given
+    extras: Dict[str, Any]               # the keyword arguments of Monitor.step
+
+
+class Quantity:
+    """A user-defined quantity: a unique ``key`` and ``compute(ctx)`` returning a one-element
+    tensor on the parameters' device (logged as ``<key>``) or a dict of them (``<key>/<name>``,
+    or ``<key>`` for the name ""). Compute without host syncs (no ``.item()``): the values travel
+    with the step's other results. ``compute`` runs under ``torch.no_grad()``, only when due."""
+
+    key: str = ""
+
+    def compute(self, ctx: QuantityContext) -> Union[torch.Tensor, Mapping[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+Sink = Callable[[StepRecord], Any]
+
+
+def _named_parameters(model_or_named_params) -> List[Tuple[str, torch.Tensor]]:
+    if isinstance(model_or_named_params, nn.Module):
+        # Frozen parameters have no gradients to measure.
+        return [(n, p) for n, p in model_or_named_params.named_parameters() if p.requires_grad]
+    named = [(str(n), p) for n, p in model_or_named_params]
+    for n, p in named:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"Monitor: parameter {n!r} is a {type(p).__name__}, not a tensor")
+    return named
+
+
+class Monitor:
+    """Parameter metrics, the gradient histogram and custom quantities of a model, each on its own
+    schedule, handed to sinks without blocking the training step. See the module docs.
+
+    - ``model_or_named_params``: an ``nn.Module`` (its parameters with ``requires_grad``) or an
+      iterable of ``(name, tensor)``. Gradients are read from ``p.grad`` at every step.
+    - ``param_metrics``, ``grad_hist``: a :class:`Schedule`, True (every step) or False/None (off).
+    - ``nbins``, ``maxval``: the histogram (SPEC.md §4); ``per_tensor``: also ``<metric>/<name>``;
+      ``weights_matrices_only``: global weight magnitude over tensors with dim >= 2.
+    - ``track_init``, ``track_prev``: keep θ₀ / θ_prev (one parameter copy each) for ``distance``
+      / ``update_size``; off, those names are absent from the records.
+    - ``ring_slots``: steps in flight before ``step()`` waits for the oldest.
+    - ``sinks``: callables taking a :class:`StepRecord` (e.g. :class:`JsonlSink`).
+    """
+
+    def __init__(self, model_or_named_params, param_metrics: ScheduleLike = True, grad_hist: ScheduleLike = True,
+                 nbins: int = 100, maxval: float = 0.05, per_tensor: bool = True,
+                 weights_matrices_only: bool = False, track_init: bool = True, track_prev: bool = True,
+                 ring_slots: int = 64, sinks: Sequence[Sink] = ()):
+        named = _named_parameters(model_or_named_params)
+        self.names: List[str] = [n for n, _ in named]
+        self.params: List[torch.Tensor] = [p for _, p in named]
+        self._m = torch.classes.trainscope.Monitor(
+            self.names, self.params, _spec(param_metrics, "param_metrics"), _spec(grad_hist, "grad_hist"),
+            int(nbins), float(maxval), bool(per_tensor), bool(weights_matrices_only), bool(track_init),
+            bool(track_prev), int(ring_slots))
+        self._quantities: List[Quantity] = []
+        self._sinks: List[Sink] = []
+        for s in sinks:
+            self.add_sink(s)
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def add_quantity(self, quantity: Quantity, schedule: ScheduleLike = True) -> None:
+        """Registers a custom quantity under its unique ``key`` (a duplicate raises)."""
+        key = getattr(quantity, "key", None)
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"Monitor.add_quantity: {type(quantity).__name__} has no key; set a non-empty `key`")
+        if not callable(getattr(quantity, "compute", None)):
+            raise TypeError(f"Monitor.add_quantity: quantity {key!r} has no compute(ctx)")
+        spec = _spec(schedule, "schedule")
+        # Switched off: the key stays reserved, and never due.
+        self._m.add_external_quantity(key, "at:" if spec == "off" else spec)
+        self._quantities.append(quantity)
+
+    def add_sink(self, sink: Sink) -> None:
+        if not callable(sink):
+            raise TypeError(f"Monitor.add_sink: sink must be callable, got {type(sink).__name__}")
+        self._sinks.append(sink)
+
+    def request(self, key: str) -> None:
+        """Makes ``key`` ("param_metrics", "grad_hist" or a quantity's key) due at the next step."""
+        self._m.request(str(key))
+
+    def due(self, key: str, step: int) -> bool:
+        return bool(self._m.due(str(key), int(step)))
+
+    # -- the training step -----------------------------------------------------------------------
+
+    def step(self, step: int, losses: Optional[torch.Tensor] = None, **extras) -> None:
+        """After ``optimizer.step()``: launches this step's work and hands finished steps to the
+        sinks. ``losses`` are the batch's per-sample losses; ``extras`` reach custom quantities."""
+        step = int(step)
+        scalars: Dict[str, torch.Tensor] = {}
+        ctx = None
+        for q in self._quantities:
+            if not self._m.due(q.key, step):
+                continue
+            if ctx is None:
+                ctx = QuantityContext(step, self.names, self.params, [p.grad for p in self.params], losses,
+                                      dict(extras))
+            with torch.no_grad():
+                out = q.compute(ctx)
+            items = {"": out} if isinstance(out, torch.Tensor) else dict(out)
+            for sub, t in items.items():
+                name = f"{q.key}/{sub}" if sub else q.key
+                if not isinstance(t, torch.Tensor) or t.numel() != 1:
+                    raise ValueError(f"Monitor.step: quantity {q.key!r} gave {name!r} = {type(t).__name__}"
+                                     f"{'' if not isinstance(t, torch.Tensor) else ' of shape ' + str(tuple(t.shape))}"
+                                     "; return one-element tensors on the parameters' device")
+                scalars[name] = t.detach().reshape(()).to(torch.float64)
+        self._m.step(step, None if losses is None else losses.detach(), scalars)
+        self._dispatch(self._m.take_records())  # the steps that finished before this one
+
+    def poll(self) -> int:
+        """Hands every finished step to the sinks without waiting; returns how many."""
+        return self._dispatch(self._m.poll_records())
+
+    def flush(self) -> None:
+        """Waits for every step in flight and hands it to the sinks."""
+        self._dispatch(self._m.flush_records())
+
+    def collect_captured(self, step: int) -> None:
+        """After replaying a graph that captured ``step()``: queues the captured values as ``step``."""
+        self._m.collect_captured(int(step))
+        self._dispatch(self._m.take_records())
+
+    def _dispatch(self, records) -> int:
+        for step, names, values, hist_names, edges, counts in records:
+            rec = StepRecord(int(step), dict(zip(names, values)),
+                             {n: (e, c) for n, e, c in zip(hist_names, edges, counts)})
+            for sink in self._sinks:
+                sink(rec)
+        return len(records)
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()
+
+
+# -- file sinks: the formats of the C++ JsonlSink and CsvSink -------------------------------------
+
+def _finite_or_none(v: float) -> Optional[float]:
+    return v if math.isfinite(v) else None
+
+
+class JsonlSink:
+    """Appends one JSON object per step: {"step": s, "scalars": {...}, "histograms": {"<name>":
+    {"edges": [...], "counts": [...]}}}, NaN and ±Inf as null; flushes after each record."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = os.fspath(path)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def __call__(self, record: StepRecord) -> None:
+        obj = {
+            "step": int(record.step),
+            "scalars": {k: _finite_or_none(float(v)) for k, v in record.scalars.items()},
+            "histograms": {k: {"edges": [_finite_or_none(x) for x in e.tolist()], "counts": c.tolist()}
+                           for k, (e, c) in record.histograms.items()},
+        }
+        self._f.write(json.dumps(obj, allow_nan=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class CsvSink:
+    """Appends long-format rows ``step,name,value`` (header when the file is empty), one per
+    scalar; NaN and ±Inf as nan, inf, -inf; histograms are not written. Flushes per record."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = os.fspath(path)
+        self._f = open(self.path, "a", encoding="utf-8", newline="")
+        self._w = csv.writer(self._f, lineterminator="\n")
+        if self._f.tell() == 0:
+            self._w.writerow(["step", "name", "value"])
+            self._f.flush()
+
+    def __call__(self, record: StepRecord) -> None:
+        for name, v in record.scalars.items():
+            self._w.writerow([int(record.step), name, repr(float(v))])
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

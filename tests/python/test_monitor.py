@@ -1,0 +1,375 @@
+"""The Python Monitor: records equal trainscope.param_stats on the same steps, schedules fire on
+exactly their steps, Python quantities round-trip, file sinks parse back, the context manager
+flushes; on CUDA, a monitored step runs under sync-debug "error" and inside a CUDA graph."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import trainscope
+from trainscope import (CsvSink, JsonlSink, Monitor, Quantity, QuantityContext, Schedule, StepRecord, at_steps,
+                        every, log_spaced, on_demand)
+
+from conftest import DEVICES, requires_cuda
+
+
+def due_steps(schedule, lo, hi):
+    return [s for s in range(lo, hi) if schedule.due(s)]
+
+
+def make_model(device, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(device)
+
+
+def batch(step, device):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 5, generator=g).to(device), torch.randint(0, 3, (16,), generator=g).to(device)
+
+
+class Collect:
+    def __init__(self):
+        self.records: list[StepRecord] = []
+
+    def __call__(self, r: StepRecord):
+        self.records.append(r)
+
+    @property
+    def steps(self):
+        return [r.step for r in self.records]
+
+
+def train(model, mon, steps, device, pass_losses=True, reference=None, **extras):
+    """SGD steps with mon.step after each; `reference(step, losses)` runs right after it."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
+    for s in range(steps):
+        x, y = batch(s, device)
+        opt.zero_grad()
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.step()
+        mon.step(s, losses if pass_losses else None, **extras)
+        if reference is not None:
+            reference(s, losses.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+
+
+def test_schedules_fire_on_exactly_their_steps():
+    assert due_steps(every(3, 2), -5, 15) == [2, 5, 8, 11, 14]
+    assert due_steps(every(1), -2, 4) == [0, 1, 2, 3]
+    assert due_steps(at_steps([7, 3, 3, 10, 0]), -3, 30) == [0, 3, 7, 10]
+    assert due_steps(at_steps([]), -3, 30) == []
+    assert due_steps(log_spaced(), -3, 101) == [1, 2, 3, 5, 6, 7, 10, 12, 15, 19, 25, 31, 39, 50, 63, 79, 100]
+    assert due_steps(log_spaced(1), 0, 20001) == [1, 10, 100, 1000, 10000]
+    assert due_steps(log_spaced(2, 5), 0, 600) == [5, 15, 50, 158, 500]
+    assert due_steps(on_demand(), -10, 1000) == []
+    assert every(10).describe() == "every 10 from 0"
+    assert log_spaced().describe() == "log-spaced, 10 per decade from 1"
+    assert Schedule("every:4:1") == every(4, 1)
+
+
+@pytest.mark.parametrize("spec", ["every:0", "every:x", "at:1,x", "log:0", "log:2:0", "sometimes", ""])
+def test_bad_schedule_raises_naming_it(spec):
+    with pytest.raises(RuntimeError, match="spec"):
+        Schedule(spec)
+
+
+def test_bad_schedule_argument_of_the_monitor_is_named():
+    model = make_model("cpu")
+    with pytest.raises(RuntimeError, match="grad_hist"):
+        Monitor(model, grad_hist="every:0")
+    with pytest.raises(TypeError, match="param_metrics"):
+        Monitor(model, param_metrics=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop against trainscope.param_stats
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_records_equal_param_stats_on_the_same_steps(device):
+    model = make_model(device)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    init = [p.detach().clone() for p in params]
+    prev = [p.detach().clone() for p in params]
+    got = Collect()
+    mon = Monitor(model, param_metrics=every(1), grad_hist=at_steps([1, 3]), nbins=16, maxval=0.1, sinks=[got])
+    assert mon.names == names
+    want = {}
+
+    def reference(step, losses):
+        s = trainscope.param_stats([p.grad for p in params], params, init, prev, nbins=16, maxval=0.1,
+                                   refresh_prev=True, losses=losses)
+        d = {k: float(v) for k, v in s.as_dict(names).items()}
+        d["nonfinite_count"] = d.pop("nonfinite_grads")
+        for i, n in enumerate(names):
+            d[f"nonfinite_count/{n}"] = float(s.nonfinite_per_tensor[i])
+        want[step] = (d, s.hist.cpu())
+
+    train(model, mon, 5, device, reference=reference)
+    mon.flush()
+    assert got.steps == [0, 1, 2, 3, 4]
+    for r in got.records:
+        d, hist = want[r.step]
+        assert set(r.scalars) == set(d), r.step
+        for k, v in d.items():
+            assert r.scalars[k] == pytest.approx(v, rel=1e-6, abs=1e-12), (k, r.step)
+        assert r.scalars["update_size"] > 0 and r.scalars["distance"] > 0
+        if r.step in (1, 3):
+            edges, counts = r.histograms["grad_hist1d"]
+            assert torch.equal(counts, hist)
+            assert counts.dtype == torch.int64 and edges.dtype == torch.float64
+            assert torch.allclose(edges, torch.linspace(-0.1, 0.1, 17, dtype=torch.float64))
+        else:
+            assert r.histograms == {}
+
+
+def test_schedules_give_exactly_their_records_and_switches_work():
+    model = make_model("cpu")
+    got = Collect()
+    mon = Monitor(model, param_metrics=every(3), grad_hist=at_steps([2, 5]), per_tensor=False, sinks=[got])
+    train(model, mon, 8, "cpu")
+    mon.flush()
+    assert got.steps == [0, 2, 3, 5, 6]
+    for r in got.records:
+        assert bool(r.scalars) == (r.step % 3 == 0)
+        assert ("grad_hist1d" in r.histograms) == (r.step in (2, 5))
+        assert all("/" not in k for k in r.scalars)
+
+    got = Collect()
+    mon = Monitor(model, param_metrics=False, grad_hist=None, sinks=[got])
+    train(model, mon, 3, "cpu")
+    mon.flush()
+    assert got.records == []
+
+    got = Collect()
+    mon = Monitor(model, track_init=False, track_prev=False, grad_hist=False, sinks=[got])
+    train(model, mon, 2, "cpu", pass_losses=False)
+    mon.flush()
+    assert got.steps == [0, 1]
+    assert not any(k.startswith(("distance", "update_size", "loss")) for k in got.records[0].scalars)
+    assert "grad_norm/0.weight" in got.records[0].scalars
+
+
+def test_request_makes_a_key_due_at_the_next_step_only():
+    model = make_model("cpu")
+    got = Collect()
+    mon = Monitor(model, param_metrics=on_demand(), grad_hist=False, sinks=[got])
+    assert not mon.due("param_metrics", 1)
+    mon.request("param_metrics")
+    assert mon.due("param_metrics", 1)
+    train(model, mon, 3, "cpu")
+    mon.flush()
+    assert got.steps == [0]
+    with pytest.raises(RuntimeError, match="nope"):
+        mon.request("nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# Python quantities
+
+
+class GradStats(Quantity):
+    key = "gstats"
+
+    def __init__(self):
+        self.calls = []
+
+    def compute(self, ctx: QuantityContext):
+        self.calls.append(ctx.step)
+        assert ctx.names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+        sq = sum((g.double() ** 2).sum() for g in ctx.grads)
+        return {"": sq, "loss_max": ctx.losses.max(), "scale": ctx.extras["scale"] * torch.ones((), device=sq.device),
+                "count": torch.full((), float(len(ctx.params)), device=sq.device)}
+
+
+class Const(Quantity):
+    def __init__(self, key, value):
+        self.key, self.value = key, value
+
+    def compute(self, ctx):
+        return self.value
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_python_quantity_round_trips(device):
+    model = make_model(device)
+    got = Collect()
+    mon = Monitor(model, grad_hist=False, per_tensor=False, sinks=[got])
+    q = GradStats()
+    mon.add_quantity(q, at_steps([1, 3]))
+    assert mon.due("gstats", 3) and not mon.due("gstats", 2)
+    want = {}
+    params = list(model.parameters())
+
+    def reference(step, losses):
+        want[step] = {"gstats": float(sum((p.grad.double() ** 2).sum() for p in params)),
+                      "gstats/loss_max": float(losses.max()), "gstats/scale": 2.5, "gstats/count": 4.0}
+        if step == 3:
+            mon.request("gstats")
+
+    train(model, mon, 5, device, reference=reference, scale=2.5)
+    mon.flush()
+    assert q.calls == [1, 3, 4]
+    for r in got.records:
+        if r.step not in (1, 3, 4):
+            assert not any(k.startswith("gstats") for k in r.scalars)
+            continue
+        for k, v in want[r.step].items():
+            assert r.scalars[k] == pytest.approx(v, rel=1e-6), (k, r.step)
+        assert r.scalars["gstats"] == pytest.approx(r.scalars["grad_norm"] ** 2, rel=1e-5)
+
+    with pytest.raises(RuntimeError, match="gstats"):
+        mon.add_quantity(GradStats())
+    with pytest.raises(RuntimeError, match="param_metrics"):
+        mon.add_quantity(Const("param_metrics", torch.zeros(())))
+    mon.add_quantity(Const("vec", torch.zeros(2, device=device)))
+    with pytest.raises(ValueError, match="vec"):
+        mon.step(9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinks and the context manager
+
+
+def test_jsonl_and_csv_sinks_parse_back(tmp_path):
+    model = make_model("cpu")
+    got = Collect()
+    jpath, cpath = tmp_path / "m.jsonl", tmp_path / "m.csv"
+    mon = Monitor(model, nbins=8, sinks=[got, JsonlSink(jpath), CsvSink(cpath)])
+    mon.add_quantity(Const("odd", torch.tensor(float("nan"))))
+    mon.add_quantity(Const("big", torch.tensor(float("-inf"))))
+    train(model, mon, 3, "cpu")
+    mon.flush()
+    lines = jpath.read_text().splitlines()
+    assert len(lines) == 3
+    for line, r in zip(lines, got.records):
+        obj = json.loads(line)
+        assert obj["step"] == r.step
+        assert obj["scalars"]["odd"] is None and obj["scalars"]["big"] is None
+        for k, v in r.scalars.items():
+            if math.isfinite(v):
+                assert obj["scalars"][k] == v
+        h = obj["histograms"]["grad_hist1d"]
+        assert h["counts"] == r.histograms["grad_hist1d"][1].tolist()
+        assert h["edges"] == r.histograms["grad_hist1d"][0].tolist()
+    CsvSink(cpath)(got.records[0])  # a second sink appends without a second header
+    rows = list(csv.reader(cpath.open()))
+    assert rows[0] == ["step", "name", "value"]
+    want = [[str(r.step), k, v] for r in got.records + got.records[:1] for k, v in r.scalars.items()]
+    assert len(rows) - 1 == len(want)
+    for row, (step, name, v) in zip(rows[1:], want):
+        assert row[:2] == [step, name]
+        assert (math.isnan(float(row[2])) and math.isnan(v)) or float(row[2]) == v
+    assert any(row[1:] == ["big", "-inf"] for row in rows)
+
+
+def test_context_manager_flushes_and_records_arrive_later():
+    model = make_model("cpu")
+    got = Collect()
+    with Monitor(model, sinks=[got]) as mon:
+        train(model, mon, 3, "cpu")
+        assert got.steps == [0, 1]  # the last step reaches the sinks at the next step/poll/flush
+    assert got.steps == [0, 1, 2]
+    assert mon.poll() == 0
+
+
+def test_named_params_iterable_and_frozen_parameters_left_out():
+    model = make_model("cpu")
+    model[0].bias.requires_grad_(False)
+    assert Monitor(model).names == ["0.weight", "2.weight", "2.bias"]
+    assert Monitor(model.named_parameters()).names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: no host sync in a step, and a graph-captured step
+
+
+@requires_cuda
+def test_monitored_step_has_no_host_sync():
+    device = "cuda"
+    model = make_model(device)
+    got = Collect()
+    mon = Monitor(model, sinks=[got])
+    mon.add_quantity(GradStats())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch(0, device)
+
+    def one(step, check):
+        opt.zero_grad()
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.step()
+        if check:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            mon.step(step, losses, scale=2.0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    one(0, False)  # warm-up: allocations, pinned slots
+    torch.cuda.synchronize()
+    for s in range(1, 4):
+        one(s, True)
+    mon.flush()
+    assert got.steps == [0, 1, 2, 3]
+    assert all(math.isfinite(r.scalars["gstats"]) for r in got.records if "gstats" in r.scalars)
+
+
+@requires_cuda
+def test_graph_captured_step_equals_eager():
+    device = "cuda"
+    w = torch.randn(33, 17, device=device, requires_grad=True)
+    b = torch.randn(17, device=device, requires_grad=True)
+    w.grad, b.grad = torch.zeros_like(w), torch.zeros_like(b)
+    losses = torch.zeros(8, device=device)
+    got_g, got_e = Collect(), Collect()
+    graphed = Monitor([("w", w), ("b", b)], nbins=16, sinks=[got_g])
+    eager = Monitor([("w", w), ("b", b)], nbins=16, sinks=[got_e])
+    q = Const("const", torch.full((), 3.0, device=device))
+    graphed.add_quantity(q)
+    eager.add_quantity(q)
+
+    def set_state(k):
+        g = torch.Generator(device=device).manual_seed(k)
+        with torch.no_grad():
+            w.add_(0.01 * torch.randn(w.shape, device=device, generator=g))
+            b.add_(0.01 * torch.randn(b.shape, device=device, generator=g))
+            w.grad.copy_(0.02 * torch.randn(w.shape, device=device, generator=g))
+            b.grad.copy_(0.02 * torch.randn(b.shape, device=device, generator=g))
+            losses.copy_(torch.rand(losses.shape, device=device, generator=g))
+
+    set_state(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed.step(0, losses)  # warm-up, eager
+        eager.step(0, losses)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step(1, losses)  # schedules evaluated here, for step 1
+    for k in range(1, 6):
+        set_state(k)
+        graph.replay()
+        graphed.collect_captured(k)
+        eager.step(k, losses)
+    graphed.flush()
+    eager.flush()
+    assert got_g.steps == got_e.steps == [0, 1, 2, 3, 4, 5]
+    for rg, re in zip(got_g.records[1:], got_e.records[1:]):
+        assert rg.scalars.keys() == re.scalars.keys()
+        for k, v in re.scalars.items():
+            assert rg.scalars[k] == pytest.approx(v, rel=1e-12, nan_ok=True), (k, rg.step)
+        assert rg.scalars["update_size"] > 0 and rg.scalars["const"] == 3.0
+        assert torch.equal(rg.histograms["grad_hist1d"][1], re.histograms["grad_hist1d"][1])
