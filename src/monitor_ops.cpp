@@ -127,6 +127,33 @@ struct MonitorHolder : torch::CustomClassHolder {
   Monitor monitor;
 };
 
+// The C++ file sinks for the Python package, so both write one format from one implementation.
+struct FileSinkHolder : torch::CustomClassHolder {
+  FileSinkHolder(std::string kind, std::string path) {
+    TORCH_CHECK(kind == "jsonl" || kind == "csv", "trainscope.FileSink: kind must be \"jsonl\" or \"csv\", got \"",
+                kind, "\"");
+    sink = kind == "jsonl" ? JsonlSink(path) : CsvSink(path);
+  }
+
+  void write(int64_t step, std::vector<std::string> names, std::vector<double> values,
+             std::vector<std::string> hist_names, std::vector<at::Tensor> edges, std::vector<at::Tensor> counts) {
+    TORCH_CHECK(names.size() == values.size() && hist_names.size() == edges.size() && edges.size() == counts.size(),
+                "trainscope.FileSink.write: names/values and hist_names/edges/counts must pair up");
+    StepRecord r;
+    r.step = step;
+    for (size_t i = 0; i < names.size(); ++i) r.scalars.emplace_back(names[i], values[i]);
+    for (size_t i = 0; i < hist_names.size(); ++i) {
+      const at::Tensor e = edges[i].to(at::kCPU, at::kDouble).contiguous();
+      const at::Tensor c = counts[i].to(at::kCPU, at::kLong).contiguous();
+      r.histograms.push_back({hist_names[i], std::vector<double>(e.data_ptr<double>(), e.data_ptr<double>() + e.numel()),
+                              std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel())});
+    }
+    sink(r);
+  }
+
+  Sink sink;
+};
+
 bool schedule_due(std::string spec, int64_t step) { return Schedule::parse(spec, "spec").due(step); }
 
 std::string schedule_describe(std::string spec) { return Schedule::parse(spec, "spec").describe(); }
@@ -148,6 +175,10 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
       .def("flush_records", &MonitorHolder::flush_records)
       .def("collect_captured", &MonitorHolder::collect_captured)
       .def("names", &MonitorHolder::names);
+  using trainscope::FileSinkHolder;
+  m.class_<FileSinkHolder>("FileSink")
+      .def(torch::init<std::string, std::string>())
+      .def("write", &FileSinkHolder::write);
   // The one schedule implementation, for the Python Schedule objects.
   m.def("schedule_due(str spec, int step) -> bool", &trainscope::schedule_due);
   m.def("schedule_describe(str spec) -> str", &trainscope::schedule_describe);

@@ -29,9 +29,6 @@ each ``graph.replay()`` call ``collect_captured(step)``. Run one eager ``step()`
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -267,50 +264,31 @@ class Monitor:
         self.flush()
 
 
-# -- file sinks: the formats of the C++ JsonlSink and CsvSink -------------------------------------
+# -- file sinks: the C++ JsonlSink and CsvSink (src/monitor.cpp), one implementation of each format --
 
-def _finite_or_none(v: float) -> Optional[float]:
-    return v if math.isfinite(v) else None
+class _FileSink:
+    _kind = ""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = os.fspath(path)
+        self._sink = torch.classes.trainscope.FileSink(self._kind, self.path)
+
+    def __call__(self, record: StepRecord) -> None:
+        names = list(record.scalars)
+        hist_names = list(record.histograms)
+        self._sink.write(int(record.step), names, [float(record.scalars[n]) for n in names], hist_names,
+                         [record.histograms[n][0] for n in hist_names], [record.histograms[n][1] for n in hist_names])
 
 
-class JsonlSink:
+class JsonlSink(_FileSink):
     """Appends one JSON object per step: {"step": s, "scalars": {...}, "histograms": {"<name>":
     {"edges": [...], "counts": [...]}}}, NaN and ±Inf as null; flushes after each record."""
 
-    def __init__(self, path: Union[str, os.PathLike]):
-        self.path = os.fspath(path)
-        self._f = open(self.path, "a", encoding="utf-8")
-
-    def __call__(self, record: StepRecord) -> None:
-        obj = {
-            "step": int(record.step),
-            "scalars": {k: _finite_or_none(float(v)) for k, v in record.scalars.items()},
-            "histograms": {k: {"edges": [_finite_or_none(x) for x in e.tolist()], "counts": c.tolist()}
-                           for k, (e, c) in record.histograms.items()},
-        }
-        self._f.write(json.dumps(obj, allow_nan=False) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
+    _kind = "jsonl"
 
 
-class CsvSink:
+class CsvSink(_FileSink):
     """Appends long-format rows ``step,name,value`` (header when the file is empty), one per
     scalar; NaN and ±Inf as nan, inf, -inf; histograms are not written. Flushes per record."""
 
-    def __init__(self, path: Union[str, os.PathLike]):
-        self.path = os.fspath(path)
-        self._f = open(self.path, "a", encoding="utf-8", newline="")
-        self._w = csv.writer(self._f, lineterminator="\n")
-        if self._f.tell() == 0:
-            self._w.writerow(["step", "name", "value"])
-            self._f.flush()
-
-    def __call__(self, record: StepRecord) -> None:
-        for name, v in record.scalars.items():
-            self._w.writerow([int(record.step), name, repr(float(v))])
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
+    _kind = "csv"
