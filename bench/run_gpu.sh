@@ -9,6 +9,7 @@
 # bench_per_sample_stats.{log,json} (per-sample gradient statistics against vmap, the einsum
 # ghost norm, BackPACK and Cockpit), bench_dead_units.{log,json} (the dead-unit pass against
 # PyTorch), bench_rank.{log,json} (rank measures against torch.linalg.svdvals and SciPy),
+# bench_monitor.{log,json} (a monitored training step against the plain one, and Cockpit),
 # peers_install.log (with PEER_WHEELS), run_gpu.log.
 #
 # Environment (all optional):
@@ -18,7 +19,8 @@
 #   CPP_ARGS   extra arguments for the C++ bench, e.g. "--sizes 125M --repeats 100"
 #   PY_ARGS    extra arguments for the Python bench, e.g. "--sizes 125M,1B"
 #   PS_ARGS    extra arguments for bench_per_sample_stats.py, e.g. "--batch-sizes 128 --dims 4096"
-#   DEAD_UNITS_ARGS, RANK_ARGS  extra arguments for bench_dead_units.py and bench_rank.py
+#   DEAD_UNITS_ARGS, RANK_ARGS, MONITOR_ARGS  extra arguments for bench_dead_units.py, bench_rank.py
+#              and bench_monitor.py
 #   PEER_WHEELS  folder of wheels for bench/requirements-peers.txt (BackPACK, Cockpit and what they
 #              import); when set they are installed first, offline and without dependency
 #              resolution (`pip download --no-deps -d DIR -r bench/requirements-peers.txt` makes it)
@@ -139,8 +141,8 @@ else
   status=1
 fi
 
-# ---- Python: representation metrics (dead-unit pass, rank measures against svdvals and scipy) ---
-for bench in dead_units rank; do
+# ---- Python: representation metrics (dead units, ranks) and the Monitor's step overhead ---------
+for bench in dead_units rank monitor; do
   if "$PYTHON" -c "import trainscope" >/dev/null 2>&1; then
     args_var="$(echo "$bench" | tr '[:lower:]' '[:upper:]')_ARGS"
     log "running bench_$bench.py ${!args_var:-}"

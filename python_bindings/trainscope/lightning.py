@@ -1,0 +1,352 @@
+"""PyTorch Lightning callbacks: trainscope's metrics through the trainer's loggers.
+
+    import trainscope.lightning as tsl
+    trainer = L.Trainer(callbacks=[tsl.TrainscopeCallback()], logger=TensorBoardLogger("runs"))
+
+:class:`TrainscopeCallback` owns a :class:`trainscope.Monitor` over the module's trainable
+parameters and, by default, logs every parameter metric (globally and per tensor) and the 1-D
+gradient histogram at every optimizer step. Scalars reach every logger of the trainer through
+``log_metrics`` as ``<prefix>/<metric>`` and ``<prefix>/<metric>/<parameter name>``; histograms
+reach TensorBoard loggers as real histograms (``add_histogram_raw``). The per-sample gradient
+statistics and the representation metrics are off by default; give them a schedule to turn them on.
+:class:`ParamMetricsCallback`, :class:`HistogramCallback`, :class:`PerSampleStatsCallback` and
+:class:`RepresentationCallback` are the same callback with one family each.
+
+When it runs: in ``on_train_batch_end`` of a batch that took an optimizer step. There the
+parameters are already updated and the gradients still present (Lightning zeroes them in the next
+batch's closure, just before its backward). Batches that only accumulate gradients are skipped, so
+with ``accumulate_grad_batches=k`` a step is measured once, with the accumulated gradients. The
+step number is the 0-based index of that optimizer step, ``trainer.global_step - 1`` (Lightning has
+already counted it), which is the step Lightning logs that batch's ``self.log`` values under.
+Schedules (``trainscope.every(k)``, ...) count these step numbers; Lightning's
+``log_every_n_steps`` does not apply.
+
+Nothing here waits for the GPU: ``Monitor.step`` only queues work, and the values of a step are
+logged a few steps later, when the device has finished them (all of them by the end of ``fit``).
+Only the global-zero process measures and logs: under DDP the gradients are already averaged
+across processes, and the other ranks' measurements would be the same (the loss and the per-sample
+statistics describe rank 0's share of the batch). Every scalar is one ``add_scalar`` per logger:
+with many parameter tensors, ``per_tensor=False`` keeps the logging cost down.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError as e:  # pragma: no cover  (depends on the environment)
+    raise ImportError("trainscope.lightning needs Lightning 2.x: pip install lightning") from e
+
+from . import PER_SAMPLE_STATS, PerSampleHooks, RepresentationProbe
+from .monitor import Monitor, Quantity, every
+
+__all__ = [
+    "HistogramCallback",
+    "ParamMetricsCallback",
+    "PerSampleStatsCallback",
+    "RepresentationCallback",
+    "TrainscopeCallback",
+    "histogram_summary",
+]
+
+#: Keys of the two optional families in the Monitor (and in the logged names).
+PER_SAMPLE_KEY = "per_sample"
+REPRESENTATION_KEY = "representation"
+
+
+def _enabled(schedule) -> bool:
+    return schedule is not None and schedule is not False
+
+
+def histogram_summary(edges: torch.Tensor, counts: torch.Tensor) -> Optional[Dict[str, Any]]:
+    """The arguments of TensorBoard's ``add_histogram_raw`` for a binned histogram (host tensors:
+    ``edges`` [nbins + 1], ``counts`` [nbins]); None when it holds no values.
+
+    The values themselves are not kept, so ``num`` is exact and the rest comes from the bins:
+    ``sum`` and ``sum_squares`` from the bin centres, ``min`` and ``max`` are the outer edges of the
+    lowest and highest non-empty bins. As TensorBoard's own ``add_histogram`` does, empty bins at
+    both ends are left out, so that the first bucket starts at ``min`` and the last ends at ``max``;
+    ``bucket_limits`` are the right edges of the buckets kept.
+    """
+    e = edges.tolist()
+    c = counts.tolist()
+    nonzero = [i for i, n in enumerate(c) if n]
+    if not nonzero:
+        return None
+    lo, hi = nonzero[0], nonzero[-1]
+    num = s = s2 = 0.0
+    for i in range(lo, hi + 1):
+        centre = 0.5 * (e[i] + e[i + 1])
+        num += c[i]
+        s += c[i] * centre
+        s2 += c[i] * centre * centre
+    return {"min": e[lo], "max": e[hi + 1], "num": num, "sum": s, "sum_squares": s2,
+            "bucket_limits": e[lo + 1:hi + 2], "bucket_counts": c[lo:hi + 1]}
+
+
+class _PerSampleQuantity(Quantity):
+    """The six per-sample statistics (PER_SAMPLE_STATS) of the step's batch, from the layer
+    factors the callback's PerSampleHooks captured during its backward pass."""
+
+    key = PER_SAMPLE_KEY
+
+    def __init__(self, owner: "TrainscopeCallback"):
+        self._owner = owner
+
+    def compute(self, ctx) -> Dict[str, torch.Tensor]:
+        hooks = self._owner._hooks
+        if hooks is None:  # due without a captured pass (requested during the batch): nothing to report
+            return {}
+        stats = hooks.stats()
+        return {name: stats[i] for i, name in enumerate(PER_SAMPLE_STATS)}
+
+
+class _RepresentationQuantity(Quantity):
+    """Dead units and rank measures on the probe set (RepresentationProbe), after the step."""
+
+    key = REPRESENTATION_KEY
+
+    def __init__(self, probe: RepresentationProbe):
+        self._probe = probe
+
+    def compute(self, ctx) -> Dict[str, torch.Tensor]:
+        return self._probe().scalars()
+
+
+class TrainscopeCallback(Callback):
+    """Measures training with trainscope and logs it through the trainer's loggers.
+
+    Families, each a schedule over optimizer steps (``trainscope.every(k)``, ``at_steps``,
+    ``log_spaced``, ``on_demand()``), ``True`` for every step, or None/False for off:
+
+    - ``param_metrics`` (on): loss, grad_norm, grad_magnitude, weight_magnitude, distance,
+      update_size, nonfinite_count; per parameter tensor too with ``per_tensor``. The loss is the
+      mean of the step's training losses (``outputs["loss"]``, or per-sample losses returned by
+      ``training_step`` under ``losses_key``; over all micro-batches of the step when gradients
+      accumulate). distance is from the parameters at the start of ``fit``.
+    - ``grad_hist`` (on): the gradient histogram, ``nbins`` bins over [-maxval, maxval], logged as
+      ``<prefix>/grad_hist1d`` to TensorBoard loggers.
+    - ``per_sample`` (off): the six per-sample gradient statistics (``<prefix>/per_sample/norm_test``,
+      ...) from layer factors. On due steps, :class:`trainscope.PerSampleHooks` (``per_sample_layers``,
+      ``per_sample_loss_reduction``) are attached to the module for that batch and removed after.
+      Every trainable layer must be an nn.Linear or nn.Conv2d unless ``per_sample_layers`` names a
+      subset. With gradient accumulation they describe the step's last micro-batch.
+    - ``representation`` (off): dead units and rank measures of the activation layers on
+      ``probe_inputs`` (a tensor, moved to the module's device once, or an iterable of batches),
+      ``<prefix>/representation/<metric>[/<layer>]``. ``probe_options`` go to
+      :class:`trainscope.RepresentationProbe` (layers, batch_size, num_examples, weights, ...). The
+      probe runs after the step's update, in eval mode and under no_grad.
+
+    ``quantities``: more :class:`trainscope.Quantity` objects, as ``(quantity, schedule)`` pairs or
+    alone (every step). ``sinks``: more callables receiving each finished StepRecord.
+    :meth:`request` makes a quantity due at the next step (e.g. ``"representation"`` at a task
+    boundary with ``representation=trainscope.on_demand()``).
+    """
+
+    def __init__(self, param_metrics=every(1), grad_hist=every(1), *, per_tensor: bool = True,
+                 nbins: int = 100, maxval: float = 0.05, weights_matrices_only: bool = False,
+                 track_init: bool = True, track_prev: bool = True,
+                 per_sample=None, per_sample_layers: Optional[Sequence] = None,
+                 per_sample_loss_reduction: str = "mean",
+                 representation=None, probe_inputs=None, probe_options: Optional[Mapping[str, Any]] = None,
+                 quantities: Iterable = (), sinks: Iterable[Callable] = (), prefix: str = "trainscope",
+                 losses_key: str = "losses", ring_slots: int = 64):
+        super().__init__()
+        if _enabled(representation) and probe_inputs is None:
+            raise ValueError("TrainscopeCallback: representation metrics need probe_inputs")
+        if per_sample_loss_reduction not in ("mean", "sum"):
+            raise ValueError("TrainscopeCallback: per_sample_loss_reduction must be 'mean' or 'sum', "
+                             f"got {per_sample_loss_reduction!r}")
+        self.param_metrics = param_metrics if _enabled(param_metrics) else None
+        self.grad_hist = grad_hist if _enabled(grad_hist) else None
+        self.per_sample = per_sample if _enabled(per_sample) else None
+        self.representation = representation if _enabled(representation) else None
+        self.per_tensor, self.nbins, self.maxval = per_tensor, nbins, maxval
+        self.weights_matrices_only = weights_matrices_only
+        # θ₀ and θ_prev are a copy of the parameters each: keep them only for the metrics using them.
+        self.track_init = track_init and self.param_metrics is not None
+        self.track_prev = track_prev and self.param_metrics is not None
+        self.per_sample_layers = per_sample_layers
+        self.per_sample_loss_reduction = per_sample_loss_reduction
+        self.probe_inputs = probe_inputs
+        self.probe_options = dict(probe_options or {})
+        self.quantities = list(quantities)
+        self.sinks = list(sinks)
+        self.prefix = prefix
+        self.losses_key = losses_key
+        self.ring_slots = ring_slots
+        self.monitor: Optional[Monitor] = None
+        self._trainer = None
+        self._hooks: Optional[PerSampleHooks] = None
+        self._seen_global_step = 0
+        self._losses: List[torch.Tensor] = []
+
+    # -- building the Monitor
+
+    def _build_monitor(self, trainer, pl_module: nn.Module) -> Monitor:
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        monitor = Monitor(named, param_metrics=self.param_metrics or False,
+                          grad_hist=self.grad_hist or False, nbins=self.nbins, maxval=self.maxval,
+                          per_tensor=self.per_tensor, weights_matrices_only=self.weights_matrices_only,
+                          track_init=self.track_init, track_prev=self.track_prev,
+                          ring_slots=self.ring_slots, sinks=[self._log_record, *self.sinks])
+        if self.per_sample is not None:
+            monitor.add_quantity(_PerSampleQuantity(self), self.per_sample)
+        if self.representation is not None:
+            monitor.add_quantity(_RepresentationQuantity(self._make_probe(pl_module)), self.representation)
+        for q in self.quantities:
+            if isinstance(q, tuple):
+                monitor.add_quantity(*q)
+            else:
+                monitor.add_quantity(q)
+        return monitor
+
+    def _make_probe(self, pl_module: nn.Module) -> RepresentationProbe:
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        inputs = self.probe_inputs
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.to(device)  # once, not at every probe
+        opts = dict(self.probe_options)
+        # Batches from a loader are moved as they come (non-blocking from pinned memory).
+        opts.setdefault("forward", lambda m, x: m(x.to(device, non_blocking=True)))
+        return RepresentationProbe(pl_module, inputs, **opts)
+
+    # -- Lightning hooks
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._trainer = trainer
+        self._seen_global_step = trainer.global_step
+        self._losses = []
+        # Built here rather than in setup(): the module is on its device by now, so θ₀ is the
+        # parameters training starts from, on the device they train on.
+        self.monitor = self._build_monitor(trainer, pl_module) if trainer.is_global_zero else None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (self.monitor is not None and self.per_sample is not None and self._hooks is None
+                and self.monitor.due(PER_SAMPLE_KEY, trainer.global_step)):
+            # Attached only for due steps: capturing inputs and output gradients costs memory.
+            self._hooks = PerSampleHooks(pl_module, self.per_sample_layers,
+                                         loss_reduction=self.per_sample_loss_reduction)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.monitor is None:
+            return
+        if self.param_metrics is not None:
+            self._collect_losses(trainer, pl_module, outputs)
+        if trainer.global_step == self._seen_global_step:
+            return  # gradients are accumulating: no optimizer step in this batch
+        self._seen_global_step = trainer.global_step
+        losses = None
+        if self._losses:
+            losses = torch.cat(self._losses)
+            self._losses = []
+        self.monitor.step(trainer.global_step - 1, losses=losses)
+        self._remove_hooks()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.flush()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._remove_hooks()
+        if self.monitor is not None:
+            self.monitor.flush()
+            self.monitor = None  # frees θ₀, θ_prev and the ring
+        self._trainer = None
+
+    # -- public
+
+    def flush(self) -> None:
+        """Waits for every step in flight and logs it."""
+        if self.monitor is not None:
+            self.monitor.flush()
+
+    def request(self, key: str) -> None:
+        """Makes the quantity ``key`` (e.g. "representation", "per_sample") due at the next step."""
+        if self.monitor is not None:
+            self.monitor.request(key)
+
+    # -- internals
+
+    def _collect_losses(self, trainer, pl_module, outputs) -> None:
+        if isinstance(outputs, Mapping):
+            if outputs.get(self.losses_key) is not None:
+                self._losses.append(outputs[self.losses_key].detach().reshape(-1))
+                return
+            loss = outputs.get("loss")
+        else:
+            loss = outputs
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().reshape(-1)
+            if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+                loss = loss * trainer.accumulate_grad_batches  # Lightning divided it for the backward
+            self._losses.append(loss)
+
+    def _remove_hooks(self) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+
+    def _log_record(self, record) -> None:
+        """Sink: a finished step's host values to every logger of the trainer."""
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        p = self.prefix
+        scalars = {f"{p}/{name}": value for name, value in record.scalars.items()}
+        for logger in trainer.loggers:
+            if scalars:
+                logger.log_metrics(scalars, step=record.step)
+            if not record.histograms:
+                continue
+            add_raw = getattr(logger.experiment, "add_histogram_raw", None)
+            if add_raw is None:
+                continue  # a logger without histograms
+            for name, (edges, counts) in record.histograms.items():
+                summary = histogram_summary(edges, counts)
+                if summary is not None:  # empty: every gradient non-finite (see nonfinite_count)
+                    add_raw(f"{p}/{name}", global_step=record.step, **summary)
+
+
+class ParamMetricsCallback(TrainscopeCallback):
+    """The parameter metrics alone (loss, grad_norm, ..., globally and per tensor)."""
+
+    def __init__(self, schedule=every(1), *, per_tensor: bool = True, weights_matrices_only: bool = False,
+                 track_init: bool = True, track_prev: bool = True, prefix: str = "trainscope", **kwargs):
+        super().__init__(param_metrics=schedule, grad_hist=None, per_tensor=per_tensor,
+                         weights_matrices_only=weights_matrices_only, track_init=track_init,
+                         track_prev=track_prev, prefix=prefix, **kwargs)
+
+
+class HistogramCallback(TrainscopeCallback):
+    """The gradient histogram alone, to TensorBoard loggers."""
+
+    def __init__(self, schedule=every(1), *, nbins: int = 100, maxval: float = 0.05,
+                 prefix: str = "trainscope", **kwargs):
+        super().__init__(param_metrics=None, grad_hist=schedule, nbins=nbins, maxval=maxval,
+                         prefix=prefix, **kwargs)
+
+
+class PerSampleStatsCallback(TrainscopeCallback):
+    """The per-sample gradient statistics alone (every 10 steps unless told otherwise)."""
+
+    def __init__(self, schedule=every(10), *, layers: Optional[Sequence] = None, loss_reduction: str = "mean",
+                 prefix: str = "trainscope", **kwargs):
+        super().__init__(param_metrics=None, grad_hist=None, per_sample=schedule, per_sample_layers=layers,
+                         per_sample_loss_reduction=loss_reduction, prefix=prefix, **kwargs)
+
+
+class RepresentationCallback(TrainscopeCallback):
+    """The representation metrics alone, on ``probe_inputs`` (every 1,000 steps unless told
+    otherwise); ``probe_options`` go to :class:`trainscope.RepresentationProbe`."""
+
+    def __init__(self, probe_inputs, schedule=every(1000), *, prefix: str = "trainscope",
+                 **probe_options):
+        super().__init__(param_metrics=None, grad_hist=None, representation=schedule,
+                         probe_inputs=probe_inputs, probe_options=probe_options, prefix=prefix)

@@ -1,0 +1,42 @@
+"""Smoke test of bench/bench_monitor.py: a tiny CPU run exits 0 and writes its JSON.
+
+No timing is asserted. The run itself checks the monitored records (one per step, every default
+name, grad_norm against torch, the histogram holding every gradient element) and exits non-zero
+when they are wrong. Cockpit is an optional peer: without it its rows say "not installed".
+"""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_bench_quick_cpu
+
+
+def test_bench_monitor_quick_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    # One intra-op thread: tiny ops on a busy machine otherwise stall on OpenMP barriers.
+    proc = run_bench_quick_cpu("bench_monitor.py", out, {"OMP_NUM_THREADS": "1"})
+
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "monitor"
+    assert data["verified"] is True
+    env = data["environment"]
+    assert env["device"] == "cpu" and "bench_monitor.py" in env["command"]
+    assert set(env["cockpit"]) >= {"available"}
+
+    rows = {r["model"]: r for r in data["results"]}
+    assert set(rows) == {"3c3d", "gpt2"}
+    s = data["settings"]
+    for name, row in rows.items():
+        assert "error" not in row and "skipped" not in row, row
+        assert row["verify"]["ok"], row["verify"]
+        assert row["records_delivered"] == s["rounds"] * (s["warmup"] + s["repeats"])
+        assert row["plain"]["median_ms"] > 0 and row["trainscope"]["median_ms"] > 0
+        assert row["ratio"] > 0
+        assert "goal_ok" not in row  # the goal is judged on a GPU only
+        if env["cockpit"]["available"]:
+            assert row["cockpit"]["status"] == "ok" or row["cockpit"]["status"].startswith(("unsupported", "out of"))
+        else:
+            assert row["cockpit"]["status"].startswith("not installed")
+    assert rows["gpt2"]["n_layer"] == 2 and rows["3c3d"]["tensors"] == 12
+    assert "trainscope ms" in proc.stdout  # the table header

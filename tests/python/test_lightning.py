@@ -1,0 +1,338 @@
+"""trainscope.lightning: Lightning fits whose TensorBoard event files (read back with TensorBoard's
+EventAccumulator) hold, step by step, the values the functional API gives on the same parameters,
+gradients and batches, recorded during the fit by a helper callback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("tensorboard")
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from tensorboard.backend.event_processing import event_accumulator as ea  # noqa: E402
+
+import trainscope  # noqa: E402
+import trainscope.lightning as tsl  # noqa: E402
+from conftest import DEVICES, env_with_trainscope_on_path  # noqa: E402
+
+METRICS = ("grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size")
+NAMES = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
+RTOL = 1e-5  # TensorBoard keeps scalars as float32
+
+
+class TinyRegressor(pl.LightningModule):
+    def __init__(self, lr=0.05):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def loader(n=96, batch=8):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 6, generator=g)
+    y = torch.randn(n, 3, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+class Recorder(pl.Callback):
+    """Clones what the functional API needs at every optimizer step: θ₀, the parameters before
+    and after the step, the gradients, and each micro-batch with its (normalised) loss."""
+
+    def __init__(self):
+        self.init, self.prev, self.steps, self.micro, self.seen = None, None, {}, [], 0
+
+    @staticmethod
+    def _clone(m, grads=False):
+        return [(p.grad if grads else p).detach().clone() for p in m.parameters()]
+
+    def on_fit_start(self, trainer, m):
+        self.init, self.seen = self._clone(m), trainer.global_step
+
+    def on_train_batch_start(self, trainer, m, batch, batch_idx):
+        if not self.micro:
+            self.prev = self._clone(m)
+
+    def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
+        self.micro.append(([t.detach().clone() for t in batch], outputs["loss"].detach().clone()))
+        if trainer.global_step == self.seen:
+            return
+        self.seen = trainer.global_step
+        self.steps[trainer.global_step - 1] = {"prev": self.prev, "params": self._clone(m),
+                                               "grads": self._clone(m, grads=True), "micro": self.micro}
+        self.micro = []
+
+
+def fit(tmp_path, callbacks, *, device="cpu", max_steps=5, trainer_cls=None, **trainer_kwargs):
+    model = TinyRegressor()
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = (trainer_cls or pl.Trainer)(
+        max_steps=max_steps, logger=logger, callbacks=callbacks, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1, log_every_n_steps=1, **trainer_kwargs)
+    trainer.fit(model, loader())
+    return model, logger
+
+
+def read_events(logger):
+    acc = ea.EventAccumulator(logger.log_dir, size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags["scalars"]}
+    hists = {t: {e.step: e.histogram_value for e in acc.Histograms(t)} for t in tags["histograms"]}
+    return scalars, hists
+
+
+def full_counts(h, nbins=100, maxval=0.05):
+    """The nbins counts of a logged histogram (empty end bins were left out), from its bucket limits."""
+    right = trainscope.hist_bin_edges(nbins, maxval)[1:].tolist()
+    counts = [0] * nbins
+    assert len(h.bucket_limit) == len(h.bucket)
+    for limit, c in zip(h.bucket_limit, h.bucket):
+        counts[right.index(limit)] = int(c)  # exact: the edges travel as float64
+    return torch.tensor(counts)
+
+
+def reference(rec, init, accumulate=1):
+    """{name: value} and the histogram from trainscope's functional API for one recorded step."""
+    s = trainscope.param_stats(rec["grads"], rec["params"], init, rec["prev"])
+    out = {"loss": float(torch.stack([l * accumulate for _, l in rec["micro"]]).mean()),
+           "nonfinite_count": float(s.nonfinite)}
+    for m in METRICS:
+        out[m] = float(s[m])
+        for i, name in enumerate(NAMES):
+            out[f"{m}/{name}"] = float(s.per_tensor_metric(m)[i])
+    for i, name in enumerate(NAMES):
+        out[f"nonfinite_count/{name}"] = float(s.nonfinite_per_tensor[i])
+    return out, s.hist.cpu()
+
+
+def assert_close(got, want, what):
+    assert got == pytest.approx(want, rel=RTOL, abs=1e-7), f"{what}: logged {got}, functional API {want}"
+
+
+def check_param_metrics(scalars, hists, recorder, steps, accumulate=1, prefix="trainscope"):
+    assert sorted(recorder.steps) == list(steps)
+    for step in steps:
+        want, hist = reference(recorder.steps[step], [t for t in recorder.init], accumulate)
+        for name, value in want.items():
+            tag = f"{prefix}/{name}"
+            assert tag in scalars, f"no {tag}; tags: {sorted(scalars)}"
+            assert set(scalars[tag]) == set(steps), (tag, sorted(scalars[tag]))
+            assert_close(scalars[tag][step], value, f"{tag} at step {step}")
+        h = hists[f"{prefix}/grad_hist1d"][step]
+        assert torch.equal(full_counts(h), hist), f"histogram at step {step}"
+        assert h.num == hist.sum()
+        assert set(hists[f"{prefix}/grad_hist1d"]) == set(steps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_callback_logs_functional_api_values(tmp_path, device):
+    recorder = Recorder()
+    _, logger = fit(tmp_path, [recorder, tsl.TrainscopeCallback()], device=device, max_steps=5)
+    scalars, hists = read_events(logger)
+    if device == "cuda":  # the recorder cloned device tensors; the functional API runs on them too
+        assert recorder.steps[0]["grads"][0].is_cuda
+    check_param_metrics(scalars, hists, recorder, range(5))
+    # Every name the callback logs is one it should: the defaults log nothing else.
+    logged = {t for t in scalars if t.startswith("trainscope/")}
+    assert logged == {f"trainscope/{name}" for name in reference(recorder.steps[0], recorder.init)[0]}
+    assert set(hists) == {"trainscope/grad_hist1d"}
+
+
+def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
+    recorder = Recorder()
+    _, logger = fit(tmp_path, [recorder, tsl.TrainscopeCallback()], max_steps=3, accumulate_grad_batches=2)
+    assert all(len(r["micro"]) == 2 for r in recorder.steps.values())
+    scalars, hists = read_events(logger)
+    # Steps 0, 1, 2 (not batches 0..5); loss is the mean over both micro-batches, un-normalised.
+    check_param_metrics(scalars, hists, recorder, range(3), accumulate=2)
+
+
+def test_histogram_summary_from_bins():
+    edges = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=torch.float64)
+    counts = torch.tensor([0, 3, 1, 0], dtype=torch.int64)
+    s = tsl.histogram_summary(edges, counts)
+    # Empty end bins left out: one bucket [-1, 0] (centre -0.5) x3 and one [0, 1] (centre 0.5) x1.
+    assert s == {"min": -1.0, "max": 1.0, "num": 4.0, "sum": -1.0, "sum_squares": 1.0,
+                 "bucket_limits": [0.0, 1.0], "bucket_counts": [3, 1]}
+    assert tsl.histogram_summary(edges, torch.zeros(4, dtype=torch.int64)) is None
+
+
+def _per_sample_reference(rec):
+    """PerSampleHooks on a copy of the module holding the step's parameters before the update, on
+    the step's batch: the statistics the callback should have logged for that step."""
+    model = TinyRegressor()
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), rec["prev"]):
+            p.copy_(v)
+    (x, y), _ = rec["micro"][-1]
+    with trainscope.PerSampleHooks(model, loss_reduction="mean") as hooks:
+        nn.functional.mse_loss(model(x), y).backward()
+        stats = hooks.stats()
+    return {f"per_sample/{n}": float(stats[i]) for i, n in enumerate(trainscope.PER_SAMPLE_STATS)}
+
+
+def _representation_reference(rec, probe_inputs):
+    model = TinyRegressor()
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), rec["params"]):
+            p.copy_(v)
+    r = trainscope.RepresentationProbe(model, probe_inputs)()
+    return {f"representation/{k}": float(v) for k, v in r.scalars().items()}
+
+
+def test_family_callbacks_log_their_own_tags_on_their_schedules(tmp_path):
+    probe = torch.randn(40, 6, generator=torch.Generator().manual_seed(2))
+    recorder = Recorder()
+    callbacks = [recorder,
+                 tsl.ParamMetricsCallback(prefix="pm"),
+                 tsl.HistogramCallback(trainscope.every(2), prefix="hist"),
+                 tsl.PerSampleStatsCallback(trainscope.every(2), prefix="ps"),
+                 tsl.RepresentationCallback(probe, trainscope.at_steps([1, 4]), prefix="rep")]
+    _, logger = fit(tmp_path, callbacks, max_steps=5)
+    scalars, hists = read_events(logger)
+    by_prefix = lambda d, p: {t: v for t, v in d.items() if t.startswith(p + "/")}  # noqa: E731
+
+    pm = by_prefix(scalars, "pm")
+    assert set(pm) == {f"pm/{name}" for name in reference(recorder.steps[0], recorder.init)[0]}
+    assert not by_prefix(hists, "pm")
+    for step in range(5):
+        want, _ = reference(recorder.steps[step], recorder.init)
+        for name, value in want.items():
+            assert_close(pm[f"pm/{name}"][step], value, f"pm/{name} at step {step}")
+
+    assert not by_prefix(scalars, "hist")
+    assert set(by_prefix(hists, "hist")) == {"hist/grad_hist1d"}
+    assert set(hists["hist/grad_hist1d"]) == {0, 2, 4}
+    for step in (0, 2, 4):
+        _, hist = reference(recorder.steps[step], recorder.init)
+        assert torch.equal(full_counts(hists["hist/grad_hist1d"][step]), hist)
+
+    ps = by_prefix(scalars, "ps")
+    assert not by_prefix(hists, "ps")
+    assert set(ps) == {f"ps/per_sample/{n}" for n in trainscope.PER_SAMPLE_STATS}
+    for step in (0, 2, 4):
+        for name, value in _per_sample_reference(recorder.steps[step]).items():
+            assert set(ps[f"ps/{name}"]) == {0, 2, 4}
+            assert_close(ps[f"ps/{name}"][step], value, f"ps/{name} at step {step}")
+
+    rep = by_prefix(scalars, "rep")
+    assert not by_prefix(hists, "rep")
+    assert "rep/representation/effective_rank/net.1" in rep and "rep/representation/dead_fraction" in rep
+    for step in (1, 4):
+        want = _representation_reference(recorder.steps[step], probe)
+        assert set(rep) == {f"rep/{k}" for k in want}
+        for name, value in want.items():
+            assert set(rep[f"rep/{name}"]) == {1, 4}
+            assert_close(rep[f"rep/{name}"][step], value, f"rep/{name} at step {step}")
+
+
+def test_all_in_one_callback_flags_turn_families_on(tmp_path):
+    probe = torch.randn(40, 6, generator=torch.Generator().manual_seed(2))
+    cb = tsl.TrainscopeCallback(grad_hist=None, per_sample=trainscope.every(3), representation=trainscope.every(4),
+                                probe_inputs=probe)
+    _, logger = fit(tmp_path, [cb], max_steps=5)
+    scalars, hists = read_events(logger)
+    assert not hists
+    assert set(scalars["trainscope/grad_norm"]) == set(range(5))
+    assert set(scalars["trainscope/per_sample/norm_test"]) == {0, 3}
+    assert set(scalars["trainscope/representation/effective_rank"]) == {0, 4}
+    with pytest.raises(ValueError, match="probe_inputs"):
+        tsl.TrainscopeCallback(representation=trainscope.every(4))
+
+
+class _NonZeroRankTrainer(pl.Trainer):
+    """A trainer that reports being rank 1 of a DDP job (the fit itself runs in this process)."""
+
+    @property
+    def is_global_zero(self) -> bool:
+        return False
+
+    @property
+    def global_rank(self) -> int:
+        return 1
+
+
+def test_only_global_zero_logs(tmp_path):
+    records = []
+    cb = tsl.TrainscopeCallback(per_sample=trainscope.every(1), sinks=[records.append])
+    _, logger = fit(tmp_path, [cb], max_steps=3, trainer_cls=_NonZeroRankTrainer)
+    assert records == [] and cb.monitor is None
+    try:
+        scalars, hists = read_events(logger)
+    except Exception:  # noqa: BLE001  (no event file at all is fine too)
+        scalars, hists = {}, {}
+    assert not [t for t in list(scalars) + list(hists) if t.startswith("trainscope/")]
+
+
+class _NoSyncCallback(tsl.TrainscopeCallback):
+    """The callback with every per-step hook run under a guard against host synchronisation."""
+
+    def __init__(self, guard, **kwargs):
+        super().__init__(**kwargs)
+        self.guard = guard
+
+    def on_train_batch_start(self, *args):
+        with self.guard():
+            super().on_train_batch_start(*args)
+
+    def on_train_batch_end(self, *args):
+        with self.guard():
+            super().on_train_batch_end(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_step_hooks_never_synchronise(tmp_path, device, monkeypatch):
+    import contextlib
+
+    if device == "cuda":
+        @contextlib.contextmanager
+        def guard():
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    else:
+        # On the CPU nothing can be caught waiting: forbid the calls that would wait on a GPU.
+        @contextlib.contextmanager
+        def guard():
+            def forbidden(self, *a, **k):
+                raise AssertionError("host synchronisation in a per-step hook")
+            with monkeypatch.context() as m:
+                m.setattr(torch.Tensor, "item", forbidden)
+                m.setattr(torch.Tensor, "cpu", forbidden)
+                yield
+
+    probe = torch.randn(40, 6, generator=torch.Generator().manual_seed(2))
+    cb = _NoSyncCallback(guard, per_sample=trainscope.every(1), representation=trainscope.every(2),
+                         probe_inputs=probe)
+    _, logger = fit(tmp_path, [cb], device=device, max_steps=4)
+    scalars, hists = read_events(logger)
+    assert set(scalars["trainscope/grad_norm"]) == set(range(4))
+    assert set(scalars["trainscope/per_sample/norm_test"]) == set(range(4))
+    assert set(hists["trainscope/grad_hist1d"]) == set(range(4))
+
+
+def test_import_trainscope_does_not_import_lightning():
+    flags = ["-S"] if sys.flags.no_site else []
+    code = "import sys, trainscope; assert 'lightning' not in sys.modules, 'lightning imported'"
+    proc = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=env_with_trainscope_on_path())
+    assert proc.returncode == 0, proc.stderr
