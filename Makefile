@@ -9,7 +9,7 @@ BUILD := build
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(BUILD)/.installed
 # What the compiled part depends on; Python sources are used in place (editable install).
-NATIVE_SOURCES := $(shell find cuda src include tests/cpp bench cmake -type f \( -name '*.cu' -o -name '*.h' -o -name '*.cpp' -o -name '*.cuh' -o -name '*.txt' -o -name '*.in' \) 2>/dev/null) \
+NATIVE_SOURCES := $(shell find cuda src include tests/cpp bench cmake examples -type f \( -name '*.cu' -o -name '*.h' -o -name '*.cpp' -o -name '*.cuh' -o -name '*.txt' -o -name '*.in' \) 2>/dev/null) \
                   CMakeLists.txt pyproject.toml
 
 export PATH := $(CURDIR)/$(VENV)/bin:/usr/local/cuda/bin:$(PATH)

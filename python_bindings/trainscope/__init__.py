@@ -46,6 +46,7 @@ from .per_sample_stats import (
     per_sample_parts,
     per_sample_stats,
 )
+from .tensorboard_sink import TensorBoardSink, histogram_summary
 from .rank import (
     RankMeasures,
     abs_approximate_rank,
@@ -82,6 +83,8 @@ from .param_stats import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "TensorBoardSink",
+    "histogram_summary",
     "ACTIVATION_KINDS",
     "DeadUnitCounter",
     "DeadUnits",

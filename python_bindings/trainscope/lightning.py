@@ -43,6 +43,7 @@ except ImportError as e:  # pragma: no cover  (depends on the environment)
 
 from . import PER_SAMPLE_STATS, PerSampleHooks, RepresentationProbe
 from .monitor import Monitor, Quantity, every
+from .tensorboard_sink import histogram_summary
 
 __all__ = [
     "HistogramCallback",
@@ -60,32 +61,6 @@ REPRESENTATION_KEY = "representation"
 
 def _enabled(schedule) -> bool:
     return schedule is not None and schedule is not False
-
-
-def histogram_summary(edges: torch.Tensor, counts: torch.Tensor) -> Optional[Dict[str, Any]]:
-    """The arguments of TensorBoard's ``add_histogram_raw`` for a binned histogram (host tensors:
-    ``edges`` [nbins + 1], ``counts`` [nbins]); None when it holds no values.
-
-    The values themselves are not kept, so ``num`` is exact and the rest comes from the bins:
-    ``sum`` and ``sum_squares`` from the bin centres, ``min`` and ``max`` are the outer edges of the
-    lowest and highest non-empty bins. As TensorBoard's own ``add_histogram`` does, empty bins at
-    both ends are left out, so that the first bucket starts at ``min`` and the last ends at ``max``;
-    ``bucket_limits`` are the right edges of the buckets kept.
-    """
-    e = edges.tolist()
-    c = counts.tolist()
-    nonzero = [i for i, n in enumerate(c) if n]
-    if not nonzero:
-        return None
-    lo, hi = nonzero[0], nonzero[-1]
-    num = s = s2 = 0.0
-    for i in range(lo, hi + 1):
-        centre = 0.5 * (e[i] + e[i + 1])
-        num += c[i]
-        s += c[i] * centre
-        s2 += c[i] * centre * centre
-    return {"min": e[lo], "max": e[hi + 1], "num": num, "sum": s, "sum_squares": s2,
-            "bucket_limits": e[lo + 1:hi + 2], "bucket_counts": c[lo:hi + 1]}
 
 
 class _PerSampleQuantity(Quantity):
