@@ -29,6 +29,7 @@ each ``graph.replay()`` call ``collect_captured(step)``. Run one eager ``step()`
 
 from __future__ import annotations
 
+import abc
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -126,7 +127,7 @@ class QuantityContext:
     extras: Dict[str, Any]               # the keyword arguments of Monitor.step
 
 
-class Quantity:
+class Quantity(abc.ABC):
     """A user-defined quantity: a unique ``key`` and ``compute(ctx)`` returning a one-element
     tensor on the parameters' device (logged as ``<key>``) or a dict of them (``<key>/<name>``,
     or ``<key>`` for the name ""). Compute without host syncs (no ``.item()``): the values travel
@@ -134,8 +135,9 @@ class Quantity:
 
     key: str = ""
 
+    @abc.abstractmethod
     def compute(self, ctx: QuantityContext) -> Union[torch.Tensor, Mapping[str, torch.Tensor]]:
-        raise NotImplementedError
+        """The quantity's values at ``ctx.step``, as device tensors."""
 
 
 Sink = Callable[[StepRecord], Any]
