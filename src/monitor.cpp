@@ -193,11 +193,22 @@ constexpr const char* kGradHistName = "grad_hist1d";
 struct Layout {
   std::vector<std::shared_ptr<const std::vector<std::string>>> blocks;
   int64_t num_scalars = 0;
-  bool hist = false;  // grad_hist1d at offset num_scalars, nbins int64 values
+  // Histograms after the scalars, in order, each numel int64 values.
+  struct Hist {
+    std::string name;
+    std::shared_ptr<const std::vector<double>> edges, edges2;  // edges2 empty for 1-D
+    int64_t numel;
+  };
+  std::vector<Hist> hists;
 
   void add(std::shared_ptr<const std::vector<std::string>> names) {
     num_scalars += static_cast<int64_t>(names->size());
     blocks.push_back(std::move(names));
+  }
+  int64_t size() const {
+    int64_t n = num_scalars;
+    for (const Hist& h : hists) n += h.numel;
+    return n;
   }
 };
 
@@ -242,7 +253,7 @@ struct Monitor::Impl {
   // Built-in scalar names: with and without the loss in front.
   std::shared_ptr<const std::vector<std::string>> pm_names_loss, pm_names;
   std::vector<int64_t> global_cols, per_tensor_cols;  // ParamStats columns logged
-  std::vector<double> hist_edges;
+  std::shared_ptr<const std::vector<double>> hist_edges, no_edges;
 
   std::vector<Slot> ring;
   int64_t next_slot = 0;
@@ -320,7 +331,9 @@ struct Monitor::Impl {
   // they sit. Only device work; nothing here waits for the GPU.
   std::shared_ptr<const Layout> compute(int64_t step, const at::Tensor& losses,
                                         const std::map<std::string, at::Tensor>& extras,
-                                        const std::map<std::string, at::Tensor>& extra_scalars, at::Tensor& dst) {
+                                        const std::map<std::string, at::Tensor>& extra_scalars,
+                                        const std::map<std::string, HistogramInput>& extra_histograms,
+                                        at::Tensor& dst) {
     const bool pm = builtin_due(cfg.param_metrics, kParamMetricsKey, step);
     const bool hist = builtin_due(cfg.grad_hist, kGradHistKey, step);
     auto layout = std::make_shared<Layout>();
@@ -392,18 +405,54 @@ struct Monitor::Impl {
       layout->add(std::move(block));
     }
 
-    layout->hist = hist_counts.defined();
-    const int64_t total = layout->num_scalars + (layout->hist ? cfg.nbins : 0);
-    ensure(dst, total, device_opt());
+    std::vector<at::Tensor> hist_values;
+    if (hist_counts.defined()) {
+      layout->hists.push_back({kGradHistName, hist_edges, no_edges, cfg.nbins});
+      hist_values.push_back(hist_counts);
+    }
+    for (const auto& [name, h] : extra_histograms) {
+      hist_values.push_back(checked_histogram(name, h));
+      layout->hists.push_back({name, std::make_shared<const std::vector<double>>(h.edges),
+                               h.edges2.empty() ? no_edges : std::make_shared<const std::vector<double>>(h.edges2),
+                               hist_values.back().numel()});
+    }
+
+    ensure(dst, layout->size(), device_opt());
     if (!pieces.empty()) {
       at::Tensor out = dst.narrow(0, 0, layout->num_scalars);
       at::cat_out(out, pieces);
     }
-    if (layout->hist) dst.narrow(0, layout->num_scalars, cfg.nbins).view(at::kLong).copy_(hist_counts);
+    int64_t offset = layout->num_scalars;
+    for (const at::Tensor& counts : hist_values) {
+      dst.narrow(0, offset, counts.numel()).view(at::kLong).copy_(counts.reshape({-1}));
+      offset += counts.numel();
+    }
     return layout;
   }
 
-  int64_t layout_size(const Layout& l) const { return l.num_scalars + (l.hist ? cfg.nbins : 0); }
+  // An extra histogram's counts as int64, after checking them against their edges.
+  at::Tensor checked_histogram(const std::string& name, const HistogramInput& h) const {
+    const char* op = "trainscope::Monitor::step: extra_histograms";
+    TORCH_CHECK(h.counts.defined(), op, " '", name, "': counts is an undefined tensor");
+    TORCH_CHECK(h.counts.device() == device, op, " '", name, "': counts is on ", h.counts.device(),
+                " but the parameters are on ", device);
+    TORCH_CHECK(!at::isFloatingType(h.counts.scalar_type()) && !h.counts.is_complex(), op, " '", name,
+                "': counts must be an integer tensor, got ", h.counts.scalar_type());
+    TORCH_CHECK(h.edges.size() >= 2, op, " '", name, "': edges needs at least 2 values, got ", h.edges.size());
+    const int64_t n0 = static_cast<int64_t>(h.edges.size()) - 1;
+    if (h.edges2.empty()) {
+      TORCH_CHECK(h.counts.dim() == 1 && h.counts.size(0) == n0, op, " '", name, "': counts has shape ",
+                  h.counts.sizes(), " but edges has ", h.edges.size(), " values; a 1-D histogram has [",
+                  n0, "] counts");
+    } else {
+      const int64_t n1 = static_cast<int64_t>(h.edges2.size()) - 1;
+      TORCH_CHECK(h.counts.dim() == 2 && h.counts.size(0) == n0 && h.counts.size(1) == n1, op, " '", name,
+                  "': counts has shape ", h.counts.sizes(), " but the edges give [", n0, ", ", n1, "]");
+    }
+    return h.counts.detach().to(at::kLong);
+  }
+
+  int64_t layout_size(const Layout& l) const { return l.size(); }
 
   // The next ring slot, freed first when the ring is full: the one wait outside flush(), for
   // the oldest step in flight (which holds this slot, as slots are used in turn).
@@ -448,12 +497,14 @@ struct Monitor::Impl {
     for (const auto& block : f.layout->blocks) {
       for (const std::string& name : *block) r.scalars.emplace_back(name, v[k++]);
     }
-    if (f.layout->hist) {
+    const auto* counts = reinterpret_cast<const int64_t*>(v + f.layout->num_scalars);
+    for (const Layout::Hist& lh : f.layout->hists) {
       StepRecord::Histogram h;
-      h.name = kGradHistName;
-      h.edges = hist_edges;
-      const auto* counts = reinterpret_cast<const int64_t*>(v + f.layout->num_scalars);
-      h.counts.assign(counts, counts + cfg.nbins);
+      h.name = lh.name;
+      h.edges = *lh.edges;
+      h.edges2 = *lh.edges2;
+      h.counts.assign(counts, counts + lh.numel);
+      counts += lh.numel;
       r.histograms.push_back(std::move(h));
     }
     for (const Sink& sink : sinks) sink(r);
@@ -535,7 +586,9 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
   m.pm_names = std::make_shared<const std::vector<std::string>>(std::move(names));
   m.pm_names_loss = std::make_shared<const std::vector<std::string>>(std::move(with_loss));
   const at::Tensor edges = hist_bin_edges(m.cfg.nbins, m.cfg.maxval, at::kCPU);
-  m.hist_edges.assign(edges.data_ptr<double>(), edges.data_ptr<double>() + edges.numel());
+  m.hist_edges = std::make_shared<const std::vector<double>>(edges.data_ptr<double>(),
+                                                             edges.data_ptr<double>() + edges.numel());
+  m.no_edges = std::make_shared<const std::vector<double>>();
 
   // Slots sized for the built-ins; custom values grow a slot when it is free.
   m.ring.resize(static_cast<size_t>(m.cfg.ring_slots));
@@ -577,7 +630,8 @@ void Monitor::add_sink(Sink sink) {
 }
 
 void Monitor::step(int64_t step, const at::Tensor& per_sample_losses, const std::map<std::string, at::Tensor>& extras,
-                   const std::map<std::string, at::Tensor>& extra_scalars) {
+                   const std::map<std::string, at::Tensor>& extra_scalars,
+                   const std::map<std::string, HistogramInput>& extra_histograms) {
   nvtx3::scoped_range range{"trainscope::Monitor::step"};
   Impl& m = *impl_;
   c10::NoGradGuard no_grad;
@@ -589,12 +643,12 @@ void Monitor::step(int64_t step, const at::Tensor& per_sample_losses, const std:
   }
   if (is_capturing(m.device)) {
     // Device work only, into the fixed capture slot; collect_captured() queues its copy.
-    m.captured_layout = m.compute(step, per_sample_losses, extras, extra_scalars, m.capture.device);
+    m.captured_layout = m.compute(step, per_sample_losses, extras, extra_scalars, extra_histograms, m.capture.device);
     return;
   }
   m.poll();
   const int64_t slot = m.free_slot();
-  auto layout = m.compute(step, per_sample_losses, extras, extra_scalars, m.ring[slot].device);
+  auto layout = m.compute(step, per_sample_losses, extras, extra_scalars, extra_histograms, m.ring[slot].device);
   m.requested.clear();
   // A step at which nothing was due makes no record.
   if (m.layout_size(*layout) > 0) m.enqueue(step, slot, std::move(layout), m.ring[slot].device);
@@ -723,7 +777,13 @@ Sink JsonlSink(const std::string& path) {
       for (size_t j = 0; j < h.edges.size(); ++j) line += (j ? ", " : "") + json_number(h.edges[j]);
       line += "], \"counts\": [";
       for (size_t j = 0; j < h.counts.size(); ++j) line += (j ? ", " : "") + std::to_string(h.counts[j]);
-      line += "]}";
+      line += "]";
+      if (!h.edges2.empty()) {  // a 2-D histogram: counts are row-major [edges − 1, edges2 − 1]
+        line += ", \"edges2\": [";
+        for (size_t j = 0; j < h.edges2.size(); ++j) line += (j ? ", " : "") + json_number(h.edges2[j]);
+        line += "]";
+      }
+      line += "}";
     }
     line += "}}\n";
     *f << line;

@@ -19,9 +19,18 @@
 namespace trainscope {
 namespace {
 
-// (step, scalar names, scalar values, histogram names, histogram edges, histogram counts)
+// (step, scalar names, scalar values, histogram names, histogram edges, histogram counts,
+// histogram second-axis edges: empty for 1-D; 2-D counts are [edges − 1, edges2 − 1])
 using RecordTuple = std::tuple<int64_t, std::vector<std::string>, std::vector<double>, std::vector<std::string>,
-                               std::vector<at::Tensor>, std::vector<at::Tensor>>;
+                               std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+// Host values of a CPU tensor of edges (Python passes host tensors: reading device ones would sync).
+std::vector<double> host_values(const at::Tensor& t, const std::string& name, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "trainscope.Monitor: ", what, " of histogram '", name,
+              "' must be on the CPU (bin edges are host values), got ", t.device());
+  const at::Tensor c = t.to(at::kDouble).contiguous().reshape({-1});
+  return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+}
 
 QuantityConfig quantity_config(const std::string& spec, const char* arg) {
   QuantityConfig q;
@@ -68,13 +77,18 @@ RecordTuple as_tuple(const StepRecord& r) {
     values.push_back(v);
   }
   std::vector<std::string> hist_names;
-  std::vector<at::Tensor> edges, counts;
+  std::vector<at::Tensor> edges, counts, edges2;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
   for (const auto& h : r.histograms) {
     hist_names.push_back(h.name);
-    edges.push_back(at::tensor(h.edges, at::TensorOptions().dtype(at::kDouble)));
-    counts.push_back(at::tensor(h.counts, at::TensorOptions().dtype(at::kLong)));
+    edges.push_back(at::tensor(h.edges, f64));
+    edges2.push_back(at::tensor(h.edges2, f64));
+    at::Tensor c = at::tensor(h.counts, at::TensorOptions().dtype(at::kLong));
+    if (!h.edges2.empty()) c = c.reshape({static_cast<int64_t>(h.edges.size()) - 1, -1});
+    counts.push_back(c);
   }
-  return {r.step, std::move(names), std::move(values), std::move(hist_names), std::move(edges), std::move(counts)};
+  return {r.step,          std::move(names),  std::move(values), std::move(hist_names),
+          std::move(edges), std::move(counts), std::move(edges2)};
 }
 
 struct MonitorHolder : torch::CustomClassHolder {
@@ -96,10 +110,22 @@ struct MonitorHolder : torch::CustomClassHolder {
 
   bool due(std::string key, int64_t step) { return monitor.due(key, step); }
 
-  void step(int64_t step, c10::optional<at::Tensor> losses, c10::Dict<std::string, at::Tensor> extra_scalars) {
+  // hist_edges2[i] is an empty tensor for a 1-D histogram.
+  void step(int64_t step, c10::optional<at::Tensor> losses, c10::Dict<std::string, at::Tensor> extra_scalars,
+            std::vector<std::string> hist_names, std::vector<at::Tensor> hist_counts,
+            std::vector<at::Tensor> hist_edges, std::vector<at::Tensor> hist_edges2) {
     std::map<std::string, at::Tensor> extras;
     for (const auto& e : extra_scalars) extras.emplace(e.key(), e.value());
-    monitor.step(step, losses.has_value() ? *losses : at::Tensor(), {}, extras);
+    TORCH_CHECK(hist_names.size() == hist_counts.size() && hist_counts.size() == hist_edges.size() &&
+                    hist_edges.size() == hist_edges2.size(),
+                "trainscope.Monitor.step: hist_names, hist_counts, hist_edges and hist_edges2 must pair up");
+    std::map<std::string, HistogramInput> hists;
+    for (size_t i = 0; i < hist_names.size(); ++i) {
+      const std::string& n = hist_names[i];
+      hists[n] = HistogramInput{hist_counts[i], host_values(hist_edges[i], n, "edges"),
+                                host_values(hist_edges2[i], n, "edges2")};
+    }
+    monitor.step(step, losses.has_value() ? *losses : at::Tensor(), {}, extras, hists);
   }
 
   // What the sinks got so far (step() and collect_captured() poll first), without polling again.
@@ -136,9 +162,11 @@ struct FileSinkHolder : torch::CustomClassHolder {
   }
 
   void write(int64_t step, std::vector<std::string> names, std::vector<double> values,
-             std::vector<std::string> hist_names, std::vector<at::Tensor> edges, std::vector<at::Tensor> counts) {
-    TORCH_CHECK(names.size() == values.size() && hist_names.size() == edges.size() && edges.size() == counts.size(),
-                "trainscope.FileSink.write: names/values and hist_names/edges/counts must pair up");
+             std::vector<std::string> hist_names, std::vector<at::Tensor> edges, std::vector<at::Tensor> counts,
+             std::vector<at::Tensor> edges2) {
+    TORCH_CHECK(names.size() == values.size() && hist_names.size() == edges.size() && edges.size() == counts.size() &&
+                    counts.size() == edges2.size(),
+                "trainscope.FileSink.write: names/values and hist_names/edges/counts/edges2 must pair up");
     StepRecord r;
     r.step = step;
     for (size_t i = 0; i < names.size(); ++i) r.scalars.emplace_back(names[i], values[i]);
@@ -146,7 +174,8 @@ struct FileSinkHolder : torch::CustomClassHolder {
       const at::Tensor e = edges[i].to(at::kCPU, at::kDouble).contiguous();
       const at::Tensor c = counts[i].to(at::kCPU, at::kLong).contiguous();
       r.histograms.push_back({hist_names[i], std::vector<double>(e.data_ptr<double>(), e.data_ptr<double>() + e.numel()),
-                              std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel())});
+                              std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel()),
+                              host_values(edges2[i], hist_names[i], "edges2")});
     }
     sink(r);
   }

@@ -106,14 +106,24 @@ struct StepRecord {
   // order; then custom quantities in registration order; then extra scalars by name.
   std::vector<std::pair<std::string, double>> scalars;
   struct Histogram {
-    std::string name;             // "grad_hist1d": the gradient histogram of every parameter
-    std::vector<double> edges;    // nbins + 1
-    std::vector<int64_t> counts;  // nbins
+    std::string name;             // "grad_hist1d" (every parameter's gradient), or a name given to step()
+    std::vector<double> edges;    // nbins + 1 (the first axis of a 2-D histogram)
+    std::vector<int64_t> counts;  // nbins, or row-major [edges.size() − 1, edges2.size() − 1]
+    std::vector<double> edges2;   // a 2-D histogram's second axis; empty for 1-D
   };
   std::vector<Histogram> histograms;
 };
 
 using Sink = std::function<void(const StepRecord&)>;
+
+// A histogram the caller computed on the device at a step (per-sample gradient histograms, say),
+// recorded with the step's results: counts int64 on the parameters' device, [edges.size() − 1]
+// or, with edges2, [edges.size() − 1, edges2.size() − 1]. Edges are host values.
+struct HistogramInput {
+  at::Tensor counts;
+  std::vector<double> edges;
+  std::vector<double> edges2;
+};
 
 // What a custom quantity sees at a step. Pointers are null (lists empty) when not given.
 struct QuantityContext {
@@ -157,7 +167,8 @@ class Monitor {
   // step's results: name → 0-d tensor on the parameters' device.
   void step(int64_t step, const at::Tensor& per_sample_losses = {},
             const std::map<std::string, at::Tensor>& extras = {},
-            const std::map<std::string, at::Tensor>& extra_scalars = {});
+            const std::map<std::string, at::Tensor>& extra_scalars = {},
+            const std::map<std::string, HistogramInput>& extra_histograms = {});
   // Makes an on-demand (or any) quantity due at the next step() (e.g. at a task boundary); the
   // request is used up by that step (not by a captured one). An unknown key throws.
   void request(const std::string& key);
@@ -181,7 +192,8 @@ class Monitor {
 };
 
 // File sinks. JSONL: one object per step, {"step": s, "scalars": {"<name>": value, ...},
-// "histograms": {"<name>": {"edges": [...], "counts": [...]}}} (NaN and ±Inf written as null).
+// "histograms": {"<name>": {"edges": [...], "counts": [...]}}} (NaN and ±Inf written as null; a 2-D
+// histogram adds "edges2" and its counts are row-major).
 // CSV: long format, a header "step,name,value" (written when the file is empty) then one row per
 // scalar, since schedules make the set of names differ from step to step; histograms are not
 // written; NaN and ±Inf as nan, inf, -inf. Numbers (both sinks) use the fewest of 15-17

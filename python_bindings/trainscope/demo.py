@@ -14,7 +14,7 @@ error on each new task stops improving.
 
 Everything is measured through a :class:`trainscope.Monitor`, without host synchronisation in the
 training step: parameter metrics every step, the gradient histogram and the per-sample gradient
-statistics on a schedule, and the representation metrics of every hidden layer at each task start
+statistics and histograms (1-D, and 2-D against the parameter values) on a schedule, and the representation metrics of every hidden layer at each task start
 on a 2,000-example probe set. Outputs in ``--out``: TensorBoard event files, ``metrics.csv`` (one
 row per logged step, one column per scalar) and ``dashboard.png``. ``--compare`` trains a second
 network with a mitigation (shrink-and-perturb or L2) beside plain backprop: each run then writes
@@ -43,6 +43,9 @@ INPUT_DIM = 32
 CLASSES = 10
 PROBE_EXAMPLES = 2000
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+# Bin edges of the per-sample histograms (SPEC.md §2, §4 defaults), host values for the Monitor.
+PS_HIST_EDGES = trainscope.hist_bin_edges(100, 0.05)
+PS_HIST2D_EDGES = trainscope.hist2d_bin_edges(100, 0.05, 100, 1.0)
 
 
 @dataclass
@@ -170,13 +173,16 @@ def train(cfg: Config, problem: PermutedTasks, label: str, out_dir: str, mitigat
                 losses = nn.functional.cross_entropy(out, y, reduction="none")
                 opt.zero_grad(set_to_none=True)
                 losses.mean().backward()
+                histograms = {}
                 if hooks is not None:
                     extras["per_sample"] = dict(zip(trainscope.PER_SAMPLE_STATS, hooks.stats().unbind()))
+                    histograms = {"per_sample/grad_hist1d": (hooks.grad_hist1d(), PS_HIST_EDGES),
+                                  "per_sample/grad_hist2d": (hooks.grad_hist2d()[0], PS_HIST2D_EDGES)}
             opt.step()
             if mitigation == "shrink_perturb":
                 shrink_and_perturb(model, shrink=1e-4, noise=1e-3)
             extras["train"] = {"error": (out.detach().argmax(1) != y).float().mean()}
-            mon.step(step, losses.detach(), **extras)
+            mon.step(step, losses.detach(), histograms=histograms, **extras)
             bar.update()
     result.seconds = time.perf_counter() - t0
     bar.close()
@@ -274,9 +280,10 @@ def plot_dashboard(cfg: Config, runs: List[RunResult], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
+    fig, axes = plt.subplots(2, 5, figsize=(25, 8.5), constrained_layout=True)
     window = max(1, cfg.steps_per_task // 4)
-    for ax, (name, title) in zip(axes.flat, PANELS):
+    panel_axes = [axes[r, c] for r in range(2) for c in range(4)]  # column 4: the histograms
+    for ax, (name, title) in zip(panel_axes, PANELS):
         for run in runs:
             xs, ys = series(run.records, name)
             if name == "train/error":  # per task: the level each task's learning reaches
@@ -295,10 +302,34 @@ def plot_dashboard(cfg: Config, runs: List[RunResult], path: str) -> None:
         ax.set_xlabel("step")
         if len(runs) > 1:
             ax.legend(fontsize=8)
+    plot_per_sample_histograms(axes[0, 4], axes[1, 4], runs[0])
     fig.suptitle(f"trainscope: loss of plasticity over {cfg.tasks} permuted tasks "
                  f"({cfg.depth}×{cfg.width} {cfg.activation} MLP, SGD lr {cfg.lr}); grey lines: task boundaries")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_per_sample_histograms(ax1, ax2, run: RunResult) -> None:
+    """The per-sample gradient histogram at the first and last step it was taken, and the last
+    (gradient, parameter value) 2-D histogram, of one run."""
+    import numpy as np
+
+    taken = [r for r in run.records if "per_sample/grad_hist1d" in r.histograms]
+    if not taken:
+        return
+    for rec, style in ((taken[0], "-"), (taken[-1], "--")):
+        edges, counts = rec.histograms["per_sample/grad_hist1d"]
+        centres = ((edges[:-1] + edges[1:]) / 2).numpy()
+        ax1.semilogy(centres, np.maximum(counts.numpy(), 0.5), style, label=f"step {rec.step}")
+    ax1.set_title(f"per-sample gradients ({run.label})", fontsize=10)
+    ax1.set_xlabel("gradient element")
+    ax1.legend(fontsize=8)
+    (g_edges, p_edges), counts2 = taken[-1].histograms["per_sample/grad_hist2d"]
+    ax2.imshow(np.log10(1 + counts2.numpy()), origin="lower", aspect="auto", cmap="viridis",
+               extent=(float(p_edges[0]), float(p_edges[-1]), float(g_edges[0]), float(g_edges[-1])))
+    ax2.set_title(f"log10(1 + count), step {taken[-1].step}: gradient × parameter", fontsize=10)
+    ax2.set_xlabel("parameter value")
+    ax2.set_ylabel("per-sample gradient element")
 
 
 def print_summary(cfg: Config, runs: List[RunResult]) -> None:

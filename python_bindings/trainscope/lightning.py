@@ -284,6 +284,8 @@ class TrainscopeCallback(Callback):
             if add_raw is None:
                 continue  # a logger without histograms
             for name, (edges, counts) in record.histograms.items():
+                if counts.dim() != 1:
+                    continue  # TensorBoard has no 2-D histograms
                 summary = histogram_summary(edges, counts)
                 if summary is not None:  # empty: every gradient non-finite (see nonfinite_count)
                     add_raw(f"{p}/{name}", global_step=record.step, **summary)

@@ -105,14 +105,26 @@ def _spec(schedule: ScheduleLike, arg: str) -> str:
     raise TypeError(f"Monitor: {arg} must be a Schedule, True, False or None, got {type(schedule).__name__}")
 
 
+_NO_EDGES = torch.empty(0, dtype=torch.float64)
+
+
+def _host_edges(e) -> torch.Tensor:
+    t = e if isinstance(e, torch.Tensor) else torch.as_tensor(e, dtype=torch.float64)
+    if t.device.type != "cpu":
+        raise ValueError("Monitor.step: histogram edges must be host values (a CPU tensor or a sequence); "
+                         f"got a tensor on {t.device}")
+    return t.detach().to(torch.float64)
+
+
 @dataclass
 class StepRecord:
     """One finished step, on the host."""
 
     step: int
     scalars: Dict[str, float] = field(default_factory=dict)
-    #: name -> (edges [nbins + 1] float64, counts [nbins] int64), CPU tensors.
-    histograms: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: name -> (edges [nbins + 1] float64, counts [nbins] int64), CPU tensors; a 2-D histogram
+    #: given to ``Monitor.step(histograms=...)`` has edges (edges0, edges1) and counts [n0, n1].
+    histograms: Dict[str, Tuple[Any, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -213,9 +225,14 @@ class Monitor:
 
     # -- the training step -----------------------------------------------------------------------
 
-    def step(self, step: int, losses: Optional[torch.Tensor] = None, **extras) -> None:
+    def step(self, step: int, losses: Optional[torch.Tensor] = None,
+             histograms: Optional[Mapping[str, Tuple[torch.Tensor, Any]]] = None, **extras) -> None:
         """After ``optimizer.step()``: launches this step's work and hands finished steps to the
-        sinks. ``losses`` are the batch's per-sample losses; ``extras`` reach custom quantities."""
+        sinks. ``losses`` are the batch's per-sample losses; ``extras`` reach custom quantities.
+        ``histograms`` records histograms computed on the device this step (e.g. from
+        :class:`trainscope.PerSampleHooks`): ``{name: (counts, edges)}`` with int64 counts [n] and
+        n + 1 edges, or counts [n0, n1] and ``(edges0, edges1)``; edges are host values (a CPU
+        tensor or a sequence: reading device edges would wait for the GPU)."""
         step = int(step)
         scalars: Dict[str, torch.Tensor] = {}
         ctx = None
@@ -235,7 +252,14 @@ class Monitor:
                                      f"{'' if not isinstance(t, torch.Tensor) else ' of shape ' + str(tuple(t.shape))}"
                                      "; return one-element tensors on the parameters' device")
                 scalars[name] = t.detach().reshape(()).to(torch.float64)
-        self._m.step(step, None if losses is None else losses.detach(), scalars)
+        names, counts, edges, edges2 = [], [], [], []
+        for name, (c, e) in (histograms or {}).items():
+            two_d = isinstance(e, (tuple, list)) and len(e) == 2 and not isinstance(e[0], (int, float))
+            names.append(str(name))
+            counts.append(c.detach())
+            edges.append(_host_edges(e[0] if two_d else e))
+            edges2.append(_host_edges(e[1]) if two_d else _NO_EDGES)
+        self._m.step(step, None if losses is None else losses.detach(), scalars, names, counts, edges, edges2)
         self._dispatch(self._m.take_records())  # the steps that finished before this one
 
     def poll(self) -> int:
@@ -252,9 +276,10 @@ class Monitor:
         self._dispatch(self._m.take_records())
 
     def _dispatch(self, records) -> int:
-        for step, names, values, hist_names, edges, counts in records:
+        for step, names, values, hist_names, edges, counts, edges2 in records:
             rec = StepRecord(int(step), dict(zip(names, values)),
-                             {n: (e, c) for n, e, c in zip(hist_names, edges, counts)})
+                             {n: ((e, e2) if e2.numel() else e, c)
+                              for n, e, c, e2 in zip(hist_names, edges, counts, edges2)})
             for sink in self._sinks:
                 sink(rec)
         return len(records)
@@ -278,8 +303,15 @@ class _FileSink:
     def __call__(self, record: StepRecord) -> None:
         names = list(record.scalars)
         hist_names = list(record.histograms)
+        edges, counts, edges2 = [], [], []
+        for n in hist_names:
+            e, c = record.histograms[n]
+            two_d = isinstance(e, (tuple, list))
+            edges.append(e[0] if two_d else e)
+            edges2.append(e[1] if two_d else _NO_EDGES)
+            counts.append(c)
         self._sink.write(int(record.step), names, [float(record.scalars[n]) for n in names], hist_names,
-                         [record.histograms[n][0] for n in hist_names], [record.histograms[n][1] for n in hist_names])
+                         edges, counts, edges2)
 
 
 class JsonlSink(_FileSink):

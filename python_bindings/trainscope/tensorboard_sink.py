@@ -54,6 +54,8 @@ class TensorBoardSink:
         for name, value in record.scalars.items():
             self.writer.add_scalar(f"{self.prefix}/{name}", value, record.step)
         for name, (edges, counts) in record.histograms.items():
+            if counts.dim() != 1:
+                continue  # TensorBoard has no 2-D histograms; JsonlSink keeps them
             summary = histogram_summary(edges, counts)
             if summary is not None:
                 self.writer.add_histogram_raw(f"{self.prefix}/{name}", global_step=record.step, **summary)

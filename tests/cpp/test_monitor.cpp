@@ -564,6 +564,39 @@ TEST(MonitorDelivery, CpuRecordsArriveAtTheNextPoll) {
   EXPECT_EQ(c.steps(), (std::vector<int64_t>{0, 1, 7}));
 }
 
+// Histograms computed by the caller travel with the step: 1-D and 2-D, names and edges kept.
+TEST(MonitorHistograms, ExtraHistogramsRoundTrip) {
+  const at::Tensor w = at::ones({3}, at::TensorOptions().requires_grad(true));
+  trainscope::MonitorConfig cfg;
+  cfg.grad_hist.enabled = false;
+  Monitor monitor({{"w", w}}, cfg);
+  Collector c;
+  monitor.add_sink(c.sink());
+  const at::Tensor h1 = at::tensor({3, 0, 5}, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor h2 = at::arange(6, at::TensorOptions().dtype(at::kInt)).reshape({2, 3});  // any integer dtype
+  monitor.step(0, {}, {}, {},
+               {{"one", trainscope::HistogramInput{h1, {-1.0, 0.0, 1.0, 2.0}, {}}},
+                {"two", trainscope::HistogramInput{h2, {0.0, 1.0, 2.0}, {-3.0, -2.0, -1.0, 0.0}}}});
+  monitor.step(1);  // no histogram this step
+  monitor.flush();
+  ASSERT_EQ(c.records.size(), 2u);
+  const auto& hs = c.records[0].histograms;
+  ASSERT_EQ(hs.size(), 2u);
+  EXPECT_EQ(hs[0].name, "one");
+  EXPECT_EQ(hs[0].counts, (std::vector<int64_t>{3, 0, 5}));
+  EXPECT_EQ(hs[0].edges, (std::vector<double>{-1.0, 0.0, 1.0, 2.0}));
+  EXPECT_TRUE(hs[0].edges2.empty());
+  EXPECT_EQ(hs[1].name, "two");
+  EXPECT_EQ(hs[1].counts, (std::vector<int64_t>{0, 1, 2, 3, 4, 5}));
+  EXPECT_EQ(hs[1].edges2, (std::vector<double>{-3.0, -2.0, -1.0, 0.0}));
+  EXPECT_TRUE(c.records[1].histograms.empty());
+
+  const auto bad = [&](trainscope::HistogramInput h) { monitor.step(2, {}, {}, {}, {{"bad", h}}); };
+  expect_error_naming([&] { bad({h1, {0.0, 1.0}, {}}); }, "edges", "counts and edges disagree");
+  expect_error_naming([&] { bad({h1.to(at::kFloat), {0.0, 1.0, 2.0, 3.0}, {}}); }, "counts", "float counts");
+  expect_error_naming([&] { bad({h2, {0.0, 1.0, 2.0}, {0.0, 1.0}}); }, "counts", "2-D shape");
+}
+
 // ---------------------------------------------------------------------------------------------
 // File sinks
 

@@ -42,6 +42,19 @@ def test_writes_events_csv_and_dashboard(tiny_run):
     assert [int(r["step"]) for r in starts] == [t * cfg.steps_per_task for t in range(cfg.tasks)]
 
 
+def test_per_sample_histograms_on_their_schedule(tiny_run):
+    cfg, _, runs = tiny_run
+    taken = [r for r in runs[0].records if "per_sample/grad_hist2d" in r.histograms]
+    assert [r.step for r in taken] == list(range(0, cfg.tasks * cfg.steps_per_task, cfg.per_sample_every))
+    n_params = sum(p.numel() for p in demo.build_model(cfg).parameters())
+    for r in taken:
+        edges, counts = r.histograms["per_sample/grad_hist1d"]
+        assert counts.shape == (100,) and edges.shape == (101,)
+        assert int(counts.sum()) == cfg.batch_size * n_params  # every per-sample gradient element once
+        (g_edges, p_edges), counts2 = r.histograms["per_sample/grad_hist2d"]
+        assert counts2.shape == (100, 100) and int(counts2.sum()) == cfg.batch_size * n_params
+
+
 def test_three_trends(tiny_run):
     cfg, _, runs = tiny_run
     rows = demo.task_summary(cfg, runs[0].records)

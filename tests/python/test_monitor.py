@@ -274,6 +274,29 @@ def test_jsonl_and_csv_sinks_parse_back(tmp_path):
     assert any(row[1:] == ["big", "-inf"] for row in rows)
 
 
+def test_extra_histograms_reach_sinks_and_files(tmp_path):
+    model = make_model("cpu")
+    got = Collect()
+    jpath = tmp_path / "h.jsonl"
+    mon = Monitor(model, grad_hist=False, sinks=[got, JsonlSink(jpath)])
+    one = torch.tensor([2, 0, 7])
+    two = torch.arange(6).reshape(2, 3)
+    train(model, mon, 1, "cpu", histograms={"one": (one, torch.tensor([-1.0, 0.0, 1.0, 2.0])),
+                                            "two": (two, ([0.0, 0.5, 1.0], [0.0, 1.0, 2.0, 3.0]))})
+    mon.flush()
+    edges, counts = got.records[0].histograms["one"]
+    assert counts.tolist() == [2, 0, 7] and edges.tolist() == [-1.0, 0.0, 1.0, 2.0]
+    (e0, e1), counts2 = got.records[0].histograms["two"]
+    assert counts2.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert e0.tolist() == [0.0, 0.5, 1.0] and e1.tolist() == [0.0, 1.0, 2.0, 3.0]
+    obj = json.loads(jpath.read_text().splitlines()[0])
+    assert obj["histograms"]["two"] == {"edges": [0.0, 0.5, 1.0], "counts": [0, 1, 2, 3, 4, 5],
+                                        "edges2": [0.0, 1.0, 2.0, 3.0]}
+    assert "edges2" not in obj["histograms"]["one"]
+    with pytest.raises(RuntimeError, match="edges"):
+        mon.step(5, histograms={"bad": (one, [0.0, 1.0])})
+
+
 def test_context_manager_flushes_and_records_arrive_later():
     model = make_model("cpu")
     got = Collect()
