@@ -9,6 +9,9 @@ import pytest
 
 from trainscope import demo
 
+# The dashboard needs matplotlib (requirements.txt); an environment without it skips the demo.
+pytest.importorskip("matplotlib")
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
