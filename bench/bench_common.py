@@ -172,3 +172,17 @@ def cache_and_copy_sizes(torch, device):
         return l2, min(1 << 30, free // 8) // 4 * 4
     return 32 << 20, 256 << 20
 
+
+def bandwidth_bench_setup(torch, trainscope, args, prog):
+    """What the bandwidth benchmarks do before their cases: the device of ``--device`` (None when
+    there is none; the caller exits 2), the cache size to outgrow, the recorded environment, and
+    the measured copy bandwidth, also kept as ``args.copy_bw``. Seeds torch with 0."""
+    device = select_device(torch, args.device, prog)
+    if device is None:
+        return None
+    l2, copy_bytes = cache_and_copy_sizes(torch, device)
+    torch.manual_seed(0)
+    env = environment(torch, trainscope, device)
+    args.copy_bw = copy_bandwidth(torch, device, copy_bytes, args.warmup + 2, max(args.repeats, 10))
+    return device, l2, env
+

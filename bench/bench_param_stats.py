@@ -34,8 +34,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (  # noqa: E402  (same folder; stdlib only)
-    cache_and_copy_sizes, copy_bandwidth, environment, resolve_repeats, select_device, summarize, time_cpu,
-    time_cuda, write_json)
+    bandwidth_bench_setup, resolve_repeats, summarize, time_cpu, time_cuda, write_json)
 
 # Goals of the issue this benchmark answers, at 125M parameters and above.
 GOAL_MIN_PARAMS = 125_000_000
@@ -412,14 +411,10 @@ def main(argv=None) -> int:
     import torch  # imported here: `--help` and argument errors need neither torch nor a GPU
     import trainscope
 
-    device = select_device(torch, args.device, "bench_param_stats")
-    if device is None:
+    setup = bandwidth_bench_setup(torch, trainscope, args, "bench_param_stats")
+    if setup is None:
         return 2
-    l2, copy_bytes = cache_and_copy_sizes(torch, device)
-
-    torch.manual_seed(0)
-    env = environment(torch, trainscope, device)
-    args.copy_bw = copy_bandwidth(torch, device, copy_bytes, args.warmup + 2, max(args.repeats, 10))
+    device, l2, env = setup
 
     rows = [bench_size(torch, trainscope, t, device, args, l2) for t in args.size_list]
     print_table(rows, args.copy_bw)

@@ -108,18 +108,26 @@ else
     tail -n 30 "$OUT/build.log"
   fi
 fi
-if "$PYTHON" -c "import trainscope; print('trainscope library:', trainscope.library_path)" 2>&1 |
-    tee -a "$OUT/run_gpu.log"; [[ ${PIPESTATUS[0]} -eq 0 ]]; then
-  log "running bench_param_stats.py ${PY_ARGS:-}"
-  # shellcheck disable=SC2086  # PY_ARGS is a list of words
-  "$PYTHON" "$ROOT/bench/bench_param_stats.py" --device cuda ${PY_ARGS:-} \
-    --json "$OUT/bench_param_stats.json" 2>&1 | tee "$OUT/bench_param_stats.log"
-  rc=${PIPESTATUS[0]}
-  if [[ $rc -ne 0 ]]; then log "Python bench exited with $rc"; status=1; fi
-else
-  log "cannot import trainscope; Python bench not run"
-  status=1
-fi
+"$PYTHON" -c "import trainscope; print('trainscope library:', trainscope.library_path)" 2>&1 | tee -a "$OUT/run_gpu.log"
+
+# One Python benchmark: bench/bench_<name>.py --device cuda <extra args> --json <OUT>/bench_<name>.json
+run_py_bench() {
+  local name="$1" args="$2"
+  if ! "$PYTHON" -c "import trainscope" >/dev/null 2>&1; then
+    log "cannot import trainscope; bench_$name.py not run"
+    status=1
+    return
+  fi
+  log "running bench_$name.py $args"
+  # shellcheck disable=SC2086  # args is a list of words
+  "$PYTHON" "$ROOT/bench/bench_$name.py" --device cuda $args \
+    --json "$OUT/bench_$name.json" 2>&1 | tee "$OUT/bench_$name.log"
+  local rc=${PIPESTATUS[0]}
+  if [[ $rc -ne 0 ]]; then log "bench_$name.py exited with $rc"; status=1; fi
+}
+
+# ---- Python: trainscope.param_stats against the PyTorch composition ---------------------------
+run_py_bench param_stats "${PY_ARGS:-}"
 
 # ---- Python: per-sample gradient statistics against vmap, einsum ghost norm, BackPACK, Cockpit --
 if [[ -n "${PEER_WHEELS:-}" ]]; then
@@ -129,33 +137,12 @@ if [[ -n "${PEER_WHEELS:-}" ]]; then
     log "installing the peers failed; see peers_install.log (their rows will say not installed)"
   fi
 fi
-if "$PYTHON" -c "import trainscope" >/dev/null 2>&1; then
-  log "running bench_per_sample_stats.py ${PS_ARGS:-}"
-  # shellcheck disable=SC2086  # PS_ARGS is a list of words
-  "$PYTHON" "$ROOT/bench/bench_per_sample_stats.py" --device cuda ${PS_ARGS:-} \
-    --json "$OUT/bench_per_sample_stats.json" 2>&1 | tee "$OUT/bench_per_sample_stats.log"
-  rc=${PIPESTATUS[0]}
-  if [[ $rc -ne 0 ]]; then log "per-sample bench exited with $rc"; status=1; fi
-else
-  log "cannot import trainscope; per-sample bench not run"
-  status=1
-fi
+run_py_bench per_sample_stats "${PS_ARGS:-}"
 
 # ---- Python: representation metrics (dead units, ranks) and the Monitor's step overhead ---------
-for bench in dead_units rank monitor; do
-  if "$PYTHON" -c "import trainscope" >/dev/null 2>&1; then
-    args_var="$(echo "$bench" | tr '[:lower:]' '[:upper:]')_ARGS"
-    log "running bench_$bench.py ${!args_var:-}"
-    # shellcheck disable=SC2086  # the *_ARGS variables are lists of words
-    "$PYTHON" "$ROOT/bench/bench_$bench.py" --device cuda ${!args_var:-} \
-      --json "$OUT/bench_$bench.json" 2>&1 | tee "$OUT/bench_$bench.log"
-    rc=${PIPESTATUS[0]}
-    if [[ $rc -ne 0 ]]; then log "bench_$bench.py exited with $rc"; status=1; fi
-  else
-    log "cannot import trainscope; bench_$bench.py not run"
-    status=1
-  fi
-done
+run_py_bench dead_units "${DEAD_UNITS_ARGS:-}"
+run_py_bench rank "${RANK_ARGS:-}"
+run_py_bench monitor "${MONITOR_ARGS:-}"
 
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi -q -d CLOCK,TEMPERATURE,PERFORMANCE,POWER >"$OUT/nvidia-smi-after.txt" 2>&1
