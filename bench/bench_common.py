@@ -186,3 +186,14 @@ def bandwidth_bench_setup(torch, trainscope, args, prog):
     args.copy_bw = copy_bandwidth(torch, device, copy_bytes, args.warmup + 2, max(args.repeats, 10))
     return device, l2, env
 
+
+def positive_int_list(text, what, p):
+    """The positive integers of a comma-separated option value; errors through the parser ``p``."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"{what}: expected comma-separated integers, got {text!r}")
+    if not vals or min(vals) < 1:
+        p.error(f"{what}: expected positive integers, got {text!r}")
+    return vals
+

@@ -49,7 +49,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (  # noqa: E402  (same folder; stdlib only)
-    environment, resolve_repeats, select_device, summarize, write_json)
+    environment, positive_int_list, resolve_repeats, select_device, summarize, write_json)
 
 # Goals of the issue this benchmark answers.
 GOAL_OVERHEAD_FRACTION = 0.15   # trainscope step − plain step ≤ 15 % of the plain backward pass
@@ -805,16 +805,6 @@ def print_tables(rows, verify_reports, args):
         print(f"goal: peak memory <= {GOAL_PEAK_RATIO:g}x plain training: not measured (no CUDA device)")
 
 
-def _int_list(text, what, p):
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        p.error(f"{what}: expected comma-separated integers, got {text!r}")
-    if not vals or min(vals) < 1:
-        p.error(f"{what}: expected positive integers, got {text!r}")
-    return vals
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -838,9 +828,9 @@ def parse_args(argv=None):
                    help="smoke run: B 4,8, d 16,32, T 1,4 unless given, few repeats")
     args = p.parse_args(argv)
     grid = QUICK_GRID if args.quick else DEFAULT_GRID
-    args.batch_sizes = _int_list(args.batch_sizes or grid["batch_sizes"], "--batch-sizes", p)
-    args.dims = _int_list(args.dims or grid["dims"], "--dims", p)
-    args.seq_lens = _int_list(args.seq_lens or grid["seq_lens"], "--seq-lens", p)
+    args.batch_sizes = positive_int_list(args.batch_sizes or grid["batch_sizes"], "--batch-sizes", p)
+    args.dims = positive_int_list(args.dims or grid["dims"], "--dims", p)
+    args.seq_lens = positive_int_list(args.seq_lens or grid["seq_lens"], "--seq-lens", p)
     if min(args.batch_sizes) < 2:
         p.error("--batch-sizes: the statistics need B >= 2")
     if args.layers < 1:

@@ -36,7 +36,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (  # noqa: E402  (same folder; stdlib only)
-    environment, resolve_repeats, select_device, summarize, write_json)
+    environment, positive_int_list, resolve_repeats, select_device, summarize, write_json)
 
 GOAL_SPEEDUP_VS_SVDVALS = 20.0
 ERANK_RTOL = 1e-3   # SPEC.md §5
@@ -196,16 +196,6 @@ def print_table(rows, args):
           + ("met" if all(r.get("methods", {}).get("trainscope", {}).get("accurate") for r in rows) else "NOT met"))
 
 
-def _int_list(text, what, p):
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        p.error(f"{what}: expected comma-separated integers, got {text!r}")
-    if not vals or min(vals) < 1:
-        p.error(f"{what}: expected positive integers, got {text!r}")
-    return vals
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,7 +215,7 @@ def parse_args(argv=None):
     grid = QUICK if args.quick else DEFAULT
     args.rows = args.rows or grid["rows"]
     args.batch_rows = args.batch_rows or grid["batch_rows"]
-    args.widths = _int_list(args.widths or grid["widths"], "--widths", p)
+    args.widths = positive_int_list(args.widths or grid["widths"], "--widths", p)
     if args.rows < 1 or args.layers < 1 or args.batch_rows < 1:
         p.error("--rows, --layers and --batch-rows must be >= 1")
     resolve_repeats(p, args, repeats=(10, 2), warmup=(2, 1))
