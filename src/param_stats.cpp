@@ -264,7 +264,8 @@ ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList
     }
   }
 
-  const auto fopt = at::TensorOptions().device(device).dtype(all_double ? at::kDouble : at::kFloat);
+  const auto fopt =
+      at::TensorOptions().device(device).dtype(all_double || o.float64_results ? at::kDouble : at::kFloat);
   const auto iopt = at::TensorOptions().device(device).dtype(at::kLong);
   const int64_t nbins = o.histogram ? o.nbins : 0;
   ParamStats out;

@@ -41,10 +41,11 @@ struct ParamStatsOptions {
   double maxval = 0.05;
   bool weights_matrices_only = false;  // global weight magnitude over tensors with dim ≥ 2 only
   bool refresh_prev = false;    // copy params into prev_params after reading them
+  bool float64_results = false; // float64 results whatever the inputs' dtype
 };
 
-// All results of one call. Float tensors are float64 when every input tensor is float64,
-// float32 otherwise. A metric whose inputs were not given is NaN.
+// All results of one call. Float tensors are float64 when every input tensor is float64 (or
+// options.float64_results), float32 otherwise. A metric whose inputs were not given is NaN.
 struct ParamStats {
   at::Tensor metrics;               // [5]
   at::Tensor per_tensor;            // [T, 5]
