@@ -46,8 +46,9 @@ __all__ = [
 
 PLACEMENTS = ("replicated", "sharded")
 
-# Prefixes wrappers add to parameter names; the full parameter name is the model's own.
-_WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# Name segments wrappers add to parameter names (FSDP1, activation checkpointing, torch.compile);
+# DDP and DataParallel add a leading "module". The full parameter name is the model's own.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 
 def _dist():
@@ -109,9 +110,10 @@ def local_tensor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def clean_param_name(name: str) -> str:
     """The model's own parameter name, without the prefixes DDP, FSDP1, activation checkpointing
     and torch.compile add (``module.``, ``_fsdp_wrapped_module.``, ...)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
+    while parts and parts[0] == "module":  # DDP / DataParallel, possibly around torch.compile
+        parts = [p for p in parts[1:] if p not in _WRAPPER_SEGMENTS]
+    return ".".join(parts)
 
 
 def _dtensor_placement(t) -> Tuple[str, object]:
