@@ -77,6 +77,19 @@ Placement parse_placement(const std::string& text, const char* arg) {
   TORCH_CHECK(false, "trainscope: ", arg, " must be 'replicated' or 'sharded', got '", text, "'");
 }
 
+std::vector<TensorLayout> tensor_layouts(const std::vector<std::string>& placements,
+                                         const std::vector<int64_t>& full_dims) {
+  TORCH_CHECK(full_dims.empty() || placements.empty() || full_dims.size() == placements.size(),
+              "trainscope: full_dims has ", full_dims.size(), " entries but placements has ", placements.size(),
+              "; give one per tensor");
+  std::vector<TensorLayout> out(std::max(placements.size(), full_dims.size()));
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!placements.empty()) out[i].placement = parse_placement(placements[i], "placements");
+    if (!full_dims.empty()) out[i].full_dim = full_dims[i];
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 

@@ -13,19 +13,6 @@
 namespace trainscope {
 namespace {
 
-std::vector<TensorLayout> make_layouts(const std::vector<std::string>& placements, at::IntArrayRef full_dims) {
-  TORCH_CHECK(full_dims.empty() || full_dims.size() == placements.size() || placements.empty(),
-              "trainscope.param_stats_across_ranks: full_dims has ", full_dims.size(), " entries but placements has ",
-              placements.size());
-  const size_t n = std::max(placements.size(), full_dims.size());
-  std::vector<TensorLayout> out(n);
-  for (size_t i = 0; i < n; ++i) {
-    if (!placements.empty()) out[i].placement = parse_placement(placements[i], "placements");
-    if (!full_dims.empty()) out[i].full_dim = full_dims[i];
-  }
-  return out;
-}
-
 using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Result param_stats_across_ranks_op(at::TensorList grads, at::TensorList params, at::TensorList init_params,
@@ -41,7 +28,7 @@ Result param_stats_across_ranks_op(at::TensorList grads, at::TensorList params, 
   o.refresh_prev = refresh_prev;
   at::Tensor extra = extra_sums.has_value() ? extra_sums->clone() : at::Tensor();
   const ParamStats s = param_stats_across_ranks(grads, params, init_params, prev_params,
-                                                make_layouts(placements, full_dims),
+                                                tensor_layouts(placements, full_dims.vec()),
                                                 RankGroup::from_process_group(process_group), o,
                                                 extra.defined() ? &extra : nullptr);
   return {s.metrics, s.per_tensor, s.nonfinite, s.nonfinite_per_tensor, s.hist, s.hist_per_tensor,

@@ -262,6 +262,10 @@ struct Monitor::Impl {
   Slot capture;  // device part only
   std::shared_ptr<const Layout> captured_layout;
 
+  // Parameter metrics go through the cross-rank path (distributed.h).
+  bool across_ranks() const { return cfg.group.is_distributed() || !cfg.layouts.empty(); }
+  bool writes_records() const { return !cfg.group.is_distributed() || cfg.group.rank() == 0 || cfg.sinks_on_all_ranks; }
+
   bool builtin_due(const QuantityConfig& q, const char* key, int64_t step) const {
     return q.enabled && (q.schedule.due(step) || requested.count(key) > 0);
   }
@@ -294,11 +298,11 @@ struct Monitor::Impl {
     return at::TensorOptions().dtype(at::kDouble).device(at::kCPU).pinned_memory(device.is_cuda());
   }
 
-  std::vector<at::Tensor> current_grads() {
+  std::vector<at::Tensor> current_grads(const std::vector<at::Tensor>& given) {
     std::vector<at::Tensor> grads(params.size());
     bool any = false;
     for (size_t i = 0; i < params.size(); ++i) {
-      grads[i] = params[i].grad();
+      grads[i] = given.empty() ? params[i].grad() : given[i];
       any = any || grads[i].defined();
     }
     if (!any) return {};
@@ -333,13 +337,13 @@ struct Monitor::Impl {
                                         const std::map<std::string, at::Tensor>& extras,
                                         const std::map<std::string, at::Tensor>& extra_scalars,
                                         const std::map<std::string, HistogramInput>& extra_histograms,
-                                        at::Tensor& dst) {
+                                        const std::vector<at::Tensor>& given_grads, at::Tensor& dst) {
     const bool pm = builtin_due(cfg.param_metrics, kParamMetricsKey, step);
     const bool hist = builtin_due(cfg.grad_hist, kGradHistKey, step);
     auto layout = std::make_shared<Layout>();
     std::vector<at::Tensor> pieces;
 
-    const std::vector<at::Tensor> grads = current_grads();
+    const std::vector<at::Tensor> grads = current_grads(given_grads);
     const std::vector<at::Tensor> ps = detached_params();
     at::Tensor hist_counts;
     if (pm || (hist && !grads.empty())) {
@@ -351,10 +355,23 @@ struct Monitor::Impl {
       o.refresh_prev = pm && !prev.empty();
       const std::vector<at::Tensor> none;
       // Only the histogram due: the parameter lists are left out, θ_prev refreshed below.
-      const ParamStats s = param_stats(grads, pm ? ps : none, pm ? init : none, pm ? prev : none, o);
+      at::Tensor loss_sums;  // [Σℓ, count] across ranks
+      ParamStats s;
+      if (across_ranks()) {
+        o.float64_results = true;
+        if (pm && losses.defined()) {
+          loss_sums = at::stack({losses.detach().sum(c10::nullopt, false, at::kDouble),
+                                 at::full({}, static_cast<double>(losses.numel()), device_opt())});
+        }
+        s = param_stats_across_ranks(grads, pm ? ps : none, pm ? init : none, pm ? prev : none, cfg.layouts,
+                                     cfg.group, o, loss_sums.defined() ? &loss_sums : nullptr);
+      } else {
+        s = param_stats(grads, pm ? ps : none, pm ? init : none, pm ? prev : none, o);
+      }
       if (pm) {
         if (losses.defined()) {
-          pieces.push_back(loss(losses.detach()).reshape({1}).to(at::kDouble));
+          pieces.push_back(loss_sums.defined() ? (loss_sums[0] / loss_sums[1]).reshape({1})
+                                               : loss(losses.detach()).reshape({1}).to(at::kDouble));
           layout->add(pm_names_loss);
         } else {
           layout->add(pm_names);
@@ -507,6 +524,7 @@ struct Monitor::Impl {
       counts += lh.numel;
       r.histograms.push_back(std::move(h));
     }
+    if (!writes_records()) return;
     for (const Sink& sink : sinks) sink(r);
   }
 
@@ -555,6 +573,9 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
     m.params.push_back(t);
   }
   m.cfg = std::move(config);
+  TORCH_CHECK(m.cfg.layouts.empty() || m.cfg.layouts.size() == m.params.size(), "trainscope::Monitor: config.layouts has ",
+              m.cfg.layouts.size(), " entries but named_params has ", m.params.size(),
+              "; give one layout per parameter, or none (all replicated)");
   m.zero_grads.resize(m.params.size());
   c10::OptionalDeviceGuard guard;
   if (m.device.is_cuda()) guard.reset_device(m.device);
@@ -631,7 +652,8 @@ void Monitor::add_sink(Sink sink) {
 
 void Monitor::step(int64_t step, const at::Tensor& per_sample_losses, const std::map<std::string, at::Tensor>& extras,
                    const std::map<std::string, at::Tensor>& extra_scalars,
-                   const std::map<std::string, HistogramInput>& extra_histograms) {
+                   const std::map<std::string, HistogramInput>& extra_histograms,
+                   const std::vector<at::Tensor>& grads) {
   nvtx3::scoped_range range{"trainscope::Monitor::step"};
   Impl& m = *impl_;
   c10::NoGradGuard no_grad;
@@ -641,14 +663,17 @@ void Monitor::step(int64_t step, const at::Tensor& per_sample_losses, const std:
     TORCH_CHECK(per_sample_losses.device() == m.device, "trainscope::Monitor::step: per_sample_losses is on ",
                 per_sample_losses.device(), " but the parameters are on ", m.device);
   }
+  TORCH_CHECK(grads.empty() || grads.size() == m.params.size(), "trainscope::Monitor::step: grads has ", grads.size(),
+              " entries but the Monitor has ", m.params.size(), " parameters; give one per parameter (undefined where none)");
   if (is_capturing(m.device)) {
     // Device work only, into the fixed capture slot; collect_captured() queues its copy.
-    m.captured_layout = m.compute(step, per_sample_losses, extras, extra_scalars, extra_histograms, m.capture.device);
+    m.captured_layout =
+        m.compute(step, per_sample_losses, extras, extra_scalars, extra_histograms, grads, m.capture.device);
     return;
   }
   m.poll();
   const int64_t slot = m.free_slot();
-  auto layout = m.compute(step, per_sample_losses, extras, extra_scalars, extra_histograms, m.ring[slot].device);
+  auto layout = m.compute(step, per_sample_losses, extras, extra_scalars, extra_histograms, grads, m.ring[slot].device);
   m.requested.clear();
   // A step at which nothing was due makes no record.
   if (m.layout_size(*layout) > 0) m.enqueue(step, slot, std::move(layout), m.ring[slot].device);
@@ -698,6 +723,8 @@ void Monitor::flush() {
 }
 
 const std::vector<std::string>& Monitor::names() const { return impl_->names; }
+
+bool Monitor::writes_records() const { return impl_->writes_records(); }
 const MonitorConfig& Monitor::config() const { return impl_->cfg; }
 
 // ---------------------------------------------------------------------------------------------

@@ -44,7 +44,9 @@ QuantityConfig quantity_config(const std::string& spec, const char* arg) {
 
 MonitorConfig make_config(const std::string& param_metrics, const std::string& grad_hist, int64_t nbins,
                           double maxval, bool per_tensor, bool weights_matrices_only, bool track_init,
-                          bool track_prev, int64_t ring_slots) {
+                          bool track_prev, int64_t ring_slots, const std::string& process_group,
+                          const std::vector<std::string>& placements, const std::vector<int64_t>& full_dims,
+                          bool sinks_on_all_ranks) {
   MonitorConfig c;
   c.param_metrics = quantity_config(param_metrics, "param_metrics");
   c.grad_hist = quantity_config(grad_hist, "grad_hist");
@@ -55,6 +57,9 @@ MonitorConfig make_config(const std::string& param_metrics, const std::string& g
   c.track_init = track_init;
   c.track_prev = track_prev;
   c.ring_slots = ring_slots;
+  c.group = RankGroup::from_process_group(process_group);
+  c.layouts = tensor_layouts(placements, full_dims);
+  c.sinks_on_all_ranks = sinks_on_all_ranks;
   return c;
 }
 
@@ -94,10 +99,12 @@ RecordTuple as_tuple(const StepRecord& r) {
 struct MonitorHolder : torch::CustomClassHolder {
   MonitorHolder(std::vector<std::string> names, std::vector<at::Tensor> params, std::string param_metrics,
                 std::string grad_hist, int64_t nbins, double maxval, bool per_tensor, bool weights_matrices_only,
-                bool track_init, bool track_prev, int64_t ring_slots)
+                bool track_init, bool track_prev, int64_t ring_slots, std::string process_group,
+                std::vector<std::string> placements, std::vector<int64_t> full_dims, bool sinks_on_all_ranks)
       : queue(std::make_shared<std::deque<RecordTuple>>()),
-        monitor(zip_params(names, params), make_config(param_metrics, grad_hist, nbins, maxval, per_tensor,
-                                                      weights_matrices_only, track_init, track_prev, ring_slots)) {
+        monitor(zip_params(names, params),
+                make_config(param_metrics, grad_hist, nbins, maxval, per_tensor, weights_matrices_only, track_init,
+                            track_prev, ring_slots, process_group, placements, full_dims, sinks_on_all_ranks)) {
     auto q = queue;
     monitor.add_sink([q](const StepRecord& r) { q->push_back(as_tuple(r)); });
   }
@@ -113,7 +120,8 @@ struct MonitorHolder : torch::CustomClassHolder {
   // hist_edges2[i] is an empty tensor for a 1-D histogram.
   void step(int64_t step, c10::optional<at::Tensor> losses, c10::Dict<std::string, at::Tensor> extra_scalars,
             std::vector<std::string> hist_names, std::vector<at::Tensor> hist_counts,
-            std::vector<at::Tensor> hist_edges, std::vector<at::Tensor> hist_edges2) {
+            std::vector<at::Tensor> hist_edges, std::vector<at::Tensor> hist_edges2,
+            std::vector<c10::optional<at::Tensor>> grads) {
     std::map<std::string, at::Tensor> extras;
     for (const auto& e : extra_scalars) extras.emplace(e.key(), e.value());
     TORCH_CHECK(hist_names.size() == hist_counts.size() && hist_counts.size() == hist_edges.size() &&
@@ -125,7 +133,9 @@ struct MonitorHolder : torch::CustomClassHolder {
       hists[n] = HistogramInput{hist_counts[i], host_values(hist_edges[i], n, "edges"),
                                 host_values(hist_edges2[i], n, "edges2")};
     }
-    monitor.step(step, losses.has_value() ? *losses : at::Tensor(), {}, extras, hists);
+    std::vector<at::Tensor> given;  // empty: the Monitor reads each parameter's .grad()
+    for (const auto& g : grads) given.push_back(g.has_value() ? *g : at::Tensor());
+    monitor.step(step, losses.has_value() ? *losses : at::Tensor(), {}, extras, hists, given);
   }
 
   // What the sinks got so far (step() and collect_captured() poll first), without polling again.
@@ -148,6 +158,8 @@ struct MonitorHolder : torch::CustomClassHolder {
   void collect_captured(int64_t step) { monitor.collect_captured(step); }
 
   std::vector<std::string> names() { return monitor.names(); }
+
+  bool writes_records() { return monitor.writes_records(); }
 
   std::shared_ptr<std::deque<RecordTuple>> queue;  // before monitor: its sink holds a reference
   Monitor monitor;
@@ -194,7 +206,8 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
   using trainscope::MonitorHolder;
   m.class_<MonitorHolder>("Monitor")
       .def(torch::init<std::vector<std::string>, std::vector<at::Tensor>, std::string, std::string, int64_t, double,
-                       bool, bool, bool, bool, int64_t>())
+                       bool, bool, bool, bool, int64_t, std::string, std::vector<std::string>, std::vector<int64_t>,
+                       bool>())
       .def("add_external_quantity", &MonitorHolder::add_external_quantity)
       .def("request", &MonitorHolder::request)
       .def("due", &MonitorHolder::due)
@@ -203,7 +216,8 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
       .def("poll_records", &MonitorHolder::poll_records)
       .def("flush_records", &MonitorHolder::flush_records)
       .def("collect_captured", &MonitorHolder::collect_captured)
-      .def("names", &MonitorHolder::names);
+      .def("names", &MonitorHolder::names)
+      .def("writes_records", &MonitorHolder::writes_records);
   using trainscope::FileSinkHolder;
   m.class_<FileSinkHolder>("FileSink")
       .def(torch::init<std::string, std::string>())

@@ -80,6 +80,12 @@ struct TensorLayout {
   int64_t full_dim = -1;
 };
 
+// Layouts from text, as the Python package passes them: placements[i] is "replicated" or
+// "sharded", full_dims[i] the whole tensor's dims; either list may be empty (defaults), otherwise
+// they pair up (c10::Error naming the argument).
+std::vector<TensorLayout> tensor_layouts(const std::vector<std::string>& placements,
+                                         const std::vector<int64_t>& full_dims);
+
 // param_stats (param_stats.h) of tensors laid out over `group` as `layouts` says (one entry per
 // tensor of the lists; empty: all replicated). Each rank passes its own parts; every rank gets
 // the global metrics, per-tensor results for the whole tensors, and the whole histograms.

@@ -49,6 +49,8 @@
 
 #include <ATen/ATen.h>
 
+#include "trainscope/distributed.h"
+
 namespace trainscope {
 
 // When a quantity is computed: steps are the caller's step numbers (0-based or not, as given).
@@ -94,6 +96,17 @@ struct MonitorConfig {
   bool track_init = true;       // keep θ₀ for distance; off: no "distance" entries in records
   bool track_prev = true;       // keep θ_prev for update_size; off: no "update_size" entries
   int64_t ring_slots = 64;      // steps in flight before step() waits for the oldest (≥ 1)
+
+  // Data-parallel training (distributed.h): the ranks the parameter metrics, the histogram and the
+  // loss are combined over (default: this process alone), and how each parameter lies across
+  // them (empty: every parameter replicated, as under DDP; one entry per parameter otherwise,
+  // e.g. sharded for FSDP). With more than one rank, a step that computes parameter metrics or
+  // the histogram runs one all-reduce of T·(7 + nbins) + 2 doubles, so every rank must build
+  // the Monitor with the same parameter list and config and make the same step() and request()
+  // calls (losses on every rank or on none). Custom quantities stay each rank's own.
+  RankGroup group;
+  std::vector<TensorLayout> layouts;
+  bool sinks_on_all_ranks = false;  // off: only rank 0 hands records to the sinks
 };
 
 // One finished step, on the host.
@@ -164,11 +177,14 @@ class Monitor {
   // due(key, step) answers for it; its values arrive through step()'s extra_scalars.
   void add_external_quantity(const std::string& key, Schedule schedule = Schedule::every(1));
   // Extra scalars recorded at a step by the caller (e.g. from Python quantities) travel with the
-  // step's results: name → 0-d tensor on the parameters' device.
+  // step's results: name → 0-d tensor on the parameters' device. `grads`, when given, are the
+  // parameters' gradients (one per parameter, undefined where none) instead of their .grad():
+  // for parameters whose gradient lives elsewhere (the local shards of FSDP's DTensors).
   void step(int64_t step, const at::Tensor& per_sample_losses = {},
             const std::map<std::string, at::Tensor>& extras = {},
             const std::map<std::string, at::Tensor>& extra_scalars = {},
-            const std::map<std::string, HistogramInput>& extra_histograms = {});
+            const std::map<std::string, HistogramInput>& extra_histograms = {},
+            const std::vector<at::Tensor>& grads = {});
   // Makes an on-demand (or any) quantity due at the next step() (e.g. at a task boundary); the
   // request is used up by that step (not by a captured one). An unknown key throws.
   void request(const std::string& key);
@@ -185,6 +201,8 @@ class Monitor {
 
   const std::vector<std::string>& names() const;
   const MonitorConfig& config() const;
+  // Whether this process hands records to the sinks (rank 0, or sinks_on_all_ranks).
+  bool writes_records() const;
 
  private:
   struct Impl;

@@ -177,10 +177,14 @@ class ParamLayout:
 def param_layout(model_or_named_params, group=None) -> ParamLayout:
     """Reads how a model's parameters lie across ranks: DTensors (FSDP2) by their placements,
     FSDP1 original parameters (``use_orig_params=True``) as sharded, everything else (DDP, one
-    process) as replicated. ``group`` overrides the process group (default: the sharded mesh
-    dimension's group for DTensors, else the default group)."""
-    if isinstance(model_or_named_params, nn.Module):
+    process) as replicated. A module's trainable parameters are named by the model's own names
+    (:func:`clean_param_name`); ``(name, tensor)`` pairs keep theirs. ``group`` overrides the
+    process group (default: the sharded mesh dimension's group for DTensors, else the default
+    group)."""
+    is_module = isinstance(model_or_named_params, nn.Module)
+    if is_module:
         model = model_or_named_params
+        # Frozen parameters have no gradients to measure.
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         fsdp1 = _fsdp1_shapes(model)
     else:
@@ -191,7 +195,7 @@ def param_layout(model_or_named_params, group=None) -> ParamLayout:
     for name, p in named:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"param_layout: parameter {name!r} is a {type(p).__name__}, not a tensor")
-        clean = clean_param_name(name)
+        clean = clean_param_name(name) if is_module else name  # given pairs keep their names
         if _is_dtensor(p):
             placement, g = _dtensor_placement(p)
             if g is not None:

@@ -23,10 +23,14 @@ Schedules (``trainscope.every(k)``, ...) count these step numbers; Lightning's
 
 Nothing here waits for the GPU: ``Monitor.step`` only queues work, and the values of a step are
 logged a few steps later, when the device has finished them (all of them by the end of ``fit``).
-Only the global-zero process measures and logs: under DDP the gradients are already averaged
-across processes, and the other ranks' measurements would be the same (the loss and the per-sample
-statistics describe rank 0's share of the batch). Every scalar is one ``add_scalar`` per logger:
-with many parameter tensors, ``per_tensor=False`` keeps the logging cost down.
+
+Multi-process strategies (DDP, FSDP): every rank measures, and only the global-zero process logs
+(to the loggers and to ``sinks``). The Monitor combines over the ranks by itself (see
+:mod:`trainscope.distributed`): DDP's replicated parameters count once, FSDP's shards add up, the
+loss and the per-sample statistics cover every rank's samples, and the representation probe
+splits a tensor probe set across the ranks and sums their counts and Gram matrices. Every scalar
+is one ``add_scalar`` per logger: with many parameter tensors, ``per_tensor=False`` keeps the
+logging cost down.
 """
 
 from __future__ import annotations
@@ -168,7 +172,8 @@ class TrainscopeCallback(Callback):
                           grad_hist=self.grad_hist or False, nbins=self.nbins, maxval=self.maxval,
                           per_tensor=self.per_tensor, weights_matrices_only=self.weights_matrices_only,
                           track_init=self.track_init, track_prev=self.track_prev,
-                          ring_slots=self.ring_slots, sinks=[self._log_record, *self.sinks])
+                          ring_slots=self.ring_slots,
+                          sinks=[self._log_record, *(self._on_global_zero(s) for s in self.sinks)])
         if self.per_sample is not None:
             monitor.add_quantity(_PerSampleQuantity(self), self.per_sample)
         if self.representation is not None:
@@ -198,7 +203,8 @@ class TrainscopeCallback(Callback):
         self._losses = []
         # Built here rather than in setup(): the module is on its device by now, so θ₀ is the
         # parameters training starts from, on the device they train on.
-        self.monitor = self._build_monitor(trainer, pl_module) if trainer.is_global_zero else None
+        # On every rank: under DDP/FSDP each step's metrics are collectives over the ranks.
+        self.monitor = self._build_monitor(trainer, pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if (self.monitor is not None and self.per_sample is not None and self._hooks is None
@@ -267,6 +273,13 @@ class TrainscopeCallback(Callback):
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+
+    def _on_global_zero(self, sink: Callable) -> Callable:
+        """``sink``, called on the global-zero process only."""
+        def call(record) -> None:
+            if self._trainer is not None and self._trainer.is_global_zero:
+                sink(record)
+        return call
 
     def _log_record(self, record) -> None:
         """Sink: a finished step's host values to every logger of the trainer."""

@@ -25,6 +25,16 @@ means the latest optimizer step: call ``step()`` once per optimizer step.
 CUDA graphs: ``step()`` inside ``torch.cuda.graph(...)`` captures only device work into a fixed
 slot (which quantities it computes is decided at capture time, for the step number given); after
 each ``graph.replay()`` call ``collect_captured(step)``. Run one eager ``step()`` first (warm-up).
+
+Data-parallel training (DDP, FSDP): when torch.distributed is initialised the Monitor combines the
+parameter metrics, the histogram and the loss over the ranks by itself (see
+:mod:`trainscope.distributed`): DDP's replicated parameters count once, FSDP's shards (DTensors,
+or FSDP1's original parameters) add up, per-tensor results carry the model's own parameter names,
+and the loss is the mean over every rank's samples. A step with parameter metrics or the histogram
+due runs one all-reduce of T·(7 + nbins) + 2 doubles, so every rank must build the Monitor alike
+and call ``step()`` and ``request()`` alike (with losses on every rank or on none). Only rank 0
+hands records to the sinks (``sinks_on_all_ranks=True`` for every rank). Custom quantities are
+each rank's own values.
 """
 
 from __future__ import annotations
@@ -35,9 +45,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library and its custom classes)
+from . import distributed as _dist
 
 __all__ = ["Monitor", "Quantity", "QuantityContext", "StepRecord", "Schedule", "every", "at_steps",
            "log_spaced", "on_demand", "JsonlSink", "CsvSink"]
@@ -155,17 +165,6 @@ class Quantity(abc.ABC):
 Sink = Callable[[StepRecord], Any]
 
 
-def _named_parameters(model_or_named_params) -> List[Tuple[str, torch.Tensor]]:
-    if isinstance(model_or_named_params, nn.Module):
-        # Frozen parameters have no gradients to measure.
-        return [(n, p) for n, p in model_or_named_params.named_parameters() if p.requires_grad]
-    named = [(str(n), p) for n, p in model_or_named_params]
-    for n, p in named:
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"Monitor: parameter {n!r} is a {type(p).__name__}, not a tensor")
-    return named
-
-
 class Monitor:
     """Parameter metrics, the gradient histogram and custom quantities of a model, each on its own
     schedule, handed to sinks without blocking the training step. See the module docs.
@@ -179,19 +178,29 @@ class Monitor:
       / ``update_size``; off, those names are absent from the records.
     - ``ring_slots``: steps in flight before ``step()`` waits for the oldest.
     - ``sinks``: callables taking a :class:`StepRecord` (e.g. :class:`JsonlSink`).
+    - ``process_group``: the group to combine over under torch.distributed (default: the
+      parameters' sharding group for FSDP2, else the default group when initialised);
+      ``sinks_on_all_ranks``: hand records to the sinks on every rank, not only rank 0.
     """
 
     def __init__(self, model_or_named_params, param_metrics: ScheduleLike = True, grad_hist: ScheduleLike = True,
                  nbins: int = 100, maxval: float = 0.05, per_tensor: bool = True,
                  weights_matrices_only: bool = False, track_init: bool = True, track_prev: bool = True,
-                 ring_slots: int = 64, sinks: Sequence[Sink] = ()):
-        named = _named_parameters(model_or_named_params)
-        self.names: List[str] = [n for n, _ in named]
-        self.params: List[torch.Tensor] = [p for _, p in named]
+                 ring_slots: int = 64, sinks: Sequence[Sink] = (), process_group=None,
+                 sinks_on_all_ranks: bool = False):
+        self.layout = _dist.param_layout(model_or_named_params, group=process_group)
+        self.names: List[str] = list(self.layout.names)
+        self.params: List[torch.Tensor] = list(self.layout.params)  # this rank's tensors
+        self.rank, self.world_size = _dist.rank_and_size(self.layout.group)
+        across = self.world_size > 1 or self.layout.any_sharded
+        # DTensor gradients live on the DTensors, not on their local tensors: passed at each step.
+        self._grads_from_layout = any(p is not q for p, q in zip(self.layout.originals, self.layout.params))
         self._m = torch.classes.trainscope.Monitor(
             self.names, self.params, _spec(param_metrics, "param_metrics"), _spec(grad_hist, "grad_hist"),
             int(nbins), float(maxval), bool(per_tensor), bool(weights_matrices_only), bool(track_init),
-            bool(track_prev), int(ring_slots))
+            bool(track_prev), int(ring_slots), self.layout.process_group if self.world_size > 1 else "",
+            list(self.layout.placements) if across else [], list(self.layout.full_dims) if across else [],
+            bool(sinks_on_all_ranks))
         self._quantities: List[Quantity] = []
         self._sinks: List[Sink] = []
         for s in sinks:
@@ -236,12 +245,12 @@ class Monitor:
         step = int(step)
         scalars: Dict[str, torch.Tensor] = {}
         ctx = None
+        grads = self.layout.grads()
         for q in self._quantities:
             if not self._m.due(q.key, step):
                 continue
             if ctx is None:
-                ctx = QuantityContext(step, self.names, self.params, [p.grad for p in self.params], losses,
-                                      dict(extras))
+                ctx = QuantityContext(step, self.names, self.params, grads, losses, dict(extras))
             with torch.no_grad():
                 out = q.compute(ctx)
             items = {"": out} if isinstance(out, torch.Tensor) else dict(out)
@@ -259,7 +268,8 @@ class Monitor:
             counts.append(c.detach())
             edges.append(_host_edges(e[0] if two_d else e))
             edges2.append(_host_edges(e[1]) if two_d else _NO_EDGES)
-        self._m.step(step, None if losses is None else losses.detach(), scalars, names, counts, edges, edges2)
+        self._m.step(step, None if losses is None else losses.detach(), scalars, names, counts, edges, edges2,
+                     [None if g is None else g.detach() for g in grads] if self._grads_from_layout else [])
         self._dispatch(self._m.take_records())  # the steps that finished before this one
 
     def poll(self) -> int:
@@ -283,6 +293,11 @@ class Monitor:
             for sink in self._sinks:
                 sink(rec)
         return len(records)
+
+    @property
+    def writes_records(self) -> bool:
+        """Whether this process hands records to the sinks (rank 0, or ``sinks_on_all_ranks``)."""
+        return bool(self._m.writes_records())
 
     def __enter__(self) -> "Monitor":
         return self

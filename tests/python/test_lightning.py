@@ -273,7 +273,7 @@ def test_only_global_zero_logs(tmp_path):
     records = []
     cb = tsl.TrainscopeCallback(per_sample=trainscope.every(1), sinks=[records.append])
     _, logger = fit(tmp_path, [cb], max_steps=3, trainer_cls=_NonZeroRankTrainer)
-    assert records == [] and cb.monitor is None
+    assert records == []  # the Monitor measures on every rank (collectives), only global zero logs
     try:
         scalars, hists = read_events(logger)
     except Exception:  # noqa: BLE001  (no event file at all is fine too)

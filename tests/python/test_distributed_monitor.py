@@ -1,0 +1,158 @@
+"""The Monitor and the Lightning callback under torch.distributed (gloo on CPU, 2 and 3
+processes): rank 0's records equal those of one process training on the concatenated batches, for
+DDP (replicated parameters) and FSDP2 (sharded DTensors); the other ranks write nothing."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trainscope
+from distributed_util import WORLD_SIZES, run_ranks
+
+STEPS, BATCH, NBINS = 3, 12, 16
+CONFIG = dict(grad_hist=trainscope.every(2), nbins=NBINS, maxval=0.05, weights_matrices_only=True)
+
+
+def _model():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(), torch.nn.Linear(9, 4))
+
+
+def _batches():
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(BATCH, 6, generator=g), torch.randint(0, 4, (BATCH,), generator=g)) for _ in range(STEPS)]
+
+
+def _train(model, params_of, monitor, rank=0, world_size=1):
+    opt = torch.optim.SGD(params_of(model), lr=0.5)
+    for step, (x, y) in enumerate(_batches()):
+        x, y = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()  # equal shares: the ranks' mean gradient is the whole batch's
+        opt.step()
+        monitor.step(step, losses.detach())
+        opt.zero_grad()
+    monitor.flush()
+
+
+def _as_dicts(records):
+    return [(r.step, dict(r.scalars), {k: (e, c) for k, (e, c) in r.histograms.items()}) for r in records]
+
+
+def _ranks_monitor(rank, world_size, tmp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    ddp = DDP(_model())
+    records = []
+    mon = trainscope.Monitor(ddp, sinks=[records.append, trainscope.JsonlSink(os.path.join(tmp, f"ddp{rank}.jsonl"))],
+                             **CONFIG)
+    _train(ddp, lambda m: m.parameters(), mon, rank, world_size)
+    out["ddp"] = (_as_dicts(records), mon.writes_records, mon.names)
+
+    model = _model()
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    records = []
+    mon = trainscope.Monitor(model, sinks=[records.append], **CONFIG)
+    _train(model, lambda m: m.parameters(), mon, rank, world_size)
+    out["fsdp"] = (_as_dicts(records), mon.writes_records, mon.names)
+    return out
+
+
+def _reference():
+    records = []
+    model = _model()
+    mon = trainscope.Monitor(model, sinks=[records.append], **CONFIG)
+    _train(model, lambda m: m.parameters(), mon)
+    return _as_dicts(records), mon.names
+
+
+def _assert_records_close(got, want):
+    assert [r[0] for r in got] == [r[0] for r in want]
+    for (_, gs, gh), (_, ws, wh) in zip(got, want):
+        assert list(gs) == list(ws)  # same names, same order
+        for name in ws:
+            assert gs[name] == pytest.approx(ws[name], rel=1e-5, abs=1e-7, nan_ok=True), name
+        assert list(gh) == list(wh)
+        for name in wh:
+            assert torch.equal(gh[name][0], wh[name][0]) and torch.equal(gh[name][1], wh[name][1]), name
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_monitor_across_ranks_equals_one_process(world_size, tmp_path):
+    results = run_ranks(world_size, _ranks_monitor, str(tmp_path))
+    want, names = _reference()
+    assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    for kind in ("ddp", "fsdp"):
+        records, writes, got_names = results[0][kind]
+        assert writes and got_names == names, kind
+        _assert_records_close(records, want)
+        assert "loss" in records[0][1] and "grad_hist1d" in records[0][2]
+        for rank in range(1, world_size):
+            records, writes, _ = results[rank][kind]
+            assert records == [] and not writes, (kind, rank)
+    assert os.path.exists(tmp_path / "ddp0.jsonl")
+    assert not any(os.path.exists(tmp_path / f"ddp{r}.jsonl") and os.path.getsize(tmp_path / f"ddp{r}.jsonl")
+                   for r in range(1, world_size))
+
+
+# -- Lightning, DDP strategy on processes started by the test (as torchrun would) ----------------
+
+def _lightning_module():
+    import lightning.pytorch as L
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            losses = F.cross_entropy(self.net(x), y, reduction="none")
+            return {"loss": losses.mean(), "losses": losses.detach()}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    return Module()
+
+
+def _ranks_lightning(rank, world_size, tmp):
+    import lightning.pytorch as L
+
+    # The processes exist already (started like torchrun's): Lightning joins the process group.
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size), NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    import trainscope.lightning as tsl
+
+    records = []
+    cb = tsl.TrainscopeCallback(grad_hist=None, sinks=[records.append])
+    data = [(x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]) for x, y in _batches()]
+    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy="ddp", max_steps=STEPS, callbacks=[cb],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp)
+    trainer.fit(_lightning_module(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    return _as_dicts(records)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_lightning_ddp_logs_the_whole_batch_on_rank_zero(world_size, tmp_path):
+    pytest.importorskip("lightning")
+    results = run_ranks(world_size, _ranks_lightning, str(tmp_path))
+    records = []
+    model = _model()
+    mon = trainscope.Monitor(model, grad_hist=None, sinks=[records.append])
+    _train(model, lambda m: m.parameters(), mon)
+    # The LightningModule names its parameters "net.<name>".
+    got = [(step, {k.replace("/net.", "/"): v for k, v in scalars.items()}, hists)
+           for step, scalars, hists in results[0]]
+    _assert_records_close(got, _as_dicts(records))
+    assert all(r == [] for r in results[1:])
