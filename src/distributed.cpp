@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -96,13 +98,28 @@ std::vector<TensorLayout> tensor_layouts(const std::vector<std::string>& placeme
 namespace {
 
 // Host values on `device` without waiting: through pinned memory (the caching host allocator
-// keeps the buffer until the copy is done).
+// keeps the buffer until the copy is done). Kept per device and values, so a training loop copies
+// its layout's constants once, and a step captured in a CUDA graph after an eager warm-up step
+// reads a device tensor that stays alive, not a host buffer that may be reused.
 at::Tensor host_values(const std::vector<double>& values, const at::Device& device) {
+  static std::mutex mutex;
+  // Never destroyed: freeing device memory after CUDA shut down at exit would fail.
+  static auto& cache = *new std::map<std::pair<std::string, std::vector<double>>, at::Tensor>();
+  constexpr size_t kMaxEntries = 64;
+  const auto key = std::make_pair(device.str(), values);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
   const auto host_opt = at::TensorOptions().dtype(at::kDouble).pinned_memory(device.is_cuda());
   at::Tensor host = at::empty({static_cast<int64_t>(values.size())}, host_opt);
   std::copy(values.begin(), values.end(), host.data_ptr<double>());
-  if (device.is_cpu()) return host;
-  return host.to(device, /*non_blocking=*/true);
+  at::Tensor out = device.is_cpu() ? host : host.to(device, /*non_blocking=*/true);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() >= kMaxEntries) cache.clear();
+  cache.emplace(key, out);
+  return out;
 }
 
 at::Tensor checked_extra(const char* op, at::Tensor* extra_sums, const at::Device& device) {

@@ -4,6 +4,7 @@ Every function takes tensors on the CPU or a CUDA device and returns tensors on 
 none of them waits for the GPU. See SPEC.md in the docs for the exact meaning of each metric.
 """
 
+from . import distributed  # noqa: F401  (trainscope.distributed: metrics across ranks)
 from ._ops import library_path
 from .dead_units import (
     DeadUnitCounter,
