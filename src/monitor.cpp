@@ -305,7 +305,9 @@ struct Monitor::Impl {
       grads[i] = given.empty() ? params[i].grad() : given[i];
       any = any || grads[i].defined();
     }
-    if (!any) return {};
+    // Across ranks the lists must agree on every rank (a rank whose FSDP shards are all empty
+    // has no gradients while the others have): there missing gradients are always zeros.
+    if (!any && !across_ranks()) return {};
     for (size_t i = 0; i < params.size(); ++i) {
       if (grads[i].defined()) continue;
       if (!zero_grads[i].defined()) zero_grads[i] = at::zeros_like(params[i], at::MemoryFormat::Contiguous);

@@ -31,7 +31,8 @@
 // A step at which nothing is due makes no record.
 // A parameter whose .grad() is undefined at a step (while others have one) is read as zeros,
 // from a zero tensor of its size kept from then on; when no parameter has a gradient, the
-// gradient metrics are NaN and the histogram counts are zero.
+// gradient metrics are NaN and the histogram counts are zero (across ranks, where the lists must
+// agree on every rank, missing gradients are always read as zeros).
 //
 // θ_prev refresh: update_size must mean the latest optimizer step, whatever step comes next
 // (an on-demand request can make any step due), so θ_prev ← θ at every step(): inside the fused

@@ -22,7 +22,7 @@ same order, with lists of the same length.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -140,7 +140,9 @@ def _fsdp1_shapes(model: nn.Module) -> dict:
     for prefix, mod in model.named_modules():
         if not isinstance(mod, FSDP):
             continue
-        flat = getattr(mod, "_flat_param", None) or getattr(getattr(mod, "_handle", None), "flat_param", None)
+        flat = getattr(mod, "_flat_param", None)
+        if flat is None:
+            flat = getattr(getattr(mod, "_handle", None), "flat_param", None)
         if flat is None or getattr(flat, "_fqns", None) is None:
             continue
         for fqn, shape in zip(flat._fqns, flat._shapes):
@@ -236,6 +238,20 @@ def _placements(layout: Optional[ParamLayout], placements, n: int) -> List[str]:
     return placements
 
 
+def _zeros_for_missing(grads, params: List[torch.Tensor]):
+    """A missing gradient (None: FSDP1 leaves an empty shard without one) as zeros of its
+    parameter's shape, so that the lists have the same length on every rank."""
+    if grads is None or isinstance(grads, torch.Tensor) or isinstance(grads, Mapping):
+        return grads
+    items = list(grads)
+    if any(t is None for t in items):
+        if len(params) != len(items):
+            raise ValueError("param_stats_across_ranks: grads has None entries; give params (the same length) "
+                             "so that they read as zeros")
+        items = [torch.zeros_like(q) if t is None else t for t, q in zip(items, params)]
+    return items
+
+
 def param_stats_across_ranks(
     grads=None,
     params=None,
@@ -263,10 +279,9 @@ def param_stats_across_ranks(
     if weight_magnitude_of not in ("all", "matrices"):
         raise ValueError(f"param_stats_across_ranks: weight_magnitude_of must be 'all' or 'matrices', "
                          f"got {weight_magnitude_of!r}")
-    g, p = tensor_list(grads, "grads"), tensor_list(params, "params")
+    p = [local_tensor(t) for t in tensor_list(params, "params")]
     p0, pp = tensor_list(init_params, "init_params"), tensor_list(prev_params, "prev_params")
-    g = [local_tensor(t) for t in g]
-    p = [local_tensor(t) for t in p]
+    g = [local_tensor(t) for t in tensor_list(_zeros_for_missing(grads, p), "grads")]
     if not (g or p or p0 or pp):
         raise ValueError("param_stats_across_ranks: no tensors given (every tensor list is empty)")
     if refresh_prev and not pp:

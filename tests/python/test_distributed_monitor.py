@@ -1,6 +1,7 @@
 """The Monitor and the Lightning callback under torch.distributed (gloo on CPU, 2 and 3
 processes): rank 0's records equal those of one process training on the concatenated batches, for
-DDP (replicated parameters) and FSDP2 (sharded DTensors); the other ranks write nothing."""
+DDP (replicated parameters), FSDP2 (sharded DTensors) and FSDP1 (flat shards of the original
+parameters); the other ranks write nothing."""
 
 import os
 
@@ -64,6 +65,16 @@ def _ranks_monitor(rank, world_size, tmp):
     mon = trainscope.Monitor(model, sinks=[records.append], **CONFIG)
     _train(model, lambda m: m.parameters(), mon, rank, world_size)
     out["fsdp"] = (_as_dicts(records), mon.writes_records, mon.names)
+
+    # FSDP1 with the original parameters: flat 1-D shards of them, some empty.
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    fsdp1 = FSDP1(_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    records = []
+    mon = trainscope.Monitor(fsdp1, sinks=[records.append], **CONFIG)
+    out["fsdp1_layout"] = (mon.layout.placements, mon.layout.full_dims, [p.dim() for p in mon.params])
+    _train(fsdp1, lambda m: m.parameters(), mon, rank, world_size)
+    out["fsdp1"] = (_as_dicts(records), mon.writes_records, mon.names)
     return out
 
 
@@ -91,7 +102,8 @@ def test_monitor_across_ranks_equals_one_process(world_size, tmp_path):
     results = run_ranks(world_size, _ranks_monitor, str(tmp_path))
     want, names = _reference()
     assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    for kind in ("ddp", "fsdp"):
+    assert results[0]["fsdp1_layout"] == (["sharded"] * 4, [2, 1, 2, 1], [1, 1, 1, 1])
+    for kind in ("ddp", "fsdp", "fsdp1"):
         records, writes, got_names = results[0][kind]
         assert writes and got_names == names, kind
         _assert_records_close(records, want)
