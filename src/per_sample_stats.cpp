@@ -46,9 +46,7 @@ PerSampleParts& PerSampleParts::operator+=(const PerSampleParts& other) {
   return *this;
 }
 
-at::Tensor per_sample_stats_from_parts(const PerSampleParts& parts) {
-  nvtx3::scoped_range range{"trainscope::per_sample_stats_from_parts"};
-  const char* op = "trainscope::per_sample_stats_from_parts";
+int64_t check_per_sample_parts(const char* op, const PerSampleParts& parts, int64_t min_batch) {
   TORCH_CHECK(parts.sq_norms.defined() && parts.dots.defined() && parts.mean_sq_norm.defined(), op,
               ": sq_norms, dots and mean_sq_norm must all be given");
   TORCH_CHECK(parts.sq_norms.dim() == 1, op, ": sq_norms must be 1-D [B], got shape ", parts.sq_norms.sizes());
@@ -63,28 +61,49 @@ at::Tensor per_sample_stats_from_parts(const PerSampleParts& parts) {
     TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": parts must be floating point, got ", t->scalar_type());
   }
   const int64_t b = parts.sq_norms.size(0);
-  TORCH_CHECK(b >= 2, op, ": the per-sample statistics need a batch of B >= 2 samples, got B = ", b);
+  check_batch_size(op, "sq_norms", b, min_batch);
+  return b;
+}
 
-  // In float64: the statistics subtract nearly equal quantities (Σ‖gᵢ‖²/‖ḡ‖² and B, say).
-  const at::Tensor sq = parts.sq_norms.to(at::kDouble);
-  const at::Tensor dots = parts.dots.to(at::kDouble);
-  const at::Tensor m = parts.mean_sq_norm.to(at::kDouble).reshape({});
-  const double B = static_cast<double>(b), pairs = B * (B - 1.0);
-  const at::Tensor sum_sq = sq.sum();
+void check_batch_size(const char* op, const char* arg, int64_t b, int64_t min_batch) {
+  if (min_batch >= 2) {
+    TORCH_CHECK(b >= min_batch, op, ": the per-sample statistics need a batch of B >= 2 samples, got B = ", b);
+  } else {
+    TORCH_CHECK(b >= min_batch, op, ": ", arg, " holds B_r = ", b,
+                " samples on this rank; with the batch split over several ranks every rank needs at least one "
+                "sample (so that the whole batch has B >= 2 without reading device values)");
+  }
+}
+
+at::Tensor per_sample_stats_from_sums(const at::Tensor& batch, const at::Tensor& sum_sq, const at::Tensor& sum_dev_sq,
+                                      const at::Tensor& sum_dots_sq, const at::Tensor& mean_sq_norm) {
+  const at::Tensor& B = batch;
+  const at::Tensor& m = mean_sq_norm;
+  const at::Tensor pairs = B * (B - 1.0);
   const at::Tensor norm_test = (sum_sq / m - B) / pairs;
-  const at::Tensor inner_test = (dots - m).square().sum() / (pairs * m.square());
-  // ‖gᵢ − (gᵢ·ḡ/‖ḡ‖²) ḡ‖² = ‖gᵢ‖² − (gᵢ·ḡ)²/‖ḡ‖²
-  const at::Tensor ortho_test = (sum_sq - dots.square().sum() / m) / (pairs * m);
+  const at::Tensor inner_test = sum_dev_sq / (pairs * m.square());
+  // Σ‖gᵢ − (gᵢ·ḡ/‖ḡ‖²) ḡ‖² = Σ‖gᵢ‖² − Σ(gᵢ·ḡ)²/‖ḡ‖²
+  const at::Tensor ortho_test = (sum_sq - sum_dots_sq / m) / (pairs * m);
   const at::Tensor trace = (sum_sq - B * m) / (B - 1.0);
   const at::Tensor sq_norm_unbiased = m - trace / B;
   const at::Tensor noise_scale = trace / sq_norm_unbiased;
   return at::stack({norm_test, inner_test, ortho_test, trace, sq_norm_unbiased, noise_scale});
 }
 
-namespace {
+at::Tensor per_sample_stats_from_parts(const PerSampleParts& parts) {
+  nvtx3::scoped_range range{"trainscope::per_sample_stats_from_parts"};
+  const int64_t b = check_per_sample_parts("trainscope::per_sample_stats_from_parts", parts, 2);
 
-// SPEC.md §5 checks, before any work; returns B.
-int64_t check_per_sample_grads(const char* op, at::TensorList grads, const PerSampleOptions& o) {
+  // In float64: the statistics subtract nearly equal quantities (Σ‖gᵢ‖²/‖ḡ‖² and B, say).
+  // B is a host scalar (a 0-d CPU tensor) here; across ranks it is the device sum of the ranks'.
+  const at::Tensor sq = parts.sq_norms.to(at::kDouble);
+  const at::Tensor dots = parts.dots.to(at::kDouble);
+  const at::Tensor m = parts.mean_sq_norm.to(at::kDouble).reshape({});
+  return per_sample_stats_from_sums(at::scalar_tensor(static_cast<double>(b), at::kDouble), sq.sum(),
+                                    (dots - m).square().sum(), dots.square().sum(), m);
+}
+
+int64_t check_per_sample_grads(const char* op, at::TensorList grads, const PerSampleOptions& o, int64_t min_batch) {
   TORCH_CHECK(!grads.empty(), op, ": per_sample_grads is empty");
   int64_t b = -1;
   at::Device device = at::kCPU;
@@ -105,12 +124,14 @@ int64_t check_per_sample_grads(const char* op, at::TensorList grads, const PerSa
     TORCH_CHECK(t.size(0) == b, op, ": per_sample_grads[", i, "] has batch size ", t.size(0),
                 " but per_sample_grads[0] has ", b, "; every entry is [B, *param_shape] with one B");
   }
-  TORCH_CHECK(b >= 2, op, ": the per-sample statistics need a batch of B >= 2 samples, got B = ", b);
+  check_batch_size(op, "per_sample_grads", b, min_batch);
   if (o.histogram) {
     check_hist_axis(op, "nbins", o.nbins, "maxval", o.maxval);
   }
   return b;
 }
+
+namespace {
 
 struct Outputs {
   at::Tensor sq, dots, msq, nonfinite, hist;
@@ -260,9 +281,10 @@ PerSampleParts parts_of_rows(const at::Tensor& rows) {
   return {rows.square().sum(1), at::mv(rows, mean), mean.square().sum()};
 }
 
-PerSampleStats per_sample_parts_impl(const char* op, at::TensorList per_sample_grads, const PerSampleOptions& o) {
+PerSampleStats per_sample_parts_impl(const char* op, at::TensorList per_sample_grads, const PerSampleOptions& o,
+                                     int64_t min_batch) {
   nvtx3::scoped_range range{op};
-  const int64_t b = check_per_sample_grads(op, per_sample_grads, o);
+  const int64_t b = check_per_sample_grads(op, per_sample_grads, o, min_batch);
   const at::Device device = per_sample_grads[0].device();
 
   std::vector<at::Tensor> keep;

@@ -105,21 +105,32 @@ at::Tensor loss_across_ranks(const at::Tensor& per_sample_losses, const RankGrou
 
 // Per-sample statistics (per_sample_stats.h) of the batch split over the ranks, each rank
 // passing the per-sample gradients of its own samples (each [B_r, *param_shape], the same shapes
-// after the batch dim on every rank). They equal those of the concatenated batch: ḡ is the mean
-// over all Σ B_r samples (one all-reduce of the parameter-sized gradient sums, in float64), then
-// each rank takes its samples' ‖gᵢ‖² and gᵢ·ḡ against it and
-// per_sample_stats_from_local_parts finishes (one all-reduce of a few doubles and the histogram).
+// after the batch dim on every rank). They equal those of the concatenated batch of
+// B = Σ_r B_r samples:
+//   1. one all-reduce of P + 1 doubles (P the elements of a sample's gradient): every rank's
+//      Σᵢ gᵢ (float64, formed in column chunks of bounded size) and B_r, giving the global
+//      ḡ = Σ_r Σᵢ gᵢ / B on every rank, B staying a device value;
+//   2. this rank's ‖gᵢ‖² (the fused pass of per_sample_stats, which also counts the histogram
+//      and the non-finite elements) and gᵢ·ḡ against the global ḡ, float64;
+//   3. per_sample_stats_from_local_parts: one all-reduce of 4 + nbins + 1 doubles (the sums
+//      below, the histogram counts and the non-finite count; exact up to 2^53).
 // In a group of more than one rank every rank needs B_r >= 1 (c10::Error naming
-// per_sample_grads otherwise), so that Σ B_r >= 2 holds without reading device values. The
-// returned parts are this rank's (against the global ḡ); stats, hist and nonfinite are global.
+// per_sample_grads otherwise), so that B >= 2 holds without reading device values. The
+// returned parts are this rank's (B_r entries, against the global ḡ); stats, hist and
+// nonfinite are the whole batch's, the same on every rank. A group of one: per_sample_stats.
+// Bad input throws before the first all-reduce — on that rank only, so the other ranks would
+// wait in it: pass every rank inputs that pass the checks.
 PerSampleStats per_sample_stats_across_ranks(at::TensorList per_sample_grads, const RankGroup& group,
                                              const PerSampleOptions& options = {});
 
 // The six statistics [kNumPerSampleStats] (float64) of the whole batch from each rank's parts,
-// which must be taken against the *global* ḡ (so ‖ḡ‖² is the same on every rank). The
-// statistics are sums over samples, so one all-reduce of [B_r, Σ‖gᵢ‖², Σ(gᵢ·ḡ − ‖ḡ‖²)²,
-// Σ(gᵢ·ḡ)²] (plus `extra_sums`, as in param_stats_across_ranks) finishes them; the formulas are
-// per_sample_stats_from_parts's. B_r >= 1 on every rank of a group of more than one (see above).
+// which must be taken against the *global* ḡ (so ‖ḡ‖² is the same on every rank): layer factors
+// computed against a shared ḡ, say. The statistics are sums over samples, so one all-reduce of
+// [B_r, Σ‖gᵢ‖², Σ(gᵢ·ḡ − ‖ḡ‖²)², Σ(gᵢ·ḡ)²] (plus `extra_sums`, as in param_stats_across_ranks:
+// a float64 tensor on the parts' device, replaced by its sum over the ranks) finishes them with
+// per_sample_stats_from_parts's formulas (shared code); B stays on the device. B_r >= 1 on every
+// rank of a group of more than one (c10::Error naming sq_norms otherwise). A group of one:
+// per_sample_stats_from_parts, and extra_sums left as it is (its own sum).
 at::Tensor per_sample_stats_from_local_parts(const PerSampleParts& local, const RankGroup& group,
                                              at::Tensor* extra_sums = nullptr);
 

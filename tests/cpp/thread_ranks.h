@@ -13,6 +13,7 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -77,5 +78,23 @@ class ThreadRanks {
   std::condition_variable cv_;
   int64_t arrived_ = 0, generation_ = 0;
 };
+
+// fn(rank, group) on one thread per rank (ThreadRanks::run); the results in rank order.
+template <typename Result>
+std::vector<Result> collect_ranks(int64_t size,
+                                  const std::function<Result(int64_t, const trainscope::RankGroup&)>& fn) {
+  ThreadRanks ranks(size);
+  std::vector<Result> out(static_cast<size_t>(size));
+  ranks.run([&](int64_t rank, const trainscope::RankGroup& group) { out[static_cast<size_t>(rank)] = fn(rank, group); });
+  return out;
+}
+
+// A group of `size` whose all-reduce must not be reached: for checks that must fail before it
+// (on one thread: a rank that throws there would leave the others waiting).
+inline trainscope::RankGroup unreachable_group(int64_t rank, int64_t size) {
+  return trainscope::RankGroup(
+      rank, size, [](at::Tensor&) { throw std::logic_error("trainscope_test: the all-reduce was reached"); },
+      "unreachable");
+}
 
 }  // namespace trainscope_test
