@@ -459,6 +459,7 @@ void GramAccumulator::add(const at::Tensor& acts) {
     device_ = acts.device();
   }
   observations_ += x.size(0);
+  if (x.size(0) == 0) return;  // a batch of zero rows (a rank with no probe data left) adds nothing
 
   if (!keeps_rows()) {
     write_gram(x, tc::GramSide::kUnits, unit_gram_, unit_gram_.data_ptr<double>(), units_, 1.0);

@@ -4,6 +4,7 @@
 #include "trainscope/representation.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <memory>
 #include <string>
@@ -12,6 +13,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <nvtx3/nvtx3.hpp>
+
+#include "trainscope/distributed.h"
 
 namespace trainscope {
 
@@ -118,6 +121,66 @@ RepresentationMetrics RepresentationAccumulator::result() const {
     m.rank = rank_measures(at::TensorList(rows), options_.rank);
   }
   return m;
+}
+
+RepresentationMetrics RepresentationAccumulator::result(const RankGroup& group) const {
+  if (!group.is_distributed()) return result();
+  nvtx3::scoped_range range{"trainscope::RepresentationAccumulator::result_across_ranks"};
+  const int64_t num_layers = static_cast<int64_t>(names_.size());
+  for (int64_t i = 0; i < num_layers; ++i) {
+    TORCH_CHECK(grams_[i].units() >= 0, kOp, ": no batch has been added on rank ", group.rank(), " of ", group.size(),
+                " (layer ", names_[i], "); every rank must add at least one batch before the results are combined "
+                "(a batch of zero rows will do)");
+  }
+  const at::Device device = dead_[0].counts().device();
+  for (int64_t i = 1; i < num_layers; ++i) {
+    TORCH_CHECK(dead_[i].counts().device() == device, kOp, ": layer ", names_[i], " is on ",
+                dead_[i].counts().device(), " but layer ", names_[0], " is on ", device,
+                "; combining across ranks needs every layer on one device");
+  }
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
+
+  // [observations (L) | counts of every layer | ΦᵀΦ of every layer], float64.
+  std::vector<at::Tensor> pieces;
+  for (const DeadUnitCounter& d : dead_) pieces.push_back(at::full({1}, static_cast<double>(d.observations()), f64));
+  for (const DeadUnitCounter& d : dead_) pieces.push_back(d.counts().to(at::kDouble));
+  for (const GramAccumulator& g : grams_) pieces.push_back(g.unit_gram().reshape({-1}));
+  at::Tensor packed = at::cat(pieces);
+  group.all_reduce_sum_(packed);
+
+  const at::Tensor obs_host = packed.narrow(0, 0, num_layers).to(at::kCPU);  // the one wait
+  RepresentationMetrics m;
+  m.names = names_;
+  std::vector<at::Tensor> counts, fractions, grams;
+  int64_t offset = num_layers;
+  for (int64_t i = 0; i < num_layers; ++i) {
+    const int64_t units = grams_[i].units();
+    const at::Tensor c = packed.narrow(0, offset, units).round().to(at::kLong);
+    offset += units;
+    const int64_t observations = std::llround(obs_host.data_ptr<double>()[i]);
+    const DeadUnits d = dead_units_from_counts(c, observations, dead_[i].options().tau);
+    counts.push_back(d.count);
+    fractions.push_back(d.fraction);
+    m.active_fraction.push_back(d.active_fraction);
+    m.units.push_back(units);
+    m.observations.push_back(observations);
+  }
+  for (int64_t i = 0; i < num_layers; ++i) {
+    const int64_t units = grams_[i].units();
+    grams.push_back(packed.narrow(0, offset, units * units).view({units, units}));
+    offset += units * units;
+  }
+  m.dead_units = at::stack(counts);
+  m.dead_fraction = at::stack(fractions);
+  m.rank = rank_measures_from_grams(grams, options_.rank.prop);  // one batched eigensolve
+  return m;
+}
+
+std::vector<int64_t> RepresentationAccumulator::units() const {
+  std::vector<int64_t> out;
+  out.reserve(grams_.size());
+  for (const GramAccumulator& g : grams_) out.push_back(g.units());
+  return out;
 }
 
 void RepresentationAccumulator::reset() {

@@ -10,6 +10,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include "trainscope/distributed.h"
 #include "trainscope/representation.h"
 
 namespace trainscope {
@@ -39,8 +40,18 @@ struct RepresentationAccumulatorHolder : torch::CustomClassHolder {
 
   void add(std::vector<at::Tensor> acts) { acc.add(acts); }
 
-  ResultTuple result() {
-    const RepresentationMetrics m = acc.result();
+  ResultTuple result() { return as_tuple(acc.result()); }
+
+  // The whole probe set's metrics when every rank of the process group (by name, "" for none)
+  // streamed its own part: a collective (RepresentationAccumulator::result(group)).
+  ResultTuple result_across_ranks(std::string process_group) {
+    return as_tuple(acc.result(RankGroup::from_process_group(process_group)));
+  }
+
+  // Units per layer, -1 for a layer no batch has reached.
+  std::vector<int64_t> units() { return acc.units(); }
+
+  static ResultTuple as_tuple(const RepresentationMetrics& m) {
     c10::Dict<std::string, at::Tensor> summary;
     for (const auto& [name, value] : m.summary()) summary.insert(name, value);
     return {m.dead_units,
@@ -69,5 +80,7 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
       .def(torch::init<std::vector<std::string>, std::vector<std::string>, double, double, double, std::string>())
       .def("add", &RepresentationAccumulatorHolder::add)
       .def("result", &RepresentationAccumulatorHolder::result)
+      .def("result_across_ranks", &RepresentationAccumulatorHolder::result_across_ranks)
+      .def("units", &RepresentationAccumulatorHolder::units)
       .def("reset", &RepresentationAccumulatorHolder::reset);
 }

@@ -18,6 +18,11 @@
 // Python RepresentationProbe does it from its hooks and restores it). Streaming keeps per-unit
 // active counts (dead_units.h) and a Gram matrix (rank.h) per layer on the device; one batched
 // eigensolve across layers finishes it.
+//
+// Across the ranks of a torch.distributed job (each rank streaming its own part of the probe
+// set), RepresentationAccumulator::result(group) sums what adds up — per-unit active counts,
+// observation counts and ΦᵀΦ — over the ranks before the eigensolve, so the metrics are those of
+// the whole probe set (see distributed.h for RankGroup).
 #pragma once
 
 #include <cstdint>
@@ -32,6 +37,8 @@
 #include "trainscope/rank.h"
 
 namespace trainscope {
+
+class RankGroup;  // distributed.h
 
 struct RepresentationOptions {
   // Dead-unit criterion of every layer: dead.kind, unless `kinds` names one kind per layer.
@@ -69,8 +76,20 @@ class RepresentationAccumulator {
   // One batch: one tensor per layer, in the order of `names`.
   void add(const std::vector<at::Tensor>& acts);
   RepresentationMetrics result() const;  // throws c10::Error before the first add
+  // The metrics of the whole probe set when every rank of `group` has streamed its own part:
+  // per layer, the active counts, the observation count and ΦᵀΦ [units, units] are summed over
+  // the ranks in ONE all-reduce of Σ_l (1 + units_l + units_l²) doubles (exact for counts up to
+  // 2^53), then dead units and the rank measures are taken as result() takes them (one batched
+  // eigensolve of the summed ΦᵀΦ; RankMethod::kSvd too, since the rows stay on their ranks). The
+  // L observation counts are read back to the host (host values of RepresentationMetrics): the one
+  // wait for the device. A collective: every rank calls it, with the same layers and units, after
+  // adding at least one batch (a batch of zero rows will do: it fixes units and device and adds
+  // nothing); a rank without one throws c10::Error saying so. A group of one: result().
+  RepresentationMetrics result(const RankGroup& group) const;
   void reset();
   const std::vector<std::string>& names() const { return names_; }
+  // Units per layer, -1 for a layer no batch has reached yet.
+  std::vector<int64_t> units() const;
 
  private:
   std::vector<std::string> names_;
