@@ -54,11 +54,6 @@ std::vector<at::Tensor> rows_of(const std::vector<at::Tensor>& grads, int64_t st
   return out;
 }
 
-bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
-  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.device() == b.device() &&
-         at::equal(a.contiguous().reshape({-1}).view(at::kByte), b.contiguous().reshape({-1}).view(at::kByte));
-}
-
 void expect_all_close(const at::Tensor& got, const at::Tensor& want, double rel, const char* what) {
   SCOPED_TRACE(what);
   const at::Tensor g = as_double_cpu(got), w = as_double_cpu(want);

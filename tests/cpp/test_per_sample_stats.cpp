@@ -120,12 +120,6 @@ int64_t finite_count(const std::vector<at::Tensor>& grads) {
   return n;
 }
 
-// True when the raw bytes are equal (at::equal treats NaN as unequal).
-bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
-  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
-         at::equal(a.contiguous().reshape({-1}).view(at::kByte), b.contiguous().reshape({-1}).view(at::kByte));
-}
-
 void expect_parts_close(const PerSampleParts& p, const Reference& r, double rel, const char* what) {
   SCOPED_TRACE(what);
   ASSERT_EQ(p.sq_norms.sizes(), (std::vector<int64_t>{r.batch}));
