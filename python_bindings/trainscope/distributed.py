@@ -312,3 +312,82 @@ def param_stats_across_ranks(
 def loss_across_ranks(losses: torch.Tensor, process_group=None) -> torch.Tensor:
     """Mean of the per-sample losses of the whole batch (every rank's share): one all-reduce."""
     return torch.ops.trainscope.loss_across_ranks(losses.detach(), group_name(process_group))
+
+
+# ================================================================================================
+# Per-sample gradient statistics across ranks
+#
+# The batch is split over the ranks; every statistic of SPEC.md §2 equals the single-process one
+# on the concatenated batch of B = Σ_r B_r samples. They are sums over samples once every rank
+# holds the global mean gradient ḡ:
+#
+# - per_sample_stats_across_ranks (materialised per-sample gradients): one all-reduce of the
+#   parameter-sized Σᵢ gᵢ and B_r (P + 1 doubles) gives ḡ; each rank then takes ‖gᵢ‖² and gᵢ·ḡ
+#   of its samples (float64) and
+# - per_sample_stats_from_local_parts finishes with one all-reduce of [B_r, Σ‖gᵢ‖²,
+#   Σ(gᵢ·ḡ − ‖ḡ‖²)², Σ(gᵢ·ḡ)²] (plus the histogram counts and the non-finite count, as float64,
+#   exact up to 2^53).
+#
+# Every rank needs at least one sample (B_r >= 1) when the group has several ranks, so that
+# B >= 2 holds without reading device values; a rank that fails a check raises before the first
+# all-reduce, while the others wait in it: give every rank valid inputs. PerSampleHooks (layer
+# factors) and RepresentationProbe use the same machinery (see their docstrings).
+
+from .per_sample_stats import PerSampleParts, PerSampleStats, per_sample_stats as _local_per_sample_stats  # noqa: E402
+from .per_sample_stats import _as_grad_list  # noqa: E402
+
+__all__ += ["THIS_PROCESS", "active_group", "per_sample_stats_across_ranks", "per_sample_stats_from_local_parts"]
+
+
+class _ThisProcess:
+    """The process_group that means "this process's data alone", even under torch.distributed."""
+
+    def __repr__(self) -> str:
+        return "trainscope.distributed.THIS_PROCESS"
+
+
+#: Pass as ``process_group`` to measure this rank's own data alone (no collective), where the
+#: default (None) would combine over the default group of an initialised torch.distributed.
+THIS_PROCESS = _ThisProcess()
+
+
+def active_group(process_group=None):
+    """The process group a metric is combined over, or None when it is this process's alone:
+    ``process_group`` is :data:`THIS_PROCESS`, or torch.distributed is not initialised (with
+    ``process_group=None``), or the group has one rank."""
+    if process_group is THIS_PROCESS:
+        return None
+    g = resolve_group(process_group)
+    if g is None:
+        return None
+    return g if rank_and_size(g)[1] > 1 else None
+
+
+def per_sample_stats_across_ranks(per_sample_grads, process_group=None, histogram: bool = True, nbins: int = 100,
+                                  maxval: float = 0.05) -> PerSampleStats:
+    """:func:`trainscope.per_sample_stats` of a batch split over the ranks: each rank passes the
+    per-sample gradients of its own samples (a tensor, list or dict, each [B_r, *param_shape], the
+    same shapes on every rank, B_r >= 1). Every rank gets the statistics, histogram and non-finite
+    count of the whole batch; ``parts`` are this rank's samples against the global ḡ (tied to the
+    group, so ``parts.stats()`` combines again). Two all-reduces: P + 1 doubles, then
+    5 + nbins. ``process_group``: None for the default group (one process when torch.distributed
+    is not initialised), :data:`THIS_PROCESS` for this rank alone."""
+    g = active_group(process_group)
+    if g is None:
+        return _local_per_sample_stats(per_sample_grads, histogram=histogram, nbins=nbins, maxval=maxval)
+    sq, dots, msq, stats, hist, nonfinite = torch.ops.trainscope.per_sample_stats_across_ranks(
+        _as_grad_list(per_sample_grads), group_name(g), bool(histogram), int(nbins), float(maxval))
+    return PerSampleStats(PerSampleParts(sq, dots, msq, g), stats, hist, nonfinite)
+
+
+def per_sample_stats_from_local_parts(parts: PerSampleParts, process_group=None) -> torch.Tensor:
+    """The six statistics [6] (float64, PER_SAMPLE_STATS order) of the whole batch from each
+    rank's :class:`PerSampleParts`, taken against the *global* ḡ (the same ‖ḡ‖² on every rank):
+    one all-reduce of four doubles. ``process_group``: None for ``parts.group`` if set, else the
+    default group; :data:`THIS_PROCESS` (or one process) gives ``per_sample_stats_from_parts``."""
+    if not isinstance(parts, PerSampleParts):
+        raise TypeError(f"per_sample_stats_from_local_parts: parts must be PerSampleParts, got {type(parts).__name__}")
+    g = active_group(process_group if process_group is not None else parts.group)
+    stats, _ = torch.ops.trainscope.per_sample_stats_from_local_parts(
+        parts.sq_norms, parts.dots, parts.mean_sq_norm, group_name(g) if g is not None else "", None)
+    return stats

@@ -40,6 +40,10 @@ The functions below take one layer's input and output gradient directly; their
 The factors are exact when sample i's output depends on sample i's input alone (no batch norm
 across samples between a layer and the loss). Results stay on the inputs' device; nothing
 here waits for the GPU.
+
+Under torch.distributed (DDP), :class:`PerSampleHooks` combines the ranks' shares of the batch:
+its statistics and histograms are those of the whole batch, by default over the default process
+group (see the class docstring for what travels and the scaling convention).
 """
 
 from __future__ import annotations
@@ -229,6 +233,98 @@ def layer_per_sample_grad_hist2d(module: nn.Module, input: torch.Tensor, grad_ou
 
 
 # ------------------------------------------------------------------------------------------------
+# One module's share of a batch split over ranks: the pieces of the cross-rank statistics
+#
+# Per layer, the sum of the per-sample weight gradients Σᵢ Gᵢ = δᵀx (one GEMM over all rows;
+# per group after unfolding a convolution) and of the bias gradients Σ δ, then, once the global
+# Ḡ and b̄ are known, the per-sample inner products gᵢ·ḡ = Σ_t δ_it·(Ḡ x_it) + (Σ_t δ_it)·b̄. Both
+# in float64 (the statistics subtract nearly equal numbers), over tiles of samples whose float64
+# temporaries stay below _TILE_ELEMS elements.
+
+_TILE_ELEMS = 1 << 24
+
+
+def _layer_tile(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
+    """Samples per tile of the float64 passes."""
+    b = x.shape[0]
+    per_sample = (x.numel() + grad.numel()) // max(b, 1)
+    if isinstance(module, nn.Conv2d):
+        kk = module.kernel_size[0] * module.kernel_size[1]
+        per_sample += (grad.numel() // max(b, 1)) // max(module.out_channels, 1) * module.in_channels * kk
+    return max(1, _TILE_ELEMS // max(2 * per_sample, 1))
+
+
+def _layer_problems(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> list:
+    """The layer's samples as linear problems, one per conv group: [(X [b, T, k], Δ [b, T, o])],
+    float64, where Gᵢ = Σ_t Δ_itᵀ X_it is sample i's gradient of the group's [o, k] block of the
+    weight viewed as [d_out, -1]."""
+    b = x.shape[0]
+    if isinstance(module, nn.Linear):
+        return [(x.reshape(b, -1, x.shape[-1]).double(), grad.reshape(b, -1, grad.shape[-1]).double())]
+    xp, padding = _conv_input(module, x)
+    cols = F.unfold(xp.double(), module.kernel_size, dilation=module.dilation, padding=padding,
+                    stride=module.stride).transpose(1, 2)           # [b, L, C_in·kh·kw]
+    delta = grad.double().flatten(2).transpose(1, 2)               # [b, L, C_out]
+    return list(zip(cols.chunk(module.groups, dim=2), delta.chunk(module.groups, dim=2)))
+
+
+def _layer_grad_sum(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Σᵢ gᵢ of the layer's samples, float64, flat: the weight's [d_out, k] sum, then the bias's."""
+    tile = _layer_tile(module, x, grad)
+    w_sum = b_sum = None
+    for start in range(0, x.shape[0], tile):
+        problems = _layer_problems(module, x[start:start + tile], grad[start:start + tile])
+        w = torch.cat([d.reshape(-1, d.shape[-1]).T @ xx.reshape(-1, xx.shape[-1]) for xx, d in problems])
+        bias = torch.cat([d.sum((0, 1)) for _, d in problems])
+        w_sum, b_sum = (w, bias) if w_sum is None else (w_sum + w, b_sum + bias)
+    parts = [w_sum.reshape(-1)] + ([b_sum] if _tracks_bias(module) else [])
+    return torch.cat(parts)
+
+
+def _layer_dots(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """gᵢ·ḡ [b] float64 of the layer's samples, ḡ the flat mean gradient of _layer_grad_sum's layout."""
+    d_out = grad.shape[1] if isinstance(module, nn.Conv2d) else grad.shape[-1]
+    n_w = mean.numel() - (d_out if _tracks_bias(module) else 0)
+    w_mean = mean[:n_w].reshape(d_out, -1)
+    b_mean = mean[n_w:] if _tracks_bias(module) else None
+    tile = _layer_tile(module, x, grad)
+    out = []
+    for start in range(0, x.shape[0], tile):
+        problems = _layer_problems(module, x[start:start + tile], grad[start:start + tile])
+        o = d_out // len(problems)
+        dots = 0
+        for j, (xx, d) in enumerate(problems):
+            dots = dots + ((xx @ w_mean[j * o:(j + 1) * o].T) * d).sum((1, 2))
+            if b_mean is not None:
+                dots = dots + d.sum(1) @ b_mean[j * o:(j + 1) * o]
+        out.append(dots)
+    return torch.cat(out)
+
+
+def _layer_sq_norms(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, method: str) -> torch.Tensor:
+    """‖gᵢ‖² [b] float64 by the local op (which needs two samples: a single one goes in twice,
+    ‖gᵢ‖² being each sample's own)."""
+    if x.shape[0] == 1:
+        x, grad = torch.cat([x, x]), torch.cat([grad, grad])
+        return layer_per_sample_parts(module, x, grad, method).sq_norms[:1]
+    return layer_per_sample_parts(module, x, grad, method).sq_norms
+
+
+def _sum_over_ranks(counts: torch.Tensor, process_group) -> torch.Tensor:
+    """Additive results (histogram counts) summed over the ranks of the active group, if any."""
+    from .distributed import active_group
+
+    group = active_group(process_group)
+    if group is None:
+        return counts
+    import torch.distributed as dist
+
+    counts = counts.contiguous()
+    dist.all_reduce(counts, group=group)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------
 # Module hooks
 
 
@@ -276,6 +372,28 @@ class PerSampleHooks:
     ``optimizer.step()``.
 
     The captured inputs are held until the next pass, :meth:`clear` or :meth:`remove`.
+
+    **Under torch.distributed** (DDP: every rank runs forward and backward on its own share of the
+    batch) :meth:`layer_parts`, :meth:`parts`, :meth:`stats`, :meth:`grad_hist1d` and
+    :meth:`grad_hist2d` describe the whole batch, as one process would on the concatenated batch
+    with the same ``loss_reduction``: by default over the default process group when it is
+    initialised (``process_group=`` another group, or
+    :data:`trainscope.distributed.THIS_PROCESS` for this rank's share alone). They are then
+    collectives: call them on every rank, in the same order (a call on rank 0 alone waits for the
+    others forever). With several ranks, :meth:`layer_parts` costs, per layer and in float64, the
+    local Σᵢ Gᵢ = δᵀx and Σ δ (for a convolution after unfolding, per group), ONE all-reduce of
+    every layer's sums and B_r (the parameter count + 1 doubles) giving the global Ḡ and b̄, then
+    gᵢ·ḡ = Σ_t δ_it·(Ḡ x_it) + (Σ_t δ_it)·b̄ (one more float64 GEMM per layer) and ‖gᵢ‖² from the
+    local route (``method``); :meth:`stats` adds one all-reduce of four doubles
+    (:func:`trainscope.distributed.per_sample_stats_from_local_parts`), the histograms one of
+    their counts. Each rank's ``loss_reduction="mean"`` is the mean over its own B_r samples (what
+    DDP runs), so its captured gradients are scaled back by B_r: every rank's gᵢ is ∇ℓᵢ, and all
+    six statistics, the scale-dependent ``grad_variance_trace`` and ``grad_sq_norm_unbiased``
+    included, equal the single-process ones on the whole batch with a mean-reduced loss (a loss
+    reduced otherwise, e.g. divided by the global batch, changes only those two and the
+    histograms, as on one process). Every rank needs at least one sample; the parameters need
+    not be whole for the statistics (only x and δ are read), but :meth:`grad_hist2d` pairs
+    gradients with the parameter values this rank holds.
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Iterable[Union[nn.Module, str]]] = None, *,
@@ -408,8 +526,18 @@ class PerSampleHooks:
             out.append((name, module, cap.input, grad))
         return out
 
-    def layer_parts(self) -> dict:
-        """{layer name: PerSampleParts} of every tracked layer that ran in the latest pass."""
+    def layer_parts(self, process_group=None) -> dict:
+        """{layer name: PerSampleParts} of every tracked layer that ran in the latest pass.
+
+        Under torch.distributed (``process_group``: None for the default group when initialised,
+        or a group; :data:`trainscope.distributed.THIS_PROCESS` for this rank alone) each rank's
+        parts are its own samples against the global ḡ of the whole batch, tied to the group (a
+        collective: every rank calls it; see the class docstring)."""
+        from .distributed import active_group
+
+        group = active_group(process_group)
+        if group is not None:
+            return self._layer_parts_across_ranks(group)
         out = {}
         for name, module, x, g in self._ready():
             p = layer_per_sample_parts(module, x, g, self.method)
@@ -419,13 +547,47 @@ class PerSampleHooks:
             out[name] = p
         return out
 
-    def parts(self) -> PerSampleParts:
-        """PerSampleParts summed over the tracked layers."""
-        return sum(self.layer_parts().values())
+    def _layer_parts_across_ranks(self, group) -> dict:
+        """layer_parts over the ranks of ``group``: one all-reduce of every layer's Σᵢ gᵢ and B_r."""
+        import torch.distributed as dist
 
-    def stats(self) -> torch.Tensor:
-        """The six statistics [6], in PER_SAMPLE_STATS order (needs B >= 2)."""
-        return self.parts().stats()
+        ready = self._ready()
+        b = ready[0][2].shape[0]
+        for name, _, x, _ in ready:
+            if x.shape[0] != b:
+                raise ValueError(f"PerSampleHooks: layer {name!r} saw {x.shape[0]} samples but layer "
+                                 f"{ready[0][0]!r} saw {b}; every tracked layer must see the whole batch")
+        if b < 1:
+            raise ValueError("PerSampleHooks: this rank's batch has no samples; with the batch split over ranks "
+                             "every rank needs at least one")
+        # Every rank's gradients are ∇ℓᵢ of its own samples: a mean-reduced loss over this rank's B_r
+        # samples gives ∇ℓᵢ / B_r, scaled back by B_r here.
+        scale = float(b) if self.loss_reduction == "mean" else 1.0
+        sums = [_layer_grad_sum(m, x, g) * scale for _, m, x, g in ready]
+        device = sums[0].device
+        packed = torch.cat([t.to(device) for t in sums] + [torch.full((1,), float(b), dtype=torch.float64,
+                                                                       device=device)])
+        dist.all_reduce(packed, group=group)
+        total = packed[-1]  # B, on the device
+        out, offset = {}, 0
+        for (name, module, x, g), local_sum in zip(ready, sums):
+            n = local_sum.numel()
+            mean = (packed[offset:offset + n] / total).to(local_sum.device)
+            offset += n
+            dots = _layer_dots(module, x, g, mean) * scale
+            sq = _layer_sq_norms(module, x, g, self.method) * (scale * scale)
+            out[name] = PerSampleParts(sq, dots, mean.square().sum(), group)
+        return out
+
+    def parts(self, process_group=None) -> PerSampleParts:
+        """PerSampleParts summed over the tracked layers (this rank's, against the global ḡ, under
+        torch.distributed: see :meth:`layer_parts`)."""
+        return sum(self.layer_parts(process_group).values())
+
+    def stats(self, process_group=None) -> torch.Tensor:
+        """The six statistics [6], in PER_SAMPLE_STATS order (needs B >= 2): of the whole batch over
+        the ranks under torch.distributed (a collective; ``process_group`` as in :meth:`layer_parts`)."""
+        return self.parts(process_group).stats()
 
     def _hist_grad(self, grad: torch.Tensor) -> torch.Tensor:
         if self.loss_reduction == "sum":
@@ -433,21 +595,30 @@ class PerSampleHooks:
         acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
         return grad.to(acc) * grad.shape[0]
 
-    def grad_hist1d(self, nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
-        """Exact int64 histogram [nbins] of all per-sample gradient elements of the tracked layers."""
+    def grad_hist1d(self, nbins: int = 100, maxval: float = 0.05, process_group=None) -> torch.Tensor:
+        """Exact int64 histogram [nbins] of all per-sample gradient elements of the tracked layers
+        (of the whole batch under torch.distributed: the ranks' counts summed, one all-reduce)."""
         hists = [layer_per_sample_grad_hist1d(m, x, self._hist_grad(g), nbins, maxval)
                  for _, m, x, g in self._ready()]
-        return functools.reduce(torch.add, hists)
+        return _sum_over_ranks(functools.reduce(torch.add, hists), process_group)
 
     def grad_hist2d(self, nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
-                    maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                    maxval_param: float = 1.0, process_group=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Joint histogram of (per-sample gradient element, parameter value) over the tracked
-        layers: (counts [nbins_grad, nbins_param] int64, nonfinite [] int64)."""
+        layers: (counts [nbins_grad, nbins_param] int64, nonfinite [] int64); summed over the
+        ranks under torch.distributed (one all-reduce; the parameters must be whole on every
+        rank, as under DDP)."""
         results = [layer_per_sample_grad_hist2d(m, x, self._hist_grad(g), nbins_grad, maxval_grad,
                                                 nbins_param, maxval_param)
                    for _, m, x, g in self._ready()]
-        return (functools.reduce(torch.add, [c for c, _ in results]),
-                functools.reduce(torch.add, [n for _, n in results]))
+        counts = functools.reduce(torch.add, [c for c, _ in results])
+        nonfinite = functools.reduce(torch.add, [n for _, n in results])
+        from .distributed import active_group
+
+        if active_group(process_group) is None:
+            return counts, nonfinite
+        packed = _sum_over_ranks(torch.cat([counts.reshape(-1), nonfinite.reshape(1)]), process_group)
+        return packed[:-1].view_as(counts), packed[-1]
 
     # -- lifetime
 

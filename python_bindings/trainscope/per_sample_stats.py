@@ -16,7 +16,7 @@ stays on the inputs' device; nothing here waits for the GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
 import torch
@@ -31,11 +31,18 @@ PER_SAMPLE_STATS = ("norm_test", "inner_test", "ortho_test", "grad_variance_trac
 
 @dataclass
 class PerSampleParts:
-    """‖gᵢ‖² [B], gᵢ·ḡ [B] and ‖ḡ‖² []; parts of different layers add with ``+``."""
+    """‖gᵢ‖² [B], gᵢ·ḡ [B] and ‖ḡ‖² []; parts of different layers add with ``+``.
+
+    ``group``: None when the parts are the whole batch's; otherwise the torch.distributed process
+    group over whose ranks the batch is split: the parts are this rank's samples, taken against
+    the global ḡ (as :func:`trainscope.distributed.per_sample_stats_across_ranks` and
+    ``PerSampleHooks.parts()`` under torch.distributed return them), and :meth:`stats` combines
+    them across the group (a collective)."""
 
     sq_norms: torch.Tensor
     dots: torch.Tensor
     mean_sq_norm: torch.Tensor
+    group: object = field(default=None, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -46,14 +53,22 @@ class PerSampleParts:
             return NotImplemented
         if other.batch_size != self.batch_size:
             raise ValueError(f"PerSampleParts: batch sizes differ ({self.batch_size} and {other.batch_size})")
+        if other.group is not self.group:
+            raise ValueError("PerSampleParts: parts of one batch split over ranks (against the global mean) and "
+                             "parts of a whole batch (or of another process group) do not add up")
         return PerSampleParts(self.sq_norms + other.sq_norms, self.dots + other.dots,
-                              self.mean_sq_norm + other.mean_sq_norm)
+                              self.mean_sq_norm + other.mean_sq_norm, self.group)
 
     def __radd__(self, other):
         return self if other == 0 else self.__add__(other)  # so sum(list_of_parts) works
 
     def stats(self) -> torch.Tensor:
-        """The six statistics, in PER_SAMPLE_STATS order."""
+        """The six statistics, in PER_SAMPLE_STATS order (of the whole batch over ``group``'s ranks
+        when the parts have a group: then a collective)."""
+        if self.group is not None:
+            from .distributed import per_sample_stats_from_local_parts
+
+            return per_sample_stats_from_local_parts(self, self.group)
         return torch.ops.trainscope.per_sample_stats_from_parts(self.sq_norms, self.dots, self.mean_sq_norm)
 
 
