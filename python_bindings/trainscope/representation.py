@@ -13,6 +13,29 @@ a unit is a channel and every spatial position one more observation. The batches
 the C++ accumulator (``torch.classes.trainscope.RepresentationAccumulator``): per-unit active counts
 and a Gram matrix per layer stay on the device, and one batched eigensolve across layers finishes
 the run. Every result is a tensor on the model's device; nothing here waits for the GPU.
+
+Under torch.distributed (by default the default process group when it is initialised;
+``process_group=`` another group, or :data:`trainscope.distributed.THIS_PROCESS` for this rank
+alone) the probe set is spread over the ranks and the results are those of the whole set:
+
+- a probe *tensor* (the same on every rank) is cut into contiguous parts (``tensor_split``), one
+  per rank; an iterable (a DataLoader, say with a DistributedSampler) is each rank's own share,
+  capped at ceil(num_examples / W) examples per rank;
+- every rank runs the same number of forward passes, since a DDP or FSDP forward is itself a
+  collective: for a tensor, ceil(ceil(N / W) / batch_size) from host numbers; for an iterable,
+  the ranks agree before each batch (``all_gather_object`` of the batch's shape, dtype and device
+  type); a rank with no data left runs a batch of zero rows (the model must accept one), which
+  adds nothing;
+- :meth:`RepresentationAccumulator.result` combines: the ranks first check (one
+  ``all_gather_object``) that they measured the same layers with the same units and that each
+  added a batch, raising the same error on every rank otherwise; then ONE all-reduce (in C++,
+  ``result_across_ranks``) sums every layer's per-unit active counts, observation count and
+  ΦᵀΦ [units, units] (float64) before dead units and the batched eigensolve (``method="svd"``
+  too solves the summed ΦᵀΦ: the rows stay on their ranks), and the observation counts are read
+  back to the host (the one wait for the device).
+
+``weights=True`` measures the weights this rank holds (``to_local()`` of DTensors): the whole
+matrices under DDP, only this rank's shard under FSDP (not the whole matrix's ranks).
 """
 
 from __future__ import annotations
@@ -25,6 +48,7 @@ import torch
 from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library and its custom classes)
+from .distributed import THIS_PROCESS, active_group, group_name, local_tensor, rank_and_size
 from .rank import RankMeasures, rank_measures
 
 #: Metric names of RepresentationResult.per_layer and .summary, as logs spell them.
@@ -96,9 +120,23 @@ class RepresentationAccumulator:
             acts = [acts[n] for n in self.names]
         self._acc.add([a.detach() for a in acts])
 
-    def result(self) -> RepresentationResult:
+    def units(self) -> List[int]:
+        """Units per layer, -1 for a layer no batch has reached yet."""
+        return list(self._acc.units())
+
+    def result(self, process_group=None) -> RepresentationResult:
+        """The metrics of what was added; under torch.distributed (``process_group`` None: the
+        default group when initialised; :data:`trainscope.distributed.THIS_PROCESS`: this rank
+        alone) those of every rank's batches together — a collective, see the module docstring.
+        Every rank must have added at least one batch (zero rows will do)."""
+        group = active_group(process_group)
+        if group is None:
+            out = self._acc.result()
+        else:
+            self._check_ranks_agree(group)
+            out = self._acc.result_across_ranks(group_name(group))
         (dead, dead_fraction, active_fraction, erank, arank, abs_arank, srank, units, observations,
-         summary) = self._acc.result()
+         summary) = out
         per_layer = {"dead_units": dead, "dead_fraction": dead_fraction, "effective_rank": erank,
                      "approximate_rank": arank, "abs_approximate_rank": abs_arank, "stable_rank": srank}
         return RepresentationResult(
@@ -109,6 +147,24 @@ class RepresentationAccumulator:
     def reset(self) -> None:
         self._acc.reset()
 
+    def _check_ranks_agree(self, group) -> None:
+        """Every rank measured the same layers with the same units and added a batch; the same
+        error on every rank otherwise (rather than a mismatched all-reduce)."""
+        import torch.distributed as dist
+
+        mine = (self.names, self.units())
+        everyone = [None] * rank_and_size(group)[1]
+        dist.all_gather_object(everyone, mine, group=group)
+        for r, (names, units) in enumerate(everyone):
+            if any(u < 0 for u in units):
+                raise RuntimeError(f"RepresentationAccumulator.result: rank {r} of the process group has added no "
+                                   "batch; every rank must add at least one (a batch of zero rows will do) before "
+                                   "the results are combined")
+            if (names, units) != everyone[0]:
+                raise RuntimeError(f"RepresentationAccumulator.result: rank {r} measured layers {names} with units "
+                                   f"{units}, rank 0 {everyone[0][0]} with {everyone[0][1]}; every rank must measure "
+                                   "the same layers")
+
 
 def weight_rank_measures(model: nn.Module, prop: float = 0.99, method: str = "gram") -> Dict[str, RankMeasures]:
     """Rank measures of every weight matrix of ``model`` (parameters named ``weight`` with at least
@@ -118,8 +174,9 @@ def weight_rank_measures(model: nn.Module, prop: float = 0.99, method: str = "gr
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() >= 2:
+            w = local_tensor(w.detach())  # this rank's part of a DTensor (FSDP2): see the module docstring
             names.append(name or "weight")
-            mats.append(w.detach().reshape(w.shape[0], -1))
+            mats.append(w.flatten(1))  # [out, in * prod(k)], also for an empty shard
     if not mats:
         return {}
     r = rank_measures(mats, prop=prop, method=method)
@@ -148,6 +205,9 @@ class RepresentationProbe:
     - ``prop``, ``method``: the rank measures' share and "gram"/"svd".
     - ``weights``: also measure the ranks of every weight matrix (:func:`weight_rank_measures`).
     - ``forward``: how to run the model on one batch of inputs (default ``model(x)``).
+    - ``process_group``: under torch.distributed, the ranks that share the probe set (None: the
+      default group when initialised; :data:`trainscope.distributed.THIS_PROCESS`: this rank
+      alone). Calling the probe is then a collective; see the module docstring.
 
     Calling the probe runs the probe set in batches of ``batch_size`` under ``torch.no_grad()``
     with the model in eval mode (``train_mode=True`` keeps it as it is), restores every module's
@@ -157,7 +217,7 @@ class RepresentationProbe:
     def __init__(self, model: nn.Module, probe_set, layers=None, batch_size: int = 500, kind="auto",
                  eps: float = 0.01, tau: float = 0.0, prop: float = 0.99, method: str = "gram",
                  num_examples: int = 2000, weights: bool = False, train_mode: bool = False,
-                 forward: Optional[Callable[[nn.Module, torch.Tensor], object]] = None):
+                 forward: Optional[Callable[[nn.Module, torch.Tensor], object]] = None, process_group=None):
         if batch_size < 1:
             raise ValueError(f"RepresentationProbe: batch_size must be >= 1, got {batch_size}")
         if num_examples < 1:
@@ -169,6 +229,7 @@ class RepresentationProbe:
         self.kind, self.eps, self.tau, self.prop, self.method = kind, eps, tau, prop, method
         self.weights, self.train_mode = weights, train_mode
         self.forward = forward or (lambda m, x: m(x))
+        self.process_group = process_group
         self.modules = self._select_modules(layers)
 
     def _select_modules(self, layers) -> Dict[str, nn.Module]:
@@ -196,25 +257,69 @@ class RepresentationProbe:
             return self.kind.get(name, self.kind.get(base, _activation_kind(module)))
         return _activation_kind(module) if self.kind == "auto" else self.kind
 
-    def _batches(self) -> Iterable[torch.Tensor]:
+    def _batches(self, group=None) -> Iterable[torch.Tensor]:
         data = self.probe_set
         if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
             data = data[0]
         if isinstance(data, torch.Tensor):
             data = data[: self.num_examples]
-            for start in range(0, data.shape[0], self.batch_size):
-                yield data[start:start + self.batch_size]
+            if group is None:
+                for start in range(0, data.shape[0], self.batch_size):
+                    yield data[start:start + self.batch_size]
+                return
+            # This rank's contiguous part; the same number of batches on every rank (zero rows
+            # where a part runs out), from host numbers alike on every rank.
+            rank, world = rank_and_size(group)
+            part = data.tensor_split(world)[rank]
+            longest = -(-data.shape[0] // world)
+            for b in range(-(-longest // self.batch_size)):
+                yield part[b * self.batch_size:(b + 1) * self.batch_size]
             return
+        if group is None:
+            yield from self._own_batches(data, self.num_examples)
+            return
+        yield from self._agreed_batches(data, group)
+
+    @staticmethod
+    def _own_batches(data, limit: int) -> Iterable[torch.Tensor]:
         seen = 0
         for batch in data:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = x[: self.num_examples - seen]
+            x = x[: limit - seen]
             seen += x.shape[0]
             yield x
-            if seen >= self.num_examples:
+            if seen >= limit:
                 return
 
+    def _agreed_batches(self, data, group) -> Iterable[torch.Tensor]:
+        """This rank's own batches of an iterable, as many on every rank: before each, the ranks
+        exchange what they have (shape after the batch dim, dtype, device type, or None when done);
+        a rank that is done runs zero rows shaped as another rank's batch until all are done."""
+        import torch.distributed as dist
+
+        world = rank_and_size(group)[1]
+        own = iter(self._own_batches(data, -(-self.num_examples // world)))
+        empty = None
+        while True:
+            x = next(own, None)
+            mine = None if x is None else (tuple(x.shape[1:]), x.dtype, x.device.type)
+            everyone = [None] * world
+            dist.all_gather_object(everyone, mine, group=group)
+            if all(d is None for d in everyone):
+                return
+            if x is None:
+                if empty is None:
+                    shape, dtype, device_type = next(d for d in everyone if d is not None)
+                    device = (torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda"
+                              else torch.device(device_type))
+                    empty = torch.empty((0, *shape), dtype=dtype, device=device)
+                x = empty
+            else:
+                empty = x[:0]
+            yield x
+
     def __call__(self) -> RepresentationResult:
+        group = active_group(self.process_group)
         calls: Dict[str, List[torch.Tensor]] = {name: [] for name in self.modules}
 
         def hook_for(name):
@@ -229,7 +334,7 @@ class RepresentationProbe:
             if not self.train_mode:
                 self.model.eval()
             with torch.no_grad():
-                for x in self._batches():
+                for x in self._batches(group):
                     for v in calls.values():
                         v.clear()
                     self.forward(self.model, x)
@@ -255,7 +360,7 @@ class RepresentationProbe:
                 m.training = training
         if acc is None:
             raise ValueError("RepresentationProbe: probe_set gave no examples")
-        result = acc.result()
+        result = acc.result(process_group=group if group is not None else THIS_PROCESS)
         if self.weights:
             result.weights = weight_rank_measures(self.model, self.prop, self.method)
         return result
