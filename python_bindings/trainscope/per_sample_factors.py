@@ -391,9 +391,10 @@ class PerSampleHooks:
     six statistics, the scale-dependent ``grad_variance_trace`` and ``grad_sq_norm_unbiased``
     included, equal the single-process ones on the whole batch with a mean-reduced loss (a loss
     reduced otherwise, e.g. divided by the global batch, changes only those two and the
-    histograms, as on one process). Every rank needs at least one sample; the parameters need
-    not be whole for the statistics (only x and δ are read), but :meth:`grad_hist2d` pairs
-    gradients with the parameter values this rank holds.
+    histograms, as on one process). Every rank needs at least one sample (a rank without one
+    raises before the first all-reduce, leaving the others waiting in it). The statistics and
+    :meth:`grad_hist1d` read only the captured x and δ, never the parameters; :meth:`grad_hist2d`
+    pairs gradients with the parameter values this rank holds, which must be whole (DDP).
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Iterable[Union[nn.Module, str]]] = None, *,
