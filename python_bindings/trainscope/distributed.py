@@ -30,6 +30,8 @@ from torch import nn
 from . import _ops  # noqa: F401  (loads the op library)
 from ._lists import tensor_list
 from .param_stats import ParamStats, loss as _local_loss
+from .per_sample_stats import PerSampleParts, PerSampleStats, _as_grad_list
+from .per_sample_stats import per_sample_stats as _local_per_sample_stats
 
 __all__ = [
     "ParamLayout",
@@ -333,8 +335,6 @@ def loss_across_ranks(losses: torch.Tensor, process_group=None) -> torch.Tensor:
 # all-reduce, while the others wait in it: give every rank valid inputs. PerSampleHooks (layer
 # factors) and RepresentationProbe use the same machinery (see their docstrings).
 
-from .per_sample_stats import PerSampleParts, PerSampleStats, per_sample_stats as _local_per_sample_stats  # noqa: E402
-from .per_sample_stats import _as_grad_list  # noqa: E402
 
 __all__ += ["THIS_PROCESS", "active_group", "per_sample_stats_across_ranks", "per_sample_stats_from_local_parts"]
 

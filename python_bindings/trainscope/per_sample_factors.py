@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library)
+from .distributed import active_group, clean_param_name
 from .per_sample_stats import PerSampleParts
 
 #: The route: "ghost"/"tiled" (the Ḡ route, ‖Gᵢ‖² by the ghost norm or tiled), "gram" (the Gram
@@ -312,8 +313,6 @@ def _layer_sq_norms(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, meth
 
 def _sum_over_ranks(counts: torch.Tensor, process_group) -> torch.Tensor:
     """Additive results (histogram counts) summed over the ranks of the active group, if any."""
-    from .distributed import active_group
-
     group = active_group(process_group)
     if group is None:
         return counts
@@ -416,10 +415,12 @@ class PerSampleHooks:
 
     @staticmethod
     def _select(model: nn.Module, layers) -> list:
-        names = {m: n for n, m in model.named_modules()}
+        # Layers are named by the model's own names (without DDP's "module." and the like).
+        names = {m: clean_param_name(n) for n, m in model.named_modules()}
         if layers is None:
             chosen = []
             for name, module in model.named_modules():
+                name = clean_param_name(name)
                 if not any(p.requires_grad for p in module.parameters(recurse=False)):
                     continue
                 if not _supported(module):
@@ -534,8 +535,7 @@ class PerSampleHooks:
         or a group; :data:`trainscope.distributed.THIS_PROCESS` for this rank alone) each rank's
         parts are its own samples against the global ḡ of the whole batch, tied to the group (a
         collective: every rank calls it; see the class docstring)."""
-        from .distributed import active_group
-
+    
         group = active_group(process_group)
         if group is not None:
             return self._layer_parts_across_ranks(group)
@@ -614,8 +614,7 @@ class PerSampleHooks:
                    for _, m, x, g in self._ready()]
         counts = functools.reduce(torch.add, [c for c, _ in results])
         nonfinite = functools.reduce(torch.add, [n for _, n in results])
-        from .distributed import active_group
-
+    
         if active_group(process_group) is None:
             return counts, nonfinite
         packed = _sum_over_ranks(torch.cat([counts.reshape(-1), nonfinite.reshape(1)]), process_group)

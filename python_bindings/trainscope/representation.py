@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library and its custom classes)
-from .distributed import THIS_PROCESS, active_group, group_name, local_tensor, rank_and_size
+from .distributed import THIS_PROCESS, active_group, clean_param_name, group_name, local_tensor, rank_and_size
 from .rank import RankMeasures, rank_measures
 
 #: Metric names of RepresentationResult.per_layer and .summary, as logs spell them.
@@ -175,7 +175,7 @@ def weight_rank_measures(model: nn.Module, prop: float = 0.99, method: str = "gr
         w = getattr(module, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() >= 2:
             w = local_tensor(w.detach())  # this rank's part of a DTensor (FSDP2): see the module docstring
-            names.append(name or "weight")
+            names.append(clean_param_name(name) or "weight")
             mats.append(w.flatten(1))  # [out, in * prod(k)], also for an empty shard
     if not mats:
         return {}
@@ -234,7 +234,8 @@ class RepresentationProbe:
 
     def _select_modules(self, layers) -> Dict[str, nn.Module]:
         if layers is None:
-            chosen = {n: m for n, m in self.model.named_modules() if type(m) in ACTIVATION_KINDS}
+            # Named by the model's own names (without DDP's "module." and the like).
+            chosen = {clean_param_name(n): m for n, m in self.model.named_modules() if type(m) in ACTIVATION_KINDS}
             if not chosen:
                 raise ValueError("RepresentationProbe: the model has no activation module "
                                  f"({', '.join(sorted(c.__name__ for c in ACTIVATION_KINDS))}); pass layers=")

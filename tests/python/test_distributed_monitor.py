@@ -126,6 +126,9 @@ def _lightning_module():
             super().__init__()
             self.net = _model()
 
+        def forward(self, x):
+            return self.net(x)
+
         def training_step(self, batch, batch_idx):
             x, y = batch
             losses = F.cross_entropy(self.net(x), y, reduction="none")
@@ -137,34 +140,43 @@ def _lightning_module():
     return Module()
 
 
-def _ranks_lightning(rank, world_size, tmp):
-    import lightning.pytorch as L
+def _probe_inputs():
+    return torch.randn(10, 6, generator=torch.Generator().manual_seed(9))
 
-    # The processes exist already (started like torchrun's): Lightning joins the process group.
-    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size), NODE_RANK="0",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+
+def _fit(rank, world_size, tmp):
+    """The Lightning run: every family on, each rank its share of every batch."""
+    import lightning.pytorch as L
     import trainscope.lightning as tsl
 
     records = []
-    cb = tsl.TrainscopeCallback(grad_hist=None, sinks=[records.append])
+    cb = tsl.TrainscopeCallback(grad_hist=trainscope.every(2), nbins=NBINS, per_sample=trainscope.every(1),
+                                representation=trainscope.at_steps([0, 2]), probe_inputs=_probe_inputs(),
+                                probe_options=dict(batch_size=3), sinks=[records.append])
     data = [(x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]) for x, y in _batches()]
-    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy="ddp", max_steps=STEPS, callbacks=[cb],
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp)
+    multi = dict(devices=world_size, strategy="ddp") if world_size > 1 else dict(devices=1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, callbacks=[cb], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        default_root_dir=tmp, **multi)
     trainer.fit(_lightning_module(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     return _as_dicts(records)
 
 
+def _ranks_lightning(rank, world_size, tmp):
+    # The processes exist already (started like torchrun's): Lightning joins the process group.
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size), NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    return _fit(rank, world_size, tmp)
+
+
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_lightning_ddp_logs_the_whole_batch_on_rank_zero(world_size, tmp_path):
+    """Parameter metrics, histogram, per-sample statistics and representation metrics of a DDP run
+    on 2 or 3 ranks, logged by rank 0, equal those of one process on the whole batches."""
     pytest.importorskip("lightning")
-    results = run_ranks(world_size, _ranks_lightning, str(tmp_path))
-    records = []
-    model = _model()
-    mon = trainscope.Monitor(model, grad_hist=None, sinks=[records.append])
-    _train(model, lambda m: m.parameters(), mon)
-    # The LightningModule names its parameters "net.<name>".
-    got = [(step, {k.replace("/net.", "/"): v for k, v in scalars.items()}, hists)
-           for step, scalars, hists in results[0]]
-    _assert_records_close(got, _as_dicts(records))
+    results = run_ranks(world_size, _ranks_lightning, str(tmp_path / "ddp"))
+    want = _fit(0, 1, str(tmp_path / "one"))
+    assert any("trainscope" not in k and k.startswith("per_sample/") for k in want[0][1])
+    assert any(k.startswith("representation/") for k in want[0][1])
+    _assert_records_close(results[0], want)
     assert all(r == [] for r in results[1:])
