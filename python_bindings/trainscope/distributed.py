@@ -53,6 +53,18 @@ PLACEMENTS = ("replicated", "sharded")
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 
+class _ThisProcess:
+    """The process_group that means "this process's data alone", even under torch.distributed."""
+
+    def __repr__(self) -> str:
+        return "trainscope.distributed.THIS_PROCESS"
+
+
+#: Pass as ``process_group`` to measure this rank's own data alone (no collective), where the
+#: default (None) would combine over the default group of an initialised torch.distributed.
+THIS_PROCESS = _ThisProcess()
+
+
 def _dist():
     """torch.distributed when it is available and initialised, else None."""
     import torch.distributed as dist
@@ -62,7 +74,9 @@ def _dist():
 
 def resolve_group(group=None):
     """The process group to combine over: ``group`` itself, or the default group when
-    torch.distributed is initialised, or None (one process)."""
+    torch.distributed is initialised, or None (one process; also for :data:`THIS_PROCESS`)."""
+    if group is THIS_PROCESS:
+        return None
     if group is not None:
         return group
     dist = _dist()
@@ -339,16 +353,6 @@ def loss_across_ranks(losses: torch.Tensor, process_group=None) -> torch.Tensor:
 __all__ += ["THIS_PROCESS", "active_group", "per_sample_stats_across_ranks", "per_sample_stats_from_local_parts"]
 
 
-class _ThisProcess:
-    """The process_group that means "this process's data alone", even under torch.distributed."""
-
-    def __repr__(self) -> str:
-        return "trainscope.distributed.THIS_PROCESS"
-
-
-#: Pass as ``process_group`` to measure this rank's own data alone (no collective), where the
-#: default (None) would combine over the default group of an initialised torch.distributed.
-THIS_PROCESS = _ThisProcess()
 
 
 def active_group(process_group=None):
