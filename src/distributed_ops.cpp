@@ -8,6 +8,7 @@
 
 #include <torch/library.h>
 
+#include "src/param_stats_internal.h"
 #include "trainscope/distributed.h"
 
 namespace trainscope {
@@ -20,12 +21,7 @@ Result param_stats_across_ranks_op(at::TensorList grads, at::TensorList params, 
                                    at::IntArrayRef full_dims, const std::string& process_group, bool histogram,
                                    int64_t nbins, double maxval, bool weights_matrices_only, bool refresh_prev,
                                    const std::optional<at::Tensor>& extra_sums) {
-  ParamStatsOptions o;
-  o.histogram = histogram;
-  o.nbins = nbins;
-  o.maxval = maxval;
-  o.weights_matrices_only = weights_matrices_only;
-  o.refresh_prev = refresh_prev;
+  const ParamStatsOptions o = param_stats_options(histogram, nbins, maxval, weights_matrices_only, refresh_prev);
   at::Tensor extra = extra_sums.has_value() ? extra_sums->clone() : at::Tensor();
   const ParamStats s = param_stats_across_ranks(grads, params, init_params, prev_params,
                                                 tensor_layouts(placements, full_dims.vec()),

@@ -17,22 +17,11 @@ ParamStatsTuple as_tuple(const ParamStats& s) {
   return {s.metrics, s.per_tensor, s.nonfinite, s.nonfinite_per_tensor, s.hist, s.hist_per_tensor};
 }
 
-ParamStatsOptions options(bool histogram, int64_t nbins, double maxval, bool weights_matrices_only,
-                          bool refresh_prev) {
-  ParamStatsOptions o;
-  o.histogram = histogram;
-  o.nbins = nbins;
-  o.maxval = maxval;
-  o.weights_matrices_only = weights_matrices_only;
-  o.refresh_prev = refresh_prev;
-  return o;
-}
-
 ParamStatsTuple param_stats_op(at::TensorList grads, at::TensorList params, at::TensorList init_params,
                                at::TensorList prev_params, bool histogram, int64_t nbins, double maxval,
                                bool weights_matrices_only) {
   return as_tuple(param_stats_impl("trainscope.param_stats", grads, params, init_params, prev_params,
-                                   options(histogram, nbins, maxval, weights_matrices_only, false)));
+                                   param_stats_options(histogram, nbins, maxval, weights_matrices_only, false)));
 }
 
 ParamStatsTuple param_stats_refresh_op(at::TensorList grads, at::TensorList params,
@@ -40,7 +29,7 @@ ParamStatsTuple param_stats_refresh_op(at::TensorList grads, at::TensorList para
                                        bool histogram, int64_t nbins, double maxval,
                                        bool weights_matrices_only) {
   return as_tuple(param_stats_impl("trainscope.param_stats", grads, params, init_params, prev_params,
-                                   options(histogram, nbins, maxval, weights_matrices_only, true)));
+                                   param_stats_options(histogram, nbins, maxval, weights_matrices_only, true)));
 }
 
 at::Tensor loss_op(const at::Tensor& losses) { return loss(losses); }

@@ -46,3 +46,17 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 180.0) -> list:
                         p.kill()
                 raise TimeoutError(f"run_ranks: {fn.__name__} on {world_size} ranks did not finish in {timeout} s")
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def fully_shard_linears(model, world_size: int):
+    """``model`` under FSDP2 on a CPU mesh of the group: each nn.Linear its own unit, then the
+    model; every parameter becomes a DTensor sharded on dim 0."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import trainscope
-from distributed_util import WORLD_SIZES, run_ranks
+from distributed_util import WORLD_SIZES, fully_shard_linears, run_ranks
 
 STEPS, BATCH, NBINS = 3, 12, 16
 CONFIG = dict(grad_hist=trainscope.every(2), nbins=NBINS, maxval=0.05, weights_matrices_only=True)
@@ -43,8 +43,6 @@ def _as_dicts(records):
 
 
 def _ranks_monitor(rank, world_size, tmp):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = {}
@@ -55,12 +53,7 @@ def _ranks_monitor(rank, world_size, tmp):
     _train(ddp, lambda m: m.parameters(), mon, rank, world_size)
     out["ddp"] = (_as_dicts(records), mon.writes_records, mon.names)
 
-    model = _model()
-    mesh = init_device_mesh("cpu", (world_size,))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fully_shard_linears(_model(), world_size)
     records = []
     mon = trainscope.Monitor(model, sinks=[records.append], **CONFIG)
     _train(model, lambda m: m.parameters(), mon, rank, world_size)

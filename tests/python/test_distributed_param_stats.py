@@ -7,7 +7,7 @@ import torch
 
 import trainscope
 import trainscope.distributed as tsd
-from distributed_util import WORLD_SIZES, run_ranks
+from distributed_util import WORLD_SIZES, fully_shard_linears, run_ranks
 
 NBINS, MAXVAL = 16, 0.05
 
@@ -112,8 +112,6 @@ def _batch(rank, world_size):
 
 
 def _ranks_models(rank, world_size):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = {}
@@ -129,12 +127,7 @@ def _ranks_models(rank, world_size):
     out["ddp_local"] = _as_tuple(trainscope.param_stats([p.grad for p in ddp.parameters()], list(ddp.parameters()),
                                                         nbins=NBINS, maxval=MAXVAL))
     # FSDP2: every parameter a DTensor sharded on dim 0 over the mesh.
-    model = _model()
-    mesh = init_device_mesh("cpu", (world_size,))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fully_shard_linears(_model(), world_size)
     layout = tsd.param_layout(model)
     losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
     # Scaled so that FSDP's averaging over ranks gives the gradient of the whole batch's mean.
