@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/cpp/probe_net.h"
 #include "tests/cpp/thread_ranks.h"
 #include "tests/cpp/torch_test_util.h"
 #include "trainscope/distributed.h"
@@ -28,25 +29,15 @@ using trainscope::RepresentationAccumulator;
 using trainscope::RepresentationMetrics;
 using trainscope::RepresentationOptions;
 
-// Three layers of a fixed network: ReLU [n, 16] (its first three units dead), tanh [n, 12], and
-// ReLU of a [n, 4, 2, 3] map (channels are units, 6 observations per example).
-struct Net {
-  at::Tensor w1, b1, w2, b2, w3;
-  explicit Net(const at::TensorOptions& o) {
-    at::manual_seed(17);
-    w1 = at::randn({10, 16}, o);
-    b1 = at::randn({16}, o);
-    w1.narrow(1, 0, 3).zero_();
-    b1.narrow(0, 0, 3).fill_(-1.0);
-    w2 = at::randn({16, 12}, o) * 0.3;
-    b2 = at::randn({12}, o);
-    w3 = at::randn({10, 24}, o);
-  }
+// Three layers: TinyNet's ReLU [n, 16] (its first three units dead) and tanh [n, 12], and ReLU of
+// a [n, 4, 2, 3] map (channels are units, 6 observations per example).
+struct Net : TinyNet {
+  at::Tensor w3;
+  explicit Net(const at::TensorOptions& o) : TinyNet(o, 17) { w3 = at::randn({10, 24}, o); }
   std::vector<at::Tensor> operator()(const at::Tensor& x) const {
-    at::Tensor h1 = at::relu(at::addmm(b1, x, w1));
-    at::Tensor h2 = at::tanh(at::addmm(b2, h1, w2));
-    at::Tensor h3 = at::relu(at::mm(x, w3).view({-1, 4, 2, 3}));
-    return {h1, h2, h3};
+    std::vector<at::Tensor> h = TinyNet::operator()(x);
+    h.push_back(at::relu(at::mm(x, w3).view({-1, 4, 2, 3})));
+    return h;
   }
 };
 

@@ -8,31 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "tests/cpp/probe_net.h"
 #include "tests/cpp/torch_test_util.h"
 #include "trainscope/representation.h"
 
 namespace {
 
 using namespace trainscope_test;
-
-// A fixed two-layer ReLU/tanh network as a probe forward; the first three ReLU units are dead.
-struct TinyNet {
-  at::Tensor w1, b1, w2, b2;
-  explicit TinyNet(const at::TensorOptions& o) {
-    at::manual_seed(7);
-    w1 = at::randn({10, 16}, o);
-    b1 = at::randn({16}, o);
-    w1.narrow(1, 0, 3).zero_();
-    b1.narrow(0, 0, 3).fill_(-1.0);
-    w2 = at::randn({16, 12}, o) * 0.3;
-    b2 = at::randn({12}, o);
-  }
-  std::vector<at::Tensor> operator()(const at::Tensor& x) const {
-    at::Tensor h1 = at::relu(at::addmm(b1, x, w1));
-    at::Tensor h2 = at::tanh(at::addmm(b2, h1, w2));
-    return {h1, h2};
-  }
-};
 
 trainscope::RepresentationOptions relu_tanh() {
   trainscope::RepresentationOptions o;
