@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 
 def select_device(torch, spec, prog):
@@ -144,6 +145,39 @@ def time_cpu(fn, sets, warmup, repeats):
         fn(sets[i % len(sets)])
         out.append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+def time_on(torch, device, fn, sets, warmup, repeats):
+    """time_cuda on a CUDA device, time_cpu otherwise."""
+    if device.type == "cuda":
+        return time_cuda(torch, fn, sets, warmup, repeats)
+    return time_cpu(fn, sets, warmup, repeats)
+
+
+def record_failure(torch, row, error):
+    """A case that raised: out of device memory is recorded as skipped (without its partial
+    verification), anything else as an error with its traceback printed (the other cases still
+    run; the benchmark exits 1). Returns the row."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        row.pop("verify", None)
+        row["skipped"] = f"out of device memory: {str(error).splitlines()[0]}"
+    else:
+        traceback.print_exc()
+        row["error"] = f"{type(error).__name__}: {error}"
+    return row
+
+
+def add_bandwidth_results(row, ts_ms, th_ms, nbytes, copy_gbps):
+    """trainscope's and PyTorch's timings into the row: summaries, speedup, GB/s over ``nbytes``
+    and trainscope's fraction of the measured copy bandwidth."""
+    row["trainscope"] = summarize(ts_ms)
+    row["torch"] = summarize(th_ms)
+    t_ts, t_th = row["trainscope"]["median_ms"], row["torch"]["median_ms"]
+    row["speedup"] = t_th / t_ts
+    row["trainscope_GBps"] = nbytes / (t_ts * 1e-3) / 1e9
+    row["torch_GBps"] = nbytes / (t_th * 1e-3) / 1e9
+    row["fraction_of_copy"] = row["trainscope_GBps"] / copy_gbps
+    return row
 
 
 def copy_bandwidth(torch, device, nbytes, warmup, repeats):

@@ -35,11 +35,10 @@ import argparse
 import math
 import os
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (  # noqa: E402  (same folder; stdlib only)
-    bandwidth_bench_setup, resolve_repeats, summarize, time_cpu, time_cuda, write_json)
+    add_bandwidth_results, bandwidth_bench_setup, record_failure, resolve_repeats, time_on, write_json)
 
 GOAL_FRACTION_OF_COPY = 0.85  # of measured copy bandwidth, on inputs large enough to stream
 GOAL_MIN_BYTES = 32 << 20
@@ -143,32 +142,16 @@ def bench_case(torch, trainscope, shape, dtype_name, kind, device, args, l2_byte
         def torch_fn(a):
             torch_active_counts(torch, a, kind, EPS)
 
-        if device.type == "cuda":
-            ts_ms = time_cuda(torch, ts_fn, sets, args.warmup, args.repeats)
-            th_ms = time_cuda(torch, torch_fn, sets, args.warmup, args.repeats)
-        else:
-            ts_ms = time_cpu(ts_fn, sets, args.warmup, args.repeats)
-            th_ms = time_cpu(torch_fn, sets, args.warmup, args.repeats)
-    except torch.cuda.OutOfMemoryError as e:
-        row.pop("verify", None)
-        row["skipped"] = f"out of device memory: {str(e).splitlines()[0]}"
-        return row
-    except Exception as e:  # noqa: BLE001  (recorded, the other cases still run, exit status 1)
-        traceback.print_exc()
-        row["error"] = f"{type(e).__name__}: {e}"
-        return row
+        ts_ms = time_on(torch, device, ts_fn, sets, args.warmup, args.repeats)
+        th_ms = time_on(torch, device, torch_fn, sets, args.warmup, args.repeats)
+    except Exception as e:  # noqa: BLE001  (recorded, the other cases still run)
+        return record_failure(torch, row, e)
     finally:
         sets = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    row["trainscope"] = summarize(ts_ms)
-    row["torch"] = summarize(th_ms)
-    t_ts, t_th = row["trainscope"]["median_ms"], row["torch"]["median_ms"]
-    row["speedup"] = t_th / t_ts
-    row["trainscope_GBps"] = nbytes / (t_ts * 1e-3) / 1e9
-    row["torch_GBps"] = nbytes / (t_th * 1e-3) / 1e9
-    row["fraction_of_copy"] = row["trainscope_GBps"] / args.copy_bw["GBps"]
+    add_bandwidth_results(row, ts_ms, th_ms, nbytes, args.copy_bw["GBps"])
     if device.type == "cuda" and nbytes >= GOAL_MIN_BYTES:
         row["goals"] = {"fraction_of_copy_ok": row["fraction_of_copy"] >= GOAL_FRACTION_OF_COPY}
     return row

@@ -44,7 +44,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (  # noqa: E402  (same folder; stdlib only)
-    environment, resolve_repeats, select_device, summarize, time_cpu, time_cuda, write_json)
+    environment, resolve_repeats, select_device, summarize, time_on, write_json)
 
 GOAL_RATIO = 1.05  # monitored step time / plain step time, every step, on a GPU
 # Cockpit's published economy overheads (Schneider et al., 2021): 3C3D on CIFAR-10, ResNet-50.
@@ -245,11 +245,6 @@ def make_cockpit_step(torch, model, per_sample_loss, args):
 
 # ---------------------------------------------------------------------------------------------
 
-def timed(torch, device, fn, batches, warmup, repeats):
-    if device.type == "cuda":
-        return time_cuda(torch, fn, batches, warmup, repeats)
-    return time_cpu(fn, batches, warmup, repeats)
-
 
 def bench_model(torch, trainscope, name, args, device, cockpit_status):
     row = {"model": name}
@@ -271,8 +266,8 @@ def bench_model(torch, trainscope, name, args, device, cockpit_status):
 
         plain_ms, mon_ms = [], []
         for _ in range(args.rounds):
-            plain_ms += timed(torch, device, plain, batches, args.warmup, args.repeats)
-            mon_ms += timed(torch, device, monitored, batches, args.warmup, args.repeats)
+            plain_ms += time_on(torch, device, plain, batches, args.warmup, args.repeats)
+            mon_ms += time_on(torch, device, monitored, batches, args.warmup, args.repeats)
         monitor.flush()
         row["records_delivered"] = len(records)
         expected = args.rounds * (args.warmup + args.repeats)
@@ -300,7 +295,7 @@ def bench_model(torch, trainscope, name, args, device, cockpit_status):
         step = make_cockpit_step(torch, cockpit_model, per_sample_loss, args)
         c_ms = []
         for _ in range(args.rounds):
-            c_ms += timed(torch, device, step, batches, args.warmup, args.repeats)
+            c_ms += time_on(torch, device, step, batches, args.warmup, args.repeats)
         row["cockpit"] = {"status": "ok", **summarize(c_ms)}
         row["cockpit"]["ratio"] = row["cockpit"]["median_ms"] / row["plain"]["median_ms"]
     except Exception as e:  # noqa: BLE001  (Cockpit/BackPACK may not support a model: say so)

@@ -30,11 +30,10 @@ import json
 import math
 import os
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (  # noqa: E402  (same folder; stdlib only)
-    bandwidth_bench_setup, resolve_repeats, summarize, time_cpu, time_cuda, write_json)
+    add_bandwidth_results, bandwidth_bench_setup, record_failure, resolve_repeats, time_on, write_json)
 
 # Goals of the issue this benchmark answers, at 125M parameters and above.
 GOAL_MIN_PARAMS = 125_000_000
@@ -316,32 +315,16 @@ def bench_size(torch, trainscope, target, device, args, l2_bytes):
         def torch_fn(s):
             torch_param_stats(torch, s, numel)
 
-        if device.type == "cuda":
-            ts_ms = time_cuda(torch, ts_fn, sets, args.warmup, args.repeats)
-            th_ms = time_cuda(torch, torch_fn, sets, args.warmup, args.repeats)
-        else:
-            ts_ms = time_cpu(ts_fn, sets, args.warmup, args.repeats)
-            th_ms = time_cpu(torch_fn, sets, args.warmup, args.repeats)
-    except torch.cuda.OutOfMemoryError as e:
-        row.pop("verify", None)
-        row["skipped"] = f"out of device memory: {str(e).splitlines()[0]}"
-        return row
-    except Exception as e:  # noqa: BLE001  (recorded, the other sizes still run, exit status 1)
-        traceback.print_exc()
-        row["error"] = f"{type(e).__name__}: {e}"
-        return row
+        ts_ms = time_on(torch, device, ts_fn, sets, args.warmup, args.repeats)
+        th_ms = time_on(torch, device, torch_fn, sets, args.warmup, args.repeats)
+    except Exception as e:  # noqa: BLE001  (recorded, the other sizes still run)
+        return record_failure(torch, row, e)
     finally:
         sets = numel = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    row["trainscope"] = summarize(ts_ms)
-    row["torch"] = summarize(th_ms)
-    t_ts, t_th = row["trainscope"]["median_ms"], row["torch"]["median_ms"]
-    row["speedup"] = t_th / t_ts
-    row["trainscope_GBps"] = row["bytes_moved"] / (t_ts * 1e-3) / 1e9
-    row["torch_GBps"] = row["bytes_moved"] / (t_th * 1e-3) / 1e9
-    row["fraction_of_copy"] = row["trainscope_GBps"] / args.copy_bw["GBps"]
+    add_bandwidth_results(row, ts_ms, th_ms, row["bytes_moved"], args.copy_bw["GBps"])
     if target >= GOAL_MIN_PARAMS:  # the requested size: "125M" builds 124.4M parameters
         row["goals"] = {"fraction_of_copy_ok": row["fraction_of_copy"] >= GOAL_FRACTION_OF_COPY,
                         "speedup_ok": row["speedup"] >= GOAL_SPEEDUP}
