@@ -35,11 +35,6 @@ at::Tensor loss_across_ranks_op(const at::Tensor& losses, const std::string& pro
   return loss_across_ranks(losses, RankGroup::from_process_group(process_group));
 }
 
-std::vector<int64_t> process_group_rank_size_op(const std::string& process_group) {
-  const RankGroup g = RankGroup::from_process_group(process_group);
-  return {g.rank(), g.size()};
-}
-
 }  // namespace
 }  // namespace trainscope
 
@@ -53,5 +48,4 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
       "Tensor? extra_sums=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       &trainscope::param_stats_across_ranks_op);
   m.def("loss_across_ranks(Tensor losses, str process_group) -> Tensor", &trainscope::loss_across_ranks_op);
-  m.def("process_group_rank_size(str process_group) -> int[]", &trainscope::process_group_rank_size_op);
 }

@@ -21,7 +21,7 @@ same order, with lists of the same length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -177,7 +177,6 @@ class ParamLayout:
     placements: List[str]            # "replicated" or "sharded", per parameter
     full_dims: List[int]             # the whole parameter's number of dimensions
     group: object = None             # the process group to combine over (None: one process)
-    full_numels: List[int] = field(default_factory=list)
 
     def grads(self) -> List[Optional[torch.Tensor]]:
         """This rank's gradients (``to_local()`` of DTensor gradients), None where none."""
@@ -208,7 +207,7 @@ def param_layout(model_or_named_params, group=None) -> ParamLayout:
     else:
         named = [(str(n), p) for n, p in model_or_named_params]
         fsdp1 = {}
-    names, originals, params, placements, full_dims, full_numels = [], [], [], [], [], []
+    names, originals, params, placements, full_dims = [], [], [], [], []
     mesh_group = None
     for name, p in named:
         if not isinstance(p, torch.Tensor):
@@ -231,15 +230,11 @@ def param_layout(model_or_named_params, group=None) -> ParamLayout:
         params.append(local_tensor(p).detach())
         placements.append(placement)
         full_dims.append(len(shape))
-        n = 1
-        for s in shape:
-            n *= int(s)
-        full_numels.append(n)
     if len(set(names)) != len(names):
         raise ValueError("param_layout: parameter names repeat once wrapper prefixes are removed; "
                          "pass (name, tensor) pairs with unique names")
-    return ParamLayout(names, originals, params, placements, full_dims, resolve_group(group if group is not None else mesh_group),
-                       full_numels)
+    return ParamLayout(names, originals, params, placements, full_dims,
+                       resolve_group(group if group is not None else mesh_group))
 
 
 def _placements(layout: Optional[ParamLayout], placements, n: int) -> List[str]:
