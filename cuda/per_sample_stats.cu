@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "cuda/histogram.cuh"
+#include "cuda/once_per_device.h"
 
 namespace trainscope {
 namespace cuda {
@@ -252,6 +253,7 @@ struct Plan {
   bool shared_hist = false;
   size_t tile_bytes = 0;
   size_t shared_bytes = 0;
+  size_t budget = 0;              // shared_budget() of the device: shared_bytes never exceeds it
   int64_t blocks_per_launch = 0;  // persistent blocks, at most
   int64_t slots = 0;              // partial slots over all launches
 };
@@ -263,18 +265,24 @@ bool has_float64(const PerSampleArgs& a) {
   return false;
 }
 
+// The most dynamic shared memory any plan on a device uses: room for kBlocksPerSM blocks per SM,
+// less what each block's static shared memory and the runtime reserve take (2 KB is ample for
+// both). The kernel's limit is raised to this once per device (see per_sample_launch).
+size_t shared_budget(int optin, int per_sm) {
+  return std::min<size_t>(static_cast<size_t>(optin), static_cast<size_t>(per_sm) / kBlocksPerSM) - 2048;
+}
+
 cudaError_t make_plan(const PerSampleArgs& a, int device, Plan* plan) {
   int sms = 0, optin = 0, per_sm = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   if (err != cudaSuccess) return err;
-  // Room for kBlocksPerSM blocks per SM, less what each block's static shared memory and the
-  // runtime reserve take (2 KB is ample for both).
-  const size_t budget = std::min<size_t>(static_cast<size_t>(optin), static_cast<size_t>(per_sm) / kBlocksPerSM) - 2048;
+  const size_t budget = shared_budget(optin, per_sm);
   const size_t elem = has_float64(a) ? sizeof(double) : sizeof(float);
   const int64_t hist_counters = a.histogram ? kWarps * a.hist_spec.nbins : 0;
   Plan p;
+  p.budget = budget;
   for (int64_t w = kMaxWidth, lw = 8; w >= 1; w /= 2, --lw) {
     for (int shared_hist = a.histogram ? 1 : 0; shared_hist >= 0; --shared_hist) {
       const size_t bytes = shared_bytes_for(a.batch, w, elem, shared_hist ? hist_counters : 0);
@@ -362,8 +370,13 @@ cudaError_t per_sample_launch(const PerSampleArgs& a, void* workspace, size_t wo
     err = cudaMemsetAsync(hist, 0, sizeof(int64_t) * static_cast<size_t>(a.hist_spec.nbins), stream);
     if (err != cudaSuccess) return err;
   }
-  err = cudaFuncSetAttribute(tiles_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(p.shared_bytes));
+  // The kernel's shared-memory limit is device state that every thread and every captured graph
+  // shares: set it once per device to the most any plan uses, never to one call's size, which a
+  // later smaller call would lower under another thread's launch or a graph's replay.
+  static OncePerDevice shared_limit;
+  err = shared_limit.run(device, [&] {
+    return cudaFuncSetAttribute(tiles_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.budget));
+  });
   if (err != cudaSuccess) return err;
 
   PsConfig cfg;

@@ -3,7 +3,8 @@
 // mixing dtypes, widths that are no multiple of any tile, misaligned tensors, empty tensors,
 // lists longer than one launch group (96 tensors), B in {2, 3, 33, 128, 1000}, histograms on and
 // off, bin counts too large for the shared-memory histogram, non-finite values, bitwise
-// determinism, CUDA-graph capture, batches too large to stage, and a workspace too small.
+// determinism, CUDA-graph capture, the kernel's shared-memory limit under graph replay and
+// concurrent threads, batches too large to stage, and a workspace too small.
 //
 // Every test skips cleanly when no GPU is present: the launcher asks the device for its shared
 // memory before it does anything else.
@@ -20,6 +21,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -585,6 +587,57 @@ TEST_F(PerSampleStatsCudaTest, GraphCaptureMatchesEager) {
       EXPECT_CUDA_OK(cudaGraphExecDestroy(exec));
     }
   }
+}
+
+// A launch that stages a large tile (B = 128 float64 rows: over the 48 KB every kernel gets without
+// asking) and one that stages a small tile. The kernel's shared-memory limit is device state: a
+// small launch must never lower it under a graph captured earlier or another thread's launch.
+TEST_F(PerSampleStatsCudaTest, SmallerLaunchesNeverLowerTheSharedMemoryLimit) {
+  std::vector<TensorSpec> big_specs(6), small_specs(3);
+  for (auto& s : big_specs) s = TensorSpec{DType::kFloat64, 700, false};
+  for (auto& s : small_specs) s = TensorSpec{DType::kFloat32, 300, false};
+  const HostList big = build_list(128, big_specs, 4100), small = build_list(3, small_specs, 4200);
+  Launch Lb, Ls;
+  ASSERT_NO_FATAL_FAILURE(prepare(big, 100, 0.05, &Lb));
+  ASSERT_NO_FATAL_FAILURE(prepare(small, 100, 0.05, &Ls));
+
+  // Graph of the large launch, then a small eager launch, then the replay.
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_NO_FATAL_FAILURE(capture_graph(cudaStreamCaptureModeThreadLocal, [&] {
+    return tc::per_sample_launch(Lb.args, Lb.workspace.get(), Lb.workspace_bytes, stream_, device_);
+  }, &exec));
+  Results small_res, big_res;
+  ASSERT_NO_FATAL_FAILURE(poison_launch_fetch(Ls, &small_res));
+  check_results(small, compute_reference(small, 100, 0.05), true, small_res, "small, eager");
+  ASSERT_NO_FATAL_FAILURE(poison(Lb));
+  ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream_));
+  ASSERT_NO_FATAL_FAILURE(fetch(Lb, &big_res));
+  check_results(big, compute_reference(big, 100, 0.05), true, big_res, "large, graph replay after a small launch");
+  EXPECT_CUDA_OK(cudaGraphExecDestroy(exec));
+
+  // Two threads, each on its own stream, launching the large and the small plan over and over.
+  auto hammer = [this](const Launch* L, cudaError_t* first_error) {
+    cudaStream_t s = nullptr;
+    *first_error = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+    for (int i = 0; i < 300 && *first_error == cudaSuccess; ++i) {
+      *first_error = tc::per_sample_launch(L->args, L->workspace.get(), L->workspace_bytes, s, device_);
+    }
+    if (s != nullptr) {
+      const cudaError_t sync = cudaStreamSynchronize(s);
+      if (*first_error == cudaSuccess) *first_error = sync;
+      cudaStreamDestroy(s);
+    }
+  };
+  cudaError_t big_status = cudaSuccess, small_status = cudaSuccess;
+  std::thread tb(hammer, &Lb, &big_status), ts(hammer, &Ls, &small_status);
+  tb.join();
+  ts.join();
+  EXPECT_EQ(big_status, cudaSuccess) << cudaGetErrorString(big_status);
+  EXPECT_EQ(small_status, cudaSuccess) << cudaGetErrorString(small_status);
+  ASSERT_NO_FATAL_FAILURE(fetch(Lb, &big_res));
+  ASSERT_NO_FATAL_FAILURE(fetch(Ls, &small_res));
+  check_results(big, compute_reference(big, 100, 0.05), true, big_res, "large, beside another thread");
+  check_results(small, compute_reference(small, 100, 0.05), true, small_res, "small, beside another thread");
 }
 
 // ---------------------------------------------------------------------------------------------
