@@ -10,8 +10,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -20,6 +18,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <nvtx3/nvtx3.hpp>
 
+#include "src/device_constants.h"
 #include "src/param_stats_internal.h"
 
 namespace trainscope {
@@ -97,31 +96,6 @@ std::vector<TensorLayout> tensor_layouts(const std::vector<std::string>& placeme
 
 namespace {
 
-// Host values on `device` without waiting: through pinned memory (the caching host allocator
-// keeps the buffer until the copy is done). Kept per device and values, so a training loop copies
-// its layout's constants once, and a step captured in a CUDA graph after an eager warm-up step
-// reads a device tensor that stays alive, not a host buffer that may be reused.
-at::Tensor host_values(const std::vector<double>& values, const at::Device& device) {
-  static std::mutex mutex;
-  // Never destroyed: freeing device memory after CUDA shut down at exit would fail.
-  static auto& cache = *new std::map<std::pair<std::string, std::vector<double>>, at::Tensor>();
-  constexpr size_t kMaxEntries = 64;
-  const auto key = std::make_pair(device.str(), values);
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    const auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-  }
-  const auto host_opt = at::TensorOptions().dtype(at::kDouble).pinned_memory(device.is_cuda());
-  at::Tensor host = at::empty({static_cast<int64_t>(values.size())}, host_opt);
-  std::copy(values.begin(), values.end(), host.data_ptr<double>());
-  at::Tensor out = device.is_cpu() ? host : host.to(device, /*non_blocking=*/true);
-  std::lock_guard<std::mutex> lock(mutex);
-  if (cache.size() >= kMaxEntries) cache.clear();
-  cache.emplace(key, out);
-  return out;
-}
-
 at::Tensor checked_extra(const char* op, at::Tensor* extra_sums, const at::Device& device) {
   if (extra_sums == nullptr || !extra_sums->defined()) return {};
   TORCH_CHECK(extra_sums->scalar_type() == at::kDouble, op, ": extra_sums must be float64, got ",
@@ -186,7 +160,8 @@ ParamStats param_stats_across_ranks(at::TensorList grads, at::TensorList params,
   std::vector<double> host = counts;
   host.insert(host.end(), numel.begin(), numel.end());
   host.insert(host.end(), selected.begin(), selected.end());
-  const at::Tensor consts = host_values(host, device);
+  // Copied to the device once per layout (and never freed once a CUDA graph captured them).
+  const at::Tensor consts = device_constants(host, device, op);
   const at::Tensor counted = consts.narrow(0, 0, n).unsqueeze(1) > 0.5;  // [n, 1]
   const at::Tensor numel_t = consts.narrow(0, n, n);                     // [n]
   const at::Tensor selected_t = consts.narrow(0, 2 * n, n);              // [n]

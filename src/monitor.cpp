@@ -28,6 +28,7 @@
 #include <c10/util/Exception.h>
 #include <nvtx3/nvtx3.hpp>
 
+#include "src/device_constants.h"
 #include "trainscope/param_stats.h"
 
 namespace trainscope {
@@ -224,12 +225,6 @@ struct InFlight {
   std::shared_ptr<const Layout> layout;
   bool has_event;
 };
-
-bool is_capturing(const at::Device& device) {
-  if (!device.is_cuda()) return false;
-  c10::cuda::CUDAGuard guard(device);
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-}
 
 }  // namespace
 

@@ -1,16 +1,22 @@
 // Cross-rank parameter metrics and the Monitor over ranks (trainscope/distributed.h), with the
 // ranks run as threads (thread_ranks.h): every rank's result equals the single-process result on
 // the whole tensors. The torch.distributed path itself (c10d process groups over Gloo) is tested
-// from Python with 2 and 3 processes (tests/python/test_distributed_*.py).
+// from Python with 2 and 3 processes (tests/python/test_distributed_*.py). Last, the cache that
+// puts a layout's constants on the device (src/device_constants.h).
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/cuda.h>
 
 #include <map>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "src/device_constants.h"
 #include "tests/cpp/thread_ranks.h"
 #include "tests/cpp/torch_test_util.h"
 #include "trainscope/distributed.h"
@@ -227,3 +233,105 @@ TEST(MonitorAcrossRanks, BadLayoutsAndGradsAreNamed) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Layout constants on the device (src/device_constants.h): copied once, never freed once a CUDA
+// graph may read them, refused on a first use inside a capture.
+
+namespace constants_test {
+
+using trainscope::DeviceConstantCache;
+
+std::vector<double> values_of(int k) { return {static_cast<double>(k), 1.0, 0.5}; }
+
+TEST(DeviceConstantCache, CopiesOncePerDeviceAndValues) {
+  DeviceConstantCache cache(8);
+  const at::Device cpu(at::kCPU);
+  const at::Tensor a = cache.get(values_of(1), cpu, false, "op");
+  EXPECT_TRUE(at::equal(a, at::tensor(values_of(1), at::kDouble)));
+  EXPECT_EQ(cache.get(values_of(1), cpu, false, "op").data_ptr(), a.data_ptr());
+  EXPECT_NE(cache.get(values_of(2), cpu, false, "op").data_ptr(), a.data_ptr());
+  EXPECT_EQ(cache.size(), 2u);
+}
+
+TEST(DeviceConstantCache, WhatACaptureReadIsNeverDropped) {
+  DeviceConstantCache cache(4);
+  const at::Device cpu(at::kCPU);
+  const at::Tensor kept = cache.get(values_of(0), cpu, false, "op");
+  EXPECT_EQ(cache.get(values_of(0), cpu, /*capturing=*/true, "op").data_ptr(), kept.data_ptr());
+  EXPECT_EQ(cache.pinned(), 1u);
+  for (int k = 1; k <= 50; ++k) cache.get(values_of(k), cpu, false, "op");
+  EXPECT_LE(cache.size(), 5u);  // at most 4 unpinned, plus the pinned one
+  EXPECT_EQ(cache.pinned(), 1u);
+  // Still the same tensor: a graph replaying it reads live memory.
+  EXPECT_EQ(cache.get(values_of(0), cpu, true, "op").data_ptr(), kept.data_ptr());
+}
+
+TEST(DeviceConstantCache, AFirstUseInsideACaptureIsRefused) {
+  DeviceConstantCache cache(4);
+  try {
+    cache.get(values_of(7), at::Device(at::kCPU), /*capturing=*/true, "trainscope::param_stats_across_ranks");
+    FAIL() << "no error";
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    EXPECT_NE(msg.find("trainscope::param_stats_across_ranks"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("CUDA graph capture"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("eagerly before capturing"), std::string::npos) << msg;
+  }
+  EXPECT_EQ(cache.size(), 0u);
+}
+
+// On a GPU: param_stats_across_ranks with layouts (its constants go through the cache) captured
+// after one eager call, replayed after more than the cache's 64 other layouts have passed through.
+TEST(DeviceConstantCache, CapturedCrossRankStatsReplayAfterManyOtherLayouts) {
+  SKIP_WITHOUT_CUDA();
+  const at::Device dev = trainscope_test::cuda0();
+  std::vector<at::Tensor> grads, params;
+  for (const std::vector<int64_t>& s : {std::vector<int64_t>{33, 7}, std::vector<int64_t>{19}}) {
+    grads.push_back(at::randn(s, at::TensorOptions().device(dev)));
+    params.push_back(at::randn(s, at::TensorOptions().device(dev)));
+  }
+  const std::vector<TensorLayout> layouts = {{Placement::kSharded, 2}, {Placement::kSharded, 1}};
+  trainscope::ParamStatsOptions o;
+  o.nbins = 8;
+  at::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+  at::cuda::CUDAGraph graph;
+  trainscope::ParamStats captured;
+  {
+    c10::cuda::CUDAStreamGuard guard(side);
+    // Never seen: refused inside a capture, with the capture then abandoned cleanly.
+    at::cuda::CUDAGraph refused;
+    refused.capture_begin();
+    EXPECT_THROW(trainscope::param_stats_across_ranks(grads, params, {}, {}, layouts, trainscope::RankGroup(), o),
+                 c10::Error);
+    try {
+      refused.capture_end();
+    } catch (const c10::Error&) {
+    }
+  }
+  torch::cuda::synchronize();
+  {
+    c10::cuda::CUDAStreamGuard guard(side);
+    trainscope::param_stats_across_ranks(grads, params, {}, {}, layouts, trainscope::RankGroup(), o);  // eager
+    graph.capture_begin();
+    captured = trainscope::param_stats_across_ranks(grads, params, {}, {}, layouts, trainscope::RankGroup(), o);
+    graph.capture_end();
+  }
+  torch::cuda::synchronize();
+  for (int64_t k = 0; k < 100; ++k) {  // other layouts (other numels): unpinned entries are dropped on the way
+    const std::vector<at::Tensor> g = {at::randn({k + 1}, at::TensorOptions().device(dev))};
+    trainscope::param_stats_across_ranks(g, g, {}, {}, {{Placement::kSharded, 1}}, trainscope::RankGroup(), o);
+  }
+  for (int round = 0; round < 3; ++round) {
+    for (at::Tensor& g : grads) g.normal_();
+    graph.replay();
+    const trainscope::ParamStats eager =
+        trainscope::param_stats_across_ranks(grads, params, {}, {}, layouts, trainscope::RankGroup(), o);
+    torch::cuda::synchronize();
+    EXPECT_TRUE(at::equal(captured.metrics, eager.metrics)) << "round " << round;
+    EXPECT_TRUE(at::equal(captured.per_tensor, eager.per_tensor)) << "round " << round;
+    EXPECT_TRUE(at::equal(captured.hist, eager.hist)) << "round " << round;
+  }
+}
+
+}  // namespace constants_test
