@@ -1,7 +1,9 @@
 // Rank measures on CUDA: the Gram update (cuBLAS syrk), the eigensolve (cuSOLVER syevBatched or
 // syevd per matrix), the SVD (cuSOLVER gesvdj) and the kernel that turns their output into
-// RankValues. Every library status and kernel launch is checked and returned; nothing waits for
-// the device, and solver `info` stays in device memory for the caller.
+// RankValues. Every library status and kernel launch is checked and returned, and solver `info`
+// stays in device memory for the caller. None of this code waits for the device; whether cuSOLVER
+// does inside syevd and gesvdj is its own affair (the README's "What waits for the device" says what
+// was measured).
 #include "cuda/rank.h"
 
 #include <algorithm>
@@ -188,6 +190,17 @@ const char* rank_status_name(const RankStatus& s) {
 
 // ---------------------------------------------------------------------------------------------
 
+RankStatus cublas_use_stream(cublasHandle_t handle, cudaStream_t stream, bool* changed) {
+  if (changed != nullptr) *changed = false;
+  if (handle == nullptr) return invalid("cublas_use_stream: null handle");
+  cudaStream_t current = nullptr;
+  TS_RANK_TRY(from_cublas(cublasGetStream(handle, &current), "cublasGetStream"));
+  if (current == stream) return ok_status();
+  TS_RANK_TRY(from_cublas(cublasSetStream(handle, stream), "cublasSetStream"));
+  if (changed != nullptr) *changed = true;
+  return ok_status();
+}
+
 RankStatus gram_update_launch(cublasHandle_t handle, const double* phi, int64_t rows, int64_t cols,
                               GramSide side, double beta, double* c, int64_t ldc, cudaStream_t stream) {
   if (rows < 0 || cols < 0) return invalid("gram_update: rows and cols must be >= 0");
@@ -200,7 +213,7 @@ RankStatus gram_update_launch(cublasHandle_t handle, const double* phi, int64_t 
   if (k > 0 && phi == nullptr) return invalid("gram_update: null phi");
   if (n > static_cast<int64_t>(kMirrorTile) * 65535) return invalid("gram_update: n too large for the grid");
 
-  TS_RANK_TRY(from_cublas(cublasSetStream(handle, stream), "cublasSetStream"));
+  TS_RANK_TRY(cublas_use_stream(handle, stream));
   cublasPointerMode_t mode;
   TS_RANK_TRY(from_cublas(cublasGetPointerMode(handle, &mode), "cublasGetPointerMode"));
   if (mode != CUBLAS_POINTER_MODE_HOST) {
@@ -232,12 +245,14 @@ RankStatus eigvals_workspace(const EigvalsArgs& args, size_t* device_bytes, size
   if (args.n == 0 || args.batch == 0) return ok_status();
   SolverParams params;
   TS_RANK_TRY(from_cusolver(params.status(), "cusolverDnCreateParams"));
-  const EigRoute route = resolve_eig_route(args.route, args.n);
+  const EigRoute route = resolve_eig_route(args.route, args.n, args.max_elements_per_call);
   if (route == EigRoute::kBatched) {
+    // Every call solves at most one chunk; the workspace of the largest serves them all.
     return from_cusolver(
         cusolverDnXsyevBatched_bufferSize(args.handle, params.get(), CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER,
                                           args.n, CUDA_R_64F, args.a, args.n, CUDA_R_64F, args.w, CUDA_R_64F,
-                                          device_bytes, host_bytes, args.batch),
+                                          device_bytes, host_bytes,
+                                          syev_batched_chunk(args.n, args.batch, args.max_elements_per_call)),
         "cusolverDnXsyevBatched_bufferSize");
   }
   // One workspace serves every matrix: the largest need over the distinct sizes.
@@ -264,7 +279,7 @@ RankStatus eigvals_launch(const EigvalsArgs& args, void* device_ws, size_t devic
   TS_RANK_TRY(check_eigvals_args(args));
   if (args.batch == 0) return ok_status();
   TS_RANK_TRY(from_cusolver(cusolverDnSetStream(args.handle, stream), "cusolverDnSetStream"));
-  const EigRoute route = resolve_eig_route(args.route, args.n);
+  const EigRoute route = resolve_eig_route(args.route, args.n, args.max_elements_per_call);
   if (args.n == 0 || route == EigRoute::kPerMatrix) {
     // Matrices of size 0 are not solved: their info must still read 0.
     TS_RANK_TRY(from_cuda(cudaMemsetAsync(args.info, 0, sizeof(int) * static_cast<size_t>(args.batch), stream),
@@ -275,11 +290,17 @@ RankStatus eigvals_launch(const EigvalsArgs& args, void* device_ws, size_t devic
   SolverParams params;
   TS_RANK_TRY(from_cusolver(params.status(), "cusolverDnCreateParams"));
   if (route == EigRoute::kBatched) {
-    return from_cusolver(
-        cusolverDnXsyevBatched(args.handle, params.get(), CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, args.n,
-                               CUDA_R_64F, args.a, args.n, CUDA_R_64F, args.w, CUDA_R_64F, device_ws, device_bytes,
-                               host_ws, host_bytes, args.info, args.batch),
-        "cusolverDnXsyevBatched");
+    const int64_t chunk = syev_batched_chunk(args.n, args.batch, args.max_elements_per_call);
+    for (int64_t first = 0; first < args.batch; first += chunk) {
+      const int64_t count = std::min(chunk, args.batch - first);
+      TS_RANK_TRY(from_cusolver(
+          cusolverDnXsyevBatched(args.handle, params.get(), CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, args.n,
+                                 CUDA_R_64F, args.a + first * args.n * args.n, args.n, CUDA_R_64F,
+                                 args.w + first * args.n, CUDA_R_64F, device_ws, device_bytes, host_ws, host_bytes,
+                                 args.info + first, count),
+          "cusolverDnXsyevBatched"));
+    }
+    return ok_status();
   }
   // Per matrix: the leading n − d eigenvalue slots stand for the padding's zeros.
   TS_RANK_TRY(from_cuda(cudaMemsetAsync(args.w, 0, sizeof(double) * static_cast<size_t>(args.batch * args.n), stream),

@@ -180,8 +180,15 @@ const char* rank_status_name(const RankStatus& s);     // the status's name (or 
 // n × n output (n = cols for ΦᵀΦ, rows for ΦΦᵀ) with rows ldc ≥ n apart (ldc > n: the leading
 // block of a zero-padded batch matrix), row- or column-major alike since it is symmetric. c ← ΦᵀΦ (or ΦΦᵀ) + beta · c, beta = 0 (c's old content ignored, NaN included) or 1
 // (accumulate). Only the lower triangle is formed by syrk; a small kernel mirrors it, so c is the
-// full symmetric matrix afterwards. Sets `handle`'s stream to `stream` and keeps its pointer mode.
+// full symmetric matrix afterwards. Puts `handle` on `stream` (see cublas_use_stream) and keeps
+// its pointer mode.
 enum class GramSide : int32_t { kUnits = 0 /* ΦᵀΦ [cols, cols] */, kRows = 1 /* ΦΦᵀ [rows, rows] */ };
+
+// Puts a cuBLAS handle on `stream` only when it is on another one: cublasSetStream also resets
+// the handle's workspace to cuBLAS's default pool, which would discard the workspace PyTorch
+// configured on the handle it lends (at::cuda::getCurrentCUDABlasHandle, already on the current
+// stream). *changed (optional) tells whether the stream was set.
+RankStatus cublas_use_stream(cublasHandle_t handle, cudaStream_t stream, bool* changed = nullptr);
 
 RankStatus gram_update_launch(cublasHandle_t handle, const double* phi, int64_t rows, int64_t cols,
                               GramSide side, double beta, double* c, int64_t ldc, cudaStream_t stream);
@@ -201,10 +208,26 @@ RankStatus gram_update_launch(cublasHandle_t handle, const double* phi, int64_t 
 //  - kAuto: kBatched for n ≤ kSyevBatchedMaxN, else kPerMatrix. The batched routine targets many
 //    small matrices; at a few hundred and more the divide-and-conquer syevd per matrix is the
 //    faster one, and it skips the padding. Tune the constant on a GPU with bench/bench_rank.py.
+// cusolverDnXsyevBatched requires n · lda · batch ≤ INT32_MAX elements per call: a longer batch
+// is solved in several calls of at most that many (syev_batched_chunk), and a matrix too large
+// for one call on its own (n² > INT32_MAX) takes the per-matrix route whatever was asked.
 enum class EigRoute : int32_t { kAuto = 0, kBatched = 1, kPerMatrix = 2 };
 constexpr int64_t kSyevBatchedMaxN = 32;
+constexpr int64_t kSyevBatchedMaxElements = 2147483647;  // INT32_MAX
 
-inline EigRoute resolve_eig_route(EigRoute route, int64_t n) {
+// Matrices per cusolverDnXsyevBatched call for n × n matrices (lda = n) under a limit of
+// max_elements per call (≤ 0: kSyevBatchedMaxElements): at most `batch`, at least 1 when one
+// matrix fits, 0 when it does not.
+TS_HD int64_t syev_batched_chunk(int64_t n, int64_t batch, int64_t max_elements) {
+  const int64_t limit = max_elements > 0 ? max_elements : kSyevBatchedMaxElements;
+  if (n <= 0 || batch <= 0) return batch > 0 ? batch : 0;
+  if (n > limit / n) return 0;
+  const int64_t per_call = limit / (n * n);
+  return per_call < batch ? per_call : batch;
+}
+
+inline EigRoute resolve_eig_route(EigRoute route, int64_t n, int64_t max_elements = 0) {
+  if (syev_batched_chunk(n, 1, max_elements) == 0) return EigRoute::kPerMatrix;
   if (route != EigRoute::kAuto) return route;
   return n <= kSyevBatchedMaxN ? EigRoute::kBatched : EigRoute::kPerMatrix;
 }
@@ -218,13 +241,15 @@ struct EigvalsArgs {
   double* w;              // device [batch, n]
   int* info;              // device [batch]
   EigRoute route;
+  int64_t max_elements_per_call = 0;  // kBatched: elements of `a` per solver call (≤ 0: INT32_MAX)
 };
 
 // Workspace the launch needs (bytes on the device and on the host) for these arguments.
 RankStatus eigvals_workspace(const EigvalsArgs& args, size_t* device_bytes, size_t* host_bytes);
 
 // Enqueues the solve on `stream` (set on the handle). The host workspace must stay valid until
-// the call returns.
+// the call returns. Waits for nothing on the batched route (cuSOLVER's syevBatched); the
+// per-matrix route's syevd may wait inside cuSOLVER (README, "What waits for the device").
 RankStatus eigvals_launch(const EigvalsArgs& args, void* device_ws, size_t device_bytes, void* host_ws,
                           size_t host_bytes, cudaStream_t stream);
 

@@ -1,8 +1,10 @@
 // The torch-free CUDA launchers of cuda/rank.h against host references: the syrk Gram update
 // (both sides, overwrite and accumulate, a padded leading dimension), the eigensolve on both
 // routes against known spectra, gesvdj singular values, the rank kernel against the host
-// rank_values(), solver status turning results undefined, and argument errors. Own cuBLAS and
-// cuSOLVER handles; every test skips without a GPU.
+// rank_values(), solver status turning results undefined, the batched eigensolve cut into calls
+// under cuSOLVER's element limit, the cuBLAS stream left alone when already set, which launchers
+// return before the device is done, and argument errors. Own cuBLAS and cuSOLVER handles; every
+// test skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <cublas_v2.h>
@@ -11,7 +13,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/rank.h"
@@ -178,6 +183,172 @@ TEST_F(RankCudaTest, EigensolveBothRoutesAgainstKnownSpectra) {
       bad.expect_none("n = " + std::to_string(n) + " route " + std::to_string(static_cast<int>(route)));
     }
   }
+}
+
+// The batched route in several cuSOLVER calls: a limit of 3 matrices' elements per call cuts 8
+// matrices into calls of 3, 3 and 2; every matrix's spectrum must come out as in one call.
+TEST_F(RankCudaTest, BatchedEigensolveInSeveralCallsUnderTheElementLimit) {
+  const int64_t n = 6, batch = 8;
+  std::vector<int64_t> dims(batch);
+  std::vector<std::vector<double>> lambdas(batch);
+  std::vector<double> a(static_cast<size_t>(batch * n * n), 0.0);
+  for (int64_t b = 0; b < batch; ++b) {
+    dims[b] = 1 + b % n;
+    for (int64_t i = 0; i < dims[b]; ++i) lambdas[b].push_back(0.5 + static_cast<double>(b) + 0.37 * static_cast<double>(i * i));
+    const std::vector<double> g = symmetric_with_eigenvalues(lambdas[b], static_cast<uint32_t>(50 + b));
+    for (int64_t i = 0; i < dims[b]; ++i)
+      for (int64_t j = 0; j < dims[b]; ++j) a[b * n * n + i * n + j] = g[i * dims[b] + j];
+    std::sort(lambdas[b].begin(), lambdas[b].end());
+  }
+  ASSERT_EQ(tc::syev_batched_chunk(n, batch, 3 * n * n), 3);
+  DeviceMemory da, dw, dinfo;
+  upload(da, a);
+  ASSERT_CUDA_OK(dw.allocate(sizeof(double) * batch * n));
+  ASSERT_CUDA_OK(dinfo.allocate(sizeof(int) * batch));
+  ASSERT_CUDA_OK(cudaMemsetAsync(dw.get(), 0x7f, sizeof(double) * batch * n, stream_));
+  ASSERT_CUDA_OK(cudaMemsetAsync(dinfo.get(), 0x7f, sizeof(int) * batch, stream_));
+  tc::EigvalsArgs args{solver_, da.get<double>(), n, batch, dims.data(), dw.get<double>(), dinfo.get<int>(),
+                       tc::EigRoute::kBatched, 3 * n * n};
+  size_t dev = 0, host = 0;
+  ASSERT_RANK_OK(tc::eigvals_workspace(args, &dev, &host));
+  DeviceMemory dws;
+  ASSERT_CUDA_OK(dws.allocate(std::max<size_t>(dev, 1)));
+  std::vector<unsigned char> hws(std::max<size_t>(host, 1));
+  ASSERT_RANK_OK(tc::eigvals_launch(args, dws.get(), dev, hws.data(), host, stream_));
+  const std::vector<double> w = download<double>(dw, static_cast<size_t>(batch * n));
+  const std::vector<int> info = download<int>(dinfo, static_cast<size_t>(batch));
+  Mismatches bad;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (info[b] != 0) bad.add("info[", b, "] = ", info[b]);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t j = i - (n - dims[b]);
+      const double want = j >= 0 ? lambdas[b][j] : 0.0;
+      if (!(std::fabs(w[b * n + i] - want) <= 1e-12 * n * (1.0 + lambdas[b].back()))) {
+        bad.add("w[", b, ",", i, "] = ", w[b * n + i], " want ", want);
+      }
+    }
+  }
+  bad.expect_none("batched in calls of 3");
+}
+
+// A handle already on the stream keeps it (cublasSetStream would also reset the workspace a
+// caller such as PyTorch configured); a handle on another stream is moved.
+TEST_F(RankCudaTest, CublasStreamIsSetOnlyWhenItDiffers) {
+  bool changed = true;
+  ASSERT_EQ(cublasSetStream(blas_, stream_), CUBLAS_STATUS_SUCCESS);
+  ASSERT_RANK_OK(tc::cublas_use_stream(blas_, stream_, &changed));
+  EXPECT_FALSE(changed);
+  cudaStream_t other = nullptr;
+  ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking));
+  ASSERT_RANK_OK(tc::cublas_use_stream(blas_, other, &changed));
+  EXPECT_TRUE(changed);
+  cudaStream_t now = nullptr;
+  ASSERT_EQ(cublasGetStream(blas_, &now), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(now, other);
+  ASSERT_RANK_OK(tc::cublas_use_stream(blas_, other, &changed));
+  EXPECT_FALSE(changed);
+  // gram_update_launch goes through it: the handle ends on the launch's stream.
+  const std::vector<double> phi = random_matrix(7, 5, 9);
+  DeviceMemory dphi, dc;
+  upload(dphi, phi);
+  ASSERT_CUDA_OK(dc.allocate(sizeof(double) * 25));
+  ASSERT_RANK_OK(tc::gram_update_launch(blas_, dphi.get<double>(), 7, 5, tc::GramSide::kUnits, 0.0, dc.get<double>(), 5,
+                                        stream_));
+  ASSERT_EQ(cublasGetStream(blas_, &now), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(now, stream_);
+  ASSERT_CUDA_OK(cudaStreamSynchronize(stream_));
+  EXPECT_CUDA_OK(cudaStreamDestroy(other));
+}
+
+// Which launchers return while the stream is still busy. A kernel spinning for about half a
+// second runs first; a launcher that waited for the device inside returns after it finished.
+// The Gram update, the batched eigensolve and the rank kernels are ours and must never wait. The
+// per-matrix syevd and gesvdj are cuSOLVER's: their outcome is recorded (the test's properties,
+// shown in its XML report and printed), and the README's "What waits for the device" states it.
+TEST_F(RankCudaTest, LaunchesDoNotWaitForTheStream) {
+  const int64_t rows = 300, cols = 40;
+  const std::vector<double> phi = random_matrix(rows, cols, 21);
+  DeviceMemory dphi, dgram;
+  upload(dphi, phi);
+  ASSERT_CUDA_OK(dgram.allocate(sizeof(double) * cols * cols));
+  ASSERT_CUDA_OK(cudaStreamSynchronize(stream_));
+  auto busy_then = [&](const char* what, const std::function<tc::RankStatus()>& launch) -> bool {
+    EXPECT_CUDA_OK(cudaStreamSynchronize(stream_));
+    spin_for_cycles<<<1, 1, 0, stream_>>>(static_cast<long long>(1) << 30);
+    EXPECT_CUDA_OK(cudaGetLastError());
+    const tc::RankStatus st = launch();
+    EXPECT_TRUE(st.ok()) << what << ": " << tc::rank_status_library(st) << " " << st.what;
+    const bool returned_early = cudaStreamQuery(stream_) == cudaErrorNotReady;
+    EXPECT_CUDA_OK(cudaStreamSynchronize(stream_));
+    return returned_early;
+  };
+  // Warm up handles and workspaces (first calls may load modules, which waits).
+  auto gram = [&] {
+    return tc::gram_update_launch(blas_, dphi.get<double>(), rows, cols, tc::GramSide::kUnits, 0.0, dgram.get<double>(),
+                                  cols, stream_);
+  };
+  busy_then("gram_update (warm-up)", gram);
+  EXPECT_TRUE(busy_then("gram_update", gram)) << "the Gram update waited for the stream";
+
+  for (const int64_t n : {int64_t{16}, int64_t{40}}) {  // batched route, per-matrix syevd route
+    const std::vector<int64_t> dims = {n, n / 2};
+    std::vector<double> a(static_cast<size_t>(2 * n * n), 0.0);
+    for (int b = 0; b < 2; ++b) {
+      std::vector<double> lam;
+      for (int64_t i = 0; i < dims[b]; ++i) lam.push_back(1.0 + static_cast<double>(i));
+      const std::vector<double> g = symmetric_with_eigenvalues(lam, static_cast<uint32_t>(70 + b));
+      for (int64_t i = 0; i < dims[b]; ++i)
+        for (int64_t j = 0; j < dims[b]; ++j) a[b * n * n + i * n + j] = g[i * dims[b] + j];
+    }
+    DeviceMemory da, dw, dinfo, de, dr, dab, dst;
+    upload(da, a);
+    ASSERT_CUDA_OK(dw.allocate(sizeof(double) * 2 * n));
+    ASSERT_CUDA_OK(dinfo.allocate(sizeof(int) * 2));
+    for (DeviceMemory* m : {&de, &dr, &dab, &dst}) ASSERT_CUDA_OK(m->allocate(sizeof(double) * 2));
+    tc::EigvalsArgs args{solver_, da.get<double>(), n, 2, dims.data(), dw.get<double>(), dinfo.get<int>(),
+                         tc::EigRoute::kAuto};
+    size_t dev = 0, host = 0;
+    ASSERT_RANK_OK(tc::eigvals_workspace(args, &dev, &host));
+    DeviceMemory dws;
+    ASSERT_CUDA_OK(dws.allocate(std::max<size_t>(dev, 1)));
+    std::vector<unsigned char> hws(std::max<size_t>(host, 1));
+    auto solve = [&] { return tc::eigvals_launch(args, dws.get(), dev, hws.data(), host, stream_); };
+    const tc::RankOut out{de.get<double>(), dr.get<int64_t>(), dab.get<int64_t>(), dst.get<double>()};
+    auto ranks = [&] {
+      return tc::rank_from_eigenvalues_launch(dw.get<double>(), n, 2, dims.data(), dinfo.get<int>(), 0.99, out, stream_);
+    };
+    busy_then("eigvals (warm-up)", solve);
+    busy_then("rank_from_eigenvalues (warm-up)", ranks);
+    const bool batched = tc::resolve_eig_route(tc::EigRoute::kAuto, n) == tc::EigRoute::kBatched;
+    const bool solve_early = busy_then("eigvals", solve);
+    EXPECT_TRUE(busy_then("rank_from_eigenvalues", ranks)) << "the rank kernel's launch waited for the stream";
+    if (batched) {
+      EXPECT_TRUE(solve_early) << "the batched eigensolve (cusolverDnXsyevBatched) waited for the stream";
+    }
+    const std::string key = batched ? "syevBatched_returns_before_the_device" : "syevd_returns_before_the_device";
+    RecordProperty(key, solve_early ? "yes" : "no");
+    std::printf("[rank launch] %s (n = %lld): %s\n", batched ? "cusolverDnXsyevBatched" : "cusolverDnXsyevd",
+                static_cast<long long>(n), solve_early ? "returns before the device is done" : "WAITS for the device");
+  }
+
+  // gesvdj on one matrix.
+  const int64_t m = 60, k = 20;
+  const std::vector<double> sv = random_matrix(m, k, 23);
+  DeviceMemory da, ds, dinfo;
+  upload(da, sv);
+  ASSERT_CUDA_OK(ds.allocate(sizeof(double) * k));
+  ASSERT_CUDA_OK(dinfo.allocate(sizeof(int)));
+  tc::SvdvalsArgs args{solver_, da.get<double>(), m, k, ds.get<double>(), dinfo.get<int>()};
+  size_t bytes = 0;
+  ASSERT_RANK_OK(tc::svdvals_workspace(args, &bytes));
+  DeviceMemory dws;
+  ASSERT_CUDA_OK(dws.allocate(std::max<size_t>(bytes, 1)));
+  auto svd = [&] { return tc::svdvals_launch(args, dws.get(), bytes, stream_); };
+  busy_then("svdvals (warm-up)", svd);
+  const bool svd_early = busy_then("svdvals", svd);
+  RecordProperty("gesvdj_returns_before_the_device", svd_early ? "yes" : "no");
+  std::printf("[rank launch] cusolverDnDgesvdj: %s\n", svd_early ? "returns before the device is done"
+                                                                  : "WAITS for the device");
 }
 
 TEST_F(RankCudaTest, SvdvalsAgainstKnownSpectrum) {

@@ -211,6 +211,35 @@ TEST(RankMath, EigRoute) {
   EXPECT_EQ(resolve_eig_route(EigRoute::kAuto, kSyevBatchedMaxN + 1), EigRoute::kPerMatrix);
   EXPECT_EQ(resolve_eig_route(EigRoute::kBatched, 4096), EigRoute::kBatched);
   EXPECT_EQ(resolve_eig_route(EigRoute::kPerMatrix, 2), EigRoute::kPerMatrix);
+  // One matrix past syevBatched's INT32_MAX elements per call takes the per-matrix route even
+  // when the batched one is asked for.
+  EXPECT_EQ(resolve_eig_route(EigRoute::kBatched, 46340), EigRoute::kBatched);     // 46340² < 2³¹
+  EXPECT_EQ(resolve_eig_route(EigRoute::kBatched, 46341), EigRoute::kPerMatrix);   // 46341² > 2³¹ − 1
+  EXPECT_EQ(resolve_eig_route(EigRoute::kAuto, 4, /*max_elements=*/15), EigRoute::kPerMatrix);
+}
+
+TEST(RankMath, SyevBatchedChunkKeepsEachCallUnderInt32Elements) {
+  using trainscope::cuda::kSyevBatchedMaxElements;
+  using trainscope::cuda::syev_batched_chunk;
+  EXPECT_EQ(syev_batched_chunk(32, 10, 0), 10);
+  // n = 32: 2097151 matrices of 1024 elements fit in INT32_MAX, 2097152 do not.
+  EXPECT_EQ(syev_batched_chunk(32, int64_t{1} << 22, 0), 2097151);
+  EXPECT_LE(syev_batched_chunk(32, int64_t{1} << 22, 0) * 32 * 32, kSyevBatchedMaxElements);
+  EXPECT_EQ(syev_batched_chunk(1024, 5000, 0), 2047);
+  EXPECT_EQ(syev_batched_chunk(46341, 1, 0), 0);
+  EXPECT_EQ(syev_batched_chunk(46340, 3, 0), 1);
+  EXPECT_EQ(syev_batched_chunk(4, 10, 48), 3);  // a smaller limit, as the CUDA test uses
+  EXPECT_EQ(syev_batched_chunk(4, 10, 15), 0);
+  EXPECT_EQ(syev_batched_chunk(4, 0, 0), 0);
+  // Every n and batch: the chunk fits, and one more matrix would not (unless the batch is done).
+  for (int64_t n = 1; n <= 300; n += 37) {
+    for (int64_t batch : {int64_t{1}, int64_t{1000}, int64_t{1} << 30}) {
+      const int64_t c = syev_batched_chunk(n, batch, 0);
+      ASSERT_GE(c, 1);
+      EXPECT_LE(c * n * n, kSyevBatchedMaxElements) << n << " " << batch;
+      if (c < batch) EXPECT_GT((c + 1) * n * n, kSyevBatchedMaxElements) << n << " " << batch;
+    }
+  }
 }
 
 }  // namespace
