@@ -15,7 +15,7 @@ NATIVE_SOURCES := $(shell find cuda src include tests/cpp bench cmake examples -
 export PATH := $(CURDIR)/$(VENV)/bin:/usr/local/cuda/bin:$(PATH)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: all build test test-cpp test-python demo clean
+.PHONY: all build test test-cpp test-python demo clean googletest-sources peer-wheels
 
 all: build
 
@@ -33,6 +33,30 @@ $(BUILD)/.gtest-checked:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev; \
 	fi
 	@touch $@
+
+# GoogleTest's sources in a git-ignored folder, for a machine without the package (the GPU check
+# carries them along: bench/README.md). tests/CMakeLists.txt builds them when no package is found.
+GTEST_SOURCES := third_party/googletest
+googletest-sources: $(GTEST_SOURCES)/CMakeLists.txt
+$(GTEST_SOURCES)/CMakeLists.txt:
+	@if [ ! -f /usr/src/googletest/CMakeLists.txt ]; then \
+	  echo "installing googletest (Debian's GoogleTest sources)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq googletest; \
+	fi
+	@mkdir -p $(GTEST_SOURCES)
+	cp -a /usr/src/googletest/. $(GTEST_SOURCES)/
+
+# Wheels of the benchmarks' peers that a GPU machine's image lacks (pure Python; the rest of what
+# they import, scipy, pandas, matplotlib and seaborn, is there), for the GPU check to install
+# offline (bench/README.md). Versions from bench/requirements-peers.txt.
+PEERS_FOR_GPU_CHECK := backpack-for-pytorch einops unfoldNd cockpit-for-pytorch json-tricks setuptools
+peer-wheels: $(DEPS_STAMP)
+	@mkdir -p .whl
+	@for p in $(PEERS_FOR_GPU_CHECK); do \
+	  req=$$(grep -i "^$$p==" bench/requirements-peers.txt) || { echo "$$p is not in bench/requirements-peers.txt"; exit 1; }; \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl "$$req" || exit 1; \
+	done
+	@ls .whl
 
 # scikit-build-core configures and builds the whole CMake project (libraries, op library,
 # tests, benchmarks) in build/ and installs the package editable into the venv.
