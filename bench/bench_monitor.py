@@ -331,11 +331,10 @@ def print_table(rows, device):
             print(f"verification failed on {r['model']}: {r['verify']['problems']}", file=sys.stderr)
     print(f"Cockpit's published economy overhead: {COCKPIT_PUBLISHED['3c3d']}x (3C3D, CIFAR-10), "
           f"{COCKPIT_PUBLISHED['resnet50']}x (ResNet-50)")
-    if device.type == "cuda":
-        for r in rows:
-            if "ratio" in r:
-                print(f"goal <= {GOAL_RATIO}x on {r['model']}: {'met' if r['goal_ok'] else 'NOT met'} "
-                      f"({r['ratio']:.3f}x)")
+    for r in rows:
+        if "ratio" in r:
+            verdict = ("met" if r["goal_ok"] else "NOT met") if device.type == "cuda" else "not judged (CPU run)"
+            print(f"goal: <= {GOAL_RATIO}x the plain step on {r['model']}: {verdict} ({r['ratio']:.3f}x)")
 
 
 def parse_args(argv=None):
