@@ -51,6 +51,7 @@ done
 if [[ -z "$PHASE" ]]; then echo "gpu_check: give a PHASE: test or bench" >&2; usage >&2; exit 2; fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1  # pytest finds its configuration (pyproject.toml) from here
 OUT_DIR="${OUT_DIR:-${OUT:-$ROOT/bench/results/latest}}"
 mkdir -p "$OUT_DIR" || exit 1
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
