@@ -61,6 +61,24 @@ class RankCudaTest : public CudaStreamTest {
     return h;
   }
 
+  // gesvdj's singular values of one column-major m × n matrix: buffers, arguments, workspace.
+  struct SvdLaunch {
+    DeviceMemory a, s, info, workspace;
+    tc::SvdvalsArgs args{};
+    size_t bytes = 0;
+  };
+  void prepare_svd(const std::vector<double>& col_major, int64_t m, int64_t n, SvdLaunch* L) {
+    upload(L->a, col_major);
+    ASSERT_CUDA_OK(L->s.allocate(sizeof(double) * std::min(m, n)));
+    ASSERT_CUDA_OK(L->info.allocate(sizeof(int)));
+    L->args = tc::SvdvalsArgs{solver_, L->a.get<double>(), m, n, L->s.get<double>(), L->info.get<int>()};
+    ASSERT_RANK_OK(tc::svdvals_workspace(L->args, &L->bytes));
+    ASSERT_CUDA_OK(L->workspace.allocate(std::max<size_t>(L->bytes, 1)));
+  }
+  tc::RankStatus launch_svd(const SvdLaunch& L) {
+    return tc::svdvals_launch(L.args, L.workspace.get(), L.bytes, stream_);
+  }
+
   cublasHandle_t blas_ = nullptr;
   cusolverDnHandle_t solver_ = nullptr;
 };
@@ -332,18 +350,9 @@ TEST_F(RankCudaTest, LaunchesDoNotWaitForTheStream) {
   }
 
   // gesvdj on one matrix.
-  const int64_t m = 60, k = 20;
-  const std::vector<double> sv = random_matrix(m, k, 23);
-  DeviceMemory da, ds, dinfo;
-  upload(da, sv);
-  ASSERT_CUDA_OK(ds.allocate(sizeof(double) * k));
-  ASSERT_CUDA_OK(dinfo.allocate(sizeof(int)));
-  tc::SvdvalsArgs args{solver_, da.get<double>(), m, k, ds.get<double>(), dinfo.get<int>()};
-  size_t bytes = 0;
-  ASSERT_RANK_OK(tc::svdvals_workspace(args, &bytes));
-  DeviceMemory dws;
-  ASSERT_CUDA_OK(dws.allocate(std::max<size_t>(bytes, 1)));
-  auto svd = [&] { return tc::svdvals_launch(args, dws.get(), bytes, stream_); };
+  SvdLaunch L;
+  ASSERT_NO_FATAL_FAILURE(prepare_svd(random_matrix(60, 20, 23), 60, 20, &L));
+  auto svd = [&] { return launch_svd(L); };
   busy_then("svdvals (warm-up)", svd);
   const bool svd_early = busy_then("svdvals", svd);
   RecordProperty("gesvdj_returns_before_the_device", svd_early ? "yes" : "no");
@@ -362,18 +371,11 @@ TEST_F(RankCudaTest, SvdvalsAgainstKnownSpectrum) {
   for (int64_t j = 0; j < n; ++j) sigma.push_back(std::ldexp(1.0, -static_cast<int>(j)));
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < n; ++i) a[j * n + i] = q[i * n + j] * sigma[j];
-  DeviceMemory da, ds, dinfo;
-  upload(da, a);
-  ASSERT_CUDA_OK(ds.allocate(sizeof(double) * n));
-  ASSERT_CUDA_OK(dinfo.allocate(sizeof(int)));
-  tc::SvdvalsArgs args{solver_, da.get<double>(), n, n, ds.get<double>(), dinfo.get<int>()};
-  size_t bytes = 0;
-  ASSERT_RANK_OK(tc::svdvals_workspace(args, &bytes));
-  DeviceMemory dws;
-  ASSERT_CUDA_OK(dws.allocate(std::max<size_t>(bytes, 1)));
-  ASSERT_RANK_OK(tc::svdvals_launch(args, dws.get(), bytes, stream_));
-  const std::vector<double> s = download<double>(ds, n);
-  EXPECT_EQ(download<int>(dinfo, 1)[0], 0);
+  SvdLaunch L;
+  ASSERT_NO_FATAL_FAILURE(prepare_svd(a, n, n, &L));
+  ASSERT_RANK_OK(launch_svd(L));
+  const std::vector<double> s = download<double>(L.s, n);
+  EXPECT_EQ(download<int>(L.info, 1)[0], 0);
   for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(s[i], sigma[i], 1e-12) << i;
 }
 
