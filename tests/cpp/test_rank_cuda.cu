@@ -61,6 +61,55 @@ class RankCudaTest : public CudaStreamTest {
     return h;
   }
 
+  // A batch of `dims.size()` symmetric n × n slots, matrix b in its leading dims[b] block:
+  // buffers (w and info poisoned), arguments and workspaces of one eigensolve.
+  struct EigLaunch {
+    std::vector<int64_t> dims;
+    DeviceMemory a, w, info, workspace;
+    std::vector<unsigned char> host_workspace;
+    tc::EigvalsArgs args{};
+    size_t dev_bytes = 0, host_bytes = 0;
+  };
+  void prepare_eig(const std::vector<double>& a, int64_t n, const std::vector<int64_t>& dims, tc::EigRoute route,
+                   int64_t max_elements_per_call, EigLaunch* L) {
+    const int64_t batch = static_cast<int64_t>(dims.size());
+    L->dims = dims;
+    upload(L->a, a);
+    ASSERT_CUDA_OK(L->w.allocate(sizeof(double) * batch * n));
+    ASSERT_CUDA_OK(L->info.allocate(sizeof(int) * batch));
+    ASSERT_CUDA_OK(cudaMemsetAsync(L->w.get(), 0x7f, sizeof(double) * batch * n, stream_));
+    ASSERT_CUDA_OK(cudaMemsetAsync(L->info.get(), 0x7f, sizeof(int) * batch, stream_));
+    L->args = tc::EigvalsArgs{solver_, L->a.get<double>(), n, batch, L->dims.data(), L->w.get<double>(),
+                              L->info.get<int>(), route, max_elements_per_call};
+    ASSERT_RANK_OK(tc::eigvals_workspace(L->args, &L->dev_bytes, &L->host_bytes));
+    ASSERT_CUDA_OK(L->workspace.allocate(std::max<size_t>(L->dev_bytes, 1)));
+    L->host_workspace.assign(std::max<size_t>(L->host_bytes, 1), 0);
+  }
+  tc::RankStatus launch_eig(EigLaunch& L) {
+    return tc::eigvals_launch(L.args, L.workspace.get(), L.dev_bytes, L.host_workspace.data(), L.host_bytes, stream_);
+  }
+  // Every slot's n values: the padding's zeros first, then the spectrum ascending (lambdas[b],
+  // sorted), each within rel · n · (1 + λ_max); info 0.
+  void expect_spectra(EigLaunch& L, const std::vector<std::vector<double>>& lambdas, double rel,
+                      const std::string& context) {
+    const int64_t n = L.args.n, batch = L.args.batch;
+    const std::vector<double> w = download<double>(L.w, static_cast<size_t>(batch * n));
+    const std::vector<int> info = download<int>(L.info, static_cast<size_t>(batch));
+    Mismatches bad;
+    for (int64_t b = 0; b < batch; ++b) {
+      if (info[b] != 0) bad.add("info[", b, "] = ", info[b]);
+      const double lmax = lambdas[b].empty() ? 0.0 : lambdas[b].back();
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t j = i - (n - L.dims[b]);  // right-aligned: padding first
+        const double want = j >= 0 ? lambdas[b][j] : 0.0;
+        if (!(std::fabs(w[b * n + i] - want) <= rel * n * (1.0 + lmax))) {
+          bad.add("w[", b, ",", i, "] = ", w[b * n + i], " want ", want);
+        }
+      }
+    }
+    bad.expect_none(context);
+  }
+
   // gesvdj's singular values of one column-major m × n matrix: buffers, arguments, workspace.
   struct SvdLaunch {
     DeviceMemory a, s, info, workspace;
@@ -119,6 +168,26 @@ std::vector<double> symmetric_with_eigenvalues(const std::vector<double>& lambda
   return a;
 }
 
+// Matrices with the spectra lambdas[b] (sorted in place), each in the leading lambdas[b].size()
+// block of an n × n zero-padded slot, row-major [batch, n, n].
+std::vector<double> padded_symmetric(std::vector<std::vector<double>>& lambdas, int64_t n, uint32_t seed) {
+  std::vector<double> a(lambdas.size() * static_cast<size_t>(n * n), 0.0);
+  for (size_t b = 0; b < lambdas.size(); ++b) {
+    const int64_t d = static_cast<int64_t>(lambdas[b].size());
+    const std::vector<double> g = symmetric_with_eigenvalues(lambdas[b], static_cast<uint32_t>(seed + b));
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < d; ++j) a[b * n * n + i * n + j] = g[i * d + j];
+    std::sort(lambdas[b].begin(), lambdas[b].end());
+  }
+  return a;
+}
+
+std::vector<int64_t> dims_of(const std::vector<std::vector<double>>& lambdas) {
+  std::vector<int64_t> dims;
+  for (const auto& l : lambdas) dims.push_back(static_cast<int64_t>(l.size()));
+  return dims;
+}
+
 TEST_F(RankCudaTest, GramUpdateBothSidesAndAccumulate) {
   const int64_t rows = 37, cols = 23;
   const std::vector<double> phi = random_matrix(rows, cols, 1);
@@ -161,44 +230,18 @@ TEST_F(RankCudaTest, EigensolveBothRoutesAgainstKnownSpectra) {
   // Three matrices of sizes 12, 5, 0 padded to 12, and the same at size 40 (above the batched
   // threshold) to give kAuto both routes.
   for (const int64_t n : {int64_t{12}, int64_t{40}}) {
-    const std::vector<int64_t> dims = {n, 5, 0};
-    std::vector<std::vector<double>> lambdas;
-    std::vector<double> a(static_cast<size_t>(3 * n * n), 0.0);
+    std::vector<std::vector<double>> lambdas(3);
     for (int b = 0; b < 3; ++b) {
-      std::vector<double> lam;
-      for (int64_t i = 0; i < dims[b]; ++i) lam.push_back(std::pow(10.0, -0.15 * static_cast<double>(i)) * (b + 1));
-      const std::vector<double> g = symmetric_with_eigenvalues(lam, 10 + b);
-      for (int64_t i = 0; i < dims[b]; ++i)
-        for (int64_t j = 0; j < dims[b]; ++j) a[b * n * n + i * n + j] = g[i * dims[b] + j];
-      std::sort(lam.begin(), lam.end());
-      lambdas.push_back(lam);
-    }
-    for (const tc::EigRoute route : {tc::EigRoute::kBatched, tc::EigRoute::kPerMatrix, tc::EigRoute::kAuto}) {
-      DeviceMemory da, dw, dinfo;
-      upload(da, a);
-      ASSERT_CUDA_OK(dw.allocate(sizeof(double) * 3 * n));
-      ASSERT_CUDA_OK(dinfo.allocate(sizeof(int) * 3));
-      ASSERT_CUDA_OK(cudaMemsetAsync(dinfo.get(), 0x7f, sizeof(int) * 3, stream_));
-      tc::EigvalsArgs args{solver_, da.get<double>(), n, 3, dims.data(), dw.get<double>(), dinfo.get<int>(), route};
-      size_t dev = 0, host = 0;
-      ASSERT_RANK_OK(tc::eigvals_workspace(args, &dev, &host));
-      DeviceMemory dws;
-      ASSERT_CUDA_OK(dws.allocate(std::max<size_t>(dev, 1)));
-      std::vector<unsigned char> hws(std::max<size_t>(host, 1));
-      ASSERT_RANK_OK(tc::eigvals_launch(args, dws.get(), dev, hws.data(), host, stream_));
-      const std::vector<double> w = download<double>(dw, static_cast<size_t>(3 * n));
-      const std::vector<int> info = download<int>(dinfo, 3);
-      Mismatches bad;
-      for (int b = 0; b < 3; ++b) {
-        if (info[b] != 0) bad.add("info[", b, "] = ", info[b]);
-        const double lmax = lambdas[b].empty() ? 1.0 : lambdas[b].back();
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t j = i - (n - dims[b]);  // right-aligned: padding first
-          const double want = j >= 0 ? lambdas[b][j] : 0.0;
-          if (!(std::fabs(w[b * n + i] - want) <= 1e-12 * lmax * n)) bad.add("w[", b, ",", i, "] = ", w[b * n + i], " want ", want);
-        }
+      for (int64_t i = 0; i < (b == 0 ? n : b == 1 ? 5 : 0); ++i) {
+        lambdas[b].push_back(std::pow(10.0, -0.15 * static_cast<double>(i)) * (b + 1));
       }
-      bad.expect_none("n = " + std::to_string(n) + " route " + std::to_string(static_cast<int>(route)));
+    }
+    const std::vector<double> a = padded_symmetric(lambdas, n, 10);
+    for (const tc::EigRoute route : {tc::EigRoute::kBatched, tc::EigRoute::kPerMatrix, tc::EigRoute::kAuto}) {
+      EigLaunch L;
+      ASSERT_NO_FATAL_FAILURE(prepare_eig(a, n, dims_of(lambdas), route, 0, &L));
+      ASSERT_RANK_OK(launch_eig(L));
+      expect_spectra(L, lambdas, 1e-12, "n = " + std::to_string(n) + " route " + std::to_string(static_cast<int>(route)));
     }
   }
 }
@@ -207,46 +250,18 @@ TEST_F(RankCudaTest, EigensolveBothRoutesAgainstKnownSpectra) {
 // matrices into calls of 3, 3 and 2; every matrix's spectrum must come out as in one call.
 TEST_F(RankCudaTest, BatchedEigensolveInSeveralCallsUnderTheElementLimit) {
   const int64_t n = 6, batch = 8;
-  std::vector<int64_t> dims(batch);
   std::vector<std::vector<double>> lambdas(batch);
-  std::vector<double> a(static_cast<size_t>(batch * n * n), 0.0);
   for (int64_t b = 0; b < batch; ++b) {
-    dims[b] = 1 + b % n;
-    for (int64_t i = 0; i < dims[b]; ++i) lambdas[b].push_back(0.5 + static_cast<double>(b) + 0.37 * static_cast<double>(i * i));
-    const std::vector<double> g = symmetric_with_eigenvalues(lambdas[b], static_cast<uint32_t>(50 + b));
-    for (int64_t i = 0; i < dims[b]; ++i)
-      for (int64_t j = 0; j < dims[b]; ++j) a[b * n * n + i * n + j] = g[i * dims[b] + j];
-    std::sort(lambdas[b].begin(), lambdas[b].end());
-  }
-  ASSERT_EQ(tc::syev_batched_chunk(n, batch, 3 * n * n), 3);
-  DeviceMemory da, dw, dinfo;
-  upload(da, a);
-  ASSERT_CUDA_OK(dw.allocate(sizeof(double) * batch * n));
-  ASSERT_CUDA_OK(dinfo.allocate(sizeof(int) * batch));
-  ASSERT_CUDA_OK(cudaMemsetAsync(dw.get(), 0x7f, sizeof(double) * batch * n, stream_));
-  ASSERT_CUDA_OK(cudaMemsetAsync(dinfo.get(), 0x7f, sizeof(int) * batch, stream_));
-  tc::EigvalsArgs args{solver_, da.get<double>(), n, batch, dims.data(), dw.get<double>(), dinfo.get<int>(),
-                       tc::EigRoute::kBatched, 3 * n * n};
-  size_t dev = 0, host = 0;
-  ASSERT_RANK_OK(tc::eigvals_workspace(args, &dev, &host));
-  DeviceMemory dws;
-  ASSERT_CUDA_OK(dws.allocate(std::max<size_t>(dev, 1)));
-  std::vector<unsigned char> hws(std::max<size_t>(host, 1));
-  ASSERT_RANK_OK(tc::eigvals_launch(args, dws.get(), dev, hws.data(), host, stream_));
-  const std::vector<double> w = download<double>(dw, static_cast<size_t>(batch * n));
-  const std::vector<int> info = download<int>(dinfo, static_cast<size_t>(batch));
-  Mismatches bad;
-  for (int64_t b = 0; b < batch; ++b) {
-    if (info[b] != 0) bad.add("info[", b, "] = ", info[b]);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t j = i - (n - dims[b]);
-      const double want = j >= 0 ? lambdas[b][j] : 0.0;
-      if (!(std::fabs(w[b * n + i] - want) <= 1e-12 * n * (1.0 + lambdas[b].back()))) {
-        bad.add("w[", b, ",", i, "] = ", w[b * n + i], " want ", want);
-      }
+    for (int64_t i = 0; i < 1 + b % n; ++i) {
+      lambdas[b].push_back(0.5 + static_cast<double>(b) + 0.37 * static_cast<double>(i * i));
     }
   }
-  bad.expect_none("batched in calls of 3");
+  const std::vector<double> a = padded_symmetric(lambdas, n, 50);
+  ASSERT_EQ(tc::syev_batched_chunk(n, batch, 3 * n * n), 3);
+  EigLaunch L;
+  ASSERT_NO_FATAL_FAILURE(prepare_eig(a, n, dims_of(lambdas), tc::EigRoute::kBatched, 3 * n * n, &L));
+  ASSERT_RANK_OK(launch_eig(L));
+  expect_spectra(L, lambdas, 1e-12, "batched in calls of 3");
 }
 
 // A handle already on the stream keeps it (cublasSetStream would also reset the workspace a
@@ -309,31 +324,19 @@ TEST_F(RankCudaTest, LaunchesDoNotWaitForTheStream) {
   EXPECT_TRUE(busy_then("gram_update", gram)) << "the Gram update waited for the stream";
 
   for (const int64_t n : {int64_t{16}, int64_t{40}}) {  // batched route, per-matrix syevd route
-    const std::vector<int64_t> dims = {n, n / 2};
-    std::vector<double> a(static_cast<size_t>(2 * n * n), 0.0);
+    std::vector<std::vector<double>> lambdas(2);
     for (int b = 0; b < 2; ++b) {
-      std::vector<double> lam;
-      for (int64_t i = 0; i < dims[b]; ++i) lam.push_back(1.0 + static_cast<double>(i));
-      const std::vector<double> g = symmetric_with_eigenvalues(lam, static_cast<uint32_t>(70 + b));
-      for (int64_t i = 0; i < dims[b]; ++i)
-        for (int64_t j = 0; j < dims[b]; ++j) a[b * n * n + i * n + j] = g[i * dims[b] + j];
+      for (int64_t i = 0; i < (b == 0 ? n : n / 2); ++i) lambdas[b].push_back(1.0 + static_cast<double>(i));
     }
-    DeviceMemory da, dw, dinfo, de, dr, dab, dst;
-    upload(da, a);
-    ASSERT_CUDA_OK(dw.allocate(sizeof(double) * 2 * n));
-    ASSERT_CUDA_OK(dinfo.allocate(sizeof(int) * 2));
+    EigLaunch L;
+    ASSERT_NO_FATAL_FAILURE(prepare_eig(padded_symmetric(lambdas, n, 70), n, dims_of(lambdas), tc::EigRoute::kAuto, 0, &L));
+    DeviceMemory de, dr, dab, dst;
     for (DeviceMemory* m : {&de, &dr, &dab, &dst}) ASSERT_CUDA_OK(m->allocate(sizeof(double) * 2));
-    tc::EigvalsArgs args{solver_, da.get<double>(), n, 2, dims.data(), dw.get<double>(), dinfo.get<int>(),
-                         tc::EigRoute::kAuto};
-    size_t dev = 0, host = 0;
-    ASSERT_RANK_OK(tc::eigvals_workspace(args, &dev, &host));
-    DeviceMemory dws;
-    ASSERT_CUDA_OK(dws.allocate(std::max<size_t>(dev, 1)));
-    std::vector<unsigned char> hws(std::max<size_t>(host, 1));
-    auto solve = [&] { return tc::eigvals_launch(args, dws.get(), dev, hws.data(), host, stream_); };
+    auto solve = [&] { return launch_eig(L); };
     const tc::RankOut out{de.get<double>(), dr.get<int64_t>(), dab.get<int64_t>(), dst.get<double>()};
     auto ranks = [&] {
-      return tc::rank_from_eigenvalues_launch(dw.get<double>(), n, 2, dims.data(), dinfo.get<int>(), 0.99, out, stream_);
+      return tc::rank_from_eigenvalues_launch(L.w.get<double>(), n, 2, L.dims.data(), L.info.get<int>(), 0.99, out,
+                                              stream_);
     };
     busy_then("eigvals (warm-up)", solve);
     busy_then("rank_from_eigenvalues (warm-up)", ranks);
