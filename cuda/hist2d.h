@@ -25,12 +25,8 @@ namespace cuda {
 // flat bin index in an int32 and the histogram within 128 MiB of int64 counters.
 constexpr int64_t kMaxHist2dBins = int64_t{1} << 24;
 
-// An axis the kernels can bin on: 1 ≤ nbins ≤ kMaxHistBins, maxval positive and finite, and a bin
-// width whose reciprocal is finite (maxval not so tiny that 1 / (2·maxval/nbins) overflows).
-inline bool hist2d_axis_ok(const HistSpec& h) {
-  return h.nbins >= 1 && h.nbins <= kMaxHistBins && h.maxval > 0.0 && std::isfinite(h.maxval) &&
-         h.width > 0.0 && std::isfinite(h.inv_width);
-}
+// An axis the kernels can bin on (hist_axis_ok, cuda/histogram.h).
+inline bool hist2d_axis_ok(const HistSpec& h) { return hist_axis_ok(h.nbins, h.maxval); }
 
 // ---------------------------------------------------------------------------------------------
 // Work plan. A pair's [B, P] matrix is cut into items, each a rectangle of rows × columns that one

@@ -31,6 +31,15 @@ inline HistSpec make_hist_spec(int64_t nbins, double maxval) {
 // Largest nbins accepted: keeps the multiply-then-check shortcut below exact (see hist_bin).
 constexpr int64_t kMaxHistBins = int64_t{1} << 20;
 
+// An axis hist_bin can bin on: 1 ≤ nbins ≤ kMaxHistBins, maxval positive and finite, and a bin
+// width 2·maxval/nbins that is a normal float64 with a finite reciprocal (a tinier maxval would
+// put every value in bin 0 instead of SPEC.md §4's edge bins).
+inline bool hist_axis_ok(int64_t nbins, double maxval) {
+  if (nbins < 1 || nbins > kMaxHistBins || !(maxval > 0.0) || !std::isfinite(maxval)) return false;
+  const HistSpec h = make_hist_spec(nbins, maxval);
+  return std::isnormal(h.width) && std::isfinite(h.inv_width);
+}
+
 // Bin of a finite value: floor((clamp(x, −m, m) + m) / w), x = m in the last bin. A multiply by
 // 1/w is off from the division by at most a few ulp (≤ 1e-9 for nbins ≤ 2^20), so the exact
 // division is only evaluated when the quotient lies that close to a bin edge.

@@ -29,6 +29,7 @@
 #include <nvtx3/nvtx3.hpp>
 
 #include "src/device_constants.h"
+#include "src/tensor_checks.h"
 #include "trainscope/param_stats.h"
 
 namespace trainscope {
@@ -550,9 +551,7 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
   Impl& m = *impl_;
   TORCH_CHECK(!named_params.empty(), "trainscope::Monitor: named_params is empty; give the model's named parameters");
   TORCH_CHECK(config.ring_slots >= 1, "trainscope::Monitor: ring_slots must be >= 1, got ", config.ring_slots);
-  TORCH_CHECK(config.nbins >= 1, "trainscope::Monitor: nbins must be >= 1, got ", config.nbins);
-  TORCH_CHECK(config.maxval > 0.0 && std::isfinite(config.maxval), "trainscope::Monitor: maxval must be finite and > 0, got ",
-              config.maxval);
+  check_hist_axis("trainscope::Monitor", "nbins", config.nbins, "maxval", config.maxval);
   std::unordered_set<std::string> seen;
   for (size_t i = 0; i < named_params.size(); ++i) {
     const auto& [name, t] = named_params[i];

@@ -357,8 +357,7 @@ at::Tensor loss(const at::Tensor& per_sample_losses) {
 }
 
 at::Tensor hist_bin_edges(int64_t nbins, double maxval, at::Device device) {
-  TORCH_CHECK(nbins >= 1, "trainscope::hist_bin_edges: nbins must be >= 1, got ", nbins);
-  TORCH_CHECK(maxval > 0.0, "trainscope::hist_bin_edges: maxval must be > 0, got ", maxval);
+  check_hist_axis("trainscope::hist_bin_edges", "nbins", nbins, "maxval", maxval);
   return at::linspace(-maxval, maxval, nbins + 1, at::TensorOptions().dtype(at::kDouble).device(device));
 }
 

@@ -37,13 +37,15 @@ inline void check_float_dtype(const char* op, const char* name, int64_t index, c
               "; trainscope needs float32, float64, bfloat16 or float16");
 }
 
-// One histogram axis: nbins in [1, kMaxHistBins], maxval positive and finite.
+// One histogram axis (cuda::hist_axis_ok): nbins in [1, kMaxHistBins], maxval finite, positive
+// and large enough that the bin width 2·maxval/nbins is a normal number.
 inline void check_hist_axis(const char* op, const char* nbins_name, int64_t nbins,
                             const char* maxval_name, double maxval) {
   TORCH_CHECK(nbins >= 1 && nbins <= cuda::kMaxHistBins, op, ": ", nbins_name, " must be in [1, ",
               cuda::kMaxHistBins, "], got ", nbins);
-  TORCH_CHECK(maxval > 0.0 && std::isfinite(maxval), op, ": ", maxval_name,
-              " must be positive and finite, got ", maxval);
+  TORCH_CHECK(cuda::hist_axis_ok(nbins, maxval), op, ": ", maxval_name,
+              " must be a finite positive number with a normal bin width 2*", maxval_name, "/", nbins_name,
+              ", got ", maxval);
 }
 
 }  // namespace trainscope

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
+from ._args import register_fake
 
 KINDS = ("relu", "tanh", "sigmoid")
 
@@ -130,24 +131,24 @@ def _units(acts) -> int:
     return acts.shape[1]
 
 
-@torch.library.register_fake("trainscope::active_counts")
+@register_fake("trainscope::active_counts")
 def _(acts, kind="relu", eps=0.01):
     return acts.new_empty((_units(acts),), dtype=torch.int64)
 
 
-@torch.library.register_fake("trainscope::add_active_counts_")
+@register_fake("trainscope::add_active_counts_")
 def _(counts, acts, kind="relu", eps=0.01):
     return None
 
 
-@torch.library.register_fake("trainscope::dead_units")
+@register_fake("trainscope::dead_units")
 def _(acts, kind="relu", eps=0.01, tau=0.0):
     units = _units(acts)
     return (acts.new_empty((), dtype=torch.int64), acts.new_empty((), dtype=torch.float64),
             acts.new_empty((units,), dtype=torch.float64))
 
 
-@torch.library.register_fake("trainscope::dead_units_from_counts")
+@register_fake("trainscope::dead_units_from_counts")
 def _(counts, observations, tau=0.0):
     return (counts.new_empty((), dtype=torch.int64), counts.new_empty((), dtype=torch.float64),
             counts.new_empty((counts.shape[0],), dtype=torch.float64))

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library)
+from ._args import check_hist_axis
 from ._lists import tensor_list
 from .param_stats import ParamStats, loss as _local_loss
 from .per_sample_stats import PerSampleParts, PerSampleStats, _as_grad_list
@@ -311,7 +312,7 @@ def param_stats_across_ranks(
         extra = torch.cat([lt.sum(dtype=torch.float64).reshape(1),
                            torch.full((1,), float(lt.numel()), dtype=torch.float64, device=lt.device)])
     out = torch.ops.trainscope.param_stats_across_ranks(
-        g, p, p0, pp, pl, [int(d) for d in dims], name, bool(histogram), int(nbins), float(maxval),
+        g, p, p0, pp, pl, [int(d) for d in dims], name, bool(histogram), *check_hist_axis(nbins, maxval),
         weight_magnitude_of == "matrices", bool(refresh_prev), extra)
     loss = None
     if losses is not None:
@@ -375,7 +376,7 @@ def per_sample_stats_across_ranks(per_sample_grads, process_group=None, histogra
     if g is None:
         return _local_per_sample_stats(per_sample_grads, histogram=histogram, nbins=nbins, maxval=maxval)
     sq, dots, msq, stats, hist, nonfinite = torch.ops.trainscope.per_sample_stats_across_ranks(
-        _as_grad_list(per_sample_grads), group_name(g), bool(histogram), int(nbins), float(maxval))
+        _as_grad_list(per_sample_grads), group_name(g), bool(histogram), *check_hist_axis(nbins, maxval))
     return PerSampleStats(PerSampleParts(sq, dots, msq, g), stats, hist, nonfinite)
 
 

@@ -21,6 +21,10 @@ from typing import Optional, Tuple
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
+from ._args import check_hist_axis, register_fake
+
+#: Largest nbins_grad * nbins_param (cuda/hist2d.h, kMaxHist2dBins).
+MAX_HIST2D_BINS = 1 << 24
 from ._lists import tensor_list
 
 
@@ -35,18 +39,23 @@ class Hist2d:
     param_edges: torch.Tensor  # [nbins_param + 1] float64
 
 
+def hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param) -> Tuple[int, float, int, float]:
+    """The two axes' arguments checked (each nbins an integer in [1, 2²⁰], each maxval a finite
+    positive normal number, nbins_grad * nbins_param <= 2²⁴), as (int, float, int, float)."""
+    axes = (*check_hist_axis(nbins_grad, maxval_grad, "nbins_grad", "maxval_grad"),
+            *check_hist_axis(nbins_param, maxval_param, "nbins_param", "maxval_param"))
+    if axes[0] * axes[2] > MAX_HIST2D_BINS:
+        raise ValueError(f"nbins_grad * nbins_param must be at most 2^24 ({MAX_HIST2D_BINS}), got {axes[0]} * {axes[2]}")
+    return axes
+
+
 def hist2d_bin_edges(nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
                      maxval_param: float = 1.0, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The bin edges of :func:`grad_hist2d`'s two axes, float64: ``(grad_edges [nbins_grad + 1],
     param_edges [nbins_param + 1])``, each nbins + 1 equally spaced values from -maxval to maxval
     (as :func:`trainscope.hist_bin_edges`)."""
-    for nbins_name, nbins, maxval_name, maxval in (("nbins_grad", nbins_grad, "maxval_grad", maxval_grad),
-                                                   ("nbins_param", nbins_param, "maxval_param", maxval_param)):
-        if nbins < 1:
-            raise ValueError(f"hist2d_bin_edges: {nbins_name} must be >= 1, got {nbins}")
-        if not 0.0 < maxval < float("inf"):
-            raise ValueError(f"hist2d_bin_edges: {maxval_name} must be positive and finite, got {maxval}")
-    return (_edges(nbins_grad, maxval_grad, device), _edges(nbins_param, maxval_param, device))
+    ng, mg, npar, mp = hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param)
+    return (_edges(ng, mg, device), _edges(npar, mp, device))
 
 
 def _edges(nbins: int, maxval: float, device) -> torch.Tensor:
@@ -80,15 +89,14 @@ def grad_hist2d(per_sample_grads, params, nbins_grad: int = 100, maxval_grad: fl
     grads, ps = _pair_lists(per_sample_grads, params)
     if not grads and not ps:
         raise ValueError("grad_hist2d: per_sample_grads and params are empty")
-    counts, nonfinite = torch.ops.trainscope.grad_hist2d(grads, ps, int(nbins_grad), float(maxval_grad),
-                                                         int(nbins_param), float(maxval_param))
-    grad_edges, param_edges = hist2d_bin_edges(int(nbins_grad), float(maxval_grad), int(nbins_param),
-                                               float(maxval_param), device=counts.device)
+    axes = hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param)
+    counts, nonfinite = torch.ops.trainscope.grad_hist2d(grads, ps, *axes)
+    grad_edges, param_edges = hist2d_bin_edges(*axes, device=counts.device)
     return Hist2d(counts, nonfinite, grad_edges, param_edges)
 
 
 # Fake (meta) kernel: output shapes and dtypes for torch.compile and opcheck.
-@torch.library.register_fake("trainscope::grad_hist2d")
+@register_fake("trainscope::grad_hist2d")
 def _(per_sample_grads, params, nbins_grad=100, maxval_grad=0.05, nbins_param=100, maxval_param=1.0):
     dev: Optional[torch.device] = per_sample_grads[0].device if per_sample_grads else torch.device("cpu")
     return (torch.empty((nbins_grad, nbins_param), dtype=torch.int64, device=dev),

@@ -47,6 +47,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library and its custom classes)
+from ._args import check_hist_axis
 from . import distributed as _dist
 
 __all__ = ["Monitor", "Quantity", "QuantityContext", "StepRecord", "Schedule", "every", "at_steps",
@@ -197,7 +198,8 @@ class Monitor:
         self._grads_from_layout = any(p is not q for p, q in zip(self.layout.originals, self.layout.params))
         self._m = torch.classes.trainscope.Monitor(
             self.names, self.params, _spec(param_metrics, "param_metrics"), _spec(grad_hist, "grad_hist"),
-            int(nbins), float(maxval), bool(per_tensor), bool(weights_matrices_only), bool(track_init),
+            *check_hist_axis(nbins, maxval, caller="Monitor"), bool(per_tensor), bool(weights_matrices_only),
+            bool(track_init),
             bool(track_prev), int(ring_slots), self.layout.process_group if self.world_size > 1 else "",
             list(self.layout.placements) if across else [], list(self.layout.full_dims) if across else [],
             bool(sinks_on_all_ranks))

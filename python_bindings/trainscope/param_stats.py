@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
+from ._args import check_hist_axis, register_fake
 from ._lists import tensor_list
 
 #: Column order of ``ParamStats.metrics`` and ``ParamStats.per_tensor``.
@@ -96,21 +97,21 @@ def _fake_param_stats(grads, params, init_params, prev_params, histogram, nbins,
     )
 
 
-@torch.library.register_fake("trainscope::param_stats")
+@register_fake("trainscope::param_stats")
 def _(grads, params, init_params, prev_params, histogram=True, nbins=100, maxval=0.05,
       weights_matrices_only=False):
     return _fake_param_stats(grads, params, init_params, prev_params, histogram, nbins, maxval,
                              weights_matrices_only)
 
 
-@torch.library.register_fake("trainscope::param_stats_refresh_")
+@register_fake("trainscope::param_stats_refresh_")
 def _(grads, params, init_params, prev_params, histogram=True, nbins=100, maxval=0.05,
       weights_matrices_only=False):
     return _fake_param_stats(grads, params, init_params, prev_params, histogram, nbins, maxval,
                              weights_matrices_only)
 
 
-@torch.library.register_fake("trainscope::loss")
+@register_fake("trainscope::loss")
 def _(losses):
     dt = torch.float64 if losses.dtype == torch.float64 else torch.float32
     return torch.empty((), dtype=dt, device=losses.device)
@@ -132,7 +133,7 @@ def _run(caller: str, g: list, p: list, p0: list, pp: list, *, histogram: bool =
     if refresh_prev and not pp:
         raise ValueError(f"{caller}: refresh_prev=True needs prev_params")
     op = torch.ops.trainscope.param_stats_refresh_ if refresh_prev else torch.ops.trainscope.param_stats
-    return op(g, p, p0, pp, histogram, int(nbins), float(maxval), matrices_only)
+    return op(g, p, p0, pp, bool(histogram), *check_hist_axis(nbins, maxval, caller=caller), bool(matrices_only))
 
 
 def param_stats(
@@ -221,11 +222,12 @@ def nonfinite_count(tensors: TensorList, per_tensor: bool = False) -> torch.Tens
 
 def loss(losses: torch.Tensor) -> torch.Tensor:
     """Mean of the per-sample loss vector, accumulated in at least float32."""
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"loss: losses must be a tensor of per-sample losses, got {type(losses).__name__}")
     return torch.ops.trainscope.loss(losses)
 
 
 def hist_bin_edges(nbins: int = 100, maxval: float = 0.05, device=None) -> torch.Tensor:
     """The nbins + 1 edges of :func:`grad_hist1d`'s bins (float64)."""
-    if nbins < 1 or not maxval > 0:
-        raise ValueError(f"hist_bin_edges: need nbins >= 1 and maxval > 0, got nbins={nbins}, maxval={maxval}")
+    nbins, maxval = check_hist_axis(nbins, maxval, caller="hist_bin_edges")
     return torch.linspace(-maxval, maxval, nbins + 1, dtype=torch.float64, device=device)

@@ -57,6 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library)
+from ._args import check_hist_axis, register_fake
+from .hist2d import hist2d_axes as _hist2d_axes
 from .distributed import active_group, clean_param_name
 from .per_sample_stats import PerSampleParts
 
@@ -117,7 +119,7 @@ def linear_per_sample_grad_hist1d(input: torch.Tensor, grad_output: torch.Tensor
     δᵢᵀxᵢ (and Σ_t δ_it) of an nn.Linear, formed tile by tile. Pass B·δ to bin the gradients of
     the per-sample losses of a mean-reduced loss."""
     return torch.ops.trainscope.linear_per_sample_grad_hist1d(input, grad_output, bool(has_bias),
-                                                              int(nbins), float(maxval))
+                                                              *check_hist_axis(nbins, maxval))
 
 
 def conv2d_per_sample_grad_hist1d(input: torch.Tensor, grad_output: torch.Tensor, kernel_size: IntOrPair,
@@ -128,7 +130,7 @@ def conv2d_per_sample_grad_hist1d(input: torch.Tensor, grad_output: torch.Tensor
     return torch.ops.trainscope.conv2d_per_sample_grad_hist1d(
         input, grad_output, _pair("kernel_size", kernel_size), _pair("stride", stride),
         _pair("padding", padding), _pair("dilation", dilation), int(groups), bool(has_bias),
-        int(nbins), float(maxval))
+        *check_hist_axis(nbins, maxval))
 
 
 def linear_per_sample_grad_hist2d(input: torch.Tensor, grad_output: torch.Tensor, weight: torch.Tensor,
@@ -139,8 +141,7 @@ def linear_per_sample_grad_hist2d(input: torch.Tensor, grad_output: torch.Tensor
     ``trainscope::grad_hist2d`` counts it: (counts [nbins_grad, nbins_param] int64,
     nonfinite [] int64). ``bias`` None: the layer has none (or it is not tracked)."""
     return torch.ops.trainscope.linear_per_sample_grad_hist2d(
-        input, grad_output, weight, bias, int(nbins_grad), float(maxval_grad), int(nbins_param),
-        float(maxval_param))
+        input, grad_output, weight, bias, *_hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param))
 
 
 def conv2d_per_sample_grad_hist2d(input: torch.Tensor, grad_output: torch.Tensor, weight: torch.Tensor,
@@ -152,8 +153,8 @@ def conv2d_per_sample_grad_hist2d(input: torch.Tensor, grad_output: torch.Tensor
     size is the weight's)."""
     return torch.ops.trainscope.conv2d_per_sample_grad_hist2d(
         input, grad_output, weight, bias, _pair("stride", stride), _pair("padding", padding),
-        _pair("dilation", dilation), int(groups), int(nbins_grad), float(maxval_grad),
-        int(nbins_param), float(maxval_param))
+        _pair("dilation", dilation), int(groups),
+        *_hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -685,27 +686,27 @@ def _parts_fake(input, grad_output):
     return (input.new_empty(b, dtype=f64), input.new_empty(b, dtype=f64), input.new_empty((), dtype=f64))
 
 
-@torch.library.register_fake("trainscope::linear_per_sample_parts")
+@register_fake("trainscope::linear_per_sample_parts")
 def _(input, grad_output, has_bias=True, method="auto"):
     _fake_check("linear_per_sample_parts", input, grad_output, conv=False)
     return _parts_fake(input, grad_output)
 
 
-@torch.library.register_fake("trainscope::conv2d_per_sample_parts")
+@register_fake("trainscope::conv2d_per_sample_parts")
 def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
       has_bias=True, method="auto"):
     _fake_check("conv2d_per_sample_parts", input, grad_output, conv=True)
     return _parts_fake(input, grad_output)
 
 
-@torch.library.register_fake("trainscope::linear_per_sample_grad_hist1d")
+@register_fake("trainscope::linear_per_sample_grad_hist1d")
 def _(input, grad_output, has_bias=True, nbins=100, maxval=0.05):
     _fake_check("linear_per_sample_grad_hist1d", input, grad_output, conv=False)
     _fake_check_nbins("linear_per_sample_grad_hist1d", nbins=nbins)
     return input.new_empty(nbins, dtype=torch.int64)
 
 
-@torch.library.register_fake("trainscope::conv2d_per_sample_grad_hist1d")
+@register_fake("trainscope::conv2d_per_sample_grad_hist1d")
 def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
       has_bias=True, nbins=100, maxval=0.05):
     _fake_check("conv2d_per_sample_grad_hist1d", input, grad_output, conv=True)
@@ -717,7 +718,7 @@ def _hist2d_fake(input, nbins_grad, nbins_param):
     return (input.new_empty((nbins_grad, nbins_param), dtype=torch.int64), input.new_empty((), dtype=torch.int64))
 
 
-@torch.library.register_fake("trainscope::linear_per_sample_grad_hist2d")
+@register_fake("trainscope::linear_per_sample_grad_hist2d")
 def _(input, grad_output, weight, bias=None, nbins_grad=100, maxval_grad=0.05, nbins_param=100,
       maxval_param=1.0):
     _fake_check("linear_per_sample_grad_hist2d", input, grad_output, conv=False)
@@ -725,7 +726,7 @@ def _(input, grad_output, weight, bias=None, nbins_grad=100, maxval_grad=0.05, n
     return _hist2d_fake(input, nbins_grad, nbins_param)
 
 
-@torch.library.register_fake("trainscope::conv2d_per_sample_grad_hist2d")
+@register_fake("trainscope::conv2d_per_sample_grad_hist2d")
 def _(input, grad_output, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
       nbins_grad=100, maxval_grad=0.05, nbins_param=100, maxval_param=1.0):
     _fake_check("conv2d_per_sample_grad_hist2d", input, grad_output, conv=True)

@@ -22,6 +22,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
+from ._args import check_hist_axis, register_fake
 from ._lists import tensor_list
 
 #: Order of ``PerSampleStats.stats``.
@@ -109,7 +110,7 @@ def per_sample_stats(per_sample_grads, *, histogram: bool = True, nbins: int = 1
     dict of them, each [B, *param_shape]) in one fused pass; with ``histogram`` also the exact
     histogram of all B·P per-sample gradient elements."""
     sq, dots, msq, hist, nonfinite = torch.ops.trainscope.per_sample_parts(
-        _as_grad_list(per_sample_grads), histogram, int(nbins), float(maxval))
+        _as_grad_list(per_sample_grads), bool(histogram), *check_hist_axis(nbins, maxval))
     parts = PerSampleParts(sq, dots, msq)
     return PerSampleStats(parts, parts.stats(), hist, nonfinite)
 
@@ -148,13 +149,13 @@ def gradient_noise_scale(per_sample: PerSampleInput) -> torch.Tensor:
 
 def per_sample_grad_hist1d(per_sample_grads, nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
     """Exact int64 histogram [nbins] of all B·P per-sample gradient elements (SPEC.md §4)."""
-    return torch.ops.trainscope.per_sample_parts(_as_grad_list(per_sample_grads), True, int(nbins),
-                                                 float(maxval))[3]
+    return torch.ops.trainscope.per_sample_parts(_as_grad_list(per_sample_grads), True,
+                                                 *check_hist_axis(nbins, maxval))[3]
 
 
 # Fake (meta) kernels: output shapes and dtypes for torch.compile and opcheck. Parts and
 # statistics are float64 whatever the input dtype: the statistics subtract nearly equal numbers.
-@torch.library.register_fake("trainscope::per_sample_parts")
+@register_fake("trainscope::per_sample_parts")
 def _(per_sample_grads, histogram=True, nbins=100, maxval=0.05):
     if not per_sample_grads:
         raise RuntimeError("trainscope.per_sample_parts: per_sample_grads is empty")
@@ -169,6 +170,6 @@ def _(per_sample_grads, histogram=True, nbins=100, maxval=0.05):
             torch.empty((), dtype=torch.int64, device=dev))
 
 
-@torch.library.register_fake("trainscope::per_sample_stats_from_parts")
+@register_fake("trainscope::per_sample_stats_from_parts")
 def _(sq_norms, dots, mean_sq_norm):
     return torch.empty(len(PER_SAMPLE_STATS), dtype=torch.float64, device=sq_norms.device)

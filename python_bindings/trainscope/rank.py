@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
+from ._args import register_fake
 from ._lists import tensor_list
 
 
@@ -94,25 +95,25 @@ def _fake(shape, device):
     return f, i, torch.empty_like(i), torch.empty_like(f)
 
 
-@torch.library.register_fake("trainscope::rank_measures")
+@register_fake("trainscope::rank_measures")
 def _(matrices, prop=0.99, method="gram"):
     dev = matrices[0].device if matrices else torch.device("cpu")
     return _fake((len(matrices),), dev)
 
 
-@torch.library.register_fake("trainscope::rank_measures_batch")
+@register_fake("trainscope::rank_measures_batch")
 def _(matrices, prop=0.99, method="gram"):
     torch._check(matrices.dim() in (2, 3), lambda: "rank_measures: matrices must be [n, m] or [L, n, m]")
     return _fake(() if matrices.dim() == 2 else (matrices.shape[0],), matrices.device)
 
 
-@torch.library.register_fake("trainscope::rank_measures_from_singular_values")
+@register_fake("trainscope::rank_measures_from_singular_values")
 def _(sigma, prop=0.99):
     torch._check(sigma.dim() in (1, 2), lambda: "rank_measures_from_singular_values: sigma must be [k] or [L, k]")
     return _fake(() if sigma.dim() == 1 else (sigma.shape[0],), sigma.device)
 
 
-@torch.library.register_fake("trainscope::rank_measures_from_grams")
+@register_fake("trainscope::rank_measures_from_grams")
 def _(grams, prop=0.99):
     dev = grams[0].device if grams else torch.device("cpu")
     return _fake((len(grams),), dev)

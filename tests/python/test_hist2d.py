@@ -439,7 +439,7 @@ def test_bad_lists(case):
 ])
 def test_bad_options(name, value):
     g, p = _pairs()
-    with pytest.raises(RuntimeError, match=name):
+    with pytest.raises(ValueError, match=name):  # checked in Python before the op
         grad_hist2d(g, p, **{name: value})
     with pytest.raises(RuntimeError, match=name):
         torch.ops.trainscope.grad_hist2d(g, p, **{"nbins_grad": 100, "maxval_grad": 0.05, "nbins_param": 100,
@@ -451,8 +451,10 @@ def test_bad_options(name, value):
 
 def test_too_many_bins_in_all():
     g, p = _pairs()
-    with pytest.raises(RuntimeError, match=r"nbins_grad \* nbins_param.*2\^24"):
+    with pytest.raises(ValueError, match=r"nbins_grad \* nbins_param.*2\^24"):
         grad_hist2d(g, p, nbins_grad=8192, nbins_param=4096)
+    with pytest.raises(RuntimeError, match=r"nbins_grad \* nbins_param.*2\^24"):
+        torch.ops.trainscope.grad_hist2d(g, p, 8192, 0.05, 4096, 1.0)
     assert grad_hist2d(g, p, nbins_grad=4096, nbins_param=4096).counts.numel() == 2**24
 
 
