@@ -149,8 +149,13 @@ at::Tensor zero_counts(const at::Tensor& acts) {
 DeadUnits results_unchecked(const at::Tensor& counts, int64_t observations, double tau) {
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(counts.device());
   DeadUnits d;
-  // observations = 0: 0 / 0 = NaN for every unit, and NaN ≤ tau is false, so no unit is dead.
-  d.active_fraction = counts.to(at::kDouble).div(at::full({}, static_cast<double>(observations), f64));
+  // observations = 0: 0 / 0 = NaN for every unit, and NaN ≤ tau is false, so no unit is dead. A
+  // count outside [0, observations] cannot come from that many observations: its f_u is NaN too
+  // (found on the device, without waiting for it), never a fraction above 1 or a dead unit.
+  const at::Tensor impossible = counts.lt(0).logical_or_(counts.gt(observations));
+  d.active_fraction = counts.to(at::kDouble)
+                          .div(at::full({}, static_cast<double>(observations), f64))
+                          .masked_fill_(impossible, std::numeric_limits<double>::quiet_NaN());
   d.count = d.active_fraction.le(tau).sum(at::kLong);
   d.fraction = d.count.to(at::kDouble).div(at::full({}, static_cast<double>(counts.size(0)), f64));  // 0/0 = NaN
   return d;

@@ -12,8 +12,10 @@
 #include <string>
 #include <vector>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <nvtx3/nvtx3.hpp>
 
@@ -212,6 +214,22 @@ void cuda_param_stats(const std::vector<tc::TensorDesc>& descs, uint32_t flags,
   TORCH_CHECK(err == cudaSuccess, "trainscope::param_stats: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
+// refresh_prev writes prev_params in place, as an optimizer writes parameters: each must be a
+// tensor that can take that write without surprising its owner.
+void check_writable_prev(const char* op, at::TensorList prev_params) {
+  for (size_t i = 0; i < prev_params.size(); ++i) {
+    const at::Tensor& t = prev_params[i];
+    TORCH_CHECK(!t.requires_grad(), op, ": prev_params[", i, "] requires grad, and refresh_prev writes it in place; "
+                "keep θ_prev as detached copies (p.detach().clone())");
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op, ": prev_params[", i,
+                "] is an inference tensor, which cannot be written in place outside torch.inference_mode(); "
+                "make θ_prev under torch.no_grad() instead");
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": prev_params[", i,
+                "] has elements that share memory (an expanded or stride-0 tensor), and refresh_prev writes it "
+                "in place; pass a tensor of its own (clone())");
+  }
+}
+
 }  // namespace
 
 ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList params,
@@ -225,6 +243,7 @@ ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList
   TORCH_CHECK(prev_params.empty() || !params.empty(), op,
               ": prev_params were given without params; update_size needs both");
   TORCH_CHECK(!o.refresh_prev || !prev_params.empty(), op, ": refresh_prev needs prev_params");
+  if (o.refresh_prev) check_writable_prev(op, prev_params);
   if (o.histogram) {
     check_hist_axis(op, "nbins", o.nbins, "maxval", o.maxval);
   }
@@ -353,7 +372,7 @@ at::Tensor loss(const at::Tensor& per_sample_losses) {
   TORCH_CHECK(per_sample_losses.defined(), "trainscope::loss: losses is an undefined tensor");
   check_float_dtype("trainscope::loss", "losses", -1, per_sample_losses);
   const auto acc = per_sample_losses.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::mean(per_sample_losses, acc);
+  return at::mean(per_sample_losses.detach(), acc);  // a measurement: no autograd graph
 }
 
 at::Tensor hist_bin_edges(int64_t nbins, double maxval, at::Device device) {

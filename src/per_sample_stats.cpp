@@ -67,7 +67,8 @@ int64_t check_per_sample_parts(const char* op, const PerSampleParts& parts, int6
 
 void check_batch_size(const char* op, const char* arg, int64_t b, int64_t min_batch) {
   if (min_batch >= 2) {
-    TORCH_CHECK(b >= min_batch, op, ": the per-sample statistics need a batch of B >= 2 samples, got B = ", b);
+    TORCH_CHECK(b >= min_batch, op, ": ", arg, ": the per-sample statistics need a batch of B >= 2 samples, got B = ",
+                b);
   } else {
     TORCH_CHECK(b >= min_batch, op, ": ", arg, " holds B_r = ", b,
                 " samples on this rank; with the batch split over several ranks every rank needs at least one "

@@ -62,7 +62,8 @@ void add_active_counts(at::Tensor& counts, const at::Tensor& acts, ActivationKin
 // Observations per unit in one batch: N · Π spatial (host arithmetic on the shape).
 int64_t observations_per_unit(const at::Tensor& acts);
 
-// The results from accumulated counts and the number of observations per unit.
+// The results from accumulated counts and the number of observations per unit. A count outside
+// [0, observations] cannot come from that many observations: its unit's f_u is NaN, not dead.
 DeadUnits dead_units_from_counts(const at::Tensor& counts, int64_t observations, double tau = 0.0);
 
 // One batch, one call.

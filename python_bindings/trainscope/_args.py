@@ -73,6 +73,13 @@ def check_hist_axis(nbins, maxval, nbins_name: str = "nbins", maxval_name: str =
     return n, m
 
 
+def check_tensor(value, name: str, caller: str = "") -> torch.Tensor:
+    """``value`` itself, which must be a tensor (not None, a list or an array)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{_prefix(caller)}{name} must be a tensor, got {type(value).__name__}")
+    return value
+
+
 def check_bool(value, name: str, caller: str = "") -> bool:
     if not isinstance(value, (bool, numbers.Integral)) or isinstance(value, float):
         raise TypeError(f"{_prefix(caller)}{name} must be a bool, got {value!r} ({type(value).__name__})")

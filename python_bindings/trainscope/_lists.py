@@ -15,8 +15,10 @@ def tensor_list(arg, name: str, caller: str = "") -> list:
         return []
     if isinstance(arg, torch.Tensor):
         return [arg]
-    out = list(arg.values()) if isinstance(arg, Mapping) else list(arg)
     prefix = f"{caller}: " if caller else ""
+    if isinstance(arg, (str, bytes)) or not hasattr(arg, "__iter__"):
+        raise TypeError(f"{prefix}{name} must be a tensor or a list of tensors, got {type(arg).__name__}")
+    out = list(arg.values()) if isinstance(arg, Mapping) else list(arg)
     for i, t in enumerate(out):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{prefix}{name}[{i}] is {type(t).__name__}, expected a tensor"

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
-from ._args import register_fake
+from ._args import check_float, check_int, check_tensor, register_fake
 
 KINDS = ("relu", "tanh", "sigmoid")
 
@@ -48,11 +48,13 @@ def active_counts(acts: torch.Tensor, kind: str = "relu", eps: float = 0.01) -> 
     ``[N, units]`` or ``[N, C, *spatial]`` (float32/float64/bfloat16/float16, any strides) and
     ``kind`` is "relu", "tanh" or "sigmoid" (eps in [0, 0.5], the saturation margin of tanh and
     sigmoid). Each count is out of :func:`observations_per_unit` observations."""
-    return torch.ops.trainscope.active_counts(acts, str(kind), float(eps))
+    return torch.ops.trainscope.active_counts(check_tensor(acts, "acts", "active_counts"), str(kind),
+                                              check_float(eps, "eps", "active_counts"))
 
 
 def observations_per_unit(acts: torch.Tensor) -> int:
     """Observations of each unit in one batch: N times the product of the spatial sizes."""
+    check_tensor(acts, "acts", "observations_per_unit")
     if acts.dim() < 2:
         raise ValueError(f"observations_per_unit: acts is {acts.dim()}-D (shape {tuple(acts.shape)}); "
                          "activations are [N, units] or [N, C, *spatial]")
@@ -62,9 +64,11 @@ def observations_per_unit(acts: torch.Tensor) -> int:
 def dead_units_from_counts(counts: torch.Tensor, observations: int, tau: float = 0.0) -> DeadUnits:
     """The results from accumulated per-unit active counts (``[units]`` int64) and the number of
     observations per unit: ``f_u = counts[u] / observations`` in float64, dead when ``f_u <= tau``
-    (tau in [0, 1])."""
-    count, fraction, active_fraction = torch.ops.trainscope.dead_units_from_counts(counts, int(observations),
-                                                                                   float(tau))
+    (tau in [0, 1]). A count outside [0, observations] cannot come from that many observations:
+    its unit's ``f_u`` is NaN and it is not counted dead."""
+    count, fraction, active_fraction = torch.ops.trainscope.dead_units_from_counts(
+        check_tensor(counts, "counts", "dead_units_from_counts"), check_int(observations, "observations", "dead_units_from_counts", low=0),
+        check_float(tau, "tau", "dead_units_from_counts"))
     return DeadUnits(count, fraction, active_fraction)
 
 
@@ -73,7 +77,9 @@ def dead_units(acts: torch.Tensor, kind: str = "relu", eps: float = 0.01, tau: f
     units active on at most a fraction ``tau`` of their observations (tau = 0: never active).
     ``kind`` and ``eps`` as in :func:`active_counts`. For a probe set larger than one batch use
     :class:`DeadUnitCounter`."""
-    count, fraction, active_fraction = torch.ops.trainscope.dead_units(acts, str(kind), float(eps), float(tau))
+    count, fraction, active_fraction = torch.ops.trainscope.dead_units(
+        check_tensor(acts, "acts", "dead_units"), str(kind), check_float(eps, "eps", "dead_units"),
+        check_float(tau, "tau", "dead_units"))
     return DeadUnits(count, fraction, active_fraction)
 
 
@@ -97,6 +103,7 @@ class DeadUnitCounter:
 
     def add(self, acts: torch.Tensor) -> None:
         """Adds one batch ``[N, units]`` or ``[N, C, *spatial]``."""
+        check_tensor(acts, "acts", "DeadUnitCounter.add")
         if acts.dim() < 2:
             raise ValueError(f"DeadUnitCounter.add: acts is {acts.dim()}-D (shape {tuple(acts.shape)}); "
                              "activations are [N, units] or [N, C, *spatial]")

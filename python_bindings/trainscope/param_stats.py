@@ -21,7 +21,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
-from ._args import check_hist_axis, register_fake
+from ._args import check_hist_axis, check_tensor, register_fake
 from ._lists import tensor_list
 
 #: Column order of ``ParamStats.metrics`` and ``ParamStats.per_tensor``.
@@ -222,9 +222,7 @@ def nonfinite_count(tensors: TensorList, per_tensor: bool = False) -> torch.Tens
 
 def loss(losses: torch.Tensor) -> torch.Tensor:
     """Mean of the per-sample loss vector, accumulated in at least float32."""
-    if not isinstance(losses, torch.Tensor):
-        raise TypeError(f"loss: losses must be a tensor of per-sample losses, got {type(losses).__name__}")
-    return torch.ops.trainscope.loss(losses)
+    return torch.ops.trainscope.loss(check_tensor(losses, "losses", "loss"))
 
 
 def hist_bin_edges(nbins: int = 100, maxval: float = 0.05, device=None) -> torch.Tensor:

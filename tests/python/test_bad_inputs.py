@@ -107,3 +107,213 @@ def test_all_meta_is_shape_propagation():
 def test_loss_of_none_names_losses():
     with pytest.raises(TypeError, match="losses"):
         trainscope.loss(None)
+
+
+# ------------------------------------------------------------------------------------------------
+# The sweep: every tensor-taking public function through every class of bad input.
+#
+# Each API entry gives good inputs (a tuple of positional arguments: tensors, or lists of
+# tensors), the name each argument goes by in messages, and what each argument is (a list of
+# tensors paired by position, one tensor, a matrix, per-sample gradients [B, ...]). Each class of
+# bad input turns one argument of the good inputs into a bad one and says what must happen:
+# "error": an exception of an allowed type whose message names the argument;
+# "same": a result equal to the one on the equivalent well-formed input (layouts, grad, inference);
+# "runs": a result, no exception (NaN and Inf: the families' own tests check the values).
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+@dataclass(frozen=True)
+class Api:
+    name: str
+    call: Callable
+    good: Callable[[torch.Generator], tuple]
+    args: Tuple[Tuple[str, str], ...]  # per argument: (its names in messages, separated by |, its kind)
+    paired: bool = False               # the list arguments are paired element by element
+    any_batch: bool = False            # per-sample arguments of any B >= 1 (histograms need no pairs)
+
+
+def _r(gen, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _pl(gen):  # a list of parameter-like tensors
+    return [_r(gen, 5, 4), _r(gen, 4), _r(gen, 2, 3, 2)]
+
+
+def _ps(gen):  # per-sample gradients of those, B = 6
+    return [_r(gen, 6, 5, 4), _r(gen, 6, 4), _r(gen, 6, 2, 3, 2)]
+
+
+APIS = [
+    Api("grad_norm", lambda g: trainscope.grad_norm(g, per_tensor=True), lambda gen: (_pl(gen),),
+        (("grads", "list"),)),
+    Api("grad_magnitude", lambda g: trainscope.grad_magnitude(g), lambda gen: (_pl(gen),), (("grads", "list"),)),
+    Api("weight_magnitude", lambda p: trainscope.weight_magnitude(p, matrices_only=True), lambda gen: (_pl(gen),),
+        (("params", "list"),)),
+    Api("nonfinite_count", lambda t: trainscope.nonfinite_count(t), lambda gen: (_pl(gen),),
+        (("tensors|grads", "list"),)),
+    Api("grad_hist1d", lambda t: trainscope.grad_hist1d(t, per_tensor=True), lambda gen: (_pl(gen),),
+        (("tensors|grads", "list"),)),
+    Api("distance", lambda p, p0: trainscope.distance(p, p0), lambda gen: (_pl(gen), _pl(gen)),
+        (("params", "list"), ("init_params", "list")), paired=True),
+    Api("update_size", lambda p, pp: trainscope.update_size(p, pp), lambda gen: (_pl(gen), _pl(gen)),
+        (("params", "list"), ("prev_params", "list")), paired=True),
+    Api("param_stats", lambda g, p, p0, pp: trainscope.param_stats(g, p, p0, pp),
+        lambda gen: (_pl(gen), _pl(gen), _pl(gen), _pl(gen)),
+        (("grads", "list"), ("params", "list"), ("init_params", "list"), ("prev_params", "list")), paired=True),
+    Api("per_sample_stats", lambda g: trainscope.per_sample_stats(g), lambda gen: (_ps(gen),),
+        (("per_sample_grads", "per_sample"),)),
+    Api("per_sample_parts", lambda g: trainscope.per_sample_parts(g), lambda gen: (_ps(gen),),
+        (("per_sample_grads", "per_sample"),)),
+    Api("norm_test", lambda g: trainscope.norm_test(g), lambda gen: (_ps(gen),),
+        (("per_sample_grads|per_sample", "per_sample"),)),
+    Api("per_sample_grad_hist1d", lambda g: trainscope.per_sample_grad_hist1d(g), lambda gen: (_ps(gen),),
+        (("per_sample_grads", "per_sample"),)),
+    Api("grad_hist2d", lambda g, p: trainscope.grad_hist2d(g, p), lambda gen: (_ps(gen), _pl(gen)),
+        (("per_sample_grads", "per_sample"), ("params", "list")), paired=True, any_batch=True),
+    Api("dead_units", lambda a: trainscope.dead_units(a), lambda gen: (_r(gen, 20, 6).relu(),),
+        (("acts", "matrix"),)),
+    Api("active_counts", lambda a: trainscope.active_counts(a, "tanh"), lambda gen: (_r(gen, 20, 3, 4).tanh(),),
+        (("acts", "matrix"),)),
+    Api("linear_per_sample_parts", lambda x, d: trainscope.linear_per_sample_parts(x, d),
+        lambda gen: (_r(gen, 6, 5), _r(gen, 6, 3)), (("input", "matrix"), ("grad_output", "matrix"))),
+    Api("loss", lambda x: trainscope.loss(x), lambda gen: (_r(gen, 8).abs(),), (("losses", "tensor"),)),
+]
+
+
+def _non_contiguous(t):
+    """The same values in a transposed (column-major) layout."""
+    if t.dim() < 2:
+        return t.repeat_interleave(2)[::2]  # a strided view
+    out = torch.empty(t.shape[::-1], dtype=t.dtype).permute(*reversed(range(t.dim())))
+    return out.copy_(t)
+
+
+def _stride0(t):
+    """Values constant along dim 0, stored once (an expanded tensor)."""
+    return t[:1].expand_as(t) if t.dim() >= 1 and t.shape[0] > 0 else t
+
+
+def _inference(t):
+    with torch.inference_mode():
+        return t.clone()
+
+
+def _map(arg, kind, fn):
+    """Applies fn to the tensor of a tensor argument, or to the first tensor of a list argument."""
+    if kind in ("list", "per_sample"):
+        return [fn(arg[0])] + list(arg[1:])
+    return fn(arg)
+
+
+# Each class: (id, applies to kinds, turns the argument bad, expected outcome, reference maker).
+def _classes():
+    nan = lambda t: t.clone().index_fill_(0, torch.tensor([0]), float("nan"))  # noqa: E731
+    inf = lambda t: t.clone().index_fill_(0, torch.tensor([0]), float("inf"))  # noqa: E731
+    return [
+        ("None", ("tensor", "matrix"), lambda a, k: None, "error"),
+        ("a number", ("list", "per_sample", "tensor", "matrix"), lambda a, k: 3.0, "error"),
+        ("a string", ("list", "per_sample", "tensor", "matrix"), lambda a, k: "grads", "error"),
+        ("None in the list", ("list", "per_sample"), lambda a, k: [None] + list(a[1:]), "error"),
+        ("int64 tensor", ("list", "per_sample", "tensor", "matrix"),
+         lambda a, k: _map(a, k, lambda t: t.to(torch.int64)), "error"),
+        ("bool tensor", ("list", "per_sample", "tensor", "matrix"),
+         lambda a, k: _map(a, k, lambda t: t > 0), "error"),
+        ("complex tensor", ("list", "per_sample", "tensor", "matrix"),
+         lambda a, k: _map(a, k, lambda t: t.to(torch.complex64)), "error"),
+        ("0-d where a matrix is needed", ("matrix",), lambda a, k: a.sum(), "error"),
+        ("1-d where a matrix is needed", ("matrix",), lambda a, k: a.reshape(-1), "error"),
+        ("B = 1", ("per_sample",), lambda a, k: [t[:1] for t in a], "error unless any B"),
+        ("B = 0", ("per_sample",), lambda a, k: [t[:0] for t in a], "error unless any B"),
+        ("per-sample batches differ", ("per_sample",), lambda a, k: [a[0][:3]] + list(a[1:]), "error"),
+        ("NaN", ("list", "per_sample", "tensor", "matrix"), lambda a, k: _map(a, k, nan), "runs"),
+        ("Inf", ("list", "per_sample", "tensor", "matrix"), lambda a, k: _map(a, k, inf), "runs"),
+        ("an empty tensor in the list", ("list", "per_sample"), lambda a, k: list(a) + [a[0][..., :0]], "runs"),
+        ("non-contiguous", ("list", "per_sample", "tensor", "matrix"),
+         lambda a, k: _map(a, k, _non_contiguous), "same"),
+        ("stride 0", ("list", "per_sample", "tensor", "matrix"), lambda a, k: _map(a, k, _stride0), "same"),
+        ("requires grad", ("list", "per_sample", "tensor", "matrix"),
+         lambda a, k: _map(a, k, lambda t: t.clone().requires_grad_()), "same"),
+        ("inference tensor", ("list", "per_sample", "tensor", "matrix"), lambda a, k: _map(a, k, _inference), "same"),
+    ]
+
+
+def _paired_classes():
+    return [
+        ("lists of different lengths", lambda a: list(a[:-1]), "error"),
+        ("shapes differ", lambda a: [a[0].reshape(-1)] + list(a[1:]), "error"),
+        ("dtypes differ", lambda a: [a[0].double()] + list(a[1:]), "error"),
+    ]
+
+
+def _sweep_cases():
+    cases = []
+    for api in APIS:
+        for i, (names, kind) in enumerate(api.args):
+            for cid, kinds, bad, outcome in _classes():
+                if kind in kinds:
+                    cases.append(pytest.param(api, i, bad, outcome, id=f"{api.name}-{names.split('|')[0]}-{cid}"))
+            if api.paired and kind == "list" and i > 0:
+                for cid, bad, outcome in _paired_classes():
+                    cases.append(pytest.param(api, i, (lambda b: lambda a, k: b(a))(bad), outcome,
+                                              id=f"{api.name}-{names.split('|')[0]}-{cid}"))
+    return cases
+
+
+def _tensors_of(result):
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if dataclasses.is_dataclass(result):
+        return [t for f in dataclasses.fields(result) for t in _tensors_of(getattr(result, f.name))]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in _tensors_of(r)]
+    return []
+
+
+def _plain(arg):
+    """The well-formed equivalent of an argument: contiguous, detached, not an inference tensor."""
+    if isinstance(arg, torch.Tensor):
+        return arg.detach().clone(memory_format=torch.contiguous_format) if not arg.is_inference() else \
+            torch.tensor(arg.tolist(), dtype=arg.dtype)
+    if isinstance(arg, list):
+        return [_plain(t) for t in arg]
+    return arg
+
+
+@pytest.mark.parametrize("api,index,bad,outcome", _sweep_cases())
+def test_bad_input_sweep(api, index, bad, outcome, gen):
+    args = list(api.good(gen))
+    names, kind = api.args[index]
+    args[index] = bad(args[index], kind)
+    if outcome == "error unless any B":
+        outcome = "runs" if api.any_batch else "error"
+    if outcome == "runs" and api.paired and len(args[index]) > len(api.good(gen)[index]):
+        # An empty tensor added to one list is added to its partners too: lists stay paired.
+        for j, (_, other_kind) in enumerate(api.args):
+            if j != index:
+                args[j] = list(args[j]) + [args[j][0][..., :0]]
+    if outcome == "error":
+        with pytest.raises(ERRORS) as info:
+            api.call(*args)
+        message = str(info.value)
+        assert any(n in message for n in names.split("|")), \
+            f"{api.name}: the message does not name {names!r}: {message}"
+        return
+    result = api.call(*args)
+    got = _tensors_of(result)
+    assert got, f"{api.name} returned no tensors: {result!r}"
+    if outcome == "same":
+        want = _tensors_of(api.call(*[_plain(a) for a in args]))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype, (g, w)
+            assert not g.requires_grad, f"{api.name}: a result requires grad"
+            if g.is_floating_point():
+                torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12, equal_nan=True)
+            else:
+                assert torch.equal(g, w), (g, w)
