@@ -317,3 +317,64 @@ def test_bad_input_sweep(api, index, bad, outcome, gen):
                 torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12, equal_nan=True)
             else:
                 assert torch.equal(g, w), (g, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments that make no sense for one function
+
+
+def test_impossible_dead_unit_counts_are_nan_not_dead():
+    counts = torch.tensor([5, -1, 2, 0, 4], dtype=torch.int64)  # 5 of 4 observations, and -1
+    d = trainscope.dead_units_from_counts(counts, 4)
+    f = d.active_fraction
+    assert math.isnan(f[0]) and math.isnan(f[1])
+    assert f[2:].tolist() == [0.5, 0.0, 1.0]
+    assert int(d.count) == 1  # only unit 3; -1 is not "never active"
+    assert float(d.fraction) == pytest.approx(1 / 5)
+    for bad, error in ((-1, ValueError), (2.5, TypeError), (None, TypeError)):
+        with pytest.raises(error, match="observations"):
+            trainscope.dead_units_from_counts(counts, bad)
+    with pytest.raises(TypeError, match="counts"):
+        trainscope.dead_units_from_counts([1, 2], 4)
+
+
+def _prev_that(kind):
+    p = torch.randn(6)
+    if kind == "requires grad":
+        return p.clone().requires_grad_()
+    if kind == "inference":
+        with torch.inference_mode():
+            return p.clone()
+    return p[:1].expand(6)  # stride 0
+
+
+@pytest.mark.parametrize("kind,pattern", [("requires grad", "requires grad"), ("inference", "inference tensor"),
+                                          ("stride 0", "share memory")])
+def test_refresh_prev_refuses_a_prev_it_cannot_write(kind, pattern):
+    prev = _prev_that(kind)
+    before = prev.detach().clone()
+    with pytest.raises(RuntimeError, match=r"prev_params\[0\].*" + pattern):
+        trainscope.update_size([torch.randn(6)], [prev], refresh_prev=True)
+    assert torch.equal(prev.detach(), before)  # left untouched
+    # Read without refreshing, the same tensors are fine.
+    assert torch.isfinite(trainscope.update_size([torch.randn(6)], [prev]))
+
+
+def test_refresh_prev_on_an_inference_tensor_inside_inference_mode():
+    with torch.inference_mode():
+        p, prev = torch.randn(6), torch.randn(6)
+        trainscope.update_size([p], [prev], refresh_prev=True)
+        assert torch.equal(prev, p)
+
+
+def test_a_loss_with_grad_gives_a_measurement_without_one():
+    x = torch.rand(8, requires_grad=True)
+    out = trainscope.loss(x)
+    assert not out.requires_grad and out.grad_fn is None
+    assert float(out) == pytest.approx(float(x.detach().mean()))
+
+
+@pytest.mark.parametrize("bad", [3.0, "grads", b"x", object()])
+def test_a_list_argument_that_is_no_list_names_it(bad):
+    with pytest.raises(TypeError, match="grads"):
+        trainscope.grad_norm(bad)
