@@ -94,16 +94,29 @@ int64_t tile_samples(const Problem& p, int64_t work) {
 }
 
 
-void check_tensor(const char* op, const char* name, const at::Tensor& t) {
+void check_tensor(const char* op, const std::string& name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  check_float_dtype(op, name, -1, t);
+  check_float_dtype(op, name.c_str(), -1, t);
   TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": ", name, " is on ", t.device(),
               "; trainscope runs on CPU or CUDA tensors");
 }
 
-void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+void check_same_device(const char* op, const std::string& name, const at::Tensor& t, const at::Tensor& ref,
+                       const std::string& ref_name = "input") {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device(), "; all tensors must share one device");
+}
+
+// The names of use k's tensors in messages: "input", "grad_output" for a single use, "input[k]",
+// "grad_output[k]" among several.
+struct UseNames {
+  std::string input = "input", grad_output = "grad_output";
+};
+
+UseNames use_names(size_t k, size_t uses) {
+  if (uses == 1) return {};
+  const std::string i = "[" + std::to_string(k) + "]";
+  return {"input" + i, "grad_output" + i};
 }
 
 void check_batch_for_stats(const char* op, int64_t b) {
@@ -118,16 +131,16 @@ at::ScalarType acc_dtype(const at::Tensor& a, const at::Tensor& b) {
 // Problem builders: nn.Linear and nn.Conv2d.
 
 Problem linear_problem(const char* op, const at::Tensor& input, const at::Tensor& grad_output,
-                       bool has_bias) {
-  check_tensor(op, "input", input);
-  check_tensor(op, "grad_output", grad_output);
-  check_same_device(op, "grad_output", grad_output, input);
-  TORCH_CHECK(input.dim() >= 2, op, ": input must be [B, d_in] or [B, ..., d_in], got shape ",
+                       bool has_bias, const UseNames& n) {
+  check_tensor(op, n.input, input);
+  check_tensor(op, n.grad_output, grad_output);
+  check_same_device(op, n.grad_output, grad_output, input, n.input);
+  TORCH_CHECK(input.dim() >= 2, op, ": ", n.input, " must be [B, d_in] or [B, ..., d_in], got shape ",
               input.sizes());
   TORCH_CHECK(grad_output.dim() == input.dim() &&
                   grad_output.sizes().slice(0, input.dim() - 1) == input.sizes().slice(0, input.dim() - 1),
-              op, ": grad_output has shape ", grad_output.sizes(), " but input has shape ", input.sizes(),
-              "; they must agree in every dim but the last");
+              op, ": ", n.grad_output, " has shape ", grad_output.sizes(), " but ", n.input, " has shape ",
+              input.sizes(), "; they must agree in every dim but the last");
   Problem p;
   p.op = op;
   p.B = input.size(0);
@@ -181,29 +194,30 @@ ConvGeometry conv_geometry(const char* op, at::IntArrayRef kernel_size, at::IntA
 }
 
 Problem conv2d_problem(const char* op, const at::Tensor& input, const at::Tensor& grad_output,
-                       const ConvGeometry& g, bool has_bias) {
-  check_tensor(op, "input", input);
-  check_tensor(op, "grad_output", grad_output);
-  check_same_device(op, "grad_output", grad_output, input);
-  TORCH_CHECK(input.dim() == 4, op, ": input must be [B, C_in, H, W], got shape ", input.sizes());
-  TORCH_CHECK(grad_output.dim() == 4, op, ": grad_output must be [B, C_out, H', W'], got shape ",
+                       const ConvGeometry& g, bool has_bias, const UseNames& n) {
+  check_tensor(op, n.input, input);
+  check_tensor(op, n.grad_output, grad_output);
+  check_same_device(op, n.grad_output, grad_output, input, n.input);
+  TORCH_CHECK(input.dim() == 4, op, ": ", n.input, " must be [B, C_in, H, W], got shape ", input.sizes());
+  TORCH_CHECK(grad_output.dim() == 4, op, ": ", n.grad_output, " must be [B, C_out, H', W'], got shape ",
               grad_output.sizes());
-  TORCH_CHECK(grad_output.size(0) == input.size(0), op, ": grad_output has batch size ",
-              grad_output.size(0), " but input has ", input.size(0));
+  TORCH_CHECK(grad_output.size(0) == input.size(0), op, ": ", n.grad_output, " has batch size ",
+              grad_output.size(0), " but ", n.input, " has ", input.size(0));
   const int64_t cin = input.size(1), cout = grad_output.size(1);
-  TORCH_CHECK(cin % g.groups == 0, op, ": input has ", cin, " channels, not divisible by groups = ", g.groups);
-  TORCH_CHECK(cout % g.groups == 0, op, ": grad_output has ", cout,
+  TORCH_CHECK(cin % g.groups == 0, op, ": ", n.input, " has ", cin, " channels, not divisible by groups = ",
+              g.groups);
+  TORCH_CHECK(cout % g.groups == 0, op, ": ", n.grad_output, " has ", cout,
               " channels, not divisible by groups = ", g.groups);
   std::array<int64_t, 2> out{};
   for (int k = 0; k < 2; ++k) {
     const int64_t span = input.size(2 + k) + 2 * g.padding[k] - g.dilation[k] * (g.kernel[k] - 1) - 1;
-    TORCH_CHECK(span >= 0, op, ": input of spatial size ", input.sizes().slice(2),
+    TORCH_CHECK(span >= 0, op, ": ", n.input, " of spatial size ", input.sizes().slice(2),
                 " is smaller than the dilated kernel (kernel_size ", at::IntArrayRef(g.kernel),
                 ", dilation ", at::IntArrayRef(g.dilation), ", padding ", at::IntArrayRef(g.padding), ")");
     out[k] = span / g.stride[k] + 1;
   }
-  TORCH_CHECK(grad_output.size(2) == out[0] && grad_output.size(3) == out[1], op,
-              ": grad_output has spatial size ", grad_output.sizes().slice(2), " but the convolution of input ",
+  TORCH_CHECK(grad_output.size(2) == out[0] && grad_output.size(3) == out[1], op, ": ", n.grad_output,
+              " has spatial size ", grad_output.sizes().slice(2), " but the convolution of ", n.input, " ",
               input.sizes(), " gives [", out[0], ", ", out[1], "]");
 
   Problem p;
@@ -233,6 +247,87 @@ Problem conv2d_problem(const char* op, const at::Tensor& input, const at::Tensor
     p.bias_grads = [grad_output](at::ScalarType dtype) { return at::sum(grad_output, {2, 3}, false, dtype); };
   }
   return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A layer used several times in one step: sample i's gradient is the sum over the uses, so the
+// uses' positions are more positions of the same sample, concatenated along T tile by tile. One
+// use is that use's problem, unchanged.
+
+void check_use_lists(const char* op, at::TensorList input, at::TensorList grad_output) {
+  TORCH_CHECK(!input.empty(), op, ": input is an empty list; pass the input of every use of the layer");
+  TORCH_CHECK(grad_output.size() == input.size(), op, ": grad_output has ", grad_output.size(),
+              " tensors but input has ", input.size(), "; one output gradient per use");
+}
+
+Problem combined_problem(const char* op, std::vector<Problem> uses) {
+  if (uses.size() == 1) return std::move(uses.front());
+  const Problem& first = uses.front();
+  at::ScalarType acc = at::kDouble;
+  for (size_t k = 0; k < uses.size(); ++k) {
+    const Problem& u = uses[k];
+    TORCH_CHECK(u.B == first.B, op, ": input[", k, "] has batch size ", u.B, " but input[0] has ", first.B,
+                "; row i of every use of a layer must be sample i");
+    TORCH_CHECK(u.G == first.G && u.din == first.din && u.dout == first.dout, op, ": input[", k,
+                "] and grad_output[", k, "] are of a layer of ", u.G, " group(s) of ", u.din, " inputs and ",
+                u.dout, " outputs, but input[0] and grad_output[0] of ", first.G, " group(s) of ", first.din,
+                " inputs and ", first.dout, " outputs; every use is of one layer");
+    TORCH_CHECK(u.opts.device() == first.opts.device(), op, ": input[", k, "] is on ", u.opts.device(),
+                " but input[0] is on ", first.opts.device(), "; all tensors must share one device");
+    if (u.acc != at::kDouble) acc = u.acc;
+  }
+  Problem p = first;
+  p.acc = acc;
+  p.opts = first.opts.dtype(acc);
+  p.T = 0;
+  p.x_elems_per_sample = 0;
+  std::vector<Accessor> xs, ds;
+  for (const Problem& u : uses) {
+    p.T += u.T;
+    // The use's tiles before they are concatenated.
+    p.x_elems_per_sample += u.x_elems_per_sample + u.G * u.T * (u.din + u.dout);
+    xs.push_back(u.x);
+    ds.push_back(u.d);
+  }
+  auto concat = [acc](const std::vector<Accessor>& parts) {
+    return [parts, acc](int64_t begin, int64_t count) {
+      std::vector<at::Tensor> tiles;
+      tiles.reserve(parts.size());
+      for (const Accessor& a : parts) tiles.push_back(a(begin, count).to(acc));
+      return at::cat(tiles, 2);  // [count, G, Σ T_u, d]
+    };
+  };
+  p.x = concat(xs);
+  p.d = concat(ds);
+  if (first.bias_grads) {
+    std::vector<std::function<at::Tensor(at::ScalarType)>> biases;
+    for (const Problem& u : uses) biases.push_back(u.bias_grads);
+    p.bias_grads = [biases](at::ScalarType dtype) {
+      at::Tensor sum = biases.front()(dtype);
+      for (size_t k = 1; k < biases.size(); ++k) sum = sum + biases[k](dtype);
+      return sum;
+    };
+  }
+  return p;
+}
+
+Problem linear_uses(const char* op, at::TensorList input, at::TensorList grad_output, bool has_bias) {
+  check_use_lists(op, input, grad_output);
+  std::vector<Problem> uses;
+  for (size_t k = 0; k < input.size(); ++k) {
+    uses.push_back(linear_problem(op, input[k], grad_output[k], has_bias, use_names(k, input.size())));
+  }
+  return combined_problem(op, std::move(uses));
+}
+
+Problem conv2d_uses(const char* op, at::TensorList input, at::TensorList grad_output, const ConvGeometry& g,
+                    bool has_bias) {
+  check_use_lists(op, input, grad_output);
+  std::vector<Problem> uses;
+  for (size_t k = 0; k < input.size(); ++k) {
+    uses.push_back(conv2d_problem(op, input[k], grad_output[k], g, has_bias, use_names(k, input.size())));
+  }
+  return combined_problem(op, std::move(uses));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -609,17 +704,22 @@ void check_param(const char* op, const char* name, const at::Tensor& t, const at
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Public entry points.
+// Public entry points: every use of a layer (one use: the single-tensor overloads).
 
-PerSampleParts linear_per_sample_parts(const at::Tensor& input, const at::Tensor& grad_output,
-                                       bool has_bias, FactorMethod method) {
+PerSampleParts linear_per_sample_parts(at::TensorList input, at::TensorList grad_output, bool has_bias,
+                                       FactorMethod method) {
   const char* op = "trainscope::linear_per_sample_parts";
   nvtx3::scoped_range range{op};
   c10::NoGradGuard no_grad;
-  return parts_of(linear_problem(op, input, grad_output, has_bias), method);
+  return parts_of(linear_uses(op, input, grad_output, has_bias), method);
 }
 
-PerSampleParts conv2d_per_sample_parts(const at::Tensor& input, const at::Tensor& grad_output,
+PerSampleParts linear_per_sample_parts(const at::Tensor& input, const at::Tensor& grad_output,
+                                       bool has_bias, FactorMethod method) {
+  return linear_per_sample_parts(at::TensorList(input), at::TensorList(grad_output), has_bias, method);
+}
+
+PerSampleParts conv2d_per_sample_parts(at::TensorList input, at::TensorList grad_output,
                                        at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                        at::IntArrayRef padding, at::IntArrayRef dilation,
                                        int64_t groups, bool has_bias, FactorMethod method) {
@@ -627,19 +727,33 @@ PerSampleParts conv2d_per_sample_parts(const at::Tensor& input, const at::Tensor
   nvtx3::scoped_range range{op};
   c10::NoGradGuard no_grad;
   const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
-  return parts_of(conv2d_problem(op, input, grad_output, g, has_bias), method);
+  return parts_of(conv2d_uses(op, input, grad_output, g, has_bias), method);
 }
 
-at::Tensor linear_per_sample_grad_hist1d(const at::Tensor& input, const at::Tensor& grad_output,
-                                         bool has_bias, int64_t nbins, double maxval) {
+PerSampleParts conv2d_per_sample_parts(const at::Tensor& input, const at::Tensor& grad_output,
+                                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       int64_t groups, bool has_bias, FactorMethod method) {
+  return conv2d_per_sample_parts(at::TensorList(input), at::TensorList(grad_output), kernel_size, stride,
+                                 padding, dilation, groups, has_bias, method);
+}
+
+at::Tensor linear_per_sample_grad_hist1d(at::TensorList input, at::TensorList grad_output, bool has_bias,
+                                         int64_t nbins, double maxval) {
   const char* op = "trainscope::linear_per_sample_grad_hist1d";
   nvtx3::scoped_range range{op};
   c10::NoGradGuard no_grad;
   check_hist_axis(op, "nbins", nbins, "maxval", maxval);
-  return hist1d_of(linear_problem(op, input, grad_output, has_bias), nbins, maxval);
+  return hist1d_of(linear_uses(op, input, grad_output, has_bias), nbins, maxval);
 }
 
-at::Tensor conv2d_per_sample_grad_hist1d(const at::Tensor& input, const at::Tensor& grad_output,
+at::Tensor linear_per_sample_grad_hist1d(const at::Tensor& input, const at::Tensor& grad_output,
+                                         bool has_bias, int64_t nbins, double maxval) {
+  return linear_per_sample_grad_hist1d(at::TensorList(input), at::TensorList(grad_output), has_bias, nbins,
+                                       maxval);
+}
+
+at::Tensor conv2d_per_sample_grad_hist1d(at::TensorList input, at::TensorList grad_output,
                                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                          at::IntArrayRef padding, at::IntArrayRef dilation,
                                          int64_t groups, bool has_bias, int64_t nbins, double maxval) {
@@ -648,7 +762,29 @@ at::Tensor conv2d_per_sample_grad_hist1d(const at::Tensor& input, const at::Tens
   c10::NoGradGuard no_grad;
   check_hist_axis(op, "nbins", nbins, "maxval", maxval);
   const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
-  return hist1d_of(conv2d_problem(op, input, grad_output, g, has_bias), nbins, maxval);
+  return hist1d_of(conv2d_uses(op, input, grad_output, g, has_bias), nbins, maxval);
+}
+
+at::Tensor conv2d_per_sample_grad_hist1d(const at::Tensor& input, const at::Tensor& grad_output,
+                                         at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups, bool has_bias, int64_t nbins, double maxval) {
+  return conv2d_per_sample_grad_hist1d(at::TensorList(input), at::TensorList(grad_output), kernel_size, stride,
+                                       padding, dilation, groups, has_bias, nbins, maxval);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_per_sample_grad_hist2d(at::TensorList input,
+                                                                 at::TensorList grad_output,
+                                                                 const at::Tensor& weight,
+                                                                 const at::Tensor& bias,
+                                                                 const Hist2dOptions& options) {
+  const char* op = "trainscope::linear_per_sample_grad_hist2d";
+  nvtx3::scoped_range range{op};
+  c10::NoGradGuard no_grad;
+  const Problem p = linear_uses(op, input, grad_output, bias.defined());
+  check_param(op, "weight", weight, input[0], {p.dout, p.din});
+  if (bias.defined()) check_param(op, "bias", bias, input[0], {p.dout});
+  return hist2d_of(p, weight, bias, options);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_per_sample_grad_hist2d(const at::Tensor& input,
@@ -656,19 +792,13 @@ std::tuple<at::Tensor, at::Tensor> linear_per_sample_grad_hist2d(const at::Tenso
                                                                  const at::Tensor& weight,
                                                                  const at::Tensor& bias,
                                                                  const Hist2dOptions& options) {
-  const char* op = "trainscope::linear_per_sample_grad_hist2d";
-  nvtx3::scoped_range range{op};
-  c10::NoGradGuard no_grad;
-  const Problem p = linear_problem(op, input, grad_output, bias.defined());
-  check_param(op, "weight", weight, input, {p.dout, p.din});
-  if (bias.defined()) check_param(op, "bias", bias, input, {p.dout});
-  return hist2d_of(p, weight, bias, options);
+  return linear_per_sample_grad_hist2d(at::TensorList(input), at::TensorList(grad_output), weight, bias, options);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv2d_per_sample_grad_hist2d(
-    const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& weight,
-    const at::Tensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, const Hist2dOptions& options) {
+    at::TensorList input, at::TensorList grad_output, const at::Tensor& weight, const at::Tensor& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const Hist2dOptions& options) {
   const char* op = "trainscope::conv2d_per_sample_grad_hist2d";
   nvtx3::scoped_range range{op};
   c10::NoGradGuard no_grad;
@@ -677,11 +807,19 @@ std::tuple<at::Tensor, at::Tensor> conv2d_per_sample_grad_hist2d(
               weight.sizes());
   const ConvGeometry g =
       conv_geometry(op, weight.sizes().slice(2), stride, padding, dilation, groups);
-  const Problem p = conv2d_problem(op, input, grad_output, g, bias.defined());
-  check_param(op, "weight", weight, input,
-              {p.G * p.dout, input.size(1) / p.G, g.kernel[0], g.kernel[1]});
-  if (bias.defined()) check_param(op, "bias", bias, input, {p.G * p.dout});
+  const Problem p = conv2d_uses(op, input, grad_output, g, bias.defined());
+  check_param(op, "weight", weight, input[0],
+              {p.G * p.dout, input[0].size(1) / p.G, g.kernel[0], g.kernel[1]});
+  if (bias.defined()) check_param(op, "bias", bias, input[0], {p.G * p.dout});
   return hist2d_of(p, weight, bias, options);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_per_sample_grad_hist2d(
+    const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& weight,
+    const at::Tensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, const Hist2dOptions& options) {
+  return conv2d_per_sample_grad_hist2d(at::TensorList(input), at::TensorList(grad_output), weight, bias, stride,
+                                       padding, dilation, groups, options);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -730,7 +868,9 @@ at::Tensor OutputGradCapture::watch(const at::Tensor& output) {
     if (!s || !grad.defined()) return;
     at::Tensor g = from_base ? grad.contiguous().as_strided(sizes, strides, offset) : grad;
     std::lock_guard<std::mutex> lock(s->mutex);
-    if (s->generation == generation) s->grad = g.detach();
+    // Backward may reach the watched value more than once (backward calls through a retained
+    // graph): its gradient adds up, as a parameter's .grad does.
+    if (s->generation == generation) s->grad = s->grad.defined() ? s->grad + g.detach() : g.detach();
   });
   return output;
 }

@@ -71,9 +71,58 @@ std::tuple<at::Tensor, at::Tensor> conv2d_hist2d_op(const at::Tensor& input, con
                                        hist2d_options(nbins_grad, maxval_grad, nbins_param, maxval_param));
 }
 
+// The overloads ".uses": every use of a layer in one step (one tensor per use in each list).
+
+PartsTuple linear_parts_uses_op(at::TensorList input, at::TensorList grad_output, bool has_bias,
+                                c10::string_view method) {
+  return as_tuple(linear_per_sample_parts(input, grad_output, has_bias, parse_factor_method(std::string(method))));
+}
+
+PartsTuple conv2d_parts_uses_op(at::TensorList input, at::TensorList grad_output, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, bool has_bias, c10::string_view method) {
+  return as_tuple(conv2d_per_sample_parts(input, grad_output, kernel_size, stride, padding, dilation, groups,
+                                          has_bias, parse_factor_method(std::string(method))));
+}
+
+at::Tensor linear_hist1d_uses_op(at::TensorList input, at::TensorList grad_output, bool has_bias, int64_t nbins,
+                                 double maxval) {
+  return linear_per_sample_grad_hist1d(input, grad_output, has_bias, nbins, maxval);
+}
+
+at::Tensor conv2d_hist1d_uses_op(at::TensorList input, at::TensorList grad_output, at::IntArrayRef kernel_size,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, bool has_bias, int64_t nbins, double maxval) {
+  return conv2d_per_sample_grad_hist1d(input, grad_output, kernel_size, stride, padding, dilation, groups,
+                                       has_bias, nbins, maxval);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_hist2d_uses_op(at::TensorList input, at::TensorList grad_output,
+                                                         const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         int64_t nbins_grad, double maxval_grad,
+                                                         int64_t nbins_param, double maxval_param) {
+  return linear_per_sample_grad_hist2d(input, grad_output, weight, or_undefined(bias),
+                                       hist2d_options(nbins_grad, maxval_grad, nbins_param, maxval_param));
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_hist2d_uses_op(at::TensorList input, at::TensorList grad_output,
+                                                         const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                                         at::IntArrayRef dilation, int64_t groups,
+                                                         int64_t nbins_grad, double maxval_grad,
+                                                         int64_t nbins_param, double maxval_param) {
+  return conv2d_per_sample_grad_hist2d(input, grad_output, weight, or_undefined(bias), stride, padding,
+                                       dilation, groups,
+                                       hist2d_options(nbins_grad, maxval_grad, nbins_param, maxval_param));
+}
+
 }  // namespace
 }  // namespace trainscope
 
+// Each op has a second overload, ".uses", taking the input and output gradient of every use of
+// the layer in one step as lists (include/trainscope/per_sample_factors.h).
 TORCH_LIBRARY_FRAGMENT(trainscope, m) {
   m.def("linear_per_sample_parts(Tensor input, Tensor grad_output, bool has_bias=True, "
         "str method=\"auto\") -> (Tensor, Tensor, Tensor)");
@@ -92,13 +141,33 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
         "Tensor? bias=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, "
         "int nbins_grad=100, float maxval_grad=0.05, int nbins_param=100, float maxval_param=1.0) "
         "-> (Tensor, Tensor)");
+  m.def("linear_per_sample_parts.uses(Tensor[] input, Tensor[] grad_output, bool has_bias=True, "
+        "str method=\"auto\") -> (Tensor, Tensor, Tensor)");
+  m.def("conv2d_per_sample_parts.uses(Tensor[] input, Tensor[] grad_output, int[2] kernel_size, "
+        "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool has_bias=True, "
+        "str method=\"auto\") -> (Tensor, Tensor, Tensor)");
+  m.def("linear_per_sample_grad_hist1d.uses(Tensor[] input, Tensor[] grad_output, bool has_bias=True, "
+        "int nbins=100, float maxval=0.05) -> Tensor");
+  m.def("conv2d_per_sample_grad_hist1d.uses(Tensor[] input, Tensor[] grad_output, int[2] kernel_size, "
+        "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool has_bias=True, "
+        "int nbins=100, float maxval=0.05) -> Tensor");
+  m.def("linear_per_sample_grad_hist2d.uses(Tensor[] input, Tensor[] grad_output, Tensor weight, "
+        "Tensor? bias=None, int nbins_grad=100, float maxval_grad=0.05, int nbins_param=100, "
+        "float maxval_param=1.0) -> (Tensor, Tensor)");
+  m.def("conv2d_per_sample_grad_hist2d.uses(Tensor[] input, Tensor[] grad_output, Tensor weight, "
+        "Tensor? bias=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, "
+        "int nbins_grad=100, float maxval_grad=0.05, int nbins_param=100, float maxval_param=1.0) "
+        "-> (Tensor, Tensor)");
 }
 
 // Diagnostics, not differentiable outputs (see param_stats_ops.cpp).
 TORCH_LIBRARY_IMPL(trainscope, Autograd, m) {
   for (const char* name : {"linear_per_sample_parts", "conv2d_per_sample_parts",
                            "linear_per_sample_grad_hist1d", "conv2d_per_sample_grad_hist1d",
-                           "linear_per_sample_grad_hist2d", "conv2d_per_sample_grad_hist2d"}) {
+                           "linear_per_sample_grad_hist2d", "conv2d_per_sample_grad_hist2d",
+                           "linear_per_sample_parts.uses", "conv2d_per_sample_parts.uses",
+                           "linear_per_sample_grad_hist1d.uses", "conv2d_per_sample_grad_hist1d.uses",
+                           "linear_per_sample_grad_hist2d.uses", "conv2d_per_sample_grad_hist2d.uses"}) {
     m.impl(name, torch::CppFunction::makeFallthrough());
   }
 }
@@ -111,6 +180,12 @@ void define_kernels(torch::Library& m) {
   m.impl("conv2d_per_sample_grad_hist1d", &trainscope::conv2d_hist1d_op);
   m.impl("linear_per_sample_grad_hist2d", &trainscope::linear_hist2d_op);
   m.impl("conv2d_per_sample_grad_hist2d", &trainscope::conv2d_hist2d_op);
+  m.impl("linear_per_sample_parts.uses", &trainscope::linear_parts_uses_op);
+  m.impl("conv2d_per_sample_parts.uses", &trainscope::conv2d_parts_uses_op);
+  m.impl("linear_per_sample_grad_hist1d.uses", &trainscope::linear_hist1d_uses_op);
+  m.impl("conv2d_per_sample_grad_hist1d.uses", &trainscope::conv2d_hist1d_uses_op);
+  m.impl("linear_per_sample_grad_hist2d.uses", &trainscope::linear_hist2d_uses_op);
+  m.impl("conv2d_per_sample_grad_hist2d.uses", &trainscope::conv2d_hist2d_uses_op);
 }
 }  // namespace
 

@@ -130,6 +130,41 @@ std::tuple<at::Tensor, at::Tensor> conv2d_per_sample_grad_hist2d(
     const at::Tensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, const Hist2dOptions& options = {});
 
+// A layer used several times in one step — a module called on two batches whose losses are
+// added, a block applied twice, a recurrent cell unrolled over time, siamese branches — has one
+// per-sample gradient, the sum over its uses: Gᵢ = Σ_u Σ_t δ_u,itᵀ x_u,it, and the bias
+// gradient Σ_u Σ_t δ_u,it. The overloads below take the input and output gradient of every use
+// (input[u], grad_output[u], each shaped as for one use; a use's leading dims, or a
+// convolution's spatial size, may differ from another's) and treat the uses' positions as more
+// positions of the same samples, concatenated along T tile by tile: every route and histogram
+// sees the summed gradient, cross terms between uses included. Row i of every use must be sample
+// i: a use of another batch size is an error naming it. With one use they are the functions
+// above, which call them.
+//
+//   auto parts = trainscope::linear_per_sample_parts(std::vector<at::Tensor>{x1, x2},
+//                                                    std::vector<at::Tensor>{dy1, dy2}, true);
+PerSampleParts linear_per_sample_parts(at::TensorList input, at::TensorList grad_output, bool has_bias,
+                                       FactorMethod method = FactorMethod::kAuto);
+PerSampleParts conv2d_per_sample_parts(at::TensorList input, at::TensorList grad_output,
+                                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       int64_t groups, bool has_bias,
+                                       FactorMethod method = FactorMethod::kAuto);
+at::Tensor linear_per_sample_grad_hist1d(at::TensorList input, at::TensorList grad_output, bool has_bias,
+                                         int64_t nbins = 100, double maxval = 0.05);
+at::Tensor conv2d_per_sample_grad_hist1d(at::TensorList input, at::TensorList grad_output,
+                                         at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups, bool has_bias, int64_t nbins = 100,
+                                         double maxval = 0.05);
+std::tuple<at::Tensor, at::Tensor> linear_per_sample_grad_hist2d(
+    at::TensorList input, at::TensorList grad_output, const at::Tensor& weight, const at::Tensor& bias,
+    const Hist2dOptions& options = {});
+std::tuple<at::Tensor, at::Tensor> conv2d_per_sample_grad_hist2d(
+    at::TensorList input, at::TensorList grad_output, const at::Tensor& weight, const at::Tensor& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const Hist2dOptions& options = {});
+
 // Captures the gradient of a layer's output during backward through a tensor hook:
 //
 //   trainscope::OutputGradCapture cap;
@@ -139,8 +174,10 @@ std::tuple<at::Tensor, at::Tensor> conv2d_per_sample_grad_hist2d(
 //
 // The gradient captured is that of the value watched, also when the output is changed in place
 // later (an in-place ReLU); when the output is a view (at::linear of a 3-D input with a bias
-// returns one), the hook goes on its base, whose gradient alone sees that change. Copies of a
-// capture share its state. Any uniform scaling of δ leaves the scale-free statistics unchanged;
+// returns one), the hook goes on its base, whose gradient alone sees that change. When backward
+// reaches the watched value more than once (backward calls through a retained graph), the
+// gradients add up, as a parameter's .grad does. Copies of a capture share its state. A layer
+// used several times takes one capture per use (see the overloads above). Any uniform scaling of δ leaves the scale-free statistics unchanged;
 // for a mean-reduced loss δ is ∂ℓᵢ/∂y / B.
 class OutputGradCapture {
  public:

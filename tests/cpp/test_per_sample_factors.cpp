@@ -2,8 +2,9 @@
 // explicit per-sample gradients: one autograd backward per sample through at::linear / at::conv2d
 // in double (SPEC.md §2, §4, §5). The Ḡ route (ghost, tiled) and the Gram route, a small tile
 // budget that forces every tiling path, float64 parts from every dtype, non-contiguous inputs,
-// conv groups/stride/dilation, histograms, OutputGradCapture, and the errors bad input must
-// raise. CUDA variants skip without a GPU.
+// conv groups/stride/dilation, histograms, a layer used several times in one step (the list
+// overloads: the per-sample gradient summed over the uses), OutputGradCapture, and the errors bad
+// input must raise. CUDA variants skip without a GPU.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
@@ -253,6 +254,56 @@ TEST_P(PerSampleFactorsApiTest, Hist1d) {
   }
 }
 
+// A layer used several times in one step: sample i's gradient is the sum over the uses, whose
+// leading dims (linear) or spatial sizes (conv) differ; every route and the histogram see it.
+TEST_P(PerSampleFactorsApiTest, UsesOfOneLayerAddUp) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(20);
+  const int64_t B = 4;
+  const std::vector<at::Tensor> x{randn({B, 5}, gen, dtype(), device()), randn({B, 3, 5}, gen, dtype(), device()),
+                                  randn({B, 2, 2, 5}, gen, dtype(), device())};
+  const std::vector<at::Tensor> d{randn({B, 4}, gen, dtype(), device()), randn({B, 3, 4}, gen, dtype(), device()),
+                                  randn({B, 2, 2, 4}, gen, dtype(), device())};
+  at::Tensor g = at::zeros({B, 4 * 5 + 4}, kF64);
+  for (size_t u = 0; u < x.size(); ++u) g += reference_grads(linear_layer(), x[u], d[u], {4, 5}, true);
+  const Parts64 want = reference_parts(g);
+  for (FactorMethod m : kAllMethods) {
+    expect_parts(trainscope::linear_per_sample_parts(x, d, true, m), want, tolerance(dtype()),
+                 std::string("linear, three uses, ") + trainscope::factor_method_name(m), at::kDouble);
+  }
+  // Conv: uses of different spatial sizes, two groups, under a budget that tiles.
+  const Layer conv = conv_layer({2}, {1}, {1}, 2);
+  const std::vector<at::Tensor> xc{randn({B, 4, 6, 6}, gen, dtype(), device()),
+                                   randn({B, 4, 5, 7}, gen, dtype(), device())};
+  const std::vector<at::Tensor> dc{randn({B, 6, 3, 3}, gen, dtype(), device()),
+                                   randn({B, 6, 3, 4}, gen, dtype(), device())};
+  const at::Tensor gc = reference_grads(conv, xc[0], dc[0], {6, 2, 3, 3}, true) +
+                        reference_grads(conv, xc[1], dc[1], {6, 2, 3, 3}, true);
+  const Parts64 wc = reference_parts(gc);
+  for (int64_t budget : {int64_t{64}, int64_t{0}}) {
+    const TileBudget b(budget);
+    for (FactorMethod m : kAllMethods) {
+      expect_parts(trainscope::conv2d_per_sample_parts(xc, dc, {3}, {2}, {1}, {1}, 2, true, m), wc,
+                   tolerance(dtype()),
+                   "conv, two uses, budget " + std::to_string(budget) + " " + trainscope::factor_method_name(m),
+                   at::kDouble);
+    }
+  }
+  // The histogram bins the summed gradients (float32 and narrower by totals, see Hist1d).
+  const int64_t nbins = 29;
+  const double maxval = 2.0;
+  for (const auto& [got, ref] :
+       {std::pair<at::Tensor, at::Tensor>{trainscope::linear_per_sample_grad_hist1d(x, d, true, nbins, maxval), g},
+        {trainscope::conv2d_per_sample_grad_hist1d(xc, dc, {3}, {2}, {1}, {1}, 2, true, nbins, maxval), gc}}) {
+    const at::Tensor flat = ref.flatten(), got_cpu = got.cpu();
+    std::vector<int64_t> want_h(nbins, 0);
+    for (int64_t i = 0; i < flat.numel(); ++i) ++want_h[reference_bin(flat[i].item<double>(), nbins, maxval)];
+    EXPECT_EQ(got_cpu.sum().item<int64_t>(), flat.numel());
+    int64_t l1 = 0;
+    for (int64_t k = 0; k < nbins; ++k) l1 += std::abs(got_cpu[k].item<int64_t>() - want_h[k]);
+    EXPECT_LE(l1, dtype() == at::kDouble ? 0 : 4) << got_cpu;
+  }
+}
+
 const Config kConfigs[] = {{false, at::kFloat}, {false, at::kDouble}, {false, at::kBFloat16},
                            {false, at::kHalf},  {true, at::kFloat},   {true, at::kDouble},
                            {true, at::kBFloat16}};
@@ -390,6 +441,70 @@ TEST(PerSampleFactorsApi, Hist2dOfTiles) {
   EXPECT_EQ(nc.item<int64_t>(), 0);
 }
 
+// One use through the list overloads is the single-tensor call, bit for bit.
+TEST(PerSampleFactorsApi, OneUseIsTheSingleTensorCall) {
+  const at::Tensor x = at::randn({5, 3, 4}), d = at::randn({5, 3, 2});
+  for (FactorMethod m : kAllMethods) {
+    const PerSampleParts a = trainscope::linear_per_sample_parts(x, d, true, m);
+    const PerSampleParts b = trainscope::linear_per_sample_parts(at::TensorList(x), at::TensorList(d), true, m);
+    EXPECT_TRUE(at::equal(a.sq_norms, b.sq_norms) && at::equal(a.dots, b.dots) &&
+                at::equal(a.mean_sq_norm, b.mean_sq_norm));
+  }
+}
+
+// Float32 and float64 uses mixed: the GEMMs run in float32, the parts stay within 2e-5.
+TEST(PerSampleFactorsApi, UsesOfMixedDtypes) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(21);
+  const std::vector<at::Tensor> x{randn({4, 5}, gen, at::kDouble, at::kCPU), randn({4, 2, 5}, gen, at::kFloat, at::kCPU)};
+  const std::vector<at::Tensor> d{randn({4, 3}, gen, at::kDouble, at::kCPU), randn({4, 2, 3}, gen, at::kBFloat16, at::kCPU)};
+  const Parts64 want = reference_parts(reference_grads(linear_layer(), x[0], d[0], {3, 5}, true) +
+                                       reference_grads(linear_layer(), x[1], d[1], {3, 5}, true));
+  for (FactorMethod m : kAllMethods) {
+    expect_parts(trainscope::linear_per_sample_parts(x, d, true, m), want, 2e-5,
+                 std::string("mixed uses ") + trainscope::factor_method_name(m), at::kDouble);
+  }
+}
+
+TEST(PerSampleFactorsApi, Hist2dOfUses) {
+  const std::vector<at::Tensor> x{at::randn({3, 5}, kF64), at::randn({3, 2, 5}, kF64)};
+  const std::vector<at::Tensor> d{0.3 * at::randn({3, 2}, kF64), 0.3 * at::randn({3, 2, 2}, kF64)};
+  const at::Tensor w = at::randn({2, 5}, kF64), b = at::randn({2}, kF64);
+  trainscope::Hist2dOptions o;
+  o.nbins_grad = 12;
+  o.maxval_grad = 1.0;
+  o.nbins_param = 6;
+  o.maxval_param = 2.0;
+  const TileBudget budget(8);
+  const auto [counts, nonfinite] = trainscope::linear_per_sample_grad_hist2d(x, d, w, b, o);
+  const at::Tensor g = reference_grads(linear_layer(), x[0], d[0], {2, 5}, true) +
+                       reference_grads(linear_layer(), x[1], d[1], {2, 5}, true);
+  EXPECT_TRUE(at::equal(counts, reference_hist2d(g, at::cat({w.flatten(), b}), o)));
+  EXPECT_EQ(nonfinite.item<int64_t>(), 0);
+
+  const std::vector<at::Tensor> xc{at::randn({3, 4, 5, 5}, kF64), at::randn({3, 4, 4, 6}, kF64)};
+  const std::vector<at::Tensor> dc{0.3 * at::randn({3, 6, 3, 3}, kF64), 0.3 * at::randn({3, 6, 2, 3}, kF64)};
+  const at::Tensor wc = at::randn({6, 2, 3, 3}, kF64), bc = at::randn({6}, kF64);
+  const auto [cc, nc] = trainscope::conv2d_per_sample_grad_hist2d(xc, dc, wc, bc, {2}, {1}, {1}, 2, o);
+  const Layer conv = conv_layer({2}, {1}, {1}, 2);
+  const at::Tensor gc = reference_grads(conv, xc[0], dc[0], {6, 2, 3, 3}, true) +
+                        reference_grads(conv, xc[1], dc[1], {6, 2, 3, 3}, true);
+  EXPECT_TRUE(at::equal(cc, reference_hist2d(gc, at::cat({wc.flatten(), bc}), o)));
+  EXPECT_EQ(nc.item<int64_t>(), 0);
+}
+
+// Two backward calls through a retained graph reach the watched output twice: the captured
+// gradient is their sum, as a parameter's .grad is.
+TEST(PerSampleFactorsApi, OutputGradCaptureAddsRepeatedBackward) {
+  const at::Tensor x = at::randn({4, 5}, kF64);
+  const at::Tensor w = at::randn({3, 5}, kF64).requires_grad_();
+  trainscope::OutputGradCapture cap;
+  const at::Tensor y = cap.watch(at::linear(x, w, {}));
+  const at::Tensor t1 = at::randn({4, 3}, kF64), t2 = at::randn({4, 3}, kF64);
+  (y * t1).sum().backward({}, /*retain_graph=*/true);
+  (y * t2).sum().backward();
+  expect_close(cap.grad(), t1 + t2, 1e-15, "δ of two backward calls");
+}
+
 void expect_error(const std::function<void()>& f, const std::string& needle) {
   try {
     f();
@@ -422,6 +537,31 @@ TEST(PerSampleFactorsApi, BadInputNamesTheArgument) {
   expect_error([&] { trainscope::linear_per_sample_grad_hist1d(x, d, true, 10, -1.0); }, "maxval must be");
   expect_error([&] { trainscope::linear_per_sample_grad_hist2d(x, d, at::randn({3, 4}), at::Tensor()); },
                "weight has shape");
+}
+
+TEST(PerSampleFactorsApi, BadUsesNameTheUse) {
+  using trainscope::linear_per_sample_parts;
+  const at::Tensor x = at::randn({4, 5}), d = at::randn({4, 3});
+  using Uses = std::vector<at::Tensor>;
+  expect_error([&] { linear_per_sample_parts(Uses{x, at::randn({6, 5})}, Uses{d, at::randn({6, 3})}, true); },
+               "input[1] has batch size 6 but input[0] has 4");
+  expect_error([&] { linear_per_sample_parts(Uses{x, x}, Uses{d}, true); }, "grad_output has 1 tensors but input has 2");
+  expect_error([&] { linear_per_sample_parts(Uses{}, Uses{}, true); }, "input is an empty list");
+  expect_error([&] { linear_per_sample_parts(Uses{x, at::randn({4, 6})}, Uses{d, d}, true); },
+               "every use is of one layer");
+  expect_error([&] { linear_per_sample_parts(Uses{x, x}, Uses{d, at::randn({4, 2, 3})}, true); },
+               "grad_output[1] has shape");
+  expect_error([&] { linear_per_sample_parts(Uses{x, x.to(at::kInt)}, Uses{d, d}, true); }, "input[1] has dtype");
+  expect_error([&] { linear_per_sample_parts(Uses{x, x.to(at::kMeta)}, Uses{d, d.to(at::kMeta)}, true); },
+               "input[1] is on meta");
+  const at::Tensor xc = at::randn({2, 4, 6, 6}), dc = at::randn({2, 6, 6, 6});
+  expect_error([&] { trainscope::conv2d_per_sample_parts(Uses{xc, xc}, Uses{dc, at::randn({2, 6, 5, 5})}, {3}, {1},
+                                                         {1}, {1}, 1, true); },
+               "grad_output[1] has spatial size");
+  expect_error([&] { trainscope::conv2d_per_sample_grad_hist1d(Uses{xc, xc.narrow(0, 0, 1)},
+                                                               Uses{dc, dc.narrow(0, 0, 1)}, {3}, {1}, {1}, {1}, 1,
+                                                               true); },
+               "input[1] has batch size 1");
 }
 
 }  // namespace
