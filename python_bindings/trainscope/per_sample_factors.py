@@ -37,6 +37,13 @@ gradient during an ordinary backward::
 The functions below take one layer's input and output gradient directly; their
 :class:`PerSampleParts` add up across layers (``sum(parts)``), then ``.stats()``.
 
+A layer used more than once in a step (a model called on two batches whose losses are added, a
+block applied twice, a recurrent cell unrolled over time) has one per-sample gradient, the sum
+over its uses, Gᵢ = Σ_u Σ_t δ_u,itᵀ x_u,it: the functions take every use's input and output
+gradient as two sequences and count each use's positions as more positions of sample i, so
+every route and histogram sees the summed gradient, cross terms included. PerSampleHooks captures
+every use by itself; parameters shared by two different modules (tied weights) are refused.
+
 The factors are exact when sample i's output depends on sample i's input alone (no batch norm
 across samples between a layer and the loss). Results stay on the inputs' device; nothing
 here waits for the GPU.
@@ -49,8 +56,8 @@ group (see the class docstring for what travels and the scaling convention).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +65,7 @@ from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library)
 from ._args import check_hist_axis, register_fake
+from ._lists import tensor_list
 from .hist2d import hist2d_axes as _hist2d_axes
 from .distributed import active_group, clean_param_name
 from .per_sample_stats import PerSampleParts
@@ -70,6 +78,9 @@ FACTOR_METHODS = ("auto", "ghost", "tiled", "gram")
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 IntOrPair = Union[int, Sequence[int]]
+
+#: One use of a layer (a tensor), or every use of it in one step (a sequence of tensors, one per use).
+Uses = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def _pair(name: str, v: IntOrPair) -> list:
@@ -87,74 +98,92 @@ def _check_method(method: str) -> str:
     return method
 
 
+def _op_of_uses(name: str, input: Uses, grad_output: Uses) -> tuple:
+    """(op overload, input, grad_output): ``.default`` for one use (two tensors), ``.uses`` for
+    several (two sequences, one tensor per use), whose per-sample gradient is the sum over the uses."""
+    op = getattr(torch.ops.trainscope, name)
+    if isinstance(input, torch.Tensor) and isinstance(grad_output, torch.Tensor):
+        return op.default, input, grad_output
+    caller = f"trainscope.{name}"
+    inputs, grads = tensor_list(input, "input", caller), tensor_list(grad_output, "grad_output", caller)
+    if not inputs:  # an op without a tensor argument cannot dispatch
+        raise ValueError(f"{caller}: input is an empty list; pass the input of every use of the layer")
+    return op.uses, inputs, grads
+
+
 # ------------------------------------------------------------------------------------------------
 # One layer, from its input and output gradient
+#
+# Each function takes one use of the layer (``input`` and ``grad_output`` tensors) or every use of
+# it in one step (two sequences, one tensor per use: a module called twice, a recurrent cell
+# unrolled over time). Sample i's gradient is then the sum over the uses, their positions taken as
+# more positions of sample i, cross terms included; row i of every use must be sample i (a use of
+# another batch size is an error naming it).
 
 
-def linear_per_sample_parts(input: torch.Tensor, grad_output: torch.Tensor, has_bias: bool = True,
+def linear_per_sample_parts(input: Uses, grad_output: Uses, has_bias: bool = True,
                             method: str = "auto") -> PerSampleParts:
     """Parts of nn.Linear's per-sample gradients (weight, and bias when ``has_bias``), float64.
-    ``input`` [B, ..., d_in], ``grad_output`` [B, ..., d_out] with the same leading dims;
-    ``method`` one of :data:`FACTOR_METHODS`."""
-    sq, dots, msq = torch.ops.trainscope.linear_per_sample_parts(input, grad_output, bool(has_bias),
-                                                                 _check_method(method))
+    ``input`` [B, ..., d_in], ``grad_output`` [B, ..., d_out] with the same leading dims (or a
+    sequence of such pairs, one per use); ``method`` one of :data:`FACTOR_METHODS`."""
+    op, x, d = _op_of_uses("linear_per_sample_parts", input, grad_output)
+    sq, dots, msq = op(x, d, bool(has_bias), _check_method(method))
     return PerSampleParts(sq, dots, msq)
 
 
-def conv2d_per_sample_parts(input: torch.Tensor, grad_output: torch.Tensor, kernel_size: IntOrPair,
+def conv2d_per_sample_parts(input: Uses, grad_output: Uses, kernel_size: IntOrPair,
                             stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
                             groups: int = 1, has_bias: bool = True, method: str = "auto") -> PerSampleParts:
     """Parts of nn.Conv2d's per-sample gradients, float64 (zero padding given as numbers; see
     :func:`layer_per_sample_parts` for a module with any padding mode)."""
-    sq, dots, msq = torch.ops.trainscope.conv2d_per_sample_parts(
-        input, grad_output, _pair("kernel_size", kernel_size), _pair("stride", stride),
-        _pair("padding", padding), _pair("dilation", dilation), int(groups), bool(has_bias),
-        _check_method(method))
+    op, x, d = _op_of_uses("conv2d_per_sample_parts", input, grad_output)
+    sq, dots, msq = op(x, d, _pair("kernel_size", kernel_size), _pair("stride", stride),
+                       _pair("padding", padding), _pair("dilation", dilation), int(groups), bool(has_bias),
+                       _check_method(method))
     return PerSampleParts(sq, dots, msq)
 
 
-def linear_per_sample_grad_hist1d(input: torch.Tensor, grad_output: torch.Tensor, has_bias: bool = True,
+def linear_per_sample_grad_hist1d(input: Uses, grad_output: Uses, has_bias: bool = True,
                                   nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
     """Exact int64 histogram [nbins] (SPEC.md §4) of the B·P per-sample gradient elements
     δᵢᵀxᵢ (and Σ_t δ_it) of an nn.Linear, formed tile by tile. Pass B·δ to bin the gradients of
     the per-sample losses of a mean-reduced loss."""
-    return torch.ops.trainscope.linear_per_sample_grad_hist1d(input, grad_output, bool(has_bias),
-                                                              *check_hist_axis(nbins, maxval))
+    op, x, d = _op_of_uses("linear_per_sample_grad_hist1d", input, grad_output)
+    return op(x, d, bool(has_bias), *check_hist_axis(nbins, maxval))
 
 
-def conv2d_per_sample_grad_hist1d(input: torch.Tensor, grad_output: torch.Tensor, kernel_size: IntOrPair,
+def conv2d_per_sample_grad_hist1d(input: Uses, grad_output: Uses, kernel_size: IntOrPair,
                                   stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
                                   groups: int = 1, has_bias: bool = True, nbins: int = 100,
                                   maxval: float = 0.05) -> torch.Tensor:
     """As :func:`linear_per_sample_grad_hist1d`, for nn.Conv2d with zero padding."""
-    return torch.ops.trainscope.conv2d_per_sample_grad_hist1d(
-        input, grad_output, _pair("kernel_size", kernel_size), _pair("stride", stride),
-        _pair("padding", padding), _pair("dilation", dilation), int(groups), bool(has_bias),
-        *check_hist_axis(nbins, maxval))
+    op, x, d = _op_of_uses("conv2d_per_sample_grad_hist1d", input, grad_output)
+    return op(x, d, _pair("kernel_size", kernel_size), _pair("stride", stride), _pair("padding", padding),
+              _pair("dilation", dilation), int(groups), bool(has_bias), *check_hist_axis(nbins, maxval))
 
 
-def linear_per_sample_grad_hist2d(input: torch.Tensor, grad_output: torch.Tensor, weight: torch.Tensor,
+def linear_per_sample_grad_hist2d(input: Uses, grad_output: Uses, weight: torch.Tensor,
                                   bias: Optional[torch.Tensor] = None, nbins_grad: int = 100,
                                   maxval_grad: float = 0.05, nbins_param: int = 100,
                                   maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Joint histogram of (per-sample gradient element, parameter value) of an nn.Linear, as
     ``trainscope::grad_hist2d`` counts it: (counts [nbins_grad, nbins_param] int64,
     nonfinite [] int64). ``bias`` None: the layer has none (or it is not tracked)."""
-    return torch.ops.trainscope.linear_per_sample_grad_hist2d(
-        input, grad_output, weight, bias, *_hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param))
+    op, x, d = _op_of_uses("linear_per_sample_grad_hist2d", input, grad_output)
+    return op(x, d, weight, bias, *_hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param))
 
 
-def conv2d_per_sample_grad_hist2d(input: torch.Tensor, grad_output: torch.Tensor, weight: torch.Tensor,
+def conv2d_per_sample_grad_hist2d(input: Uses, grad_output: Uses, weight: torch.Tensor,
                                   bias: Optional[torch.Tensor] = None, stride: IntOrPair = 1,
                                   padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1,
                                   nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
                                   maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """As :func:`linear_per_sample_grad_hist2d`, for nn.Conv2d with zero padding (the kernel
     size is the weight's)."""
-    return torch.ops.trainscope.conv2d_per_sample_grad_hist2d(
-        input, grad_output, weight, bias, _pair("stride", stride), _pair("padding", padding),
-        _pair("dilation", dilation), int(groups),
-        *_hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param))
+    op, x, d = _op_of_uses("conv2d_per_sample_grad_hist2d", input, grad_output)
+    return op(x, d, weight, bias, _pair("stride", stride), _pair("padding", padding),
+              _pair("dilation", dilation), int(groups),
+              *_hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,6 +209,15 @@ def _conv_input(module: nn.Conv2d, x: torch.Tensor) -> Tuple[torch.Tensor, list]
     return F.pad(x, module._reversed_padding_repeated_twice, mode=mode), [0, 0]
 
 
+def _conv_inputs(module: nn.Conv2d, input: Uses) -> Tuple[Uses, list]:
+    """:func:`_conv_input` of one use (a tensor) or of every use (a sequence); the padding left
+    for the op is the module's, the same for every use."""
+    if isinstance(input, torch.Tensor):
+        return _conv_input(module, input)
+    padded = [_conv_input(module, x) for x in tensor_list(input, "input", "trainscope")]
+    return [x for x, _ in padded], (padded[0][1] if padded else [0, 0])
+
+
 def _layer_kind_error(name: Optional[str], module: nn.Module) -> TypeError:
     kinds = ", ".join(f"nn.{c.__name__}" for c in SUPPORTED_LAYERS)
     what = f"PerSampleHooks: layer {name!r} is" if name is not None else "trainscope: the module is"
@@ -192,35 +230,38 @@ def _tracks_bias(module: nn.Module) -> bool:
     return module.bias is not None and module.bias.requires_grad
 
 
-def layer_per_sample_parts(module: nn.Module, input: torch.Tensor, grad_output: torch.Tensor,
+def layer_per_sample_parts(module: nn.Module, input: Uses, grad_output: Uses,
                            method: str = "auto") -> PerSampleParts:
     """Parts of the per-sample gradients of an nn.Linear or nn.Conv2d module (its trainable
-    weight and bias) from the module's input and output gradient."""
+    weight and bias) from the module's input and output gradient (or those of every use of it in
+    one step, as sequences: sample i's gradient is the sum over the uses)."""
     if not _supported(module):
         raise _layer_kind_error(None, module)
     if isinstance(module, nn.Linear):
         return linear_per_sample_parts(input, grad_output, _tracks_bias(module), method)
-    x, padding = _conv_input(module, input)
+    x, padding = _conv_inputs(module, input)
     return conv2d_per_sample_parts(x, grad_output, module.kernel_size, module.stride, padding,
                                    module.dilation, module.groups, _tracks_bias(module), method)
 
 
-def layer_per_sample_grad_hist1d(module: nn.Module, input: torch.Tensor, grad_output: torch.Tensor,
+def layer_per_sample_grad_hist1d(module: nn.Module, input: Uses, grad_output: Uses,
                                  nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
-    """Histogram of the per-sample gradient elements of an nn.Linear or nn.Conv2d module."""
+    """Histogram of the per-sample gradient elements of an nn.Linear or nn.Conv2d module (one use,
+    or every use as sequences)."""
     if not _supported(module):
         raise _layer_kind_error(None, module)
     if isinstance(module, nn.Linear):
         return linear_per_sample_grad_hist1d(input, grad_output, _tracks_bias(module), nbins, maxval)
-    x, padding = _conv_input(module, input)
+    x, padding = _conv_inputs(module, input)
     return conv2d_per_sample_grad_hist1d(x, grad_output, module.kernel_size, module.stride, padding,
                                          module.dilation, module.groups, _tracks_bias(module), nbins, maxval)
 
 
-def layer_per_sample_grad_hist2d(module: nn.Module, input: torch.Tensor, grad_output: torch.Tensor,
+def layer_per_sample_grad_hist2d(module: nn.Module, input: Uses, grad_output: Uses,
                                  nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
                                  maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Joint (per-sample gradient, parameter value) histogram of an nn.Linear or nn.Conv2d module."""
+    """Joint (per-sample gradient, parameter value) histogram of an nn.Linear or nn.Conv2d module
+    (one use, or every use as sequences)."""
     if not _supported(module):
         raise _layer_kind_error(None, module)
     weight = module.weight.detach()
@@ -228,7 +269,7 @@ def layer_per_sample_grad_hist2d(module: nn.Module, input: torch.Tensor, grad_ou
     if isinstance(module, nn.Linear):
         return linear_per_sample_grad_hist2d(input, grad_output, weight, bias, nbins_grad, maxval_grad,
                                              nbins_param, maxval_param)
-    x, padding = _conv_input(module, input)
+    x, padding = _conv_inputs(module, input)
     return conv2d_per_sample_grad_hist2d(x, grad_output, weight, bias, module.stride, padding,
                                          module.dilation, module.groups, nbins_grad, maxval_grad,
                                          nbins_param, maxval_param)
@@ -241,7 +282,8 @@ def layer_per_sample_grad_hist2d(module: nn.Module, input: torch.Tensor, grad_ou
 # per group after unfolding a convolution) and of the bias gradients Σ δ, then, once the global
 # Ḡ and b̄ are known, the per-sample inner products gᵢ·ḡ = Σ_t δ_it·(Ḡ x_it) + (Σ_t δ_it)·b̄. Both
 # in float64 (the statistics subtract nearly equal numbers), over tiles of samples whose float64
-# temporaries stay below _TILE_ELEMS elements.
+# temporaries stay below _TILE_ELEMS elements. Both are sums over the positions of a sample, so a
+# layer used several times adds its uses' sums.
 
 _TILE_ELEMS = 1 << 24
 
@@ -270,8 +312,8 @@ def _layer_problems(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> l
     return list(zip(cols.chunk(module.groups, dim=2), delta.chunk(module.groups, dim=2)))
 
 
-def _layer_grad_sum(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Σᵢ gᵢ of the layer's samples, float64, flat: the weight's [d_out, k] sum, then the bias's."""
+def _use_grad_sum(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Σᵢ gᵢ of one use's samples, float64, flat: the weight's [d_out, k] sum, then the bias's."""
     tile = _layer_tile(module, x, grad)
     w_sum = b_sum = None
     for start in range(0, x.shape[0], tile):
@@ -283,8 +325,8 @@ def _layer_grad_sum(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> t
     return torch.cat(parts)
 
 
-def _layer_dots(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """gᵢ·ḡ [b] float64 of the layer's samples, ḡ the flat mean gradient of _layer_grad_sum's layout."""
+def _use_dots(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """One use's share of gᵢ·ḡ [b] float64, ḡ the flat mean gradient of _use_grad_sum's layout."""
     d_out = grad.shape[1] if isinstance(module, nn.Conv2d) else grad.shape[-1]
     n_w = mean.numel() - (d_out if _tracks_bias(module) else 0)
     w_mean = mean[:n_w].reshape(d_out, -1)
@@ -303,13 +345,25 @@ def _layer_dots(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mean: to
     return torch.cat(out)
 
 
-def _layer_sq_norms(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, method: str) -> torch.Tensor:
-    """‖gᵢ‖² [b] float64 by the local op (which needs two samples: a single one goes in twice,
-    ‖gᵢ‖² being each sample's own)."""
-    if x.shape[0] == 1:
-        x, grad = torch.cat([x, x]), torch.cat([grad, grad])
-        return layer_per_sample_parts(module, x, grad, method).sq_norms[:1]
-    return layer_per_sample_parts(module, x, grad, method).sq_norms
+def _layer_grad_sum(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor]) -> torch.Tensor:
+    """Σᵢ gᵢ of the layer's samples over its uses (inputs ``xs``, output gradients ``grads``)."""
+    return functools.reduce(torch.add, [_use_grad_sum(module, x, g) for x, g in zip(xs, grads)])
+
+
+def _layer_dots(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor],
+                mean: torch.Tensor) -> torch.Tensor:
+    """gᵢ·ḡ [b] float64 of the layer's samples over its uses."""
+    return functools.reduce(torch.add, [_use_dots(module, x, g, mean) for x, g in zip(xs, grads)])
+
+
+def _layer_sq_norms(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor],
+                    method: str) -> torch.Tensor:
+    """‖gᵢ‖² [b] float64 over the layer's uses by the local op (which needs two samples: a single
+    one goes in twice, ‖gᵢ‖² being each sample's own)."""
+    if xs[0].shape[0] == 1:
+        xs, grads = [torch.cat([x, x]) for x in xs], [torch.cat([g, g]) for g in grads]
+        return layer_per_sample_parts(module, xs, grads, method).sq_norms[:1]
+    return layer_per_sample_parts(module, xs, grads, method).sq_norms
 
 
 def _sum_over_ranks(counts: torch.Tensor, process_group) -> torch.Tensor:
@@ -329,13 +383,25 @@ def _sum_over_ranks(counts: torch.Tensor, process_group) -> torch.Tensor:
 
 
 @dataclass
-class _Capture:
-    input: Optional[torch.Tensor] = None
+class _Use:
+    """One application of a layer in the current step: its input, and the gradient of its output
+    once backward has reached it."""
+    input: torch.Tensor
+    out_shape: torch.Size
+    out_dtype: torch.dtype
     grad: Optional[torch.Tensor] = None
-    out_shape: Optional[torch.Size] = None
-    out_dtype: Optional[torch.dtype] = None
-    generation: int = 0
-    repeated: bool = False
+
+
+@dataclass
+class _Capture:
+    uses: List[_Use] = field(default_factory=list)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (activation checkpointing runs
+    forward passes there to recompute what it did not keep)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _hook_target(output: torch.Tensor):
@@ -352,26 +418,68 @@ def _hook_target(output: torch.Tensor):
     return output, None
 
 
+def _shared_parameter_error(name: str, module: nn.Module, owners: dict) -> Optional[ValueError]:
+    """The error for a layer holding a trainable parameter that another module holds too, or None.
+    ``owners``: {id(parameter): [(name, module), ...]} over the model."""
+    for pname, p in module.named_parameters(recurse=False):
+        if not p.requires_grad:
+            continue
+        for other_name, other in owners.get(id(p), ()):
+            if other is not module:
+                return ValueError(
+                    f"PerSampleHooks: layer {name!r} ({type(module).__name__}) and module {other_name!r} "
+                    f"({type(other).__name__}) share the parameter {pname!r} (tied weights, such as a token "
+                    "embedding and an output layer); its per-sample gradient is the sum of both modules' "
+                    "contributions, which per-sample statistics from layer factors do not support yet. "
+                    "Leave the layer out with layers=[...].")
+    return None
+
+
 class PerSampleHooks:
     """Captures the input and the output gradient of every nn.Linear and nn.Conv2d of ``model``
     (or of the listed ``layers``: modules or their names) during an ordinary forward and
     ``loss.backward()``, for per-sample gradient statistics of their trainable parameters.
 
     With ``layers=None`` every module that holds trainable parameters directly must be one of
-    :data:`SUPPORTED_LAYERS` (TypeError otherwise: list the layers to track instead). Each
-    forward pass of ``model`` with grad enabled starts a new capture; passes under
-    ``torch.no_grad()`` are ignored. A layer applied more than once in one pass (weight sharing)
-    makes :meth:`parts` raise: its per-sample gradient is not one δᵀx.
+    :data:`SUPPORTED_LAYERS` (TypeError otherwise: list the layers to track instead). Passes under
+    ``torch.no_grad()`` are ignored.
+
+    **A layer used more than once in a step** — the model called on two batches whose losses are
+    added (siamese and contrastive losses), a block applied twice, one module object appearing
+    twice in a Sequential, a recurrent cell unrolled over time — has one per-sample gradient, the
+    sum over its uses (SPEC.md §2). Every use is captured; the statistics and histograms are
+    those of that sum, cross terms included: each use's positions count as more positions of
+    sample i (:func:`linear_per_sample_parts` with a sequence of uses). A step is every forward
+    pass with grad enabled since the latest backward: the first forward pass (of ``model`` or of
+    a tracked layer) after a backward starts a new capture, and backward passes with
+    ``retain_graph`` that reach one output twice add up its gradients, as ``.grad`` does (forward
+    passes run inside backward to recompute checkpointed activations start nothing). What cannot
+    be right is an error naming the layer, never a silent wrong value:
+
+    - uses of one layer with different batch sizes (``model(x)`` with B rows and ``model(x2)``
+      with B' ≠ B) cannot be paired sample by sample: :meth:`parts`, :meth:`stats` and the
+      histograms raise ValueError naming the layer and the sizes;
+    - a parameter held by two modules (a tied token embedding and LM head, ``head.weight =
+      emb.weight``, two Linear modules sharing one weight) raises ValueError at construction,
+      naming both modules (not supported yet; ``layers=[...]`` can leave the layer out).
+
+    A use whose output did not reach the loss contributes nothing (its output gradient is zero,
+    and so is its share of the per-sample gradient), whatever its batch size; a tracked layer none
+    of whose outputs reached the loss has per-sample gradients of zero (counted by the
+    histograms). A parameter read outside its module's forward (``F.linear(x, self.fc.weight)``)
+    is not seen by the hooks.
 
     Everything describes the gradients ∇ℓᵢ of the per-sample losses, as the materialised path
     does: with ``loss_reduction="mean"`` (the loss is the mean of B per-sample losses, torch's
     default) the captured gradients ∇ℓᵢ/B are scaled back by B (parts by B²); pass ``"sum"`` for a
     summed loss. A wrong choice changes only the scale: the norm, inner-product and orthogonality
-    tests and the noise scale are scale-free, tr Σ̂, ‖G‖² and the histograms are not.
+    tests and the noise scale are scale-free, tr Σ̂, ‖G‖² and the histograms are not. (Two
+    mean-reduced losses added, ``loss(model(x1)) + loss(model(x2))``, are 1/B times the sum of
+    their per-sample losses ℓᵢ = ℓ(x1ᵢ) + ℓ(x2ᵢ): ``"mean"`` still describes ∇ℓᵢ.)
     :meth:`grad_hist2d` pairs gradients with the parameters' current values: call it before
     ``optimizer.step()``.
 
-    The captured inputs are held until the next pass, :meth:`clear` or :meth:`remove`.
+    The captured inputs are held until the next step, :meth:`clear` or :meth:`remove`.
 
     **Under torch.distributed** (DDP: every rank runs forward and backward on its own share of the
     batch) :meth:`layer_parts`, :meth:`parts`, :meth:`stats`, :meth:`grad_hist1d` and
@@ -381,10 +489,11 @@ class PerSampleHooks:
     :data:`trainscope.distributed.THIS_PROCESS` for this rank's share alone). They are then
     collectives: call them on every rank, in the same order (a call on rank 0 alone waits for the
     others forever). With several ranks, :meth:`layer_parts` costs, per layer and in float64, the
-    local Σᵢ Gᵢ = δᵀx and Σ δ (for a convolution after unfolding, per group), ONE all-reduce of
-    every layer's sums and B_r (the parameter count + 1 doubles) giving the global Ḡ and b̄, then
-    gᵢ·ḡ = Σ_t δ_it·(Ḡ x_it) + (Σ_t δ_it)·b̄ (one more float64 GEMM per layer) and ‖gᵢ‖² from the
-    local route (``method``); :meth:`stats` adds one all-reduce of four doubles
+    local Σᵢ Gᵢ = δᵀx and Σ δ (for a convolution after unfolding, per group; summed over the uses
+    of a layer used several times), ONE all-reduce of every layer's sums and B_r (the parameter
+    count + 1 doubles) giving the global Ḡ and b̄, then gᵢ·ḡ = Σ_t δ_it·(Ḡ x_it) + (Σ_t δ_it)·b̄
+    (one more float64 GEMM per layer and use) and ‖gᵢ‖² from the local route (``method``);
+    :meth:`stats` adds one all-reduce of four doubles
     (:func:`trainscope.distributed.per_sample_stats_from_local_parts`), the histograms one of
     their counts. Each rank's ``loss_reduction="mean"`` is the mean over its own B_r samples (what
     DDP runs), so its captured gradients are scaled back by B_r: every rank's gᵢ is ∇ℓᵢ, and all
@@ -407,6 +516,8 @@ class PerSampleHooks:
         self.loss_reduction = loss_reduction
         self._layers = self._select(model, layers)
         self._captures = {name: _Capture() for name, _ in self._layers}
+        self._step = 0                # stamps the gradient hooks of the current step
+        self._backward_seen = False   # a gradient of the current step has arrived
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
         for name, module in self._layers:
             self._handles.append(module.register_forward_hook(
@@ -418,12 +529,22 @@ class PerSampleHooks:
     def _select(model: nn.Module, layers) -> list:
         # Layers are named by the model's own names (without DDP's "module." and the like).
         names = {m: clean_param_name(n) for n, m in model.named_modules()}
+        # Which modules hold each trainable parameter directly (a module that appears twice in
+        # the model, as in a Sequential holding one Linear twice, is one module).
+        owners: dict = {}
+        for module, name in names.items():
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    owners.setdefault(id(p), []).append((name, module))
         if layers is None:
             chosen = []
             for name, module in model.named_modules():
                 name = clean_param_name(name)
                 if not any(p.requires_grad for p in module.parameters(recurse=False)):
                     continue
+                shared = _shared_parameter_error(name, module, owners)
+                if shared is not None:
+                    raise shared
                 if not _supported(module):
                     raise _layer_kind_error(name, module)
                 chosen.append((name, module))
@@ -446,6 +567,9 @@ class PerSampleHooks:
                     raise _layer_kind_error(name, module)
                 if not module.weight.requires_grad and not _tracks_bias(module):
                     raise ValueError(f"PerSampleHooks: layer {name!r} has no trainable parameters")
+                shared = _shared_parameter_error(name, module, owners)
+                if shared is not None:
+                    raise shared
                 chosen.append((name, module))
         for name, module in chosen:
             if not module.weight.requires_grad and _tracks_bias(module):
@@ -453,20 +577,11 @@ class PerSampleHooks:
                                  "layer factors give the weight and bias together")
         if not chosen:
             raise ValueError("PerSampleHooks: model has no trainable nn.Linear or nn.Conv2d layers")
-        unique, seen, owner = [], set(), {}
-        for name, module in chosen:
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            unique.append((name, module))
-            # A parameter tied across layers has one per-sample gradient, the sum of both layers'
-            # δᵀx: per-layer parts would not add up to its parts.
-            for p in (module.weight, module.bias):
-                if p is not None and p.requires_grad:
-                    if id(p) in owner:
-                        raise ValueError(f"PerSampleHooks: layers {owner[id(p)]!r} and {name!r} share a "
-                                         "parameter; tied parameters are not supported")
-                    owner[id(p)] = name
+        unique, seen = [], set()
+        for name, module in chosen:  # one module listed twice (or under two names) is tracked once
+            if id(module) not in seen:
+                seen.add(id(module))
+                unique.append((name, module))
         return unique
 
     @property
@@ -476,75 +591,86 @@ class PerSampleHooks:
 
     # -- hooks
 
+    def _start_step_after_backward(self) -> None:
+        """A forward pass after the current step's backward starts a new step; one that runs
+        inside backward (recomputing checkpointed activations) belongs to the current step."""
+        if self._backward_seen and not _in_backward():
+            self.clear()
+
     def _on_model_forward(self, module, args):
         if torch.is_grad_enabled():
-            self.clear()
+            self._start_step_after_backward()
 
     def _on_layer_forward(self, name, module, args, kwargs, output):
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
-        cap = self._captures[name]
-        if cap.input is not None and cap.grad is None:
-            cap.repeated = True  # a second application before the gradient of the first
-            return
+        self._start_step_after_backward()
         x = args[0] if args else kwargs["input"]
-        cap.generation += 1
-        cap.input, cap.grad, cap.repeated = x.detach(), None, False
-        cap.out_shape, cap.out_dtype = output.shape, output.dtype
+        use = _Use(x.detach(), output.shape, output.dtype)
+        self._captures[name].uses.append(use)
         target, view = _hook_target(output)
-        target.register_hook(functools.partial(self._on_grad, cap, cap.generation, view))
+        target.register_hook(functools.partial(self._on_grad, use, self._step, view))
 
-    @staticmethod
-    def _on_grad(cap: _Capture, generation: int, view, grad: torch.Tensor):
-        if cap.generation == generation:
-            if view is not None:
-                grad = grad.contiguous().as_strided(*view)
-            cap.grad = grad.detach()
+    def _on_grad(self, use: _Use, step: int, view, grad: torch.Tensor):
+        if step != self._step:  # a use of a step that was cleared
+            return
+        if view is not None:
+            grad = grad.contiguous().as_strided(*view)
+        grad = grad.detach()
+        # Reached twice (backward calls through a retained graph): the gradients add up, as .grad's.
+        use.grad = grad if use.grad is None else use.grad + grad
+        self._backward_seen = True
 
     # -- results
 
     def _ready(self) -> list:
-        """(name, module, input, output gradient) of every layer that ran in the latest pass."""
-        ready, any_grad = [], False
+        """(name, module, inputs, output gradients) of every tracked layer that ran in the latest
+        step: one input and one output gradient per use whose output reached the loss."""
+        ran, any_grad = [], False
         for name, module in self._layers:
-            cap = self._captures[name]
-            if cap.input is None:
-                continue
-            if cap.repeated:
-                raise ValueError(f"PerSampleHooks: layer {name!r} ran more than once in one forward pass "
-                                 "(shared weights); its per-sample gradient is not one δᵀx. Leave it out "
-                                 "with layers=[...].")
-            any_grad = any_grad or cap.grad is not None
-            ready.append((name, module, cap))
-        if not ready:
+            uses = self._captures[name].uses
+            if uses:
+                any_grad = any_grad or any(u.grad is not None for u in uses)
+                ran.append((name, module, uses))
+        if not ran:
             raise RuntimeError("PerSampleHooks: no tracked layer ran a forward pass with grad enabled since "
                                "the hooks were set up or cleared")
         if not any_grad:
             raise RuntimeError("PerSampleHooks: no output gradient was captured; call after loss.backward()")
         out = []
-        for name, module, cap in ready:
-            # A layer whose output did not reach the loss has zero gradient.
-            grad = cap.grad if cap.grad is not None else torch.zeros(
-                cap.out_shape, dtype=cap.out_dtype, device=cap.input.device)
-            out.append((name, module, cap.input, grad))
+        for name, module, uses in ran:
+            # A use whose output did not reach the loss adds zero to every sample's gradient.
+            reached = [u for u in uses if u.grad is not None]
+            if not reached:  # no output of the layer reached the loss: its gradients are zero
+                u = uses[0]
+                out.append((name, module, [u.input],
+                            [torch.zeros(u.out_shape, dtype=u.out_dtype, device=u.input.device)]))
+                continue
+            sizes = [u.input.shape[0] for u in reached]
+            if any(b != sizes[0] for b in sizes):
+                raise ValueError(
+                    f"PerSampleHooks: layer {name!r} ({type(module).__name__}) was used {len(sizes)} times in "
+                    f"this step with batch sizes {sizes}; its per-sample gradient adds the uses sample by sample, "
+                    "so every use whose output reaches the loss must hold the same samples (row i of each use "
+                    "is sample i). Leave it out with layers=[...].")
+            out.append((name, module, [u.input for u in reached], [u.grad for u in reached]))
         return out
 
     def layer_parts(self, process_group=None) -> dict:
-        """{layer name: PerSampleParts} of every tracked layer that ran in the latest pass.
+        """{layer name: PerSampleParts} of every tracked layer that ran in the latest step.
 
         Under torch.distributed (``process_group``: None for the default group when initialised,
         or a group; :data:`trainscope.distributed.THIS_PROCESS` for this rank alone) each rank's
         parts are its own samples against the global ḡ of the whole batch, tied to the group (a
         collective: every rank calls it; see the class docstring)."""
-    
         group = active_group(process_group)
         if group is not None:
             return self._layer_parts_across_ranks(group)
         out = {}
-        for name, module, x, g in self._ready():
-            p = layer_per_sample_parts(module, x, g, self.method)
+        for name, module, xs, gs in self._ready():
+            p = layer_per_sample_parts(module, xs, gs, self.method)
             if self.loss_reduction == "mean":  # the captured gᵢ are ∇ℓᵢ / B
-                s = float(x.shape[0]) ** 2
+                s = float(xs[0].shape[0]) ** 2
                 p = PerSampleParts(p.sq_norms * s, p.dots * s, p.mean_sq_norm * s)
             out[name] = p
         return out
@@ -554,10 +680,10 @@ class PerSampleHooks:
         import torch.distributed as dist
 
         ready = self._ready()
-        b = ready[0][2].shape[0]
-        for name, _, x, _ in ready:
-            if x.shape[0] != b:
-                raise ValueError(f"PerSampleHooks: layer {name!r} saw {x.shape[0]} samples but layer "
+        b = ready[0][2][0].shape[0]
+        for name, _, xs, _ in ready:
+            if xs[0].shape[0] != b:
+                raise ValueError(f"PerSampleHooks: layer {name!r} saw {xs[0].shape[0]} samples but layer "
                                  f"{ready[0][0]!r} saw {b}; every tracked layer must see the whole batch")
         if b < 1:
             raise ValueError("PerSampleHooks: this rank's batch has no samples; with the batch split over ranks "
@@ -565,19 +691,19 @@ class PerSampleHooks:
         # Every rank's gradients are ∇ℓᵢ of its own samples: a mean-reduced loss over this rank's B_r
         # samples gives ∇ℓᵢ / B_r, scaled back by B_r here.
         scale = float(b) if self.loss_reduction == "mean" else 1.0
-        sums = [_layer_grad_sum(m, x, g) * scale for _, m, x, g in ready]
+        sums = [_layer_grad_sum(m, xs, gs) * scale for _, m, xs, gs in ready]
         device = sums[0].device
         packed = torch.cat([t.to(device) for t in sums] + [torch.full((1,), float(b), dtype=torch.float64,
                                                                        device=device)])
         dist.all_reduce(packed, group=group)
         total = packed[-1]  # B, on the device
         out, offset = {}, 0
-        for (name, module, x, g), local_sum in zip(ready, sums):
+        for (name, module, xs, gs), local_sum in zip(ready, sums):
             n = local_sum.numel()
             mean = (packed[offset:offset + n] / total).to(local_sum.device)
             offset += n
-            dots = _layer_dots(module, x, g, mean) * scale
-            sq = _layer_sq_norms(module, x, g, self.method) * (scale * scale)
+            dots = _layer_dots(module, xs, gs, mean) * scale
+            sq = _layer_sq_norms(module, xs, gs, self.method) * (scale * scale)
             out[name] = PerSampleParts(sq, dots, mean.square().sum(), group)
         return out
 
@@ -591,17 +717,17 @@ class PerSampleHooks:
         the ranks under torch.distributed (a collective; ``process_group`` as in :meth:`layer_parts`)."""
         return self.parts(process_group).stats()
 
-    def _hist_grad(self, grad: torch.Tensor) -> torch.Tensor:
+    def _hist_grads(self, grads: List[torch.Tensor]) -> List[torch.Tensor]:
         if self.loss_reduction == "sum":
-            return grad
-        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        return grad.to(acc) * grad.shape[0]
+            return grads
+        acc = [torch.float64 if g.dtype == torch.float64 else torch.float32 for g in grads]
+        return [g.to(a) * g.shape[0] for g, a in zip(grads, acc)]
 
     def grad_hist1d(self, nbins: int = 100, maxval: float = 0.05, process_group=None) -> torch.Tensor:
         """Exact int64 histogram [nbins] of all per-sample gradient elements of the tracked layers
         (of the whole batch under torch.distributed: the ranks' counts summed, one all-reduce)."""
-        hists = [layer_per_sample_grad_hist1d(m, x, self._hist_grad(g), nbins, maxval)
-                 for _, m, x, g in self._ready()]
+        hists = [layer_per_sample_grad_hist1d(m, xs, self._hist_grads(gs), nbins, maxval)
+                 for _, m, xs, gs in self._ready()]
         return _sum_over_ranks(functools.reduce(torch.add, hists), process_group)
 
     def grad_hist2d(self, nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
@@ -610,12 +736,12 @@ class PerSampleHooks:
         layers: (counts [nbins_grad, nbins_param] int64, nonfinite [] int64); summed over the
         ranks under torch.distributed (one all-reduce; the parameters must be whole on every
         rank, as under DDP)."""
-        results = [layer_per_sample_grad_hist2d(m, x, self._hist_grad(g), nbins_grad, maxval_grad,
+        results = [layer_per_sample_grad_hist2d(m, xs, self._hist_grads(gs), nbins_grad, maxval_grad,
                                                 nbins_param, maxval_param)
-                   for _, m, x, g in self._ready()]
+                   for _, m, xs, gs in self._ready()]
         counts = functools.reduce(torch.add, [c for c, _ in results])
         nonfinite = functools.reduce(torch.add, [n for _, n in results])
-    
+
         if active_group(process_group) is None:
             return counts, nonfinite
         packed = _sum_over_ranks(torch.cat([counts.reshape(-1), nonfinite.reshape(1)]), process_group)
@@ -624,12 +750,11 @@ class PerSampleHooks:
     # -- lifetime
 
     def clear(self) -> None:
-        """Forgets the captured inputs and gradients."""
+        """Forgets the captured inputs and gradients; the next forward pass starts a new step."""
+        self._step += 1
+        self._backward_seen = False
         for cap in self._captures.values():
-            cap.generation += 1
-            cap.input = cap.grad = None
-            cap.out_shape = cap.out_dtype = None
-            cap.repeated = False
+            cap.uses = []
 
     def remove(self) -> None:
         """Removes the hooks and forgets what they captured."""
@@ -652,25 +777,43 @@ class PerSampleHooks:
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _fake_check(op: str, input, grad_output, conv: bool) -> None:
+def _fake_check(op: str, input, grad_output, conv: bool, names=("input", "grad_output")) -> None:
     """The shape and dtype checks of the kernels, so that a traced call fails as an eager one
     does, naming the argument (the kernels check the rest when they run)."""
-    for name, t in (("input", input), ("grad_output", grad_output)):
+    x_name, d_name = names
+    for name, t in ((x_name, input), (d_name, grad_output)):
         if t.dtype not in _FLOATS:
             raise RuntimeError(f"trainscope::{op}: {name} has dtype {t.dtype}; trainscope needs float32, "
                                "float64, bfloat16 or float16")
     if conv:
         if input.dim() != 4:
-            raise RuntimeError(f"trainscope::{op}: input must be [B, C_in, H, W], got shape {list(input.shape)}")
+            raise RuntimeError(f"trainscope::{op}: {x_name} must be [B, C_in, H, W], got shape {list(input.shape)}")
         if grad_output.dim() != 4:
-            raise RuntimeError(f"trainscope::{op}: grad_output must be [B, C_out, H', W'], got shape "
+            raise RuntimeError(f"trainscope::{op}: {d_name} must be [B, C_out, H', W'], got shape "
                                f"{list(grad_output.shape)}")
     elif input.dim() < 2:
-        raise RuntimeError(f"trainscope::{op}: input must be [B, d_in] or [B, ..., d_in], got shape "
+        raise RuntimeError(f"trainscope::{op}: {x_name} must be [B, d_in] or [B, ..., d_in], got shape "
                            f"{list(input.shape)}")
     elif grad_output.dim() != input.dim():
-        raise RuntimeError(f"trainscope::{op}: grad_output has shape {list(grad_output.shape)} but input has "
+        raise RuntimeError(f"trainscope::{op}: {d_name} has shape {list(grad_output.shape)} but {x_name} has "
                            f"shape {list(input.shape)}; they must agree in every dim but the last")
+
+
+def _fake_check_uses(op: str, input, grad_output, conv: bool):
+    """_fake_check of every use of the ``.uses`` overloads, and their common batch size; returns
+    the first use's input."""
+    if len(input) == 0:
+        raise RuntimeError(f"trainscope::{op}: input is an empty list; pass the input of every use of the layer")
+    if len(grad_output) != len(input):
+        raise RuntimeError(f"trainscope::{op}: grad_output has {len(grad_output)} tensors but input has "
+                           f"{len(input)}; one output gradient per use")
+    many = len(input) > 1
+    for k, (x, d) in enumerate(zip(input, grad_output)):
+        _fake_check(op, x, d, conv, (f"input[{k}]", f"grad_output[{k}]") if many else ("input", "grad_output"))
+        if x.shape[0] != input[0].shape[0]:
+            raise RuntimeError(f"trainscope::{op}: input[{k}] has batch size {x.shape[0]} but input[0] has "
+                               f"{input[0].shape[0]}; row i of every use of a layer must be sample i")
+    return input[0]
 
 
 def _fake_check_nbins(op: str, **nbins) -> None:
@@ -699,6 +842,19 @@ def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(
     return _parts_fake(input, grad_output)
 
 
+@register_fake("trainscope::linear_per_sample_parts.uses")
+def _(input, grad_output, has_bias=True, method="auto"):
+    x = _fake_check_uses("linear_per_sample_parts", input, grad_output, conv=False)
+    return _parts_fake(x, None)
+
+
+@register_fake("trainscope::conv2d_per_sample_parts.uses")
+def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+      has_bias=True, method="auto"):
+    x = _fake_check_uses("conv2d_per_sample_parts", input, grad_output, conv=True)
+    return _parts_fake(x, None)
+
+
 @register_fake("trainscope::linear_per_sample_grad_hist1d")
 def _(input, grad_output, has_bias=True, nbins=100, maxval=0.05):
     _fake_check("linear_per_sample_grad_hist1d", input, grad_output, conv=False)
@@ -712,6 +868,21 @@ def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(
     _fake_check("conv2d_per_sample_grad_hist1d", input, grad_output, conv=True)
     _fake_check_nbins("conv2d_per_sample_grad_hist1d", nbins=nbins)
     return input.new_empty(nbins, dtype=torch.int64)
+
+
+@register_fake("trainscope::linear_per_sample_grad_hist1d.uses")
+def _(input, grad_output, has_bias=True, nbins=100, maxval=0.05):
+    x = _fake_check_uses("linear_per_sample_grad_hist1d", input, grad_output, conv=False)
+    _fake_check_nbins("linear_per_sample_grad_hist1d", nbins=nbins)
+    return x.new_empty(nbins, dtype=torch.int64)
+
+
+@register_fake("trainscope::conv2d_per_sample_grad_hist1d.uses")
+def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+      has_bias=True, nbins=100, maxval=0.05):
+    x = _fake_check_uses("conv2d_per_sample_grad_hist1d", input, grad_output, conv=True)
+    _fake_check_nbins("conv2d_per_sample_grad_hist1d", nbins=nbins)
+    return x.new_empty(nbins, dtype=torch.int64)
 
 
 def _hist2d_fake(input, nbins_grad, nbins_param):
@@ -732,3 +903,19 @@ def _(input, grad_output, weight, bias=None, stride=(1, 1), padding=(0, 0), dila
     _fake_check("conv2d_per_sample_grad_hist2d", input, grad_output, conv=True)
     _fake_check_nbins("conv2d_per_sample_grad_hist2d", nbins_grad=nbins_grad, nbins_param=nbins_param)
     return _hist2d_fake(input, nbins_grad, nbins_param)
+
+
+@register_fake("trainscope::linear_per_sample_grad_hist2d.uses")
+def _(input, grad_output, weight, bias=None, nbins_grad=100, maxval_grad=0.05, nbins_param=100,
+      maxval_param=1.0):
+    x = _fake_check_uses("linear_per_sample_grad_hist2d", input, grad_output, conv=False)
+    _fake_check_nbins("linear_per_sample_grad_hist2d", nbins_grad=nbins_grad, nbins_param=nbins_param)
+    return _hist2d_fake(x, nbins_grad, nbins_param)
+
+
+@register_fake("trainscope::conv2d_per_sample_grad_hist2d.uses")
+def _(input, grad_output, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+      nbins_grad=100, maxval_grad=0.05, nbins_param=100, maxval_param=1.0):
+    x = _fake_check_uses("conv2d_per_sample_grad_hist2d", input, grad_output, conv=True)
+    _fake_check_nbins("conv2d_per_sample_grad_hist2d", nbins_grad=nbins_grad, nbins_param=nbins_param)
+    return _hist2d_fake(x, nbins_grad, nbins_param)

@@ -1,8 +1,9 @@
 """Per-sample gradient statistics across ranks (gloo on CPU, 2 and 3 processes): materialised
 per-sample gradients (trainscope.distributed.per_sample_stats_across_ranks) and layer factors
-(PerSampleHooks on nn.Linear with 2-D and 3-D input and nn.Conv2d, plain and under DDP), each rank
-holding an uneven share of the batch (one sample on a rank included), equal one process on the
-concatenated batch: statistics, parts, histograms. One spawn per world size."""
+(PerSampleHooks on nn.Linear with 2-D and 3-D input and nn.Conv2d, plain and under DDP, and a model
+using a Conv2d and a Linear twice each), each rank holding an uneven share of the batch (one sample
+on a rank included), equal one process on the concatenated batch: statistics, parts, histograms.
+One spawn per world size."""
 
 import pytest
 import torch
@@ -75,6 +76,28 @@ def _model():
     ).double()
 
 
+class _Reuse(nn.Module):
+    """A Conv2d applied twice (its uses' positions added per sample) and a Linear block applied
+    twice: per-sample gradients summed over the uses, on every rank."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.tokens, self.inp, self.pool = Tokens(), nn.Linear(2, 6), MeanTokens()
+        self.block = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(torch.tanh(self.conv(x))))
+        h = self.pool(torch.relu(self.inp(self.tokens(h))))
+        return self.head(torch.tanh(self.block(torch.tanh(self.block(h)))))
+
+
+def _reuse_model():
+    torch.manual_seed(4)
+    return _Reuse().double()
+
+
 def _batch(batch: int):
     g = torch.Generator().manual_seed(11)
     return (torch.randn(batch, 2, 5, 5, generator=g, dtype=torch.float64),
@@ -102,6 +125,8 @@ def _factors(rank, world_size):
     x, y = _share(x, rank, world_size), _share(y, rank, world_size)
     out = {reduction: _hook_results(_model(), x, y, reduction) for reduction in ("mean", "sum")}
     out["ddp"] = _hook_results(DDP(_model()), x, y, "mean")
+    out["reuse"] = _hook_results(_reuse_model(), x, y, "mean")
+    out["reuse_ddp"] = _hook_results(DDP(_reuse_model()), x, y, "sum")
     out["this_process"] = _hook_results(_model(), x, y, "mean", tsd.THIS_PROCESS)["stats"] if x.shape[0] > 1 else None
     return out
 
@@ -137,9 +162,10 @@ def test_per_sample_across_ranks_equal_the_concatenated_batch(world_size):
 
     # Layer factors: one process on the whole batch, the same loss reduction.
     x, y = _batch(sum(sizes))
-    for key, reduction in (("mean", "mean"), ("sum", "sum"), ("ddp", "mean")):
-        want = _hook_results(_model(), x, y, reduction)
-        assert set(want["layers"]) == {"0", "2", "5", "8"}
+    for key, reduction, make in (("mean", "mean", _model), ("sum", "sum", _model), ("ddp", "mean", _model),
+                                 ("reuse", "mean", _reuse_model), ("reuse_ddp", "sum", _reuse_model)):
+        want = _hook_results(make(), x, y, reduction)
+        assert set(want["layers"]) == ({"0", "2", "5", "8"} if make is _model else {"conv", "inp", "block", "head"})
         for rank, res in enumerate(results):
             got = res["factors"][key]
             torch.testing.assert_close(got["stats"], want["stats"], **TOL)  # all six, scale-dependent ones too
