@@ -227,6 +227,17 @@ def _build_conv(gen, device, grad_scale=0.1):
             "b": _to(_normal(gen, (CONV_OUT,), 0.5), device)}
 
 
+def _build_linear_uses(gen, device):
+    """Two uses of one nn.Linear in a step: each use's input and output gradient, one weight."""
+    a, b = _build_linear(gen, device, grad_scale=0.02), _build_linear(gen, device, grad_scale=0.02)
+    return {"x": [a["x"], b["x"]], "d": [a["d"], b["d"]], "w": a["w"], "b": a["b"]}
+
+
+def _build_conv_uses(gen, device):
+    a, b = _build_conv(gen, device, grad_scale=0.01), _build_conv(gen, device, grad_scale=0.01)
+    return {"x": [a["x"], b["x"]], "d": [a["d"], b["d"]], "w": a["w"], "b": a["b"]}
+
+
 def _conv_args():
     g = CONV_GEOMETRY
     return g["stride"], g["padding"], g["dilation"], g["groups"]
@@ -357,6 +368,23 @@ def _cases() -> List[GraphCase]:
         lambda gen, device: _build_conv(gen, device, grad_scale=0.01),
         lambda i: list(OPS.conv2d_per_sample_grad_hist2d(i["x"], i["d"], i["w"], i["b"], *_conv_args(),
                                                          32, 0.05, 16, 1.0)))
+    # The ".uses" overloads: a layer used twice in one step, its uses' positions joined per sample.
+    for method in FACTOR_METHODS:
+        add(f"linear_per_sample_parts.uses-{method}", "linear_per_sample_parts", _build_linear_uses,
+            lambda i, m=method: list(OPS.linear_per_sample_parts.uses(i["x"], i["d"], True, m)))
+    add("conv2d_per_sample_parts.uses-auto", "conv2d_per_sample_parts", _build_conv_uses,
+        lambda i: list(OPS.conv2d_per_sample_parts.uses(i["x"], i["d"], CONV_GEOMETRY["kernel_size"], *_conv_args(),
+                                                         True, "auto")))
+    add("linear_per_sample_grad_hist1d.uses", "linear_per_sample_grad_hist1d", _build_linear_uses,
+        lambda i: [OPS.linear_per_sample_grad_hist1d.uses(i["x"], i["d"], True, 50, 0.05)])
+    add("conv2d_per_sample_grad_hist1d.uses", "conv2d_per_sample_grad_hist1d", _build_conv_uses,
+        lambda i: [OPS.conv2d_per_sample_grad_hist1d.uses(i["x"], i["d"], CONV_GEOMETRY["kernel_size"],
+                                                          *_conv_args(), True, 50, 0.05)])
+    add("linear_per_sample_grad_hist2d.uses", "linear_per_sample_grad_hist2d", _build_linear_uses,
+        lambda i: list(OPS.linear_per_sample_grad_hist2d.uses(i["x"], i["d"], i["w"], i["b"], 32, 0.05, 16, 1.0)))
+    add("conv2d_per_sample_grad_hist2d.uses", "conv2d_per_sample_grad_hist2d", _build_conv_uses,
+        lambda i: list(OPS.conv2d_per_sample_grad_hist2d.uses(i["x"], i["d"], i["w"], i["b"], *_conv_args(),
+                                                              32, 0.05, 16, 1.0)))
 
     # Rank measures: one case per op and solver route (the K in an id is the Gram width), the
     # routes that go through cuSOLVER's per-matrix solvers last.
