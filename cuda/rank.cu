@@ -1,8 +1,9 @@
-// Rank measures on CUDA: the Gram update (cuBLAS syrk), the eigensolve (cuSOLVER syevBatched or
-// syevd per matrix), the SVD (cuSOLVER gesvdj) and the kernel that turns their output into
-// RankValues. Every library status and kernel launch is checked and returned, and solver `info`
-// stays in device memory for the caller. None of this code waits for the device; whether cuSOLVER
-// does inside syevd and gesvdj is its own affair (the README's "What waits for the device" says what
+// Rank measures on CUDA: the Gram update (cuBLAS syrk), the check that zeroes and flags matrices
+// holding NaN or ±Inf, the eigensolve (cuSOLVER syevBatched or syevd per matrix), the SVD
+// (cuSOLVER gesvdj) and the kernel that turns their output into RankValues. Every library status
+// and kernel launch is checked and returned, and solver `info` and the non-finite flags stay in
+// device memory for the caller. None of this code waits for the device; whether cuSOLVER does
+// inside syevd and gesvdj is its own affair (the README's "What waits for the device" says what
 // was measured).
 #include "cuda/rank.h"
 
@@ -114,23 +115,43 @@ __device__ void store(const RankOut& out, int64_t i, const RankValues& r) {
   out.stable_rank[i] = r.stable_rank;
 }
 
-__global__ void __launch_bounds__(kRankThreads)
-    rank_from_eigenvalues_kernel(const double* w, int64_t n, const __grid_constant__ EigGroup grp, const int* info,
-                                 double prop, const __grid_constant__ RankOut out) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= grp.count) return;
-  const int64_t i = grp.first + t;
-  store(out, i, info != nullptr && info[i] != 0 ? undefined_rank_values()
-                                                : rank_values_from_eigenvalues(w + i * n, n, grp.dims[t], prop));
+// A failed solve (info ≠ 0) or a flagged non-finite input leaves matrix i without measures.
+__device__ bool undefined_at(const int* info, const int* nonfinite, int64_t i) {
+  return (info != nullptr && info[i] != 0) || (nonfinite != nullptr && nonfinite[i] != 0);
 }
 
 __global__ void __launch_bounds__(kRankThreads)
-    rank_from_singular_values_kernel(const double* sigma, int64_t k, int64_t batch, const int* info, double prop,
-                                     const __grid_constant__ RankOut out) {
+    rank_from_eigenvalues_kernel(const double* w, int64_t n, const __grid_constant__ EigGroup grp, const int* info,
+                                 const int* nonfinite, double prop, const __grid_constant__ RankOut out) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= grp.count) return;
+  const int64_t i = grp.first + t;
+  store(out, i, undefined_at(info, nonfinite, i) ? undefined_rank_values()
+                                                 : rank_values_from_eigenvalues(w + i * n, n, grp.dims[t], prop));
+}
+
+__global__ void __launch_bounds__(kRankThreads)
+    rank_from_singular_values_kernel(const double* sigma, int64_t k, int64_t batch, const int* info,
+                                     const int* nonfinite, double prop, const __grid_constant__ RankOut out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= batch) return;
-  store(out, i, info != nullptr && info[i] != 0 ? undefined_rank_values()
-                                                : rank_values_from_singular_values(sigma + i * k, k, prop));
+  store(out, i, undefined_at(info, nonfinite, i) ? undefined_rank_values()
+                                                 : rank_values_from_singular_values(sigma + i * k, k, prop));
+}
+
+// One block per matrix: every thread scans its share (stopping at its first non-finite value),
+// the block agrees with __syncthreads_or, then a flagged matrix is zeroed by the same threads.
+constexpr int kNonfiniteThreads = 256;
+
+__global__ void __launch_bounds__(kNonfiniteThreads)
+    zero_nonfinite_kernel(double* a, int64_t count, int64_t stride, int* nonfinite) {
+  double* m = a + static_cast<int64_t>(blockIdx.x) * stride;
+  bool bad = false;
+  for (int64_t i = threadIdx.x; i < count && !bad; i += blockDim.x) bad = !is_finite(m[i]);
+  const bool any = __syncthreads_or(bad ? 1 : 0) != 0;
+  if (threadIdx.x == 0) nonfinite[blockIdx.x] = any ? 1 : 0;
+  if (!any) return;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) m[i] = 0.0;
 }
 
 bool out_ok(const RankOut& o) {
@@ -359,8 +380,20 @@ RankStatus svdvals_launch(const SvdvalsArgs& args, void* device_ws, size_t devic
 
 // ---------------------------------------------------------------------------------------------
 
+RankStatus zero_nonfinite_launch(double* a, int64_t count, int64_t stride, int64_t batch, int* nonfinite,
+                                 cudaStream_t stream) {
+  if (count < 0 || batch < 0) return invalid("zero_nonfinite: count and batch must be >= 0");
+  if (batch == 0) return ok_status();
+  if (nonfinite == nullptr || (count > 0 && a == nullptr)) return invalid("zero_nonfinite: null pointer");
+  if (batch > 1 && stride < count) return invalid("zero_nonfinite: stride must be >= count");
+  if (batch > static_cast<int64_t>(INT_MAX)) return invalid("zero_nonfinite: batch too large for the grid");
+  zero_nonfinite_kernel<<<static_cast<unsigned>(batch), kNonfiniteThreads, 0, stream>>>(a, count, stride, nonfinite);
+  return from_cuda(cudaGetLastError(), "zero_nonfinite_kernel");
+}
+
 RankStatus rank_from_eigenvalues_launch(const double* w, int64_t n, int64_t batch, const int64_t* dims,
-                                        const int* info, double prop, const RankOut& out, cudaStream_t stream) {
+                                        const int* info, const int* nonfinite, double prop, const RankOut& out,
+                                        cudaStream_t stream) {
   if (n < 0 || batch < 0) return invalid("rank_from_eigenvalues: n and batch must be >= 0");
   if (batch == 0) return ok_status();
   if (!out_ok(out) || (n > 0 && w == nullptr)) return invalid("rank_from_eigenvalues: null pointer");
@@ -373,20 +406,22 @@ RankStatus rank_from_eigenvalues_launch(const double* w, int64_t n, int64_t batc
     grp.count = std::min(kRankGroup, batch - first);
     for (int64_t t = 0; t < grp.count; ++t) grp.dims[t] = dims != nullptr ? dims[first + t] : n;
     const unsigned blocks = static_cast<unsigned>((grp.count + kRankThreads - 1) / kRankThreads);
-    rank_from_eigenvalues_kernel<<<blocks, kRankThreads, 0, stream>>>(w, n, grp, info, prop, out);
+    rank_from_eigenvalues_kernel<<<blocks, kRankThreads, 0, stream>>>(w, n, grp, info, nonfinite, prop, out);
     TS_RANK_TRY(from_cuda(cudaGetLastError(), "rank_from_eigenvalues_kernel"));
   }
   return ok_status();
 }
 
 RankStatus rank_from_singular_values_launch(const double* sigma, int64_t k, int64_t batch, const int* info,
-                                            double prop, const RankOut& out, cudaStream_t stream) {
+                                            const int* nonfinite, double prop, const RankOut& out,
+                                            cudaStream_t stream) {
   if (k < 0 || batch < 0) return invalid("rank_from_singular_values: k and batch must be >= 0");
   if (batch == 0) return ok_status();
   if (!out_ok(out) || (k > 0 && sigma == nullptr)) return invalid("rank_from_singular_values: null pointer");
   if (batch > static_cast<int64_t>(INT_MAX) * kRankThreads) return invalid("rank_from_singular_values: batch too large");
   const unsigned blocks = static_cast<unsigned>((batch + kRankThreads - 1) / kRankThreads);
-  rank_from_singular_values_kernel<<<blocks, kRankThreads, 0, stream>>>(sigma, k, batch, info, prop, out);
+  rank_from_singular_values_kernel<<<blocks, kRankThreads, 0, stream>>>(sigma, k, batch, info, nonfinite, prop,
+                                                                        out);
   return from_cuda(cudaGetLastError(), "rank_from_singular_values_kernel");
 }
 

@@ -10,6 +10,8 @@
 //    dim · 2⁻⁵² · λ_max, so an eigenvalue at or below that level counts as zero. Without it a
 //    rank-deficient matrix would get thousands of spurious σ ≈ 1e-8 σ_max from rounding, and those
 //    move the effective rank of a rank-1 matrix of width 4096 by more than 1e-3.
+//  - Non-finite matrices: flagged and zeroed before the solve (zero_nonfinite_launch), so that
+//    the solver never sees a NaN and the flag turns the matrix's measures undefined.
 //  - Launchers: the Gram update (cuBLAS syrk, float64), the batched symmetric eigensolve
 //    (cuSOLVER, eigenvalues only), the SVD (cuSOLVER gesvdj) and a kernel turning eigenvalues or
 //    singular values into RankValues per matrix. They take raw device pointers, int64 sizes, the
@@ -103,9 +105,10 @@ TS_HD double mul_rn(double a, double b) {
 }
 
 // The measures of σ(0) ≥ σ(1) ≥ … ≥ σ(k−1) ≥ 0, prop in (0, 1]. Zero (or k = 0) gives all 0.
-// A NaN, infinite or negative σ (or Σσ² overflowing) gives undefined_rank_values(). The running sums of the second pass add the same terms in the
-// same order as the totals of the first, so they end exactly at the totals and every prop ≤ 1 is
-// reached; the fallback to the count of nonzero σ is a guard only.
+// A NaN, infinite or negative σ (or Σσ² overflowing) gives undefined_rank_values(). The running
+// sums of the second pass add the same terms in the same order as the totals of the first, so
+// they end exactly at the totals and every prop ≤ 1 is reached; the fallback to the count of
+// nonzero σ is a guard only.
 template <typename Sigma>
 TS_HD RankValues rank_values(const Sigma& sigma, int64_t k, double prop) {
   double s1 = 0.0, s2 = 0.0, smax = 0.0;
@@ -158,6 +161,28 @@ TS_HD RankValues rank_values_from_singular_values(const double* sigma, int64_t k
 // A dim × dim Gram matrix's eigenvalues, the top `dim` of n ascending values w[0..n).
 TS_HD RankValues rank_values_from_eigenvalues(const double* w, int64_t n, int64_t dim, double prop) {
   return rank_values(eigen_sigma(w, n, dim), dim, prop);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrices holding NaN or ±Inf. Their measures have no meaning, and a solver fed one may fail,
+// run to its sweep limit or return values with a success status, so such a matrix is replaced by
+// zeros before the solve and flagged, and the flag makes the rank kernels (and the CPU path)
+// write undefined_rank_values() for it. On the device the flags stay on the device.
+
+// Whether every one of a[0..count) is finite.
+TS_HD bool all_finite(const double* a, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (!is_finite(a[i])) return false;
+  }
+  return true;
+}
+
+// The host side of zero_nonfinite_launch for one matrix: whether a[0..count) holds a NaN or ±Inf,
+// and if so a[0..count) zeroed.
+inline bool zero_if_nonfinite(double* a, int64_t count) {
+  if (all_finite(a, count)) return false;
+  for (int64_t i = 0; i < count; ++i) a[i] = 0.0;
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,6 +279,13 @@ RankStatus eigvals_launch(const EigvalsArgs& args, void* device_ws, size_t devic
                           size_t host_bytes, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
+// Matrix b of a batch, a[b · stride .. b · stride + count) (device, float64), for b < batch: when
+// it holds a NaN or ±Inf it is zeroed and nonfinite[b] = 1, else nonfinite[b] = 0 (device, int).
+// One block per matrix; run before the solver, on the solver's input.
+RankStatus zero_nonfinite_launch(double* a, int64_t count, int64_t stride, int64_t batch, int* nonfinite,
+                                 cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
 // Singular values of one m × n column-major float64 matrix (device, lda = m, overwritten) by
 // cuSOLVER's Jacobi SVD (gesvdj), into s[0..min(m, n)) descending; info (device, one int) is
 // gesvdj's status (0: converged). m and n must fit in int32 (gesvdj's interface).
@@ -279,18 +311,22 @@ struct RankOut {
   double* stable_rank;
 };
 
-// `info` (device [batch], or null) is the solver's status per matrix: a matrix whose info is not 0
-// gets undefined_rank_values(), so a failed solve shows in the results without a host check.
+// `info` (device [batch], or null) is the solver's status per matrix and `nonfinite` (device
+// [batch], or null) the flags of zero_nonfinite_launch: a matrix whose info or flag is not 0 gets
+// undefined_rank_values(), so a failed solve or a NaN input shows in the results without a host
+// check.
 //
 // From eigensolve output w [batch, n] (as eigvals_launch leaves it) and the host sizes dims
 // (null: all n). The sizes travel as kernel parameters, kRankGroup per launch.
 constexpr int64_t kRankGroup = 256;
 RankStatus rank_from_eigenvalues_launch(const double* w, int64_t n, int64_t batch, const int64_t* dims,
-                                        const int* info, double prop, const RankOut& out, cudaStream_t stream);
+                                        const int* info, const int* nonfinite, double prop, const RankOut& out,
+                                        cudaStream_t stream);
 
 // From singular values sigma [batch, k] (each row descending, zeros allowed).
 RankStatus rank_from_singular_values_launch(const double* sigma, int64_t k, int64_t batch, const int* info,
-                                            double prop, const RankOut& out, cudaStream_t stream);
+                                            const int* nonfinite, double prop, const RankOut& out,
+                                            cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace trainscope

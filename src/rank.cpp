@@ -5,14 +5,20 @@
 // dtypes), its Gram matrix (the smaller of ΦᵀΦ and ΦΦᵀ) is placed in the leading block of one
 // zero-padded [L, K, K] batch, one eigensolve gives every spectrum, and the same rank_values()
 // of cuda/rank.h turns each spectrum into the four measures. The SVD method replaces the Gram
-// matrix and eigensolve by singular values (LAPACK on the CPU, cuSOLVER gesvdj on CUDA). On CUDA
-// nothing waits for the device: solver status stays on the device and turns a failed matrix's
-// results into NaN / −1.
+// matrix and eigensolve by singular values (LAPACK on the CPU, cuSOLVER gesvdj on CUDA).
+//
+// Numerical trouble is a value, never an exception (SPEC.md §5): a matrix holding NaN or ±Inf
+// (its Gram matrix, for the Gram method: Φ's NaN and Inf always reach it, and so does a Gram
+// matrix that overflows) is zeroed before the solver sees it and flagged, and a flagged matrix, or
+// one whose solve failed, gets NaN / −1. On CUDA nothing waits for the device: the flags and the
+// solver status stay on the device and the kernel that writes the measures reads them. On the CPU
+// a LAPACK solve that does not converge marks its matrix (rank_internal.h).
 #include "trainscope/rank.h"
 
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -20,9 +26,11 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
 #include <nvtx3/nvtx3.hpp>
 
 #include "cuda/rank.h"
+#include "src/rank_internal.h"
 #include "src/tensor_checks.h"
 
 namespace trainscope {
@@ -193,23 +201,34 @@ tc::GramSide smaller_side(const at::Tensor& x) {
 // From a padded batch of Gram matrices to the measures
 
 // batch: [L, K, K] float64 contiguous on `device`, matrix i in its leading dims[i] block, zeros
-// elsewhere. Consumed (the CUDA solver overwrites it).
+// elsewhere. Consumed (non-finite matrices are zeroed; the CUDA solver overwrites it).
 RankMeasures measures_of_padded(const char* op, at::Tensor batch, const std::vector<int64_t>& dims, double prop,
                                 at::Device device) {
   const int64_t L = static_cast<int64_t>(dims.size());
   const int64_t K = L > 0 ? batch.size(1) : 0;
   if (L == 0 || K == 0) return zero_results(L, device);
+  TORCH_INTERNAL_ASSERT(batch.is_contiguous() && batch.scalar_type() == at::kDouble);
   RankMeasures out = alloc_results(L, device);
   if (!device.is_cuda()) {
-    const at::Tensor w = at::linalg_eigvalsh(batch).contiguous();  // ascending, like cuSOLVER
+    double* bp = batch.data_ptr<double>();
+    std::vector<uint8_t> nonfinite(static_cast<size_t>(L));
+    for (int64_t i = 0; i < L; ++i) nonfinite[i] = tc::zero_if_nonfinite(bp + i * K * K, K * K) ? 1 : 0;
+    std::vector<uint8_t> failed;
+    const at::Tensor w = detail::eigvalsh_cpu(batch, &failed).contiguous();  // ascending, like cuSOLVER
     const double* wp = w.data_ptr<double>();
-    for (int64_t i = 0; i < L; ++i) store(out, i, tc::rank_values_from_eigenvalues(wp + i * K, K, dims[i], prop));
+    for (int64_t i = 0; i < L; ++i) {
+      store(out, i, nonfinite[i] || failed[i] ? tc::undefined_rank_values()
+                                              : tc::rank_values_from_eigenvalues(wp + i * K, K, dims[i], prop));
+    }
     return out;
   }
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
   at::Tensor w = at::empty({L, K}, batch.options());
   at::Tensor info = at::empty({L}, batch.options().dtype(at::kInt));
+  at::Tensor nonfinite = at::empty({L}, batch.options().dtype(at::kInt));
+  throw_status(op, tc::zero_nonfinite_launch(batch.data_ptr<double>(), K * K, K * K, L, nonfinite.data_ptr<int>(),
+                                             stream));
   const SolverLease solver(device);
   tc::EigvalsArgs args{};
   args.handle = solver.get();
@@ -227,7 +246,8 @@ RankMeasures measures_of_padded(const char* op, at::Tensor batch, const std::vec
                                 at::TensorOptions().dtype(at::kByte).device(device));
   std::vector<unsigned char> host_ws(std::max<size_t>(host_bytes, 1));
   throw_status(op, tc::eigvals_launch(args, dev_ws.data_ptr(), dev_bytes, host_ws.data(), host_bytes, stream));
-  throw_status(op, tc::rank_from_eigenvalues_launch(args.w, K, L, dims.data(), args.info, prop, rank_out(out), stream));
+  throw_status(op, tc::rank_from_eigenvalues_launch(args.w, K, L, dims.data(), args.info, nonfinite.data_ptr<int>(),
+                                                    prop, rank_out(out), stream));
   return out;
 }
 
@@ -262,12 +282,28 @@ RankMeasures measures_by_svd(const char* op, const std::vector<at::Tensor>& xs, 
   at::Tensor sigma = at::zeros({L, K}, at::TensorOptions().dtype(at::kDouble).device(device));
   RankMeasures out = alloc_results(L, device);
   if (!device.is_cuda()) {
+    // A matrix holding NaN or ±Inf is not handed to LAPACK; one whose SVD does not converge is
+    // undefined too.
+    std::vector<uint8_t> undefined(static_cast<size_t>(L), 0);
     for (int64_t i = 0; i < L; ++i) {
-      const int64_t k = gram_size(xs[i]);
-      if (k > 0) sigma[i].narrow(0, 0, k).copy_(at::linalg_svdvals(xs[i]));
+      const at::Tensor& x = xs[i];
+      if (gram_size(x) == 0) continue;
+      TORCH_INTERNAL_ASSERT(x.is_contiguous() && x.scalar_type() == at::kDouble);
+      at::Tensor s;
+      if (tc::all_finite(x.data_ptr<double>(), x.numel())) {
+        s = detail::unless_not_converged([&] { return at::linalg_svdvals(x); });
+      }
+      if (s.defined()) {
+        sigma[i].narrow(0, 0, gram_size(x)).copy_(s);
+      } else {
+        undefined[i] = 1;
+      }
     }
     const double* sp = sigma.data_ptr<double>();
-    for (int64_t i = 0; i < L; ++i) store(out, i, tc::rank_values_from_singular_values(sp + i * K, K, prop));
+    for (int64_t i = 0; i < L; ++i) {
+      store(out, i, undefined[i] ? tc::undefined_rank_values()
+                                 : tc::rank_values_from_singular_values(sp + i * K, K, prop));
+    }
     return out;
   }
   // cuSOLVER gesvdj directly: torch's linalg_svdvals checks gesvdj's convergence on the host,
@@ -275,6 +311,7 @@ RankMeasures measures_by_svd(const char* op, const std::vector<at::Tensor>& xs, 
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
   at::Tensor info = at::empty({L}, at::TensorOptions().dtype(at::kInt).device(device));
+  at::Tensor nonfinite = at::empty({L}, at::TensorOptions().dtype(at::kInt).device(device));
   std::vector<at::Tensor> work(static_cast<size_t>(L));
   std::vector<tc::SvdvalsArgs> args(static_cast<size_t>(L));
   size_t ws_bytes = 0;
@@ -299,9 +336,15 @@ RankMeasures measures_by_svd(const char* op, const std::vector<at::Tensor>& xs, 
   }
   at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(ws_bytes, 1))},
                             at::TensorOptions().dtype(at::kByte).device(device));
-  for (int64_t i = 0; i < L; ++i) throw_status(op, tc::svdvals_launch(args[i], ws.data_ptr(), ws_bytes, stream));
-  throw_status(op, tc::rank_from_singular_values_launch(sigma.data_ptr<double>(), K, L, info.data_ptr<int>(), prop,
-                                                        rank_out(out), stream));
+  for (int64_t i = 0; i < L; ++i) {
+    // gesvdj sees zeros rather than a NaN; the flag makes the matrix undefined.
+    const int64_t count = work[i].numel();
+    throw_status(op, tc::zero_nonfinite_launch(count > 0 ? work[i].data_ptr<double>() : nullptr, count, count, 1,
+                                               nonfinite.data_ptr<int>() + i, stream));
+    throw_status(op, tc::svdvals_launch(args[i], ws.data_ptr(), ws_bytes, stream));
+  }
+  throw_status(op, tc::rank_from_singular_values_launch(sigma.data_ptr<double>(), K, L, info.data_ptr<int>(),
+                                                        nonfinite.data_ptr<int>(), prop, rank_out(out), stream));
   return out;
 }
 
@@ -320,6 +363,37 @@ at::Tensor rows_of(const at::Tensor& acts) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
+
+namespace detail {
+
+at::Tensor unless_not_converged(const std::function<at::Tensor()>& solve) {
+  try {
+    return solve();
+  } catch (const c10::LinAlgError&) {
+    return at::Tensor();
+  }
+}
+
+at::Tensor eigvalsh_cpu(const at::Tensor& batch, std::vector<uint8_t>* failed, const BatchEigvalsh& eigvalsh) {
+  const auto solve = [&](const at::Tensor& a) { return eigvalsh ? eigvalsh(a) : at::linalg_eigvalsh(a); };
+  const int64_t L = batch.size(0);
+  failed->assign(static_cast<size_t>(L), 0);
+  at::Tensor w = unless_not_converged([&] { return solve(batch); });
+  if (w.defined()) return w;
+  // LAPACK names one failing matrix; the others may be fine: each alone.
+  w = at::zeros({L, batch.size(-1)}, batch.options());
+  for (int64_t i = 0; i < L; ++i) {
+    const at::Tensor wi = unless_not_converged([&] { return solve(batch.narrow(0, i, 1)); });
+    if (wi.defined()) {
+      w.narrow(0, i, 1).copy_(wi);
+    } else {
+      (*failed)[i] = 1;
+    }
+  }
+  return w;
+}
+
+}  // namespace detail
 
 RankMethod parse_rank_method(const std::string& name, const char* arg) {
   std::string lower(name);
@@ -396,8 +470,8 @@ RankMeasures rank_measures_from_singular_values(const at::Tensor& sigma, double 
   const int64_t L = s.size(0), k = s.size(1);
   RankMeasures out = alloc_results(L, device);
   if (device.is_cuda()) {
-    throw_status(kOpFromSigma, tc::rank_from_singular_values_launch(s.data_ptr<double>(), k, L, nullptr, prop,
-                                                                    rank_out(out), current_stream(device)));
+    throw_status(kOpFromSigma, tc::rank_from_singular_values_launch(s.data_ptr<double>(), k, L, nullptr, nullptr,
+                                                                    prop, rank_out(out), current_stream(device)));
   } else {
     const double* sp = s.data_ptr<double>();
     for (int64_t i = 0; i < L; ++i) store(out, i, tc::rank_values_from_singular_values(sp + i * k, k, prop));

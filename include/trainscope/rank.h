@@ -25,9 +25,14 @@
 //    users who ask for it. Streamed, it keeps every row of Φ.
 //
 // A zero matrix (and a matrix with no rows or columns) has every measure 0. Results are float64 /
-// int64 whatever the input dtype, on the input's device; nothing waits for the GPU. A matrix with
-// a NaN or infinite entry, or whose solve did not converge (the solver's status is read on the
-// device), gets NaN effective and stable rank and −1 for both approximate ranks.
+// int64 whatever the input dtype, on the input's device; nothing waits for the GPU.
+//
+// Numerical trouble is a value, never an exception: a matrix with a NaN or infinite entry (a Gram
+// matrix too, wherever the entry is; with kGram also a finite Φ whose Gram matrix overflows
+// float64), or whose solve did not converge, gets NaN effective and stable rank and −1 for both
+// approximate ranks; the other matrices of the same call are measured as if alone. Such a matrix
+// is replaced by zeros before the solver sees it, and on CUDA the check and the solver's status
+// stay on the device (no synchronisation, capturable in a CUDA graph).
 #pragma once
 
 #include <cstdint>

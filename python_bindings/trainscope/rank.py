@@ -10,7 +10,13 @@ rank and stable rank, of one matrix, a batch of matrices, or a list of matrices 
 from a float64 SVD. Eigenvalues at or below dim · 2⁻⁵² · λ_max count as zero (the solver's
 rounding level). Results are float64 (effective and stable rank) and int64 (the approximate
 ranks) on the input's device; nothing here waits for the GPU, and the results carry no autograd
-history. A zero matrix has every measure 0; a NaN or infinite entry gives NaN and -1.
+history. A zero matrix has every measure 0.
+
+Numerical trouble is a value, never an exception: a matrix with a NaN or infinite entry (a Gram
+matrix too; by the Gram method also a finite matrix whose Gram matrix overflows float64), or
+whose solve does not converge, gets NaN effective and stable rank and -1 for both approximate
+ranks; the other matrices of a batch or list are measured as if alone. On CUDA this is decided on
+the device (no synchronisation, CUDA-graph capturable).
 """
 
 from __future__ import annotations

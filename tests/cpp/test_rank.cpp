@@ -2,7 +2,9 @@
 // SPEC.md §3, on matrices Φ = U diag(σ) Vᵀ with controlled spectra (flat, geometric decay to
 // 1e-3, rank-deficient, zero), tall and wide, in every dtype, by both methods; batches and lists
 // against per-matrix calls; the streamed GramAccumulator against one shot in both of its states
-// and for [n, C, H, W] activations; determinism; and the errors bad input must raise. Each case
+// and for [n, C, H, W] activations; determinism; NaN and ±Inf matrices and Gram matrices (alone,
+// in batches and lists, streamed) giving NaN and −1, and a LAPACK failure on the CPU marking its
+// matrix; and the errors bad input must raise. Each case
 // runs on CPU, and on CUDA when a GPU is present (skipped otherwise).
 #include <gtest/gtest.h>
 
@@ -15,9 +17,11 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <utility>
 #include <string>
 #include <vector>
 
+#include "src/rank_internal.h"
 #include "tests/cpp/torch_test_util.h"
 #include "trainscope/rank.h"
 
@@ -231,18 +235,93 @@ TEST_P(RankTest, Deterministic) {
   }
 }
 
+// SPEC.md §5: a matrix holding NaN or ±Inf gets NaN effective and stable rank and −1 for both
+// approximate ranks, never an error; the other matrices of a batch or list keep their values.
+void expect_undefined(const RankMeasures& r, int64_t i, const std::string& what) {
+  const at::Tensor e = as_double_cpu(r.effective_rank).reshape({-1}), s = as_double_cpu(r.stable_rank).reshape({-1});
+  EXPECT_TRUE(std::isnan(e[i].item<double>())) << what << " effective_rank";
+  EXPECT_TRUE(std::isnan(s[i].item<double>())) << what << " stable_rank";
+  EXPECT_EQ(to_vector(r.approximate_rank)[i], -1) << what << " approximate_rank";
+  EXPECT_EQ(to_vector(r.abs_approximate_rank)[i], -1) << what << " abs_approximate_rank";
+}
+
+RankMeasures entry(const RankMeasures& r, int64_t i) {
+  return RankMeasures{r.effective_rank[i], r.approximate_rank[i], r.abs_approximate_rank[i], r.stable_rank[i]};
+}
+
+const double kBadValues[] = {kNaN, kInf, -kInf};
+
 TEST_P(RankTest, NonFiniteInputIsUndefined) {
-  if (dtype() == at::kBFloat16 || dtype() == at::kHalf) GTEST_SKIP() << "one dtype suffices";
-  at::Tensor phi = with_spectrum(20, 10, spectrum(Spectrum::kFlat, 10), 1).to(options());
-  phi[3][4] = kNaN;
+  const at::Tensor phi = with_spectrum(20, 10, spectrum(Spectrum::kGeometric, 10), 1).to(options());
+  const at::Tensor narrow = with_spectrum(6, 30, spectrum(Spectrum::kFlat, 6), 2).to(options());
   for (const RankMethod method : {RankMethod::kGram, RankMethod::kSvd}) {
-    // A NaN must never read as a valid rank; LAPACK may also reject it outright.
-    try {
-      const RankMeasures r = trainscope::rank_measures(phi, RankOptions{0.99, method});
-      EXPECT_TRUE(std::isnan(value(r.effective_rank))) << trainscope::rank_method_name(method);
-      EXPECT_EQ(to_vector(r.approximate_rank)[0], -1) << trainscope::rank_method_name(method);
-    } catch (const c10::Error&) {
-      SUCCEED();
+    const RankOptions o{0.99, method};
+    for (const double bad : kBadValues) {
+      const std::string what = std::string(trainscope::rank_method_name(method)) + " " + std::to_string(bad);
+      at::Tensor p = phi.clone();
+      p[3][4] = bad;
+      expect_undefined(trainscope::rank_measures(p, o), 0, what + " one matrix");
+      EXPECT_TRUE(std::isnan(value(trainscope::effective_rank(p, method)))) << what;
+      EXPECT_EQ(to_vector(trainscope::approximate_rank(p, 0.9, method))[0], -1) << what;
+      // A batch: only matrix 1 undefined.
+      const RankMeasures b = trainscope::rank_measures(at::stack({phi, p, phi * 2}), o);
+      expect_undefined(b, 1, what + " batch");
+      const RankMeasures one = trainscope::rank_measures(phi, o);
+      expect_same_results(entry(b, 0), one, 1e-10, what + " batch matrix 0");
+      expect_same_results(entry(b, 2), trainscope::rank_measures(phi * 2, o), 1e-10, what + " batch matrix 2");
+      // A list of different shapes, the bad matrix first (the widest) or last.
+      for (const bool bad_first : {true, false}) {
+        const std::vector<at::Tensor> list =
+            bad_first ? std::vector<at::Tensor>{p, narrow} : std::vector<at::Tensor>{narrow, p};
+        const RankMeasures l = trainscope::rank_measures(at::TensorList(list), o);
+        expect_undefined(l, bad_first ? 0 : 1, what + " list");
+        expect_same_results(entry(l, bad_first ? 1 : 0), trainscope::rank_measures(narrow, o), 1e-10, what + " list");
+        expect_matches(entry(l, bad_first ? 1 : 0), reference(narrow), dtype(), what + " list against the reference");
+      }
+    }
+  }
+  // Every entry NaN.
+  expect_undefined(trainscope::rank_measures(at::full({4, 3}, kNaN, options())), 0, "all NaN");
+}
+
+TEST_P(RankTest, NonFiniteGramIsUndefined) {
+  const at::Tensor x = with_spectrum(40, 9, spectrum(Spectrum::kGeometric, 9), 3);
+  const at::Tensor good = at::mm(x.t(), x).to(options().dtype(at::kDouble));
+  for (const double bad : kBadValues) {
+    for (const auto& [i, j] : std::vector<std::pair<int, int>>{{0, 0}, {5, 2}, {2, 5}}) {  // diagonal, lower, upper
+      at::Tensor g = good.clone();
+      g[i][j] = bad;
+      const RankMeasures r = trainscope::rank_measures_from_grams({good, g, at::zeros({3, 3}, good.options())});
+      const std::string what = "gram " + std::to_string(bad) + " at " + std::to_string(i) + "," + std::to_string(j);
+      expect_undefined(r, 1, what);
+      expect_same_results(entry(r, 0), entry(trainscope::rank_measures_from_grams({good}), 0), 1e-10, what);
+      EXPECT_EQ(to_vector(r.approximate_rank)[2], 0) << what;
+    }
+  }
+}
+
+// The streamed accumulator in each of its states: rows kept (fewer rows than units), ΦᵀΦ
+// accumulated, and every row kept (kSvd). A NaN in any batch leaves the measures undefined until
+// reset(); the accumulator itself never throws for it.
+TEST_P(RankTest, GramAccumulatorWithNonFiniteBatch) {
+  const at::Tensor phi = with_spectrum(60, 20, spectrum(Spectrum::kGeometric, 20), 44).to(options());
+  for (const RankMethod method : {RankMethod::kGram, RankMethod::kSvd}) {
+    for (const int64_t rows : {int64_t{8}, int64_t{60}}) {
+      for (const double bad : kBadValues) {
+        const std::string what = std::string(trainscope::rank_method_name(method)) + " rows " +
+                                 std::to_string(rows) + " " + std::to_string(bad);
+        GramAccumulator acc(method);
+        at::Tensor first = phi.narrow(0, 0, rows / 2).clone();
+        first[1][2] = bad;
+        acc.add(first);
+        acc.add(phi.narrow(0, rows / 2, rows - rows / 2));
+        EXPECT_EQ(acc.keeps_rows(), method == RankMethod::kSvd || rows < 20) << what;
+        expect_undefined(acc.measures(), 0, what);
+        acc.reset();
+        acc.add(phi.narrow(0, 0, rows));
+        const RankMeasures want = trainscope::rank_measures(phi.narrow(0, 0, rows), RankOptions{0.99, method});
+        expect_same_results(acc.measures(), want, 1e-9, what + " after reset");
+      }
     }
   }
 }
@@ -389,6 +468,53 @@ TEST(RankErrors, BadInputNamesTheArgument) {
   EXPECT_EQ(trainscope::parse_rank_method("SVD"), RankMethod::kSvd);
   EXPECT_EQ(trainscope::parse_rank_method("gram"), RankMethod::kGram);
   EXPECT_STREQ(trainscope::rank_method_name(RankMethod::kSvd), "svd");
+}
+
+// A LAPACK solve that does not converge (c10::LinAlgError) marks its matrix, never throws. No
+// finite matrix is known to make LAPACK fail, so a solver that fails on a marked matrix stands in
+// for it: the batched call fails, then each matrix is solved alone and only the marked one fails.
+TEST(RankCpuSolver, ALapackFailureMarksOnlyItsMatrix) {
+  at::Tensor batch = at::zeros({3, 4, 4}, kF64);
+  for (int64_t b = 0; b < 3; ++b) {
+    const at::Tensor x = at::randn({6, 4}, kF64);
+    batch[b].copy_(at::mm(x.t(), x));
+  }
+  batch[1][0][3] = 7.5;  // the mark (upper triangle: the solver reads the lower one)
+  int64_t calls = 0;
+  const auto fails_on_mark = [&](const at::Tensor& a) {
+    ++calls;
+    TORCH_CHECK_LINALG(!(a.select(-1, 3).select(-1, 0) == 7.5).any().item<bool>(), "did not converge");
+    return at::linalg_eigvalsh(a);
+  };
+  std::vector<uint8_t> failed;
+  const at::Tensor w = trainscope::detail::eigvalsh_cpu(batch, &failed, fails_on_mark);
+  EXPECT_EQ(failed, (std::vector<uint8_t>{0, 1, 0}));
+  EXPECT_EQ(calls, 4);  // the batch, then each matrix
+  const at::Tensor want = at::linalg_eigvalsh(batch);
+  EXPECT_TRUE(at::equal(w[0], want[0]));
+  EXPECT_TRUE(at::equal(w[2], want[2]));
+  EXPECT_TRUE(at::equal(w[1], at::zeros({4}, kF64)));
+  // Without a failure: one batched call, nothing marked, torch.linalg.eigvalsh's values.
+  failed.clear();
+  calls = 0;
+  batch[1][0][3] = 0.0;
+  const at::Tensor w2 = trainscope::detail::eigvalsh_cpu(batch, &failed, fails_on_mark);
+  EXPECT_EQ(failed, (std::vector<uint8_t>{0, 0, 0}));
+  EXPECT_EQ(calls, 1);
+  EXPECT_TRUE(at::equal(w2, at::linalg_eigvalsh(batch)));
+  // The default solver is torch.linalg.eigvalsh; other errors are not swallowed.
+  EXPECT_TRUE(at::equal(trainscope::detail::eigvalsh_cpu(batch, &failed), at::linalg_eigvalsh(batch)));
+  EXPECT_THROW(trainscope::detail::eigvalsh_cpu(batch, &failed, [](const at::Tensor&) -> at::Tensor {
+                 TORCH_CHECK(false, "some other error");
+                 return at::Tensor();
+               }),
+               c10::Error);
+  // unless_not_converged: the tensor, or an undefined one for a solve that did not converge.
+  EXPECT_TRUE(trainscope::detail::unless_not_converged([] { return at::ones({2}); }).defined());
+  EXPECT_FALSE(trainscope::detail::unless_not_converged([]() -> at::Tensor {
+                 TORCH_CHECK_LINALG(false, "did not converge");
+                 return at::Tensor();
+               }).defined());
 }
 
 TEST(RankErrors, MixedDevices) {

@@ -1,10 +1,11 @@
 // The torch-free CUDA launchers of cuda/rank.h against host references: the syrk Gram update
 // (both sides, overwrite and accumulate, a padded leading dimension), the eigensolve on both
 // routes against known spectra, gesvdj singular values, the rank kernel against the host
-// rank_values(), solver status turning results undefined, the batched eigensolve cut into calls
-// under cuSOLVER's element limit, the cuBLAS stream left alone when already set, which launchers
-// return before the device is done, and argument errors. Own cuBLAS and cuSOLVER handles; every
-// test skips without a GPU.
+// rank_values(), solver status and non-finite flags turning results undefined, NaN and Inf
+// matrices flagged and zeroed and then undefined through every solver, the batched eigensolve
+// cut into calls under cuSOLVER's element limit, the cuBLAS stream left alone when already set,
+// which launchers return before the device is done, and argument errors. Own cuBLAS and
+// cuSOLVER handles; every test skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <cublas_v2.h>
@@ -15,6 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -322,6 +324,13 @@ TEST_F(RankCudaTest, LaunchesDoNotWaitForTheStream) {
   };
   busy_then("gram_update (warm-up)", gram);
   EXPECT_TRUE(busy_then("gram_update", gram)) << "the Gram update waited for the stream";
+  DeviceMemory dflags;
+  ASSERT_CUDA_OK(dflags.allocate(sizeof(int)));
+  auto zero = [&] {
+    return tc::zero_nonfinite_launch(dgram.get<double>(), cols * cols, cols * cols, 1, dflags.get<int>(), stream_);
+  };
+  busy_then("zero_nonfinite (warm-up)", zero);
+  EXPECT_TRUE(busy_then("zero_nonfinite", zero)) << "the non-finite check waited for the stream";
 
   for (const int64_t n : {int64_t{16}, int64_t{40}}) {  // batched route, per-matrix syevd route
     std::vector<std::vector<double>> lambdas(2);
@@ -335,8 +344,8 @@ TEST_F(RankCudaTest, LaunchesDoNotWaitForTheStream) {
     auto solve = [&] { return launch_eig(L); };
     const tc::RankOut out{de.get<double>(), dr.get<int64_t>(), dab.get<int64_t>(), dst.get<double>()};
     auto ranks = [&] {
-      return tc::rank_from_eigenvalues_launch(L.w.get<double>(), n, 2, L.dims.data(), L.info.get<int>(), 0.99, out,
-                                              stream_);
+      return tc::rank_from_eigenvalues_launch(L.w.get<double>(), n, 2, L.dims.data(), L.info.get<int>(), nullptr,
+                                              0.99, out, stream_);
     };
     busy_then("eigvals (warm-up)", solve);
     busy_then("rank_from_eigenvalues (warm-up)", ranks);
@@ -397,24 +406,29 @@ TEST_F(RankCudaTest, RankKernelEqualsHostFunction) {
   }
   std::vector<int> info(static_cast<size_t>(batch), 0);
   info[17] = 3;  // a failed solve
-  DeviceMemory dw, dinfo, de, da, dab, dst;
+  std::vector<int> flags(static_cast<size_t>(batch), 0);
+  flags[23] = flags[290] = 1;  // non-finite input (290: in the second launch's group)
+  DeviceMemory dw, dinfo, dflags, de, da, dab, dst;
   upload(dw, w);
   upload(dinfo, info);
+  upload(dflags, flags);
   ASSERT_CUDA_OK(de.allocate(sizeof(double) * batch));
   ASSERT_CUDA_OK(da.allocate(sizeof(int64_t) * batch));
   ASSERT_CUDA_OK(dab.allocate(sizeof(int64_t) * batch));
   ASSERT_CUDA_OK(dst.allocate(sizeof(double) * batch));
   const tc::RankOut out{de.get<double>(), da.get<int64_t>(), dab.get<int64_t>(), dst.get<double>()};
   for (const double prop : {0.5, 0.99, 1.0}) {
-    ASSERT_RANK_OK(tc::rank_from_eigenvalues_launch(dw.get<double>(), n, batch, dims.data(), dinfo.get<int>(), prop, out, stream_));
+    ASSERT_RANK_OK(tc::rank_from_eigenvalues_launch(dw.get<double>(), n, batch, dims.data(), dinfo.get<int>(),
+                                                    dflags.get<int>(), prop, out, stream_));
     const auto e = download<double>(de, batch);
     const auto a = download<int64_t>(da, batch);
     const auto ab = download<int64_t>(dab, batch);
     const auto st = download<double>(dst, batch);
     Mismatches bad;
     for (int64_t b = 0; b < batch; ++b) {
-      const tc::RankValues want = b == 17 ? tc::undefined_rank_values()
-                                          : tc::rank_values_from_eigenvalues(w.data() + b * n, n, dims[b], prop);
+      const tc::RankValues want = b == 17 || flags[b] != 0
+                                      ? tc::undefined_rank_values()
+                                      : tc::rank_values_from_eigenvalues(w.data() + b * n, n, dims[b], prop);
       if (!close_enough(e[b], want.effective_rank, 1e-13)) bad.add(b, ": erank ", e[b], " want ", want.effective_rank);
       if (!close_enough(st[b], want.stable_rank, 1e-13)) bad.add(b, ": srank ", st[b], " want ", want.stable_rank);
       if (a[b] != want.approximate_rank) bad.add(b, ": arank ", a[b], " want ", want.approximate_rank);
@@ -428,16 +442,123 @@ TEST_F(RankCudaTest, RankKernelEqualsHostFunction) {
     for (int64_t i = 0; i < n; ++i) s[b * n + i] = std::sqrt(w[b * n + n - 1 - i]);
   DeviceMemory ds;
   upload(ds, s);
-  ASSERT_RANK_OK(tc::rank_from_singular_values_launch(ds.get<double>(), n, batch, nullptr, 0.9, out, stream_));
+  ASSERT_RANK_OK(tc::rank_from_singular_values_launch(ds.get<double>(), n, batch, nullptr, dflags.get<int>(), 0.9, out,
+                                                      stream_));
   const auto e = download<double>(de, batch);
   const auto a = download<int64_t>(da, batch);
   Mismatches bad;
   for (int64_t b = 0; b < batch; ++b) {
-    const tc::RankValues want = tc::rank_values_from_singular_values(s.data() + b * n, n, 0.9);
+    const tc::RankValues want = flags[b] != 0 ? tc::undefined_rank_values()
+                                              : tc::rank_values_from_singular_values(s.data() + b * n, n, 0.9);
     if (!close_enough(e[b], want.effective_rank, 1e-13)) bad.add(b, ": erank ", e[b], " want ", want.effective_rank);
     if (a[b] != want.approximate_rank) bad.add(b, ": arank ", a[b], " want ", want.approximate_rank);
   }
   bad.expect_none("singular values");
+  // Without flags (null) nothing is undefined but what the values make so.
+  ASSERT_RANK_OK(tc::rank_from_singular_values_launch(ds.get<double>(), n, batch, nullptr, nullptr, 0.9, out, stream_));
+  EXPECT_EQ(download<int64_t>(da, batch)[23],
+            tc::rank_values_from_singular_values(s.data() + 23 * n, n, 0.9).approximate_rank);
+}
+
+// Matrices of a batch with a gap between them (stride > count): those holding NaN or ±Inf are
+// flagged and zeroed, the others and the gaps left alone; a matrix longer than a block's threads
+// many times over with its only NaN in the last entry; flags are overwritten (poisoned first).
+TEST_F(RankCudaTest, ZeroNonfiniteFlagsAndZeroesOnlyTheBadMatrices) {
+  for (const int64_t count : {int64_t{7}, int64_t{70001}}) {
+    const int64_t stride = count + 3, batch = 5;
+    std::vector<double> a = random_matrix(batch, stride, 31);
+    a[1 * stride + count - 1] = kNaN;                                 // last entry
+    a[3 * stride + 0] = std::numeric_limits<double>::infinity();      // first entry
+    a[4 * stride + count / 2] = -std::numeric_limits<double>::infinity();
+    a[0 * stride + count] = kNaN;                                     // in the gap: not read
+    DeviceMemory da, dflags;
+    upload(da, a);
+    upload(dflags, std::vector<int>(static_cast<size_t>(batch), 0x7f7f7f7f));
+    ASSERT_RANK_OK(tc::zero_nonfinite_launch(da.get<double>(), count, stride, batch, dflags.get<int>(), stream_));
+    const std::vector<double> got = download<double>(da, a.size());
+    const std::vector<int> flags = download<int>(dflags, static_cast<size_t>(batch));
+    EXPECT_EQ(flags, (std::vector<int>{0, 1, 0, 1, 1})) << "count " << count;
+    Mismatches bad;
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < stride; ++i) {
+        const size_t at = static_cast<size_t>(b * stride + i);
+        const bool zeroed = flags[b] == 1 && i < count;
+        const double want = zeroed ? 0.0 : a[at];
+        if (!(got[at] == want || (std::isnan(got[at]) && std::isnan(want)))) {
+          bad.add(b, ",", i, ": ", got[at], " want ", want);
+        }
+      }
+    }
+    bad.expect_none("count " + std::to_string(count));
+  }
+  ASSERT_RANK_OK(tc::zero_nonfinite_launch(nullptr, 0, 0, 0, nullptr, stream_));  // an empty batch
+  EXPECT_EQ(tc::zero_nonfinite_launch(nullptr, 4, 4, 1, nullptr, stream_).kind, tc::RankStatus::kInvalidValue);
+}
+
+// The whole device route for a batch with a NaN matrix and an Inf one: zero_nonfinite_launch, the
+// eigensolve (both routes) or gesvdj, the rank kernel. The bad matrices read undefined, the others
+// their spectra's measures, and every solve converged (it saw zeros, not NaN).
+TEST_F(RankCudaTest, NonfiniteMatricesAreUndefinedThroughTheSolvers) {
+  for (const int64_t n : {int64_t{12}, int64_t{40}}) {
+    std::vector<std::vector<double>> lambdas(4);
+    for (int b = 0; b < 4; ++b) {
+      for (int64_t i = 0; i < (b == 3 ? 5 : n); ++i) {
+        lambdas[b].push_back(std::pow(10.0, -0.1 * static_cast<double>(i)) * (b + 1));
+      }
+    }
+    std::vector<double> a = padded_symmetric(lambdas, n, 80);
+    a[1 * n * n + 2 * n + 3] = kNaN;
+    a[2 * n * n + 0] = std::numeric_limits<double>::infinity();
+    for (const tc::EigRoute route : {tc::EigRoute::kBatched, tc::EigRoute::kPerMatrix}) {
+      EigLaunch L;
+      ASSERT_NO_FATAL_FAILURE(prepare_eig(a, n, dims_of(lambdas), route, 0, &L));
+      DeviceMemory dflags, de, dr, dab, dst;
+      ASSERT_CUDA_OK(dflags.allocate(sizeof(int) * 4));
+      for (DeviceMemory* m : {&de, &dr, &dab, &dst}) ASSERT_CUDA_OK(m->allocate(sizeof(double) * 4));
+      const tc::RankOut out{de.get<double>(), dr.get<int64_t>(), dab.get<int64_t>(), dst.get<double>()};
+      ASSERT_RANK_OK(tc::zero_nonfinite_launch(L.args.a, n * n, n * n, 4, dflags.get<int>(), stream_));
+      ASSERT_RANK_OK(launch_eig(L));
+      ASSERT_RANK_OK(tc::rank_from_eigenvalues_launch(L.w.get<double>(), n, 4, L.dims.data(), L.info.get<int>(),
+                                                      dflags.get<int>(), 0.99, out, stream_));
+      const std::string what = "n = " + std::to_string(n) + " route " + std::to_string(static_cast<int>(route));
+      EXPECT_EQ(download<int>(L.info, 4), std::vector<int>(4, 0)) << what;
+      EXPECT_EQ(download<int>(dflags, 4), (std::vector<int>{0, 1, 1, 0})) << what;
+      const auto e = download<double>(de, 4);
+      const auto r = download<int64_t>(dr, 4);
+      const auto ab = download<int64_t>(dab, 4);
+      const auto st = download<double>(dst, 4);
+      for (int b = 0; b < 4; ++b) {
+        std::vector<double> sigma;
+        for (auto it = lambdas[b].rbegin(); it != lambdas[b].rend(); ++it) sigma.push_back(std::sqrt(*it));
+        const int64_t k = static_cast<int64_t>(sigma.size());
+        const tc::RankValues want = b == 1 || b == 2 ? tc::undefined_rank_values()
+                                                     : tc::rank_values_from_singular_values(sigma.data(), k, 0.99);
+        EXPECT_TRUE(close_enough(e[b], want.effective_rank, 1e-10)) << what << " matrix " << b << ": " << e[b];
+        EXPECT_TRUE(close_enough(st[b], want.stable_rank, 1e-10)) << what << " matrix " << b << ": " << st[b];
+        EXPECT_EQ(r[b], want.approximate_rank) << what << " matrix " << b;
+        EXPECT_EQ(ab[b], want.abs_approximate_rank) << what << " matrix " << b;
+      }
+    }
+  }
+  // gesvdj on a NaN matrix: zeroed first, so it converges on zeros and the flag decides.
+  std::vector<double> m = random_matrix(30, 8, 41);
+  m[17] = kNaN;
+  SvdLaunch S;
+  ASSERT_NO_FATAL_FAILURE(prepare_svd(m, 30, 8, &S));
+  DeviceMemory dflag, de, dr, dab, dst;
+  ASSERT_CUDA_OK(dflag.allocate(sizeof(int)));
+  for (DeviceMemory* d : {&de, &dr, &dab, &dst}) ASSERT_CUDA_OK(d->allocate(sizeof(double)));
+  const tc::RankOut out{de.get<double>(), dr.get<int64_t>(), dab.get<int64_t>(), dst.get<double>()};
+  ASSERT_RANK_OK(tc::zero_nonfinite_launch(S.args.a, 30 * 8, 30 * 8, 1, dflag.get<int>(), stream_));
+  ASSERT_RANK_OK(launch_svd(S));
+  ASSERT_RANK_OK(
+      tc::rank_from_singular_values_launch(S.args.s, 8, 1, S.args.info, dflag.get<int>(), 0.99, out, stream_));
+  EXPECT_EQ(download<int>(S.info, 1)[0], 0);
+  EXPECT_EQ(download<int>(dflag, 1)[0], 1);
+  EXPECT_TRUE(std::isnan(download<double>(de, 1)[0]));
+  EXPECT_EQ(download<int64_t>(dr, 1)[0], -1);
+  EXPECT_EQ(download<int64_t>(dab, 1)[0], -1);
+  EXPECT_TRUE(std::isnan(download<double>(dst, 1)[0]));
 }
 
 TEST_F(RankCudaTest, InvalidArguments) {

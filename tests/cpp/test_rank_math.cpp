@@ -1,6 +1,7 @@
 // The torch-free rank-value function of cuda/rank.h on spectra whose measures are worked out by
 // hand here (SPEC.md §3): flat, one nonzero, two values, zeros, prop at its edges, bad values;
-// the ascending-eigenvalue accessor against descending σ, zero padding, and the eigenvalue floor.
+// non-finite matrices flagged and zeroed; the ascending-eigenvalue accessor against descending σ,
+// zero padding, and the eigenvalue floor.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -137,6 +138,36 @@ TEST(RankMath, BadValuesAreUndefined) {
   }
   const RankValues big = of({1e200, 1e200});  // Σσ² overflows
   EXPECT_TRUE(std::isnan(big.effective_rank));
+}
+
+// A matrix holding NaN or ±Inf is flagged and zeroed before the solve (the host side of
+// zero_nonfinite_launch); a finite one is left alone, the largest finite values and signed zeros
+// included.
+TEST(RankMath, NonfiniteMatricesAreFlaggedAndZeroed) {
+  using trainscope::cuda::all_finite;
+  using trainscope::cuda::zero_if_nonfinite;
+  constexpr double kMax = std::numeric_limits<double>::max();
+  constexpr double kTiny = std::numeric_limits<double>::denorm_min();
+  std::vector<double> finite = {1.0, -kMax, kMax, kTiny, -0.0, 0.0};
+  const std::vector<double> copy = finite;
+  EXPECT_TRUE(all_finite(finite.data(), 6));
+  EXPECT_FALSE(zero_if_nonfinite(finite.data(), 6));
+  EXPECT_EQ(finite, copy);
+  EXPECT_TRUE(all_finite(nullptr, 0));
+  for (const double bad : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(),
+                           -std::numeric_limits<double>::infinity()}) {
+    for (size_t at : {size_t{0}, size_t{3}, size_t{5}}) {  // first, middle, last
+      std::vector<double> m = copy;
+      m[at] = bad;
+      EXPECT_FALSE(all_finite(m.data(), 6)) << bad << " at " << at;
+      EXPECT_TRUE(zero_if_nonfinite(m.data(), 6)) << bad << " at " << at;
+      EXPECT_EQ(m, std::vector<double>(6, 0.0)) << bad << " at " << at;
+    }
+  }
+  // Only the first `count` entries are read.
+  std::vector<double> tail = {1.0, 2.0, std::numeric_limits<double>::quiet_NaN()};
+  EXPECT_FALSE(zero_if_nonfinite(tail.data(), 2));
+  EXPECT_EQ(tail[0], 1.0);
 }
 
 TEST(RankMath, StridedAccessor) {

@@ -164,6 +164,120 @@ def test_results_have_no_grad_fn(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Numerical trouble is a value (SPEC.md §5): a matrix holding NaN or ±Inf gets NaN effective and
+# stable rank and -1 for both approximate ranks; the other matrices of a batch or list are exact.
+
+BAD_VALUES = [float("nan"), float("inf"), float("-inf")]
+METHODS = ["gram", "svd"]
+
+
+def assert_undefined(r: RankMeasures, i=None, what=""):
+    pick = (lambda t: t) if i is None else (lambda t: t[i])
+    assert math.isnan(float(pick(r.effective_rank))), f"{what} effective_rank {pick(r.effective_rank)}"
+    assert math.isnan(float(pick(r.stable_rank))), f"{what} stable_rank {pick(r.stable_rank)}"
+    assert int(pick(r.approximate_rank)) == -1, f"{what} approximate_rank {pick(r.approximate_rank)}"
+    assert int(pick(r.abs_approximate_rank)) == -1, f"{what} abs_approximate_rank {pick(r.abs_approximate_rank)}"
+
+
+def assert_same_measures(a: RankMeasures, b: RankMeasures, what=""):
+    """The same measures: float ones to rounding (a padded solve against a solve of its own), the
+    integer ones exactly."""
+    for name in ("effective_rank", "stable_rank"):
+        torch.testing.assert_close(getattr(a, name).reshape(-1), getattr(b, name).reshape(-1), rtol=1e-10, atol=0,
+                                   msg=lambda m: f"{what} {name}: {m}")
+    for name in ("approximate_rank", "abs_approximate_rank"):
+        assert torch.equal(getattr(a, name).reshape(-1), getattr(b, name).reshape(-1)), (what, name)
+
+
+def poisoned(x: torch.Tensor, bad: float, where=(3, 4)) -> torch.Tensor:
+    x = x.clone()
+    x[where] = bad
+    return x
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", BAD_VALUES)
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_nonfinite_matrix_is_undefined(device, dt, bad, method):
+    for n, m in SHAPES:
+        phi = torch.from_numpy(with_spectrum(n, m, spectrum("geometric", min(n, m)), n + m)).to(device, dt)
+        r = rank_measures(poisoned(phi, bad), method=method)
+        assert r.effective_rank.shape == () and r.effective_rank.device == phi.device
+        assert_undefined(r, what=f"{n}x{m} {bad} {method}")
+    # every single-measure function, and a matrix that is NaN throughout
+    nan = torch.full((6, 4), float("nan"), device=device, dtype=dt)
+    assert math.isnan(float(effective_rank(nan, method=method)))
+    assert int(approximate_rank(nan, method=method)) == -1
+    assert int(abs_approximate_rank(nan, method=method)) == -1
+    assert math.isnan(float(stable_rank(nan, method=method)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", BAD_VALUES)
+def test_only_the_nonfinite_matrices_of_a_batch_or_list_are_undefined(device, bad, method):
+    mats = [torch.from_numpy(with_spectrum(30, 20, spectrum(k, 20), i)).to(device, torch.float32)
+            for i, k in enumerate(("geometric", "flat", "deficient", "zero"))]
+    batch = torch.stack(mats)
+    batch[1, 5, 7] = bad
+    b = rank_measures(batch, method=method)
+    assert_undefined(b, 1, f"batch {bad} {method}")
+    for i in (0, 2, 3):
+        assert_same_measures(RankMeasures(*(t[i] for t in (b.effective_rank, b.approximate_rank,
+                                                           b.abs_approximate_rank, b.stable_rank))),
+                             rank_measures(mats[i], method=method), f"batch matrix {i}")
+    # A list of different shapes: the widest matrix bad (it sets the padded size), then a narrow one.
+    shapes_list = [torch.from_numpy(with_spectrum(40, 12, spectrum("geometric", 12), 5)).to(device, torch.float64),
+                   torch.from_numpy(with_spectrum(10, 70, spectrum("flat", 10), 6)).to(device, torch.float32),
+                   torch.from_numpy(with_spectrum(25, 25, spectrum("deficient", 25), 7)).to(device, torch.float32),
+                   torch.zeros(0, 9, device=device)]
+    for bad_index in (2, 0):
+        lst = list(shapes_list)
+        lst[bad_index] = poisoned(lst[bad_index], bad)
+        r = rank_measures(lst, method=method)
+        assert_undefined(r, bad_index, f"list {bad} {method}")
+        for i, m in enumerate(lst):
+            if i != bad_index:
+                one = rank_measures(m, method=method)
+                assert_same_measures(RankMeasures(r.effective_rank[i], r.approximate_rank[i],
+                                                  r.abs_approximate_rank[i], r.stable_rank[i]), one, f"list {i}")
+                if m.numel():
+                    check(one, reference(as_numpy(m)), m.dtype, f"list matrix {i}")
+
+
+@pytest.mark.parametrize("bad", BAD_VALUES)
+def test_nonfinite_gram_is_undefined(device, bad):
+    x = torch.from_numpy(with_spectrum(60, 8, spectrum("geometric", 8), 8)).to(device)
+    good = x.T @ x
+    for where in ((0, 0), (5, 2), (2, 5)):  # diagonal, lower and upper triangle
+        g = poisoned(good, bad, where)
+        r = rank_measures_from_grams([g])
+        assert_undefined(r, 0, f"gram {bad} at {where}")
+    full = torch.full((5, 5), bad, dtype=torch.float64, device=device)
+    r = rank_measures_from_grams([good, full, torch.zeros(3, 3, dtype=torch.float64, device=device)])
+    assert_undefined(r, 1, "gram")
+    one = rank_measures_from_grams([good])
+    assert_same_measures(RankMeasures(*(t[:1] for t in (r.effective_rank, r.approximate_rank,
+                                                         r.abs_approximate_rank, r.stable_rank))), one, "good gram")
+    assert float(r.effective_rank[2]) == 0.0 and int(r.approximate_rank[2]) == 0
+
+
+def test_nonfinite_singular_values_are_undefined(device):
+    s = torch.tensor([[3.0, 2.0, 1.0], [float("nan"), 1.0, 0.5], [float("inf"), 1.0, 0.0]], dtype=torch.float64,
+                     device=device)
+    r = rank_measures_from_singular_values(s)
+    for i in (1, 2):
+        assert_undefined(r, i, f"sigma row {i}")
+    assert int(r.approximate_rank[0]) == 3
+
+
+def test_overflowing_gram_is_undefined(device):
+    """A finite float64 matrix whose Gram matrix overflows: numerical trouble, not an error."""
+    x = torch.full((8, 5), 1e200, dtype=torch.float64, device=device)
+    for method in METHODS:
+        assert_undefined(rank_measures(x, method=method), what=method)
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.library.opcheck and torch.compile
 
 def sample_inputs(device):
@@ -256,3 +370,73 @@ def test_cuda_no_host_sync():
             rank_measures(x, method=method)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+def test_cuda_nonfinite_input_no_host_sync():
+    """A NaN or Inf matrix turns undefined on the device: no host synchronisation on either route
+    (the Gram route both below and above the batched eigensolve's size), nor from a NaN Gram."""
+    x = torch.from_numpy(with_spectrum(120, 50, spectrum("geometric", 50), 4)).to("cuda", torch.float32)
+    bad = poisoned(x, float("nan"))
+    inf = poisoned(x[:, :20], float("inf"))
+    g = (x.T @ x).double()
+    for method in METHODS:  # warm up handles and workspaces first
+        rank_measures([x, x[:, :20]], method=method)
+        rank_measures(x[:, :20], method=method)
+    rank_measures_from_grams([g, g[:20, :20]])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = []
+        for method in METHODS:
+            results.append((rank_measures([bad, x[:, :20]], method=method), 0))
+            results.append((rank_measures([x, inf], method=method), 1))
+            results.append((rank_measures(inf, method=method), None))
+        results.append((rank_measures_from_grams([poisoned(g, float("nan")), g[:20, :20]]), 0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for r, i in results:
+        assert_undefined(r, i, "cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("op", ["rank_measures", "rank_measures_from_grams"])
+def test_cuda_graph_replay_of_nonfinite_input(op):
+    """Captured once on finite input, replayed on input poisoned with NaN and Inf: the poisoned
+    matrices read NaN/-1 and the others what an eager call gives (the Gram route's batched
+    eigensolve, the one documented as capturable)."""
+    gen = torch.Generator().manual_seed(11)
+
+    def fresh():
+        mats = [torch.randn(40, 12, generator=gen, dtype=torch.float64),
+                torch.randn(9, 20, generator=gen, dtype=torch.float64)]
+        return mats if op == "rank_measures" else [m.T @ m for m in mats]
+
+    def call(inputs):
+        r = rank_measures(inputs, prop=0.9) if op == "rank_measures" else rank_measures_from_grams(inputs, prop=0.9)
+        return [r.effective_rank, r.approximate_rank, r.abs_approximate_rank, r.stable_rank]
+
+    static = [m.to("cuda") for m in fresh()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(static)
+    for poison in ([float("nan"), None], [None, float("inf")], [None, None]):
+        for s, new, p in zip(static, fresh(), poison):
+            s.copy_(new if p is None else poisoned(new, p, (1, 2)))
+        graph.replay()
+        got = RankMeasures(*(t.clone() for t in out))
+        want = RankMeasures(*call(static))
+        torch.cuda.synchronize()
+        for i, p in enumerate(poison):
+            if p is not None:
+                assert_undefined(got, i, f"replay {poison}")
+            else:  # the same kernels on the same input: the same bits
+                assert float(got.effective_rank[i]) == float(want.effective_rank[i]), f"replay {poison}"
+                assert float(got.stable_rank[i]) == float(want.stable_rank[i]), f"replay {poison}"
+                assert int(got.approximate_rank[i]) == int(want.approximate_rank[i]), f"replay {poison}"
+                assert int(got.abs_approximate_rank[i]) == int(want.abs_approximate_rank[i]), f"replay {poison}"
