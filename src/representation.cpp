@@ -46,12 +46,16 @@ std::map<std::string, at::Tensor> RepresentationMetrics::summary() const {
   const at::Tensor share = total_units > 0 ? dead_total.to(at::kDouble) / static_cast<double>(total_units)
                                            : at::full({}, std::numeric_limits<double>::quiet_NaN(),
                                                       dead_units.options().dtype(at::kDouble));
+  // An undefined layer (−1) makes the mean of an approximate rank NaN, as it does the float ones.
+  const auto mean_rank = [](const at::Tensor& r) {
+    return r.to(at::kDouble).masked_fill(r < 0, std::numeric_limits<double>::quiet_NaN()).mean();
+  };
   return {
       {"dead_units", dead_total},
       {"dead_fraction", share},
       {"effective_rank", rank.effective_rank.mean()},
-      {"approximate_rank", rank.approximate_rank.to(at::kDouble).mean()},
-      {"abs_approximate_rank", rank.abs_approximate_rank.to(at::kDouble).mean()},
+      {"approximate_rank", mean_rank(rank.approximate_rank)},
+      {"abs_approximate_rank", mean_rank(rank.abs_approximate_rank)},
       {"stable_rank", rank.stable_rank.mean()},
   };
 }

@@ -19,6 +19,10 @@
 // active counts (dead_units.h) and a Gram matrix (rank.h) per layer on the device; one batched
 // eigensolve across layers finishes it.
 //
+// A diverged model is measured, never an error: a layer whose activations hold NaN or ±Inf gets
+// NaN effective and stable rank and −1 approximate ranks (rank.h), and its dead units follow
+// IEEE comparisons (a NaN is active for ReLU, NaN ≠ 0, and inactive for tanh and sigmoid).
+//
 // Across the ranks of a torch.distributed job (each rank streaming its own part of the probe
 // set), RepresentationAccumulator::result(group) sums what adds up — per-unit active counts,
 // observation counts and ΦᵀΦ — over the ranks before the eigensolve, so the metrics are those of
@@ -65,7 +69,8 @@ struct RepresentationMetrics {
   std::map<std::string, at::Tensor> per_layer() const;
   // Averaged over layers, 0-d tensors: dead_units is the total over layers, dead_fraction the
   // total over the total number of units (the share of the network's units that are dead), and
-  // each rank measure the mean over layers (float64, also for the two integer ranks).
+  // each rank measure the mean over layers (float64, also for the two integer ranks; NaN when a
+  // layer's measure is undefined: NaN, or −1 for an approximate rank).
   std::map<std::string, at::Tensor> summary() const;
 };
 

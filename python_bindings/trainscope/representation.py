@@ -14,6 +14,11 @@ the C++ accumulator (``torch.classes.trainscope.RepresentationAccumulator``): pe
 and a Gram matrix per layer stay on the device, and one batched eigensolve across layers finishes
 the run. Every result is a tensor on the model's device; nothing here waits for the GPU.
 
+A diverged model (NaN or infinite weights or activations) is measured, never an error: a layer
+whose activations hold NaN or ±Inf gets NaN effective and stable rank and -1 approximate ranks
+(averages over layers: NaN), and its dead units follow IEEE comparisons (a NaN is active for
+ReLU, NaN != 0, and inactive for tanh and sigmoid).
+
 Under torch.distributed (by default the default process group when it is initialised;
 ``process_group=`` another group, or :data:`trainscope.distributed.THIS_PROCESS` for this rank
 alone) the probe set is spread over the ranks and the results are those of the whole set:

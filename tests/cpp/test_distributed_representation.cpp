@@ -2,16 +2,19 @@
 // RankGroup), the ranks run as threads over an in-memory all-reduce (tests/cpp/thread_ranks.h):
 // dead units, active fractions, observation counts and the four rank measures equal result() of
 // one accumulator on the whole probe set — ranks with fewer rows than units (rows kept) and more
-// (ΦᵀΦ accumulated), a convolution's channels, a zero-row batch, the SVD method — in ONE
-// all-reduce; a group of one gives result() itself; a rank without a batch raises a c10::Error
-// saying so before the collective. On CPU, and on CUDA when a GPU is present (skipped otherwise).
+// (ΦᵀΦ accumulated), a convolution's channels, a zero-row batch, the SVD method, a NaN on one
+// rank (NaN and −1 on every rank) — in ONE all-reduce; a group of one gives result() itself; a
+// rank without a batch raises a c10::Error saying so before the collective. On CPU, and on CUDA
+// when a GPU is present (skipped otherwise).
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -147,6 +150,44 @@ TEST_P(RepresentationAcrossRanksTest, SvdMethodCombinesThroughTheGram) {
     EXPECT_EQ(to_vector(got.dead_units), to_vector(want.dead_units));
     for (int64_t i = 0; i < 3; ++i) {
       EXPECT_CLOSE(value(got.rank.effective_rank[i]), value(want.rank.effective_rank[i]), 1e-6) << i;
+    }
+  }
+}
+
+// A NaN in one rank's part: the summed ΦᵀΦ of its layers is NaN, so every rank reads NaN and −1
+// for them (as one process on the whole set does), the other layers exact; no rank throws.
+TEST_P(RepresentationAcrossRanksTest, NonFiniteOnOneRankIsUndefinedOnEveryRank) {
+  const Net net(opts());
+  at::Tensor x = at::randn({40, 10}, opts());
+  // The last example (the last rank's): NaN in the tanh layer only (w2 reads relu(x w1) only).
+  const auto nan_in_tanh = [&](const at::Tensor& batch) {
+    std::vector<at::Tensor> h = net(batch);
+    if (batch.size(0) > 0 && at::equal(batch[-1], x[-1])) h[1][-1][4] = std::numeric_limits<double>::quiet_NaN();
+    return h;
+  };
+  RepresentationAccumulator one(kNames, options());
+  one.add(nan_in_tanh(x));
+  const RepresentationMetrics want = one.result();
+  EXPECT_EQ(to_vector(want.rank.approximate_rank)[1], -1);
+  for (int64_t world : {2, 3}) {
+    const std::vector<at::Tensor> parts = x.tensor_split(world);
+    const std::vector<RepresentationMetrics> got =
+        collect_ranks<RepresentationMetrics>(world, [&](int64_t rank, const RankGroup& group) {
+          RepresentationAccumulator acc(kNames, options());
+          acc.add(nan_in_tanh(parts[rank]));
+          return acc.result(group);
+        });
+    for (const RepresentationMetrics& m : got) {
+      SCOPED_TRACE("W = " + std::to_string(world));
+      EXPECT_EQ(to_vector(m.dead_units), to_vector(want.dead_units));
+      EXPECT_TRUE(std::isnan(value(m.rank.effective_rank[1])));
+      EXPECT_TRUE(std::isnan(value(m.rank.stable_rank[1])));
+      EXPECT_EQ(to_vector(m.rank.approximate_rank)[1], -1);
+      EXPECT_EQ(to_vector(m.rank.abs_approximate_rank)[1], -1);
+      for (int64_t i : {0, 2}) {
+        EXPECT_CLOSE(value(m.rank.effective_rank[i]), value(want.rank.effective_rank[i]), 1e-7) << "layer " << i;
+        EXPECT_EQ(to_vector(m.rank.approximate_rank)[i], to_vector(want.rank.approximate_rank)[i]) << "layer " << i;
+      }
     }
   }
 }

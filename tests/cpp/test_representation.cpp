@@ -1,10 +1,13 @@
 // The representation probe of the LibTorch API: probe_representations and
 // RepresentationAccumulator equal the single-layer functions (dead_units.h, rank.h) on the same
-// activations, streaming equals one batch, and bad input names the argument.
+// activations, streaming equals one batch, NaN activations give NaN and −1 rank measures and
+// IEEE dead units without an error, and bad input names the argument.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -105,6 +108,48 @@ TEST_P(RepresentationTest, SvdMethodAgreesWithGram) {
   o.rank.method = trainscope::RankMethod::kSvd;
   const auto svd = trainscope::probe_representations(net, x, 9, {"a", "b"}, o);
   EXPECT_TRUE(at::allclose(as_double_cpu(gram.rank.effective_rank), as_double_cpu(svd.rank.effective_rank), 1e-6, 0.0));
+}
+
+// A diverged network (a NaN weight after the first layer): the probe returns its metrics, never
+// an error. The first layer is measured as before; the second (tanh, NaN throughout) has NaN and
+// −1 rank measures and every unit dead (NaN is not within 1 − ε); a ReLU of NaN is active (NaN ≠
+// 0). The averages over layers are NaN for every rank measure, never a mean over −1.
+TEST_P(RepresentationTest, NonFiniteActivationsGiveUndefinedRanksAndIeeeDeadUnits) {
+  TinyNet net(opts());
+  net.w2[0].fill_(std::numeric_limits<double>::quiet_NaN());  // every tanh unit reads a NaN
+  const auto relu_of_nan = [&](const at::Tensor& x) {
+    std::vector<at::Tensor> h = net(x);
+    h.push_back(at::relu(h[1]));  // NaN throughout, as a ReLU layer after the NaN
+    return h;
+  };
+  trainscope::RepresentationOptions o = relu_tanh();
+  o.kinds.push_back(trainscope::ActivationKind::kReLU);
+  const at::Tensor x = at::randn({90, 10}, opts());
+  for (const trainscope::RankMethod method : {trainscope::RankMethod::kGram, trainscope::RankMethod::kSvd}) {
+    o.rank.method = method;
+    const std::string what = trainscope::rank_method_name(method);
+    const trainscope::RepresentationMetrics m =
+        trainscope::probe_representations(relu_of_nan, x, 20, {"a", "b", "c"}, o);
+    const std::vector<at::Tensor> acts = relu_of_nan(x);
+    ASSERT_TRUE(at::isnan(acts[1]).all().item<bool>());
+    const trainscope::RankMeasures r = trainscope::rank_measures(acts[0], trainscope::RankOptions{0.99, method});
+    EXPECT_CLOSE(value(m.rank.effective_rank[0]), value(r.effective_rank), 1e-9) << what;
+    EXPECT_EQ(to_vector(m.rank.approximate_rank)[0], to_vector(r.approximate_rank)[0]) << what;
+    for (int64_t i : {1, 2}) {
+      EXPECT_TRUE(std::isnan(value(m.rank.effective_rank[i]))) << what << " layer " << i;
+      EXPECT_TRUE(std::isnan(value(m.rank.stable_rank[i]))) << what << " layer " << i;
+      EXPECT_EQ(to_vector(m.rank.approximate_rank)[i], -1) << what << " layer " << i;
+      EXPECT_EQ(to_vector(m.rank.abs_approximate_rank)[i], -1) << what << " layer " << i;
+    }
+    const int64_t dead_a = to_vector(trainscope::dead_units(acts[0]).count)[0];
+    EXPECT_EQ(to_vector(m.dead_units), (std::vector<int64_t>{dead_a, 12, 0})) << what;
+    EXPECT_TRUE(at::equal(as_double_cpu(m.active_fraction[2]), at::ones({12}, at::kDouble))) << what;
+    const auto s = m.summary();
+    for (const char* name : {"effective_rank", "approximate_rank", "abs_approximate_rank", "stable_rank"}) {
+      EXPECT_TRUE(std::isnan(value(s.at(name)))) << what << " summary " << name;
+    }
+    EXPECT_EQ(to_vector(s.at("dead_units"))[0], to_vector(m.dead_units.sum())[0]) << what;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, RepresentationTest, ::testing::Values(false, true),

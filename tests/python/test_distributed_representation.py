@@ -1,8 +1,9 @@
 """Representation metrics across ranks (gloo on CPU, 2 and 3 processes): RepresentationProbe on a
 probe tensor cut over the ranks, and on per-rank iterables of uneven lengths, plain and under DDP,
 gives the dead units, active fractions and rank measures of one process on the whole probe set
-(also when a rank gets no examples at all); RepresentationAccumulator raises the same clear error
-on every rank when a rank added nothing or measured other layers. One spawn per world size."""
+(also when a rank gets no examples at all, and NaN and -1 on every rank when one rank's part holds
+a NaN); RepresentationAccumulator raises the same clear error on every rank when a rank added
+nothing or measured other layers. One spawn per world size."""
 
 import pytest
 import torch
@@ -27,6 +28,13 @@ def _model():
 def _probe_set():
     g = torch.Generator().manual_seed(9)
     return torch.randn(N, 2, 5, 5, generator=g, dtype=torch.float64)
+
+
+def _nan_probe_set():
+    """The probe set with a NaN in its last example, which only the last rank streams."""
+    x = _probe_set()
+    x[-1, 0, 0, 0] = float("nan")
+    return x
 
 
 def _as_dict(r: trainscope.RepresentationResult):
@@ -59,6 +67,7 @@ def _ranks(rank, world_size):
     out["ddp"] = _as_dict(trainscope.RepresentationProbe(DDP(_model()), (_probe_set(), None), batch_size=BATCH)())
     out["this_process"] = _as_dict(trainscope.RepresentationProbe(
         _model(), _probe_set(), batch_size=BATCH, process_group=tsd.THIS_PROCESS)())
+    out["nan"] = _as_dict(trainscope.RepresentationProbe(_model(), _nan_probe_set(), batch_size=BATCH)())
 
     errors = {}
     acc = trainscope.RepresentationAccumulator(["a"])
@@ -100,6 +109,7 @@ def test_representation_across_ranks_equal_the_whole_probe_set(world_size):
     assert int(want["per_layer"]["dead_units"][1]) >= 4
     tiny = _as_dict(trainscope.RepresentationProbe(_model(), x[:2], batch_size=BATCH)())
     svd = _as_dict(trainscope.RepresentationProbe(_model(), x, batch_size=BATCH, method="svd")())
+    nan_want = _as_dict(trainscope.RepresentationProbe(_model(), _nan_probe_set(), batch_size=BATCH)())
     for rank, res in enumerate(results):
         for key in ("tensor", "loader", "ddp"):
             _assert_same(res[key], want)
@@ -110,6 +120,11 @@ def test_representation_across_ranks_equal_the_whole_probe_set(world_size):
         for layer, measures in want["weights"].items():
             for a, b in zip(res["tensor"]["weights"][layer], measures):
                 torch.testing.assert_close(a, b)
+        # A NaN on one rank makes the summed Gram matrices NaN: the rank measures are undefined on
+        # every rank (NaN and -1), the dead units are counted as one process counts them.
+        _assert_same(res["nan"], nan_want)
+        assert res["nan"]["per_layer"]["approximate_rank"].tolist() == [-1, -1, -1]
+        assert torch.isnan(res["nan"]["per_layer"]["effective_rank"]).all()
         # THIS_PROCESS: the whole probe set on this rank alone, no splitting.
         _assert_same(res["this_process"], want)
         assert res["tensor"]["observations"] == {"1": N * 3 * 3, "4": N, "6": N}

@@ -256,6 +256,144 @@ def test_probe_argument_errors():
         trainscope.RepresentationProbe(model, torch.randn(0, 12))()
 
 
+# ---------------------------------------------------------------------------------------------
+# Numerical trouble is a value (SPEC.md §5): a diverged model still gets its result.
+
+RANKS = ("effective_rank", "approximate_rank", "abs_approximate_rank", "stable_rank")
+
+
+def _assert_layer_undefined(per_layer, i, what=""):
+    assert torch.isnan(per_layer["effective_rank"][i]) and torch.isnan(per_layer["stable_rank"][i]), what
+    assert int(per_layer["approximate_rank"][i]) == -1 and int(per_layer["abs_approximate_rank"][i]) == -1, what
+
+
+def _assert_layer_is(per_layer, i, m, what=""):
+    """Layer i's rank measures are those of the single-layer function."""
+    torch.testing.assert_close(per_layer["effective_rank"][i], m.effective_rank, rtol=1e-6, atol=0, msg=what)
+    torch.testing.assert_close(per_layer["stable_rank"][i], m.stable_rank, rtol=1e-6, atol=0, msg=what)
+    assert int(per_layer["approximate_rank"][i]) == int(m.approximate_rank), what
+    assert int(per_layer["abs_approximate_rank"][i]) == int(m.abs_approximate_rank), what
+
+
+class FourActs(nn.Module):
+    """ReLU, then a linear layer whose weight holds a NaN, then ReLU, tanh and sigmoid: everything
+    after the NaN weight is NaN."""
+
+    def __init__(self, bad=float("nan")):
+        super().__init__()
+        self.fc1, self.act1 = nn.Linear(12, 10), nn.ReLU()
+        self.fc2, self.act2 = nn.Linear(10, 9), nn.ReLU()
+        self.fc3, self.act3 = nn.Linear(9, 8), nn.Tanh()
+        self.fc4, self.act4 = nn.Linear(8, 7), nn.Sigmoid()
+        with torch.no_grad():
+            self.fc2.weight[0, 0] = bad
+
+    def forward(self, x):
+        return self.act4(self.fc4(self.act3(self.fc3(self.act2(self.fc2(self.act1(self.fc1(x))))))))
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_probe_of_a_model_with_a_nonfinite_weight(device, bad, method):
+    torch.manual_seed(3)
+    model = FourActs(bad).to(device)
+    x = torch.randn(150, 12, device=device)
+    r = trainscope.RepresentationProbe(model, x, batch_size=40, method=method, weights=True)()  # never raises
+    assert r.layers == ["act1", "act2", "act3", "act4"]
+    with torch.no_grad():
+        h1 = model.act1(model.fc1(x))
+        h2 = model.act2(model.fc2(h1))
+        h3 = model.act3(model.fc3(h2))
+        h4 = model.act4(model.fc4(h3))
+    # The layer before the bad weight is measured as before; every layer after it holds a NaN or
+    # an Inf (tanh and sigmoid turn ±Inf into finite values, not NaN).
+    _assert_layer_is(r.per_layer, 0, trainscope.rank_measures(h1, method=method), "act1")
+    for i, h in ((1, h2), (2, h3), (3, h4)):
+        assert not torch.isfinite(h).all()
+        _assert_layer_undefined(r.per_layer, i, r.layers[i])
+    # Dead units by IEEE comparisons: NaN is active for ReLU (NaN != 0), inactive for tanh and
+    # sigmoid.
+    for i, (h, kind) in enumerate(((h1, "relu"), (h2, "relu"), (h3, "tanh"), (h4, "sigmoid"))):
+        d = trainscope.dead_units(h, kind=kind)
+        assert int(r.per_layer["dead_units"][i]) == int(d.count), r.layers[i]
+        torch.testing.assert_close(r.active_fraction[r.layers[i]], d.active_fraction)
+    if bad != bad:  # NaN: act2's unit 0 is NaN throughout (always active), act3 and act4 entirely (all dead)
+        assert h2[:, 0].isnan().all() and h3.isnan().all() and h4.isnan().all()
+        assert float(r.active_fraction["act2"][0]) == 1.0
+        assert int(r.per_layer["dead_units"][2]) == 8 and int(r.per_layer["dead_units"][3]) == 7
+    # The averages over layers say that a layer is undefined: NaN, never a mean over -1.
+    for metric in RANKS:
+        assert torch.isnan(r.summary[metric]), metric
+    assert int(r.summary["dead_units"]) == int(r.per_layer["dead_units"].sum())
+    # Weight ranks: the bad matrix undefined, the others exact.
+    w = r.weights["fc2"]
+    assert torch.isnan(w.effective_rank) and int(w.approximate_rank) == -1
+    assert int(w.abs_approximate_rank) == -1 and torch.isnan(w.stable_rank)
+    want = trainscope.rank_measures(model.fc3.weight.detach(), method=method)
+    torch.testing.assert_close(r.weights["fc3"].effective_rank, want.effective_rank)
+    assert int(r.weights["fc3"].approximate_rank) == int(want.approximate_rank)
+    for name, t in r.scalars().items():
+        assert isinstance(t, torch.Tensor), name
+
+
+def test_probe_after_a_diverging_run():
+    """Plain SGD at lr = 1e4 until the weights are no longer finite, then the probe: a result,
+    each layer either undefined (non-finite activations) or its single-layer measures."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8), nn.Sigmoid(),
+                          nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=1e4)
+    x, y = torch.randn(64, 12), torch.randn(64, 4)
+    for _ in range(50):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            break
+    assert not all(torch.isfinite(p).all() for p in model.parameters()), "the run did not diverge"
+    r = trainscope.RepresentationProbe(model, x, batch_size=20, weights=True)()
+    acts, h = {}, x
+    with torch.no_grad():
+        for name, module in model.named_children():
+            h = module(h)
+            acts[name] = h
+    kinds = {"1": "relu", "3": "tanh", "5": "sigmoid"}
+    for i, layer in enumerate(r.layers):
+        a = acts[layer]
+        assert int(r.per_layer["dead_units"][i]) == int(trainscope.dead_units(a, kind=kinds[layer]).count)
+        if torch.isfinite(a).all():
+            _assert_layer_is(r.per_layer, i, trainscope.rank_measures(a), layer)
+        else:
+            _assert_layer_undefined(r.per_layer, i, layer)
+    for name, m in r.weights.items():
+        w = dict(model.named_modules())[name].weight
+        if torch.isfinite(w).all():
+            torch.testing.assert_close(m.effective_rank, trainscope.rank_measures(w.detach()).effective_rank)
+        else:
+            assert torch.isnan(m.effective_rank) and int(m.approximate_rank) == -1, name
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_accumulator_with_a_nonfinite_batch(device, method):
+    """Layer b gets a NaN (or Inf) in one batch, in both states of the stream (rows kept, fewer
+    rows than units; ΦᵀΦ accumulated): only b is undefined, a is exact."""
+    gen = torch.Generator().manual_seed(4)
+    for rows in (6, 40):  # 2 batches of 6 < 20 units: rows kept; of 40: ΦᵀΦ
+        a = [torch.randn(rows, 20, generator=gen).relu().to(device) for _ in range(2)]
+        b = [torch.randn(rows, 20, generator=gen).tanh().to(device) for _ in range(2)]
+        for bad in (float("nan"), float("inf")):
+            b_bad = [b[0], b[1].clone()]
+            b_bad[1][2, 3] = bad
+            acc = trainscope.RepresentationAccumulator(["a", "b"], kinds=["relu", "tanh"], method=method)
+            for i in range(2):
+                acc.add([a[i], b_bad[i]])
+            r = acc.result()
+            _assert_layer_is(r.per_layer, 0, trainscope.rank_measures(torch.cat(a), method=method), f"a {rows}")
+            _assert_layer_undefined(r.per_layer, 1, f"b {rows} {bad}")
+            d = trainscope.dead_units(torch.cat(b_bad), kind="tanh")
+            torch.testing.assert_close(r.active_fraction["b"], d.active_fraction)
+
+
 @requires_cuda
 def test_cuda_probe_no_host_sync():
     model = _model("cuda")
@@ -268,3 +406,24 @@ def test_cuda_probe_no_host_sync():
         r.scalars()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+def test_cuda_probe_of_a_nonfinite_model_no_host_sync():
+    model = FourActs().to("cuda")
+    x = torch.randn(300, 12, device="cuda")
+    for method in ("gram", "svd"):
+        trainscope.RepresentationProbe(model, x, batch_size=64, method=method, weights=True)()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [trainscope.RepresentationProbe(model, x, batch_size=64, method=method, weights=True)()
+                   for method in ("gram", "svd")]
+        for r in results:
+            r.scalars()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for r in results:
+        for i in (1, 2, 3):
+            _assert_layer_undefined(r.per_layer, i, r.layers[i])
+        assert torch.isfinite(r.per_layer["effective_rank"][0])
