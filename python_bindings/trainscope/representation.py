@@ -45,6 +45,8 @@ matrices under DDP, only this rank's shard under FSDP (not the whole matrix's ra
 
 from __future__ import annotations
 
+import numbers
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -53,6 +55,7 @@ import torch
 from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library and its custom classes)
+from ._args import check_int
 from .distributed import THIS_PROCESS, active_group, clean_param_name, group_name, local_tensor, rank_and_size
 from .rank import RankMeasures, rank_measures
 
@@ -189,6 +192,124 @@ def weight_rank_measures(model: nn.Module, prop: float = 0.99, method: str = "gr
             for i, n in enumerate(names)}
 
 
+# -- probe sets -----------------------------------------------------------------------------------
+
+_PROBE_SET_FORMS = ("a tensor [N, ...] of inputs (or a NumPy array, or a nested list of numbers), an (inputs, "
+                    "targets) tuple, or an iterable of such batches (a DataLoader)")
+
+
+def _is_numpy_array(x) -> bool:
+    np = sys.modules.get("numpy")  # an array exists only if NumPy was imported: no import here
+    return np is not None and isinstance(x, np.ndarray)
+
+
+def _is_nested_numbers(x) -> bool:
+    """A (nested) list or tuple of numbers, judged by its first leaf (torch.as_tensor checks the rest)."""
+    while isinstance(x, (list, tuple)) and x:
+        x = x[0]
+    return isinstance(x, numbers.Number)
+
+
+def _model_tensor(data, model: nn.Module) -> torch.Tensor:
+    """NumPy or a nested list of numbers as a tensor on the model's device; floating values in the
+    dtype of its floating parameters (a float64 array for a float32 model), integers as they are."""
+    try:
+        t = torch.as_tensor(data)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"RepresentationProbe: probe_set could not be converted to a tensor ({e}); pass "
+                        f"{_PROBE_SET_FORMS}") from None
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None:
+        t = t.to(param.device, dtype=param.dtype if t.is_floating_point() else None)
+    return t
+
+
+def _as_inputs(x, model: nn.Module) -> Optional[torch.Tensor]:
+    """x as a tensor of inputs when it is one (a tensor as it is; NumPy and lists of numbers
+    converted), else None."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if _is_numpy_array(x) or (isinstance(x, list) and _is_nested_numbers(x)):
+        return _model_tensor(x, model)
+    return None
+
+
+def _check_examples(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 0:
+        raise ValueError("RepresentationProbe: probe_set is a 0-d tensor; the examples go along dim 0")
+    if x.shape[0] == 0:
+        raise ValueError("RepresentationProbe: probe_set has no examples")
+    return x
+
+
+def _batch_inputs(batch, model: nn.Module) -> torch.Tensor:
+    """The inputs of one batch of an iterable probe set: a tensor, or the first entry of a tuple or
+    list; anything else is an error naming probe_set, raised before the model runs on it."""
+    if isinstance(batch, Mapping):
+        raise TypeError(f"RepresentationProbe: probe_set yields dict batches (keys {list(batch)[:6]}); the probe "
+                        "runs the model on an input tensor, and dict batches are not supported yet. Pass batches "
+                        "that are input tensors or (inputs, targets) tuples, e.g. a DataLoader with collate_fn="
+                        "lambda items: torch.utils.data.default_collate(items)[<input key>]")
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    inputs = _as_inputs(x, model)
+    if inputs is None or inputs.dim() == 0:
+        raise TypeError(f"RepresentationProbe: probe_set yields batches of {type(batch).__name__}"
+                        f"{' of ' + type(x).__name__ if x is not batch else ''}; each batch must be a tensor of "
+                        "inputs [n, ...] or a tuple whose first entry is one")
+    return inputs
+
+
+def _loader_first_batch(loader):
+    """The first batch a DataLoader over a map-style dataset forms, from its first example and
+    without starting the loader (no worker processes); None where that cannot be told cheaply."""
+    ds = loader.dataset
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        return None
+    try:
+        if len(ds) == 0:
+            return None
+        item = ds[0]
+        return loader.collate_fn(item if loader.batch_size is None else [item])
+    except Exception:  # a dataset that cannot be read this way: its batches are checked as they come
+        return None
+
+
+def _probe_examples(probe_set, model: nn.Module):
+    """The probe set as the probe streams it: a tensor of inputs, or an iterable of batches. What
+    cannot be one is an error naming probe_set, raised here, when the probe is built."""
+    where = "RepresentationProbe: probe_set"
+    if probe_set is None:
+        raise TypeError(f"{where} is None; pass {_PROBE_SET_FORMS}")
+    if isinstance(probe_set, tuple) and probe_set:
+        inputs = _as_inputs(probe_set[0], model)  # (inputs, targets, ...)
+        if inputs is not None:
+            return _check_examples(inputs)
+    # An empty list is an iterable without batches: under torch.distributed a rank's share may be
+    # empty; alone, calling the probe says that probe_set gave no examples.
+    if isinstance(probe_set, list):
+        if any(isinstance(e, torch.Tensor) or _is_numpy_array(e) for e in probe_set):
+            # [x, y] or [batch, batch, ...]: either reading would be wrong for the other.
+            raise TypeError(f"{where} is a list of tensors (or arrays), which could be an (inputs, targets) "
+                            "pair or a list of batches; pass a tuple (inputs, targets), or torch.cat(batches) for "
+                            "batches of inputs, or a list of (inputs, targets) tuples")
+    inputs = _as_inputs(probe_set, model)
+    if inputs is not None:
+        return _check_examples(inputs)
+    if isinstance(probe_set, Mapping):
+        raise TypeError(f"{where} is a dict (keys {list(probe_set)[:6]}); dict inputs are not supported yet: "
+                        "pass the tensor of model inputs, e.g. probe_set[<input key>]")
+    if isinstance(probe_set, torch.utils.data.Dataset) and not isinstance(probe_set, torch.utils.data.IterableDataset):
+        raise TypeError(f"{where} is a Dataset, which gives one example at a time; pass "
+                        "torch.utils.data.DataLoader(dataset, batch_size=...)")
+    if isinstance(probe_set, (str, bytes, numbers.Number)) or not isinstance(probe_set, Iterable):
+        raise TypeError(f"{where} is a {type(probe_set).__name__}; pass {_PROBE_SET_FORMS}")
+    if isinstance(probe_set, torch.utils.data.DataLoader):
+        first = _loader_first_batch(probe_set)
+        if first is not None:
+            _batch_inputs(first, model)
+    return probe_set
+
+
 def _activation_kind(module: nn.Module) -> str:
     for cls in type(module).__mro__:
         if cls in ACTIVATION_KINDS:
@@ -199,9 +320,16 @@ def _activation_kind(module: nn.Module) -> str:
 class RepresentationProbe:
     """Measures the representations of chosen layers on a fixed probe set.
 
-    - ``probe_set``: the examples, a tensor [N, ...] (or a tuple/list whose first entry is the
-      inputs, as a dataset's (x, y)), or an iterable of such batches (a DataLoader). At most
-      ``num_examples`` examples are used (default 2,000).
+    - ``probe_set``: the examples: a tensor [N, ...] of inputs, or a tuple whose first entry is
+      the inputs, as a dataset's (x, y); or an iterable of such batches (a DataLoader, a list of
+      (x, y) tuples). A NumPy array or a nested list of numbers is converted once, here, with
+      ``torch.as_tensor``, onto the model's device and, when floating, into its parameters'
+      dtype. A list of tensors is refused (an (x, y) pair and a list of batches read alike: pass
+      a tuple, or ``torch.cat`` the batches), as are None, dicts, a Dataset without a DataLoader,
+      and a DataLoader whose batches are dicts (not supported yet): each with an error naming
+      ``probe_set`` when the probe is built, or, for an iterable it cannot look into then, before
+      the model runs on the first bad batch. At most ``num_examples`` examples are used (default
+      2,000).
     - ``layers``: None for every activation module of ``model`` (:data:`ACTIVATION_KINDS`), or a
       list of module names, or a dict ``{name: module}``. A module called several times in one
       forward pass gives one layer per call, named ``<name>:<call index>`` from the second call.
@@ -223,14 +351,11 @@ class RepresentationProbe:
                  eps: float = 0.01, tau: float = 0.0, prop: float = 0.99, method: str = "gram",
                  num_examples: int = 2000, weights: bool = False, train_mode: bool = False,
                  forward: Optional[Callable[[nn.Module, torch.Tensor], object]] = None, process_group=None):
-        if batch_size < 1:
-            raise ValueError(f"RepresentationProbe: batch_size must be >= 1, got {batch_size}")
-        if num_examples < 1:
-            raise ValueError(f"RepresentationProbe: num_examples must be >= 1, got {num_examples}")
+        self.batch_size = check_int(batch_size, "batch_size", "RepresentationProbe", low=1)
+        self.num_examples = check_int(num_examples, "num_examples", "RepresentationProbe", low=1)
         self.model = model
         self.probe_set = probe_set
-        self.batch_size = int(batch_size)
-        self.num_examples = int(num_examples)
+        self._examples = _probe_examples(probe_set, model)  # a tensor of inputs, or an iterable of batches
         self.kind, self.eps, self.tau, self.prop, self.method = kind, eps, tau, prop, method
         self.weights, self.train_mode = weights, train_mode
         self.forward = forward or (lambda m, x: m(x))
@@ -264,9 +389,7 @@ class RepresentationProbe:
         return _activation_kind(module) if self.kind == "auto" else self.kind
 
     def _batches(self, group=None) -> Iterable[torch.Tensor]:
-        data = self.probe_set
-        if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-            data = data[0]
+        data = self._examples
         if isinstance(data, torch.Tensor):
             data = data[: self.num_examples]
             if group is None:
@@ -286,12 +409,10 @@ class RepresentationProbe:
             return
         yield from self._agreed_batches(data, group)
 
-    @staticmethod
-    def _own_batches(data, limit: int) -> Iterable[torch.Tensor]:
+    def _own_batches(self, data, limit: int) -> Iterable[torch.Tensor]:
         seen = 0
         for batch in data:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = x[: limit - seen]
+            x = _batch_inputs(batch, self.model)[: limit - seen]
             seen += x.shape[0]
             yield x
             if seen >= limit:

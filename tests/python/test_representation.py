@@ -164,6 +164,79 @@ def test_probe_set_forms_and_num_examples():
     torch.testing.assert_close(r2.per_layer["effective_rank"], r3.per_layer["effective_rank"], rtol=1e-9, atol=0)
 
 
+def _same_result(a, b, rtol=0.0):
+    for metric in REPRESENTATION_METRICS:
+        torch.testing.assert_close(a.per_layer[metric], b.per_layer[metric], rtol=rtol, atol=0)
+
+
+def test_probe_set_from_numpy_and_lists_of_numbers(device):
+    """A NumPy array or a (nested) list of numbers is converted once when the probe is built, onto
+    the model's device and, when floating, into its parameters' dtype (a float64 array to a
+    float32 model); as the first entry of an (x, y) tuple too."""
+    np_ = pytest.importorskip("numpy")
+    model = _model(device)
+    x = torch.randn(50, 12)
+    want = trainscope.RepresentationProbe(model, x.to(device))()
+    for given in (x.double().numpy(), x.numpy(), x.tolist(), (x.double().numpy(), np_.zeros(50))):
+        probe = trainscope.RepresentationProbe(model, given)
+        _same_result(probe(), want)
+    # A list of (x, y) batches is an iterable of batches, as a DataLoader.
+    batches = [(x[:20].to(device), None), (x[20:].to(device), None)]
+    _same_result(trainscope.RepresentationProbe(model, batches)(), want, rtol=1e-9)  # Gram sums in two parts
+
+
+class _DictData(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return {"x": torch.full((12,), float(i)), "y": torch.tensor(i)}
+
+
+@pytest.mark.parametrize("probe_set, words", [
+    (None, "probe_set is None"),
+    ([torch.randn(5, 12), torch.randn(5, 12)], "probe_set is a list of tensors"),
+    (torch.tensor(1.5), "probe_set is a 0-d tensor"),
+    ({"x": torch.randn(5, 12)}, "probe_set is a dict"),
+    ("probe.pt", "probe_set is a str"),
+    (3.0, "probe_set is a float"),
+    (torch.utils.data.DataLoader(_DictData(), batch_size=4), "probe_set yields dict batches"),
+    (_DictData(), "probe_set is a Dataset"),
+])
+def test_probe_set_of_another_kind_fails_when_the_probe_is_built(probe_set, words):
+    model = _model("cpu")
+    with pytest.raises((TypeError, ValueError), match=words):
+        trainscope.RepresentationProbe(model, probe_set)
+
+
+def test_probe_set_without_examples():
+    model = _model("cpu")
+    with pytest.raises(ValueError, match="probe_set has no examples"):
+        trainscope.RepresentationProbe(model, torch.randn(0, 12))
+    # An empty iterable may be a rank's share under torch.distributed: alone, the call says so.
+    probe = trainscope.RepresentationProbe(model, [])
+    with pytest.raises(ValueError, match="probe_set gave no examples"):
+        probe()
+
+
+def test_probe_set_iterable_of_dict_batches_fails_before_the_forward():
+    """An iterable the probe cannot look into when built (a generator here) is checked batch by
+    batch: a dict batch raises an error naming probe_set before the model runs on it."""
+    model = _model("cpu")
+    ran = []
+    model.fc1.register_forward_pre_hook(lambda m, inp: ran.append(1))
+
+    class Batches:
+        def __iter__(self):
+            yield {"x": torch.randn(4, 12)}
+
+    probe = trainscope.RepresentationProbe(model, Batches())
+    with pytest.raises(TypeError, match="probe_set yields dict batches"):
+        probe()
+    assert not ran
+    assert all(len(m._forward_hooks) == 0 for m in (model.act1, model.act2, model.act3))
+
+
 def test_chosen_layers_kinds_and_repeated_module():
     class Shared(nn.Module):
         def __init__(self):
