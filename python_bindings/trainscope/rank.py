@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops  # noqa: F401  (loads the op library)
-from ._args import register_fake
+from ._args import check_float, check_tensor, register_fake
 from ._lists import tensor_list
 
 
@@ -45,14 +45,17 @@ def rank_measures(m, prop: float = 0.99, method: str = "gram") -> RankMeasures:
     (or dict) of matrices of any shapes on one device ([L] results). ``prop`` in (0, 1] is the
     share approximate_rank (of Σσ²) and abs_approximate_rank (of Σσ) must reach; ``method`` is
     "gram" or "svd"."""
+    prop = check_float(prop, "prop", "rank_measures")
     if isinstance(m, torch.Tensor):
-        return RankMeasures(*torch.ops.trainscope.rank_measures_batch(m, float(prop), str(method)))
+        return RankMeasures(*torch.ops.trainscope.rank_measures_batch(m, prop, str(method)))
+    if m is None:
+        raise TypeError("rank_measures: m must be a matrix, a batch or a list of matrices, got None")
     mats = tensor_list(m, "m", "rank_measures")
     if not mats:
         f = torch.empty(0, dtype=torch.float64)
         i = torch.empty(0, dtype=torch.int64)
         return RankMeasures(f, i, i.clone(), f.clone())
-    return RankMeasures(*torch.ops.trainscope.rank_measures(mats, float(prop), str(method)))
+    return RankMeasures(*torch.ops.trainscope.rank_measures(mats, prop, str(method)))
 
 
 def effective_rank(m, method: str = "gram") -> torch.Tensor:
@@ -79,7 +82,9 @@ def stable_rank(m, method: str = "gram") -> torch.Tensor:
 def rank_measures_from_singular_values(sigma: torch.Tensor, prop: float = 0.99) -> RankMeasures:
     """The measures from singular values [k] (0-d results) or [L, k] ([L] results), each row in
     descending order, zeros allowed."""
-    return RankMeasures(*torch.ops.trainscope.rank_measures_from_singular_values(sigma, float(prop)))
+    return RankMeasures(*torch.ops.trainscope.rank_measures_from_singular_values(
+        check_tensor(sigma, "sigma", "rank_measures_from_singular_values"),
+        check_float(prop, "prop", "rank_measures_from_singular_values")))
 
 
 def rank_measures_from_grams(grams, prop: float = 0.99) -> RankMeasures:
@@ -91,7 +96,8 @@ def rank_measures_from_grams(grams, prop: float = 0.99) -> RankMeasures:
         f = torch.empty(0, dtype=torch.float64)
         i = torch.empty(0, dtype=torch.int64)
         return RankMeasures(f, i, i.clone(), f.clone())
-    return RankMeasures(*torch.ops.trainscope.rank_measures_from_grams(gs, float(prop)))
+    return RankMeasures(*torch.ops.trainscope.rank_measures_from_grams(gs, check_float(prop, "prop",
+                                                                                       "rank_measures_from_grams")))
 
 
 # Fake (meta) kernels: output shapes and dtypes for torch.compile and opcheck.

@@ -183,6 +183,14 @@ APIS = [
     Api("linear_per_sample_parts", lambda x, d: trainscope.linear_per_sample_parts(x, d),
         lambda gen: (_r(gen, 6, 5), _r(gen, 6, 3)), (("input", "matrix"), ("grad_output", "matrix"))),
     Api("loss", lambda x: trainscope.loss(x), lambda gen: (_r(gen, 8).abs(),), (("losses", "tensor"),)),
+    Api("rank_measures", lambda m: trainscope.rank_measures(m), lambda gen: (_r(gen, 30, 7),),
+        (("m|matrices", "matrix"),)),
+    Api("effective_rank-svd", lambda m: trainscope.effective_rank(m, method="svd"), lambda gen: (_r(gen, 9, 12),),
+        (("m|matrices", "matrix"),)),
+    Api("rank_measures-list", lambda m: trainscope.rank_measures(m), lambda gen: ([_r(gen, 30, 7), _r(gen, 5, 9)],),
+        (("m|matrices", "matrix_list"),)),
+    Api("rank_measures_from_singular_values", lambda s: trainscope.rank_measures_from_singular_values(s),
+        lambda gen: (_r(gen, 4, 6).abs().sort(dim=1, descending=True).values,), (("sigma", "tensor"),)),
 ]
 
 
@@ -206,7 +214,7 @@ def _inference(t):
 
 def _map(arg, kind, fn):
     """Applies fn to the tensor of a tensor argument, or to the first tensor of a list argument."""
-    if kind in ("list", "per_sample"):
+    if kind in ("list", "per_sample", "matrix_list"):
         return [fn(arg[0])] + list(arg[1:])
     return fn(arg)
 
@@ -217,29 +225,29 @@ def _classes():
     inf = lambda t: t.clone().index_fill_(0, torch.tensor([0]), float("inf"))  # noqa: E731
     return [
         ("None", ("tensor", "matrix"), lambda a, k: None, "error"),
-        ("a number", ("list", "per_sample", "tensor", "matrix"), lambda a, k: 3.0, "error"),
-        ("a string", ("list", "per_sample", "tensor", "matrix"), lambda a, k: "grads", "error"),
-        ("None in the list", ("list", "per_sample"), lambda a, k: [None] + list(a[1:]), "error"),
-        ("int64 tensor", ("list", "per_sample", "tensor", "matrix"),
+        ("a number", ("list", "per_sample", "tensor", "matrix", "matrix_list"), lambda a, k: 3.0, "error"),
+        ("a string", ("list", "per_sample", "tensor", "matrix", "matrix_list"), lambda a, k: "grads", "error"),
+        ("None in the list", ("list", "per_sample", "matrix_list"), lambda a, k: [None] + list(a[1:]), "error"),
+        ("int64 tensor", ("list", "per_sample", "tensor", "matrix", "matrix_list"),
          lambda a, k: _map(a, k, lambda t: t.to(torch.int64)), "error"),
-        ("bool tensor", ("list", "per_sample", "tensor", "matrix"),
+        ("bool tensor", ("list", "per_sample", "tensor", "matrix", "matrix_list"),
          lambda a, k: _map(a, k, lambda t: t > 0), "error"),
-        ("complex tensor", ("list", "per_sample", "tensor", "matrix"),
+        ("complex tensor", ("list", "per_sample", "tensor", "matrix", "matrix_list"),
          lambda a, k: _map(a, k, lambda t: t.to(torch.complex64)), "error"),
         ("0-d where a matrix is needed", ("matrix",), lambda a, k: a.sum(), "error"),
         ("1-d where a matrix is needed", ("matrix",), lambda a, k: a.reshape(-1), "error"),
         ("B = 1", ("per_sample",), lambda a, k: [t[:1] for t in a], "error unless any B"),
         ("B = 0", ("per_sample",), lambda a, k: [t[:0] for t in a], "error unless any B"),
         ("per-sample batches differ", ("per_sample",), lambda a, k: [a[0][:3]] + list(a[1:]), "error"),
-        ("NaN", ("list", "per_sample", "tensor", "matrix"), lambda a, k: _map(a, k, nan), "runs"),
-        ("Inf", ("list", "per_sample", "tensor", "matrix"), lambda a, k: _map(a, k, inf), "runs"),
+        ("NaN", ("list", "per_sample", "tensor", "matrix", "matrix_list"), lambda a, k: _map(a, k, nan), "runs"),
+        ("Inf", ("list", "per_sample", "tensor", "matrix", "matrix_list"), lambda a, k: _map(a, k, inf), "runs"),
         ("an empty tensor in the list", ("list", "per_sample"), lambda a, k: list(a) + [a[0][..., :0]], "runs"),
-        ("non-contiguous", ("list", "per_sample", "tensor", "matrix"),
+        ("non-contiguous", ("list", "per_sample", "tensor", "matrix", "matrix_list"),
          lambda a, k: _map(a, k, _non_contiguous), "same"),
-        ("stride 0", ("list", "per_sample", "tensor", "matrix"), lambda a, k: _map(a, k, _stride0), "same"),
-        ("requires grad", ("list", "per_sample", "tensor", "matrix"),
+        ("stride 0", ("list", "per_sample", "tensor", "matrix", "matrix_list"), lambda a, k: _map(a, k, _stride0), "same"),
+        ("requires grad", ("list", "per_sample", "tensor", "matrix", "matrix_list"),
          lambda a, k: _map(a, k, lambda t: t.clone().requires_grad_()), "same"),
-        ("inference tensor", ("list", "per_sample", "tensor", "matrix"), lambda a, k: _map(a, k, _inference), "same"),
+        ("inference tensor", ("list", "per_sample", "tensor", "matrix", "matrix_list"), lambda a, k: _map(a, k, _inference), "same"),
     ]
 
 
