@@ -12,6 +12,7 @@
 #include <deque>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -190,6 +191,18 @@ constexpr const char* kParamMetricsKey = "param_metrics";
 constexpr const char* kGradHistKey = "grad_hist";
 constexpr const char* kGradHistName = "grad_hist1d";
 
+// The names the built-ins log under; a custom key or extra scalar must not take one.
+bool builtin_record_name(const std::string& name) {
+  if (name == "loss" || name == "nonfinite_count" || name == kGradHistName) return true;
+  for (int64_t c = 0; c < kNumMetrics; ++c) {
+    if (name == metric_name(static_cast<Metric>(c))) return true;
+  }
+  return false;
+}
+
+// The part of a record name before its first '/' ("grad_norm" of "grad_norm/fc1.weight").
+std::string head_of(const std::string& name) { return name.substr(0, name.find('/')); }
+
 // Where a step's values sit in its slot: the scalar names in blocks (the built-in blocks are
 // shared between steps, so a step costs no string copies), and the histograms after them.
 struct Layout {
@@ -244,6 +257,7 @@ struct Monitor::Impl {
   };
   std::vector<Custom> customs;
   std::set<std::string> requested;
+  std::optional<int64_t> last_step;  // the latest step() or collect_captured()
   std::vector<Sink> sinks;
 
   // Built-in scalar names: with and without the loss in front.
@@ -278,7 +292,7 @@ struct Monitor::Impl {
   }
 
   void check_new_key(const char* op, const std::string& key) const {
-    TORCH_CHECK(!key.empty(), "trainscope::Monitor::", op, ": the quantity key is empty");
+    check_quantity_key(key, std::string("trainscope::Monitor::") + op);
     TORCH_CHECK(!known(key), "trainscope::Monitor::", op, ": key '", key,
                 "' is already registered; every quantity needs a unique key");
   }
@@ -414,6 +428,8 @@ struct Monitor::Impl {
     if (!extra_scalars.empty()) {
       auto block = std::make_shared<std::vector<std::string>>();
       for (const auto& [name, t] : extra_scalars) {
+        TORCH_CHECK(!builtin_record_name(head_of(name)), "trainscope::Monitor::step: extra scalar '", name,
+                    "' would take the name of a built-in record (", head_of(name), "); choose another name");
         pieces.push_back(as_scalar(t, name, "extra scalar"));
         block->push_back(name);
       }
@@ -426,6 +442,8 @@ struct Monitor::Impl {
       hist_values.push_back(hist_counts);
     }
     for (const auto& [name, h] : extra_histograms) {
+      TORCH_CHECK(name != kGradHistName, "trainscope::Monitor::step: extra_histograms has the name '", name,
+                  "' of the built-in gradient histogram; choose another name");
       hist_values.push_back(checked_histogram(name, h));
       layout->hists.push_back({name, std::make_shared<const std::vector<double>>(h.edges),
                                h.edges2.empty() ? no_edges : std::make_shared<const std::vector<double>>(h.edges2),
@@ -671,6 +689,7 @@ void Monitor::step(int64_t step, const at::Tensor& per_sample_losses, const std:
   const int64_t slot = m.free_slot();
   auto layout = m.compute(step, per_sample_losses, extras, extra_scalars, extra_histograms, grads, m.ring[slot].device);
   m.requested.clear();
+  m.last_step = step;
   // A step at which nothing was due makes no record.
   if (m.layout_size(*layout) > 0) m.enqueue(step, slot, std::move(layout), m.ring[slot].device);
 }
@@ -685,6 +704,7 @@ void Monitor::collect_captured(int64_t step) {
   TORCH_CHECK(!is_capturing(m.device),
               "trainscope::Monitor::collect_captured: call it after replaying the graph, outside the capture");
   m.poll();
+  m.last_step = step;
   if (m.layout_size(*m.captured_layout) == 0) return;
   const int64_t slot = m.free_slot();
   m.enqueue(step, slot, m.captured_layout, m.capture.device);
@@ -716,6 +736,101 @@ void Monitor::flush() {
   nvtx3::scoped_range range{"trainscope::Monitor::flush"};
   TORCH_CHECK(!is_capturing(impl_->device), "trainscope::Monitor::flush: cannot wait inside a CUDA graph capture");
   impl_->flush();
+}
+
+MonitorState Monitor::state_dict(bool param_copies) const {
+  nvtx3::scoped_range range{"trainscope::Monitor::state_dict"};
+  const Impl& m = *impl_;
+  MonitorState st;
+  st.names = m.names;
+  if (param_copies) {
+    st.init = m.init;
+    st.prev = m.prev;
+  }
+  st.requested.assign(m.requested.begin(), m.requested.end());
+  st.step = m.last_step;
+  st.rank = m.cfg.group.rank();
+  st.world_size = m.cfg.group.size();
+  return st;
+}
+
+void Monitor::load_state_dict(const MonitorState& state) {
+  nvtx3::scoped_range range{"trainscope::Monitor::load_state_dict"};
+  Impl& m = *impl_;
+  const char* op = "trainscope::Monitor::load_state_dict";
+  // Every check before anything changes.
+  if (state.names != m.names) {
+    std::ostringstream why;
+    std::set<std::string> have(m.names.begin(), m.names.end()), saved(state.names.begin(), state.names.end());
+    std::vector<std::string> missing, unexpected;
+    for (const std::string& n : m.names) {
+      if (!saved.count(n)) missing.push_back(n);
+    }
+    for (const std::string& n : state.names) {
+      if (!have.count(n)) unexpected.push_back(n);
+    }
+    auto list = [](const std::vector<std::string>& v) {
+      std::string out;
+      for (size_t i = 0; i < v.size() && i < 5; ++i) out += (i ? ", '" : "'") + v[i] + "'";
+      if (v.size() > 5) out += ", ... (" + std::to_string(v.size()) + " in all)";
+      return out;
+    };
+    if (!missing.empty()) why << " the state lacks " << list(missing) << ";";
+    if (!unexpected.empty()) why << " the state has " << list(unexpected) << ", which this Monitor does not;";
+    if (missing.empty() && unexpected.empty()) why << " the same names in another order;";
+    TORCH_CHECK(false, op, ": the state is of other parameters (names):", why.str(),
+                " load a state saved by a Monitor of the same parameters");
+  }
+  auto check_tensors = [&](const std::vector<at::Tensor>& ts, const char* what) {
+    if (ts.empty()) return;
+    TORCH_CHECK(ts.size() == m.params.size(), op, ": state.", what, " has ", ts.size(), " tensors but there are ",
+                m.params.size(), " parameters");
+    for (size_t i = 0; i < ts.size(); ++i) {
+      TORCH_CHECK(ts[i].defined(), op, ": state.", what, "[", i, "] ('", m.names[i], "') is an undefined tensor");
+      TORCH_CHECK(ts[i].sizes() == m.params[i].sizes(), op, ": the state is of other parameters (shapes): '",
+                  m.names[i], "' has shape ", m.params[i].sizes(), " but state.", what, " holds shape ",
+                  ts[i].sizes());
+      TORCH_CHECK(at::isFloatingType(ts[i].scalar_type()), op, ": state.", what, "[", i, "] ('", m.names[i],
+                  "') has dtype ", ts[i].scalar_type(), "; expected a floating tensor");
+    }
+  };
+  check_tensors(state.init, "init");
+  check_tensors(state.prev, "prev");
+  const bool has_params = !state.init.empty() || !state.prev.empty();
+  bool sharded = false;
+  for (const TensorLayout& l : m.cfg.layouts) sharded = sharded || l.placement == Placement::kSharded;
+  TORCH_CHECK(!has_params || !sharded || (state.rank == m.cfg.group.rank() && state.world_size == m.cfg.group.size()),
+              op, ": the state holds the shards of rank ", state.rank, " of ", state.world_size,
+              " but this is rank ", m.cfg.group.rank(), " of ", m.cfg.group.size(),
+              " and the parameters are sharded; load each rank's own state (or a state without parameter copies)");
+  for (const std::string& key : state.requested) {
+    TORCH_CHECK(m.known(key), op, ": the state requests '", key, "', which is not a key of this Monitor");
+  }
+
+  c10::NoGradGuard no_grad;
+  c10::OptionalDeviceGuard guard;
+  if (m.device.is_cuda()) guard.reset_device(m.device);
+  // copy_ per tensor: a state read from a file may sit on another device or in another dtype.
+  if (!state.init.empty() && !m.init.empty()) {
+    for (size_t i = 0; i < m.init.size(); ++i) m.init[i].copy_(state.init[i]);
+  }
+  if (!state.prev.empty() && !m.prev.empty()) {
+    for (size_t i = 0; i < m.prev.size(); ++i) m.prev[i].copy_(state.prev[i]);
+  }
+  m.requested = std::set<std::string>(state.requested.begin(), state.requested.end());
+  m.last_step = state.step;
+}
+
+void check_quantity_key(const std::string& key, const std::string& caller) {
+  TORCH_CHECK(!key.empty(), caller, ": the quantity key is empty");
+  TORCH_CHECK(key.find('/') == std::string::npos, caller, ": key '", key,
+              "' contains '/'; a quantity's values are logged as '<key>' and '<key>/<name>', so the key is one "
+              "name without '/'");
+  TORCH_CHECK(key != kParamMetricsKey && key != kGradHistKey, caller, ": key '", key,
+              "' is a built-in key (param_metrics, grad_hist); choose another key");
+  TORCH_CHECK(!builtin_record_name(key), caller, ": key '", key,
+              "' is a built-in record name (loss, grad_norm, grad_magnitude, weight_magnitude, distance, "
+              "update_size, nonfinite_count, grad_hist1d); choose another key");
 }
 
 const std::vector<std::string>& Monitor::names() const { return impl_->names; }

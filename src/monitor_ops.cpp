@@ -96,6 +96,11 @@ RecordTuple as_tuple(const StepRecord& r) {
           std::move(edges), std::move(counts), std::move(edges2)};
 }
 
+// MonitorState as the Python package passes it: (names, init, prev, requested, has_step, step,
+// rank, world_size).
+using StateTuple = std::tuple<std::vector<std::string>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                              std::vector<std::string>, bool, int64_t, int64_t, int64_t>;
+
 struct MonitorHolder : torch::CustomClassHolder {
   MonitorHolder(std::vector<std::string> names, std::vector<at::Tensor> params, std::string param_metrics,
                 std::string grad_hist, int64_t nbins, double maxval, bool per_tensor, bool weights_matrices_only,
@@ -159,6 +164,26 @@ struct MonitorHolder : torch::CustomClassHolder {
 
   std::vector<std::string> names() { return monitor.names(); }
 
+  StateTuple state_dict(bool param_copies) {
+    MonitorState st = monitor.state_dict(param_copies);
+    return {std::move(st.names), std::move(st.init),     std::move(st.prev),        std::move(st.requested),
+            st.step.has_value(), st.step.value_or(0), st.rank, st.world_size};
+  }
+
+  void load_state_dict(std::vector<std::string> names, std::vector<at::Tensor> init, std::vector<at::Tensor> prev,
+                       std::vector<std::string> requested, bool has_step, int64_t step, int64_t rank,
+                       int64_t world_size) {
+    MonitorState st;
+    st.names = std::move(names);
+    st.init = std::move(init);
+    st.prev = std::move(prev);
+    st.requested = std::move(requested);
+    if (has_step) st.step = step;
+    st.rank = rank;
+    st.world_size = world_size;
+    monitor.load_state_dict(st);
+  }
+
   bool writes_records() { return monitor.writes_records(); }
 
   std::shared_ptr<std::deque<RecordTuple>> queue;  // before monitor: its sink holds a reference
@@ -197,7 +222,10 @@ struct FileSinkHolder : torch::CustomClassHolder {
 
 bool schedule_due(std::string spec, int64_t step) { return Schedule::parse(spec, "spec").due(step); }
 
-std::string schedule_describe(std::string spec) { return Schedule::parse(spec, "spec").describe(); }
+// `arg`: the argument the spec came in, named by a parse error.
+std::string schedule_describe(std::string spec, std::string arg) {
+  return Schedule::parse(spec, arg.c_str()).describe();
+}
 
 }  // namespace
 }  // namespace trainscope
@@ -217,6 +245,8 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
       .def("flush_records", &MonitorHolder::flush_records)
       .def("collect_captured", &MonitorHolder::collect_captured)
       .def("names", &MonitorHolder::names)
+      .def("state_dict", &MonitorHolder::state_dict)
+      .def("load_state_dict", &MonitorHolder::load_state_dict)
       .def("writes_records", &MonitorHolder::writes_records);
   using trainscope::FileSinkHolder;
   m.class_<FileSinkHolder>("FileSink")
@@ -224,5 +254,8 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
       .def("write", &FileSinkHolder::write);
   // The one schedule implementation, for the Python Schedule objects.
   m.def("schedule_due(str spec, int step) -> bool", &trainscope::schedule_due);
-  m.def("schedule_describe(str spec) -> str", &trainscope::schedule_describe);
+  m.def("schedule_describe(str spec, str arg=\"spec\") -> str", &trainscope::schedule_describe);
+  // The key rules of Monitor::add_quantity, for checks before a Monitor exists (the callbacks).
+  m.def("check_quantity_key(str key, str caller) -> ()",
+        [](std::string key, std::string caller) { trainscope::check_quantity_key(key, caller); });
 }

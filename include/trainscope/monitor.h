@@ -44,6 +44,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -162,6 +163,18 @@ class Quantity {
   virtual std::map<std::string, at::Tensor> compute(const QuantityContext& context) = 0;
 };
 
+// What a run resumed from a checkpoint needs to continue its curves (Monitor::state_dict()).
+// Schedules are functions of the step number and need no state of their own.
+struct MonitorState {
+  std::vector<std::string> names;      // the parameter names, in order
+  std::vector<at::Tensor> init;        // θ₀, one per parameter; empty when not tracked or left out
+  std::vector<at::Tensor> prev;        // θ_prev, likewise
+  std::vector<std::string> requested;  // keys request()ed for the next step, sorted
+  std::optional<int64_t> step;         // the latest step() (or collect_captured()); none before
+  int64_t rank = 0;                    // the rank and group size it was taken on: the state of a
+  int64_t world_size = 1;              // sharded parameter is that rank's shard
+};
+
 class Monitor {
  public:
   Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, MonitorConfig config = {});
@@ -170,15 +183,18 @@ class Monitor {
   Monitor& operator=(const Monitor&) = delete;
 
   // named_params: non-empty, unique names, floating tensors on one device (CPU or CUDA).
-  // Keys must be unique among built-ins ("param_metrics", "grad_hist") and custom quantities;
-  // a duplicate or empty key throws c10::Error naming the key.
+  // A key is non-empty, has no '/', and is none of the built-in keys ("param_metrics",
+  // "grad_hist"), built-in record names ("loss", "grad_norm", "grad_magnitude",
+  // "weight_magnitude", "distance", "update_size", "nonfinite_count", "grad_hist1d") or other
+  // quantities' keys, so that every name in a record is unique; otherwise c10::Error naming it.
   void add_quantity(std::shared_ptr<Quantity> quantity, Schedule schedule = Schedule::every(1));
   void add_sink(Sink sink);
   // A quantity computed by the caller (a Python Quantity): reserves the key with its schedule, so
   // due(key, step) answers for it; its values arrive through step()'s extra_scalars.
   void add_external_quantity(const std::string& key, Schedule schedule = Schedule::every(1));
   // Extra scalars recorded at a step by the caller (e.g. from Python quantities) travel with the
-  // step's results: name → 0-d tensor on the parameters' device. `grads`, when given, are the
+  // step's results: name → 0-d tensor on the parameters' device; a name whose part before any
+  // '/' is a built-in record name throws, as does an extra histogram named "grad_hist1d". `grads`, when given, are the
   // parameters' gradients (one per parameter, undefined where none) instead of their .grad():
   // for parameters whose gradient lives elsewhere (the local shards of FSDP's DTensors).
   void step(int64_t step, const at::Tensor& per_sample_losses = {},
@@ -200,6 +216,18 @@ class Monitor {
   // After replaying a graph that captured step(): queue the captured slot's copy as `step`.
   void collect_captured(int64_t step);
 
+  // The state to save with a checkpoint. init and prev are the Monitor's own tensors, not
+  // copies (as at::Module::named_parameters()): save them before the next step() refreshes θ_prev.
+  // With param_copies false they are left out (a checkpoint then costs no parameter copies, and
+  // a Monitor loading it keeps the θ₀ and θ_prev it took at construction).
+  MonitorState state_dict(bool param_copies = true) const;
+  // Restores a state_dict(), e.g. after rebuilding the Monitor on a model loaded from a
+  // checkpoint: θ₀ and θ_prev are copied in (those the state has and this Monitor tracks), and
+  // pending requests are restored. A state of other parameters (names, order or a tensor's
+  // shape differ), or one holding sharded parameters' shards from another rank or group size,
+  // throws c10::Error naming what differs, before anything changes.
+  void load_state_dict(const MonitorState& state);
+
   const std::vector<std::string>& names() const;
   const MonitorConfig& config() const;
   // Whether this process hands records to the sinks (rank 0, or sinks_on_all_ranks).
@@ -209,6 +237,11 @@ class Monitor {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// Throws c10::Error naming `key`, with `caller` in front, unless it can be a custom quantity's key:
+// non-empty, no '/', not a built-in key or record name (Monitor::add_quantity also refuses a key
+// already registered).
+void check_quantity_key(const std::string& key, const std::string& caller = "trainscope::check_quantity_key");
 
 // File sinks. JSONL: one object per step, {"step": s, "scalars": {"<name>": value, ...},
 // "histograms": {"<name>": {"edges": [...], "counts": [...]}}} (NaN and ±Inf written as null; a 2-D

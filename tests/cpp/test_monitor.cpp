@@ -14,6 +14,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -492,6 +493,153 @@ TEST(MonitorErrors, KeysAndArguments) {
   Monitor m2({{"w", w}});
   m2.add_quantity(std::make_shared<Named>("vec", at::ones({2}, at::kDouble)));
   expect_error_naming([&] { m2.step(0); }, "vec", "non-scalar quantity");
+}
+
+// A custom key or extra scalar never takes a built-in record's name (a record would hold a name
+// twice, and a dict built from it would lose the built-in value).
+TEST(MonitorErrors, KeysNeverTakeBuiltInRecordNames) {
+  const at::Tensor w = at::ones({3, 2}, at::TensorOptions().requires_grad(true));
+  Monitor monitor({{"w", w}});
+  for (const std::string key : {"loss", "grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size",
+                                "nonfinite_count", "grad_hist1d"}) {
+    expect_error_naming([&] { monitor.add_quantity(std::make_shared<Named>(key)); }, key, "built-in record name");
+    expect_error_naming([&] { monitor.add_external_quantity(key); }, key, "built-in record name (external)");
+    expect_error_naming([&] { trainscope::check_quantity_key(key, "caller"); }, "caller", "check_quantity_key");
+  }
+  expect_error_naming([&] { monitor.add_quantity(std::make_shared<Named>("grad_norm/w")); }, "grad_norm/w",
+                      "key with '/'");
+  expect_error_naming([&] { monitor.add_external_quantity("mine/sub"); }, "mine/sub", "key with '/'");
+  trainscope::check_quantity_key("norm_of_grads");  // a name near a built-in one is fine
+
+  const at::Tensor one = at::ones({});
+  expect_error_naming([&] { monitor.step(0, {}, {}, {{"grad_norm/w", one}}); }, "grad_norm/w",
+                      "extra scalar under a built-in name");
+  expect_error_naming([&] { monitor.step(0, {}, {}, {{"loss", one}}); }, "loss", "extra scalar 'loss'");
+  const at::Tensor counts = at::zeros({2}, at::TensorOptions().dtype(at::kLong));
+  expect_error_naming(
+      [&] { monitor.step(0, {}, {}, {}, {{"grad_hist1d", trainscope::HistogramInput{counts, {0.0, 1.0, 2.0}, {}}}}); },
+      "grad_hist1d", "extra histogram under the built-in name");
+  monitor.step(0, {}, {}, {{"lossy", one}});  // names that only start like a built-in are fine
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints: state_dict / load_state_dict
+
+// Plain SGD (no optimizer state to restore) from `first` to `last` (exclusive), monitor.step after each.
+void sgd_steps(Net& net, Monitor& monitor, int64_t first, int64_t last, at::Device device) {
+  torch::optim::SGD opt(net.parameters(), 0.5);
+  for (int64_t s = first; s < last; ++s) {
+    const Batch b = make_batch(s, device);
+    opt.zero_grad();
+    torch::nn::functional::cross_entropy(net.forward(b.x), b.y).backward();
+    opt.step();
+    monitor.step(s);
+  }
+}
+
+std::vector<at::Tensor> param_list(Net& net) {
+  std::vector<at::Tensor> out;
+  for (const auto& kv : net.named_parameters().pairs()) out.push_back(kv.second);
+  return out;
+}
+
+trainscope::MonitorState cloned(trainscope::MonitorState st) {
+  st.init = clones(st.init);
+  st.prev = clones(st.prev);
+  return st;
+}
+
+TEST_P(MonitorTraining, StateDictResumesDistanceAndUpdateSize) {
+  MonitorConfig cfg;
+  cfg.grad_hist.schedule = Schedule::on_demand();
+  cfg.per_tensor = false;
+  Net a(device());
+  Monitor uninterrupted(a.named_parameters().pairs(), cfg);
+  Collector ca;
+  uninterrupted.add_sink(ca.sink());
+  sgd_steps(a, uninterrupted, 0, 3, device());
+  uninterrupted.request("grad_hist");  // pending at the checkpoint
+  // The checkpoint: the state (its tensors are the Monitor's own: cloned, as a file would) and the weights.
+  const trainscope::MonitorState saved = cloned(uninterrupted.state_dict());
+  const std::vector<at::Tensor> weights = clones(param_list(a));
+  ASSERT_EQ(saved.step, std::optional<int64_t>(2));
+  EXPECT_EQ(saved.names, uninterrupted.names());
+  EXPECT_EQ(saved.requested, (std::vector<std::string>{"grad_hist"}));
+  ASSERT_EQ(saved.init.size(), 4u);
+  ASSERT_EQ(saved.prev.size(), 4u);
+  sgd_steps(a, uninterrupted, 3, 6, device());
+  uninterrupted.flush();
+
+  // Resumed: another initialisation, the checkpoint's weights, a new Monitor, the saved state.
+  at::manual_seed(99);
+  Net b(device());
+  {
+    at::NoGradGuard g;
+    const std::vector<at::Tensor> pb = param_list(b);
+    for (size_t i = 0; i < pb.size(); ++i) pb[i].copy_(weights[i]);
+  }
+  Monitor resumed(b.named_parameters().pairs(), cfg);
+  Collector cb;
+  resumed.add_sink(cb.sink());
+  resumed.load_state_dict(saved);
+  EXPECT_TRUE(resumed.due("grad_hist", 3));
+  EXPECT_EQ(resumed.state_dict(false).step, std::optional<int64_t>(2));
+  sgd_steps(b, resumed, 3, 6, device());
+  resumed.flush();
+
+  ASSERT_EQ(ca.steps(), (std::vector<int64_t>{0, 1, 2, 3, 4, 5}));
+  ASSERT_EQ(cb.steps(), (std::vector<int64_t>{3, 4, 5}));
+  for (size_t i = 0; i < 3; ++i) {
+    const auto want = as_map(ca.records[3 + i]), got = as_map(cb.records[i]);
+    for (const char* name : {"distance", "update_size", "grad_norm", "weight_magnitude"}) {
+      EXPECT_CLOSE(got.at(name), want.at(name), 1e-6) << name << " at step " << cb.records[i].step;
+    }
+    EXPECT_EQ(cb.records[i].histograms.size(), i == 0 ? 1u : 0u);  // the pending request, used once
+  }
+
+  // Without parameter copies: nothing of θ₀ / θ_prev in the state; the loading Monitor keeps its own.
+  const trainscope::MonitorState light = uninterrupted.state_dict(/*param_copies=*/false);
+  EXPECT_TRUE(light.init.empty());
+  EXPECT_TRUE(light.prev.empty());
+  EXPECT_EQ(light.step, std::optional<int64_t>(5));
+  Monitor fresh(b.named_parameters().pairs(), cfg);
+  Collector cf;
+  fresh.add_sink(cf.sink());
+  fresh.load_state_dict(light);
+  sgd_steps(b, fresh, 6, 7, device());
+  fresh.flush();
+  ASSERT_EQ(cf.records.size(), 1u);
+  const auto m = as_map(cf.records[0]);
+  EXPECT_CLOSE(m.at("distance"), m.at("update_size"), 1e-6);  // θ₀ = the parameters at construction
+}
+
+TEST(MonitorState, OtherParametersNameWhatDiffers) {
+  const auto opt = at::TensorOptions().requires_grad(true);
+  const at::Tensor w = at::ones({3, 2}, opt), b = at::ones({2}, opt), v = at::ones({4}, opt);
+  Monitor source({{"w", w}, {"b", b}});
+  const trainscope::MonitorState st = source.state_dict();
+  Monitor other_names({{"w", w}, {"v", v}});
+  expect_error_naming([&] { other_names.load_state_dict(st); }, "'v'", "a parameter the state lacks");
+  expect_error_naming([&] { other_names.load_state_dict(st); }, "'b'", "a parameter only the state has");
+  Monitor other_order({{"b", b}, {"w", w}});
+  expect_error_naming([&] { other_order.load_state_dict(st); }, "order", "the same names in another order");
+  Monitor other_shape({{"w", at::ones({2, 3}, opt)}, {"b", b}});
+  expect_error_naming([&] { other_shape.load_state_dict(st); }, "'w'", "another shape");
+  expect_error_naming([&] { other_shape.load_state_dict(st); }, "shape", "another shape");
+  trainscope::MonitorState unknown = source.state_dict();
+  unknown.requested = {"nope"};
+  expect_error_naming([&] { source.load_state_dict(unknown); }, "nope", "an unknown requested key");
+
+  // Sharded parameters: a state holds this rank's shards; another rank's is refused.
+  MonitorConfig cfg;
+  cfg.group = trainscope::RankGroup(1, 2, [](at::Tensor&) {});
+  cfg.layouts = {trainscope::TensorLayout{trainscope::Placement::kSharded, 2},
+                 trainscope::TensorLayout{trainscope::Placement::kSharded, 1}};
+  Monitor rank1({{"w", w}, {"b", b}}, cfg);
+  expect_error_naming([&] { rank1.load_state_dict(st); }, "rank", "another rank's shards");
+  rank1.load_state_dict(source.state_dict(/*param_copies=*/false));  // no shards in it: fine
+  EXPECT_EQ(rank1.state_dict().rank, 1);
+  EXPECT_EQ(rank1.state_dict().world_size, 2);
 }
 
 TEST(MonitorGrads, MissingGradientsReadAsZerosOrNaN) {
