@@ -22,6 +22,12 @@ Names in a record: ``loss`` (when per-sample losses are given), ``grad_norm``, `
 of the parameters each; θ_prev follows the parameters at every step, so ``update_size`` always
 means the latest optimizer step: call ``step()`` once per optimizer step.
 
+Checkpoints: ``state_dict()`` holds θ₀ and θ_prev (a copy of the parameters each), the pending
+requests and the latest step; ``load_state_dict()`` on a Monitor rebuilt after loading the
+model's weights continues ``distance`` and ``update_size`` as if the run had not stopped
+(``state_dict(param_copies=False)`` leaves the copies out). ``with Monitor(...)`` flushes on exit,
+also when the block exits by an exception (an error on the way is then a warning).
+
 CUDA graphs: ``step()`` inside ``torch.cuda.graph(...)`` captures only device work into a fixed
 slot (which quantities it computes is decided at capture time, for the step number given); after
 each ``graph.replay()`` call ``collect_captured(step)``. Run one eager ``step()`` first (warm-up).
@@ -40,14 +46,17 @@ each rank's own values.
 from __future__ import annotations
 
 import abc
+import numbers
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library and its custom classes)
-from ._args import check_hist_axis
+from ._args import check_bool, check_hist_axis, check_int
 from . import distributed as _dist
 
 __all__ = ["Monitor", "Quantity", "QuantityContext", "StepRecord", "Schedule", "every", "at_steps",
@@ -81,18 +90,22 @@ class Schedule:
 
 def every(k: int, start: int = 0) -> Schedule:
     """Steps start, start + k, start + 2k, ... (k >= 1)."""
-    return Schedule(f"every:{int(k)}:{int(start)}")
+    k = check_int(k, "k", "every", low=1)
+    return Schedule(f"every:{k}:{check_int(start, 'start', 'every')}")
 
 
 def at_steps(steps: Iterable[int]) -> Schedule:
     """Exactly the listed steps."""
-    return Schedule("at:" + ",".join(str(int(s)) for s in steps))
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+        raise TypeError(f"at_steps: steps must be an iterable of integers, got {steps!r} ({type(steps).__name__})")
+    return Schedule("at:" + ",".join(str(check_int(s, "steps", "at_steps")) for s in steps))
 
 
 def log_spaced(per_decade: int = 10, start: int = 1) -> Schedule:
     """The distinct values of floor(start · 10^(i / per_decade)), i = 0, 1, ...: with the defaults
     1, 2, 3, 5, 6, 7, 10, 12, 15, 19, 25, ..."""
-    return Schedule(f"log:{int(per_decade)}:{int(start)}")
+    per_decade = check_int(per_decade, "per_decade", "log_spaced", low=1)
+    return Schedule(f"log:{per_decade}:{check_int(start, 'start', 'log_spaced', low=1)}")
 
 
 def on_demand() -> Schedule:
@@ -103,8 +116,9 @@ def on_demand() -> Schedule:
 ScheduleLike = Union[Schedule, bool, str, None]
 
 
-def _spec(schedule: ScheduleLike, arg: str) -> str:
-    """A schedule, True (every step), False/None (off), or a spec string, as the C++ spec."""
+def _spec(schedule: ScheduleLike, arg: str, caller: str = "Monitor") -> str:
+    """A schedule, True (every step), False/None (off), or a spec string, as the C++ spec; a bad
+    one is an error naming `arg`."""
     if schedule is True:
         return "every:1:0"
     if schedule is False or schedule is None:
@@ -112,8 +126,31 @@ def _spec(schedule: ScheduleLike, arg: str) -> str:
     if isinstance(schedule, Schedule):
         return schedule.spec
     if isinstance(schedule, str):
-        return schedule  # parsed in C++, whose errors name `arg`
-    raise TypeError(f"Monitor: {arg} must be a Schedule, True, False or None, got {type(schedule).__name__}")
+        torch.ops.trainscope.schedule_describe(schedule, arg)  # parsed in C++, whose errors name `arg`
+        return schedule
+    raise TypeError(f"{caller}: {arg} must be a Schedule (trainscope.every(k), at_steps, log_spaced, on_demand), "
+                    f"True, False or None, got {schedule!r} ({type(schedule).__name__})")
+
+
+def _losses_tensor(losses, device: torch.device) -> Optional[torch.Tensor]:
+    """Per-sample losses as one tensor: a tensor, or a list/tuple of tensors (e.g. one per
+    micro-batch) and numbers, concatenated in order; numbers are placed on `device`."""
+    if losses is None or isinstance(losses, torch.Tensor):
+        return None if losses is None else losses.detach()
+    if not isinstance(losses, (list, tuple)):
+        raise TypeError("Monitor.step: losses must be a tensor of per-sample losses or a list of tensors and "
+                        f"numbers, got {type(losses).__name__}")
+    parts = []
+    for i, v in enumerate(losses):
+        if isinstance(v, torch.Tensor):
+            parts.append(v.detach().reshape(-1))
+        elif isinstance(v, numbers.Real):
+            parts.append(torch.full((1,), float(v), dtype=torch.float64, device=device))
+        else:
+            raise TypeError(f"Monitor.step: losses[{i}] is a {type(v).__name__}; give tensors or numbers")
+    if not parts:
+        return torch.empty(0, device=device)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 _NO_EDGES = torch.empty(0, dtype=torch.float64)
@@ -154,7 +191,10 @@ class Quantity(abc.ABC):
     """A user-defined quantity: a unique ``key`` and ``compute(ctx)`` returning a one-element
     tensor on the parameters' device (logged as ``<key>``) or a dict of them (``<key>/<name>``,
     or ``<key>`` for the name ""). Compute without host syncs (no ``.item()``): the values travel
-    with the step's other results. ``compute`` runs under ``torch.no_grad()``, only when due."""
+    with the step's other results. A Python number is accepted too (placed on the device; a
+    number computed from device tensors has already waited for the GPU). ``compute`` runs under
+    ``torch.no_grad()``, only when due. The key has no "/" and is not a built-in record name
+    ("loss", "grad_norm", ..., "grad_hist1d") or built-in key ("param_metrics", "grad_hist")."""
 
     key: str = ""
 
@@ -182,6 +222,10 @@ class Monitor:
     - ``process_group``: the group to combine over under torch.distributed (default: the
       parameters' sharding group for FSDP2, else the default group when initialised);
       ``sinks_on_all_ranks``: hand records to the sinks on every rank, not only rank 0.
+
+    Parameter names are the model's own, without the prefixes wrappers add (``_orig_mod.`` of
+    torch.compile, ``module.`` of DDP, ...; :func:`trainscope.distributed.clean_param_name`), so a
+    compiled model logs the same names as the eager one; ``(name, tensor)`` pairs keep theirs.
     """
 
     def __init__(self, model_or_named_params, param_metrics: ScheduleLike = True, grad_hist: ScheduleLike = True,
@@ -189,7 +233,18 @@ class Monitor:
                  weights_matrices_only: bool = False, track_init: bool = True, track_prev: bool = True,
                  ring_slots: int = 64, sinks: Sequence[Sink] = (), process_group=None,
                  sinks_on_all_ranks: bool = False):
-        self.layout = _dist.param_layout(model_or_named_params, group=process_group)
+        specs = (_spec(param_metrics, "param_metrics"), _spec(grad_hist, "grad_hist"))
+        flags = [check_bool(v, n, "Monitor") for v, n in ((per_tensor, "per_tensor"),
+                                                          (weights_matrices_only, "weights_matrices_only"),
+                                                          (track_init, "track_init"), (track_prev, "track_prev"))]
+        hist_axis = check_hist_axis(nbins, maxval, caller="Monitor")
+        ring_slots = check_int(ring_slots, "ring_slots", "Monitor", low=1)
+        sinks_on_all_ranks = check_bool(sinks_on_all_ranks, "sinks_on_all_ranks", "Monitor")
+        if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable) or callable(sinks):
+            raise TypeError(f"Monitor: sinks must be a list of callables, got {type(sinks).__name__}")
+        self.layout = _dist.param_layout(_named_params_arg(model_or_named_params), group=process_group)
+        if not self.layout.names:
+            raise ValueError("Monitor: model_or_named_params has no trainable parameters (none with requires_grad)")
         self.names: List[str] = list(self.layout.names)
         self.params: List[torch.Tensor] = list(self.layout.params)  # this rank's tensors
         self.rank, self.world_size = _dist.rank_and_size(self.layout.group)
@@ -197,12 +252,10 @@ class Monitor:
         # DTensor gradients live on the DTensors, not on their local tensors: passed at each step.
         self._grads_from_layout = any(p is not q for p, q in zip(self.layout.originals, self.layout.params))
         self._m = torch.classes.trainscope.Monitor(
-            self.names, self.params, _spec(param_metrics, "param_metrics"), _spec(grad_hist, "grad_hist"),
-            *check_hist_axis(nbins, maxval, caller="Monitor"), bool(per_tensor), bool(weights_matrices_only),
-            bool(track_init),
-            bool(track_prev), int(ring_slots), self.layout.process_group if self.world_size > 1 else "",
+            self.names, self.params, *specs, *hist_axis, *flags, ring_slots,
+            self.layout.process_group if self.world_size > 1 else "",
             list(self.layout.placements) if across else [], list(self.layout.full_dims) if across else [],
-            bool(sinks_on_all_ranks))
+            sinks_on_all_ranks)
         self._quantities: List[Quantity] = []
         self._sinks: List[Sink] = []
         for s in sinks:
@@ -244,7 +297,11 @@ class Monitor:
         :class:`trainscope.PerSampleHooks`): ``{name: (counts, edges)}`` with int64 counts [n] and
         n + 1 edges, or counts [n0, n1] and ``(edges0, edges1)``; edges are host values (a CPU
         tensor or a sequence: reading device edges would wait for the GPU)."""
-        step = int(step)
+        step = check_int(step, "step", "Monitor.step")
+        losses = _losses_tensor(losses, self.params[0].device)
+        if histograms is not None and not isinstance(histograms, Mapping):
+            raise TypeError(f"Monitor.step: histograms must be a dict {{name: (counts, edges)}}, "
+                            f"got {type(histograms).__name__}")
         scalars: Dict[str, torch.Tensor] = {}
         ctx = None
         grads = self.layout.grads()
@@ -255,46 +312,123 @@ class Monitor:
                 ctx = QuantityContext(step, self.names, self.params, grads, losses, dict(extras))
             with torch.no_grad():
                 out = q.compute(ctx)
-            items = {"": out} if isinstance(out, torch.Tensor) else dict(out)
+            items = out if isinstance(out, Mapping) else {"": out}
             for sub, t in items.items():
                 name = f"{q.key}/{sub}" if sub else q.key
-                if not isinstance(t, torch.Tensor) or t.numel() != 1:
-                    raise ValueError(f"Monitor.step: quantity {q.key!r} gave {name!r} = {type(t).__name__}"
-                                     f"{'' if not isinstance(t, torch.Tensor) else ' of shape ' + str(tuple(t.shape))}"
-                                     "; return one-element tensors on the parameters' device")
-                scalars[name] = t.detach().reshape(()).to(torch.float64)
+                scalars[name] = self._scalar(t, q.key, name)
         names, counts, edges, edges2 = [], [], [], []
-        for name, (c, e) in (histograms or {}).items():
-            two_d = isinstance(e, (tuple, list)) and len(e) == 2 and not isinstance(e[0], (int, float))
+        for name, h in (histograms or {}).items():
+            if not (isinstance(h, (tuple, list)) and len(h) == 2 and isinstance(h[0], torch.Tensor)):
+                raise TypeError(f"Monitor.step: histograms[{name!r}] must be a pair (counts tensor, edges), "
+                                f"got {type(h).__name__}")
+            c, e = h
+            two_d = isinstance(e, (tuple, list)) and len(e) == 2 and not isinstance(e[0], numbers.Real)
             names.append(str(name))
             counts.append(c.detach())
             edges.append(_host_edges(e[0] if two_d else e))
             edges2.append(_host_edges(e[1]) if two_d else _NO_EDGES)
-        self._m.step(step, None if losses is None else losses.detach(), scalars, names, counts, edges, edges2,
+        self._m.step(step, losses, scalars, names, counts, edges, edges2,
                      [None if g is None else g.detach() for g in grads] if self._grads_from_layout else [])
         self._dispatch(self._m.take_records())  # the steps that finished before this one
+
+    def _scalar(self, value, key: str, name: str) -> torch.Tensor:
+        """One value a quantity gave, as a 0-d float64 tensor on the parameters' device."""
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return value.detach().reshape(()).to(torch.float64)
+        if isinstance(value, numbers.Real):  # fill, not a copy: no wait for the device
+            return torch.full((), float(value), dtype=torch.float64, device=self.params[0].device)
+        what = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+        raise ValueError(f"Monitor.step: quantity {key!r} gave {name!r} = {type(value).__name__}{what}; "
+                         "return one-element tensors on the parameters' device (or numbers)")
 
     def poll(self) -> int:
         """Hands every finished step to the sinks without waiting; returns how many."""
         return self._dispatch(self._m.poll_records())
 
-    def flush(self) -> None:
-        """Waits for every step in flight and hands it to the sinks."""
-        self._dispatch(self._m.flush_records())
+    def flush(self, *, errors: str = "raise") -> None:
+        """Waits for every step in flight and hands it to the sinks, then calls ``flush()`` of the
+        sinks that have one (:class:`TensorBoardSink`), so that their files are complete.
+        ``errors="warn"``: an error on the way (the device, a sink) becomes a warning and every
+        record that can still be delivered is; for a run that is already failing."""
+        if errors not in ("raise", "warn"):
+            raise ValueError(f"Monitor.flush: errors must be 'raise' or 'warn', got {errors!r}")
+        if errors == "raise":
+            self._dispatch(self._m.flush_records())
+            self._flush_sinks()
+            return
+        try:
+            self._dispatch(self._m.flush_records())
+        except Exception as e:  # noqa: BLE001  (the run is failing already: say it, do not raise over it)
+            warnings.warn(f"trainscope.Monitor: not every step in flight reached the sinks: {type(e).__name__}: {e}",
+                          RuntimeWarning, stacklevel=2)
+            try:  # the steps the device finished before the error
+                self._dispatch(self._m.take_records())
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            self._flush_sinks()
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"trainscope.Monitor: flushing a sink failed: {type(e).__name__}: {e}", RuntimeWarning,
+                          stacklevel=2)
 
     def collect_captured(self, step: int) -> None:
         """After replaying a graph that captured ``step()``: queues the captured values as ``step``."""
-        self._m.collect_captured(int(step))
+        self._m.collect_captured(check_int(step, "step", "Monitor.collect_captured"))
         self._dispatch(self._m.take_records())
 
     def _dispatch(self, records) -> int:
+        # Every record reaches every sink even when one sink raises; the first error is raised after.
+        error = None
         for step, names, values, hist_names, edges, counts, edges2 in records:
             rec = StepRecord(int(step), dict(zip(names, values)),
                              {n: ((e, e2) if e2.numel() else e, c)
                               for n, e, c, e2 in zip(hist_names, edges, counts, edges2)})
             for sink in self._sinks:
-                sink(rec)
+                try:
+                    sink(rec)
+                except Exception as e:  # noqa: BLE001
+                    error = error or e
+        if error is not None:
+            raise error
         return len(records)
+
+    def _flush_sinks(self) -> None:
+        for sink in self._sinks:
+            flush = getattr(sink, "flush", None)
+            if callable(flush):
+                flush()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def state_dict(self, param_copies: bool = True) -> Dict[str, Any]:
+        """What a run resumed from a checkpoint needs to continue its curves: ``names``, θ₀
+        (``init``) and θ_prev (``prev``), one tensor per parameter (the Monitor's own tensors, as
+        ``nn.Module.state_dict`` gives its own: save them before the next ``step()``), the pending
+        ``requested`` keys, the latest ``step`` (None before the first), and the ``rank`` and
+        ``world_size`` it was taken on. Schedules are functions of the step and have no state.
+        ``param_copies=False`` leaves θ₀ and θ_prev out (empty lists): a checkpoint then costs no
+        parameter copies, and a Monitor loading it keeps the ones it took at construction."""
+        names, init, prev, requested, has_step, step, rank, world_size = self._m.state_dict(
+            check_bool(param_copies, "param_copies", "Monitor.state_dict"))
+        return {"names": list(names), "init": list(init), "prev": list(prev), "requested": list(requested),
+                "step": int(step) if has_step else None, "rank": int(rank), "world_size": int(world_size)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores a :meth:`state_dict` (e.g. on a Monitor rebuilt on the model loaded from a
+        checkpoint): θ₀ and θ_prev are copied in, pending requests restored. A state of other
+        parameters (names, order or shapes differ), or one holding sharded parameters' shards
+        from another rank, is an error naming what differs, raised before anything changes."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"Monitor.load_state_dict: state must be a dict from state_dict(), got "
+                            f"{type(state).__name__}")
+        missing = [k for k in ("names", "init", "prev", "requested") if k not in state]
+        if missing:
+            raise ValueError(f"Monitor.load_state_dict: state lacks {missing}; give a dict from Monitor.state_dict()")
+        step = state.get("step")
+        self._m.load_state_dict([str(n) for n in state["names"]], list(state["init"]), list(state["prev"]),
+                                [str(k) for k in state["requested"]], step is not None,
+                                0 if step is None else check_int(step, "state['step']", "Monitor.load_state_dict"),
+                                int(state.get("rank", 0)), int(state.get("world_size", 1)))
 
     @property
     def writes_records(self) -> bool:
@@ -304,8 +438,27 @@ class Monitor:
     def __enter__(self) -> "Monitor":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.flush()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Leaving by an exception: the steps in flight still reach the sinks, and a second error
+        # on the way (the device that failed, a sink) is a warning, not raised over the first.
+        self.flush(errors="raise" if exc_type is None else "warn")
+
+
+def _named_params_arg(value):
+    """``model_or_named_params`` checked: an nn.Module, or (name, tensor) pairs as a list."""
+    if isinstance(value, nn.Module):
+        return value
+    if value is None or isinstance(value, (str, bytes, torch.Tensor, Mapping)) or not isinstance(value, Iterable):
+        hint = "; for a dict use .items()" if isinstance(value, Mapping) else ""
+        raise TypeError("Monitor: model_or_named_params must be an nn.Module or an iterable of (name, tensor) "
+                        f"pairs (e.g. model.named_parameters()), got {type(value).__name__}{hint}")
+    pairs = list(value)
+    for i, item in enumerate(pairs):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise TypeError(f"Monitor: model_or_named_params[{i}] must be a (name, tensor) pair, got "
+                            f"{type(item).__name__}; pass model.named_parameters(), not model.parameters()")
+    return pairs
 
 
 # -- file sinks: the C++ JsonlSink and CsvSink (src/monitor.cpp), one implementation of each format --

@@ -22,8 +22,16 @@ def histogram_summary(edges: torch.Tensor, counts: torch.Tensor) -> Optional[Dic
     ``sum`` and ``sum_squares`` from the bin centres, ``min`` and ``max`` are the outer edges of the
     lowest and highest non-empty bins. As TensorBoard's own ``add_histogram`` does, empty bins at
     both ends are left out, so that the first bucket starts at ``min`` and the last ends at ``max``;
-    ``bucket_limits`` are the right edges of the buckets kept.
+    ``bucket_limits`` are the right edges of the buckets kept. Edges and counts of other lengths
+    (or a 2-D histogram) are a ValueError naming them.
     """
+    edges = edges if isinstance(edges, torch.Tensor) else torch.as_tensor(edges, dtype=torch.float64)
+    counts = counts if isinstance(counts, torch.Tensor) else torch.as_tensor(counts)
+    if counts.dim() != 1 or edges.dim() != 1 or edges.numel() != counts.numel() + 1:
+        raise ValueError(f"histogram_summary: a 1-D histogram has len(edges) = len(counts) + 1, got edges of shape "
+                         f"{tuple(edges.shape)} and counts of shape {tuple(counts.shape)}")
+    if counts.is_floating_point() or counts.is_complex():
+        raise TypeError(f"histogram_summary: counts must be integers, got {counts.dtype}")
     e = edges.tolist()
     c = counts.tolist()
     nonzero = [i for i, n in enumerate(c) if n]
@@ -43,7 +51,9 @@ def histogram_summary(edges: torch.Tensor, counts: torch.Tensor) -> Optional[Dic
 class TensorBoardSink:
     """Writes every finished step (a :class:`trainscope.StepRecord`) to a TensorBoard
     ``SummaryWriter`` in ``log_dir``: scalars as ``<prefix>/<name>``, histograms as
-    ``<prefix>/<name>`` at the record's step. ``close()`` flushes the event file."""
+    ``<prefix>/<name>`` at the record's step. ``flush()`` writes the event file (the Monitor calls
+    it at its own ``flush()``, also when a ``with Monitor(...)`` block exits by an exception);
+    ``close()`` flushes and closes it."""
 
     def __init__(self, log_dir: str, prefix: str = "trainscope"):
         from torch.utils.tensorboard import SummaryWriter  # imported here: needs the tensorboard package
@@ -59,6 +69,10 @@ class TensorBoardSink:
             summary = histogram_summary(edges, counts)
             if summary is not None:
                 self.writer.add_histogram_raw(f"{self.prefix}/{name}", global_step=record.step, **summary)
+
+    def flush(self) -> None:
+        """Writes what is buffered to the event file (``Monitor.flush()`` calls it)."""
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

@@ -1,12 +1,16 @@
 """The Python Monitor: records equal trainscope.param_stats on the same steps, schedules fire on
 exactly their steps, Python quantities round-trip, file sinks parse back, the context manager
-flushes; on CUDA, a monitored step runs under sync-debug "error" and inside a CUDA graph."""
+flushes (also when it exits by an exception), a state_dict resumes the curves, arguments that make
+no sense are handled or named; on CUDA, a monitored step runs under sync-debug "error" and inside
+a CUDA graph."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -87,8 +91,22 @@ def test_bad_schedule_argument_of_the_monitor_is_named():
     model = make_model("cpu")
     with pytest.raises(RuntimeError, match="grad_hist"):
         Monitor(model, grad_hist="every:0")
+    with pytest.raises(RuntimeError, match="grad_hist"):
+        Monitor(model, grad_hist="every")
     with pytest.raises(TypeError, match="param_metrics"):
         Monitor(model, param_metrics=3)
+    with pytest.raises(TypeError, match="param_metrics"):
+        Monitor(model, param_metrics=every)  # the factory, not a schedule
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: every(-1), "k"), (lambda: every(0), "k"), (lambda: every(2.5), "k"), (lambda: every("3"), "k"),
+    (lambda: every(True), "k"), (lambda: every(2, start=1.5), "start"), (lambda: at_steps("1,2"), "steps"),
+    (lambda: at_steps(5), "steps"), (lambda: at_steps([1, 2.5]), "steps"), (lambda: log_spaced(0), "per_decade"),
+    (lambda: log_spaced(10, 0), "start"), (lambda: log_spaced(2.5), "per_decade")])
+def test_schedule_factories_name_their_bad_arguments(make, name):
+    with pytest.raises((TypeError, ValueError), match=rf"\b{name}\b"):
+        make()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,11 +325,244 @@ def test_context_manager_flushes_and_records_arrive_later():
     assert mon.poll() == 0
 
 
+def test_context_manager_exiting_by_an_exception_delivers_every_step(tmp_path):
+    model = make_model("cpu")
+    got = Collect()
+    path = tmp_path / "m.jsonl"
+    with pytest.raises(ZeroDivisionError):
+        with Monitor(model, sinks=[got, JsonlSink(path)]) as mon:
+            train(model, mon, 3, "cpu")
+            assert got.steps == [0, 1]  # step 2 is in flight
+            1 / 0
+    assert got.steps == [0, 1, 2]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_an_error_while_flushing_after_an_exception_is_a_warning_not_a_second_exception():
+    model = make_model("cpu")
+    got = Collect()
+
+    def fails_at_step_2(record):
+        if record.step == 2:
+            raise OSError("disk full")
+
+    with pytest.warns(RuntimeWarning, match="disk full"):
+        with pytest.raises(ZeroDivisionError):  # the first error, not the sink's
+            with Monitor(model, sinks=[fails_at_step_2, got]) as mon:
+                train(model, mon, 3, "cpu")
+                1 / 0
+    assert got.steps == [0, 1, 2]  # the other sink got every record
+    # Without an exception in flight, the sink's error is raised (after every sink had the record).
+    got = Collect()
+    mon = Monitor(model, sinks=[fails_at_step_2, got])
+    train(model, mon, 3, "cpu")
+    with pytest.raises(OSError, match="disk full"):
+        mon.flush()
+    assert got.steps == [0, 1, 2]
+    with pytest.raises(ValueError, match="errors"):
+        mon.flush(errors="ignore")
+
+
+def test_tensorboard_sink_file_is_complete_when_the_run_dies(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    model = make_model("cpu")
+    sink = trainscope.TensorBoardSink(str(tmp_path))
+    with pytest.raises(ZeroDivisionError):
+        with Monitor(model, sinks=[sink]) as mon:
+            train(model, mon, 3, "cpu")
+            1 / 0
+    acc = ea.EventAccumulator(str(tmp_path))  # read before close(): Monitor.flush flushed the writer
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("trainscope/grad_norm")] == [0, 1, 2]
+    sink.close()
+
+
 def test_named_params_iterable_and_frozen_parameters_left_out():
     model = make_model("cpu")
     model[0].bias.requires_grad_(False)
     assert Monitor(model).names == ["0.weight", "2.weight", "2.bias"]
     assert Monitor(model.named_parameters()).names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments that make no sense: handled as a user would expect, or an error naming the argument
+
+
+def test_model_argument_is_checked():
+    model = make_model("cpu")
+    with pytest.raises(TypeError, match="model_or_named_params"):
+        Monitor(None)
+    with pytest.raises(TypeError, match=r"named_parameters\(\)"):
+        Monitor(model.parameters())  # tensors, not (name, tensor) pairs
+    with pytest.raises(TypeError, match=r"\.items\(\)"):
+        Monitor(dict(model.named_parameters()))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Monitor(make_model("cpu").requires_grad_(False))
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(per_tensor="yes"), "per_tensor"), (dict(track_init=None), "track_init"),
+    (dict(weights_matrices_only=0.5), "weights_matrices_only"), (dict(ring_slots=0), "ring_slots"),
+    (dict(ring_slots=2.5), "ring_slots"), (dict(nbins=0), "nbins"), (dict(maxval=-1.0), "maxval"),
+    (dict(sinks=print), "sinks"), (dict(sinks=[3]), "sink"), (dict(sinks_on_all_ranks="no"), "sinks_on_all_ranks")])
+def test_arguments_are_checked_at_construction(kwargs, name):
+    with pytest.raises((TypeError, ValueError), match=name):
+        Monitor(make_model("cpu"), **kwargs)
+
+
+def test_losses_as_a_list_are_concatenated_and_the_step_is_an_integer():
+    model = make_model("cpu")
+    got = Collect()
+    mon = Monitor(model, grad_hist=False, per_tensor=False, sinks=[got])
+    x, y = batch(0, "cpu")
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    losses.mean().backward()
+    losses = losses.detach()
+    mon.step(0, [losses[:5], losses[5:]])            # e.g. one tensor per micro-batch
+    mon.step(1, losses)
+    mon.step(2, [0.5, 1.5, torch.tensor([4.0, 2.0])])  # numbers and tensors
+    mon.step(3, [])                                    # no samples: the loss of nothing is NaN
+    mon.step(4, (losses,))
+    mon.flush()
+    loss = {r.step: r.scalars["loss"] for r in got.records}
+    assert loss[0] == pytest.approx(float(losses.mean()), rel=1e-6) and loss[0] == loss[1] == loss[4]
+    assert loss[2] == 2.0 and math.isnan(loss[3])
+    with pytest.raises(TypeError, match="losses"):
+        mon.step(5, "0.5")
+    with pytest.raises(TypeError, match=r"losses\[1\]"):
+        mon.step(5, [losses, None])
+    with pytest.raises(TypeError, match="step"):
+        mon.step(1.5)
+    with pytest.raises(TypeError, match="histograms"):
+        mon.step(5, histograms=[torch.zeros(2, dtype=torch.long)])
+    with pytest.raises(TypeError, match="'h'"):
+        mon.step(5, histograms={"h": torch.zeros(2, dtype=torch.long)})
+
+
+@pytest.mark.parametrize("key", ["loss", "grad_norm", "grad_magnitude", "weight_magnitude", "distance",
+                                 "update_size", "nonfinite_count", "grad_hist1d", "param_metrics", "grad_hist",
+                                 "grad_norm/0.weight", "mine/sub", ""])
+def test_a_quantity_key_never_takes_a_built_in_name(key):
+    model = make_model("cpu")
+    got = Collect()
+    mon = Monitor(model, sinks=[got])
+    with pytest.raises((RuntimeError, ValueError), match=re.escape(key) if key else "key"):
+        mon.add_quantity(Const(key, torch.full((), 123.0)))
+    train(model, mon, 1, "cpu")  # the Monitor is unharmed
+    mon.flush()
+    assert got.records[0].scalars["grad_norm"] != 123.0
+
+
+def test_a_quantity_may_return_python_numbers():
+    model = make_model("cpu")
+    got = Collect()
+    mon = Monitor(model, grad_hist=False, per_tensor=False, sinks=[got])
+    mon.add_quantity(Const("lr", 0.01))
+    mon.add_quantity(Const("many", {"a": 2, "b": torch.tensor([3.0]), "c": True, "d": float("nan")}))
+    train(model, mon, 2, "cpu")
+    mon.flush()
+    for r in got.records:
+        assert r.scalars["lr"] == 0.01
+        assert (r.scalars["many/a"], r.scalars["many/b"], r.scalars["many/c"]) == (2.0, 3.0, 1.0)
+        assert math.isnan(r.scalars["many/d"])
+    for bad in (None, "0.5", [1.0, 2.0]):
+        mon = Monitor(model)
+        mon.add_quantity(Const("odd", bad))
+        with pytest.raises(ValueError, match="odd"):
+            mon.step(0)
+
+
+def test_histogram_summary_refuses_edges_and_counts_that_do_not_pair_up():
+    edges = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="edges"):
+        trainscope.histogram_summary(edges, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="counts"):
+        trainscope.histogram_summary(edges, torch.tensor([[1, 2]]))
+    with pytest.raises(TypeError, match="counts"):
+        trainscope.histogram_summary(edges, torch.tensor([1.0, 2.0]))
+    # Sequences are fine too.
+    assert trainscope.histogram_summary([-1.0, 0.0, 1.0], [0, 2])["bucket_counts"] == [2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: state_dict / load_state_dict
+
+
+def sgd_steps(model, mon, first, last, device):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # no optimizer state to restore
+    for s in range(first, last):
+        x, y = batch(s, device)
+        opt.zero_grad()
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.step()
+        mon.step(s, losses)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_dict_resumes_distance_and_update_size(tmp_path, device):
+    config = dict(grad_hist=on_demand(), per_tensor=False)
+    model = make_model(device)
+    uninterrupted = Collect()
+    mon = Monitor(model, sinks=[uninterrupted], **config)
+    sgd_steps(model, mon, 0, 3, device)
+    mon.request("grad_hist")  # pending at the checkpoint
+    torch.save({"model": model.state_dict(), "monitor": mon.state_dict()}, tmp_path / "ckpt.pt")
+    sgd_steps(model, mon, 3, 6, device)
+    mon.flush()
+
+    resumed_model = make_model(device, seed=7)  # another initialisation, then the checkpoint's weights
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state = ckpt["monitor"]
+    assert state["names"] == mon.names and state["step"] == 2 and state["requested"] == ["grad_hist"]
+    assert len(state["init"]) == len(state["prev"]) == 4 and (state["rank"], state["world_size"]) == (0, 1)
+    resumed_model.load_state_dict(ckpt["model"])
+    resumed = Collect()
+    mon2 = Monitor(resumed_model, sinks=[resumed], **config)
+    mon2.load_state_dict(state)
+    assert mon2.due("grad_hist", 3)
+    sgd_steps(resumed_model, mon2, 3, 6, device)
+    mon2.flush()
+    assert resumed.steps == [3, 4, 5]
+    for want, got in zip(uninterrupted.records[3:], resumed.records):
+        for name in ("distance", "update_size", "grad_norm", "loss"):
+            assert got.scalars[name] == pytest.approx(want.scalars[name], rel=1e-6), (name, got.step)
+    assert [bool(r.histograms) for r in resumed.records] == [True, False, False]
+
+    # Without parameter copies the state holds no tensors, and the loading Monitor keeps its θ₀.
+    light = mon2.state_dict(param_copies=False)
+    assert light["init"] == [] and light["prev"] == [] and light["step"] == 5
+    fresh = Collect()
+    mon3 = Monitor(resumed_model, sinks=[fresh], **config)
+    mon3.load_state_dict(light)
+    sgd_steps(resumed_model, mon3, 6, 7, device)
+    mon3.flush()
+    assert fresh.records[0].scalars["distance"] == pytest.approx(fresh.records[0].scalars["update_size"], rel=1e-6)
+
+
+def test_load_state_dict_of_other_parameters_names_what_differs():
+    model = make_model("cpu")
+    state = Monitor(model).state_dict()
+    wider = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(RuntimeError, match=r"'0\.weight'.*shape"):
+        Monitor(wider).load_state_dict(state)
+    other = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.Linear(3, 3))
+    with pytest.raises(RuntimeError, match=r"lacks '3\.weight'"):
+        Monitor(other).load_state_dict(state)
+    mon = Monitor(model)
+    with pytest.raises(TypeError, match="state"):
+        mon.load_state_dict([1, 2])
+    with pytest.raises(ValueError, match="init"):
+        mon.load_state_dict({"names": mon.names})
+    with pytest.raises(RuntimeError, match="nope"):
+        mon.load_state_dict(dict(state, requested=["nope"]))
+    before = [t.clone() for t in mon.state_dict()["init"]]
+    bad = dict(state, init=[torch.ones(7, 5), torch.ones(7), torch.ones(3, 7), torch.ones(2)])
+    with pytest.raises(RuntimeError, match=r"'2\.bias'"):
+        mon.load_state_dict(bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, mon.state_dict()["init"]))  # nothing changed
 
 
 # ---------------------------------------------------------------------------------------------
