@@ -22,7 +22,19 @@ Schedules (``trainscope.every(k)``, ...) count these step numbers; Lightning's
 ``log_every_n_steps`` does not apply.
 
 Nothing here waits for the GPU: ``Monitor.step`` only queues work, and the values of a step are
-logged a few steps later, when the device has finished them (all of them by the end of ``fit``).
+logged a few steps later, when the device has finished them (all of them by the end of ``fit``,
+and, when ``fit`` ends by an exception, in ``on_exception``, before the loggers are finalised).
+
+Checkpoints: the callbacks save θ₀ and θ_prev (a copy of the trainable parameters each) and
+pending requests in Lightning checkpoints (``state_dict``), so a run resumed with
+``fit(ckpt_path=...)`` continues its ``distance`` and ``update_size`` curves. With
+``checkpoint_param_copies=False`` the copies are left out: checkpoints cost nothing extra, and a
+resumed run measures ``distance`` from the parameters it resumes from (as does a resumed FSDP
+run, whose shards are never copied: Lightning keeps rank 0's callback state only). The Monitor is built in
+``on_train_start``, after Lightning has restored the checkpoint (some strategies restore after
+``on_fit_start``), so θ₀ and θ_prev are never taken from parameters about to be overwritten.
+After ``fit`` the state is kept on the host (as Lightning moves the module there), for a
+``trainer.save_checkpoint`` after ``fit``.
 
 Multi-process strategies (DDP, FSDP): every rank measures, and only the global-zero process logs
 (to the loggers and to ``sinks``). The Monitor combines over the ranks by itself (see
@@ -35,7 +47,8 @@ logging cost down.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -46,7 +59,8 @@ except ImportError as e:  # pragma: no cover  (depends on the environment)
     raise ImportError("trainscope.lightning needs Lightning 2.x: pip install lightning") from e
 
 from . import PER_SAMPLE_STATS, PerSampleHooks, RepresentationProbe
-from .monitor import Monitor, Quantity, every
+from ._args import check_bool, check_hist_axis, check_int
+from .monitor import Monitor, Quantity, _spec, every
 from .tensorboard_sink import histogram_summary
 
 __all__ = [
@@ -63,8 +77,24 @@ PER_SAMPLE_KEY = "per_sample"
 REPRESENTATION_KEY = "representation"
 
 
-def _enabled(schedule) -> bool:
-    return schedule is not None and schedule is not False
+_CALLER = "TrainscopeCallback"
+
+
+def _enabled(schedule, arg: str) -> bool:
+    """Whether a family's schedule turns it on; a schedule that is not one is an error naming `arg`."""
+    return _spec(schedule, arg, _CALLER) != "off"
+
+
+def _quantity_with_schedule(item, i: int):
+    """An entry of ``quantities``: a Quantity, or a (Quantity, schedule) pair, checked."""
+    q, schedule = item if isinstance(item, tuple) and len(item) == 2 else (item, True)
+    key = getattr(q, "key", None)
+    if not isinstance(key, str) or not callable(getattr(q, "compute", None)):
+        raise TypeError(f"{_CALLER}: quantities[{i}] must be a trainscope.Quantity (a key and compute(ctx)) or a "
+                        f"(Quantity, schedule) pair, got {type(item).__name__}")
+    torch.ops.trainscope.check_quantity_key(key, f"{_CALLER}: quantities[{i}]")
+    _spec(schedule, f"quantities[{i}] schedule", _CALLER)
+    return q, schedule
 
 
 class _PerSampleQuantity(Quantity):
@@ -124,6 +154,14 @@ class TrainscopeCallback(Callback):
     alone (every step). ``sinks``: more callables receiving each finished StepRecord.
     :meth:`request` makes a quantity due at the next step (e.g. ``"representation"`` at a task
     boundary with ``representation=trainscope.on_demand()``).
+
+    ``checkpoint_param_copies`` (on): Lightning checkpoints carry θ₀ and θ_prev (one copy of the
+    trainable parameters each), so that a resumed run continues distance and update_size; off,
+    checkpoints carry only the pending requests. Sharded parameters (FSDP) are never copied into
+    a checkpoint (Lightning keeps rank 0's callback state only): a resumed FSDP run measures
+    distance from the parameters it resumes from, and a warning says so. Parameter names are the model's own, without
+    the prefixes of torch.compile (``_orig_mod.``) and other wrappers, as the representation
+    layers are named. Every argument is checked here, each error naming its argument.
     """
 
     def __init__(self, param_metrics=every(1), grad_hist=every(1), *, per_tensor: bool = True,
@@ -133,56 +171,78 @@ class TrainscopeCallback(Callback):
                  per_sample_loss_reduction: str = "mean",
                  representation=None, probe_inputs=None, probe_options: Optional[Mapping[str, Any]] = None,
                  quantities: Iterable = (), sinks: Iterable[Callable] = (), prefix: str = "trainscope",
-                 losses_key: str = "losses", ring_slots: int = 64):
+                 losses_key: str = "losses", ring_slots: int = 64, checkpoint_param_copies: bool = True):
         super().__init__()
-        if _enabled(representation) and probe_inputs is None:
-            raise ValueError("TrainscopeCallback: representation metrics need probe_inputs")
+        self.param_metrics = param_metrics if _enabled(param_metrics, "param_metrics") else None
+        self.grad_hist = grad_hist if _enabled(grad_hist, "grad_hist") else None
+        self.per_sample = per_sample if _enabled(per_sample, "per_sample") else None
+        self.representation = representation if _enabled(representation, "representation") else None
+        if self.representation is not None and probe_inputs is None:
+            raise ValueError(f"{_CALLER}: representation metrics need probe_inputs")
         if per_sample_loss_reduction not in ("mean", "sum"):
-            raise ValueError("TrainscopeCallback: per_sample_loss_reduction must be 'mean' or 'sum', "
+            raise ValueError(f"{_CALLER}: per_sample_loss_reduction must be 'mean' or 'sum', "
                              f"got {per_sample_loss_reduction!r}")
-        self.param_metrics = param_metrics if _enabled(param_metrics) else None
-        self.grad_hist = grad_hist if _enabled(grad_hist) else None
-        self.per_sample = per_sample if _enabled(per_sample) else None
-        self.representation = representation if _enabled(representation) else None
-        self.per_tensor, self.nbins, self.maxval = per_tensor, nbins, maxval
-        self.weights_matrices_only = weights_matrices_only
+        if probe_options is not None and not isinstance(probe_options, Mapping):
+            raise TypeError(f"{_CALLER}: probe_options must be a dict, got {type(probe_options).__name__}")
+        for value, name in ((prefix, "prefix"), (losses_key, "losses_key")):
+            if not isinstance(value, str):
+                raise TypeError(f"{_CALLER}: {name} must be a string, got {type(value).__name__}")
+        self.per_tensor = check_bool(per_tensor, "per_tensor", _CALLER)
+        self.nbins, self.maxval = check_hist_axis(nbins, maxval, caller=_CALLER)
+        self.weights_matrices_only = check_bool(weights_matrices_only, "weights_matrices_only", _CALLER)
         # θ₀ and θ_prev are a copy of the parameters each: keep them only for the metrics using them.
-        self.track_init = track_init and self.param_metrics is not None
-        self.track_prev = track_prev and self.param_metrics is not None
+        self.track_init = check_bool(track_init, "track_init", _CALLER) and self.param_metrics is not None
+        self.track_prev = check_bool(track_prev, "track_prev", _CALLER) and self.param_metrics is not None
+        self.checkpoint_param_copies = check_bool(checkpoint_param_copies, "checkpoint_param_copies", _CALLER)
         self.per_sample_layers = per_sample_layers
         self.per_sample_loss_reduction = per_sample_loss_reduction
         self.probe_inputs = probe_inputs
         self.probe_options = dict(probe_options or {})
-        self.quantities = list(quantities)
+        self.quantities = [_quantity_with_schedule(q, i) for i, q in enumerate(quantities)]
         self.sinks = list(sinks)
+        for i, sink in enumerate(self.sinks):
+            if not callable(sink):
+                raise TypeError(f"{_CALLER}: sinks[{i}] must be callable, got {type(sink).__name__}")
         self.prefix = prefix
         self.losses_key = losses_key
-        self.ring_slots = ring_slots
+        self.ring_slots = check_int(ring_slots, "ring_slots", _CALLER, low=1)
+        keys = [q.key for q, _ in self.quantities] + [k for k, on in ((PER_SAMPLE_KEY, self.per_sample),
+                                                                      (REPRESENTATION_KEY, self.representation))
+                                                      if on is not None]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"{_CALLER}: quantity keys repeat ({keys}); every quantity needs a unique key")
+        self._keys: Set[str] = {"param_metrics", "grad_hist", *keys}
         self.monitor: Optional[Monitor] = None
         self._trainer = None
         self._hooks: Optional[PerSampleHooks] = None
         self._seen_global_step = 0
         self._losses: List[torch.Tensor] = []
+        self._requests: Set[str] = set()                   # requested while no Monitor exists
+        self._loaded_state: Optional[Dict[str, Any]] = None  # from a checkpoint, for the next Monitor
+        self._kept_state: Optional[Dict[str, Any]] = None    # the last Monitor's, after fit
+
+    @property
+    def state_key(self) -> str:
+        # Two callbacks of one class with different prefixes keep apart in a checkpoint.
+        return self._generate_state_key(prefix=self.prefix)
 
     # -- building the Monitor
 
     def _build_monitor(self, trainer, pl_module: nn.Module) -> Monitor:
-        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        monitor = Monitor(named, param_metrics=self.param_metrics or False,
+        # The module itself, not (name, tensor) pairs: names lose wrapper prefixes (torch.compile's
+        # _orig_mod., FSDP's _fsdp_wrapped_module.) and FSDP1's flat shards are recognised.
+        monitor = Monitor(pl_module, param_metrics=self.param_metrics or False,
                           grad_hist=self.grad_hist or False, nbins=self.nbins, maxval=self.maxval,
                           per_tensor=self.per_tensor, weights_matrices_only=self.weights_matrices_only,
                           track_init=self.track_init, track_prev=self.track_prev,
                           ring_slots=self.ring_slots,
-                          sinks=[self._log_record, *(self._on_global_zero(s) for s in self.sinks)])
+                          sinks=[self._log_record, *(_GlobalZeroSink(self, s) for s in self.sinks)])
         if self.per_sample is not None:
             monitor.add_quantity(_PerSampleQuantity(self), self.per_sample)
         if self.representation is not None:
             monitor.add_quantity(_RepresentationQuantity(self._make_probe(pl_module)), self.representation)
-        for q in self.quantities:
-            if isinstance(q, tuple):
-                monitor.add_quantity(*q)
-            else:
-                monitor.add_quantity(q)
+        for q, schedule in self.quantities:
+            monitor.add_quantity(q, schedule)
         return monitor
 
     def _make_probe(self, pl_module: nn.Module) -> RepresentationProbe:
@@ -197,14 +257,22 @@ class TrainscopeCallback(Callback):
 
     # -- Lightning hooks
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
         self._trainer = trainer
         self._seen_global_step = trainer.global_step
         self._losses = []
-        # Built here rather than in setup(): the module is on its device by now, so θ₀ is the
-        # parameters training starts from, on the device they train on.
+        self._kept_state = None
+        # Built here rather than in setup() or on_fit_start(): the module is on its device and a
+        # checkpoint's weights are loaded by now (FSDP restores them after on_fit_start), so θ₀ is
+        # the parameters training starts from, on the device they train on.
         # On every rank: under DDP/FSDP each step's metrics are collectives over the ranks.
         self.monitor = self._build_monitor(trainer, pl_module)
+        if self._loaded_state is not None:
+            self._apply_state(self._loaded_state)
+            self._loaded_state = None
+        for key in sorted(self._requests):
+            self.monitor.request(key)
+        self._requests.clear()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if (self.monitor is not None and self.per_sample is not None and self._hooks is None
@@ -232,14 +300,74 @@ class TrainscopeCallback(Callback):
         self.flush()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._remove_hooks()
+        # The run is failing: log the steps in flight (Lightning finalises the loggers next), and
+        # never raise over the exception in flight. The Monitor stays: a checkpoint on exception
+        # (OnExceptionCheckpoint runs after this callback) still saves its state.
+        self._losses = []
+        try:
+            self._remove_hooks()
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"{_CALLER}: removing the per-sample hooks failed: {type(e).__name__}: {e}",
+                          RuntimeWarning, stacklevel=2)
+        if self.monitor is not None:
+            self.monitor.flush(errors="warn")
 
     def teardown(self, trainer, pl_module, stage) -> None:
         self._remove_hooks()
         if self.monitor is not None:
             self.monitor.flush()
+            # Kept on the host for a checkpoint saved after fit; the device copies go with the Monitor.
+            self._kept_state = _state_on_host(self.monitor.state_dict(self._param_copies()))
             self.monitor = None  # frees θ₀, θ_prev and the ring
         self._trainer = None
+
+    # -- checkpoints (Lightning's Callback.state_dict / load_state_dict)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """θ₀, θ_prev (unless ``checkpoint_param_copies=False``) and pending requests: see
+        :meth:`trainscope.Monitor.state_dict`."""
+        if self.monitor is not None:
+            monitor_state = self.monitor.state_dict(self._param_copies())
+        else:
+            monitor_state = self._loaded_state if self._loaded_state is not None else self._kept_state
+        out: Dict[str, Any] = {}
+        if monitor_state is not None:
+            out["monitor"] = monitor_state
+        if self._requests:
+            out["requests"] = sorted(self._requests)
+        return out
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the Monitor takes it when it is built (``on_train_start``),
+        or at once if it exists. Parameters other than the checkpoint's (names or shapes) are an
+        error naming what differs."""
+        self._requests = {k for k in state_dict.get("requests", ()) if k in self._keys}
+        state = state_dict.get("monitor")
+        if state is None:
+            return
+        if self.monitor is not None:
+            self._apply_state(state)
+        else:
+            self._loaded_state = state
+
+    def _sharded_across_ranks(self) -> bool:
+        return self.monitor.layout.any_sharded and self.monitor.world_size > 1
+
+    def _param_copies(self) -> bool:
+        # Lightning saves global rank 0's callback state for every rank: shards of θ₀ and θ_prev
+        # from rank 0 are of no use to the others, so a sharded run saves none.
+        return self.checkpoint_param_copies and not self._sharded_across_ranks()
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        # Requests of families this run has switched off are dropped: nothing to make due.
+        state = dict(state, requested=[k for k in state.get("requested", ()) if k in self._keys])
+        if self._sharded_across_ranks():
+            state.update(init=[], prev=[])  # rank 0's shards (the same decision on every rank)
+        if self.track_init and self.checkpoint_param_copies and not state["init"]:
+            warnings.warn(f"{_CALLER}: the checkpoint holds no copy of the initial parameters (saved with "
+                          "checkpoint_param_copies=False, or by a run with sharded parameters): distance is "
+                          "measured from the parameters this run resumes from", RuntimeWarning, stacklevel=2)
+        self.monitor.load_state_dict(state)
 
     # -- public
 
@@ -249,9 +377,14 @@ class TrainscopeCallback(Callback):
             self.monitor.flush()
 
     def request(self, key: str) -> None:
-        """Makes the quantity ``key`` (e.g. "representation", "per_sample") due at the next step."""
+        """Makes the quantity ``key`` (e.g. "representation", "per_sample", "param_metrics") due at
+        the next step; before training starts, at the first step."""
+        if key not in self._keys:
+            raise ValueError(f"{_CALLER}.request: unknown key {key!r}; this callback has {sorted(self._keys)}")
         if self.monitor is not None:
             self.monitor.request(key)
+        else:
+            self._requests.add(key)
 
     # -- internals
 
@@ -274,26 +407,22 @@ class TrainscopeCallback(Callback):
             self._hooks.remove()
             self._hooks = None
 
-    def _on_global_zero(self, sink: Callable) -> Callable:
-        """``sink``, called on the global-zero process only."""
-        def call(record) -> None:
-            if self._trainer is not None and self._trainer.is_global_zero:
-                sink(record)
-        return call
+    def _tag(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
 
     def _log_record(self, record) -> None:
         """Sink: a finished step's host values to every logger of the trainer."""
         trainer = self._trainer
         if trainer is None or not trainer.is_global_zero:
             return
-        p = self.prefix
-        scalars = {f"{p}/{name}": value for name, value in record.scalars.items()}
+        scalars = {self._tag(name): value for name, value in record.scalars.items()}
         for logger in trainer.loggers:
             if scalars:
                 logger.log_metrics(scalars, step=record.step)
             if not record.histograms:
                 continue
-            add_raw = getattr(logger.experiment, "add_histogram_raw", None)
+            # Loggers without an experiment, or whose experiment has no histograms, get scalars only.
+            add_raw = getattr(getattr(logger, "experiment", None), "add_histogram_raw", None)
             if add_raw is None:
                 continue  # a logger without histograms
             for name, (edges, counts) in record.histograms.items():
@@ -301,7 +430,31 @@ class TrainscopeCallback(Callback):
                     continue  # TensorBoard has no 2-D histograms
                 summary = histogram_summary(edges, counts)
                 if summary is not None:  # empty: every gradient non-finite (see nonfinite_count)
-                    add_raw(f"{p}/{name}", global_step=record.step, **summary)
+                    add_raw(self._tag(name), global_step=record.step, **summary)
+
+
+class _GlobalZeroSink:
+    """A user's sink, called on the global-zero process only; its ``flush`` is forwarded."""
+
+    def __init__(self, owner: TrainscopeCallback, sink: Callable):
+        self._owner, self._sink = owner, sink
+
+    def _on_global_zero(self) -> bool:
+        trainer = self._owner._trainer
+        return trainer is not None and trainer.is_global_zero
+
+    def __call__(self, record) -> None:
+        if self._on_global_zero():
+            self._sink(record)
+
+    def flush(self) -> None:
+        flush = getattr(self._sink, "flush", None)
+        if callable(flush) and self._on_global_zero():
+            flush()
+
+
+def _state_on_host(state: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(state, init=[t.cpu() for t in state["init"]], prev=[t.cpu() for t in state["prev"]])
 
 
 class ParamMetricsCallback(TrainscopeCallback):

@@ -379,6 +379,13 @@ def test_tensorboard_sink_file_is_complete_when_the_run_dies(tmp_path):
     sink.close()
 
 
+def test_a_compiled_model_has_the_names_of_the_eager_one():
+    model = make_model("cpu")
+    compiled = torch.compile(model, backend="eager")
+    assert any("_orig_mod" in n for n, _ in compiled.named_parameters())
+    assert Monitor(compiled).names == Monitor(model).names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
 def test_named_params_iterable_and_frozen_parameters_left_out():
     model = make_model("cpu")
     model[0].bias.requires_grad_(False)
