@@ -247,7 +247,10 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
       .def("names", &MonitorHolder::names)
       .def("state_dict", &MonitorHolder::state_dict)
       .def("load_state_dict", &MonitorHolder::load_state_dict)
-      .def("writes_records", &MonitorHolder::writes_records);
+      .def("writes_records", &MonitorHolder::writes_records)
+      // The key rules of add_quantity, for checks before a Monitor exists (the Lightning callbacks).
+      .def_static("check_quantity_key",
+                  [](std::string key, std::string caller) { trainscope::check_quantity_key(key, caller); });
   using trainscope::FileSinkHolder;
   m.class_<FileSinkHolder>("FileSink")
       .def(torch::init<std::string, std::string>())
@@ -255,7 +258,4 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
   // The one schedule implementation, for the Python Schedule objects.
   m.def("schedule_due(str spec, int step) -> bool", &trainscope::schedule_due);
   m.def("schedule_describe(str spec, str arg=\"spec\") -> str", &trainscope::schedule_describe);
-  // The key rules of Monitor::add_quantity, for checks before a Monitor exists (the callbacks).
-  m.def("check_quantity_key(str key, str caller) -> ()",
-        [](std::string key, std::string caller) { trainscope::check_quantity_key(key, caller); });
 }

@@ -92,7 +92,7 @@ def _quantity_with_schedule(item, i: int):
     if not isinstance(key, str) or not callable(getattr(q, "compute", None)):
         raise TypeError(f"{_CALLER}: quantities[{i}] must be a trainscope.Quantity (a key and compute(ctx)) or a "
                         f"(Quantity, schedule) pair, got {type(item).__name__}")
-    torch.ops.trainscope.check_quantity_key(key, f"{_CALLER}: quantities[{i}]")
+    torch.classes.trainscope.Monitor.check_quantity_key(key, f"{_CALLER}: quantities[{i}]")
     _spec(schedule, f"quantities[{i}] schedule", _CALLER)
     return q, schedule
 
