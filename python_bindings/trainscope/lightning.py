@@ -198,8 +198,12 @@ class TrainscopeCallback(Callback):
         self.per_sample_loss_reduction = per_sample_loss_reduction
         self.probe_inputs = probe_inputs
         self.probe_options = dict(probe_options or {})
-        self.quantities = [_quantity_with_schedule(q, i) for i, q in enumerate(quantities)]
-        self.sinks = list(sinks)
+        for value, name in ((quantities, "quantities"), (sinks, "sinks")):
+            if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)
+                                      or callable(value)):
+                raise TypeError(f"{_CALLER}: {name} must be a list, got {type(value).__name__}")
+        self.quantities = [_quantity_with_schedule(q, i) for i, q in enumerate(quantities or ())]
+        self.sinks = list(sinks or ())
         for i, sink in enumerate(self.sinks):
             if not callable(sink):
                 raise TypeError(f"{_CALLER}: sinks[{i}] must be callable, got {type(sink).__name__}")

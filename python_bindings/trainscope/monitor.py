@@ -240,6 +240,7 @@ class Monitor:
         hist_axis = check_hist_axis(nbins, maxval, caller="Monitor")
         ring_slots = check_int(ring_slots, "ring_slots", "Monitor", low=1)
         sinks_on_all_ranks = check_bool(sinks_on_all_ranks, "sinks_on_all_ranks", "Monitor")
+        sinks = () if sinks is None else sinks
         if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable) or callable(sinks):
             raise TypeError(f"Monitor: sinks must be a list of callables, got {type(sinks).__name__}")
         self.layout = _dist.param_layout(_named_params_arg(model_or_named_params), group=process_group)

@@ -540,20 +540,6 @@ def test_a_checkpoint_of_another_model_is_an_error_naming_what_differs(tmp_path)
         _trainer(tmp_path, "b", [cb2], 6, enable_checkpointing=False).fit(TinyRegressor(), data())
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(per_sample="sometimes"), "per_sample"), (dict(param_metrics=3), "param_metrics"),
-    (dict(representation="every:0", probe_inputs=torch.zeros(2, 6)), "representation"),
-    (dict(grad_hist=trainscope.every), "grad_hist"), (dict(nbins=0), "nbins"), (dict(maxval=float("inf")), "maxval"),
-    (dict(per_tensor="yes"), "per_tensor"), (dict(ring_slots=0), "ring_slots"),
-    (dict(checkpoint_param_copies=None), "checkpoint_param_copies"), (dict(sinks=[3]), "sinks"),
-    (dict(prefix=None), "prefix"), (dict(probe_options=[1]), "probe_options"),
-    (dict(quantities=[object()]), "quantities"), (dict(per_sample_loss_reduction="max"), "per_sample_loss_reduction"),
-    (dict(representation=trainscope.every(2)), "probe_inputs")])
-def test_callback_arguments_are_checked_at_construction(kwargs, name):
-    with pytest.raises((TypeError, ValueError, RuntimeError), match=name):
-        tsl.TrainscopeCallback(**kwargs)
-
-
 class _Const(trainscope.Quantity):
     def __init__(self, key):
         self.key = key
@@ -562,7 +548,23 @@ class _Const(trainscope.Quantity):
         return 1.0
 
 
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(per_sample="sometimes"), "per_sample"), (dict(param_metrics=3), "param_metrics"),
+    (dict(representation="every:0", probe_inputs=torch.zeros(2, 6)), "representation"),
+    (dict(grad_hist=trainscope.every), "grad_hist"), (dict(nbins=0), "nbins"), (dict(maxval=float("inf")), "maxval"),
+    (dict(per_tensor="yes"), "per_tensor"), (dict(ring_slots=0), "ring_slots"),
+    (dict(checkpoint_param_copies=None), "checkpoint_param_copies"), (dict(sinks=[3]), "sinks"),
+    (dict(prefix=None), "prefix"), (dict(probe_options=[1]), "probe_options"),
+    (dict(quantities=[object()]), "quantities"), (dict(quantities=_Const("x")), "quantities"),
+    (dict(sinks=print), "sinks"), (dict(per_sample_loss_reduction="max"), "per_sample_loss_reduction"),
+    (dict(representation=trainscope.every(2)), "probe_inputs")])
+def test_callback_arguments_are_checked_at_construction(kwargs, name):
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=name):
+        tsl.TrainscopeCallback(**kwargs)
+
+
 def test_callback_quantity_keys_are_checked_at_construction_and_requests_before_fit_count(tmp_path):
+    tsl.TrainscopeCallback(quantities=None, sinks=None)  # None: none
     with pytest.raises(RuntimeError, match="grad_norm"):
         tsl.TrainscopeCallback(quantities=[_Const("grad_norm")])
     with pytest.raises(RuntimeError, match="quantities\\[0\\] schedule"):

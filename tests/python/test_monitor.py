@@ -407,6 +407,7 @@ def test_model_argument_is_checked():
         Monitor(dict(model.named_parameters()))
     with pytest.raises(ValueError, match="no trainable parameters"):
         Monitor(make_model("cpu").requires_grad_(False))
+    assert Monitor(model, sinks=None).names == ["0.weight", "0.bias", "2.weight", "2.bias"]  # None: no sinks
 
 
 @pytest.mark.parametrize("kwargs, name", [
