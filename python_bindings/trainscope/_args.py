@@ -10,6 +10,7 @@ import functools
 import inspect
 import math
 import numbers
+import os
 import sys
 
 import torch
@@ -32,8 +33,9 @@ def check_int(value, name: str, caller: str = "", *, low: int | None = None, hig
         raise TypeError(f"{_prefix(caller)}{name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        span = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{_prefix(caller)}{name} must be in {span}, got {value}")
+        span = f"in [{low}, {high}]" if high is not None and low is not None else \
+            (f">= {low}" if high is None else f"<= {high}")
+        raise ValueError(f"{_prefix(caller)}{name} must be {span}, got {value}")
     return value
 
 
@@ -78,6 +80,20 @@ def check_tensor(value, name: str, caller: str = "") -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{_prefix(caller)}{name} must be a tensor, got {type(value).__name__}")
     return value
+
+
+def check_module(value, name: str, caller: str = ""):
+    """``value`` itself, which must be an nn.Module."""
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{_prefix(caller)}{name} must be an nn.Module, got {type(value).__name__}")
+    return value
+
+
+def check_path(value, name: str, caller: str = "") -> str:
+    """A file or folder path (str or os.PathLike), as a str."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise TypeError(f"{_prefix(caller)}{name} must be a path (a non-empty str or os.PathLike), got {value!r}")
+    return os.fspath(value)
 
 
 def check_bool(value, name: str, caller: str = "") -> bool:

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library and its custom classes)
-from ._args import check_bool, check_hist_axis, check_int
+from ._args import check_bool, check_hist_axis, check_int, check_path
 from . import distributed as _dist
 
 __all__ = ["Monitor", "Quantity", "QuantityContext", "StepRecord", "Schedule", "every", "at_steps",
@@ -468,7 +468,7 @@ class _FileSink:
     _kind = ""
 
     def __init__(self, path: Union[str, os.PathLike]):
-        self.path = os.fspath(path)
+        self.path = check_path(path, "path", type(self).__name__)
         self._sink = torch.classes.trainscope.FileSink(self._kind, self.path)
 
     def __call__(self, record: StepRecord) -> None:

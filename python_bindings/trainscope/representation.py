@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library and its custom classes)
-from ._args import check_int
+from ._args import check_int, check_module
 from .distributed import THIS_PROCESS, active_group, clean_param_name, group_name, local_tensor, rank_and_size
 from .rank import RankMeasures, rank_measures
 
@@ -109,6 +109,8 @@ class RepresentationAccumulator:
 
     def __init__(self, names: Sequence[str], kinds: Union[str, Sequence[str]] = "relu", eps: float = 0.01,
                  tau: float = 0.0, prop: float = 0.99, method: str = "gram"):
+        if isinstance(names, str) or not hasattr(names, "__iter__"):
+            raise TypeError(f"RepresentationAccumulator: names must be a list of layer names, got {names!r}")
         self.names = [str(n) for n in names]
         if not self.names:
             raise ValueError("RepresentationAccumulator: names is empty; give one name per layer")
@@ -178,6 +180,7 @@ def weight_rank_measures(model: nn.Module, prop: float = 0.99, method: str = "gr
     """Rank measures of every weight matrix of ``model`` (parameters named ``weight`` with at least
     two dimensions; a convolution's [out, in, *k] is measured as [out, in * prod(k)]), in one
     batched solve: ``{module name: RankMeasures of 0-d tensors}``."""
+    check_module(model, "model", "weight_rank_measures")
     names, mats = [], []
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)
@@ -317,6 +320,15 @@ def _activation_kind(module: nn.Module) -> str:
     return "relu"
 
 
+def _check_kinds(kind) -> None:
+    """``kind``: "auto", one of the activity kinds, or a mapping of layer names to those."""
+    allowed = ("auto", "relu", "tanh", "sigmoid")
+    for k in (kind.values() if isinstance(kind, Mapping) else [kind]):
+        if not isinstance(k, str) or k.lower() not in allowed:
+            raise ValueError(f"RepresentationProbe: kind must be one of {allowed} (or a dict of them by layer), "
+                             f"got {k!r}")
+
+
 class RepresentationProbe:
     """Measures the representations of chosen layers on a fixed probe set.
 
@@ -353,7 +365,8 @@ class RepresentationProbe:
                  forward: Optional[Callable[[nn.Module, torch.Tensor], object]] = None, process_group=None):
         self.batch_size = check_int(batch_size, "batch_size", "RepresentationProbe", low=1)
         self.num_examples = check_int(num_examples, "num_examples", "RepresentationProbe", low=1)
-        self.model = model
+        self.model = check_module(model, "model", "RepresentationProbe")
+        _check_kinds(kind)
         self.probe_set = probe_set
         self._examples = _probe_examples(probe_set, model)  # a tensor of inputs, or an iterable of batches
         self.kind, self.eps, self.tau, self.prop, self.method = kind, eps, tau, prop, method

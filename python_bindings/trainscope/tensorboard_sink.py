@@ -13,6 +13,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ._args import check_path
+
 
 def histogram_summary(edges: torch.Tensor, counts: torch.Tensor) -> Optional[Dict[str, Any]]:
     """The arguments of TensorBoard's ``add_histogram_raw`` for a binned histogram (host tensors:
@@ -57,7 +59,7 @@ class TensorBoardSink:
 
     def __init__(self, log_dir: str, prefix: str = "trainscope"):
         from torch.utils.tensorboard import SummaryWriter  # imported here: needs the tensorboard package
-        self.writer = SummaryWriter(log_dir)
+        self.writer = SummaryWriter(check_path(log_dir, "log_dir", "TensorBoardSink"))
         self.prefix = prefix
 
     def __call__(self, record) -> None:

@@ -386,3 +386,61 @@ def test_a_loss_with_grad_gives_a_measurement_without_one():
 def test_a_list_argument_that_is_no_list_names_it(bad):
     with pytest.raises(TypeError, match="grads"):
         trainscope.grad_norm(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Objects a training loop builds: wrong arguments fail at construction, naming the argument
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+
+CONSTRUCTOR_CASES = {
+    "Monitor(None)": (lambda: trainscope.Monitor(None), "model_or_named_params"),
+    "Monitor(a tensor)": (lambda: trainscope.Monitor(torch.randn(3)), "model_or_named_params"),
+    "Monitor(nbins=0)": (lambda: trainscope.Monitor(_mlp(), nbins=0), "nbins"),
+    "Monitor(ring_slots=0)": (lambda: trainscope.Monitor(_mlp(), ring_slots=0), "ring_slots"),
+    "PerSampleHooks(None)": (lambda: trainscope.PerSampleHooks(None), "model"),
+    "PerSampleHooks(layers=[5])": (lambda: trainscope.PerSampleHooks(_mlp(), layers=[5]), "layers"),
+    "PerSampleHooks(method='x')": (lambda: trainscope.PerSampleHooks(_mlp(), method="x"), "method"),
+    "PerSampleHooks(loss_reduction='avg')": (lambda: trainscope.PerSampleHooks(_mlp(), loss_reduction="avg"),
+                                             "loss_reduction"),
+    "RepresentationProbe(None, x)": (lambda: trainscope.RepresentationProbe(None, torch.randn(5, 3)), "model"),
+    "RepresentationProbe(model, None)": (lambda: trainscope.RepresentationProbe(_mlp(), None), "probe_set"),
+    "RepresentationProbe(batch_size=0)": (lambda: trainscope.RepresentationProbe(_mlp(), torch.randn(5, 3),
+                                                                                 batch_size=0), "batch_size"),
+    "RepresentationProbe(kind='swish')": (lambda: trainscope.RepresentationProbe(_mlp(), torch.randn(5, 3),
+                                                                                 kind="swish"), "kind"),
+    "RepresentationAccumulator(None)": (lambda: trainscope.RepresentationAccumulator(None), "names"),
+    "DeadUnitCounter(kind='swish')": (lambda: trainscope.DeadUnitCounter(kind="swish"), "kind"),
+    "DeadUnitCounter(eps=2)": (lambda: trainscope.DeadUnitCounter(eps=2), "eps"),
+    "weight_rank_measures(None)": (lambda: trainscope.weight_rank_measures(None), "model"),
+    "JsonlSink(None)": (lambda: trainscope.JsonlSink(None), "path"),
+    "CsvSink('')": (lambda: trainscope.CsvSink(""), "path"),
+    "TensorBoardSink(None)": (lambda: trainscope.TensorBoardSink(None), "log_dir"),
+    "every(0)": (lambda: trainscope.every(0), "k"),
+    "every(2.5)": (lambda: trainscope.every(2.5), "k"),
+    "log_spaced(0)": (lambda: trainscope.log_spaced(0), "per_decade"),
+    "at_steps(None)": (lambda: trainscope.at_steps(None), "steps"),
+    "hist2d_bin_edges(None)": (lambda: trainscope.hist2d_bin_edges(None), "nbins_grad"),
+    "histogram_summary(edges, counts) lengths": (
+        lambda: trainscope.histogram_summary(torch.linspace(-1, 1, 5), torch.ones(3, dtype=torch.int64)), "edges"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONSTRUCTOR_CASES))
+def test_constructors_and_factories(case):
+    call, name = CONSTRUCTOR_CASES[case]
+    with pytest.raises(ERRORS, match=name):
+        call()
+
+
+def test_probe_set_as_a_numpy_array_is_a_tensor():
+    import numpy as np
+    model = _mlp()
+    x = np.random.default_rng(0).standard_normal((40, 3))
+    got = trainscope.RepresentationProbe(model, x)()
+    want = trainscope.RepresentationProbe(model, torch.as_tensor(x, dtype=torch.float32))()
+    for k in got.per_layer:
+        assert torch.equal(got.per_layer[k], want.per_layer[k]), k
