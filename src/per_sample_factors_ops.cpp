@@ -23,99 +23,51 @@ Hist2dOptions hist2d_options(int64_t nbins_grad, double maxval_grad, int64_t nbi
   return Hist2dOptions{nbins_grad, maxval_grad, nbins_param, maxval_param};
 }
 
-PartsTuple linear_parts_op(const at::Tensor& input, const at::Tensor& grad_output, bool has_bias,
-                           c10::string_view method) {
-  return as_tuple(linear_per_sample_parts(input, grad_output, has_bias,
-                                          parse_factor_method(std::string(method))));
-}
+// One adapter per op for both overloads: In is `const at::Tensor&` (one use of the layer) or
+// at::TensorList (".uses": every use in one step, one tensor per use), as the C++ API overloads.
 
-PartsTuple conv2d_parts_op(const at::Tensor& input, const at::Tensor& grad_output,
-                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation, int64_t groups, bool has_bias,
-                           c10::string_view method) {
-  return as_tuple(conv2d_per_sample_parts(input, grad_output, kernel_size, stride, padding, dilation,
-                                          groups, has_bias, parse_factor_method(std::string(method))));
-}
-
-at::Tensor linear_hist1d_op(const at::Tensor& input, const at::Tensor& grad_output, bool has_bias,
-                            int64_t nbins, double maxval) {
-  return linear_per_sample_grad_hist1d(input, grad_output, has_bias, nbins, maxval);
-}
-
-at::Tensor conv2d_hist1d_op(const at::Tensor& input, const at::Tensor& grad_output,
-                            at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t groups, bool has_bias, int64_t nbins,
-                            double maxval) {
-  return conv2d_per_sample_grad_hist1d(input, grad_output, kernel_size, stride, padding, dilation,
-                                       groups, has_bias, nbins, maxval);
-}
-
-std::tuple<at::Tensor, at::Tensor> linear_hist2d_op(const at::Tensor& input, const at::Tensor& grad_output,
-                                                    const at::Tensor& weight,
-                                                    const std::optional<at::Tensor>& bias,
-                                                    int64_t nbins_grad, double maxval_grad,
-                                                    int64_t nbins_param, double maxval_param) {
-  return linear_per_sample_grad_hist2d(input, grad_output, weight, or_undefined(bias),
-                                       hist2d_options(nbins_grad, maxval_grad, nbins_param, maxval_param));
-}
-
-std::tuple<at::Tensor, at::Tensor> conv2d_hist2d_op(const at::Tensor& input, const at::Tensor& grad_output,
-                                                    const at::Tensor& weight,
-                                                    const std::optional<at::Tensor>& bias,
-                                                    at::IntArrayRef stride, at::IntArrayRef padding,
-                                                    at::IntArrayRef dilation, int64_t groups,
-                                                    int64_t nbins_grad, double maxval_grad,
-                                                    int64_t nbins_param, double maxval_param) {
-  return conv2d_per_sample_grad_hist2d(input, grad_output, weight, or_undefined(bias), stride, padding,
-                                       dilation, groups,
-                                       hist2d_options(nbins_grad, maxval_grad, nbins_param, maxval_param));
-}
-
-// The overloads ".uses": every use of a layer in one step (one tensor per use in each list).
-
-PartsTuple linear_parts_uses_op(at::TensorList input, at::TensorList grad_output, bool has_bias,
-                                c10::string_view method) {
+template <typename In>
+PartsTuple linear_parts_op(In input, In grad_output, bool has_bias, c10::string_view method) {
   return as_tuple(linear_per_sample_parts(input, grad_output, has_bias, parse_factor_method(std::string(method))));
 }
 
-PartsTuple conv2d_parts_uses_op(at::TensorList input, at::TensorList grad_output, at::IntArrayRef kernel_size,
-                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups, bool has_bias, c10::string_view method) {
+template <typename In>
+PartsTuple conv2d_parts_op(In input, In grad_output, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool has_bias,
+                           c10::string_view method) {
   return as_tuple(conv2d_per_sample_parts(input, grad_output, kernel_size, stride, padding, dilation, groups,
                                           has_bias, parse_factor_method(std::string(method))));
 }
 
-at::Tensor linear_hist1d_uses_op(at::TensorList input, at::TensorList grad_output, bool has_bias, int64_t nbins,
-                                 double maxval) {
+template <typename In>
+at::Tensor linear_hist1d_op(In input, In grad_output, bool has_bias, int64_t nbins, double maxval) {
   return linear_per_sample_grad_hist1d(input, grad_output, has_bias, nbins, maxval);
 }
 
-at::Tensor conv2d_hist1d_uses_op(at::TensorList input, at::TensorList grad_output, at::IntArrayRef kernel_size,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, bool has_bias, int64_t nbins, double maxval) {
+template <typename In>
+at::Tensor conv2d_hist1d_op(In input, In grad_output, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool has_bias,
+                            int64_t nbins, double maxval) {
   return conv2d_per_sample_grad_hist1d(input, grad_output, kernel_size, stride, padding, dilation, groups,
                                        has_bias, nbins, maxval);
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_hist2d_uses_op(at::TensorList input, at::TensorList grad_output,
-                                                         const at::Tensor& weight,
-                                                         const std::optional<at::Tensor>& bias,
-                                                         int64_t nbins_grad, double maxval_grad,
-                                                         int64_t nbins_param, double maxval_param) {
+template <typename In>
+std::tuple<at::Tensor, at::Tensor> linear_hist2d_op(In input, In grad_output, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias, int64_t nbins_grad,
+                                                    double maxval_grad, int64_t nbins_param, double maxval_param) {
   return linear_per_sample_grad_hist2d(input, grad_output, weight, or_undefined(bias),
                                        hist2d_options(nbins_grad, maxval_grad, nbins_param, maxval_param));
 }
 
-std::tuple<at::Tensor, at::Tensor> conv2d_hist2d_uses_op(at::TensorList input, at::TensorList grad_output,
-                                                         const at::Tensor& weight,
-                                                         const std::optional<at::Tensor>& bias,
-                                                         at::IntArrayRef stride, at::IntArrayRef padding,
-                                                         at::IntArrayRef dilation, int64_t groups,
-                                                         int64_t nbins_grad, double maxval_grad,
-                                                         int64_t nbins_param, double maxval_param) {
-  return conv2d_per_sample_grad_hist2d(input, grad_output, weight, or_undefined(bias), stride, padding,
-                                       dilation, groups,
-                                       hist2d_options(nbins_grad, maxval_grad, nbins_param, maxval_param));
+template <typename In>
+std::tuple<at::Tensor, at::Tensor> conv2d_hist2d_op(In input, In grad_output, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                    int64_t groups, int64_t nbins_grad, double maxval_grad,
+                                                    int64_t nbins_param, double maxval_param) {
+  return conv2d_per_sample_grad_hist2d(input, grad_output, weight, or_undefined(bias), stride, padding, dilation,
+                                       groups, hist2d_options(nbins_grad, maxval_grad, nbins_param, maxval_param));
 }
 
 }  // namespace
@@ -174,18 +126,20 @@ TORCH_LIBRARY_IMPL(trainscope, Autograd, m) {
 
 namespace {
 void define_kernels(torch::Library& m) {
-  m.impl("linear_per_sample_parts", &trainscope::linear_parts_op);
-  m.impl("conv2d_per_sample_parts", &trainscope::conv2d_parts_op);
-  m.impl("linear_per_sample_grad_hist1d", &trainscope::linear_hist1d_op);
-  m.impl("conv2d_per_sample_grad_hist1d", &trainscope::conv2d_hist1d_op);
-  m.impl("linear_per_sample_grad_hist2d", &trainscope::linear_hist2d_op);
-  m.impl("conv2d_per_sample_grad_hist2d", &trainscope::conv2d_hist2d_op);
-  m.impl("linear_per_sample_parts.uses", &trainscope::linear_parts_uses_op);
-  m.impl("conv2d_per_sample_parts.uses", &trainscope::conv2d_parts_uses_op);
-  m.impl("linear_per_sample_grad_hist1d.uses", &trainscope::linear_hist1d_uses_op);
-  m.impl("conv2d_per_sample_grad_hist1d.uses", &trainscope::conv2d_hist1d_uses_op);
-  m.impl("linear_per_sample_grad_hist2d.uses", &trainscope::linear_hist2d_uses_op);
-  m.impl("conv2d_per_sample_grad_hist2d.uses", &trainscope::conv2d_hist2d_uses_op);
+  using One = const at::Tensor&;
+  using Uses = at::TensorList;
+  m.impl("linear_per_sample_parts", &trainscope::linear_parts_op<One>);
+  m.impl("conv2d_per_sample_parts", &trainscope::conv2d_parts_op<One>);
+  m.impl("linear_per_sample_grad_hist1d", &trainscope::linear_hist1d_op<One>);
+  m.impl("conv2d_per_sample_grad_hist1d", &trainscope::conv2d_hist1d_op<One>);
+  m.impl("linear_per_sample_grad_hist2d", &trainscope::linear_hist2d_op<One>);
+  m.impl("conv2d_per_sample_grad_hist2d", &trainscope::conv2d_hist2d_op<One>);
+  m.impl("linear_per_sample_parts.uses", &trainscope::linear_parts_op<Uses>);
+  m.impl("conv2d_per_sample_parts.uses", &trainscope::conv2d_parts_op<Uses>);
+  m.impl("linear_per_sample_grad_hist1d.uses", &trainscope::linear_hist1d_op<Uses>);
+  m.impl("conv2d_per_sample_grad_hist1d.uses", &trainscope::conv2d_hist1d_op<Uses>);
+  m.impl("linear_per_sample_grad_hist2d.uses", &trainscope::linear_hist2d_op<Uses>);
+  m.impl("conv2d_per_sample_grad_hist2d.uses", &trainscope::conv2d_hist2d_op<Uses>);
 }
 }  // namespace
 

@@ -419,14 +419,20 @@ at::Tensor reference_hist2d(const at::Tensor& grads, const at::Tensor& params, c
   return counts;
 }
 
-TEST(PerSampleFactorsApi, Hist2dOfTiles) {
-  const at::Tensor x = at::randn({4, 3, 5}, kF64), d = 0.3 * at::randn({4, 3, 2}, kF64);
-  const at::Tensor w = at::randn({2, 5}, kF64), b = at::randn({2}, kF64);
+// 12 × 6 bins over ±1 (gradients) and ±2 (parameters): few enough to compare whole histograms.
+trainscope::Hist2dOptions small_hist2d() {
   trainscope::Hist2dOptions o;
   o.nbins_grad = 12;
   o.maxval_grad = 1.0;
   o.nbins_param = 6;
   o.maxval_param = 2.0;
+  return o;
+}
+
+TEST(PerSampleFactorsApi, Hist2dOfTiles) {
+  const at::Tensor x = at::randn({4, 3, 5}, kF64), d = 0.3 * at::randn({4, 3, 2}, kF64);
+  const at::Tensor w = at::randn({2, 5}, kF64), b = at::randn({2}, kF64);
+  const trainscope::Hist2dOptions o = small_hist2d();
   const TileBudget budget(8);  // one sample and one row per tile
   const auto [counts, nonfinite] = trainscope::linear_per_sample_grad_hist2d(x, d, w, b, o);
   const at::Tensor g = reference_grads(linear_layer(), x, d, {2, 5}, true);
@@ -469,11 +475,7 @@ TEST(PerSampleFactorsApi, Hist2dOfUses) {
   const std::vector<at::Tensor> x{at::randn({3, 5}, kF64), at::randn({3, 2, 5}, kF64)};
   const std::vector<at::Tensor> d{0.3 * at::randn({3, 2}, kF64), 0.3 * at::randn({3, 2, 2}, kF64)};
   const at::Tensor w = at::randn({2, 5}, kF64), b = at::randn({2}, kF64);
-  trainscope::Hist2dOptions o;
-  o.nbins_grad = 12;
-  o.maxval_grad = 1.0;
-  o.nbins_param = 6;
-  o.maxval_param = 2.0;
+  const trainscope::Hist2dOptions o = small_hist2d();
   const TileBudget budget(8);
   const auto [counts, nonfinite] = trainscope::linear_per_sample_grad_hist2d(x, d, w, b, o);
   const at::Tensor g = reference_grads(linear_layer(), x[0], d[0], {2, 5}, true) +
