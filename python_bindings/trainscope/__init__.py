@@ -6,6 +6,7 @@ none of them waits for the GPU. See SPEC.md in the docs for the exact meaning of
 
 from . import distributed  # noqa: F401  (trainscope.distributed: metrics across ranks)
 from ._ops import library_path
+from ._build_info import build_info
 from .dead_units import (
     DeadUnitCounter,
     DeadUnits,
@@ -84,6 +85,7 @@ from .param_stats import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "build_info",
     "TensorBoardSink",
     "histogram_summary",
     "ACTIVATION_KINDS",
