@@ -9,13 +9,13 @@ BUILD := build
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(BUILD)/.installed
 # What the compiled part depends on; Python sources are used in place (editable install).
-NATIVE_SOURCES := $(shell find cuda src include tests/cpp bench cmake examples -type f \( -name '*.cu' -o -name '*.h' -o -name '*.cpp' -o -name '*.cuh' -o -name '*.txt' -o -name '*.in' \) 2>/dev/null) \
+NATIVE_SOURCES := $(shell find cuda src include tests/cpp bench cmake examples -type f \( -name '*.cu' -o -name '*.h' -o -name '*.cpp' -o -name '*.cuh' -o -name '*.txt' -o -name '*.in' -o -name '*.cmake' \) 2>/dev/null) \
                   CMakeLists.txt pyproject.toml
 
 export PATH := $(CURDIR)/$(VENV)/bin:/usr/local/cuda/bin:$(PATH)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: all build test test-cpp test-python demo clean googletest-sources peer-wheels
+.PHONY: all build wheel test test-cpp test-python demo clean googletest-sources peer-wheels
 
 all: build
 
@@ -59,13 +59,26 @@ peer-wheels: $(DEPS_STAMP)
 	@ls .whl
 
 # scikit-build-core configures and builds the whole CMake project (libraries, op library,
-# tests, benchmarks) in build/ and installs the package editable into the venv.
+# tests, benchmarks, examples) in build/ and installs the package editable into the venv.
 $(BUILD_STAMP): $(DEPS_STAMP) $(BUILD)/.gtest-checked $(NATIVE_SOURCES)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e . \
-	  -Ccmake.define.Python_EXECUTABLE=$(CURDIR)/$(PY)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e . -Cbuild-dir=$(BUILD) \
+	  -Ccmake.define.TRAINSCOPE_TORCH_PYTHON=$(CURDIR)/$(PY) -Ccmake.define.TRAINSCOPE_BUILD_TESTS=ON \
+	  -Ccmake.define.TRAINSCOPE_BUILD_BENCH=ON -Ccmake.define.TRAINSCOPE_BUILD_EXAMPLES=ON
 	@touch $@
 
 build: $(BUILD_STAMP)
+
+# The wheel a user gets from `pip install .`: pip's default build isolation, the two libraries
+# only (build/wheel keeps its build tree, so a rebuild is incremental). tests/python/test_wheel.py
+# installs it into a fresh environment.
+WHEEL_STAMP := dist/.built
+PY_SOURCES := $(shell find python_bindings -name '*.py' 2>/dev/null)
+$(WHEEL_STAMP): $(DEPS_STAMP) $(NATIVE_SOURCES) $(PY_SOURCES)
+	@rm -f dist/trainscope-*.whl
+	$(PY) -m pip wheel -q --no-deps -w dist . -Cbuild-dir=$(BUILD)/wheel
+	@touch $@
+
+wheel: $(WHEEL_STAMP)
 
 test-cpp: build
 	cd $(BUILD) && ctest --output-on-failure -j $(shell nproc)
@@ -73,7 +86,7 @@ test-cpp: build
 test-python: build
 	$(PY) -m pytest tests/python -q -rs
 
-test: build
+test: build wheel
 	@status=0; \
 	( cd $(BUILD) && ctest --output-on-failure -j $(shell nproc) ) || status=1; \
 	$(PY) -m pytest tests/python -q -rs || status=1; \
@@ -83,4 +96,4 @@ demo: build
 	$(PY) -m trainscope.demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) dist
