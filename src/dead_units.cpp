@@ -45,14 +45,13 @@ constexpr const char* kCounterNew = "trainscope::DeadUnitCounter";
 constexpr const char* kCounterAdd = "trainscope::DeadUnitCounter::add";
 constexpr const char* kCounterResult = "trainscope::DeadUnitCounter::result";
 
-// Activations: defined, ≥ 2-D, a supported float dtype, on CPU or CUDA.
+// Activations: defined, ≥ 2-D, a supported float dtype, on a device of this build (check_device).
 void check_acts(const char* op, const at::Tensor& acts) {
   TORCH_CHECK(acts.defined(), op, ": acts is an undefined tensor");
   TORCH_CHECK(acts.dim() >= 2, op, ": acts is ", acts.dim(), "-D (shape ", acts.sizes(),
               "); activations are [N, units] or [N, C, *spatial]");
   check_float_dtype(op, "acts", -1, acts);
-  TORCH_CHECK(acts.device().is_cpu() || acts.device().is_cuda(), op, ": acts is on ", acts.device(),
-              "; trainscope runs on CPU or CUDA tensors");
+  check_device(op, "acts", acts.device());
 }
 
 void check_kind(const char* op, ActivationKind kind) {
@@ -223,8 +222,7 @@ DeadUnits dead_units_from_counts(const at::Tensor& counts, int64_t observations,
   TORCH_CHECK(counts.scalar_type() == at::kLong, kFromCounts, ": counts has dtype ", counts.scalar_type(),
               "; per-unit counts are int64");
   TORCH_CHECK(counts.dim() == 1, kFromCounts, ": counts has shape ", counts.sizes(), "; per-unit counts are [units]");
-  TORCH_CHECK(counts.device().is_cpu() || counts.device().is_cuda(), kFromCounts, ": counts is on ",
-              counts.device(), "; trainscope runs on CPU or CUDA tensors");
+  check_device(kFromCounts, "counts", counts.device());
   TORCH_CHECK(observations >= 0, kFromCounts, ": observations must be >= 0, got ", observations);
   check_tau(kFromCounts, tau);
   return results_unchecked(counts, observations, tau);

@@ -235,9 +235,10 @@ ParamStats param_stats_across_ranks(at::TensorList grads, at::TensorList params,
 
 at::Tensor loss_across_ranks(const at::Tensor& per_sample_losses, const RankGroup& group) {
   const char* op = "trainscope::loss_across_ranks";
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   TORCH_CHECK(per_sample_losses.defined(), op, ": losses is an undefined tensor");
   if (!group.is_distributed()) return loss(per_sample_losses);
+  check_device(op, "losses", per_sample_losses.device());
   TORCH_CHECK(at::isFloatingType(per_sample_losses.scalar_type()), op, ": losses must be floating point, got ",
               per_sample_losses.scalar_type());
   const at::Tensor sum = per_sample_losses.sum(c10::nullopt, false, at::kDouble).reshape({1});

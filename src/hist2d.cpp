@@ -51,8 +51,7 @@ int64_t check_inputs(at::TensorList grads, at::TensorList params, const Hist2dOp
     TORCH_CHECK(params[i].defined(), kOp, ": params[", i, "] is an undefined tensor");
   }
   const at::Device device = grads[0].device();
-  TORCH_CHECK(device.is_cpu() || device.is_cuda(), kOp, ": per_sample_grads[0] is on ", device,
-              "; trainscope runs on CPU or CUDA tensors");
+  check_device(kOp, "per_sample_grads[0]", device);
   TORCH_CHECK(grads[0].dim() >= 1, kOp,
               ": per_sample_grads[0] is 0-d; per-sample gradients are [B, *param_shape]");
   const int64_t batch = grads[0].size(0);

@@ -604,8 +604,7 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
     if (i == 0) m.device = t.device();
     TORCH_CHECK(t.device() == m.device, "trainscope::Monitor: named_params[", i, "] ('", name, "') is on ",
                 t.device(), " but named_params[0] is on ", m.device, "; all parameters must share one device");
-    TORCH_CHECK(m.device.is_cpu() || m.device.is_cuda(), "trainscope::Monitor: parameters are on ", m.device,
-                "; the Monitor runs on CPU or CUDA tensors");
+    if (i == 0) check_device("trainscope::Monitor", "named_params[0] ('" + name + "')", m.device);
     m.names.push_back(name);
     m.params.push_back(t);
   }

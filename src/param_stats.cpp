@@ -66,8 +66,7 @@ at::Device check_inputs(const char* op, const std::vector<NamedList>& lists) {
   const at::Tensor& first = ref->tensors[0];
   TORCH_CHECK(first.defined(), op, ": ", ref->name, "[0] is an undefined tensor");
   const at::Device device = first.device();
-  TORCH_CHECK(device.is_cpu() || device.is_cuda(), op, ": ", ref->name,
-              "[0] is on ", device, "; trainscope runs on CPU or CUDA tensors");
+  check_device(op, std::string(ref->name) + "[0]", device);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor* pair = nullptr;
     const char* pair_name = nullptr;
@@ -371,12 +370,15 @@ at::Tensor nonfinite_count(at::TensorList tensors, bool per_tensor) {
 }
 
 at::Tensor loss(const at::Tensor& per_sample_losses) {
-  nvtx3::scoped_range range{"trainscope::loss"};
+  NvtxRange range{"trainscope::loss"};
   TORCH_CHECK(per_sample_losses.defined(), "trainscope::loss: losses is an undefined tensor");
   check_float_dtype("trainscope::loss", "losses", -1, per_sample_losses);
+  check_device("trainscope::loss", "losses", per_sample_losses.device());
   const auto acc = per_sample_losses.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return at::mean(per_sample_losses.detach(), acc);  // a measurement: no autograd graph
 }
+
+bool built_with_cuda() { return kWithCuda; }
 
 at::Tensor hist_bin_edges(int64_t nbins, double maxval, at::Device device) {
   check_hist_axis("trainscope::hist_bin_edges", "nbins", nbins, "maxval", maxval);

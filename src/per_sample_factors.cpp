@@ -99,8 +99,7 @@ int64_t tile_samples(const Problem& p, int64_t work) {
 void check_tensor(const char* op, const std::string& name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
   check_float_dtype(op, name.c_str(), -1, t);
-  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": ", name, " is on ", t.device(),
-              "; trainscope runs on CPU or CUDA tensors");
+  check_device(op, name, t.device());
 }
 
 void check_same_device(const char* op, const std::string& name, const at::Tensor& t, const at::Tensor& ref,
@@ -841,6 +840,7 @@ OutputGradCapture::OutputGradCapture() : state_(std::make_shared<State>()) {}
 
 at::Tensor OutputGradCapture::watch(const at::Tensor& output) {
   TORCH_CHECK(output.defined(), "trainscope::OutputGradCapture::watch: output is an undefined tensor");
+  check_device("trainscope::OutputGradCapture::watch", "output", output.device());
   TORCH_CHECK(output.requires_grad(), "trainscope::OutputGradCapture::watch: output does not require "
               "grad, so backward will never reach it (is grad mode off?)");
   uint64_t generation;

@@ -59,6 +59,7 @@ int64_t check_per_sample_parts(const char* op, const PerSampleParts& parts, int6
   TORCH_CHECK(parts.dots.device() == parts.sq_norms.device() &&
                   parts.mean_sq_norm.device() == parts.sq_norms.device(),
               op, ": sq_norms, dots and mean_sq_norm must be on one device");
+  check_device(op, "sq_norms", parts.sq_norms.device());
   for (const at::Tensor* t : {&parts.sq_norms, &parts.dots, &parts.mean_sq_norm}) {
     TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": parts must be floating point, got ", t->scalar_type());
   }
@@ -119,8 +120,7 @@ int64_t check_per_sample_grads(const char* op, at::TensorList grads, const PerSa
     if (i == 0) {
       b = t.size(0);
       device = t.device();
-      TORCH_CHECK(device.is_cpu() || device.is_cuda(), op, ": per_sample_grads[0] is on ", device,
-                  "; trainscope runs on CPU or CUDA tensors");
+      check_device(op, "per_sample_grads[0]", device);
     }
     TORCH_CHECK(t.device() == device, op, ": per_sample_grads[", i, "] is on ", t.device(),
                 " but per_sample_grads[0] is on ", device);

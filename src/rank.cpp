@@ -62,8 +62,7 @@ std::string label(const char* name, int64_t index) {
 void check_tensor(const char* op, const char* name, int64_t index, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", label(name, index), " is an undefined tensor");
   check_float_dtype(op, name, index, t);
-  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": ", label(name, index), " is on ", t.device(),
-              "; trainscope runs on CPU or CUDA tensors");
+  check_device(op, label(name, index), t.device());
 }
 
 void check_same_device(const char* op, const char* name, int64_t index, const at::Tensor& t, at::Device device) {

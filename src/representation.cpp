@@ -202,6 +202,7 @@ RepresentationMetrics probe_representations(const ProbeForward& forward, const a
   TORCH_CHECK(probe_inputs.defined() && probe_inputs.dim() >= 1, op,
               ": probe_inputs must be a tensor with the examples along dim 0");
   TORCH_CHECK(probe_inputs.size(0) >= 1, op, ": probe_inputs has no examples");
+  check_device(op, "probe_inputs", probe_inputs.device());
   TORCH_CHECK(batch_size >= 1, op, ": batch_size must be >= 1, got ", batch_size);
 
   at::NoGradGuard no_grad;

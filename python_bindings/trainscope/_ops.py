@@ -34,3 +34,9 @@ def _find_library() -> Path:
 
 library_path = str(_find_library())
 torch.ops.load_library(library_path)
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded op library has its CUDA kernels. A CPU-only build (CMake option
+    ``TRAINSCOPE_CUDA``) refuses CUDA tensors with an error saying it was built without CUDA."""
+    return bool(torch.ops.trainscope.built_with_cuda())

@@ -205,7 +205,9 @@ struct Collector {
 class MonitorTraining : public testing::TestWithParam<bool> {
  protected:
   void SetUp() override {
-    if (GetParam() && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+    if (GetParam()) {
+      SKIP_WITHOUT_CUDA();
+    }
   }
   at::Device device() const { return GetParam() ? cuda0() : at::Device(at::kCPU); }
 };
