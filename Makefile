@@ -1,6 +1,6 @@
 # trainscope: `make demo` runs the main job, `make test` builds and runs every test.
 # Both set up what they need on a fresh machine (.venv from PyPI, CMake configure and build)
-# and reuse it when already set up.
+# and reuse it when already set up. `make test-cpu-only` builds and tests a CPU-only build beside it.
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 BUILD := build
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(BUILD)/.installed
+# The CUDA kernels of build/ (CMake option TRAINSCOPE_CUDA): AUTO builds them when a CUDA compiler
+# and a torch with CUDA are found, ON requires them, OFF leaves them out.
+TRAINSCOPE_CUDA ?= AUTO
 # What the compiled part depends on; Python sources are used in place (editable install).
 NATIVE_SOURCES := $(shell find cuda src include tests/cpp bench cmake examples -type f \( -name '*.cu' -o -name '*.h' -o -name '*.cpp' -o -name '*.cuh' -o -name '*.txt' -o -name '*.in' -o -name '*.cmake' \) 2>/dev/null) \
                   CMakeLists.txt pyproject.toml
@@ -15,7 +18,7 @@ NATIVE_SOURCES := $(shell find cuda src include tests/cpp bench cmake examples -
 export PATH := $(CURDIR)/$(VENV)/bin:/usr/local/cuda/bin:$(PATH)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: all build wheel test test-cpp test-python demo clean googletest-sources peer-wheels
+.PHONY: all build wheel test test-cpp test-python test-cpu-only demo clean googletest-sources peer-wheels
 
 all: build
 
@@ -62,8 +65,9 @@ peer-wheels: $(DEPS_STAMP)
 # tests, benchmarks, examples) in build/ and installs the package editable into the venv.
 $(BUILD_STAMP): $(DEPS_STAMP) $(BUILD)/.gtest-checked $(NATIVE_SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e . -Cbuild-dir=$(BUILD) \
-	  -Ccmake.define.TRAINSCOPE_TORCH_PYTHON=$(CURDIR)/$(PY) -Ccmake.define.TRAINSCOPE_BUILD_TESTS=ON \
-	  -Ccmake.define.TRAINSCOPE_BUILD_BENCH=ON -Ccmake.define.TRAINSCOPE_BUILD_EXAMPLES=ON
+	  -Ccmake.define.TRAINSCOPE_TORCH_PYTHON=$(CURDIR)/$(PY) -Ccmake.define.TRAINSCOPE_CUDA=$(TRAINSCOPE_CUDA) \
+	  -Ccmake.define.TRAINSCOPE_BUILD_TESTS=ON -Ccmake.define.TRAINSCOPE_BUILD_BENCH=ON \
+	  -Ccmake.define.TRAINSCOPE_BUILD_EXAMPLES=ON -Ccmake.define.TRAINSCOPE_RELOCATABLE=OFF
 	@touch $@
 
 build: $(BUILD_STAMP)
@@ -90,6 +94,27 @@ test: build wheel
 	@status=0; \
 	( cd $(BUILD) && ctest --output-on-failure -j $(shell nproc) ) || status=1; \
 	$(PY) -m pytest tests/python -q -rs || status=1; \
+	exit $$status
+
+# A CPU-only build in build/cpu-only, configured as on a machine without the CUDA Toolkit: AUTO,
+# with no CUDA compiler to find. CMake finds nvcc on PATH (here also as /usr/local/bin/nvcc), so
+# CUDACXX points nowhere to hide it; the torch is the venv's, built with CUDA. Then its ctest, and
+# the Python tests against its op library: -S and PYTHONPATH take the package's sources from
+# python_bindings/ instead of the editable install of build/. test_gpu_check.py is left out: it
+# checks the GPU check of build/, which `make test` runs.
+CPU_ONLY_BUILD := $(BUILD)/cpu-only
+
+test-cpu-only: $(DEPS_STAMP) $(BUILD)/.gtest-checked
+	CUDACXX=/nonexistent/nvcc cmake -S . -B $(CPU_ONLY_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DTRAINSCOPE_TORCH_PYTHON=$(CURDIR)/$(PY)
+	@grep -qx 'TRAINSCOPE_WITH_CUDA:INTERNAL=OFF' $(CPU_ONLY_BUILD)/CMakeCache.txt || \
+	  { echo "test-cpu-only: CMake configured $(CPU_ONLY_BUILD) with CUDA"; exit 1; }
+	cmake --build $(CPU_ONLY_BUILD)
+	@status=0; \
+	( cd $(CPU_ONLY_BUILD) && ctest --output-on-failure -j $(shell nproc) ) || status=1; \
+	TRAINSCOPE_OPS_LIBRARY=$(CURDIR)/$(CPU_ONLY_BUILD)/libtrainscope_ops.so \
+	PYTHONPATH=$(CURDIR)/python_bindings:$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+	  $(PY) -S -m pytest tests/python -q -rs --ignore=tests/python/test_gpu_check.py --ignore=tests/python/test_wheel.py || status=1; \
 	exit $$status
 
 demo: build

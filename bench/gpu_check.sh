@@ -273,7 +273,7 @@ configure() {
   local gen=()
   if [[ ! -f "$BUILD/CMakeCache.txt" ]] && command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
   cmake -S "$ROOT" -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" \
-    -DTRAINSCOPE_BUILD_TESTS=ON -DTRAINSCOPE_BUILD_BENCH=ON -DPython_EXECUTABLE="$PYTHON"
+    -DTRAINSCOPE_CUDA=ON -DTRAINSCOPE_BUILD_TESTS=ON -DTRAINSCOPE_BUILD_BENCH=ON -DPython_EXECUTABLE="$PYTHON"
 }
 
 export ROOT BUILD CUDA_ARCH PYTHON WORK PEER_WHEELS

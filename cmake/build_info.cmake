@@ -1,8 +1,7 @@
 # trainscope_build_info.json, beside the libraries in the build tree and in the installed package:
 # what trainscope.build_info() reports and what the package checks before loading the op library
 # (the torch it was built against).
-get_property(TRAINSCOPE_LANGUAGES GLOBAL PROPERTY ENABLED_LANGUAGES)
-if("CUDA" IN_LIST TRAINSCOPE_LANGUAGES)
+if(TRAINSCOPE_WITH_CUDA)
   set(TRAINSCOPE_INFO_CUDA "true")
   set(TRAINSCOPE_INFO_CUDA_VERSION "\"${CMAKE_CUDA_COMPILER_VERSION}\"")
   set(TRAINSCOPE_INFO_ARCHS "")

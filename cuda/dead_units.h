@@ -14,7 +14,9 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <cuda_runtime_api.h>
+#endif
 
 #include "cuda/common.h"
 
@@ -88,7 +90,8 @@ template <typename T>
 TS_HD bool is_active_value(T v, const ActivityTest& t) { return is_active(widen(v), t); }
 
 // ---------------------------------------------------------------------------------------------
-// The CUDA launcher.
+// The CUDA launcher, in a build with CUDA only: everything above is plain C++ too.
+#if defined(TRAINSCOPE_WITH_CUDA)
 //
 // `acts` is a contiguous [n, channels, inner] array of `dtype` (inner = Π spatial, 1 for 2-D
 // activations). Adds, for every channel c, the number of active elements of acts[:, c, :] to
@@ -98,6 +101,7 @@ TS_HD bool is_active_value(T v, const ActivityTest& t) { return is_active(widen(
 // call; an empty array (n, channels or inner 0) launches nothing.
 cudaError_t launch_add_active_counts(const void* acts, DType dtype, int64_t n, int64_t channels, int64_t inner,
                                      const ActivityTest& test, int64_t* counts, cudaStream_t stream);
+#endif  // TRAINSCOPE_WITH_CUDA
 
 }  // namespace cuda
 }  // namespace trainscope

@@ -13,7 +13,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <cuda_runtime_api.h>
+#endif
 
 #include "cuda/common.h"
 #include "cuda/histogram.h"
@@ -127,7 +129,7 @@ TS_HD int32_t hist2d_bin(double g, double p, const HistSpec& grad, const HistSpe
 }
 
 // ---------------------------------------------------------------------------------------------
-// The CUDA launcher.
+// One pair of the list, as both paths read it.
 struct Hist2dPair {
   const void* grad;   // [batch, numel], contiguous
   const void* param;  // [numel], contiguous, same dtype
@@ -135,6 +137,9 @@ struct Hist2dPair {
   DType dtype;
 };
 
+// ---------------------------------------------------------------------------------------------
+// The CUDA launcher, in a build with CUDA only: everything above is plain C++ too.
+#if defined(TRAINSCOPE_WITH_CUDA)
 struct Hist2dArgs {
   const Hist2dPair* pairs;  // host array of num_pairs entries
   int64_t num_pairs;
@@ -149,6 +154,7 @@ struct Hist2dArgs {
 // CUDA error; never synchronises, needs no workspace, and can be captured in a CUDA graph.
 // Invalid arguments return cudaErrorInvalidValue before any CUDA call.
 cudaError_t hist2d_launch(const Hist2dArgs& args, cudaStream_t stream);
+#endif  // TRAINSCOPE_WITH_CUDA
 
 }  // namespace cuda
 }  // namespace trainscope

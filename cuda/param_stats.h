@@ -11,7 +11,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <cuda_runtime_api.h>
+#endif
 
 #include "cuda/common.h"
 #include "cuda/histogram.h"
@@ -142,7 +144,8 @@ inline int64_t assign_first_chunks(const int64_t* numel, int64_t n, int64_t chun
 }
 
 // ---------------------------------------------------------------------------------------------
-// The CUDA launcher.
+// The CUDA launcher, in a build with CUDA only: everything above is plain C++ too.
+#if defined(TRAINSCOPE_WITH_CUDA)
 struct ParamStatsArgs {
   const TensorDesc* tensors;  // host array of num_tensors descriptors
   int64_t num_tensors;
@@ -166,6 +169,7 @@ size_t param_stats_workspace_bytes(const ParamStatsArgs& args);
 // Enqueues the whole computation on `stream`; never synchronises. Returns the first CUDA error.
 cudaError_t param_stats_launch(const ParamStatsArgs& args, void* workspace, size_t workspace_bytes,
                                cudaStream_t stream);
+#endif  // TRAINSCOPE_WITH_CUDA
 
 }  // namespace cuda
 }  // namespace trainscope

@@ -11,7 +11,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <cuda_runtime_api.h>
+#endif
 
 #include "cuda/common.h"
 #include "cuda/histogram.h"
@@ -29,6 +31,9 @@ struct PerSampleTensorDesc {
 // tensor whose first tile is ≤ k (find_owner in common.h).
 TS_HD int64_t num_col_tiles(int64_t cols, int64_t width) { return cols > 0 ? ceil_div(cols, width) : 0; }
 
+// ---------------------------------------------------------------------------------------------
+// The CUDA launcher, in a build with CUDA only: everything above is plain C++ too.
+#if defined(TRAINSCOPE_WITH_CUDA)
 struct PerSampleArgs {
   const PerSampleTensorDesc* tensors;  // host array
   int64_t num_tensors;
@@ -53,6 +58,7 @@ size_t per_sample_workspace_bytes(const PerSampleArgs& args, int device);
 // Enqueues the whole computation on `stream`; never synchronises.
 cudaError_t per_sample_launch(const PerSampleArgs& args, void* workspace, size_t workspace_bytes,
                               cudaStream_t stream, int device);
+#endif  // TRAINSCOPE_WITH_CUDA
 
 }  // namespace cuda
 }  // namespace trainscope

@@ -22,9 +22,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <cusolverDn.h>
+#endif
 
 #include "cuda/common.h"
 
@@ -186,47 +188,11 @@ inline bool zero_if_nonfinite(double* a, int64_t count) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Status of a launcher: which library failed, with its own status code.
-
-struct RankStatus {
-  enum Kind : int32_t { kOk = 0, kInvalidValue = 1, kCuda = 2, kCublas = 3, kCusolver = 4 };
-  Kind kind = kOk;
-  int32_t code = 0;        // cudaError_t, cublasStatus_t or cusolverStatus_t
-  const char* what = "";   // the call or check that failed
-  bool ok() const { return kind == kOk; }
-};
-
-// Pieces of an error message (static strings).
-const char* rank_status_library(const RankStatus& s);  // "CUDA", "cuBLAS", "cuSOLVER", "argument"
-const char* rank_status_name(const RankStatus& s);     // the status's name (or the CUDA error's)
-
-// ---------------------------------------------------------------------------------------------
-// Gram update. phi is a row-major [rows, cols] float64 matrix (contiguous, device); c is the
-// n × n output (n = cols for ΦᵀΦ, rows for ΦΦᵀ) with rows ldc ≥ n apart (ldc > n: the leading
-// block of a zero-padded batch matrix), row- or column-major alike since it is symmetric. c ← ΦᵀΦ (or ΦΦᵀ) + beta · c, beta = 0 (c's old content ignored, NaN included) or 1
-// (accumulate). Only the lower triangle is formed by syrk; a small kernel mirrors it, so c is the
-// full symmetric matrix afterwards. Puts `handle` on `stream` (see cublas_use_stream) and keeps
-// its pointer mode.
+// Plain values the launchers below take: the side a Gram matrix is formed on (also the CPU
+// path's), and the routes of the batched eigensolve (eigvals_launch).
 enum class GramSide : int32_t { kUnits = 0 /* ΦᵀΦ [cols, cols] */, kRows = 1 /* ΦΦᵀ [rows, rows] */ };
 
-// Puts a cuBLAS handle on `stream` only when it is on another one: cublasSetStream also resets
-// the handle's workspace to cuBLAS's default pool, which would discard the workspace PyTorch
-// configured on the handle it lends (at::cuda::getCurrentCUDABlasHandle, already on the current
-// stream). *changed (optional) tells whether the stream was set.
-RankStatus cublas_use_stream(cublasHandle_t handle, cudaStream_t stream, bool* changed = nullptr);
-
-RankStatus gram_update_launch(cublasHandle_t handle, const double* phi, int64_t rows, int64_t cols,
-                              GramSide side, double beta, double* c, int64_t ldc, cudaStream_t stream);
-
-// ---------------------------------------------------------------------------------------------
-// Batched symmetric eigensolve, eigenvalues only. a is [batch, n, n] float64 (device,
-// contiguous, symmetric; overwritten; only the row-major lower triangle is read, as
-// torch.linalg.eigvalsh's default); matrix i is a dims[i] × dims[i] Gram matrix in its
-// leading block, zero elsewhere (zero padding). On return w[i, :] holds n values ascending whose
-// top dims[i] are matrix i's eigenvalues (the others are the padding's zeros), and info[i] is the
-// solver's status of matrix i (0: converged), left on the device.
-//
-// Routes:
+// Routes of the batched eigensolve:
 //  - kBatched: one cusolverDnXsyevBatched call on the padded [batch, n, n] batch;
 //  - kPerMatrix: cusolverDnXsyevd on each matrix's own dims[i] block (no work on padding; w's
 //    leading n − dims[i] entries are set to 0);
@@ -257,6 +223,49 @@ inline EigRoute resolve_eig_route(EigRoute route, int64_t n, int64_t max_element
   return n <= kSyevBatchedMaxN ? EigRoute::kBatched : EigRoute::kPerMatrix;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The CUDA launchers, in a build with CUDA only: everything above is plain C++ too.
+#if defined(TRAINSCOPE_WITH_CUDA)
+
+// Status of a launcher: which library failed, with its own status code.
+struct RankStatus {
+  enum Kind : int32_t { kOk = 0, kInvalidValue = 1, kCuda = 2, kCublas = 3, kCusolver = 4 };
+  Kind kind = kOk;
+  int32_t code = 0;        // cudaError_t, cublasStatus_t or cusolverStatus_t
+  const char* what = "";   // the call or check that failed
+  bool ok() const { return kind == kOk; }
+};
+
+// Pieces of an error message (static strings).
+const char* rank_status_library(const RankStatus& s);  // "CUDA", "cuBLAS", "cuSOLVER", "argument"
+const char* rank_status_name(const RankStatus& s);     // the status's name (or the CUDA error's)
+
+// ---------------------------------------------------------------------------------------------
+// Gram update.
+
+// Puts a cuBLAS handle on `stream` only when it is on another one: cublasSetStream also resets
+// the handle's workspace to cuBLAS's default pool, which would discard the workspace PyTorch
+// configured on the handle it lends (at::cuda::getCurrentCUDABlasHandle, already on the current
+// stream). *changed (optional) tells whether the stream was set.
+RankStatus cublas_use_stream(cublasHandle_t handle, cudaStream_t stream, bool* changed = nullptr);
+
+// phi is a row-major [rows, cols] float64 matrix (contiguous, device); c is the n × n output
+// (n = cols for ΦᵀΦ, rows for ΦΦᵀ: GramSide) with rows ldc ≥ n apart (ldc > n: the leading
+// block of a zero-padded batch matrix), row- or column-major alike since it is symmetric.
+// c ← ΦᵀΦ (or ΦΦᵀ) + beta · c, beta = 0 (c's old content ignored, NaN included) or 1
+// (accumulate). Only the lower triangle is formed by syrk; a small kernel mirrors it, so c is the
+// full symmetric matrix afterwards. Puts `handle` on `stream` (see cublas_use_stream) and keeps
+// its pointer mode.
+RankStatus gram_update_launch(cublasHandle_t handle, const double* phi, int64_t rows, int64_t cols,
+                              GramSide side, double beta, double* c, int64_t ldc, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Batched symmetric eigensolve, eigenvalues only. a is [batch, n, n] float64 (device,
+// contiguous, symmetric; overwritten; only the row-major lower triangle is read, as
+// torch.linalg.eigvalsh's default); matrix i is a dims[i] × dims[i] Gram matrix in its
+// leading block, zero elsewhere (zero padding). On return w[i, :] holds n values ascending whose
+// top dims[i] are matrix i's eigenvalues (the others are the padding's zeros), and info[i] is the
+// solver's status of matrix i (0: converged), left on the device. Routes: EigRoute above.
 struct EigvalsArgs {
   cusolverDnHandle_t handle;
   double* a;              // device [batch, n, n]
@@ -327,6 +336,7 @@ RankStatus rank_from_eigenvalues_launch(const double* w, int64_t n, int64_t batc
 RankStatus rank_from_singular_values_launch(const double* sigma, int64_t k, int64_t batch, const int* info,
                                             const int* nonfinite, double prop, const RankOut& out,
                                             cudaStream_t stream);
+#endif  // TRAINSCOPE_WITH_CUDA
 
 }  // namespace cuda
 }  // namespace trainscope

@@ -19,7 +19,9 @@ int main(int argc, char** argv) {
   }
   const std::string out_path = argv[1];
   const int64_t steps = argc == 3 ? std::stoll(argv[2]) : 100;
-  const torch::Device device = torch::cuda::is_available() ? torch::kCUDA : torch::kCPU;
+  // A GPU when there is one and trainscope has its CUDA kernels (a CPU-only build refuses CUDA tensors).
+  const torch::Device device =
+      trainscope::built_with_cuda() && torch::cuda::is_available() ? torch::kCUDA : torch::kCPU;
   torch::manual_seed(0);
 
   // Synthetic data: y = x·w + noise, 4,096 examples of 16 features.

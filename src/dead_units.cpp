@@ -16,11 +16,13 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <nvtx3/nvtx3.hpp>
+#endif
 
 #include "cuda/dead_units.h"
+#include "src/nvtx.h"
 #include "src/tensor_checks.h"
 
 namespace trainscope {
@@ -43,14 +45,13 @@ constexpr const char* kCounterNew = "trainscope::DeadUnitCounter";
 constexpr const char* kCounterAdd = "trainscope::DeadUnitCounter::add";
 constexpr const char* kCounterResult = "trainscope::DeadUnitCounter::result";
 
-// Activations: defined, ≥ 2-D, a supported float dtype, on CPU or CUDA.
+// Activations: defined, ≥ 2-D, a supported float dtype, on a device of this build (check_device).
 void check_acts(const char* op, const at::Tensor& acts) {
   TORCH_CHECK(acts.defined(), op, ": acts is an undefined tensor");
   TORCH_CHECK(acts.dim() >= 2, op, ": acts is ", acts.dim(), "-D (shape ", acts.sizes(),
               "); activations are [N, units] or [N, C, *spatial]");
   check_float_dtype(op, "acts", -1, acts);
-  TORCH_CHECK(acts.device().is_cpu() || acts.device().is_cuda(), op, ": acts is on ", acts.device(),
-              "; trainscope runs on CPU or CUDA tensors");
+  check_device(op, "acts", acts.device());
 }
 
 void check_kind(const char* op, ActivationKind kind) {
@@ -120,6 +121,7 @@ void add_counts_unchecked(const char* op, at::Tensor& counts, const at::Tensor& 
   if (n == 0 || channels == 0 || inner == 0) return;
   const at::Tensor x = acts.contiguous();  // a copy only for non-contiguous input
   const tc::ActivityTest test = tc::make_activity_test(static_cast<tc::ActivityKind>(kind), eps);
+#if defined(TRAINSCOPE_WITH_CUDA)
   if (acts.device().is_cuda()) {
     c10::cuda::CUDAGuard guard(acts.device());
     const cudaError_t err = tc::launch_add_active_counts(
@@ -128,6 +130,7 @@ void add_counts_unchecked(const char* op, at::Tensor& counts, const at::Tensor& 
     TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
     return;
   }
+#endif
   int64_t* out = counts.data_ptr<int64_t>();
   switch (x.scalar_type()) {
     case at::kFloat: cpu_add_counts(x.data_ptr<float>(), n, channels, inner, test, out); break;
@@ -182,7 +185,7 @@ const char* activation_kind_name(ActivationKind kind) {
 }
 
 at::Tensor active_counts(const at::Tensor& acts, ActivationKind kind, double eps) {
-  nvtx3::scoped_range range{kActiveCounts};
+  NvtxRange range{kActiveCounts};
   check_acts(kActiveCounts, acts);
   check_kind(kActiveCounts, kind);
   check_eps(kActiveCounts, eps);
@@ -192,7 +195,7 @@ at::Tensor active_counts(const at::Tensor& acts, ActivationKind kind, double eps
 }
 
 void add_active_counts(at::Tensor& counts, const at::Tensor& acts, ActivationKind kind, double eps) {
-  nvtx3::scoped_range range{kAddActiveCounts};
+  NvtxRange range{kAddActiveCounts};
   check_acts(kAddActiveCounts, acts);
   check_kind(kAddActiveCounts, kind);
   check_eps(kAddActiveCounts, eps);
@@ -214,20 +217,19 @@ int64_t observations_per_unit(const at::Tensor& acts) {
 }
 
 DeadUnits dead_units_from_counts(const at::Tensor& counts, int64_t observations, double tau) {
-  nvtx3::scoped_range range{kFromCounts};
+  NvtxRange range{kFromCounts};
   TORCH_CHECK(counts.defined(), kFromCounts, ": counts is an undefined tensor");
   TORCH_CHECK(counts.scalar_type() == at::kLong, kFromCounts, ": counts has dtype ", counts.scalar_type(),
               "; per-unit counts are int64");
   TORCH_CHECK(counts.dim() == 1, kFromCounts, ": counts has shape ", counts.sizes(), "; per-unit counts are [units]");
-  TORCH_CHECK(counts.device().is_cpu() || counts.device().is_cuda(), kFromCounts, ": counts is on ",
-              counts.device(), "; trainscope runs on CPU or CUDA tensors");
+  check_device(kFromCounts, "counts", counts.device());
   TORCH_CHECK(observations >= 0, kFromCounts, ": observations must be >= 0, got ", observations);
   check_tau(kFromCounts, tau);
   return results_unchecked(counts, observations, tau);
 }
 
 DeadUnits dead_units(const at::Tensor& acts, const DeadUnitOptions& options) {
-  nvtx3::scoped_range range{kDeadUnits};
+  NvtxRange range{kDeadUnits};
   check_acts(kDeadUnits, acts);
   check_kind(kDeadUnits, options.kind);
   check_eps(kDeadUnits, options.eps);
@@ -244,7 +246,7 @@ DeadUnitCounter::DeadUnitCounter(const DeadUnitOptions& options) : options_(opti
 }
 
 void DeadUnitCounter::add(const at::Tensor& acts) {
-  nvtx3::scoped_range range{kCounterAdd};
+  NvtxRange range{kCounterAdd};
   check_acts(kCounterAdd, acts);
   if (counts_.defined()) {
     TORCH_CHECK(acts.size(1) == counts_.size(0), kCounterAdd, ": acts has ", acts.size(1),
@@ -261,7 +263,7 @@ void DeadUnitCounter::add(const at::Tensor& acts) {
 }
 
 DeadUnits DeadUnitCounter::result() const {
-  nvtx3::scoped_range range{kCounterResult};
+  NvtxRange range{kCounterResult};
   TORCH_CHECK(counts_.defined(), kCounterResult, ": no batch added yet; call add(acts) first");
   return results_unchecked(counts_, observations_, options_.tau);
 }

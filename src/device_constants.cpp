@@ -3,15 +3,21 @@
 
 #include <algorithm>
 
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#endif
 
 namespace trainscope {
 
 bool is_capturing(const at::Device& device) {
-  if (!device.is_cuda()) return false;
-  c10::cuda::CUDAGuard guard(device);
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#if defined(TRAINSCOPE_WITH_CUDA)
+  if (device.is_cuda()) {
+    c10::cuda::CUDAGuard guard(device);
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  }
+#endif
+  return false;
 }
 
 at::Tensor DeviceConstantCache::get(const std::vector<double>& values, const at::Device& device, bool capturing,

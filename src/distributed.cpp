@@ -16,10 +16,11 @@
 
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
-#include <nvtx3/nvtx3.hpp>
 
 #include "src/device_constants.h"
+#include "src/nvtx.h"
 #include "src/param_stats_internal.h"
+#include "src/tensor_checks.h"
 
 namespace trainscope {
 
@@ -119,7 +120,7 @@ ParamStats param_stats_across_ranks(at::TensorList grads, at::TensorList params,
                                     at::TensorList prev_params, const std::vector<TensorLayout>& layouts,
                                     const RankGroup& group, const ParamStatsOptions& options, at::Tensor* extra_sums) {
   const char* op = "trainscope::param_stats_across_ranks";
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   const int64_t n = static_cast<int64_t>(
       std::max({grads.size(), params.size(), init_params.size(), prev_params.size()}));
   TORCH_CHECK(layouts.empty() || static_cast<int64_t>(layouts.size()) == n, op, ": layouts has ", layouts.size(),
@@ -234,9 +235,10 @@ ParamStats param_stats_across_ranks(at::TensorList grads, at::TensorList params,
 
 at::Tensor loss_across_ranks(const at::Tensor& per_sample_losses, const RankGroup& group) {
   const char* op = "trainscope::loss_across_ranks";
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   TORCH_CHECK(per_sample_losses.defined(), op, ": losses is an undefined tensor");
   if (!group.is_distributed()) return loss(per_sample_losses);
+  check_device(op, "losses", per_sample_losses.device());
   TORCH_CHECK(at::isFloatingType(per_sample_losses.scalar_type()), op, ": losses must be floating point, got ",
               per_sample_losses.scalar_type());
   const at::Tensor sum = per_sample_losses.sum(c10::nullopt, false, at::kDouble).reshape({1});

@@ -20,8 +20,7 @@
 #include <algorithm>
 #include <vector>
 
-#include <nvtx3/nvtx3.hpp>
-
+#include "src/nvtx.h"
 #include "src/per_sample_stats_internal.h"
 
 namespace trainscope {
@@ -53,7 +52,7 @@ at::Tensor per_sample_stats_from_local_parts(const PerSampleParts& local, const 
   const char* op = "trainscope::per_sample_stats_from_local_parts";
   // One process: the parts are the whole batch's (and extra_sums its own sum).
   if (!group.is_distributed()) return per_sample_stats_from_parts(local);
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   const int64_t b = check_per_sample_parts(op, local, /*min_batch=*/1);
   const at::Device device = local.sq_norms.device();
   at::Tensor extra;
@@ -84,7 +83,7 @@ PerSampleStats per_sample_stats_across_ranks(at::TensorList per_sample_grads, co
                                              const PerSampleOptions& options) {
   if (!group.is_distributed()) return per_sample_stats(per_sample_grads, options);
   const char* op = "trainscope::per_sample_stats_across_ranks";
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   // Checks (B_r >= 1), then ‖gᵢ‖², the histogram and the non-finite count in the fused pass; its
   // dots are against this rank's own mean and are replaced below.
   PerSampleStats local = per_sample_parts_impl(op, per_sample_grads, options, /*min_batch=*/1);

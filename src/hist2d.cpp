@@ -12,11 +12,13 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <nvtx3/nvtx3.hpp>
+#endif
 
 #include "cuda/hist2d.h"
+#include "src/nvtx.h"
 #include "src/tensor_checks.h"
 
 namespace trainscope {
@@ -49,8 +51,7 @@ int64_t check_inputs(at::TensorList grads, at::TensorList params, const Hist2dOp
     TORCH_CHECK(params[i].defined(), kOp, ": params[", i, "] is an undefined tensor");
   }
   const at::Device device = grads[0].device();
-  TORCH_CHECK(device.is_cpu() || device.is_cuda(), kOp, ": per_sample_grads[0] is on ", device,
-              "; trainscope runs on CPU or CUDA tensors");
+  check_device(kOp, "per_sample_grads[0]", device);
   TORCH_CHECK(grads[0].dim() >= 1, kOp,
               ": per_sample_grads[0] is 0-d; per-sample gradients are [B, *param_shape]");
   const int64_t batch = grads[0].size(0);
@@ -153,6 +154,7 @@ void cpu_hist2d(const std::vector<tc::Hist2dPair>& pairs, int64_t batch, const t
   out.nonfinite.fill_(nonfinite);
 }
 
+#if defined(TRAINSCOPE_WITH_CUDA)
 void cuda_hist2d(const std::vector<tc::Hist2dPair>& pairs, int64_t batch, const tc::HistSpec& gs,
                  const tc::HistSpec& ps, const Hist2d& out, at::Device device) {
   c10::cuda::CUDAGuard guard(device);
@@ -167,11 +169,12 @@ void cuda_hist2d(const std::vector<tc::Hist2dPair>& pairs, int64_t batch, const 
   const cudaError_t err = tc::hist2d_launch(args, at::cuda::getCurrentCUDAStream(device.index()).stream());
   TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
+#endif
 
 }  // namespace
 
 Hist2d grad_hist2d(at::TensorList per_sample_grads, at::TensorList params, const Hist2dOptions& options) {
-  nvtx3::scoped_range range{kOp};
+  NvtxRange range{kOp};
   const int64_t batch = check_inputs(per_sample_grads, params, options);
   const at::Device device = per_sample_grads.empty() ? at::Device(at::kCPU) : per_sample_grads[0].device();
 
@@ -192,16 +195,18 @@ Hist2d grad_hist2d(at::TensorList per_sample_grads, at::TensorList params, const
   const tc::HistSpec ps = tc::make_hist_spec(options.nbins_param, options.maxval_param);
   const auto iopt = at::TensorOptions().device(device).dtype(at::kLong);
   Hist2d out;
+#if defined(TRAINSCOPE_WITH_CUDA)
   if (device.is_cuda()) {
     // The launcher clears both outputs itself.
     out.counts = at::empty({options.nbins_grad, options.nbins_param}, iopt);
     out.nonfinite = at::empty({}, iopt);
     cuda_hist2d(pairs, batch, gs, ps, out, device);
-  } else {
-    out.counts = at::zeros({options.nbins_grad, options.nbins_param}, iopt);
-    out.nonfinite = at::zeros({}, iopt);
-    cpu_hist2d(pairs, batch, gs, ps, out);
+    return out;
   }
+#endif
+  out.counts = at::zeros({options.nbins_grad, options.nbins_param}, iopt);
+  out.nonfinite = at::zeros({}, iopt);
+  cpu_hist2d(pairs, batch, gs, ps, out);
   return out;
 }
 

@@ -21,15 +21,15 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
-#include <nvtx3/nvtx3.hpp>
+#if defined(TRAINSCOPE_WITH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#endif
 
 #include "src/device_constants.h"
+#include "src/nvtx.h"
 #include "src/tensor_checks.h"
 #include "trainscope/param_stats.h"
 
@@ -227,10 +227,34 @@ struct Layout {
   }
 };
 
+// The event that marks a step's copy to pinned memory done, recorded on the current stream of a
+// CUDA device. A CPU copy is done when it returns: no event, and a CPU-only build has none to make.
+#if defined(TRAINSCOPE_WITH_CUDA)
+class CopyEvent {
+ public:
+  void record(const at::Device& device) {
+    if (!event_) event_ = std::make_unique<at::cuda::CUDAEvent>();
+    event_->record(at::cuda::getCurrentCUDAStream(device.index()));
+  }
+  bool query() const { return event_->query(); }
+  void synchronize() const { event_->synchronize(); }
+
+ private:
+  std::unique_ptr<at::cuda::CUDAEvent> event_;
+};
+#else
+class CopyEvent {
+ public:
+  void record(const at::Device&) { TORCH_INTERNAL_ASSERT(false, "a CPU-only build records no CUDA event"); }
+  bool query() const { return true; }
+  void synchronize() const {}
+};
+#endif
+
 struct Slot {
   at::Tensor device;  // float64 [capacity] on the parameters' device; histograms as int64 bits
   at::Tensor host;    // float64 [capacity], pinned for CUDA
-  std::unique_ptr<at::cuda::CUDAEvent> event;
+  CopyEvent event;
 };
 
 struct InFlight {
@@ -492,7 +516,7 @@ struct Monitor::Impl {
   int64_t free_slot() {
     if (static_cast<int64_t>(in_flight.size()) >= cfg.ring_slots) {
       const InFlight& oldest = in_flight.front();
-      if (oldest.has_event) ring[oldest.slot].event->synchronize();
+      if (oldest.has_event) ring[oldest.slot].event.synchronize();
       deliver_front();
     }
     return next_slot;
@@ -507,8 +531,7 @@ struct Monitor::Impl {
     s.host.narrow(0, 0, n).copy_(src.narrow(0, 0, n), /*non_blocking=*/device.is_cuda());
     bool has_event = false;
     if (device.is_cuda()) {
-      if (!s.event) s.event = std::make_unique<at::cuda::CUDAEvent>();
-      s.event->record(at::cuda::getCurrentCUDAStream(device.index()));
+      s.event.record(device);
       has_event = true;
     }
     in_flight.push_back(InFlight{step, slot, std::move(layout), has_event});
@@ -516,7 +539,7 @@ struct Monitor::Impl {
 
   bool front_ready() const {
     const InFlight& f = in_flight.front();
-    return !f.has_event || ring[f.slot].event->query();
+    return !f.has_event || ring[f.slot].event.query();
   }
 
   void deliver_front() {
@@ -557,7 +580,7 @@ struct Monitor::Impl {
   void flush() {
     while (!in_flight.empty()) {
       const InFlight& f = in_flight.front();
-      if (f.has_event) ring[f.slot].event->synchronize();
+      if (f.has_event) ring[f.slot].event.synchronize();
       deliver_front();
     }
   }
@@ -565,7 +588,7 @@ struct Monitor::Impl {
 
 Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, MonitorConfig config)
     : impl_(std::make_unique<Impl>()) {
-  nvtx3::scoped_range range{"trainscope::Monitor::Monitor"};
+  NvtxRange range{"trainscope::Monitor::Monitor"};
   Impl& m = *impl_;
   TORCH_CHECK(!named_params.empty(), "trainscope::Monitor: named_params is empty; give the model's named parameters");
   TORCH_CHECK(config.ring_slots >= 1, "trainscope::Monitor: ring_slots must be >= 1, got ", config.ring_slots);
@@ -581,8 +604,7 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
     if (i == 0) m.device = t.device();
     TORCH_CHECK(t.device() == m.device, "trainscope::Monitor: named_params[", i, "] ('", name, "') is on ",
                 t.device(), " but named_params[0] is on ", m.device, "; all parameters must share one device");
-    TORCH_CHECK(m.device.is_cpu() || m.device.is_cuda(), "trainscope::Monitor: parameters are on ", m.device,
-                "; the Monitor runs on CPU or CUDA tensors");
+    if (i == 0) check_device("trainscope::Monitor", "named_params[0] ('" + name + "')", m.device);
     m.names.push_back(name);
     m.params.push_back(t);
   }
@@ -645,7 +667,7 @@ Monitor::~Monitor() {
 }
 
 void Monitor::add_quantity(std::shared_ptr<Quantity> quantity, Schedule schedule) {
-  nvtx3::scoped_range range{"trainscope::Monitor::add_quantity"};
+  NvtxRange range{"trainscope::Monitor::add_quantity"};
   TORCH_CHECK(quantity != nullptr, "trainscope::Monitor::add_quantity: quantity is null");
   const std::string key = quantity->key();
   impl_->check_new_key("add_quantity", key);
@@ -653,13 +675,13 @@ void Monitor::add_quantity(std::shared_ptr<Quantity> quantity, Schedule schedule
 }
 
 void Monitor::add_external_quantity(const std::string& key, Schedule schedule) {
-  nvtx3::scoped_range range{"trainscope::Monitor::add_external_quantity"};
+  NvtxRange range{"trainscope::Monitor::add_external_quantity"};
   impl_->check_new_key("add_external_quantity", key);
   impl_->customs.push_back(Impl::Custom{key, nullptr, std::move(schedule)});
 }
 
 void Monitor::add_sink(Sink sink) {
-  nvtx3::scoped_range range{"trainscope::Monitor::add_sink"};
+  NvtxRange range{"trainscope::Monitor::add_sink"};
   TORCH_CHECK(static_cast<bool>(sink), "trainscope::Monitor::add_sink: sink is empty");
   impl_->sinks.push_back(std::move(sink));
 }
@@ -668,7 +690,7 @@ void Monitor::step(int64_t step, const at::Tensor& per_sample_losses, const std:
                    const std::map<std::string, at::Tensor>& extra_scalars,
                    const std::map<std::string, HistogramInput>& extra_histograms,
                    const std::vector<at::Tensor>& grads) {
-  nvtx3::scoped_range range{"trainscope::Monitor::step"};
+  NvtxRange range{"trainscope::Monitor::step"};
   Impl& m = *impl_;
   c10::NoGradGuard no_grad;
   c10::OptionalDeviceGuard guard;
@@ -695,7 +717,7 @@ void Monitor::step(int64_t step, const at::Tensor& per_sample_losses, const std:
 }
 
 void Monitor::collect_captured(int64_t step) {
-  nvtx3::scoped_range range{"trainscope::Monitor::collect_captured"};
+  NvtxRange range{"trainscope::Monitor::collect_captured"};
   Impl& m = *impl_;
   TORCH_CHECK(m.captured_layout != nullptr,
               "trainscope::Monitor::collect_captured: no step() was captured in a CUDA graph");
@@ -711,14 +733,14 @@ void Monitor::collect_captured(int64_t step) {
 }
 
 void Monitor::request(const std::string& key) {
-  nvtx3::scoped_range range{"trainscope::Monitor::request"};
+  NvtxRange range{"trainscope::Monitor::request"};
   TORCH_CHECK(impl_->known(key), "trainscope::Monitor::request: unknown key '", key,
               "'; request param_metrics, grad_hist or a registered quantity's key");
   impl_->requested.insert(key);
 }
 
 bool Monitor::due(const std::string& key, int64_t step) const {
-  nvtx3::scoped_range range{"trainscope::Monitor::due"};
+  NvtxRange range{"trainscope::Monitor::due"};
   const Impl& m = *impl_;
   if (key == kParamMetricsKey) return m.builtin_due(m.cfg.param_metrics, kParamMetricsKey, step);
   if (key == kGradHistKey) return m.builtin_due(m.cfg.grad_hist, kGradHistKey, step);
@@ -728,18 +750,18 @@ bool Monitor::due(const std::string& key, int64_t step) const {
 }
 
 int64_t Monitor::poll() {
-  nvtx3::scoped_range range{"trainscope::Monitor::poll"};
+  NvtxRange range{"trainscope::Monitor::poll"};
   return impl_->poll();
 }
 
 void Monitor::flush() {
-  nvtx3::scoped_range range{"trainscope::Monitor::flush"};
+  NvtxRange range{"trainscope::Monitor::flush"};
   TORCH_CHECK(!is_capturing(impl_->device), "trainscope::Monitor::flush: cannot wait inside a CUDA graph capture");
   impl_->flush();
 }
 
 MonitorState Monitor::state_dict(bool param_copies) const {
-  nvtx3::scoped_range range{"trainscope::Monitor::state_dict"};
+  NvtxRange range{"trainscope::Monitor::state_dict"};
   const Impl& m = *impl_;
   MonitorState st;
   st.names = m.names;
@@ -755,7 +777,7 @@ MonitorState Monitor::state_dict(bool param_copies) const {
 }
 
 void Monitor::load_state_dict(const MonitorState& state) {
-  nvtx3::scoped_range range{"trainscope::Monitor::load_state_dict"};
+  NvtxRange range{"trainscope::Monitor::load_state_dict"};
   Impl& m = *impl_;
   const char* op = "trainscope::Monitor::load_state_dict";
   // Every check before anything changes.
@@ -900,10 +922,10 @@ std::shared_ptr<std::ofstream> open_append(const char* sink, const std::string& 
 }  // namespace
 
 Sink JsonlSink(const std::string& path) {
-  nvtx3::scoped_range range{"trainscope::JsonlSink"};
+  NvtxRange range{"trainscope::JsonlSink"};
   auto f = open_append("JsonlSink", path);
   return [f, path](const StepRecord& r) {
-    nvtx3::scoped_range range{"trainscope::JsonlSink::write"};
+    NvtxRange range{"trainscope::JsonlSink::write"};
     std::string line = "{\"step\": " + std::to_string(r.step) + ", \"scalars\": {";
     for (size_t i = 0; i < r.scalars.size(); ++i) {
       line += (i ? ", " : "") + json_string(r.scalars[i].first) + ": " + json_number(r.scalars[i].second);
@@ -931,7 +953,7 @@ Sink JsonlSink(const std::string& path) {
 }
 
 Sink CsvSink(const std::string& path) {
-  nvtx3::scoped_range range{"trainscope::CsvSink"};
+  NvtxRange range{"trainscope::CsvSink"};
   auto f = open_append("CsvSink", path);
   f->seekp(0, std::ios::end);
   if (f->tellp() == std::streampos(0)) {
@@ -939,7 +961,7 @@ Sink CsvSink(const std::string& path) {
     f->flush();
   }
   return [f, path](const StepRecord& r) {
-    nvtx3::scoped_range range{"trainscope::CsvSink::write"};
+    NvtxRange range{"trainscope::CsvSink::write"};
     std::string rows;
     const std::string step = std::to_string(r.step);
     for (const auto& [name, v] : r.scalars) rows += step + "," + csv_field(name) + "," + csv_number(v) + "\n";

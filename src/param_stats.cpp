@@ -14,12 +14,14 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/core/InferenceMode.h>
+#if defined(TRAINSCOPE_WITH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <nvtx3/nvtx3.hpp>
+#endif
 
 #include "cuda/param_stats.h"
+#include "src/nvtx.h"
 #include "src/param_stats_internal.h"
 #include "src/tensor_checks.h"
 
@@ -64,8 +66,7 @@ at::Device check_inputs(const char* op, const std::vector<NamedList>& lists) {
   const at::Tensor& first = ref->tensors[0];
   TORCH_CHECK(first.defined(), op, ": ", ref->name, "[0] is an undefined tensor");
   const at::Device device = first.device();
-  TORCH_CHECK(device.is_cpu() || device.is_cuda(), op, ": ", ref->name,
-              "[0] is on ", device, "; trainscope runs on CPU or CUDA tensors");
+  check_device(op, std::string(ref->name) + "[0]", device);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor* pair = nullptr;
     const char* pair_name = nullptr;
@@ -189,6 +190,7 @@ void cpu_param_stats(const std::vector<tc::TensorDesc>& descs, uint32_t flags,
   if (want_hist) out.hist.copy_(out.hist_per_tensor.sum(0));
 }
 
+#if defined(TRAINSCOPE_WITH_CUDA)
 void cuda_param_stats(const std::vector<tc::TensorDesc>& descs, uint32_t flags,
                       const tc::HistSpec& hist, const ParamStats& out, at::Device device) {
   c10::cuda::CUDAGuard guard(device);
@@ -213,6 +215,7 @@ void cuda_param_stats(const std::vector<tc::TensorDesc>& descs, uint32_t flags,
                                                  at::cuda::getCurrentCUDAStream(device.index()).stream());
   TORCH_CHECK(err == cudaSuccess, "trainscope::param_stats: CUDA launch failed: ", cudaGetErrorString(err));
 }
+#endif
 
 // refresh_prev writes prev_params in place, as an optimizer writes parameters: each must be a
 // tensor that can take that write without surprising its owner.
@@ -235,7 +238,7 @@ void check_writable_prev(const char* op, at::TensorList prev_params) {
 ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList params,
                             at::TensorList init_params, at::TensorList prev_params,
                             const ParamStatsOptions& o, const char* grads_name) {
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   const at::Device device = check_inputs(op, {{grads_name, grads}, {"params", params},
                                               {"init_params", init_params}, {"prev_params", prev_params}});
   TORCH_CHECK(init_params.empty() || !params.empty(), op,
@@ -298,11 +301,10 @@ ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList
   out.hist_per_tensor = launcher_fills_hist ? at::empty({n, nbins}, iopt) : at::zeros({n, nbins}, iopt);
 
   const tc::HistSpec hist = tc::make_hist_spec(o.histogram ? o.nbins : 1, o.histogram ? o.maxval : 1.0);
-  if (device.is_cuda()) {
-    cuda_param_stats(descs, flags, hist, out, device);
-  } else {
-    cpu_param_stats(descs, flags, hist, out);
-  }
+#if defined(TRAINSCOPE_WITH_CUDA)
+  if (device.is_cuda()) cuda_param_stats(descs, flags, hist, out, device);
+#endif
+  if (device.is_cpu()) cpu_param_stats(descs, flags, hist, out);
   for (auto& [prev, copy] : refresh_back) prev.copy_(copy);
   return out;
 }
@@ -368,12 +370,15 @@ at::Tensor nonfinite_count(at::TensorList tensors, bool per_tensor) {
 }
 
 at::Tensor loss(const at::Tensor& per_sample_losses) {
-  nvtx3::scoped_range range{"trainscope::loss"};
+  NvtxRange range{"trainscope::loss"};
   TORCH_CHECK(per_sample_losses.defined(), "trainscope::loss: losses is an undefined tensor");
   check_float_dtype("trainscope::loss", "losses", -1, per_sample_losses);
+  check_device("trainscope::loss", "losses", per_sample_losses.device());
   const auto acc = per_sample_losses.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return at::mean(per_sample_losses.detach(), acc);  // a measurement: no autograd graph
 }
+
+bool built_with_cuda() { return kWithCuda; }
 
 at::Tensor hist_bin_edges(int64_t nbins, double maxval, at::Device device) {
   check_hist_axis("trainscope::hist_bin_edges", "nbins", nbins, "maxval", maxval);

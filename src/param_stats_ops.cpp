@@ -2,6 +2,10 @@
 // holds the namespace's one TORCH_LIBRARY block; other families add theirs with
 // TORCH_LIBRARY_FRAGMENT in src/<family>_ops.cpp. The fake kernels torch.compile traces are
 // registered next to each family's Python functions.
+//
+// Every family registers its kernels for CUDA in a CPU-only build too: they refuse CUDA tensors
+// with the library's own error (check_device, src/tensor_checks.h), where the dispatcher would
+// only say that no CUDA kernel exists.
 #include <tuple>
 
 #include <torch/library.h>
@@ -47,6 +51,7 @@ TORCH_LIBRARY(trainscope, m) {
       "Tensor(a!)[] prev_params, bool histogram=True, int nbins=100, float maxval=0.05, "
       "bool weights_matrices_only=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("loss(Tensor losses) -> Tensor");
+  m.def("built_with_cuda() -> bool", &trainscope::built_with_cuda);
 }
 
 // Metrics are diagnostics, not differentiable outputs: below autograd the ops see plain tensors,

@@ -23,12 +23,14 @@
 #include <utility>
 #include <vector>
 
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/core/GradMode.h>
-#include <nvtx3/nvtx3.hpp>
+#if defined(TRAINSCOPE_WITH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
+#endif
 
 #include "cuda/hist2d.h"
 #include "cuda/histogram.h"
+#include "src/nvtx.h"
 #include "src/per_sample_factors_internal.h"
 #include "src/per_sample_stats_internal.h"
 #include "src/tensor_checks.h"
@@ -97,8 +99,7 @@ int64_t tile_samples(const Problem& p, int64_t work) {
 void check_tensor(const char* op, const std::string& name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
   check_float_dtype(op, name.c_str(), -1, t);
-  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": ", name, " is on ", t.device(),
-              "; trainscope runs on CPU or CUDA tensors");
+  check_device(op, name, t.device());
 }
 
 void check_same_device(const char* op, const std::string& name, const at::Tensor& t, const at::Tensor& ref,
@@ -602,9 +603,13 @@ PerSampleParts gram_parts(const Problem& p, bool f64) {
 // capability 6.0, 7.0, 8.0, 9.0 and 10.0 (P100 to B200) run float64 at half rate or better, the
 // others at 1/32 or 1/64.
 double f64_gemm_penalty(const at::Device& device) {
-  if (!device.is_cuda()) return 2.0;
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
-  return prop->minor == 0 && prop->major >= 6 && prop->major <= 10 ? 2.0 : 64.0;
+#if defined(TRAINSCOPE_WITH_CUDA)
+  if (device.is_cuda()) {
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
+    return prop->minor == 0 && prop->major >= 6 && prop->major <= 10 ? 2.0 : 64.0;
+  }
+#endif
+  return 2.0;
 }
 
 // The Gram route's GEMMs of float32 inputs run in float64 when N is small: under this many
@@ -709,7 +714,7 @@ void check_param(const char* op, const char* name, const at::Tensor& t, const at
 PerSampleParts linear_per_sample_parts(at::TensorList input, at::TensorList grad_output, bool has_bias,
                                        FactorMethod method) {
   const char* op = "trainscope::linear_per_sample_parts";
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   c10::NoGradGuard no_grad;
   return parts_of(linear_uses(op, input, grad_output, has_bias), method);
 }
@@ -724,7 +729,7 @@ PerSampleParts conv2d_per_sample_parts(at::TensorList input, at::TensorList grad
                                        at::IntArrayRef padding, at::IntArrayRef dilation,
                                        int64_t groups, bool has_bias, FactorMethod method) {
   const char* op = "trainscope::conv2d_per_sample_parts";
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   c10::NoGradGuard no_grad;
   const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
   return parts_of(conv2d_uses(op, input, grad_output, g, has_bias), method);
@@ -741,7 +746,7 @@ PerSampleParts conv2d_per_sample_parts(const at::Tensor& input, const at::Tensor
 at::Tensor linear_per_sample_grad_hist1d(at::TensorList input, at::TensorList grad_output, bool has_bias,
                                          int64_t nbins, double maxval) {
   const char* op = "trainscope::linear_per_sample_grad_hist1d";
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   c10::NoGradGuard no_grad;
   check_hist_axis(op, "nbins", nbins, "maxval", maxval);
   return hist1d_of(linear_uses(op, input, grad_output, has_bias), nbins, maxval);
@@ -758,7 +763,7 @@ at::Tensor conv2d_per_sample_grad_hist1d(at::TensorList input, at::TensorList gr
                                          at::IntArrayRef padding, at::IntArrayRef dilation,
                                          int64_t groups, bool has_bias, int64_t nbins, double maxval) {
   const char* op = "trainscope::conv2d_per_sample_grad_hist1d";
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   c10::NoGradGuard no_grad;
   check_hist_axis(op, "nbins", nbins, "maxval", maxval);
   const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
@@ -779,7 +784,7 @@ std::tuple<at::Tensor, at::Tensor> linear_per_sample_grad_hist2d(at::TensorList 
                                                                  const at::Tensor& bias,
                                                                  const Hist2dOptions& options) {
   const char* op = "trainscope::linear_per_sample_grad_hist2d";
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   c10::NoGradGuard no_grad;
   const Problem p = linear_uses(op, input, grad_output, bias.defined());
   check_param(op, "weight", weight, input[0], {p.dout, p.din});
@@ -800,7 +805,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_per_sample_grad_hist2d(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const Hist2dOptions& options) {
   const char* op = "trainscope::conv2d_per_sample_grad_hist2d";
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   c10::NoGradGuard no_grad;
   check_tensor(op, "weight", weight);
   TORCH_CHECK(weight.dim() == 4, op, ": weight must be [C_out, C_in/groups, kh, kw], got shape ",
@@ -835,6 +840,7 @@ OutputGradCapture::OutputGradCapture() : state_(std::make_shared<State>()) {}
 
 at::Tensor OutputGradCapture::watch(const at::Tensor& output) {
   TORCH_CHECK(output.defined(), "trainscope::OutputGradCapture::watch: output is an undefined tensor");
+  check_device("trainscope::OutputGradCapture::watch", "output", output.device());
   TORCH_CHECK(output.requires_grad(), "trainscope::OutputGradCapture::watch: output does not require "
               "grad, so backward will never reach it (is grad mode off?)");
   uint64_t generation;

@@ -10,12 +10,14 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <nvtx3/nvtx3.hpp>
+#endif
 
 #include "cuda/param_stats.h"
 #include "cuda/per_sample_stats.h"
+#include "src/nvtx.h"
 #include "src/per_sample_stats_internal.h"
 #include "src/tensor_checks.h"
 
@@ -57,6 +59,7 @@ int64_t check_per_sample_parts(const char* op, const PerSampleParts& parts, int6
   TORCH_CHECK(parts.dots.device() == parts.sq_norms.device() &&
                   parts.mean_sq_norm.device() == parts.sq_norms.device(),
               op, ": sq_norms, dots and mean_sq_norm must be on one device");
+  check_device(op, "sq_norms", parts.sq_norms.device());
   for (const at::Tensor* t : {&parts.sq_norms, &parts.dots, &parts.mean_sq_norm}) {
     TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": parts must be floating point, got ", t->scalar_type());
   }
@@ -92,7 +95,7 @@ at::Tensor per_sample_stats_from_sums(const at::Tensor& batch, const at::Tensor&
 }
 
 at::Tensor per_sample_stats_from_parts(const PerSampleParts& parts) {
-  nvtx3::scoped_range range{"trainscope::per_sample_stats_from_parts"};
+  NvtxRange range{"trainscope::per_sample_stats_from_parts"};
   const int64_t b = check_per_sample_parts("trainscope::per_sample_stats_from_parts", parts, 2);
 
   // In float64: the statistics subtract nearly equal quantities (Σ‖gᵢ‖²/‖ḡ‖² and B, say).
@@ -117,8 +120,7 @@ int64_t check_per_sample_grads(const char* op, at::TensorList grads, const PerSa
     if (i == 0) {
       b = t.size(0);
       device = t.device();
-      TORCH_CHECK(device.is_cpu() || device.is_cuda(), op, ": per_sample_grads[0] is on ", device,
-                  "; trainscope runs on CPU or CUDA tensors");
+      check_device(op, "per_sample_grads[0]", device);
     }
     TORCH_CHECK(t.device() == device, op, ": per_sample_grads[", i, "] is on ", t.device(),
                 " but per_sample_grads[0] is on ", device);
@@ -247,6 +249,7 @@ void cpu_parts(const std::vector<tc::PerSampleTensorDesc>& descs, int64_t b, con
   out.nonfinite.fill_(total_nonfinite);
 }
 
+#if defined(TRAINSCOPE_WITH_CUDA)
 // Two passes with ATen ops, for batches too large to stage on chip: ḡ first, then the sums.
 void composite_parts(const std::vector<at::Tensor>& grads, int64_t b, const PerSampleOptions& o,
                      const Outputs& out) {
@@ -275,6 +278,36 @@ void composite_parts(const std::vector<at::Tensor>& grads, int64_t b, const PerS
   if (o.histogram) out.hist.copy_(s.hist);
 }
 
+// The fused kernel when it can stage a tile of B rows on this device, the two passes otherwise.
+void cuda_parts(const char* op, const std::vector<at::Tensor>& keep, const std::vector<tc::PerSampleTensorDesc>& descs,
+                int64_t b, bool has_f64, const PerSampleOptions& o, const at::Device& device, const Outputs& out) {
+  c10::cuda::CUDAGuard guard(device);
+  const int dev = device.index();
+  if (!tc::per_sample_launch_supported(b, has_f64, dev)) {
+    out.hist.zero_();
+    composite_parts(keep, b, o, out);
+    return;
+  }
+  tc::PerSampleArgs args{};
+  args.tensors = descs.data();
+  args.num_tensors = static_cast<int64_t>(descs.size());
+  args.batch = b;
+  args.histogram = o.histogram;
+  args.hist_spec = tc::make_hist_spec(o.histogram ? o.nbins : 1, o.histogram ? o.maxval : 1.0);
+  args.sq_norms = out.sq.data_ptr<double>();
+  args.dots = out.dots.data_ptr<double>();
+  args.mean_sq_norm = out.msq.data_ptr<double>();
+  args.nonfinite = out.nonfinite.data_ptr<int64_t>();
+  args.hist = o.histogram ? out.hist.data_ptr<int64_t>() : nullptr;
+  const size_t ws_bytes = tc::per_sample_workspace_bytes(args, dev);
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(ws_bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
+  const cudaError_t err = tc::per_sample_launch(args, workspace.data_ptr(), ws_bytes,
+                                                at::cuda::getCurrentCUDAStream(dev).stream(), dev);
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+#endif
+
 }  // namespace
 
 PerSampleParts parts_of_rows(const at::Tensor& rows) {
@@ -284,7 +317,7 @@ PerSampleParts parts_of_rows(const at::Tensor& rows) {
 
 PerSampleStats per_sample_parts_impl(const char* op, at::TensorList per_sample_grads, const PerSampleOptions& o,
                                      int64_t min_batch) {
-  nvtx3::scoped_range range{op};
+  NvtxRange range{op};
   const int64_t b = check_per_sample_grads(op, per_sample_grads, o, min_batch);
   const at::Device device = per_sample_grads[0].device();
 
@@ -309,36 +342,12 @@ PerSampleStats per_sample_parts_impl(const char* op, at::TensorList per_sample_g
   out.msq = at::empty({}, fopt);
   out.nonfinite = at::empty({}, iopt);
   const int64_t nbins = o.histogram ? o.nbins : 0;
+  out.hist = device.is_cpu() ? at::zeros({nbins}, iopt) : at::empty({nbins}, iopt);  // the CUDA launcher clears it
 
-  if (device.is_cpu()) {
-    out.hist = at::zeros({nbins}, iopt);
-    cpu_parts(descs, b, o, out);
-  } else {
-    c10::cuda::CUDAGuard guard(device);
-    const int dev = device.index();
-    out.hist = at::empty({nbins}, iopt);  // the launcher clears it
-    if (!tc::per_sample_launch_supported(b, has_f64, dev)) {
-      out.hist.zero_();
-      composite_parts(keep, b, o, out);
-    } else {
-      tc::PerSampleArgs args{};
-      args.tensors = descs.data();
-      args.num_tensors = static_cast<int64_t>(descs.size());
-      args.batch = b;
-      args.histogram = o.histogram;
-      args.hist_spec = tc::make_hist_spec(o.histogram ? o.nbins : 1, o.histogram ? o.maxval : 1.0);
-      args.sq_norms = out.sq.data_ptr<double>();
-      args.dots = out.dots.data_ptr<double>();
-      args.mean_sq_norm = out.msq.data_ptr<double>();
-      args.nonfinite = out.nonfinite.data_ptr<int64_t>();
-      args.hist = o.histogram ? out.hist.data_ptr<int64_t>() : nullptr;
-      const size_t ws_bytes = tc::per_sample_workspace_bytes(args, dev);
-      at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
-      const cudaError_t err = tc::per_sample_launch(args, workspace.data_ptr(), ws_bytes,
-                                                    at::cuda::getCurrentCUDAStream(dev).stream(), dev);
-      TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-    }
-  }
+#if defined(TRAINSCOPE_WITH_CUDA)
+  if (device.is_cuda()) cuda_parts(op, keep, descs, b, has_f64, o, device, out);
+#endif
+  if (device.is_cpu()) cpu_parts(descs, b, o, out);
 
   PerSampleStats s;
   s.parts = PerSampleParts{out.sq, out.dots, out.msq};

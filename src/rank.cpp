@@ -24,12 +24,14 @@
 #include <unordered_map>
 #include <vector>
 
+#include <c10/util/Exception.h>
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/util/Exception.h>
-#include <nvtx3/nvtx3.hpp>
+#endif
 
 #include "cuda/rank.h"
+#include "src/nvtx.h"
 #include "src/rank_internal.h"
 #include "src/tensor_checks.h"
 
@@ -60,8 +62,7 @@ std::string label(const char* name, int64_t index) {
 void check_tensor(const char* op, const char* name, int64_t index, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", label(name, index), " is an undefined tensor");
   check_float_dtype(op, name, index, t);
-  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": ", label(name, index), " is on ", t.device(),
-              "; trainscope runs on CPU or CUDA tensors");
+  check_device(op, label(name, index), t.device());
 }
 
 void check_same_device(const char* op, const char* name, int64_t index, const at::Tensor& t, at::Device device) {
@@ -113,6 +114,10 @@ void store(const RankMeasures& out, int64_t i, const tc::RankValues& v) {
   out.stable_rank.data_ptr<double>()[i] = v.stable_rank;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The CUDA adapters (a build with CUDA only): cuBLAS and cuSOLVER through cuda/rank.h.
+
+#if defined(TRAINSCOPE_WITH_CUDA)
 tc::RankOut rank_out(const RankMeasures& r) {
   return tc::RankOut{r.effective_rank.data_ptr<double>(), r.approximate_rank.data_ptr<int64_t>(),
                      r.abs_approximate_rank.data_ptr<int64_t>(), r.stable_rank.data_ptr<double>()};
@@ -166,62 +171,20 @@ class SolverLease {
   cusolverDnHandle_t handle_ = nullptr;
 };
 
-// ---------------------------------------------------------------------------------------------
-// Gram matrices
-
-// The Gram matrix of a float64 [r, c] matrix whose eigenvalues are σ²: ΦᵀΦ when c ≤ r, else ΦΦᵀ.
-int64_t gram_size(const at::Tensor& x) { return std::min(x.size(0), x.size(1)); }
-
-// Writes that Gram matrix into `dst` (a [d, d] block, rows ld apart, on x's device): beta = 0
-// overwrites, beta = 1 adds (CUDA); the CPU path always overwrites. Full symmetric result.
-void write_gram(const at::Tensor& x, tc::GramSide side, at::Tensor dst_block, double* dst_ptr, int64_t ld,
-                double beta) {
-  if (x.is_cuda()) {
-    const tc::RankStatus s =
-        tc::gram_update_launch(at::cuda::getCurrentCUDABlasHandle(), x.data_ptr<double>(), x.size(0), x.size(1),
-                               side, beta, dst_ptr, ld, current_stream(x.device()));
-    throw_status(kOpMeasures, s);
-    return;
-  }
-  at::Tensor g = side == tc::GramSide::kUnits ? at::mm(x.t(), x) : at::mm(x, x.t());
-  // The row-major lower triangle mirrored: exactly symmetric, as the CUDA path.
-  g = at::tril(g) + at::tril(g, -1).t();
-  if (beta == 0.0) {
-    dst_block.copy_(g);
-  } else {
-    dst_block.add_(g);
-  }
+// Gram update by cuBLAS syrk on the current stream (write_gram's CUDA half).
+void cuda_write_gram(const at::Tensor& x, tc::GramSide side, double* dst_ptr, int64_t ld, double beta) {
+  const tc::RankStatus s =
+      tc::gram_update_launch(at::cuda::getCurrentCUDABlasHandle(), x.data_ptr<double>(), x.size(0), x.size(1), side,
+                             beta, dst_ptr, ld, current_stream(x.device()));
+  throw_status(kOpMeasures, s);
 }
 
-tc::GramSide smaller_side(const at::Tensor& x) {
-  return x.size(1) <= x.size(0) ? tc::GramSide::kUnits : tc::GramSide::kRows;
-}
-
-// ---------------------------------------------------------------------------------------------
-// From a padded batch of Gram matrices to the measures
-
-// batch: [L, K, K] float64 contiguous on `device`, matrix i in its leading dims[i] block, zeros
-// elsewhere. Consumed (non-finite matrices are zeroed; the CUDA solver overwrites it).
-RankMeasures measures_of_padded(const char* op, at::Tensor batch, const std::vector<int64_t>& dims, double prop,
-                                at::Device device) {
+// The CUDA half of measures_of_padded: the NaN/Inf flags, the eigensolve and the measures, all
+// on the stream; the flags and the solver's status stay on the device.
+RankMeasures cuda_measures_of_padded(const char* op, at::Tensor batch, const std::vector<int64_t>& dims, double prop,
+                                     at::Device device, RankMeasures out) {
   const int64_t L = static_cast<int64_t>(dims.size());
-  const int64_t K = L > 0 ? batch.size(1) : 0;
-  if (L == 0 || K == 0) return zero_results(L, device);
-  TORCH_INTERNAL_ASSERT(batch.is_contiguous() && batch.scalar_type() == at::kDouble);
-  RankMeasures out = alloc_results(L, device);
-  if (!device.is_cuda()) {
-    double* bp = batch.data_ptr<double>();
-    std::vector<uint8_t> nonfinite(static_cast<size_t>(L));
-    for (int64_t i = 0; i < L; ++i) nonfinite[i] = tc::zero_if_nonfinite(bp + i * K * K, K * K) ? 1 : 0;
-    std::vector<uint8_t> failed;
-    const at::Tensor w = detail::eigvalsh_cpu(batch, &failed).contiguous();  // ascending, like cuSOLVER
-    const double* wp = w.data_ptr<double>();
-    for (int64_t i = 0; i < L; ++i) {
-      store(out, i, nonfinite[i] || failed[i] ? tc::undefined_rank_values()
-                                              : tc::rank_values_from_eigenvalues(wp + i * K, K, dims[i], prop));
-    }
-    return out;
-  }
+  const int64_t K = batch.size(1);
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
   at::Tensor w = at::empty({L, K}, batch.options());
@@ -251,61 +214,11 @@ RankMeasures measures_of_padded(const char* op, at::Tensor batch, const std::vec
   return out;
 }
 
-// Matrices (float64, contiguous, 2-D, one device) by the Gram method.
-RankMeasures measures_by_gram(const char* op, const std::vector<at::Tensor>& xs, double prop, at::Device device) {
+// The CUDA half of measures_by_svd: sigma [L, K] zeros on the device.
+RankMeasures cuda_measures_by_svd(const char* op, const std::vector<at::Tensor>& xs, double prop, at::Device device,
+                                  at::Tensor sigma, RankMeasures out) {
   const int64_t L = static_cast<int64_t>(xs.size());
-  std::vector<int64_t> dims(static_cast<size_t>(L));
-  int64_t K = 0;
-  for (int64_t i = 0; i < L; ++i) {
-    dims[i] = gram_size(xs[i]);
-    K = std::max(K, dims[i]);
-  }
-  if (L == 0 || K == 0) return zero_results(L, device);
-  c10::OptionalDeviceGuard guard(device);
-  at::Tensor batch = at::zeros({L, K, K}, at::TensorOptions().dtype(at::kDouble).device(device));
-  for (int64_t i = 0; i < L; ++i) {
-    const int64_t d = dims[i];
-    if (d == 0) continue;
-    at::Tensor block = batch[i].narrow(0, 0, d).narrow(1, 0, d);
-    write_gram(xs[i], smaller_side(xs[i]), block, batch.data_ptr<double>() + i * K * K, K, 0.0);
-  }
-  return measures_of_padded(op, batch, dims, prop, device);
-}
-
-// Matrices (float64, contiguous, 2-D, one device) by SVD.
-RankMeasures measures_by_svd(const char* op, const std::vector<at::Tensor>& xs, double prop, at::Device device) {
-  const int64_t L = static_cast<int64_t>(xs.size());
-  int64_t K = 0;
-  for (const at::Tensor& x : xs) K = std::max(K, gram_size(x));
-  if (L == 0 || K == 0) return zero_results(L, device);
-  // Zero padding after each row's min(r, c) values: zeros add nothing to any measure.
-  at::Tensor sigma = at::zeros({L, K}, at::TensorOptions().dtype(at::kDouble).device(device));
-  RankMeasures out = alloc_results(L, device);
-  if (!device.is_cuda()) {
-    // A matrix holding NaN or ±Inf is not handed to LAPACK; one whose SVD does not converge is
-    // undefined too.
-    std::vector<uint8_t> undefined(static_cast<size_t>(L), 0);
-    for (int64_t i = 0; i < L; ++i) {
-      const at::Tensor& x = xs[i];
-      if (gram_size(x) == 0) continue;
-      TORCH_INTERNAL_ASSERT(x.is_contiguous() && x.scalar_type() == at::kDouble);
-      at::Tensor s;
-      if (tc::all_finite(x.data_ptr<double>(), x.numel())) {
-        s = detail::unless_not_converged([&] { return at::linalg_svdvals(x); });
-      }
-      if (s.defined()) {
-        sigma[i].narrow(0, 0, gram_size(x)).copy_(s);
-      } else {
-        undefined[i] = 1;
-      }
-    }
-    const double* sp = sigma.data_ptr<double>();
-    for (int64_t i = 0; i < L; ++i) {
-      store(out, i, undefined[i] ? tc::undefined_rank_values()
-                                 : tc::rank_values_from_singular_values(sp + i * K, K, prop));
-    }
-    return out;
-  }
+  const int64_t K = sigma.size(1);
   // cuSOLVER gesvdj directly: torch's linalg_svdvals checks gesvdj's convergence on the host,
   // which waits for the device.
   c10::cuda::CUDAGuard guard(device);
@@ -345,6 +258,120 @@ RankMeasures measures_by_svd(const char* op, const std::vector<at::Tensor>& xs, 
   }
   throw_status(op, tc::rank_from_singular_values_launch(sigma.data_ptr<double>(), K, L, info.data_ptr<int>(),
                                                         nonfinite.data_ptr<int>(), prop, rank_out(out), stream));
+  return out;
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Gram matrices
+
+// The Gram matrix of a float64 [r, c] matrix whose eigenvalues are σ²: ΦᵀΦ when c ≤ r, else ΦΦᵀ.
+int64_t gram_size(const at::Tensor& x) { return std::min(x.size(0), x.size(1)); }
+
+// Writes that Gram matrix into `dst` (a [d, d] block, rows ld apart, on x's device): beta = 0
+// overwrites, beta = 1 adds (CUDA); the CPU path always overwrites. Full symmetric result.
+void write_gram(const at::Tensor& x, tc::GramSide side, at::Tensor dst_block, double* dst_ptr, int64_t ld,
+                double beta) {
+#if defined(TRAINSCOPE_WITH_CUDA)
+  if (x.is_cuda()) return cuda_write_gram(x, side, dst_ptr, ld, beta);
+#endif
+  at::Tensor g = side == tc::GramSide::kUnits ? at::mm(x.t(), x) : at::mm(x, x.t());
+  // The row-major lower triangle mirrored: exactly symmetric, as the CUDA path.
+  g = at::tril(g) + at::tril(g, -1).t();
+  if (beta == 0.0) {
+    dst_block.copy_(g);
+  } else {
+    dst_block.add_(g);
+  }
+}
+
+tc::GramSide smaller_side(const at::Tensor& x) {
+  return x.size(1) <= x.size(0) ? tc::GramSide::kUnits : tc::GramSide::kRows;
+}
+
+// ---------------------------------------------------------------------------------------------
+// From a padded batch of Gram matrices to the measures
+
+// batch: [L, K, K] float64 contiguous on `device`, matrix i in its leading dims[i] block, zeros
+// elsewhere. Consumed (non-finite matrices are zeroed; the CUDA solver overwrites it).
+RankMeasures measures_of_padded(const char* op, at::Tensor batch, const std::vector<int64_t>& dims, double prop,
+                                at::Device device) {
+  const int64_t L = static_cast<int64_t>(dims.size());
+  const int64_t K = L > 0 ? batch.size(1) : 0;
+  if (L == 0 || K == 0) return zero_results(L, device);
+  TORCH_INTERNAL_ASSERT(batch.is_contiguous() && batch.scalar_type() == at::kDouble);
+  RankMeasures out = alloc_results(L, device);
+#if defined(TRAINSCOPE_WITH_CUDA)
+  if (device.is_cuda()) return cuda_measures_of_padded(op, batch, dims, prop, device, out);
+#endif
+  double* bp = batch.data_ptr<double>();
+  std::vector<uint8_t> nonfinite(static_cast<size_t>(L));
+  for (int64_t i = 0; i < L; ++i) nonfinite[i] = tc::zero_if_nonfinite(bp + i * K * K, K * K) ? 1 : 0;
+  std::vector<uint8_t> failed;
+  const at::Tensor w = detail::eigvalsh_cpu(batch, &failed).contiguous();  // ascending, like cuSOLVER
+  const double* wp = w.data_ptr<double>();
+  for (int64_t i = 0; i < L; ++i) {
+    store(out, i, nonfinite[i] || failed[i] ? tc::undefined_rank_values()
+                                            : tc::rank_values_from_eigenvalues(wp + i * K, K, dims[i], prop));
+  }
+  return out;
+}
+
+// Matrices (float64, contiguous, 2-D, one device) by the Gram method.
+RankMeasures measures_by_gram(const char* op, const std::vector<at::Tensor>& xs, double prop, at::Device device) {
+  const int64_t L = static_cast<int64_t>(xs.size());
+  std::vector<int64_t> dims(static_cast<size_t>(L));
+  int64_t K = 0;
+  for (int64_t i = 0; i < L; ++i) {
+    dims[i] = gram_size(xs[i]);
+    K = std::max(K, dims[i]);
+  }
+  if (L == 0 || K == 0) return zero_results(L, device);
+  c10::OptionalDeviceGuard guard(device);
+  at::Tensor batch = at::zeros({L, K, K}, at::TensorOptions().dtype(at::kDouble).device(device));
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t d = dims[i];
+    if (d == 0) continue;
+    at::Tensor block = batch[i].narrow(0, 0, d).narrow(1, 0, d);
+    write_gram(xs[i], smaller_side(xs[i]), block, batch.data_ptr<double>() + i * K * K, K, 0.0);
+  }
+  return measures_of_padded(op, batch, dims, prop, device);
+}
+
+// Matrices (float64, contiguous, 2-D, one device) by SVD.
+RankMeasures measures_by_svd(const char* op, const std::vector<at::Tensor>& xs, double prop, at::Device device) {
+  const int64_t L = static_cast<int64_t>(xs.size());
+  int64_t K = 0;
+  for (const at::Tensor& x : xs) K = std::max(K, gram_size(x));
+  if (L == 0 || K == 0) return zero_results(L, device);
+  // Zero padding after each row's min(r, c) values: zeros add nothing to any measure.
+  at::Tensor sigma = at::zeros({L, K}, at::TensorOptions().dtype(at::kDouble).device(device));
+  RankMeasures out = alloc_results(L, device);
+#if defined(TRAINSCOPE_WITH_CUDA)
+  if (device.is_cuda()) return cuda_measures_by_svd(op, xs, prop, device, sigma, out);
+#endif
+  // A matrix holding NaN or ±Inf is not handed to LAPACK; one whose SVD does not converge is
+  // undefined too.
+  std::vector<uint8_t> undefined(static_cast<size_t>(L), 0);
+  for (int64_t i = 0; i < L; ++i) {
+    const at::Tensor& x = xs[i];
+    if (gram_size(x) == 0) continue;
+    TORCH_INTERNAL_ASSERT(x.is_contiguous() && x.scalar_type() == at::kDouble);
+    at::Tensor s;
+    if (tc::all_finite(x.data_ptr<double>(), x.numel())) {
+      s = detail::unless_not_converged([&] { return at::linalg_svdvals(x); });
+    }
+    if (s.defined()) {
+      sigma[i].narrow(0, 0, gram_size(x)).copy_(s);
+    } else {
+      undefined[i] = 1;
+    }
+  }
+  const double* sp = sigma.data_ptr<double>();
+  for (int64_t i = 0; i < L; ++i) {
+    store(out, i, undefined[i] ? tc::undefined_rank_values()
+                               : tc::rank_values_from_singular_values(sp + i * K, K, prop));
+  }
   return out;
 }
 
@@ -413,7 +440,7 @@ const char* rank_method_name(RankMethod method) {
 }
 
 RankMeasures rank_measures(const at::Tensor& matrices, const RankOptions& options) {
-  nvtx3::scoped_range range{kOpMeasures};
+  NvtxRange range{kOpMeasures};
   check_prop(kOpMeasures, options.prop);
   check_method(kOpMeasures, options.method);
   check_tensor(kOpMeasures, "matrices", -1, matrices);
@@ -430,7 +457,7 @@ RankMeasures rank_measures(const at::Tensor& matrices, const RankOptions& option
 }
 
 RankMeasures rank_measures(at::TensorList matrices, const RankOptions& options) {
-  nvtx3::scoped_range range{kOpMeasures};
+  NvtxRange range{kOpMeasures};
   check_prop(kOpMeasures, options.prop);
   check_method(kOpMeasures, options.method);
   check_list(kOpMeasures, "matrices", matrices, /*square=*/false);
@@ -459,7 +486,7 @@ at::Tensor stable_rank(const at::Tensor& matrices, RankMethod method) {
 }
 
 RankMeasures rank_measures_from_singular_values(const at::Tensor& sigma, double prop) {
-  nvtx3::scoped_range range{kOpFromSigma};
+  NvtxRange range{kOpFromSigma};
   check_prop(kOpFromSigma, prop);
   check_tensor(kOpFromSigma, "sigma", -1, sigma);
   TORCH_CHECK(sigma.dim() == 1 || sigma.dim() == 2, kOpFromSigma, ": sigma has ", sigma.dim(),
@@ -469,10 +496,13 @@ RankMeasures rank_measures_from_singular_values(const at::Tensor& sigma, double 
   const at::Tensor s = to_f64(sigma).reshape({sigma.dim() == 1 ? 1 : sigma.size(0), sigma.size(-1)});
   const int64_t L = s.size(0), k = s.size(1);
   RankMeasures out = alloc_results(L, device);
+#if defined(TRAINSCOPE_WITH_CUDA)
   if (device.is_cuda()) {
     throw_status(kOpFromSigma, tc::rank_from_singular_values_launch(s.data_ptr<double>(), k, L, nullptr, nullptr,
                                                                     prop, rank_out(out), current_stream(device)));
-  } else {
+  }
+#endif
+  if (device.is_cpu()) {
     const double* sp = s.data_ptr<double>();
     for (int64_t i = 0; i < L; ++i) store(out, i, tc::rank_values_from_singular_values(sp + i * k, k, prop));
   }
@@ -480,7 +510,7 @@ RankMeasures rank_measures_from_singular_values(const at::Tensor& sigma, double 
 }
 
 RankMeasures rank_measures_from_grams(at::TensorList grams, double prop) {
-  nvtx3::scoped_range range{kOpFromGrams};
+  NvtxRange range{kOpFromGrams};
   check_prop(kOpFromGrams, prop);
   check_list(kOpFromGrams, "grams", grams, /*square=*/true);
   const at::Device device = device_of(grams);
@@ -513,7 +543,7 @@ GramAccumulator::GramAccumulator(RankMethod method) : method_(method) {
 }
 
 void GramAccumulator::add(const at::Tensor& acts) {
-  nvtx3::scoped_range range{kOpAdd};
+  NvtxRange range{kOpAdd};
   check_tensor(kOpAdd, "acts", -1, acts);
   TORCH_CHECK(acts.dim() >= 2, kOpAdd, ": acts has ", acts.dim(), " dimensions (shape ", acts.sizes(),
               "); expected [n, units] or [n, C, *spatial]");
@@ -579,7 +609,7 @@ at::Tensor GramAccumulator::unit_gram() const {
 }
 
 RankMeasures GramAccumulator::measures(double prop) const {
-  nvtx3::scoped_range range{kOpMeasuresAcc};
+  NvtxRange range{kOpMeasuresAcc};
   check_prop(kOpMeasuresAcc, prop);
   c10::OptionalDeviceGuard guard(device_);
   if (method_ == RankMethod::kSvd) return squeeze(measures_by_svd(kOpMeasuresAcc, {rows()}, prop, device_));

@@ -12,8 +12,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
-#include <nvtx3/nvtx3.hpp>
 
+#include "src/nvtx.h"
+#include "src/tensor_checks.h"
 #include "trainscope/distributed.h"
 
 namespace trainscope {
@@ -79,7 +80,7 @@ RepresentationAccumulator::RepresentationAccumulator(std::vector<std::string> na
 }
 
 void RepresentationAccumulator::add(const std::vector<at::Tensor>& acts) {
-  nvtx3::scoped_range range{"trainscope::RepresentationAccumulator::add"};
+  NvtxRange range{"trainscope::RepresentationAccumulator::add"};
   TORCH_CHECK(acts.size() == names_.size(), kOp, ": acts has ", acts.size(), " tensors but the accumulator measures ",
               names_.size(), " layers; pass one activation tensor per layer, in the order of names");
   for (size_t i = 0; i < acts.size(); ++i) {
@@ -96,7 +97,7 @@ void RepresentationAccumulator::add(const std::vector<at::Tensor>& acts) {
 }
 
 RepresentationMetrics RepresentationAccumulator::result() const {
-  nvtx3::scoped_range range{"trainscope::RepresentationAccumulator::result"};
+  NvtxRange range{"trainscope::RepresentationAccumulator::result"};
   const int64_t num_layers = static_cast<int64_t>(names_.size());
   RepresentationMetrics m;
   m.names = names_;
@@ -129,7 +130,7 @@ RepresentationMetrics RepresentationAccumulator::result() const {
 
 RepresentationMetrics RepresentationAccumulator::result(const RankGroup& group) const {
   if (!group.is_distributed()) return result();
-  nvtx3::scoped_range range{"trainscope::RepresentationAccumulator::result_across_ranks"};
+  NvtxRange range{"trainscope::RepresentationAccumulator::result_across_ranks"};
   const int64_t num_layers = static_cast<int64_t>(names_.size());
   for (int64_t i = 0; i < num_layers; ++i) {
     TORCH_CHECK(grams_[i].units() >= 0, kOp, ": no batch has been added on rank ", group.rank(), " of ", group.size(),
@@ -195,12 +196,13 @@ void RepresentationAccumulator::reset() {
 RepresentationMetrics probe_representations(const ProbeForward& forward, const at::Tensor& probe_inputs,
                                             int64_t batch_size, std::vector<std::string> names,
                                             const RepresentationOptions& options) {
-  nvtx3::scoped_range range{"trainscope::probe_representations"};
+  NvtxRange range{"trainscope::probe_representations"};
   constexpr const char* op = "trainscope::probe_representations";
   TORCH_CHECK(static_cast<bool>(forward), op, ": forward is empty; pass a callable that runs the model");
   TORCH_CHECK(probe_inputs.defined() && probe_inputs.dim() >= 1, op,
               ": probe_inputs must be a tensor with the examples along dim 0");
   TORCH_CHECK(probe_inputs.size(0) >= 1, op, ": probe_inputs has no examples");
+  check_device(op, "probe_inputs", probe_inputs.device());
   TORCH_CHECK(batch_size >= 1, op, ": batch_size must be >= 1, got ", batch_size);
 
   at::NoGradGuard no_grad;

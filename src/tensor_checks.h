@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include <ATen/ATen.h>
 
@@ -11,6 +12,32 @@
 #include "cuda/histogram.h"
 
 namespace trainscope {
+
+// Whether this build has the CUDA kernels (CMake's TRAINSCOPE_CUDA decides; see README).
+#if defined(TRAINSCOPE_WITH_CUDA)
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+// Why tensors on `device` cannot be used by a build with or without CUDA, or null when they can.
+// Separate from check_device so that the tests of either build check the words of both.
+inline const char* device_unsupported_reason(const at::Device& device, bool with_cuda) {
+  if (device.is_cpu() || (with_cuda && device.is_cuda())) return nullptr;
+  if (device.is_cuda()) {
+    return "this trainscope was built without CUDA (CPU-only build); move the tensors to the CPU, or rebuild "
+           "trainscope with CUDA (-DTRAINSCOPE_CUDA=ON)";
+  }
+  return with_cuda ? "trainscope runs on CPU or CUDA tensors" : "trainscope runs on CPU tensors (CPU-only build)";
+}
+
+// The device check of every entry point, before anything dispatches on the device, so that a
+// CPU-only build refuses CUDA tensors with one message: "op: what is on cuda:0; this trainscope
+// was built without CUDA ...".
+inline void check_device(const char* op, const std::string& what, const at::Device& device) {
+  const char* why = device_unsupported_reason(device, kWithCuda);
+  TORCH_CHECK(why == nullptr, op, ": ", what, " is on ", device, "; ", why);
+}
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;

@@ -90,4 +90,8 @@ at::Tensor loss(const at::Tensor& per_sample_losses);
 at::Tensor hist_bin_edges(int64_t nbins = 100, double maxval = 0.05,
                           at::Device device = at::kCPU);
 
+// Whether this library was built with its CUDA kernels. A CPU-only build (CMake option
+// TRAINSCOPE_CUDA) refuses CUDA tensors everywhere, with an error that says so.
+bool built_with_cuda();
+
 }  // namespace trainscope

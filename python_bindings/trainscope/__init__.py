@@ -1,12 +1,13 @@
 """trainscope: fused GPU diagnostics of neural-network training.
 
 Every function takes tensors on the CPU or a CUDA device and returns tensors on that device;
-none of them waits for the GPU. See SPEC.md in the docs for the exact meaning of each metric.
+none of them waits for the GPU. A CPU-only build (``built_with_cuda()`` is False) refuses CUDA
+tensors with an error saying so. See SPEC.md in the docs for the exact meaning of each metric.
 """
 
 from . import distributed  # noqa: F401  (trainscope.distributed: metrics across ranks)
-from ._ops import library_path
 from ._build_info import build_info
+from ._ops import built_with_cuda, library_path
 from .dead_units import (
     DeadUnitCounter,
     DeadUnits,
@@ -144,6 +145,7 @@ __all__ = [
     "grad_magnitude",
     "grad_norm",
     "hist_bin_edges",
+    "built_with_cuda",
     "library_path",
     "loss",
     "nonfinite_count",

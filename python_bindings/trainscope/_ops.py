@@ -62,3 +62,9 @@ library_path = str(_library)
 build_info_recorded = _read_build_info(_library)
 _check_torch(build_info_recorded, _library)
 torch.ops.load_library(library_path)
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded op library has its CUDA kernels. A CPU-only build (CMake option
+    ``TRAINSCOPE_CUDA``) refuses CUDA tensors with an error saying it was built without CUDA."""
+    return bool(torch.ops.trainscope.built_with_cuda())

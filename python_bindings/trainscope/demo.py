@@ -405,7 +405,8 @@ def parse_args(argv=None) -> Config:
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.is_available() and trainscope.built_with_cuda()  # a CPU-only build refuses CUDA tensors
+    ap.add_argument("--device", default="cuda" if gpu else "cpu")
     ap.add_argument("--out", default=d.out)
     ap.add_argument("--compare", choices=["shrink_perturb", "l2"], default=None,
                     help="also train with this mitigation beside plain backprop")

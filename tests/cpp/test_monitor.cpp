@@ -2,10 +2,12 @@
 // training loop's records equal the metrics computed by hand on the same steps; custom
 // quantities, requests, sinks, the ring, and on CUDA the same plus a graph-captured step.
 #include <ATen/ATen.h>
+#include <torch/torch.h>
+#if defined(TRAINSCOPE_WITH_CUDA)
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/torch.h>
+#endif
 
 #include <cmath>
 #include <cstdio>
@@ -203,7 +205,9 @@ struct Collector {
 class MonitorTraining : public testing::TestWithParam<bool> {
  protected:
   void SetUp() override {
-    if (GetParam() && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+    if (GetParam()) {
+      SKIP_WITHOUT_CUDA();
+    }
   }
   at::Device device() const { return GetParam() ? cuda0() : at::Device(at::kCPU); }
 };
@@ -858,8 +862,9 @@ INSTANTIATE_TEST_SUITE_P(Devices, MonitorTraining, testing::Values(false, true),
                          [](const testing::TestParamInfo<bool>& i) { return i.param ? "cuda" : "cpu"; });
 
 // ---------------------------------------------------------------------------------------------
-// CUDA graphs: a captured step, collected after each replay, equals the eager one
+// CUDA graphs: a captured step, collected after each replay, equals the eager one (CUDA builds)
 
+#if defined(TRAINSCOPE_WITH_CUDA)
 TEST(MonitorCudaGraph, CapturedStepCollectedAfterReplaysEqualsEager) {
   SKIP_WITHOUT_CUDA();
   const auto opt = at::TensorOptions().device(cuda0());
@@ -920,5 +925,6 @@ TEST(MonitorCudaGraph, CapturedStepCollectedAfterReplaysEqualsEager) {
     EXPECT_EQ(cg.records[i].histograms[0].counts, ce.records[i].histograms[0].counts);
   }
 }
+#endif
 
 }  // namespace

@@ -22,6 +22,7 @@
 
 #include "src/per_sample_factors_internal.h"
 #include "tests/cpp/reference_bin.h"
+#include "trainscope/param_stats.h"
 #include "trainscope/per_sample_factors.h"
 
 namespace {
@@ -127,7 +128,9 @@ std::string config_name(const testing::TestParamInfo<Config>& info) {
 class PerSampleFactorsApiTest : public testing::TestWithParam<Config> {
  protected:
   void SetUp() override {
-    if (GetParam().cuda && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+    if (GetParam().cuda && !(trainscope::built_with_cuda() && torch::cuda::is_available())) {
+      GTEST_SKIP() << "no CUDA device, or trainscope built without CUDA";
+    }
   }
   at::Device device() const { return GetParam().cuda ? at::Device(at::kCUDA) : at::Device(at::kCPU); }
   at::ScalarType dtype() const { return GetParam().dtype; }

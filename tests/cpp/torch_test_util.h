@@ -13,6 +13,8 @@
 #include <c10/util/Exception.h>
 #include <torch/cuda.h>
 
+#include "trainscope/param_stats.h"
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -26,11 +28,15 @@
 // NaN matches NaN, ±Inf itself, anything else within rel·|want|; takes << context like EXPECT_*.
 #define EXPECT_CLOSE(got, want, rel) EXPECT_TRUE(::trainscope_test::is_close((got), (want), (rel)))
 
-// Skips the test (from its body) when LibTorch sees no CUDA device.
+// Skips the test (from its body) when the CUDA cases cannot run (cuda_cases_run).
 #define SKIP_WITHOUT_CUDA() \
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device"
+  if (!::trainscope_test::cuda_cases_run()) GTEST_SKIP() << "no CUDA device, or trainscope built without CUDA"
 
 namespace trainscope_test {
+
+// Whether the CUDA cases run: LibTorch sees a CUDA device and trainscope has its CUDA kernels (a
+// CPU-only build refuses CUDA tensors; test_device_check.cpp tests that).
+inline bool cuda_cases_run() { return trainscope::built_with_cuda() && torch::cuda::is_available(); }
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -180,7 +186,9 @@ inline auto all_cases() {
 class DeviceDtypeTest : public testing::TestWithParam<Case> {
  protected:
   void SetUp() override {
-    if (GetParam().cuda && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+    if (GetParam().cuda) {
+      SKIP_WITHOUT_CUDA();
+    }
   }
   at::Device device() const { return GetParam().cuda ? cuda0() : at::Device(at::kCPU); }
   at::ScalarType dtype() const { return GetParam().dtype; }

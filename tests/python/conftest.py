@@ -1,7 +1,9 @@
 """Shared fixtures for the trainscope Python tests.
 
 Nothing here touches the GPU at import time: ``torch.cuda.is_available()`` only asks the driver
-whether a device exists, and every CUDA parametrization is skipped through a mark.
+whether a device exists, and every CUDA parametrization is skipped through a mark. The CUDA
+variants also skip with a CPU-only build of the op library, which refuses CUDA tensors
+(test_bad_inputs.py checks that it does).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import trainscope
+
 
 def cuda_available() -> bool:
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and trainscope.built_with_cuda()
 
 
-requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
+requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and a build with CUDA")
 
 #: Devices every numeric test runs on; the CUDA variants skip cleanly without a GPU.
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]

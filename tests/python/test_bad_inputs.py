@@ -328,6 +328,84 @@ def test_bad_input_sweep(api, index, bad, outcome, gen):
 
 
 # ------------------------------------------------------------------------------------------------
+# A CPU-only build (CMake option TRAINSCOPE_CUDA) and CUDA tensors: every function of the sweep and
+# every object a training loop builds refuses them, saying the library was built without CUDA.
+# Without a GPU the CUDA tensors only say they are on cuda:0 (host memory behind them, which the
+# library must not read): enough for the functions, which refuse them before any work, but not for
+# the objects that first make device tensors themselves (a model's forward pass, say), which need
+# a GPU. tests/cpp/test_device_check.cpp checks the same in C++.
+
+cpu_only_build = pytest.mark.skipif(trainscope.built_with_cuda(), reason="a build with CUDA runs CUDA tensors")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+BUILT_WITHOUT_CUDA = r"is on cuda:\d+; this trainscope was built without CUDA"
+
+
+def _on_cuda(t):
+    """``t`` on cuda:0: a copy on the GPU, or without one a tensor that only says it is there."""
+    if torch.cuda.is_available():
+        return t.cuda()
+    host = t.detach().clone(memory_format=torch.contiguous_format)
+    try:
+        storage = torch._C._construct_storage_from_data_pointer(
+            host.data_ptr(), torch.device("cuda", 0), host.untyped_storage().nbytes())
+        out = torch._C._construct_CUDA_Tensor_From_Storage_And_Metadata(
+            {"size": tuple(host.shape), "stride": host.stride(), "storage_offset": 0, "dtype": host.dtype,
+             "requires_grad": False},
+            torch.storage.TypedStorage(wrap_storage=storage, dtype=host.dtype, _internal=True))
+    except (AttributeError, RuntimeError, TypeError) as e:  # private constructors of this torch
+        pytest.skip(f"this torch makes no CUDA tensor without a GPU: {e}")
+    out._host = host  # the memory behind it lives as long as it does
+    return out
+
+
+def _cuda(arg):
+    if isinstance(arg, torch.Tensor):
+        return _on_cuda(arg)
+    return [_cuda(a) for a in arg] if isinstance(arg, list) else arg
+
+
+@cpu_only_build
+@pytest.mark.parametrize("api", APIS, ids=lambda api: api.name)
+def test_cpu_only_build_refuses_cuda_tensors(api, gen):
+    args = [_cuda(a) for a in api.good(gen)]
+    assert all(t.device.type == "cuda" for a in args for t in (a if isinstance(a, list) else [a]))
+    with pytest.raises(RuntimeError, match=BUILT_WITHOUT_CUDA):
+        api.call(*args)
+
+
+def _per_sample_hooks_step():
+    model = _mlp().cuda()
+    with trainscope.PerSampleHooks(model) as hooks:
+        model(torch.randn(6, 3, device="cuda")).square().mean().backward()
+        return hooks.stats()
+
+
+# Objects, and functions the sweep leaves out.
+CPU_ONLY_OBJECT_CASES = {
+    "Monitor": lambda: trainscope.Monitor([("w", _on_cuda(torch.randn(4, 3))), ("b", _on_cuda(torch.randn(4)))]),
+    "RepresentationAccumulator.add": lambda: trainscope.RepresentationAccumulator(["fc"]).add(
+        [_on_cuda(torch.randn(5, 4))]),
+    "dead_units_from_counts": lambda: trainscope.dead_units_from_counts(
+        _on_cuda(torch.zeros(4, dtype=torch.int64)), 5),
+    # These make device tensors before they reach the library: a GPU only.
+    "DeadUnitCounter.add": pytest.param(lambda: trainscope.DeadUnitCounter().add(torch.randn(5, 4, device="cuda")),
+                                        marks=needs_gpu),
+    "RepresentationProbe": pytest.param(lambda: trainscope.RepresentationProbe(
+        _mlp().cuda(), torch.randn(5, 3, device="cuda"))(), marks=needs_gpu),
+    "PerSampleHooks": pytest.param(_per_sample_hooks_step, marks=needs_gpu),
+    "weight_rank_measures": pytest.param(lambda: trainscope.weight_rank_measures(_mlp().cuda()), marks=needs_gpu),
+}
+
+
+@cpu_only_build
+@pytest.mark.parametrize("call", CPU_ONLY_OBJECT_CASES.values(), ids=CPU_ONLY_OBJECT_CASES.keys())
+def test_cpu_only_build_objects_refuse_cuda_tensors(call):
+    with pytest.raises(RuntimeError, match=BUILT_WITHOUT_CUDA):
+        call()
+
+
+# ------------------------------------------------------------------------------------------------
 # Arguments that make no sense for one function
 
 

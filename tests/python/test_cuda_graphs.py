@@ -408,6 +408,7 @@ GRAPH_CASES = _cases()
 NOT_TENSOR_OPS: Dict[str, str] = {
     "schedule_due": "host-only: whether a schedule spec fires at a step number (no tensors, no device work)",
     "schedule_describe": "host-only: a schedule spec's description (no tensors, no device work)",
+    "built_with_cuda": "host-only: whether the library has its CUDA kernels (no tensors, no device work)",
 }
 
 #: TorchScript custom classes of the namespace: objects with methods, not ops of the dispatcher.
