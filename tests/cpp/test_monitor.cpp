@@ -136,7 +136,7 @@ std::map<std::string, double> reference_scalars(const std::vector<std::string>& 
                                                 bool track_init = true, bool track_prev = true) {
   std::map<std::string, double> r;
   if (losses.defined()) r["loss"] = as_double_cpu(losses).mean().item<double>();
-  double gsq = 0, gabs = 0, wabs = 0, dsq = 0, usq = 0, numel = 0;
+  double gsq = 0, gabs = 0, wabs = 0, dsq = 0, usq = 0, wsq = 0, numel = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor g = as_double_cpu(params[i].grad());
     const at::Tensor p = as_double_cpu(params[i]);
@@ -145,13 +145,15 @@ std::map<std::string, double> reference_scalars(const std::vector<std::string>& 
     const double n = static_cast<double>(p.numel());
     const double tg = g.pow(2).sum().item<double>(), ta = g.abs().sum().item<double>();
     const double tw = p.abs().sum().item<double>(), td = (p - p0).pow(2).sum().item<double>();
-    const double tu = (p - pb).pow(2).sum().item<double>();
-    gsq += tg, gabs += ta, wabs += tw, dsq += td, usq += tu, numel += n;
+    const double tu = (p - pb).pow(2).sum().item<double>(), tn = p.pow(2).sum().item<double>();
+    gsq += tg, gabs += ta, wabs += tw, dsq += td, usq += tu, wsq += tn, numel += n;
     r["grad_norm/" + names[i]] = std::sqrt(tg);
     r["grad_magnitude/" + names[i]] = ta / n;
     r["weight_magnitude/" + names[i]] = tw / n;
     if (track_init) r["distance/" + names[i]] = std::sqrt(td);
     if (track_prev) r["update_size/" + names[i]] = std::sqrt(tu);
+    r["weight_norm/" + names[i]] = std::sqrt(tn);
+    if (track_prev) r["update_ratio/" + names[i]] = std::sqrt(tu) / std::sqrt(tn);
     r["nonfinite_count/" + names[i]] = 0.0;
   }
   r["grad_norm"] = std::sqrt(gsq);
@@ -159,6 +161,8 @@ std::map<std::string, double> reference_scalars(const std::vector<std::string>& 
   r["weight_magnitude"] = wabs / numel;
   if (track_init) r["distance"] = std::sqrt(dsq);
   if (track_prev) r["update_size"] = std::sqrt(usq);
+  r["weight_norm"] = std::sqrt(wsq);
+  if (track_prev) r["update_ratio"] = std::sqrt(usq) / std::sqrt(wsq);
   r["nonfinite_count"] = 0.0;
   return r;
 }
@@ -280,9 +284,10 @@ TEST_P(MonitorTraining, EveryStepEqualsTheMetricsByHand) {
   EXPECT_LT(c.records[0].histograms[0].counts.front() + c.records[0].histograms[0].counts.back(), 60);
   // The documented order: loss first, then the global metrics, then per tensor.
   const auto& first = c.records[0].scalars;
-  ASSERT_GE(first.size(), 8u);
-  const std::vector<std::string> head{"loss", "grad_norm", "grad_magnitude", "weight_magnitude",
-                                      "distance", "update_size", "nonfinite_count", "grad_norm/fc1.weight"};
+  ASSERT_GE(first.size(), 10u);
+  const std::vector<std::string> head{"loss",        "grad_norm",    "grad_magnitude",  "weight_magnitude",
+                                      "distance",    "update_size",  "weight_norm",     "update_ratio",
+                                      "nonfinite_count", "grad_norm/fc1.weight"};
   for (size_t i = 0; i < head.size(); ++i) EXPECT_EQ(first[i].first, head[i]);
 }
 
@@ -341,6 +346,55 @@ TEST_P(MonitorTraining, DisabledQuantitiesAndUntrackedStates) {
       EXPECT_EQ(kv.first.find("update_size"), std::string::npos);
     }
   }
+}
+
+TEST_P(MonitorTraining, EachMetricItsOwnScheduleAndMeasureNow) {
+  Net net(device());
+  MonitorConfig cfg;
+  cfg.param_metrics.schedule = Schedule::every(2);
+  cfg.grad_hist.enabled = false;
+  cfg.per_tensor = false;
+  cfg.metrics["weight_magnitude"].schedule = Schedule::every(3);
+  cfg.metrics["distance"].enabled = false;       // no θ₀ kept
+  cfg.metrics["update_ratio"].schedule = Schedule::every(1);
+  Monitor monitor(net.named_parameters().pairs(), cfg);
+  EXPECT_TRUE(monitor.state_dict().init.empty());
+  EXPECT_EQ(monitor.state_dict().prev.size(), 4u);
+  EXPECT_TRUE(monitor.due("update_ratio", 1));
+  EXPECT_FALSE(monitor.due("grad_norm", 1));
+  EXPECT_TRUE(monitor.due("param_metrics", 1));  // some built-in metric is due
+  Collector c;
+  monitor.add_sink(c.sink());
+  monitor.measure_now(-1);  // the untrained network: parameter metrics only
+  const auto expected = train(net, monitor, 4, device(), true, cfg.nbins, cfg.maxval, false, true);
+  monitor.measure_now(3, {}, std::vector<std::string>{"grad_norm", "update_size", "weight_norm"}, true);
+  monitor.flush();
+  ASSERT_EQ(c.steps(), (std::vector<int64_t>{-1, 0, 1, 2, 3, 3}));
+  auto names = [](const StepRecord& r) {
+    std::vector<std::string> n;
+    for (const auto& kv : r.scalars) n.push_back(kv.first);
+    return n;
+  };
+  using V = std::vector<std::string>;
+  EXPECT_EQ(names(c.records[0]), (V{"weight_magnitude", "weight_norm"}));
+  EXPECT_EQ(names(c.records[1]), (V{"loss", "grad_norm", "grad_magnitude", "weight_magnitude", "update_size",
+                                    "weight_norm", "update_ratio", "nonfinite_count"}));
+  EXPECT_EQ(names(c.records[2]), (V{"update_ratio"}));
+  EXPECT_EQ(names(c.records[4]), (V{"weight_magnitude", "update_ratio"}));
+  // measure_now after the last step, with its gradients: update_size is never measured there.
+  EXPECT_EQ(names(c.records[5]), (V{"grad_norm", "weight_norm"}));
+  for (size_t i = 1; i < c.records.size(); ++i) {
+    const auto& want = expected[static_cast<size_t>(c.records[i].step)].scalars;
+    for (const auto& [k, v] : c.records[i].scalars) EXPECT_CLOSE(v, want.at(k), 1e-5) << k << " at " << i;
+  }
+  // Off, unknown, and the histogram that is off: errors naming them.
+  expect_error_naming([&] { monitor.measure_now(9, {}, std::vector<std::string>{"distance"}); }, "distance", "off");
+  expect_error_naming([&] { monitor.measure_now(9, {}, std::vector<std::string>{"grad_hist"}); }, "grad_hist",
+                      "hist off");
+  expect_error_naming([&] { monitor.measure_now(9, {}, std::vector<std::string>{"nope"}); }, "nope", "unknown");
+  MonitorConfig bad;
+  bad.metrics["grad_nrom"] = {};
+  expect_error_naming([&] { Monitor m(net.named_parameters().pairs(), bad); }, "grad_nrom", "unknown metric");
 }
 
 TEST_P(MonitorTraining, OnDemandRequestFiresAtTheNextStepOnly) {

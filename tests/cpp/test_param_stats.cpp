@@ -29,8 +29,9 @@ using trainscope::Metric;
 using trainscope::ParamStats;
 using trainscope::ParamStatsOptions;
 
-const Metric kMetrics[] = {Metric::kGradNorm, Metric::kGradMagnitude, Metric::kWeightMagnitude,
-                           Metric::kDistance, Metric::kUpdateSize};
+const Metric kMetrics[] = {Metric::kGradNorm,  Metric::kGradMagnitude, Metric::kWeightMagnitude,
+                           Metric::kDistance,  Metric::kUpdateSize,    Metric::kWeightNorm,
+                           Metric::kUpdateRatio};
 
 // Matrices, vectors, a scalar, and empty tensors between non-empty ones.
 const std::vector<std::vector<int64_t>> kShapes = {{7, 13}, {0}, {129}, {3, 0, 5}, {33, 65}, {},
@@ -62,9 +63,10 @@ Lists make_lists(const std::vector<std::vector<int64_t>>& shapes,
   return l;
 }
 
-// Per-tensor sums in float64: Σg², Σ|g|, Σ|θ|, Σ(θ−θ₀)², Σ(θ−θ_prev)², in Metric order.
+// Per-tensor sums in float64: Σg², Σ|g|, Σ|θ|, Σ(θ−θ₀)², Σ(θ−θ_prev)², Σθ², in Metric order (the
+// update ratio has no sum of its own).
 struct Reference {
-  std::vector<std::array<double, 5>> sums;
+  std::vector<std::array<double, 6>> sums;
   std::vector<double> numel;
   std::vector<bool> matrix;  // dim ≥ 2
 };
@@ -73,7 +75,7 @@ Reference reference(const Lists& l) {
   Reference r;
   const size_t n = std::max({l.grads.size(), l.params.size()});
   for (size_t i = 0; i < n; ++i) {
-    std::array<double, 5> s{kNaN, kNaN, kNaN, kNaN, kNaN};
+    std::array<double, 6> s{kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
     const at::Tensor& any = !l.grads.empty() ? l.grads[i] : l.params[i];
     if (!l.grads.empty()) {
       const at::Tensor g = as_double_cpu(l.grads[i]);
@@ -83,6 +85,7 @@ Reference reference(const Lists& l) {
     if (!l.params.empty()) {
       const at::Tensor p = as_double_cpu(l.params[i]);
       s[2] = p.abs().sum().item<double>();
+      s[5] = p.square().sum().item<double>();
       if (!l.init.empty()) s[3] = (p - as_double_cpu(l.init[i])).square().sum().item<double>();
       if (!l.prev.empty()) s[4] = (p - as_double_cpu(l.prev[i])).square().sum().item<double>();
     }
@@ -99,11 +102,13 @@ double from_sum(Metric m, double sum, double count) {
 }
 
 double expected_tensor(const Reference& r, size_t t, Metric m) {
+  if (m == Metric::kUpdateRatio) return expected_tensor(r, t, Metric::kUpdateSize) / expected_tensor(r, t, Metric::kWeightNorm);
   const int k = static_cast<int>(m);
   return from_sum(m, r.sums[t][k], r.numel[t]);
 }
 
 double expected_global(const Reference& r, Metric m, bool matrices_only = false) {
+  if (m == Metric::kUpdateRatio) return expected_global(r, Metric::kUpdateSize) / expected_global(r, Metric::kWeightNorm);
   const int k = static_cast<int>(m);
   double sum = 0.0, count = 0.0;
   for (size_t t = 0; t < r.sums.size(); ++t) {
@@ -131,8 +136,8 @@ class ParamStatsApiTest : public DeviceDtypeTest {
     SCOPED_TRACE(context);
     const Reference r = reference(l);
     const int64_t T = static_cast<int64_t>(r.sums.size());
-    ASSERT_EQ(s.metrics.sizes(), (std::vector<int64_t>{5}));
-    ASSERT_EQ(s.per_tensor.sizes(), (std::vector<int64_t>{T, 5}));
+    ASSERT_EQ(s.metrics.sizes(), (std::vector<int64_t>{trainscope::kNumMetrics}));
+    ASSERT_EQ(s.per_tensor.sizes(), (std::vector<int64_t>{T, trainscope::kNumMetrics}));
     ASSERT_EQ(s.nonfinite.dim(), 0);
     ASSERT_EQ(s.nonfinite_per_tensor.sizes(), (std::vector<int64_t>{T}));
     EXPECT_EQ(s.metrics.scalar_type(), result_dtype());
@@ -222,6 +227,8 @@ TEST_P(ParamStatsApiTest, SingleMetricFunctionsMatchReference) {
       {Metric::kWeightMagnitude, [&](bool pt) { return trainscope::weight_magnitude(l.params, pt); }},
       {Metric::kDistance, [&](bool pt) { return trainscope::distance(l.params, l.init, pt); }},
       {Metric::kUpdateSize, [&](bool pt) { return trainscope::update_size(l.params, l.prev, pt); }},
+      {Metric::kWeightNorm, [&](bool pt) { return trainscope::weight_norm(l.params, pt); }},
+      {Metric::kUpdateRatio, [&](bool pt) { return trainscope::update_ratio(l.params, l.prev, pt); }},
   };
   for (const Single& s : singles) {
     SCOPED_TRACE(trainscope::metric_name(s.m));
@@ -588,7 +595,9 @@ TEST(ParamStatsApi, MetricNames) {
   EXPECT_STREQ(trainscope::metric_name(Metric::kWeightMagnitude), "weight_magnitude");
   EXPECT_STREQ(trainscope::metric_name(Metric::kDistance), "distance");
   EXPECT_STREQ(trainscope::metric_name(Metric::kUpdateSize), "update_size");
-  EXPECT_EQ(trainscope::kNumMetrics, 5);
+  EXPECT_STREQ(trainscope::metric_name(Metric::kWeightNorm), "weight_norm");
+  EXPECT_STREQ(trainscope::metric_name(Metric::kUpdateRatio), "update_ratio");
+  EXPECT_EQ(trainscope::kNumMetrics, 7);
 }
 
 void check_mixed_dtype_list(at::Device device) {

@@ -32,10 +32,10 @@ namespace tc = trainscope::cuda;
 
 constexpr int64_t kGroupTensors = 96;  // kMaxGroupTensors of the launcher: lists above take several launches
 constexpr uint32_t kAllFlags = tc::kGradSq | tc::kGradAbs | tc::kParamAbs | tc::kDistSq |
-                               tc::kUpdateSq | tc::kHistogram | tc::kRefreshPrev;
+                               tc::kUpdateSq | tc::kHistogram | tc::kRefreshPrev | tc::kParamSq;
 constexpr uint32_t kAllMetrics = kAllFlags & ~static_cast<uint32_t>(tc::kRefreshPrev);
-constexpr uint32_t kSlotFlag[tc::kNumSlots] = {tc::kGradSq, tc::kGradAbs, tc::kParamAbs, tc::kDistSq,
-                                               tc::kUpdateSq};
+constexpr uint32_t kSlotFlag[tc::kNumSums] = {tc::kGradSq, tc::kGradAbs, tc::kParamAbs, tc::kDistSq,
+                                              tc::kUpdateSq, tc::kParamSq};
 
 // ---------------------------------------------------------------------------------------------
 // Host lists
@@ -130,8 +130,8 @@ std::vector<TensorSpec> random_specs(std::mt19937_64& rng, int count, int64_t ch
 // Float64 reference
 
 struct Reference {
-  // Per tensor: Σg², Σ|g|, Σ|θ|, Σ(θ−θ₀)², Σ(θ−θ_prev)², in the slot order of the launcher.
-  std::vector<std::array<double, tc::kNumSlots>> sums;
+  // Per tensor: Σg², Σ|g|, Σ|θ|, Σ(θ−θ₀)², Σ(θ−θ_prev)², Σθ², in the slot order of the launcher.
+  std::vector<std::array<double, tc::kNumSums>> sums;
   std::vector<int64_t> nonfinite;
   std::vector<std::vector<int64_t>> hist;  // per tensor; empty when nbins == 0
 };
@@ -142,7 +142,7 @@ Reference compute_reference(const HostList& h, int64_t nbins, double maxval) {
   ref.nonfinite.assign(h.size(), 0);
   ref.hist.resize(h.size());
   for (size_t t = 0; t < h.size(); ++t) {
-    long double s[tc::kNumSlots] = {0, 0, 0, 0, 0};
+    long double s[tc::kNumSums] = {0, 0, 0, 0, 0, 0};
     if (nbins > 0) ref.hist[t].assign(static_cast<size_t>(nbins), 0);
     const auto& g = h.values[kGrad][t];
     const auto& p = h.values[kParam][t];
@@ -155,36 +155,48 @@ Reference compute_reference(const HostList& h, int64_t nbins, double maxval) {
       s[tc::kSlotWeightMagnitude] += std::fabs(pi);
       s[tc::kSlotDistance] += (pi - p0[i]) * (pi - p0[i]);
       s[tc::kSlotUpdateSize] += (pi - pp[i]) * (pi - pp[i]);
+      s[tc::kSlotWeightNorm] += pi * pi;
       if (!std::isfinite(g[i])) {
         ++ref.nonfinite[t];
       } else if (nbins > 0) {
         ++ref.hist[t][static_cast<size_t>(reference_bin(g[i], nbins, maxval))];
       }
     }
-    for (int k = 0; k < tc::kNumSlots; ++k) ref.sums[t][k] = static_cast<double>(s[k]);
+    for (int k = 0; k < tc::kNumSums; ++k) ref.sums[t][k] = static_cast<double>(s[k]);
   }
   return ref;
 }
 
-// SPEC.md §1 from the sums: norms are square roots, magnitudes means; NaN when not requested.
-double metric_from_sum(int slot, double sum, double count, uint32_t flags) {
+// SPEC.md §1 from the sums: norms are square roots, magnitudes means, the update ratio
+// update_size / weight_norm; NaN when not requested.
+double metric_from_sums(int slot, const std::array<double, tc::kNumSums>& sums, double count, uint32_t flags) {
+  if (slot == tc::kSlotUpdateRatio) {
+    if ((flags & tc::kUpdateSq) == 0 || (flags & tc::kParamSq) == 0) return kNaN;
+    return std::sqrt(sums[tc::kSlotUpdateSize]) / std::sqrt(sums[tc::kSlotWeightNorm]);
+  }
   if ((flags & kSlotFlag[slot]) == 0) return kNaN;
-  if (slot == tc::kSlotGradMagnitude || slot == tc::kSlotWeightMagnitude) return sum / count;
-  return std::sqrt(sum);
+  if (slot == tc::kSlotGradMagnitude || slot == tc::kSlotWeightMagnitude) return sums[slot] / count;
+  return std::sqrt(sums[slot]);
 }
 
 double expected_tensor_metric(const HostList& h, const Reference& ref, size_t t, int slot, uint32_t flags) {
-  return metric_from_sum(slot, ref.sums[t][slot], static_cast<double>(h.specs[t].numel), flags);
+  return metric_from_sums(slot, ref.sums[t], static_cast<double>(h.specs[t].numel), flags);
 }
 
 double expected_global_metric(const HostList& h, const Reference& ref, int slot, uint32_t flags) {
-  long double sum = 0, count = 0;
+  std::array<long double, tc::kNumSums> sums{};
+  long double count = 0, weight_count = 0;
   for (size_t t = 0; t < h.size(); ++t) {
-    if (slot == tc::kSlotWeightMagnitude && !h.specs[t].selected) continue;
-    sum += ref.sums[t][slot];
+    for (int k = 0; k < tc::kNumSums; ++k) {
+      if (k != tc::kSlotWeightMagnitude || h.specs[t].selected) sums[k] += ref.sums[t][k];
+    }
     count += h.specs[t].numel;
+    if (h.specs[t].selected) weight_count += h.specs[t].numel;
   }
-  return metric_from_sum(slot, static_cast<double>(sum), static_cast<double>(count), flags);
+  std::array<double, tc::kNumSums> s;
+  for (int k = 0; k < tc::kNumSums; ++k) s[k] = static_cast<double>(sums[k]);
+  const long double n = slot == tc::kSlotWeightMagnitude ? weight_count : count;
+  return metric_from_sums(slot, s, static_cast<double>(n), flags);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -371,14 +371,14 @@ TEST(FlagsTest, ArraysReadFollowFromFlags) {
 // accumulate_grad / accumulate_param / add / finalize_metrics
 
 constexpr uint32_t kAllSums =
-    tc::kGradSq | tc::kGradAbs | tc::kParamAbs | tc::kDistSq | tc::kUpdateSq;
+    tc::kGradSq | tc::kGradAbs | tc::kParamAbs | tc::kDistSq | tc::kUpdateSq | tc::kParamSq;
 
 TEST(ParamSumsTest, ClearZeroesEverything) {
   ParamSums<double> a;
-  for (int i = 0; i < tc::kNumSlots; ++i) a.s[i] = 42.0 + i;
+  for (int i = 0; i < tc::kNumSums; ++i) a.s[i] = 42.0 + i;
   a.nonfinite = 9;
   a.clear();
-  for (int i = 0; i < tc::kNumSlots; ++i) EXPECT_EQ(a.s[i], 0.0) << i;
+  for (int i = 0; i < tc::kNumSums; ++i) EXPECT_EQ(a.s[i], 0.0) << i;
   EXPECT_EQ(a.nonfinite, 0);
 }
 
@@ -399,7 +399,9 @@ TEST(ParamSumsTest, AccumulateGradTouchesOnlyRequestedSlots) {
   tc::accumulate_grad(a, tc::kGradSq | tc::kGradAbs, 4.0);
   EXPECT_EQ(a.s[tc::kSlotGradNorm], 25.0);
   EXPECT_EQ(a.s[tc::kSlotGradMagnitude], 7.0);
-  for (int i : {tc::kSlotWeightMagnitude, tc::kSlotDistance, tc::kSlotUpdateSize}) EXPECT_EQ(a.s[i], 0.0);
+  for (int i : {tc::kSlotWeightMagnitude, tc::kSlotDistance, tc::kSlotUpdateSize, tc::kSlotWeightNorm}) {
+    EXPECT_EQ(a.s[i], 0.0);
+  }
   EXPECT_EQ(a.nonfinite, 0);
 }
 
@@ -423,9 +425,9 @@ TEST(ParamSumsTest, NonfiniteGradientsAreCountedWheneverGradientsAreRead) {
   // Flags that read no gradient count nothing.
   ParamSums<double> a;
   a.clear();
-  tc::accumulate_grad(a, tc::kParamAbs | tc::kDistSq | tc::kUpdateSq, kNaN);
+  tc::accumulate_grad(a, tc::kParamAbs | tc::kDistSq | tc::kUpdateSq | tc::kParamSq, kNaN);
   EXPECT_EQ(a.nonfinite, 0);
-  for (int i = 0; i < tc::kNumSlots; ++i) EXPECT_EQ(a.s[i], 0.0) << i;
+  for (int i = 0; i < tc::kNumSums; ++i) EXPECT_EQ(a.s[i], 0.0) << i;
 }
 
 TEST(ParamSumsTest, AccumulateParamTouchesOnlyRequestedSlots) {
@@ -433,18 +435,20 @@ TEST(ParamSumsTest, AccumulateParamTouchesOnlyRequestedSlots) {
   struct Case { uint32_t flags; int slot; double value; };
   for (const Case& c : {Case{tc::kParamAbs, tc::kSlotWeightMagnitude, 1.5},
                         Case{tc::kDistSq, tc::kSlotDistance, 4.0},
-                        Case{tc::kUpdateSq, tc::kSlotUpdateSize, 0.25}}) {
+                        Case{tc::kUpdateSq, tc::kSlotUpdateSize, 0.25},
+                        Case{tc::kParamSq, tc::kSlotWeightNorm, 2.25}}) {
     ParamSums<double> a;
     a.clear();
     tc::accumulate_param(a, c.flags, p, p0, pp);
-    for (int i = 0; i < tc::kNumSlots; ++i) EXPECT_EQ(a.s[i], i == c.slot ? c.value : 0.0) << i;
+    for (int i = 0; i < tc::kNumSums; ++i) EXPECT_EQ(a.s[i], i == c.slot ? c.value : 0.0) << i;
     EXPECT_EQ(a.nonfinite, 0);
   }
   ParamSums<double> a;
   a.clear();
-  tc::accumulate_param(a, tc::kParamAbs | tc::kDistSq | tc::kUpdateSq, p, p0, pp);
-  tc::accumulate_param(a, tc::kParamAbs | tc::kDistSq | tc::kUpdateSq, 2.0, 2.0, 0.0);
+  tc::accumulate_param(a, kAllSums, p, p0, pp);
+  tc::accumulate_param(a, kAllSums, 2.0, 2.0, 0.0);
   EXPECT_EQ(a.s[tc::kSlotWeightMagnitude], 3.5);
+  EXPECT_EQ(a.s[tc::kSlotWeightNorm], 6.25);
   EXPECT_EQ(a.s[tc::kSlotDistance], 4.0);
   EXPECT_EQ(a.s[tc::kSlotUpdateSize], 4.25);
   EXPECT_EQ(a.s[tc::kSlotGradNorm], 0.0);
@@ -454,13 +458,13 @@ TEST(ParamSumsTest, AccumulateParamTouchesOnlyRequestedSlots) {
 TEST(ParamSumsTest, AddCombinesFloatPartialsIntoDouble) {
   ParamSums<float> f;
   f.clear();
-  for (int i = 0; i < tc::kNumSlots; ++i) f.s[i] = 0.5f * static_cast<float>(i + 1);
+  for (int i = 0; i < tc::kNumSums; ++i) f.s[i] = 0.5f * static_cast<float>(i + 1);
   f.nonfinite = 3;
   ParamSums<double> d;
   d.clear();
   d.add(f);
   d.add(f);
-  for (int i = 0; i < tc::kNumSlots; ++i) EXPECT_EQ(d.s[i], static_cast<double>(i + 1)) << i;
+  for (int i = 0; i < tc::kNumSums; ++i) EXPECT_EQ(d.s[i], static_cast<double>(i + 1)) << i;
   EXPECT_EQ(d.nonfinite, 6);
 }
 
@@ -477,19 +481,22 @@ void expect_metrics(const Out* got, const double* want) {
 }
 
 TEST(FinalizeMetricsTest, EveryFlagSubset) {
-  const double sums[tc::kNumSlots] = {16.0, 6.0, 9.0, 25.0, 36.0};
+  const double sums[tc::kNumSums] = {16.0, 6.0, 9.0, 25.0, 36.0, 4.0};
   const double numel = 3.0, weight_numel = 2.0;
-  const double all[tc::kNumSlots] = {4.0, 2.0, 4.5, 5.0, 6.0};
-  const uint32_t slot_flag[tc::kNumSlots] = {tc::kGradSq, tc::kGradAbs, tc::kParamAbs, tc::kDistSq,
-                                             tc::kUpdateSq};
-  for (uint32_t subset = 0; subset < 32; ++subset) {
+  // The update ratio is update_size / weight_norm = 6 / 2, when both sums were asked for.
+  const double all[tc::kNumSlots] = {4.0, 2.0, 4.5, 5.0, 6.0, 2.0, 3.0};
+  const uint32_t slot_flag[tc::kNumSums] = {tc::kGradSq, tc::kGradAbs, tc::kParamAbs, tc::kDistSq,
+                                            tc::kUpdateSq, tc::kParamSq};
+  for (uint32_t subset = 0; subset < (1u << tc::kNumSums); ++subset) {
     uint32_t flags = 0;
     double want[tc::kNumSlots];
-    for (int i = 0; i < tc::kNumSlots; ++i) {
+    for (int i = 0; i < tc::kNumSums; ++i) {
       const bool on = (subset >> i) & 1u;
       if (on) flags |= slot_flag[i];
       want[i] = on ? all[i] : kNaN;
     }
+    const bool ratio = (flags & tc::kUpdateSq) && (flags & tc::kParamSq);
+    want[tc::kSlotUpdateRatio] = ratio ? all[tc::kSlotUpdateRatio] : kNaN;
     SCOPED_TRACE(testing::Message() << "flags=" << flags);
     double out_d[tc::kNumSlots];
     float out_f[tc::kNumSlots];
@@ -501,7 +508,7 @@ TEST(FinalizeMetricsTest, EveryFlagSubset) {
 }
 
 TEST(FinalizeMetricsTest, MagnitudesDivideByTheirOwnCounts) {
-  const double sums[tc::kNumSlots] = {0.0, 10.0, 10.0, 0.0, 0.0};
+  const double sums[tc::kNumSums] = {0.0, 10.0, 10.0, 0.0, 0.0, 0.0};
   double out[tc::kNumSlots];
   tc::finalize_metrics(sums, 4.0, 5.0, kAllSums, out);
   EXPECT_EQ(out[tc::kSlotGradMagnitude], 2.5);   // Σ|g| / numel
@@ -512,9 +519,11 @@ TEST(FinalizeMetricsTest, MagnitudesDivideByTheirOwnCounts) {
 }
 
 TEST(FinalizeMetricsTest, EmptySelectionGivesNaNMagnitudesAndZeroNorms) {
-  const double zero[tc::kNumSlots] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  const double zero[tc::kNumSums] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   double out[tc::kNumSlots];
   tc::finalize_metrics(zero, 0.0, 0.0, kAllSums, out);
+  EXPECT_EQ(out[tc::kSlotWeightNorm], 0.0);
+  EXPECT_TRUE(std::isnan(out[tc::kSlotUpdateRatio]));  // 0 / 0: zero weights that did not move
   EXPECT_EQ(out[tc::kSlotGradNorm], 0.0);
   EXPECT_TRUE(std::isnan(out[tc::kSlotGradMagnitude]));
   EXPECT_TRUE(std::isnan(out[tc::kSlotWeightMagnitude]));
@@ -522,7 +531,7 @@ TEST(FinalizeMetricsTest, EmptySelectionGivesNaNMagnitudesAndZeroNorms) {
   EXPECT_EQ(out[tc::kSlotUpdateSize], 0.0);
 
   // No weight matrix selected but gradients present: only the weight magnitude is NaN.
-  const double sums[tc::kNumSlots] = {4.0, 2.0, 0.0, 1.0, 1.0};
+  const double sums[tc::kNumSums] = {4.0, 2.0, 0.0, 1.0, 1.0, 0.0};
   tc::finalize_metrics(sums, 2.0, 0.0, kAllSums, out);
   EXPECT_EQ(out[tc::kSlotGradMagnitude], 1.0);
   EXPECT_TRUE(std::isnan(out[tc::kSlotWeightMagnitude]));
@@ -534,7 +543,7 @@ TEST(FinalizeMetricsTest, EndToEndOnRandomTensor) {
   const int n = 10007, weight_n = 7000;
   ParamSums<double> a;
   a.clear();
-  double gsq = 0, gabs = 0, pabs_sel = 0, dsq = 0, usq = 0;
+  double gsq = 0, gabs = 0, pabs_sel = 0, dsq = 0, usq = 0, psq = 0;
   for (int i = 0; i < n; ++i) {
     const double g = 0.01 * nd(rng), p = nd(rng), p0 = p + 0.1 * nd(rng), pp = p + 0.01 * nd(rng);
     tc::accumulate_grad(a, kAllSums, g);
@@ -548,6 +557,7 @@ TEST(FinalizeMetricsTest, EndToEndOnRandomTensor) {
     }
     dsq += (p - p0) * (p - p0);
     usq += (p - pp) * (p - pp);
+    psq += p * p;
   }
   double out[tc::kNumSlots];
   tc::finalize_metrics(a.s, n, weight_n, kAllSums, out);
@@ -556,6 +566,8 @@ TEST(FinalizeMetricsTest, EndToEndOnRandomTensor) {
   EXPECT_DOUBLE_EQ(out[tc::kSlotWeightMagnitude], pabs_sel / weight_n);
   EXPECT_DOUBLE_EQ(out[tc::kSlotDistance], std::sqrt(dsq));
   EXPECT_DOUBLE_EQ(out[tc::kSlotUpdateSize], std::sqrt(usq));
+  EXPECT_DOUBLE_EQ(out[tc::kSlotWeightNorm], std::sqrt(psq));
+  EXPECT_DOUBLE_EQ(out[tc::kSlotUpdateRatio], std::sqrt(usq) / std::sqrt(psq));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -655,3 +655,146 @@ def test_graph_captured_step_equals_eager():
             assert rg.scalars[k] == pytest.approx(v, rel=1e-12, nan_ok=True), (k, rg.step)
         assert rg.scalars["update_size"] > 0 and rg.scalars["const"] == 3.0
         assert torch.equal(rg.histograms["grad_hist1d"][1], re.histograms["grad_hist1d"][1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-metric switches and schedules (metrics=), and measure_now.
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+
+
+def _train_step(model, opt, gen):
+    x = torch.randn(8, 5, generator=gen)
+    losses = model(x).pow(2).sum(1)
+    opt.zero_grad()
+    losses.mean().backward()
+    opt.step()
+    return losses.detach()
+
+
+def _flat(ts):
+    return torch.cat([t.detach().reshape(-1).double() for t in ts])
+
+
+def test_each_metric_follows_its_own_schedule_and_off_costs_its_copies():
+    model = _mlp()
+    params = list(model.parameters())
+    init = [p.detach().clone() for p in params]
+    recs = []
+    mon = trainscope.Monitor(model, param_metrics=trainscope.every(2), grad_hist=False, per_tensor=True,
+                             metrics={"weight_magnitude": trainscope.every(3), "distance": False,
+                                      "update_ratio": True, "loss": trainscope.at_steps([1])},
+                             sinks=[recs.append])
+    # distance off: no θ₀ kept; θ_prev kept for update_size / update_ratio.
+    state = mon.state_dict()
+    assert state["init"] == [] and len(state["prev"]) == len(params)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    prevs = []
+    for step in range(4):
+        prevs.append([p.detach().clone() for p in params])
+        losses = _train_step(model, opt, gen)
+        mon.step(step, losses)
+    mon.flush()
+    by_step = {r.step: r.scalars for r in recs}
+    names = lambda s: [n for n in by_step[s] if "/" not in n]
+    # param_metrics (every 2) at 0 and 2, weight_magnitude at 0 and 3, update_ratio every step,
+    # loss at 1 only; distance never.
+    assert names(0) == ["grad_norm", "grad_magnitude", "weight_magnitude", "update_size", "weight_norm",
+                        "update_ratio", "nonfinite_count"]
+    assert names(1) == ["loss", "update_ratio"]
+    assert names(2) == ["grad_norm", "grad_magnitude", "update_size", "weight_norm", "update_ratio",
+                        "nonfinite_count"]
+    assert names(3) == ["weight_magnitude", "update_ratio"]
+    assert not any(n.startswith("distance") for r in recs for n in r.scalars)
+    # Values: update_ratio of step 3 is ‖θ₃ − θ₂‖ / ‖θ₃‖, per tensor and globally.
+    upd = (_flat(params) - _flat(prevs[3])).norm() / _flat(params).norm()
+    assert by_step[3]["update_ratio"] == pytest.approx(upd.item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), prevs[3]):
+        want = (p.detach().double() - q.double()).norm() / p.detach().double().norm()
+        assert by_step[3][f"update_ratio/{name}"] == pytest.approx(want.item(), rel=1e-5)
+    assert by_step[3]["weight_magnitude"] == pytest.approx(_flat(params).abs().mean().item(), rel=1e-5)
+    del init
+
+
+def test_metrics_argument_is_checked_at_construction():
+    model = _mlp()
+    with pytest.raises(ValueError, match="'grad_nrom'"):
+        trainscope.Monitor(model, metrics={"grad_nrom": True})
+    with pytest.raises(TypeError, match="metrics"):
+        trainscope.Monitor(model, metrics=["grad_norm"])
+    with pytest.raises(Exception, match=r"metrics\['grad_norm'\]"):
+        trainscope.Monitor(model, metrics={"grad_norm": "every:zero"})
+
+
+def test_measure_now_measures_parameters_now_and_leaves_the_step_schedule_alone():
+    model = _mlp()
+    params = list(model.parameters())
+    init = _flat(params)
+    recs = []
+    mon = trainscope.Monitor(model, param_metrics=trainscope.every(10), grad_hist=trainscope.every(10),
+                             per_tensor=False, sinks=[recs.append])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(2)
+    # Before any step (an epoch start): parameter metrics only, no gradients, no update.
+    mon.measure_now(0)
+    _train_step(model, opt, gen)
+    mon.step(0)
+    _train_step(model, opt, gen)
+    g = _flat([p.grad for p in params])
+    mon.step(1)  # not due (every 10): only θ_prev follows
+    # After a step, with its gradients: the gradient metrics and the histogram too.
+    mon.measure_now(1, gradients=True)
+    mon.measure_now(1, metrics=["weight_norm", "grad_hist"])  # no gradients: no histogram
+    mon.request("update_size")
+    after = [p.detach().clone() for p in params]
+    _train_step(model, opt, gen)
+    mon.step(2)  # the request: update_size of step 2 alone, θ_prev untouched by measure_now
+    mon.flush()
+    first, _, with_grads, only_norm, requested = recs
+    assert first.step == 0 and list(first.scalars) == ["weight_magnitude", "distance", "weight_norm"]
+    assert first.scalars["distance"] == 0.0 and not first.histograms
+    assert first.scalars["weight_norm"] == pytest.approx(init.norm().item(), rel=1e-6)
+    assert list(with_grads.scalars) == ["grad_norm", "grad_magnitude", "weight_magnitude", "distance",
+                                        "weight_norm", "nonfinite_count"]
+    assert with_grads.scalars["grad_norm"] == pytest.approx(g.norm().item(), rel=1e-5)
+    assert with_grads.scalars["distance"] == pytest.approx((_flat(after) - init).norm().item(), rel=1e-5)
+    assert int(with_grads.histograms["grad_hist1d"][1].sum()) == g.numel()
+    assert list(only_norm.scalars) == ["weight_norm"] and not only_norm.histograms
+    assert requested.step == 2 and list(requested.scalars) == ["update_size"]
+    assert requested.scalars["update_size"] == pytest.approx((_flat(params) - _flat(after)).norm().item(), rel=1e-5)
+
+
+def test_measure_now_names_custom_quantities_and_refuses_what_it_cannot_measure():
+    class Count(trainscope.Quantity):
+        key = "count"
+
+        def __init__(self):
+            self.calls = 0
+
+        def compute(self, ctx):
+            self.calls += 1
+            return torch.tensor(float(ctx.step))
+
+    model = _mlp()
+    recs = []
+    q = Count()
+    mon = trainscope.Monitor(model, grad_hist=False, metrics={"distance": False}, sinks=[recs.append],
+                             per_tensor=False)
+    mon.add_quantity(q, trainscope.on_demand())
+    mon.measure_now(5, metrics=["count"])
+    mon.measure_now(6, metrics=["update_size", "weight_magnitude"])  # update_size: never measured here
+    with pytest.raises(ValueError, match="'distance' is off"):
+        mon.measure_now(7, metrics=["distance"])
+    with pytest.raises(ValueError, match="grad_hist"):
+        mon.measure_now(7, metrics=["grad_hist"])
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        mon.measure_now(7, metrics=["nope"])
+    with pytest.raises(TypeError, match="metrics"):
+        mon.measure_now(7, metrics="weight_norm")
+    mon.flush()
+    assert [(r.step, list(r.scalars)) for r in recs] == [(5, ["count"]), (6, ["weight_magnitude"])]
+    assert recs[0].scalars["count"] == 5.0 and q.calls == 1

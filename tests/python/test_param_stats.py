@@ -16,8 +16,9 @@ import torch
 import trainscope
 from conftest import DTYPES, requires_cuda
 
-METRICS = ("grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size")
-GRAD_NORM, GRAD_MAGNITUDE, WEIGHT_MAGNITUDE, DISTANCE, UPDATE_SIZE = range(5)
+METRICS = ("grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size", "weight_norm",
+           "update_ratio")
+GRAD_NORM, GRAD_MAGNITUDE, WEIGHT_MAGNITUDE, DISTANCE, UPDATE_SIZE, WEIGHT_NORM, UPDATE_RATIO = range(7)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,8 +47,8 @@ def reference_param_stats(grads=(), params=(), init_params=(), prev_params=(), *
     p0 = [to_numpy64(t) for t in init_params]
     pp = [to_numpy64(t) for t in prev_params]
     n = max(len(g), len(p), len(p0), len(pp))
-    per = np.full((n, 5), np.nan)
-    glob = np.full(5, np.nan)
+    per = np.full((n, len(METRICS)), np.nan)
+    glob = np.full(len(METRICS), np.nan)
 
     def cat(arrays):
         return np.concatenate(arrays) if arrays else np.zeros(0)
@@ -62,12 +63,17 @@ def reference_param_stats(grads=(), params=(), init_params=(), prev_params=(), *
             per[:, WEIGHT_MAGNITUDE] = [np.sum(np.abs(x)) / x.size for x in p]
             chosen = [x for x, t in zip(p, params) if t.dim() >= 2 or not weights_matrices_only]
             glob[WEIGHT_MAGNITUDE] = np.sum(np.abs(cat(chosen))) / cat(chosen).size
+            # weight_norm: every tensor, whatever weights_matrices_only.
+            per[:, WEIGHT_NORM] = [np.sqrt(np.sum(x * x)) for x in p]
+            glob[WEIGHT_NORM] = np.sqrt(np.sum(cat(p) ** 2))
         if p0:
             per[:, DISTANCE] = [np.sqrt(np.sum((x - x0) ** 2)) for x, x0 in zip(p, p0)]
             glob[DISTANCE] = np.sqrt(np.sum((cat(p) - cat(p0)) ** 2))
         if pp:
             per[:, UPDATE_SIZE] = [np.sqrt(np.sum((x - xp) ** 2)) for x, xp in zip(p, pp)]
             glob[UPDATE_SIZE] = np.sqrt(np.sum((cat(p) - cat(pp)) ** 2))
+            per[:, UPDATE_RATIO] = per[:, UPDATE_SIZE] / per[:, WEIGHT_NORM]
+            glob[UPDATE_RATIO] = glob[UPDATE_SIZE] / glob[WEIGHT_NORM]
 
     nonfinite_per = np.array([np.count_nonzero(~np.isfinite(x)) for x in g] if g else [0] * n,
                              dtype=np.int64)
@@ -214,7 +220,7 @@ def assert_stats_match(stats: trainscope.ParamStats, ref: dict, *, device, float
     for name in ("metrics", "per_tensor", "nonfinite", "nonfinite_per_tensor", "hist", "hist_per_tensor"):
         assert getattr(stats, name).device.type == dev, name
     assert stats.metrics.dtype == float_dtype and stats.per_tensor.dtype == float_dtype
-    assert stats.metrics.shape == (5,) and stats.per_tensor.shape == (n, 5)
+    assert stats.metrics.shape == (len(METRICS),) and stats.per_tensor.shape == (n, len(METRICS))
     assert stats.hist.shape == (nb,) and stats.hist_per_tensor.shape == (n, nb)
     assert_float_close(stats.metrics, ref["metrics"], rtol)
     assert_float_close(stats.per_tensor, ref["per_tensor"], rtol)
@@ -397,6 +403,8 @@ def test_single_metric_functions(device, dtype, gen):
             ref_matrices, WEIGHT_MAGNITUDE),
         "distance": (lambda pt: trainscope.distance(p, p0, per_tensor=pt), ref, DISTANCE),
         "update_size": (lambda pt: trainscope.update_size(p, pp, per_tensor=pt), ref, UPDATE_SIZE),
+        "weight_norm": (lambda pt: trainscope.weight_norm(p, per_tensor=pt), ref, WEIGHT_NORM),
+        "update_ratio": (lambda pt: trainscope.update_ratio(p, pp, per_tensor=pt), ref, UPDATE_RATIO),
     }
     for name, (fn, r, col) in cases.items():
         total, per = fn(False), fn(True)
@@ -416,6 +424,34 @@ def test_weight_magnitude_matrices_only_without_matrices_is_nan(device, gen):
     p = [randn(gen, (5,), 1.0, device=device), randn(gen, (3,), 1.0, device=device)]
     assert torch.isnan(trainscope.weight_magnitude(p, matrices_only=True)).item()
     assert not torch.isnan(trainscope.weight_magnitude(p)).item()
+
+
+def test_update_ratio_of_an_sgd_step_and_of_zero_weights(device):
+    """update_ratio = update_size / weight_norm: an SGD step moves θ by lr·g, so per tensor it is
+    lr·‖g‖/‖θ‖. Weights that are zero and did not move give 0/0 = NaN (IEEE), and that tensor's
+    NaN does not spill into the global ratio, which divides the global sums."""
+    gen = torch.Generator().manual_seed(7)
+    before = [torch.randn(6, 4, generator=gen, dtype=torch.float64).to(device),
+              torch.randn(4, generator=gen, dtype=torch.float64).to(device)]
+    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device) for t in before]
+    lr = 1e-3
+    after = [b - lr * g for b, g in zip(before, grads)]
+    per = trainscope.update_ratio(after, before, per_tensor=True).cpu()
+    want = torch.stack([lr * g.norm() / a.norm() for g, a in zip(grads, after)]).cpu()
+    torch.testing.assert_close(per, want, rtol=1e-12, atol=0)
+    total = trainscope.update_ratio(after, before).cpu()
+    want_total = lr * torch.cat([g.reshape(-1) for g in grads]).norm() / torch.cat([a.reshape(-1) for a in after]).norm()
+    torch.testing.assert_close(total, want_total.cpu(), rtol=1e-12, atol=0)
+    # A zero tensor that did not move: NaN for that tensor only.
+    zero = [torch.zeros(3, dtype=torch.float64, device=device)]
+    per = trainscope.update_ratio(after + zero, before + [z.clone() for z in zero], per_tensor=True).cpu()
+    assert torch.isnan(per[2]) and torch.isfinite(per[:2]).all()
+    assert torch.isfinite(trainscope.update_ratio(after + zero, before + [z.clone() for z in zero])).item()
+    # weight_norm counts every tensor, whatever weights_matrices_only does to weight_magnitude.
+    stats = trainscope.param_stats(params=after, weight_magnitude_of="matrices")
+    torch.testing.assert_close(stats["weight_norm"].cpu(), trainscope.weight_norm(after).cpu())
+    with pytest.raises(ValueError, match="prev_params is empty"):
+        trainscope.update_ratio(after, [])
 
 
 def test_single_tensor_and_generator_arguments(device, gen):
