@@ -58,9 +58,9 @@ try:
 except ImportError as e:  # pragma: no cover  (depends on the environment)
     raise ImportError("trainscope.lightning needs Lightning 2.x: pip install lightning") from e
 
-from . import METRICS, PER_SAMPLE_STATS, PerSampleHooks, RepresentationProbe
+from . import PER_SAMPLE_STATS, PerSampleHooks, RepresentationProbe
 from ._args import check_bool, check_hist_axis, check_int
-from .monitor import Monitor, Quantity, _spec, at_steps, every
+from .monitor import BUILTIN_METRICS, Monitor, Quantity, _spec, at_steps, every
 from .representation import _batch_examples, _cut_batch, _loader_first_batch
 from .tensorboard_sink import histogram_summary
 
@@ -82,8 +82,9 @@ PER_SAMPLE_KEY = "per_sample"
 REPRESENTATION_KEY = "representation"
 
 
-#: The parameter metrics ``metrics=`` switches one by one (the family ``param_metrics``).
-PARAM_METRICS = ("loss", *METRICS, "weight_norm", "update_ratio", "nonfinite_count")
+#: The parameter metrics ``metrics=`` switches one by one (the family ``param_metrics``): loss,
+#: the names of trainscope.METRICS, nonfinite_count.
+PARAM_METRICS = BUILTIN_METRICS
 #: Metrics of the gradients: absent at the start of an epoch (no gradients exist there).
 _GRADIENT_METRICS = ("grad_norm", "grad_magnitude", "nonfinite_count")
 #: Metrics of an optimizer step's update: never measured at an epoch boundary.
@@ -316,7 +317,8 @@ class TrainscopeCallback(Callback):
         self.probe_options = dict(probe_options or {})
         self.probe_forward = probe_forward
         if probe_forward is not None and "forward" in self.probe_options:
-            raise ValueError(f"{_CALLER}: probe_forward and probe_options['forward'] are both given; give probe_forward")
+            raise ValueError(f"{_CALLER}: probe_forward and probe_options['forward'] are both given; "
+                             "give probe_forward")
         if num_examples is not None and "num_examples" in self.probe_options:
             raise ValueError(f"{_CALLER}: num_examples and probe_options['num_examples'] are both given; "
                              "give num_examples")

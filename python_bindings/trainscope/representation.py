@@ -421,7 +421,8 @@ class RepresentationProbe:
         _check_kinds(kind)
         self.probe_set = probe_set
         self.whole_batches = check_bool(whole_batches, "whole_batches", "RepresentationProbe")
-        self._examples = _probe_examples(probe_set, model, self.whole_batches)  # a tensor of inputs, or an iterable of batches
+        # A tensor of inputs, or an iterable of batches.
+        self._examples = _probe_examples(probe_set, model, self.whole_batches)
         self.kind, self.eps, self.tau, self.prop, self.method = kind, eps, tau, prop, method
         self.weights, self.train_mode = weights, train_mode
         self.forward = forward or (lambda m, x: m(x))
