@@ -783,10 +783,12 @@ class PerSampleStatsCallback(TrainscopeCallback):
 
 
 class RepresentationCallback(TrainscopeCallback):
-    """The representation metrics alone, on ``probe_inputs`` (every 1,000 steps unless told
-    otherwise); ``probe_options`` go to :class:`trainscope.RepresentationProbe`."""
+    """The representation metrics alone, on ``probe_inputs`` ("val", a tensor or batches; every
+    1,000 steps unless told otherwise); ``probe_forward`` and ``num_examples`` as in
+    :class:`TrainscopeCallback`, ``probe_options`` go to :class:`trainscope.RepresentationProbe`."""
 
-    def __init__(self, probe_inputs, schedule=every(1000), *, prefix: str = "trainscope",
-                 **probe_options):
+    def __init__(self, probe_inputs, schedule=every(1000), *, probe_forward=None, num_examples=None,
+                 prefix: str = "trainscope", **probe_options):
         super().__init__(param_metrics=None, grad_hist=None, representation=schedule,
-                         probe_inputs=probe_inputs, probe_options=probe_options, prefix=prefix)
+                         probe_inputs=probe_inputs, probe_options=probe_options, probe_forward=probe_forward,
+                         num_examples=num_examples, prefix=prefix)

@@ -352,7 +352,34 @@ def test_dict_batches_without_probe_forward_say_to_give_it(tmp_path):
 
 
 def test_probe_inputs_val_without_a_validation_dataloader_is_an_error_naming_it(tmp_path):
+    cb = tsl.RepresentationCallback("val", tsl.at_epoch_start(), num_examples=10, probe_forward=lambda m, b: m(b[0]))
+    assert (cb.num_examples, cb.probe_inputs, cb.probe_options) == (10, "val", {})
     cb = tsl.TrainscopeCallback(param_metrics=None, grad_hist=None, representation=trainscope.every(2),
                                 probe_inputs="val")
     with pytest.raises(ValueError, match="probe_inputs"):
         run(tmp_path, [cb], max_epochs=1)
+
+
+@needs_measure_now
+def test_validation_probe_on_a_step_schedule_when_epoch_0_does_not_validate(tmp_path):
+    # check_val_every_n_epoch=2: Lightning has no validation dataloader at on_train_start.
+    x, y = _val()
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    recorder, records = Recorder(), []
+    cb = tsl.TrainscopeCallback(param_metrics=None, grad_hist=None, representation=trainscope.at_steps([1, 4]),
+                                probe_inputs="val", num_examples=25, sinks=[records.append])
+    run(tmp_path, [recorder, cb], model=WithValidation(), max_epochs=2, val=val, check_val_every_n_epoch=2)
+    assert [r.step for r in records] == [1, 4]
+    for r in records:
+        for name, value in _probe_reference(recorder.steps[r.step]["params"], x[:25]).items():
+            assert_close(r.scalars[name], value, f"{name} at step {r.step}")
+
+
+@needs_measure_now
+def test_a_diverging_run_measured_at_epoch_boundaries_completes_with_nan(tmp_path):
+    records = []
+    cb = tsl.TrainscopeCallback(param_metrics=tsl.at_epoch_end(), grad_hist=tsl.at_epoch_end(),
+                                per_sample=tsl.at_epoch_start(), sinks=[records.append])
+    run(tmp_path, [cb], model=TinyRegressor(lr=1e4), max_epochs=4)
+    last = by_step(records)[11]
+    assert last["grad_norm"] != last["grad_norm"] and last["weight_magnitude"] != last["weight_magnitude"]
