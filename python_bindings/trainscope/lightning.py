@@ -21,6 +21,31 @@ already counted it), which is the step Lightning logs that batch's ``self.log`` 
 Schedules (``trainscope.every(k)``, ...) count these step numbers; Lightning's
 ``log_every_n_steps`` does not apply.
 
+Epoch schedules (:func:`at_epoch_start`, :func:`at_epoch_end`, :func:`every_n_epochs`) count
+epochs (``trainer.current_epoch``) and can replace the step schedule of any family and of any
+entry of ``metrics=``; the Monitor measures them with ``Monitor.measure_now``, outside its step
+schedules (θ_prev and pending requests untouched):
+
+- at an epoch's start, in ``on_train_epoch_start``: before the epoch's first optimizer step, on
+  the parameters the epoch starts from (epoch 0: the untrained network), logged at the step the
+  epoch starts with, ``trainer.global_step``. The parameter metrics measure the parameters
+  (weight_magnitude, weight_norm, distance); the gradient metrics (grad_norm, grad_magnitude,
+  nonfinite_count, the histogram) and the loss do not exist there and are absent from the record
+  (never the previous epoch's); update_size and update_ratio are absent.
+- at an epoch's end, in ``on_train_epoch_end``: after its last optimizer step, logged at that
+  step (``trainer.global_step - 1``), with that step's gradients and loss when the epoch took a
+  step (else without them); update_size and update_ratio are absent.
+- the per-sample statistics need a backward pass: at an epoch's start they are those of its first
+  optimizer step (its gradients are taken at the parameters the epoch starts from), at its end
+  those of the batch taking its last step (the epoch's last batch, ``batch_idx + 1 ==
+  trainer.num_training_batches``, or the step reaching ``max_steps``), logged at that step. When
+  the epoch's length is unknown (a dataloader without ``len``), the last step cannot be told in
+  advance and the per-sample statistics are not measured at epoch ends (a warning says so once).
+
+A record at an epoch's start carries the same step number as the record of the epoch's first
+step (the one holds the parameters before the step, the other after); they never share a name,
+since each metric has one schedule.
+
 Nothing here waits for the GPU: ``Monitor.step`` only queues work, and the values of a step are
 logged a few steps later, when the device has finished them (all of them by the end of ``fit``,
 and, when ``fit`` ends by an exception, in ``on_exception``, before the loggers are finalised).
@@ -233,8 +258,9 @@ class TrainscopeCallback(Callback):
     Families, each a schedule over optimizer steps (``trainscope.every(k)``, ``at_steps``,
     ``log_spaced``, ``on_demand()``), ``True`` for every step, or None/False for off:
 
-    - ``param_metrics`` (on): loss, grad_norm, grad_magnitude, weight_magnitude, distance,
-      update_size, nonfinite_count; per parameter tensor too with ``per_tensor``. The loss is the
+    - ``param_metrics`` (on): loss, grad_norm, grad_magnitude, weight_magnitude, weight_norm,
+      distance, update_size, update_ratio, nonfinite_count; per parameter tensor too with
+      ``per_tensor``; one by one with ``metrics``. The loss is the
       mean of the step's training losses (``outputs["loss"]``, or per-sample losses returned by
       ``training_step`` under ``losses_key``; over all micro-batches of the step when gradients
       accumulate). distance is from the parameters at the start of ``fit``.
@@ -246,10 +272,30 @@ class TrainscopeCallback(Callback):
       Every trainable layer must be an nn.Linear or nn.Conv2d unless ``per_sample_layers`` names a
       subset. With gradient accumulation they describe the step's last micro-batch.
     - ``representation`` (off): dead units and rank measures of the activation layers on
-      ``probe_inputs`` (a tensor, moved to the module's device once, or an iterable of batches),
-      ``<prefix>/representation/<metric>[/<layer>]``. ``probe_options`` go to
-      :class:`trainscope.RepresentationProbe` (layers, batch_size, num_examples, weights, ...). The
-      probe runs after the step's update, in eval mode and under no_grad.
+      ``probe_inputs``, ``<prefix>/representation/<metric>[/<layer>]``: ``"val"``, the first
+      ``num_examples`` (default 2,000) examples of the trainer's first validation dataloader
+      (collected once, when first needed, and kept on the module's device; an error naming
+      probe_inputs when the trainer has none), a tensor (moved to the module's device once), or an
+      iterable of batches. A batch's examples are counted by the first dimension of its first
+      tensor. ``probe_forward(module, batch)`` runs one batch of any form through the model (a
+      dict, a forward that takes the whole batch or returns a loss): the probe's hooks capture the
+      activations either way. Without it the probe runs ``module(batch[0])`` for tuple and list
+      batches and ``module(batch)`` for tensors; dict batches are an error saying to give
+      probe_forward. ``probe_options`` go to :class:`trainscope.RepresentationProbe` (layers,
+      batch_size, weights, ...). The probe runs after the step's update (or at the epoch boundary),
+      in eval mode and under no_grad.
+
+    Each family's schedule may instead be an epoch schedule (:func:`at_epoch_start`,
+    :func:`at_epoch_end`, :func:`every_n_epochs`): see the module docs for when it runs and at
+    which step number it is logged. ``grad_hist`` at the start of epochs is refused (no gradients
+    exist there).
+
+    ``metrics``: a schedule (step or epoch), True or False for single parameter metrics, keyed
+    by ``loss``, ``grad_norm``, ``grad_magnitude``, ``weight_magnitude``, ``weight_norm``,
+    ``distance``, ``update_size``, ``update_ratio``, ``nonfinite_count`` (``Monitor(metrics=)``);
+    the metrics not named follow ``param_metrics``. Refused: an unknown name, update_size or
+    update_ratio on an epoch schedule (they measure an optimizer step), and the gradient metrics
+    or the loss at the start of epochs (they would never be measured).
 
     ``quantities``: more :class:`trainscope.Quantity` objects, as ``(quantity, schedule)`` pairs or
     alone (every step). ``sinks``: more callables receiving each finished StepRecord.
@@ -675,7 +721,8 @@ class TrainscopeCallback(Callback):
 
     def request(self, key: str) -> None:
         """Makes the quantity ``key`` (e.g. "representation", "per_sample", "param_metrics") due at
-        the next step; before training starts, at the first step."""
+        the next step; before training starts, at the first step. That is after the step's
+        update: to measure the parameters an epoch starts from, use an epoch schedule."""
         if key not in self._keys:
             raise ValueError(f"{_CALLER}.request: unknown key {key!r}; this callback has {sorted(self._keys)}")
         if self.monitor is not None:
