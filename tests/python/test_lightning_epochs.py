@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 import trainscope  # noqa: E402
 import trainscope.lightning as tsl  # noqa: E402
+from conftest import DEVICES  # noqa: E402
 from test_lightning import (  # noqa: E402
     NAMES, Recorder, TinyRegressor, _per_sample_reference, assert_close, full_counts, read_events, reference)
 
@@ -74,11 +75,22 @@ class EpochRecorder(pl.Callback):
         self.at_start[trainer.current_epoch] = (trainer.global_step, [p.detach().clone() for p in m.parameters()])
 
 
-def run(tmp_path, callbacks, model=None, max_epochs=3, train=None, val=None, **kwargs):
+class StepParams(pl.Callback):
+    """The parameters after each optimizer step (no accumulation here: one step a batch)."""
+
+    def __init__(self):
+        self.after = {}
+
+    def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
+        self.after[trainer.global_step - 1] = [p.detach().clone() for p in m.parameters()]
+
+
+def run(tmp_path, callbacks, model=None, max_epochs=3, train=None, val=None, device="cpu", **kwargs):
     model = model or TinyRegressor()
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, callbacks=callbacks, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                          log_every_n_steps=1, num_sanity_val_steps=0, **kwargs)
     trainer.fit(model, train or data(), val)
     return model, logger
@@ -135,11 +147,13 @@ def test_bad_configuration_fails_at_construction(kwargs, name):
 
 
 @needs_measure_now
-def test_param_metrics_at_epoch_start_measure_the_parameters_each_epoch_starts_from(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_param_metrics_at_epoch_start_measure_the_parameters_each_epoch_starts_from(tmp_path, device):
     untrained = torch.cat([p.detach().abs().flatten() for p in TinyRegressor().parameters()]).mean()
     seen, records = EpochRecorder(), []
     cb = tsl.TrainscopeCallback(param_metrics=tsl.at_epoch_start(), grad_hist=None, sinks=[records.append])
-    _, logger = run(tmp_path, [seen, cb])
+    _, logger = run(tmp_path, [seen, cb], device=device)
+    assert seen.at_start[0][1][0].device.type == device
     got = by_step(records)
     assert sorted(got) == [0, 3, 6]  # the step each epoch starts with
     assert_close(got[0]["weight_magnitude"], float(untrained), "weight magnitude of the untrained network")
@@ -295,7 +309,8 @@ def _val(n=40, seed=3):
 
 
 def _probe_reference(params, x):
-    model = TinyRegressor()
+    model = TinyRegressor().to(params[0].device)
+    x = x.to(params[0].device)
     with torch.no_grad():
         for p, v in zip(model.parameters(), params):
             p.copy_(v)
@@ -303,13 +318,14 @@ def _probe_reference(params, x):
 
 
 @needs_measure_now
-def test_representation_at_epoch_start_on_the_validation_set(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_representation_at_epoch_start_on_the_validation_set(tmp_path, device):
     x, y = _val()
     val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
     seen, records = EpochRecorder(), []
     cb = tsl.TrainscopeCallback(param_metrics=None, grad_hist=None, representation=tsl.at_epoch_start(),
                                 probe_inputs="val", num_examples=30, sinks=[records.append])
-    run(tmp_path, [seen, cb], model=WithValidation(), max_epochs=2, val=val)
+    run(tmp_path, [seen, cb], model=WithValidation(), max_epochs=2, val=val, device=device)
     got = by_step(records)
     assert sorted(got) == [0, 3]
     for epoch, (step, params) in seen.at_start.items():
@@ -383,3 +399,22 @@ def test_a_diverging_run_measured_at_epoch_boundaries_completes_with_nan(tmp_pat
     run(tmp_path, [cb], model=TinyRegressor(lr=1e4), max_epochs=4)
     last = by_step(records)[11]
     assert last["grad_norm"] != last["grad_norm"] and last["weight_magnitude"] != last["weight_magnitude"]
+
+
+@needs_measure_now
+def test_probe_forward_with_a_loader_of_dict_batches_given_as_probe_inputs(tmp_path):
+    x, y = _val()
+    probe = torch.utils.data.DataLoader(_Dicts(x, y), batch_size=16)
+    train = torch.utils.data.DataLoader(_Dicts(*_val(24, seed=4)), batch_size=8)
+    cb = tsl.TrainscopeCallback(param_metrics=None, grad_hist=None, representation=trainscope.every(2),
+                                probe_inputs=probe)
+    with pytest.raises(TypeError, match="probe_forward"):  # when the Monitor is built, before any step
+        run(tmp_path, [cb], model=DictBatches(), max_epochs=1, train=train)
+    params, records = StepParams(), []
+    cb = tsl.TrainscopeCallback(param_metrics=None, grad_hist=None, representation=trainscope.at_steps([1]),
+                                probe_inputs=probe, num_examples=35, probe_forward=lambda m, b: m(b),
+                                sinks=[records.append])
+    run(tmp_path, [params, cb], model=DictBatches(), max_epochs=1, train=train)
+    (record,) = records
+    for name, value in _probe_reference(params.after[1], x[:35]).items():
+        assert_close(record.scalars[name], value, name)
