@@ -1,10 +1,10 @@
 """Representation metrics across ranks (gloo on CPU, 2 and 3 processes): RepresentationProbe on a
 probe tensor cut over the ranks, and on per-rank iterables of uneven lengths (also of whole dict
-batches, whole_batches=True), plain and under DDP,
-gives the dead units, active fractions and rank measures of one process on the whole probe set
-(also when a rank gets no examples at all, and NaN and -1 on every rank when one rank's part holds
-a NaN); RepresentationAccumulator raises the same clear error on every rank when a rank added
-nothing or measured other layers. One spawn per world size."""
+batches, whole_batches=True), plain and under DDP, gives the dead units, active fractions and rank
+measures of one process on the whole probe set (also when a rank gets no examples at all, and NaN
+and -1 on every rank when one rank's part holds a NaN); RepresentationAccumulator raises the same
+clear error on every rank when a rank added nothing or measured other layers. One spawn per world
+size."""
 
 import pytest
 import torch
