@@ -21,6 +21,31 @@ already counted it), which is the step Lightning logs that batch's ``self.log`` 
 Schedules (``trainscope.every(k)``, ...) count these step numbers; Lightning's
 ``log_every_n_steps`` does not apply.
 
+Epoch schedules (:func:`at_epoch_start`, :func:`at_epoch_end`, :func:`every_n_epochs`) count
+epochs (``trainer.current_epoch``) and can replace the step schedule of any family and of any
+entry of ``metrics=``; the Monitor measures them with ``Monitor.measure_now``, outside its step
+schedules (θ_prev and pending requests untouched):
+
+- at an epoch's start, in ``on_train_epoch_start``: before the epoch's first optimizer step, on
+  the parameters the epoch starts from (epoch 0: the untrained network), logged at the step the
+  epoch starts with, ``trainer.global_step``. The parameter metrics measure the parameters
+  (weight_magnitude, weight_norm, distance); the gradient metrics (grad_norm, grad_magnitude,
+  nonfinite_count, the histogram) and the loss do not exist there and are absent from the record
+  (never the previous epoch's); update_size and update_ratio are absent.
+- at an epoch's end, in ``on_train_epoch_end``: after its last optimizer step, logged at that
+  step (``trainer.global_step - 1``), with that step's gradients and loss when the epoch took a
+  step (else without them); update_size and update_ratio are absent.
+- the per-sample statistics need a backward pass: at an epoch's start they are those of its first
+  optimizer step (its gradients are taken at the parameters the epoch starts from), at its end
+  those of the batch taking its last step (the epoch's last batch, ``batch_idx + 1 ==
+  trainer.num_training_batches``, or the step reaching ``max_steps``), logged at that step. When
+  the epoch's length is unknown (a dataloader without ``len``), the last step cannot be told in
+  advance and the per-sample statistics are not measured at epoch ends (a warning says so once).
+
+A record at an epoch's start carries the same step number as the record of the epoch's first
+step (the one holds the parameters before the step, the other after); they never share a name,
+since each metric has one schedule.
+
 Nothing here waits for the GPU: ``Monitor.step`` only queues work, and the values of a step are
 logged a few steps later, when the device has finished them (all of them by the end of ``fit``,
 and, when ``fit`` ends by an exception, in ``on_exception``, before the loggers are finalised).
@@ -60,15 +85,20 @@ except ImportError as e:  # pragma: no cover  (depends on the environment)
 
 from . import PER_SAMPLE_STATS, PerSampleHooks, RepresentationProbe
 from ._args import check_bool, check_hist_axis, check_int
-from .monitor import Monitor, Quantity, _spec, every
+from .monitor import BUILTIN_METRICS, Monitor, Quantity, _spec, at_steps, every
+from .representation import _batch_examples, _cut_batch, _loader_first_batch
 from .tensorboard_sink import histogram_summary
 
 __all__ = [
+    "EpochSchedule",
     "HistogramCallback",
     "ParamMetricsCallback",
     "PerSampleStatsCallback",
     "RepresentationCallback",
     "TrainscopeCallback",
+    "at_epoch_end",
+    "at_epoch_start",
+    "every_n_epochs",
     "histogram_summary",
 ]
 
@@ -77,12 +107,102 @@ PER_SAMPLE_KEY = "per_sample"
 REPRESENTATION_KEY = "representation"
 
 
+#: The parameter metrics ``metrics=`` switches one by one (the family ``param_metrics``): loss,
+#: the names of trainscope.METRICS, nonfinite_count.
+PARAM_METRICS = BUILTIN_METRICS
+#: Metrics of the gradients: absent at the start of an epoch (no gradients exist there).
+_GRADIENT_METRICS = ("grad_norm", "grad_magnitude", "nonfinite_count")
+#: Metrics of an optimizer step's update: never measured at an epoch boundary.
+_UPDATE_METRICS = ("update_size", "update_ratio")
+
 _CALLER = "TrainscopeCallback"
+
+
+class EpochSchedule:
+    """When the callback measures, in epochs: at the start (``at="start"``) or the end
+    (``at="end"``) of epochs ``start``, ``start + k``, ``start + 2k``, ... (0-based, as
+    ``trainer.current_epoch``). Made by :func:`at_epoch_start`, :func:`at_epoch_end` and
+    :func:`every_n_epochs`; usable wherever :class:`TrainscopeCallback` takes a schedule (not by a
+    :class:`trainscope.Monitor`, which counts steps)."""
+
+    def __init__(self, k: int = 1, start: int = 0, at: str = "start", caller: str = "every_n_epochs"):
+        self.k = check_int(k, "k", caller, low=1)
+        self.start = check_int(start, "start", caller, low=0)
+        if at not in ("start", "end"):
+            raise ValueError(f"{caller}: at must be 'start' or 'end', got {at!r}")
+        self.at = at
+
+    def due(self, epoch: int) -> bool:
+        """Whether the schedule fires at (the start or end of) epoch ``epoch``."""
+        return epoch >= self.start and (epoch - self.start) % self.k == 0
+
+    def __repr__(self) -> str:
+        return f"every_n_epochs({self.k}, start={self.start}, at={self.at!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, EpochSchedule) and (other.k, other.start, other.at) == (self.k, self.start, self.at)
+
+    def __hash__(self) -> int:
+        return hash((self.k, self.start, self.at))
+
+
+def at_epoch_start() -> EpochSchedule:
+    """At the start of every epoch: before its first optimizer step, on the parameters the epoch
+    starts from (epoch 0: the untrained network), logged at ``trainer.global_step``."""
+    return EpochSchedule(1, 0, "start", "at_epoch_start")
+
+
+def at_epoch_end() -> EpochSchedule:
+    """At the end of every epoch: after its last optimizer step, logged at that step's number."""
+    return EpochSchedule(1, 0, "end", "at_epoch_end")
+
+
+def every_n_epochs(k: int, start: int = 0, at: str = "start") -> EpochSchedule:
+    """At the start (or, with ``at="end"``, the end) of epochs start, start + k, ... (k >= 1)."""
+    return EpochSchedule(k, start, at, "every_n_epochs")
+
+
+def _is_epoch(schedule) -> bool:
+    return isinstance(schedule, EpochSchedule)
+
+
+def _on(schedule, arg: str) -> bool:
+    """Whether a schedule turns something on; one that is not a schedule is an error naming `arg`."""
+    return _is_epoch(schedule) or _spec(schedule, arg, _CALLER) != "off"
 
 
 def _enabled(schedule, arg: str) -> bool:
     """Whether a family's schedule turns it on; a schedule that is not one is an error naming `arg`."""
-    return _spec(schedule, arg, _CALLER) != "off"
+    return _on(schedule, arg)
+
+
+def _step_schedule(schedule):
+    """What the Monitor gets for a schedule: an epoch schedule is the step schedule that never
+    fires (the callback measures it with Monitor.measure_now), on so that it can be measured."""
+    return at_steps([]) if _is_epoch(schedule) else schedule
+
+
+def _check_metrics(metrics) -> Dict[str, Any]:
+    """``metrics=``: {name in PARAM_METRICS: schedule, epoch schedule, True or False}, checked."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"{_CALLER}: metrics must be a dict {{metric name: schedule or bool}}, "
+                        f"got {type(metrics).__name__}")
+    out = {}
+    for name, schedule in metrics.items():
+        if name not in PARAM_METRICS:
+            raise ValueError(f"{_CALLER}: metrics has an unknown metric {name!r}; the metrics are {PARAM_METRICS}")
+        arg = f"metrics[{name!r}]"
+        _on(schedule, arg)
+        if _is_epoch(schedule) and name in _UPDATE_METRICS:
+            raise ValueError(f"{_CALLER}: {arg} is an epoch schedule, but {name} measures an optimizer step's "
+                             "update: give it a step schedule (trainscope.every(k), ...)")
+        if _is_epoch(schedule) and schedule.at == "start" and name in (*_GRADIENT_METRICS, "loss"):
+            raise ValueError(f"{_CALLER}: {arg} is at the start of epochs, where no gradients and no loss exist "
+                             f"yet: {name} would never be measured; use at_epoch_end() or a step schedule")
+        out[name] = schedule
+    return out
 
 
 def _quantity_with_schedule(item, i: int):
@@ -93,8 +213,14 @@ def _quantity_with_schedule(item, i: int):
         raise TypeError(f"{_CALLER}: quantities[{i}] must be a trainscope.Quantity (a key and compute(ctx)) or a "
                         f"(Quantity, schedule) pair, got {type(item).__name__}")
     torch.classes.trainscope.Monitor.check_quantity_key(key, f"{_CALLER}: quantities[{i}]")
-    _spec(schedule, f"quantities[{i}] schedule", _CALLER)
+    _on(schedule, f"quantities[{i}] schedule")
     return q, schedule
+
+
+def _check_not_dict(batch) -> None:
+    if isinstance(batch, Mapping):
+        raise TypeError(f"{_CALLER}: probe_inputs gives dict batches (keys {list(batch)[:6]}); give "
+                        "probe_forward=callable(module, batch) that runs one batch through the model")
 
 
 class _PerSampleQuantity(Quantity):
@@ -119,11 +245,11 @@ class _RepresentationQuantity(Quantity):
 
     key = REPRESENTATION_KEY
 
-    def __init__(self, probe: RepresentationProbe):
-        self._probe = probe
+    def __init__(self, owner: "TrainscopeCallback", pl_module: nn.Module):
+        self._owner, self._module = owner, pl_module
 
     def compute(self, ctx) -> Dict[str, torch.Tensor]:
-        return self._probe().scalars()
+        return self._owner._get_probe(self._module)().scalars()
 
 
 class TrainscopeCallback(Callback):
@@ -132,8 +258,9 @@ class TrainscopeCallback(Callback):
     Families, each a schedule over optimizer steps (``trainscope.every(k)``, ``at_steps``,
     ``log_spaced``, ``on_demand()``), ``True`` for every step, or None/False for off:
 
-    - ``param_metrics`` (on): loss, grad_norm, grad_magnitude, weight_magnitude, distance,
-      update_size, nonfinite_count; per parameter tensor too with ``per_tensor``. The loss is the
+    - ``param_metrics`` (on): loss, grad_norm, grad_magnitude, weight_magnitude, weight_norm,
+      distance, update_size, update_ratio, nonfinite_count; per parameter tensor too with
+      ``per_tensor``; one by one with ``metrics``. The loss is the
       mean of the step's training losses (``outputs["loss"]``, or per-sample losses returned by
       ``training_step`` under ``losses_key``; over all micro-batches of the step when gradients
       accumulate). distance is from the parameters at the start of ``fit``.
@@ -145,10 +272,30 @@ class TrainscopeCallback(Callback):
       Every trainable layer must be an nn.Linear or nn.Conv2d unless ``per_sample_layers`` names a
       subset. With gradient accumulation they describe the step's last micro-batch.
     - ``representation`` (off): dead units and rank measures of the activation layers on
-      ``probe_inputs`` (a tensor, moved to the module's device once, or an iterable of batches),
-      ``<prefix>/representation/<metric>[/<layer>]``. ``probe_options`` go to
-      :class:`trainscope.RepresentationProbe` (layers, batch_size, num_examples, weights, ...). The
-      probe runs after the step's update, in eval mode and under no_grad.
+      ``probe_inputs``, ``<prefix>/representation/<metric>[/<layer>]``: ``"val"``, the first
+      ``num_examples`` (default 2,000) examples of the trainer's first validation dataloader
+      (collected once, when first needed, and kept on the module's device; an error naming
+      probe_inputs when the trainer has none), a tensor (moved to the module's device once), or an
+      iterable of batches. A batch's examples are counted by the first dimension of its first
+      tensor. ``probe_forward(module, batch)`` runs one batch of any form through the model (a
+      dict, a forward that takes the whole batch or returns a loss): the probe's hooks capture the
+      activations either way. Without it the probe runs ``module(batch[0])`` for tuple and list
+      batches and ``module(batch)`` for tensors; dict batches are an error saying to give
+      probe_forward. ``probe_options`` go to :class:`trainscope.RepresentationProbe` (layers,
+      batch_size, weights, ...). The probe runs after the step's update (or at the epoch boundary),
+      in eval mode and under no_grad.
+
+    Each family's schedule may instead be an epoch schedule (:func:`at_epoch_start`,
+    :func:`at_epoch_end`, :func:`every_n_epochs`): see the module docs for when it runs and at
+    which step number it is logged. ``grad_hist`` at the start of epochs is refused (no gradients
+    exist there).
+
+    ``metrics``: a schedule (step or epoch), True or False for single parameter metrics, keyed
+    by ``loss``, ``grad_norm``, ``grad_magnitude``, ``weight_magnitude``, ``weight_norm``,
+    ``distance``, ``update_size``, ``update_ratio``, ``nonfinite_count`` (``Monitor(metrics=)``);
+    the metrics not named follow ``param_metrics``. Refused: an unknown name, update_size or
+    update_ratio on an epoch schedule (they measure an optimizer step), and the gradient metrics
+    or the loss at the start of epochs (they would never be measured).
 
     ``quantities``: more :class:`trainscope.Quantity` objects, as ``(quantity, schedule)`` pairs or
     alone (every step). ``sinks``: more callables receiving each finished StepRecord.
@@ -170,15 +317,27 @@ class TrainscopeCallback(Callback):
                  per_sample=None, per_sample_layers: Optional[Sequence] = None,
                  per_sample_loss_reduction: str = "mean",
                  representation=None, probe_inputs=None, probe_options: Optional[Mapping[str, Any]] = None,
+                 probe_forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+                 num_examples: Optional[int] = None, metrics: Optional[Mapping[str, Any]] = None,
                  quantities: Iterable = (), sinks: Iterable[Callable] = (), prefix: str = "trainscope",
                  losses_key: str = "losses", ring_slots: int = 64, checkpoint_param_copies: bool = True):
         super().__init__()
         self.param_metrics = param_metrics if _enabled(param_metrics, "param_metrics") else None
         self.grad_hist = grad_hist if _enabled(grad_hist, "grad_hist") else None
+        if _is_epoch(self.grad_hist) and self.grad_hist.at == "start":
+            raise ValueError(f"{_CALLER}: grad_hist is at the start of epochs, where no gradients exist: it would "
+                             "never be measured; use at_epoch_end() or a step schedule")
         self.per_sample = per_sample if _enabled(per_sample, "per_sample") else None
         self.representation = representation if _enabled(representation, "representation") else None
+        self.metrics = _check_metrics(metrics)
         if self.representation is not None and probe_inputs is None:
             raise ValueError(f"{_CALLER}: representation metrics need probe_inputs")
+        if isinstance(probe_inputs, str) and probe_inputs != "val":
+            raise ValueError(f"{_CALLER}: probe_inputs must be 'val' (the validation set), a tensor or batches, "
+                             f"got {probe_inputs!r}")
+        if probe_forward is not None and not callable(probe_forward):
+            raise TypeError(f"{_CALLER}: probe_forward must be a callable(module, batch), "
+                            f"got {type(probe_forward).__name__}")
         if per_sample_loss_reduction not in ("mean", "sum"):
             raise ValueError(f"{_CALLER}: per_sample_loss_reduction must be 'mean' or 'sum', "
                              f"got {per_sample_loss_reduction!r}")
@@ -190,14 +349,27 @@ class TrainscopeCallback(Callback):
         self.per_tensor = check_bool(per_tensor, "per_tensor", _CALLER)
         self.nbins, self.maxval = check_hist_axis(nbins, maxval, caller=_CALLER)
         self.weights_matrices_only = check_bool(weights_matrices_only, "weights_matrices_only", _CALLER)
-        # θ₀ and θ_prev are a copy of the parameters each: keep them only for the metrics using them.
-        self.track_init = check_bool(track_init, "track_init", _CALLER) and self.param_metrics is not None
-        self.track_prev = check_bool(track_prev, "track_prev", _CALLER) and self.param_metrics is not None
+        # θ₀ and θ_prev are a copy of the parameters each: keep them only for the metrics using them
+        # (update_size and update_ratio are measured at optimizer steps only).
+        on = {n: _on(self._metric_schedule(n), f"metrics[{n!r}]") for n in PARAM_METRICS}
+        self.track_init = check_bool(track_init, "track_init", _CALLER) and on["distance"]
+        self.track_prev = check_bool(track_prev, "track_prev", _CALLER) and any(
+            on[n] and not _is_epoch(self._metric_schedule(n)) for n in _UPDATE_METRICS)
+        self._loss_on = on["loss"]
         self.checkpoint_param_copies = check_bool(checkpoint_param_copies, "checkpoint_param_copies", _CALLER)
         self.per_sample_layers = per_sample_layers
         self.per_sample_loss_reduction = per_sample_loss_reduction
         self.probe_inputs = probe_inputs
         self.probe_options = dict(probe_options or {})
+        self.probe_forward = probe_forward
+        if probe_forward is not None and "forward" in self.probe_options:
+            raise ValueError(f"{_CALLER}: probe_forward and probe_options['forward'] are both given; "
+                             "give probe_forward")
+        if num_examples is not None and "num_examples" in self.probe_options:
+            raise ValueError(f"{_CALLER}: num_examples and probe_options['num_examples'] are both given; "
+                             "give num_examples")
+        self.num_examples = check_int(self.probe_options.pop("num_examples", 2000) if num_examples is None
+                                      else num_examples, "num_examples", _CALLER, low=1)
         for value, name in ((quantities, "quantities"), (sinks, "sinks")):
             if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)
                                       or callable(value)):
@@ -221,6 +393,11 @@ class TrainscopeCallback(Callback):
         self._hooks: Optional[PerSampleHooks] = None
         self._seen_global_step = 0
         self._losses: List[torch.Tensor] = []
+        self._last_losses: Optional[torch.Tensor] = None   # the latest step's, for the end of the epoch
+        self._epoch_start_step: Optional[int] = None       # trainer.global_step when the epoch started
+        self._per_sample_epoch: Optional[str] = None       # "start"/"end": per_sample due at an epoch's step
+        self._warned_epoch_length = False
+        self._probe: Optional[RepresentationProbe] = None
         self._requests: Set[str] = set()                   # requested while no Monitor exists
         self._loaded_state: Optional[Dict[str, Any]] = None  # from a checkpoint, for the next Monitor
         self._kept_state: Optional[Dict[str, Any]] = None    # the last Monitor's, after fit
@@ -230,33 +407,111 @@ class TrainscopeCallback(Callback):
         # Two callbacks of one class with different prefixes keep apart in a checkpoint.
         return self._generate_state_key(prefix=self.prefix)
 
+    def _metric_schedule(self, name: str):
+        """The schedule of one parameter metric: its entry of ``metrics``, else ``param_metrics``."""
+        return self.metrics[name] if name in self.metrics else self.param_metrics
+
     # -- building the Monitor
 
     def _build_monitor(self, trainer, pl_module: nn.Module) -> Monitor:
         # The module itself, not (name, tensor) pairs: names lose wrapper prefixes (torch.compile's
         # _orig_mod., FSDP's _fsdp_wrapped_module.) and FSDP1's flat shards are recognised.
-        monitor = Monitor(pl_module, param_metrics=self.param_metrics or False,
-                          grad_hist=self.grad_hist or False, nbins=self.nbins, maxval=self.maxval,
+        # Epoch schedules are measured by the callback (Monitor.measure_now): in the Monitor they
+        # are on, on the step schedule that never fires.
+        kwargs = {}
+        if self.metrics:
+            kwargs["metrics"] = {n: _step_schedule(s) for n, s in self.metrics.items()}
+        monitor = Monitor(pl_module, param_metrics=_step_schedule(self.param_metrics) or False,
+                          grad_hist=_step_schedule(self.grad_hist) or False, nbins=self.nbins, maxval=self.maxval,
                           per_tensor=self.per_tensor, weights_matrices_only=self.weights_matrices_only,
                           track_init=self.track_init, track_prev=self.track_prev,
                           ring_slots=self.ring_slots,
-                          sinks=[self._log_record, *(_GlobalZeroSink(self, s) for s in self.sinks)])
+                          sinks=[self._log_record, *(_GlobalZeroSink(self, s) for s in self.sinks)], **kwargs)
         if self.per_sample is not None:
-            monitor.add_quantity(_PerSampleQuantity(self), self.per_sample)
+            monitor.add_quantity(_PerSampleQuantity(self), _step_schedule(self.per_sample))
         if self.representation is not None:
-            monitor.add_quantity(_RepresentationQuantity(self._make_probe(pl_module)), self.representation)
+            if self.probe_inputs == "val":
+                self._val_loader(trainer)  # an error naming probe_inputs now if there is none
+            else:  # built now: a bad probe set is an error before training starts
+                self._probe = self._make_probe(pl_module, self.probe_inputs)
+            monitor.add_quantity(_RepresentationQuantity(self, pl_module), _step_schedule(self.representation))
         for q, schedule in self.quantities:
-            monitor.add_quantity(q, schedule)
+            monitor.add_quantity(q, _step_schedule(schedule))
         return monitor
 
-    def _make_probe(self, pl_module: nn.Module) -> RepresentationProbe:
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        inputs = self.probe_inputs
+    def _get_probe(self, pl_module: nn.Module) -> RepresentationProbe:
+        if self._probe is None:  # probe_inputs="val": collected when first needed
+            self._probe = self._make_probe(pl_module, self._val_batches(self._trainer, pl_module))
+        return self._probe
+
+    @staticmethod
+    def _device(pl_module: nn.Module) -> torch.device:
+        return next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+
+    def _val_loader(self, trainer):
+        """The trainer's first validation dataloader; an error naming probe_inputs if it has none."""
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            # Lightning sets them up before on_train_start only when epoch 0 validates; this is how
+            # it does so (FitLoop.on_run_start).
+            try:
+                val_loop = trainer.fit_loop.epoch_loop.val_loop
+                was_training = trainer.training
+                trainer.validating = True
+                try:
+                    val_loop.setup_data()
+                finally:
+                    trainer.training = was_training
+                loaders = trainer.val_dataloaders
+            except Exception:  # noqa: BLE001  (then there is none to be had)
+                loaders = None
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if loaders is None:
+            raise ValueError(f"{_CALLER}: probe_inputs='val' needs the trainer's validation dataloader, and it has "
+                             "none (give fit() val_dataloaders and the module a validation_step, with "
+                             "limit_val_batches > 0), or give probe_inputs a tensor or batches")
+        return loaders
+
+    def _val_batches(self, trainer, pl_module: nn.Module) -> List[Any]:
+        """The first num_examples examples of the validation dataloader, as batches on the module's
+        device (a batch counts the first dimension of its first tensor; the last is cut to fit)."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        device = self._device(pl_module)
+        batches, seen = [], 0
+        for batch in self._val_loader(trainer):
+            count = _batch_examples(batch)
+            if count > self.num_examples - seen:
+                batch = _cut_batch(batch, self.num_examples - seen, count)
+            batches.append(move_data_to_device(batch, device))
+            seen += min(count, self.num_examples - seen)
+            if seen >= self.num_examples:
+                break
+        return batches
+
+    def _make_probe(self, pl_module: nn.Module, inputs) -> RepresentationProbe:
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        device = self._device(pl_module)
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.to(device)  # once, not at every probe
-        opts = dict(self.probe_options)
-        # Batches from a loader are moved as they come (non-blocking from pinned memory).
-        opts.setdefault("forward", lambda m, x: m(x.to(device, non_blocking=True)))
+        opts = dict(self.probe_options, num_examples=self.num_examples)
+        if self.probe_forward is not None:
+            forward = self.probe_forward
+            # Whole batches, moved as they come (a no-op for batches already there).
+            opts.update(whole_batches=True, forward=lambda m, b: forward(m, move_data_to_device(b, device)))
+        else:
+            if isinstance(inputs, list) and inputs:
+                _check_not_dict(inputs[0])
+            elif isinstance(inputs, torch.utils.data.DataLoader):
+                first = _loader_first_batch(inputs)
+                if first is not None:
+                    _check_not_dict(first)
+            # Batches from a loader are moved as they come (non-blocking from pinned memory).
+            opts.setdefault("forward", lambda m, x: m(x.to(device, non_blocking=True)))
         return RepresentationProbe(pl_module, inputs, **opts)
 
     # -- Lightning hooks
@@ -264,7 +519,10 @@ class TrainscopeCallback(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._trainer = trainer
         self._seen_global_step = trainer.global_step
+        self._epoch_start_step = trainer.global_step  # resumed mid-epoch: the steps from here
         self._losses = []
+        self._last_losses = None
+        self._per_sample_epoch = None
         self._kept_state = None
         # Built here rather than in setup() or on_fit_start(): the module is on its device and a
         # checkpoint's weights are loaded by now (FSDP restores them after on_fit_start), so θ₀ is
@@ -278,9 +536,39 @@ class TrainscopeCallback(Callback):
             self.monitor.request(key)
         self._requests.clear()
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.monitor is None:
+            return
+        epoch = trainer.current_epoch
+        self._epoch_start_step = trainer.global_step
+        self._last_losses = None
+        self._per_sample_epoch = (self.per_sample.at if _is_epoch(self.per_sample) and self.per_sample.due(epoch)
+                                  else None)
+        # Before the epoch's first optimizer step, on the parameters it starts from: no gradients.
+        names = self._epoch_metrics(epoch, "start", gradients=False, losses=False)
+        if names:
+            self.monitor.measure_now(trainer.global_step, metrics=names, gradients=False)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.monitor is None:
+            return
+        # After the epoch's last optimizer step, logged at its number; its gradients are still there.
+        stepped = self._epoch_start_step is not None and trainer.global_step > self._epoch_start_step
+        losses = self._last_losses if stepped else None
+        names = self._epoch_metrics(trainer.current_epoch, "end", gradients=stepped, losses=losses is not None)
+        if names:
+            self.monitor.measure_now(max(trainer.global_step - 1, 0), losses, metrics=names, gradients=stepped)
+        self._per_sample_epoch = None
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if (self.monitor is not None and self.per_sample is not None and self._hooks is None
-                and self.monitor.due(PER_SAMPLE_KEY, trainer.global_step)):
+        if self.monitor is None or self.per_sample is None or self._hooks is not None:
+            return
+        due = self.monitor.due(PER_SAMPLE_KEY, trainer.global_step)  # its schedule, or a request
+        if self._per_sample_epoch == "start":
+            due = True  # the epoch's first optimizer step
+        elif self._per_sample_epoch == "end":
+            due = due or self._last_step_of_epoch(trainer, batch_idx)
+        if due:
             # Attached only for due steps: capturing inputs and output gradients costs memory.
             self._hooks = PerSampleHooks(pl_module, self.per_sample_layers,
                                          loss_reduction=self.per_sample_loss_reduction)
@@ -288,7 +576,7 @@ class TrainscopeCallback(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.monitor is None:
             return
-        if self.param_metrics is not None:
+        if self._loss_on:
             self._collect_losses(trainer, pl_module, outputs)
         if trainer.global_step == self._seen_global_step:
             return  # gradients are accumulating: no optimizer step in this batch
@@ -297,8 +585,57 @@ class TrainscopeCallback(Callback):
         if self._losses:
             losses = torch.cat(self._losses)
             self._losses = []
-        self.monitor.step(trainer.global_step - 1, losses=losses)
+        self._last_losses = losses
+        step = trainer.global_step - 1
+        # per_sample on an epoch schedule: measured with this step's captured pass, unless the
+        # step measures it anyway (a request).
+        epoch_per_sample = (self._hooks is not None and self._per_sample_epoch is not None
+                            and not self.monitor.due(PER_SAMPLE_KEY, step))
+        self.monitor.step(step, losses=losses)
+        if epoch_per_sample:
+            self.monitor.measure_now(step, metrics=[PER_SAMPLE_KEY])
+            self._per_sample_epoch = None
         self._remove_hooks()
+
+    def _last_step_of_epoch(self, trainer, batch_idx: int) -> bool:
+        """Whether this batch takes the epoch's last optimizer step: the epoch's last batch, or a
+        step that reaches max_steps. Unknown for an epoch of unknown length: then False (warned)."""
+        n = trainer.num_training_batches
+        if n == float("inf"):
+            if not self._warned_epoch_length:
+                self._warned_epoch_length = True
+                warnings.warn(f"{_CALLER}: per_sample is at the end of epochs, but the epochs' length is unknown "
+                              "(a dataloader without len): the epoch's last step cannot be told in advance, and "
+                              "per_sample is not measured at epoch ends", RuntimeWarning, stacklevel=2)
+            return False
+        if batch_idx + 1 >= n:
+            return True
+        steps = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        return steps and 0 <= trainer.max_steps <= trainer.global_step + 1
+
+    def _epoch_metrics(self, epoch: int, at: str, *, gradients: bool, losses: bool) -> List[str]:
+        """The names due at the start or end of ``epoch`` for Monitor.measure_now: the parameter
+        metrics, grad_hist, representation and custom quantities on epoch schedules (per_sample is
+        measured at a step). Gradient metrics only with gradients, loss only with the step's
+        losses, update metrics never (they belong to an optimizer step)."""
+        def due(schedule) -> bool:
+            return _is_epoch(schedule) and schedule.at == at and schedule.due(epoch)
+
+        names = []
+        for name in PARAM_METRICS:
+            if not due(self._metric_schedule(name)) or name in _UPDATE_METRICS:
+                continue
+            if (name in _GRADIENT_METRICS and not gradients) or (name == "loss" and not losses):
+                continue
+            if name == "distance" and not self.track_init:
+                continue
+            names.append(name)
+        if gradients and due(self.grad_hist):
+            names.append("grad_hist")
+        if due(self.representation):
+            names.append(REPRESENTATION_KEY)
+        names += [q.key for q, schedule in self.quantities if due(schedule)]
+        return names
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.flush()
@@ -318,6 +655,8 @@ class TrainscopeCallback(Callback):
 
     def teardown(self, trainer, pl_module, stage) -> None:
         self._remove_hooks()
+        self._probe = None  # the probe set (on the device, for probe_inputs="val")
+        self._last_losses = None
         if self.monitor is not None:
             self.monitor.flush()
             # Kept on the host for a checkpoint saved after fit; the device copies go with the Monitor.
@@ -382,7 +721,8 @@ class TrainscopeCallback(Callback):
 
     def request(self, key: str) -> None:
         """Makes the quantity ``key`` (e.g. "representation", "per_sample", "param_metrics") due at
-        the next step; before training starts, at the first step."""
+        the next step; before training starts, at the first step. That is after the step's
+        update: to measure the parameters an epoch starts from, use an epoch schedule."""
         if key not in self._keys:
             raise ValueError(f"{_CALLER}.request: unknown key {key!r}; this callback has {sorted(self._keys)}")
         if self.monitor is not None:
@@ -490,10 +830,12 @@ class PerSampleStatsCallback(TrainscopeCallback):
 
 
 class RepresentationCallback(TrainscopeCallback):
-    """The representation metrics alone, on ``probe_inputs`` (every 1,000 steps unless told
-    otherwise); ``probe_options`` go to :class:`trainscope.RepresentationProbe`."""
+    """The representation metrics alone, on ``probe_inputs`` ("val", a tensor or batches; every
+    1,000 steps unless told otherwise); ``probe_forward`` and ``num_examples`` as in
+    :class:`TrainscopeCallback`, ``probe_options`` go to :class:`trainscope.RepresentationProbe`."""
 
-    def __init__(self, probe_inputs, schedule=every(1000), *, prefix: str = "trainscope",
-                 **probe_options):
+    def __init__(self, probe_inputs, schedule=every(1000), *, probe_forward=None, num_examples=None,
+                 prefix: str = "trainscope", **probe_options):
         super().__init__(param_metrics=None, grad_hist=None, representation=schedule,
-                         probe_inputs=probe_inputs, probe_options=probe_options, prefix=prefix)
+                         probe_inputs=probe_inputs, probe_options=probe_options, probe_forward=probe_forward,
+                         num_examples=num_examples, prefix=prefix)

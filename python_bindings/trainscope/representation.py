@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from . import _ops  # noqa: F401  (loads the op library and its custom classes)
-from ._args import check_int, check_module
+from ._args import check_bool, check_int, check_module
 from .distributed import THIS_PROCESS, active_group, clean_param_name, group_name, local_tensor, rank_and_size
 from .rank import RankMeasures, rank_measures
 
@@ -250,9 +250,8 @@ def _batch_inputs(batch, model: nn.Module) -> torch.Tensor:
     list; anything else is an error naming probe_set, raised before the model runs on it."""
     if isinstance(batch, Mapping):
         raise TypeError(f"RepresentationProbe: probe_set yields dict batches (keys {list(batch)[:6]}); the probe "
-                        "runs the model on an input tensor, and dict batches are not supported yet. Pass batches "
-                        "that are input tensors or (inputs, targets) tuples, e.g. a DataLoader with collate_fn="
-                        "lambda items: torch.utils.data.default_collate(items)[<input key>]")
+                        "runs the model on an input tensor: pass whole_batches=True with a forward(model, batch) "
+                        "that runs one dict batch, or batches that are input tensors or (inputs, targets) tuples")
     x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     inputs = _as_inputs(x, model)
     if inputs is None or inputs.dim() == 0:
@@ -260,6 +259,45 @@ def _batch_inputs(batch, model: nn.Module) -> torch.Tensor:
                         f"{' of ' + type(x).__name__ if x is not batch else ''}; each batch must be a tensor of "
                         "inputs [n, ...] or a tuple whose first entry is one")
     return inputs
+
+
+def _first_tensor(batch) -> Optional[torch.Tensor]:
+    """The first tensor of a batch (depth first through dicts, tuples and lists), None if none."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def _batch_examples(batch) -> int:
+    """How many examples a whole batch holds: the first dimension of its first tensor."""
+    t = _first_tensor(batch)
+    if t is None or t.dim() == 0:
+        raise TypeError(f"RepresentationProbe: a batch of {type(batch).__name__} holds no tensor with a first "
+                        "(example) dimension; with whole_batches=True each batch must hold one, whose first "
+                        "dimension counts its examples")
+    return t.shape[0]
+
+
+def _cut_batch(batch, n: int, count: int):
+    """The batch's first n examples: every tensor whose first dimension is ``count`` cut to n rows,
+    everything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.dim() > 0 and batch.shape[0] == count else batch
+    if isinstance(batch, Mapping):
+        cut = {k: _cut_batch(v, n, count) for k, v in batch.items()}
+        try:
+            return type(batch)(cut)
+        except Exception:  # a mapping type that cannot be built from a dict
+            return cut
+    if isinstance(batch, (tuple, list)):
+        items = [_cut_batch(v, n, count) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
 
 
 def _loader_first_batch(loader):
@@ -277,12 +315,17 @@ def _loader_first_batch(loader):
         return None
 
 
-def _probe_examples(probe_set, model: nn.Module):
+def _probe_examples(probe_set, model: nn.Module, whole_batches: bool = False):
     """The probe set as the probe streams it: a tensor of inputs, or an iterable of batches. What
     cannot be one is an error naming probe_set, raised here, when the probe is built."""
     where = "RepresentationProbe: probe_set"
     if probe_set is None:
         raise TypeError(f"{where} is None; pass {_PROBE_SET_FORMS}")
+    if whole_batches and not isinstance(probe_set, (torch.Tensor, Mapping, str, bytes)) \
+            and not _is_numpy_array(probe_set) and isinstance(probe_set, Iterable) \
+            and not (isinstance(probe_set, torch.utils.data.Dataset)
+                     and not isinstance(probe_set, torch.utils.data.IterableDataset)):
+        return probe_set  # batches of any form, each handed whole to forward
     if isinstance(probe_set, tuple) and probe_set:
         inputs = _as_inputs(probe_set[0], model)  # (inputs, targets, ...)
         if inputs is not None:
@@ -338,10 +381,17 @@ class RepresentationProbe:
       ``torch.as_tensor``, onto the model's device and, when floating, into its parameters'
       dtype. A list of tensors is refused (an (x, y) pair and a list of batches read alike: pass
       a tuple, or ``torch.cat`` the batches), as are None, dicts, a Dataset without a DataLoader,
-      and a DataLoader whose batches are dicts (not supported yet): each with an error naming
+      and a DataLoader whose batches are dicts (unless ``whole_batches``): each with an error naming
       ``probe_set`` when the probe is built, or, for an iterable it cannot look into then, before
       the model runs on the first bad batch. At most ``num_examples`` examples are used (default
       2,000).
+    - ``whole_batches``: each batch of an iterable probe set goes to ``forward`` as it is (a dict,
+      a tuple, ...), for models whose forward takes a whole batch or that need a ``forward`` of
+      their own (e.g. one that computes a loss): the hooks capture the activations either way.
+      A batch's examples are counted by the first dimension of its first tensor (depth first
+      through dicts, tuples and lists); the batch that reaches ``num_examples`` is cut to it (every
+      tensor whose first dimension is that count). A tensor probe set is cut into batches as
+      without it.
     - ``layers``: None for every activation module of ``model`` (:data:`ACTIVATION_KINDS`), or a
       list of module names, or a dict ``{name: module}``. A module called several times in one
       forward pass gives one layer per call, named ``<name>:<call index>`` from the second call.
@@ -349,7 +399,8 @@ class RepresentationProbe:
       for every layer, or a dict ``{layer name: kind}``; ``eps``, ``tau``: the dead-unit criterion.
     - ``prop``, ``method``: the rank measures' share and "gram"/"svd".
     - ``weights``: also measure the ranks of every weight matrix (:func:`weight_rank_measures`).
-    - ``forward``: how to run the model on one batch of inputs (default ``model(x)``).
+    - ``forward``: how to run the model on one batch of inputs (default ``model(x)``), or, with
+      ``whole_batches``, on one whole batch.
     - ``process_group``: under torch.distributed, the ranks that share the probe set (None: the
       default group when initialised; :data:`trainscope.distributed.THIS_PROCESS`: this rank
       alone). Calling the probe is then a collective; see the module docstring.
@@ -362,13 +413,16 @@ class RepresentationProbe:
     def __init__(self, model: nn.Module, probe_set, layers=None, batch_size: int = 500, kind="auto",
                  eps: float = 0.01, tau: float = 0.0, prop: float = 0.99, method: str = "gram",
                  num_examples: int = 2000, weights: bool = False, train_mode: bool = False,
-                 forward: Optional[Callable[[nn.Module, torch.Tensor], object]] = None, process_group=None):
+                 forward: Optional[Callable[[nn.Module, torch.Tensor], object]] = None, process_group=None,
+                 whole_batches: bool = False):
         self.batch_size = check_int(batch_size, "batch_size", "RepresentationProbe", low=1)
         self.num_examples = check_int(num_examples, "num_examples", "RepresentationProbe", low=1)
         self.model = check_module(model, "model", "RepresentationProbe")
         _check_kinds(kind)
         self.probe_set = probe_set
-        self._examples = _probe_examples(probe_set, model)  # a tensor of inputs, or an iterable of batches
+        self.whole_batches = check_bool(whole_batches, "whole_batches", "RepresentationProbe")
+        # A tensor of inputs, or an iterable of batches.
+        self._examples = _probe_examples(probe_set, model, self.whole_batches)
         self.kind, self.eps, self.tau, self.prop, self.method = kind, eps, tau, prop, method
         self.weights, self.train_mode = weights, train_mode
         self.forward = forward or (lambda m, x: m(x))
@@ -425,8 +479,13 @@ class RepresentationProbe:
     def _own_batches(self, data, limit: int) -> Iterable[torch.Tensor]:
         seen = 0
         for batch in data:
-            x = _batch_inputs(batch, self.model)[: limit - seen]
-            seen += x.shape[0]
+            if self.whole_batches:
+                count = _batch_examples(batch)
+                x = batch if count <= limit - seen else _cut_batch(batch, limit - seen, count)
+                seen += min(count, limit - seen)
+            else:
+                x = _batch_inputs(batch, self.model)[: limit - seen]
+                seen += x.shape[0]
             yield x
             if seen >= limit:
                 return
@@ -434,19 +493,36 @@ class RepresentationProbe:
     def _agreed_batches(self, data, group) -> Iterable[torch.Tensor]:
         """This rank's own batches of an iterable, as many on every rank: before each, the ranks
         exchange what they have (shape after the batch dim, dtype, device type, or None when done);
-        a rank that is done runs zero rows shaped as another rank's batch until all are done."""
+        a rank that is done runs zero rows shaped as another rank's batch until all are done. With
+        whole_batches, a rank that is done runs its own last batch cut to zero rows, so every rank
+        needs at least one batch when any has one."""
         import torch.distributed as dist
 
         world = rank_and_size(group)[1]
         own = iter(self._own_batches(data, -(-self.num_examples // world)))
         empty = None
+        first = True
         while True:
             x = next(own, None)
-            mine = None if x is None else (tuple(x.shape[1:]), x.dtype, x.device.type)
+            if self.whole_batches:
+                mine = None if x is None else "batch"
+            else:
+                mine = None if x is None else (tuple(x.shape[1:]), x.dtype, x.device.type)
             everyone = [None] * world
             dist.all_gather_object(everyone, mine, group=group)
             if all(d is None for d in everyone):
                 return
+            if self.whole_batches:
+                if first and any(d is None for d in everyone):
+                    raise RuntimeError(f"RepresentationProbe: rank {everyone.index(None)} of the process group has "
+                                       "no batch of the probe set; with whole_batches=True every rank needs one")
+                first = False
+                if x is None:
+                    x = empty
+                else:
+                    empty = _cut_batch(x, 0, _batch_examples(x))
+                yield x
+                continue
             if x is None:
                 if empty is None:
                     shape, dtype, device_type = next(d for d in everyone if d is not None)

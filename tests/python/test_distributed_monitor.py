@@ -138,21 +138,27 @@ def _probe_inputs():
 
 
 def _fit(rank, world_size, tmp):
-    """The Lightning run: every family on, each rank its share of every batch."""
+    """The Lightning run: every family on, each rank its share of every batch; and every family at
+    the epoch's start or end (one epoch of STEPS steps)."""
     import lightning.pytorch as L
     import trainscope.lightning as tsl
 
-    records = []
+    records, epoch_records = [], []
     cb = tsl.TrainscopeCallback(grad_hist=trainscope.every(2), nbins=NBINS, per_sample=trainscope.every(1),
                                 representation=trainscope.at_steps([0, 2]), probe_inputs=_probe_inputs(),
                                 probe_options=dict(batch_size=3), sinks=[records.append])
+    at_epochs = tsl.TrainscopeCallback(param_metrics=tsl.at_epoch_end(), grad_hist=tsl.at_epoch_end(), nbins=NBINS,
+                                       per_sample=tsl.at_epoch_start(), representation=tsl.at_epoch_start(),
+                                       probe_inputs=_probe_inputs(), probe_options=dict(batch_size=3),
+                                       prefix="epoch", sinks=[epoch_records.append])
     data = [(x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]) for x, y in _batches()]
     multi = dict(devices=world_size, strategy="ddp") if world_size > 1 else dict(devices=1)
-    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, callbacks=[cb], logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, callbacks=[cb, at_epochs], logger=False,
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         default_root_dir=tmp, **multi)
     trainer.fit(_lightning_module(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
-    return _as_dicts(records)
+    return _as_dicts(records) + _as_dicts(epoch_records)
 
 
 def _ranks_lightning(rank, world_size, tmp):
@@ -171,5 +177,12 @@ def test_lightning_ddp_logs_the_whole_batch_on_rank_zero(world_size, tmp_path):
     want = _fit(0, 1, str(tmp_path / "one"))
     assert any("trainscope" not in k and k.startswith("per_sample/") for k in want[0][1])
     assert any(k.startswith("representation/") for k in want[0][1])
+    # At the epoch's start (step 0): the representation, and per_sample of its first step; at its
+    # end (step STEPS - 1): the parameter metrics and the histogram of the last step.
+    epoch = want[STEPS:]
+    assert [r[0] for r in epoch] == [0, 0, STEPS - 1]
+    assert any(k.startswith("representation/") for k in epoch[0][1])
+    assert any(k.startswith("per_sample/") for k in epoch[1][1])
+    assert "grad_norm" in epoch[2][1] and "loss" in epoch[2][1] and list(epoch[2][2]) == ["grad_hist1d"]
     _assert_records_close(results[0], want)
     assert all(r == [] for r in results[1:])

@@ -1,9 +1,10 @@
 """Representation metrics across ranks (gloo on CPU, 2 and 3 processes): RepresentationProbe on a
-probe tensor cut over the ranks, and on per-rank iterables of uneven lengths, plain and under DDP,
-gives the dead units, active fractions and rank measures of one process on the whole probe set
-(also when a rank gets no examples at all, and NaN and -1 on every rank when one rank's part holds
-a NaN); RepresentationAccumulator raises the same clear error on every rank when a rank added
-nothing or measured other layers. One spawn per world size."""
+probe tensor cut over the ranks, and on per-rank iterables of uneven lengths (also of whole dict
+batches, whole_batches=True), plain and under DDP, gives the dead units, active fractions and rank
+measures of one process on the whole probe set (also when a rank gets no examples at all, and NaN
+and -1 on every rank when one rank's part holds a NaN); RepresentationAccumulator raises the same
+clear error on every rank when a rank added nothing or measured other layers. One spawn per world
+size."""
 
 import pytest
 import torch
@@ -64,6 +65,10 @@ def _ranks(rank, world_size):
     out["tiny"] = _as_dict(trainscope.RepresentationProbe(_model(), _probe_set()[:2], batch_size=BATCH)())
     out["svd"] = _as_dict(trainscope.RepresentationProbe(_model(), _probe_set(), batch_size=BATCH, method="svd")())
     out["loader"] = _as_dict(trainscope.RepresentationProbe(_model(), _loader(rank, world_size), batch_size=BATCH)())
+    # Whole (dict) batches: a rank that runs out runs its last batch cut to zero rows.
+    dicts = [{"x": x, "y": y} for x, y in _loader(rank, world_size)]
+    out["whole"] = _as_dict(trainscope.RepresentationProbe(_model(), dicts, whole_batches=True,
+                                                           forward=lambda m, b: m(b["x"]))())
     out["ddp"] = _as_dict(trainscope.RepresentationProbe(DDP(_model()), (_probe_set(), None), batch_size=BATCH)())
     out["this_process"] = _as_dict(trainscope.RepresentationProbe(
         _model(), _probe_set(), batch_size=BATCH, process_group=tsd.THIS_PROCESS)())
@@ -111,7 +116,7 @@ def test_representation_across_ranks_equal_the_whole_probe_set(world_size):
     svd = _as_dict(trainscope.RepresentationProbe(_model(), x, batch_size=BATCH, method="svd")())
     nan_want = _as_dict(trainscope.RepresentationProbe(_model(), _nan_probe_set(), batch_size=BATCH)())
     for rank, res in enumerate(results):
-        for key in ("tensor", "loader", "ddp"):
+        for key in ("tensor", "loader", "whole", "ddp"):
             _assert_same(res[key], want)
         _assert_same(res["tiny"], tiny, rtol=1e-7)  # ΦᵀΦ summed vs one process's smaller ΦΦᵀ
         _assert_same(res["svd"], svd, rtol=1e-7)

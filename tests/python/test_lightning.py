@@ -23,7 +23,7 @@ import trainscope  # noqa: E402
 import trainscope.lightning as tsl  # noqa: E402
 from conftest import DEVICES, env_with_trainscope_on_path  # noqa: E402
 
-METRICS = ("grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size")
+METRICS = trainscope.METRICS  # grad_norm, ..., update_size, weight_norm, update_ratio
 NAMES = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
 RTOL = 1e-5  # TensorBoard keeps scalars as float32
 

@@ -500,3 +500,32 @@ def test_cuda_probe_of_a_nonfinite_model_no_host_sync():
         for i in (1, 2, 3):
             _assert_layer_undefined(r.per_layer, i, r.layers[i])
         assert torch.isfinite(r.per_layer["effective_rank"][0])
+
+
+def test_whole_batches_go_to_forward_as_they_are():
+    """whole_batches=True: dict batches (or any other) reach forward whole; the activations are the
+    hooks' either way, the examples are counted by the first tensor, and the batch reaching
+    num_examples is cut (every tensor of that first dimension)."""
+    model = _model("cpu")
+    x = torch.randn(70, 12)
+    want = trainscope.RepresentationProbe(model, x, num_examples=50)()
+    seen = []
+
+    def forward(m, batch):
+        seen.append({k: tuple(v.shape) for k, v in batch.items()})
+        return ((m(batch["x"]) - batch["y"][:, None]) ** 2).mean()  # a forward that computes a loss
+
+    batches = [{"x": x[i:i + 20], "y": torch.zeros(20), "w": torch.ones(3)} for i in range(0, 70, 20)]
+    r = trainscope.RepresentationProbe(model, batches, num_examples=50, whole_batches=True, forward=forward)()
+    _same_result(r, want, rtol=1e-9)
+    assert r.observations["act1"] == 50
+    assert seen == [{"x": (20, 12), "y": (20,), "w": (3,)}] * 2 + [{"x": (10, 12), "y": (10,), "w": (3,)}]
+    # A DataLoader of dict batches too (refused without whole_batches).
+    loader = torch.utils.data.DataLoader(_DictData(), batch_size=4)
+    r = trainscope.RepresentationProbe(model, loader, whole_batches=True, forward=lambda m, b: m(b["x"]))()
+    _same_result(r, trainscope.RepresentationProbe(model, torch.stack([_DictData()[i]["x"] for i in range(16)]))(),
+                 rtol=1e-9)
+    with pytest.raises(TypeError, match="whole_batches"):
+        trainscope.RepresentationProbe(model, loader, whole_batches="yes")
+    with pytest.raises(TypeError, match="first"):
+        trainscope.RepresentationProbe(model, [{"x": [1.0]}], whole_batches=True, forward=lambda m, b: None)()
