@@ -182,24 +182,22 @@ def series(run: Run, name: str):
 
 
 def smoothed_noise_scale(run: Run, beta: float):
-    """B_simple from moving averages of its two parts, each bias-corrected as Adam's moments are:
-    McCandlish et al. (2018, appendix A) smooth tr Σ and ‖G‖² separately, then divide, since the
-    ratio of two noisy estimates is far noisier (and biased) than either."""
+    """B_simple from exponential moving averages of its two parts: McCandlish et al. (2018,
+    appendix A) smooth tr Σ and ‖G‖² separately, then divide, since the ratio of two noisy
+    estimates is far noisier than either. Both averages start from 0 with the same weights, so the
+    start-up bias (Adam's bias correction) cancels in the ratio."""
     steps, out = [], []
     m_var = m_sig = 0.0
-    n = 0
     for r in sorted(run.records, key=lambda r: r.step):
         if VARIANCE not in r.scalars or SIGNAL not in r.scalars:
             continue
         var, sig = float(r.scalars[VARIANCE]), float(r.scalars[SIGNAL])
         if not (math.isfinite(var) and math.isfinite(sig)):
             continue
-        n += 1
         m_var = beta * m_var + (1 - beta) * var
         m_sig = beta * m_sig + (1 - beta) * sig
-        corr = 1 - beta ** n
         steps.append(r.step)
-        out.append((m_var / corr) / (m_sig / corr) if m_sig != 0 else math.nan)
+        out.append(m_var / m_sig if m_sig != 0 else math.nan)
     return steps, out
 
 
