@@ -56,7 +56,7 @@ struct Config {
 
 // Partial sums of one chunk (and, in finalize, of one tensor). Summed in float64.
 struct Partial {
-  double s[kNumSlots];
+  double s[kNumSums];
   long long nonfinite;
 };
 
@@ -64,7 +64,7 @@ struct PartialSum {
   __device__ Partial operator()(const Partial& a, const Partial& b) const {
     Partial r;
 #pragma unroll
-    for (int i = 0; i < kNumSlots; ++i) r.s[i] = a.s[i] + b.s[i];
+    for (int i = 0; i < kNumSums; ++i) r.s[i] = a.s[i] + b.s[i];
     r.nonfinite = a.nonfinite + b.nonfinite;
     return r;
   }
@@ -165,7 +165,7 @@ __device__ Partial run_chunk(const GroupTensor& d, int64_t begin, int64_t end, c
   w.run(d, begin, end);
   Partial out;
 #pragma unroll
-  for (int i = 0; i < kNumSlots; ++i) out.s[i] = static_cast<double>(w.acc.s[i]);
+  for (int i = 0; i < kNumSums; ++i) out.s[i] = static_cast<double>(w.acc.s[i]);
   out.nonfinite = w.acc.nonfinite;
   return out;
 }
@@ -231,7 +231,7 @@ __device__ void warp_reduce(Partial& p) {
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) {
 #pragma unroll
-    for (int i = 0; i < kNumSlots; ++i) p.s[i] += __shfl_down_sync(0xffffffffu, p.s[i], off);
+    for (int i = 0; i < kNumSums; ++i) p.s[i] += __shfl_down_sync(0xffffffffu, p.s[i], off);
     p.nonfinite += __shfl_down_sync(0xffffffffu, p.nonfinite, off);
   }
 }
@@ -250,12 +250,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     const TensorMeta m = meta[t];
     Partial s;
 #pragma unroll
-    for (int i = 0; i < kNumSlots; ++i) s.s[i] = 0.0;
+    for (int i = 0; i < kNumSums; ++i) s.s[i] = 0.0;
     s.nonfinite = 0;
     for (long long c = lane; c < m.nchunks; c += 32) {
       const Partial& q = partials[m.first_chunk + c];
 #pragma unroll
-      for (int i = 0; i < kNumSlots; ++i) s.s[i] += q.s[i];
+      for (int i = 0; i < kNumSums; ++i) s.s[i] += q.s[i];
       s.nonfinite += q.nonfinite;
     }
     warp_reduce(s);
@@ -281,14 +281,14 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 
   ListTotal acc;
 #pragma unroll
-  for (int i = 0; i < kNumSlots; ++i) acc.sums.s[i] = 0.0;
+  for (int i = 0; i < kNumSums; ++i) acc.sums.s[i] = 0.0;
   acc.sums.nonfinite = 0;
   acc.numel = acc.weight_numel = 0.0;
   for (int64_t t = threadIdx.x; t < num_tensors; t += kFinalizeThreads) {
     const Partial& s = tensor_sums[t];
     const bool selected = meta[t].selected != 0;
 #pragma unroll
-    for (int i = 0; i < kNumSlots; ++i) {
+    for (int i = 0; i < kNumSums; ++i) {
       if (i != kSlotWeightMagnitude || selected) acc.sums.s[i] += s.s[i];
     }
     acc.sums.nonfinite += s.nonfinite;

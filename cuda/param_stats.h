@@ -3,8 +3,9 @@
 // (src/param_stats.cpp).
 //
 // One call reads each of g, θ, θ₀, θ_prev once per element and produces, for every tensor and for
-// the whole list: Σg², Σ|g|, Σ|θ|, Σ(θ−θ₀)², Σ(θ−θ_prev)², the count of non-finite gradient
+// the whole list: Σg², Σ|g|, Σ|θ|, Σθ², Σ(θ−θ₀)², Σ(θ−θ_prev)², the count of non-finite gradient
 // elements and an exact int64 histogram of the gradient elements; optionally it refreshes θ_prev.
+// The update ratio is formed from two of those sums when the metrics are finished.
 #pragma once
 
 #include <cmath>
@@ -31,21 +32,27 @@ enum ParamStatsFlag : uint32_t {
   kUpdateSq = 1u << 4,      // Σ (θ − θ_prev)²  -> update_size
   kHistogram = 1u << 5,     // histogram of g (§4)
   kRefreshPrev = 1u << 6,   // θ_prev ← θ after reading it
+  kParamSq = 1u << 7,       // Σ θ²             -> weight_norm (with kUpdateSq: update_ratio)
 };
 
-// Slots of the sums and of the finished metrics, in this order everywhere (outputs included).
+// Slots of the finished metrics, in this order everywhere (outputs included). The first kNumSums
+// are also the slots of the per-element sums; the update ratio has no sum of its own (it is
+// update_size / weight_norm, formed when finishing).
 enum ParamStatsSlot : int {
   kSlotGradNorm = 0,
   kSlotGradMagnitude = 1,
   kSlotWeightMagnitude = 2,
   kSlotDistance = 3,
   kSlotUpdateSize = 4,
-  kNumSlots = 5,
+  kSlotWeightNorm = 5,
+  kNumSums = 6,
+  kSlotUpdateRatio = 6,
+  kNumSlots = 7,
 };
 
 TS_HD bool reads_grad(uint32_t f) { return (f & (kGradSq | kGradAbs | kHistogram)) != 0; }
 TS_HD bool reads_param(uint32_t f) {
-  return (f & (kParamAbs | kDistSq | kUpdateSq | kRefreshPrev)) != 0;
+  return (f & (kParamAbs | kParamSq | kDistSq | kUpdateSq | kRefreshPrev)) != 0;
 }
 TS_HD bool reads_init(uint32_t f) { return (f & kDistSq) != 0; }
 TS_HD bool reads_prev(uint32_t f) { return (f & kUpdateSq) != 0; }
@@ -68,16 +75,16 @@ struct TensorDesc {
 // few dozen elements before a float64 block reduction) and double on the CPU and for float64.
 template <typename Acc>
 struct ParamSums {
-  Acc s[kNumSlots];
+  Acc s[kNumSums];
   int64_t nonfinite;
 
   TS_HD void clear() {
-    for (int i = 0; i < kNumSlots; ++i) s[i] = Acc(0);
+    for (int i = 0; i < kNumSums; ++i) s[i] = Acc(0);
     nonfinite = 0;
   }
   template <typename Other>
   TS_HD void add(const ParamSums<Other>& o) {
-    for (int i = 0; i < kNumSlots; ++i) s[i] += static_cast<Acc>(o.s[i]);
+    for (int i = 0; i < kNumSums; ++i) s[i] += static_cast<Acc>(o.s[i]);
     nonfinite += o.nonfinite;
   }
 };
@@ -96,6 +103,7 @@ TS_HD void accumulate_grad(ParamSums<Acc>& a, uint32_t flags, Acc g) {
 template <typename Acc>
 TS_HD void accumulate_param(ParamSums<Acc>& a, uint32_t flags, Acc p, Acc p0, Acc pprev) {
   if (flags & kParamAbs) a.s[kSlotWeightMagnitude] += abs_value(p);
+  if (flags & kParamSq) a.s[kSlotWeightNorm] += p * p;
   if (flags & kDistSq) {
     const Acc d = p - p0;
     a.s[kSlotDistance] += d * d;
@@ -107,8 +115,9 @@ TS_HD void accumulate_param(ParamSums<Acc>& a, uint32_t flags, Acc p, Acc p0, Ac
 }
 
 // ---------------------------------------------------------------------------------------------
-// Finalise: sums -> metrics. A metric the flags did not ask for is NaN. Magnitudes of an empty
-// selection are 0/0 = NaN, as the mean of an empty tensor is.
+// Finalise: kNumSums sums -> kNumSlots metrics. A metric the flags did not ask for is NaN.
+// Magnitudes of an empty selection are 0/0 = NaN, as the mean of an empty tensor is; so is the
+// update ratio of all-zero weights that did not move (IEEE: a moved zero weight gives inf).
 template <typename Out>
 TS_HD void finalize_metrics(const double* sums, double numel, double weight_numel, uint32_t flags,
                             Out* out) {
@@ -120,6 +129,10 @@ TS_HD void finalize_metrics(const double* sums, double numel, double weight_nume
       static_cast<Out>((flags & kParamAbs) ? sums[kSlotWeightMagnitude] / weight_numel : nan);
   out[kSlotDistance] = static_cast<Out>((flags & kDistSq) ? sqrt(sums[kSlotDistance]) : nan);
   out[kSlotUpdateSize] = static_cast<Out>((flags & kUpdateSq) ? sqrt(sums[kSlotUpdateSize]) : nan);
+  out[kSlotWeightNorm] = static_cast<Out>((flags & kParamSq) ? sqrt(sums[kSlotWeightNorm]) : nan);
+  out[kSlotUpdateRatio] = static_cast<Out>(((flags & kParamSq) && (flags & kUpdateSq))
+                                               ? sqrt(sums[kSlotUpdateSize]) / sqrt(sums[kSlotWeightNorm])
+                                               : nan);
 }
 
 // ---------------------------------------------------------------------------------------------

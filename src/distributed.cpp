@@ -113,7 +113,7 @@ at::Tensor checked_extra(const char* op, at::Tensor* extra_sums, const at::Devic
 
 namespace {
 // Columns of the packed per-tensor sums.
-enum Col : int64_t { kSqGrad = 0, kAbsGrad, kAbsParam, kSqDist, kSqUpdate, kNumel, kNonfinite, kNumCols };
+enum Col : int64_t { kSqGrad = 0, kAbsGrad, kAbsParam, kSqDist, kSqUpdate, kSqParam, kNumel, kNonfinite, kNumCols };
 }  // namespace
 
 ParamStats param_stats_across_ranks(at::TensorList grads, at::TensorList params, at::TensorList init_params,
@@ -169,7 +169,7 @@ ParamStats param_stats_across_ranks(at::TensorList grads, at::TensorList params,
 
   // Partial sums from the float64 per-tensor results; an empty part contributes nothing (its
   // magnitudes are 0/0), a part that does not count contributes zeros (not NaN · 0).
-  const at::Tensor pt = local.per_tensor;  // [n, 5]
+  const at::Tensor pt = local.per_tensor;  // [n, kNumMetrics]
   const at::Tensor nz = (numel_t > 0).unsqueeze(1);
   const at::Tensor sq = pt.square();
   const at::Tensor abs_sums = at::where(nz, pt * numel_t.unsqueeze(1), at::zeros({}, pt.options()));
@@ -179,9 +179,10 @@ ParamStats param_stats_across_ranks(at::TensorList grads, at::TensorList params,
   cols[kAbsParam] = abs_sums.select(1, static_cast<int64_t>(Metric::kWeightMagnitude));
   cols[kSqDist] = sq.select(1, static_cast<int64_t>(Metric::kDistance));
   cols[kSqUpdate] = sq.select(1, static_cast<int64_t>(Metric::kUpdateSize));
+  cols[kSqParam] = sq.select(1, static_cast<int64_t>(Metric::kWeightNorm));
   cols[kNumel] = numel_t;
   cols[kNonfinite] = local.nonfinite_per_tensor.to(at::kDouble);
-  at::Tensor rows = at::where(counted, at::stack(cols, 1), at::zeros({}, pt.options()));  // [n, 7]
+  at::Tensor rows = at::where(counted, at::stack(cols, 1), at::zeros({}, pt.options()));  // [n, kNumCols]
   const int64_t nbins = local.hist_per_tensor.size(1);
   std::vector<at::Tensor> pieces{rows.reshape({-1})};
   if (nbins > 0) {
@@ -197,7 +198,7 @@ ParamStats param_stats_across_ranks(at::TensorList grads, at::TensorList params,
   const double nan = std::numeric_limits<double>::quiet_NaN();
   // Which metrics have inputs: the same on every rank (the lists are the same on every rank).
   const bool has[kNumMetrics] = {!grads.empty(), !grads.empty(), !params.empty(), !init_params.empty(),
-                                 !prev_params.empty()};
+                                 !prev_params.empty(), !params.empty(), !prev_params.empty()};
   auto finish = [&](const at::Tensor& s, const at::Tensor& numel_all, const at::Tensor& abs_param,
                     const at::Tensor& numel_sel) {
     std::vector<at::Tensor> m(kNumMetrics);
@@ -206,6 +207,8 @@ ParamStats param_stats_across_ranks(at::TensorList grads, at::TensorList params,
     m[2] = abs_param / numel_sel;
     m[3] = s.select(-1, kSqDist).sqrt();
     m[4] = s.select(-1, kSqUpdate).sqrt();
+    m[5] = s.select(-1, kSqParam).sqrt();
+    m[6] = m[4] / m[5];
     for (int64_t c = 0; c < kNumMetrics; ++c) {
       if (!has[c]) m[c] = at::full_like(m[c], nan);
     }

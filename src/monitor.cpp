@@ -11,6 +11,8 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
+#include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -191,13 +193,44 @@ constexpr const char* kParamMetricsKey = "param_metrics";
 constexpr const char* kGradHistKey = "grad_hist";
 constexpr const char* kGradHistName = "grad_hist1d";
 
+// The built-in scalar metrics of a record, one bit each in a step's due set: the Metric columns
+// (bit c for Metric c), then the non-finite gradient count and the loss. Record order is bit order
+// (the loss first).
+constexpr int kNonfiniteBit = static_cast<int>(kNumMetrics);
+constexpr int kLossBit = kNonfiniteBit + 1;
+constexpr int kNumBuiltinBits = kLossBit + 1;
+constexpr uint32_t bit(int b) { return 1u << b; }
+constexpr uint32_t bit(Metric m) { return 1u << static_cast<int>(m); }
+// What needs the gradients, the parameters, θ₀ and θ_prev.
+constexpr uint32_t kGradBits = bit(Metric::kGradNorm) | bit(Metric::kGradMagnitude) | bit(kNonfiniteBit);
+constexpr uint32_t kInitBits = bit(Metric::kDistance);
+constexpr uint32_t kPrevBits = bit(Metric::kUpdateSize) | bit(Metric::kUpdateRatio);
+constexpr uint32_t kParamBits = bit(Metric::kWeightMagnitude) | bit(Metric::kWeightNorm) | kInitBits | kPrevBits;
+
+std::string builtin_metric_name(int b) {
+  if (b == kNonfiniteBit) return "nonfinite_count";
+  if (b == kLossBit) return "loss";
+  return metric_name(static_cast<Metric>(b));
+}
+
+// The bit of a built-in metric name, or -1.
+int builtin_metric_bit(const std::string& name) {
+  for (int b = 0; b < kNumBuiltinBits; ++b) {
+    if (name == builtin_metric_name(b)) return b;
+  }
+  return -1;
+}
+
+// Every built-in metric name, for messages: "loss, grad_norm, ...".
+std::string builtin_metric_names() {
+  std::string out = "loss";
+  for (int b = 0; b < kLossBit; ++b) out += ", " + builtin_metric_name(b);
+  return out;
+}
+
 // The names the built-ins log under; a custom key or extra scalar must not take one.
 bool builtin_record_name(const std::string& name) {
-  if (name == "loss" || name == "nonfinite_count" || name == kGradHistName) return true;
-  for (int64_t c = 0; c < kNumMetrics; ++c) {
-    if (name == metric_name(static_cast<Metric>(c))) return true;
-  }
-  return false;
+  return name == kGradHistName || builtin_metric_bit(name) >= 0;
 }
 
 // The part of a record name before its first '/' ("grad_norm" of "grad_norm/fc1.weight").
@@ -284,9 +317,12 @@ struct Monitor::Impl {
   std::optional<int64_t> last_step;  // the latest step() or collect_captured()
   std::vector<Sink> sinks;
 
-  // Built-in scalar names: with and without the loss in front.
-  std::shared_ptr<const std::vector<std::string>> pm_names_loss, pm_names;
-  std::vector<int64_t> global_cols, per_tensor_cols;  // ParamStats columns logged
+  // Each built-in metric's switch and schedule (config.metrics, else config.param_metrics), and
+  // whether it can be computed at all (off, or θ₀ / θ_prev not kept: never).
+  QuantityConfig metric_cfg[kNumBuiltinBits];
+  uint32_t available = 0;
+  // Built-in scalar names of a set of due metrics, made once per set.
+  std::map<uint32_t, std::shared_ptr<const std::vector<std::string>>> builtin_names;
   std::shared_ptr<const std::vector<double>> hist_edges, no_edges;
 
   std::vector<Slot> ring;
@@ -304,6 +340,37 @@ struct Monitor::Impl {
     return q.enabled && (q.schedule.due(step) || requested.count(key) > 0);
   }
 
+  // The built-in metrics due at `step`: each on its schedule, or requested by its name or as
+  // "param_metrics" (every metric).
+  uint32_t metrics_due(int64_t step) const {
+    const bool all = requested.count(kParamMetricsKey) > 0;
+    uint32_t due = 0;
+    for (int b = 0; b < kNumBuiltinBits; ++b) {
+      if (!(available & bit(b))) continue;
+      if (all || metric_cfg[b].schedule.due(step) || requested.count(builtin_metric_name(b)) > 0) due |= bit(b);
+    }
+    return due;
+  }
+
+  // The record names of the built-in metrics in `due` (the loss only when losses were given).
+  std::shared_ptr<const std::vector<std::string>> names_of(uint32_t due) {
+    auto it = builtin_names.find(due);
+    if (it != builtin_names.end()) return it->second;
+    auto out = std::make_shared<std::vector<std::string>>();
+    if (due & bit(kLossBit)) out->push_back("loss");
+    for (int b = 0; b < kLossBit; ++b) {
+      if (due & bit(b)) out->push_back(builtin_metric_name(b));
+    }
+    if (cfg.per_tensor) {
+      for (int b = 0; b < kLossBit; ++b) {
+        if (!(due & bit(b))) continue;
+        for (const std::string& n : names) out->push_back(builtin_metric_name(b) + "/" + n);
+      }
+    }
+    builtin_names.emplace(due, out);
+    return out;
+  }
+
   const Custom* find_custom(const std::string& key) const {
     for (const Custom& c : customs) {
       if (c.key == key) return &c;
@@ -312,7 +379,8 @@ struct Monitor::Impl {
   }
 
   bool known(const std::string& key) const {
-    return key == kParamMetricsKey || key == kGradHistKey || find_custom(key) != nullptr;
+    return key == kParamMetricsKey || key == kGradHistKey || builtin_metric_bit(key) >= 0 ||
+           find_custom(key) != nullptr;
   }
 
   void check_new_key(const char* op, const std::string& key) const {
@@ -367,66 +435,109 @@ struct Monitor::Impl {
     return t.detach().reshape({1}).to(at::kDouble);
   }
 
+  // What one record holds: the built-in metrics (bits), the histogram, the custom quantities
+  // (by index), whether the parameters' gradients belong to this point, and whether θ_prev then
+  // follows the parameters (step(): yes; measure_now(): untouched).
+  struct Due {
+    uint32_t metrics = 0;
+    bool hist = false;
+    std::vector<bool> customs;
+    bool gradients = true;
+    bool refresh_prev = true;
+  };
+
+  Due due_at(int64_t step) const {
+    Due d;
+    d.metrics = metrics_due(step);
+    d.hist = builtin_due(cfg.grad_hist, kGradHistKey, step);
+    for (const Custom& c : customs) d.customs.push_back(c.schedule.due(step) || requested.count(c.key) > 0);
+    return d;
+  }
+
   // Computes the step's values into `dst` (a device buffer, grown as needed) and returns where
   // they sit. Only device work; nothing here waits for the GPU.
-  std::shared_ptr<const Layout> compute(int64_t step, const at::Tensor& losses,
+  std::shared_ptr<const Layout> compute(int64_t step, const Due& due, const at::Tensor& losses,
                                         const std::map<std::string, at::Tensor>& extras,
                                         const std::map<std::string, at::Tensor>& extra_scalars,
                                         const std::map<std::string, HistogramInput>& extra_histograms,
                                         const std::vector<at::Tensor>& given_grads, at::Tensor& dst) {
-    const bool pm = builtin_due(cfg.param_metrics, kParamMetricsKey, step);
-    const bool hist = builtin_due(cfg.grad_hist, kGradHistKey, step);
+    uint32_t mask = due.metrics;
+    if (!losses.defined()) mask &= ~bit(kLossBit);
+    if (!due.gradients) mask &= ~kGradBits;
+    const bool hist_due = due.hist && due.gradients;
     auto layout = std::make_shared<Layout>();
     std::vector<at::Tensor> pieces;
 
-    const std::vector<at::Tensor> grads = current_grads(given_grads);
+    // Only the arrays the due metrics need are read: a metric that is not due costs nothing.
+    const std::vector<at::Tensor> grads =
+        ((mask & kGradBits) || hist_due) ? current_grads(given_grads) : std::vector<at::Tensor>{};
     const std::vector<at::Tensor> ps = detached_params();
-    at::Tensor hist_counts;
-    if (pm || (hist && !grads.empty())) {
-      ParamStatsOptions o;
-      o.histogram = hist && !grads.empty();
-      o.nbins = cfg.nbins;
-      o.maxval = cfg.maxval;
-      o.weights_matrices_only = cfg.weights_matrices_only;
-      o.refresh_prev = pm && !prev.empty();
-      const std::vector<at::Tensor> none;
-      // Only the histogram due: the parameter lists are left out, θ_prev refreshed below.
-      at::Tensor loss_sums;  // [Σℓ, count] across ranks
-      ParamStats s;
+    const std::vector<at::Tensor> none;
+    const bool pass_params = (mask & kParamBits) != 0;
+    const bool pass_prev = (mask & kPrevBits) && !prev.empty();
+    const bool hist = hist_due && !grads.empty();
+    ParamStatsOptions o;
+    o.histogram = hist;
+    o.nbins = cfg.nbins;
+    o.maxval = cfg.maxval;
+    o.weights_matrices_only = cfg.weights_matrices_only;
+    o.refresh_prev = pass_prev && due.refresh_prev;
+    ParamStats s;
+    at::Tensor loss_sums;  // [Σℓ, count] across ranks, riding in the parameter metrics' all-reduce
+    if (!grads.empty() || pass_params) {
+      const auto& p = pass_params ? ps : none;
+      const auto& p0 = (mask & kInitBits) ? init : none;
+      const auto& pp = pass_prev ? prev : none;
       if (across_ranks()) {
         o.float64_results = true;
-        if (pm && losses.defined()) {
+        if (mask & bit(kLossBit)) {
           loss_sums = at::stack({losses.detach().sum(c10::nullopt, false, at::kDouble),
                                  at::full({}, static_cast<double>(losses.numel()), device_opt())});
         }
-        s = param_stats_across_ranks(grads, pm ? ps : none, pm ? init : none, pm ? prev : none, cfg.layouts,
-                                     cfg.group, o, loss_sums.defined() ? &loss_sums : nullptr);
+        s = param_stats_across_ranks(grads, p, p0, pp, cfg.layouts, cfg.group, o,
+                                     loss_sums.defined() ? &loss_sums : nullptr);
       } else {
-        s = param_stats(grads, pm ? ps : none, pm ? init : none, pm ? prev : none, o);
+        s = param_stats(grads, p, p0, pp, o);
       }
-      if (pm) {
-        if (losses.defined()) {
-          pieces.push_back(loss_sums.defined() ? (loss_sums[0] / loss_sums[1]).reshape({1})
-                                               : loss(losses.detach()).reshape({1}).to(at::kDouble));
-          layout->add(pm_names_loss);
-        } else {
-          layout->add(pm_names);
-        }
-        const at::Tensor metrics = s.metrics.to(at::kDouble);
-        for (int64_t c : global_cols) pieces.push_back(metrics.narrow(0, c, 1));
-        pieces.push_back(s.nonfinite.reshape({1}).to(at::kDouble));
-        if (cfg.per_tensor) {
-          const at::Tensor pt = s.per_tensor.to(at::kDouble);
-          for (int64_t c : per_tensor_cols) pieces.push_back(pt.select(1, c));
-          pieces.push_back(s.nonfinite_per_tensor.to(at::kDouble));
-        }
-      }
-      if (o.histogram) hist_counts = s.hist;
+    } else if (mask) {
+      // Only gradient metrics due and no gradient anywhere: NaN, and no non-finite element.
+      const auto nan = std::numeric_limits<double>::quiet_NaN();
+      const auto n = static_cast<int64_t>(params.size());
+      s.metrics = at::full({kNumMetrics}, nan, device_opt());
+      s.per_tensor = at::full({n, kNumMetrics}, nan, device_opt());
+      s.nonfinite = at::zeros({}, device_opt().dtype(at::kLong));
+      s.nonfinite_per_tensor = at::zeros({n}, device_opt().dtype(at::kLong));
     }
-    if (hist && !hist_counts.defined()) {
+    if (mask) {
+      layout->add(names_of(mask));
+      if (mask & bit(kLossBit)) {
+        if (loss_sums.defined()) {
+          pieces.push_back((loss_sums[0] / loss_sums[1]).reshape({1}));
+        } else if (across_ranks()) {
+          pieces.push_back(loss_across_ranks(losses.detach(), cfg.group).reshape({1}).to(at::kDouble));
+        } else {
+          pieces.push_back(loss(losses.detach()).reshape({1}).to(at::kDouble));
+        }
+      }
+      const at::Tensor metrics = s.metrics.to(at::kDouble);
+      for (int64_t c = 0; c < kNumMetrics; ++c) {
+        if (mask & bit(static_cast<int>(c))) pieces.push_back(metrics.narrow(0, c, 1));
+      }
+      if (mask & bit(kNonfiniteBit)) pieces.push_back(s.nonfinite.reshape({1}).to(at::kDouble));
+      if (cfg.per_tensor) {
+        const at::Tensor pt = s.per_tensor.to(at::kDouble);
+        for (int64_t c = 0; c < kNumMetrics; ++c) {
+          if (mask & bit(static_cast<int>(c))) pieces.push_back(pt.select(1, c));
+        }
+        if (mask & bit(kNonfiniteBit)) pieces.push_back(s.nonfinite_per_tensor.to(at::kDouble));
+      }
+    }
+    at::Tensor hist_counts;
+    if (hist) hist_counts = s.hist;
+    if (hist_due && !hist_counts.defined()) {
       hist_counts = at::zeros({cfg.nbins}, at::TensorOptions().dtype(at::kLong).device(device));
     }
-    if (!pm && !prev.empty()) at::_foreach_copy_(prev, ps);
+    if (due.refresh_prev && !o.refresh_prev && !prev.empty()) at::_foreach_copy_(prev, ps);
 
     if (!customs.empty()) {
       QuantityContext ctx;
@@ -437,8 +548,9 @@ struct Monitor::Impl {
       for (const at::Tensor& p : params) ctx.grads.push_back(p.grad());
       ctx.losses = losses;
       ctx.extras = &extras;
-      for (const Custom& c : customs) {
-        if (!c.quantity || !(c.schedule.due(step) || requested.count(c.key) > 0)) continue;
+      for (size_t i = 0; i < customs.size(); ++i) {
+        const Custom& c = customs[i];
+        if (!c.quantity || !due.customs[i]) continue;
         const std::map<std::string, at::Tensor> values = c.quantity->compute(ctx);
         auto block = std::make_shared<std::vector<std::string>>();
         for (const auto& [sub, t] : values) {
@@ -612,36 +724,28 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
   TORCH_CHECK(m.cfg.layouts.empty() || m.cfg.layouts.size() == m.params.size(), "trainscope::Monitor: config.layouts has ",
               m.cfg.layouts.size(), " entries but named_params has ", m.params.size(),
               "; give one layout per parameter, or none (all replicated)");
+  // Each built-in metric: its own entry of config.metrics, else param_metrics.
+  for (const auto& [name, q] : m.cfg.metrics) {
+    TORCH_CHECK(builtin_metric_bit(name) >= 0, "trainscope::Monitor: config.metrics has the key '", name,
+                "', which is no built-in metric; the keys are ", builtin_metric_names());
+  }
+  for (int b = 0; b < kNumBuiltinBits; ++b) {
+    const auto it = m.cfg.metrics.find(builtin_metric_name(b));
+    m.metric_cfg[b] = it != m.cfg.metrics.end() ? it->second : m.cfg.param_metrics;
+    if (m.metric_cfg[b].enabled) m.available |= bit(b);
+  }
+  // θ₀ and θ_prev are a copy of the parameters each: kept only for metrics that can use them.
+  if (!m.cfg.track_init) m.available &= ~kInitBits;
+  if (!m.cfg.track_prev) m.available &= ~kPrevBits;
+  const bool keep_init = (m.available & kInitBits) != 0, keep_prev = (m.available & kPrevBits) != 0;
   m.zero_grads.resize(m.params.size());
   c10::OptionalDeviceGuard guard;
   if (m.device.is_cuda()) guard.reset_device(m.device);
   for (const at::Tensor& p : m.params) {
-    if (m.cfg.track_init) m.init.push_back(p.detach().clone(at::MemoryFormat::Contiguous));
-    if (m.cfg.track_prev) m.prev.push_back(p.detach().clone(at::MemoryFormat::Contiguous));
+    if (keep_init) m.init.push_back(p.detach().clone(at::MemoryFormat::Contiguous));
+    if (keep_prev) m.prev.push_back(p.detach().clone(at::MemoryFormat::Contiguous));
   }
 
-  // Built-in names, in the order compute() gathers the values.
-  std::vector<std::string> globals;
-  for (int64_t c = 0; c < kNumMetrics; ++c) {
-    const Metric metric = static_cast<Metric>(c);
-    if (metric == Metric::kDistance && !m.cfg.track_init) continue;
-    if (metric == Metric::kUpdateSize && !m.cfg.track_prev) continue;
-    m.global_cols.push_back(c);
-    globals.push_back(metric_name(metric));
-  }
-  m.per_tensor_cols = m.global_cols;
-  std::vector<std::string> names = globals;
-  names.push_back("nonfinite_count");
-  if (m.cfg.per_tensor) {
-    for (const std::string& g : globals) {
-      for (const std::string& n : m.names) names.push_back(g + "/" + n);
-    }
-    for (const std::string& n : m.names) names.push_back("nonfinite_count/" + n);
-  }
-  std::vector<std::string> with_loss{"loss"};
-  with_loss.insert(with_loss.end(), names.begin(), names.end());
-  m.pm_names = std::make_shared<const std::vector<std::string>>(std::move(names));
-  m.pm_names_loss = std::make_shared<const std::vector<std::string>>(std::move(with_loss));
   const at::Tensor edges = hist_bin_edges(m.cfg.nbins, m.cfg.maxval, at::kCPU);
   m.hist_edges = std::make_shared<const std::vector<double>>(edges.data_ptr<double>(),
                                                              edges.data_ptr<double>() + edges.numel());
@@ -649,7 +753,7 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
 
   // Slots sized for the built-ins; custom values grow a slot when it is free.
   m.ring.resize(static_cast<size_t>(m.cfg.ring_slots));
-  const int64_t builtin = static_cast<int64_t>(m.pm_names_loss->size()) + m.cfg.nbins;
+  const int64_t builtin = static_cast<int64_t>(m.names_of(m.available)->size()) + m.cfg.nbins;
   for (Slot& s : m.ring) {
     Impl::ensure(s.device, builtin, m.device_opt());
     Impl::ensure(s.host, builtin, m.host_opt());
@@ -704,15 +808,76 @@ void Monitor::step(int64_t step, const at::Tensor& per_sample_losses, const std:
   if (is_capturing(m.device)) {
     // Device work only, into the fixed capture slot; collect_captured() queues its copy.
     m.captured_layout =
-        m.compute(step, per_sample_losses, extras, extra_scalars, extra_histograms, grads, m.capture.device);
+        m.compute(step, m.due_at(step), per_sample_losses, extras, extra_scalars, extra_histograms, grads,
+                  m.capture.device);
     return;
   }
   m.poll();
   const int64_t slot = m.free_slot();
-  auto layout = m.compute(step, per_sample_losses, extras, extra_scalars, extra_histograms, grads, m.ring[slot].device);
+  auto layout = m.compute(step, m.due_at(step), per_sample_losses, extras, extra_scalars, extra_histograms, grads,
+                          m.ring[slot].device);
   m.requested.clear();
   m.last_step = step;
   // A step at which nothing was due makes no record.
+  if (m.layout_size(*layout) > 0) m.enqueue(step, slot, std::move(layout), m.ring[slot].device);
+}
+
+void Monitor::measure_now(int64_t step, const at::Tensor& per_sample_losses,
+                          const std::optional<std::vector<std::string>>& metrics, bool gradients,
+                          const std::map<std::string, at::Tensor>& extras,
+                          const std::map<std::string, at::Tensor>& extra_scalars,
+                          const std::map<std::string, HistogramInput>& extra_histograms,
+                          const std::vector<at::Tensor>& grads) {
+  NvtxRange range{"trainscope::Monitor::measure_now"};
+  const char* op = "trainscope::Monitor::measure_now";
+  Impl& m = *impl_;
+  c10::NoGradGuard no_grad;
+  c10::OptionalDeviceGuard guard;
+  if (m.device.is_cuda()) guard.reset_device(m.device);
+  TORCH_CHECK(!is_capturing(m.device), op, ": not inside a CUDA graph capture (it measures once, now)");
+  if (per_sample_losses.defined()) {
+    TORCH_CHECK(per_sample_losses.device() == m.device, op, ": per_sample_losses is on ", per_sample_losses.device(),
+                " but the parameters are on ", m.device);
+  }
+  TORCH_CHECK(grads.empty() || grads.size() == m.params.size(), op, ": grads has ", grads.size(),
+              " entries but the Monitor has ", m.params.size(), " parameters; give one per parameter (undefined where none)");
+  Impl::Due due;
+  due.gradients = gradients;
+  due.refresh_prev = false;
+  due.customs.assign(m.customs.size(), !metrics.has_value());
+  if (!metrics.has_value()) {
+    due.metrics = m.available;
+    due.hist = m.cfg.grad_hist.enabled;
+  } else {
+    for (const std::string& name : *metrics) {
+      const int b = builtin_metric_bit(name);
+      if (b >= 0) {
+        TORCH_CHECK(m.available & bit(b), op, ": metric '", name, "' is off in this Monitor",
+                    (b == static_cast<int>(Metric::kDistance) && !m.cfg.track_init) ? " (track_init is off)"
+                    : ((bit(b) & kPrevBits) && !m.cfg.track_prev) ? " (track_prev is off)" : "");
+        due.metrics |= bit(b);
+      } else if (name == kGradHistKey || name == kGradHistName) {
+        TORCH_CHECK(m.cfg.grad_hist.enabled, op, ": the gradient histogram (grad_hist) is off in this Monitor");
+        due.hist = true;
+      } else if (name == kParamMetricsKey) {
+        due.metrics |= m.available;
+      } else {
+        bool found = false;
+        for (size_t i = 0; i < m.customs.size(); ++i) {
+          if (m.customs[i].key == name) due.customs[i] = found = true;
+        }
+        TORCH_CHECK(found, op, ": unknown metric '", name, "'; give built-in metric names (", builtin_metric_names(),
+                    "), grad_hist, param_metrics or a registered quantity's key");
+      }
+    }
+  }
+  // update_size and update_ratio belong to an optimizer step: θ_prev is the parameters before
+  // the latest one, which a measurement between steps does not know.
+  due.metrics &= ~kPrevBits;
+  m.poll();
+  const int64_t slot = m.free_slot();
+  auto layout = m.compute(step, due, per_sample_losses, extras, extra_scalars, extra_histograms, grads,
+                          m.ring[slot].device);
   if (m.layout_size(*layout) > 0) m.enqueue(step, slot, std::move(layout), m.ring[slot].device);
 }
 
@@ -735,14 +900,16 @@ void Monitor::collect_captured(int64_t step) {
 void Monitor::request(const std::string& key) {
   NvtxRange range{"trainscope::Monitor::request"};
   TORCH_CHECK(impl_->known(key), "trainscope::Monitor::request: unknown key '", key,
-              "'; request param_metrics, grad_hist or a registered quantity's key");
+              "'; request param_metrics, a built-in metric's name, grad_hist or a registered quantity's key");
   impl_->requested.insert(key);
 }
 
 bool Monitor::due(const std::string& key, int64_t step) const {
   NvtxRange range{"trainscope::Monitor::due"};
   const Impl& m = *impl_;
-  if (key == kParamMetricsKey) return m.builtin_due(m.cfg.param_metrics, kParamMetricsKey, step);
+  // param_metrics: whether any built-in metric is due.
+  if (key == kParamMetricsKey) return m.metrics_due(step) != 0;
+  if (const int b = builtin_metric_bit(key); b >= 0) return (m.metrics_due(step) & bit(b)) != 0;
   if (key == kGradHistKey) return m.builtin_due(m.cfg.grad_hist, kGradHistKey, step);
   const Impl::Custom* c = m.find_custom(key);
   TORCH_CHECK(c != nullptr, "trainscope::Monitor::due: unknown key '", key, "'");
@@ -850,9 +1017,8 @@ void check_quantity_key(const std::string& key, const std::string& caller) {
               "name without '/'");
   TORCH_CHECK(key != kParamMetricsKey && key != kGradHistKey, caller, ": key '", key,
               "' is a built-in key (param_metrics, grad_hist); choose another key");
-  TORCH_CHECK(!builtin_record_name(key), caller, ": key '", key,
-              "' is a built-in record name (loss, grad_norm, grad_magnitude, weight_magnitude, distance, "
-              "update_size, nonfinite_count, grad_hist1d); choose another key");
+  TORCH_CHECK(!builtin_record_name(key), caller, ": key '", key, "' is a built-in record name (",
+              builtin_metric_names(), ", grad_hist1d); choose another key");
 }
 
 const std::vector<std::string>& Monitor::names() const { return impl_->names; }

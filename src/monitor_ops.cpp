@@ -46,9 +46,16 @@ MonitorConfig make_config(const std::string& param_metrics, const std::string& g
                           double maxval, bool per_tensor, bool weights_matrices_only, bool track_init,
                           bool track_prev, int64_t ring_slots, const std::string& process_group,
                           const std::vector<std::string>& placements, const std::vector<int64_t>& full_dims,
-                          bool sinks_on_all_ranks) {
+                          bool sinks_on_all_ranks, const std::vector<std::string>& metric_names,
+                          const std::vector<std::string>& metric_specs) {
   MonitorConfig c;
   c.param_metrics = quantity_config(param_metrics, "param_metrics");
+  TORCH_CHECK(metric_names.size() == metric_specs.size(),
+              "trainscope.Monitor: metric_names and metric_specs must pair up");
+  for (size_t i = 0; i < metric_names.size(); ++i) {
+    const std::string arg = "metrics['" + metric_names[i] + "']";
+    c.metrics[metric_names[i]] = quantity_config(metric_specs[i], arg.c_str());
+  }
   c.grad_hist = quantity_config(grad_hist, "grad_hist");
   c.nbins = nbins;
   c.maxval = maxval;
@@ -105,11 +112,13 @@ struct MonitorHolder : torch::CustomClassHolder {
   MonitorHolder(std::vector<std::string> names, std::vector<at::Tensor> params, std::string param_metrics,
                 std::string grad_hist, int64_t nbins, double maxval, bool per_tensor, bool weights_matrices_only,
                 bool track_init, bool track_prev, int64_t ring_slots, std::string process_group,
-                std::vector<std::string> placements, std::vector<int64_t> full_dims, bool sinks_on_all_ranks)
+                std::vector<std::string> placements, std::vector<int64_t> full_dims, bool sinks_on_all_ranks,
+                std::vector<std::string> metric_names, std::vector<std::string> metric_specs)
       : queue(std::make_shared<std::deque<RecordTuple>>()),
         monitor(zip_params(names, params),
                 make_config(param_metrics, grad_hist, nbins, maxval, per_tensor, weights_matrices_only, track_init,
-                            track_prev, ring_slots, process_group, placements, full_dims, sinks_on_all_ranks)) {
+                            track_prev, ring_slots, process_group, placements, full_dims, sinks_on_all_ranks,
+                            metric_names, metric_specs)) {
     auto q = queue;
     monitor.add_sink([q](const StepRecord& r) { q->push_back(as_tuple(r)); });
   }
@@ -127,20 +136,49 @@ struct MonitorHolder : torch::CustomClassHolder {
             std::vector<std::string> hist_names, std::vector<at::Tensor> hist_counts,
             std::vector<at::Tensor> hist_edges, std::vector<at::Tensor> hist_edges2,
             std::vector<c10::optional<at::Tensor>> grads) {
-    std::map<std::string, at::Tensor> extras;
-    for (const auto& e : extra_scalars) extras.emplace(e.key(), e.value());
-    TORCH_CHECK(hist_names.size() == hist_counts.size() && hist_counts.size() == hist_edges.size() &&
-                    hist_edges.size() == hist_edges2.size(),
-                "trainscope.Monitor.step: hist_names, hist_counts, hist_edges and hist_edges2 must pair up");
+    monitor.step(step, losses.has_value() ? *losses : at::Tensor(), {}, scalars_of(extra_scalars),
+                 histograms_of("step", hist_names, hist_counts, hist_edges, hist_edges2), grads_of(grads));
+  }
+
+  // all_metrics: every metric (metrics is then ignored), else those named in metrics.
+  void measure_now(int64_t step, c10::optional<at::Tensor> losses, bool all_metrics, std::vector<std::string> metrics,
+                   bool gradients, c10::Dict<std::string, at::Tensor> extra_scalars,
+                   std::vector<std::string> hist_names, std::vector<at::Tensor> hist_counts,
+                   std::vector<at::Tensor> hist_edges, std::vector<at::Tensor> hist_edges2,
+                   std::vector<c10::optional<at::Tensor>> grads) {
+    std::optional<std::vector<std::string>> named;
+    if (!all_metrics) named = std::move(metrics);
+    monitor.measure_now(step, losses.has_value() ? *losses : at::Tensor(), named, gradients, {},
+                        scalars_of(extra_scalars),
+                        histograms_of("measure_now", hist_names, hist_counts, hist_edges, hist_edges2),
+                        grads_of(grads));
+  }
+
+  static std::map<std::string, at::Tensor> scalars_of(const c10::Dict<std::string, at::Tensor>& d) {
+    std::map<std::string, at::Tensor> out;
+    for (const auto& e : d) out.emplace(e.key(), e.value());
+    return out;
+  }
+
+  static std::map<std::string, HistogramInput> histograms_of(const char* op, const std::vector<std::string>& names,
+                                                             const std::vector<at::Tensor>& counts,
+                                                             const std::vector<at::Tensor>& edges,
+                                                             const std::vector<at::Tensor>& edges2) {
+    TORCH_CHECK(names.size() == counts.size() && counts.size() == edges.size() && edges.size() == edges2.size(),
+                "trainscope.Monitor.", op, ": hist_names, hist_counts, hist_edges and hist_edges2 must pair up");
     std::map<std::string, HistogramInput> hists;
-    for (size_t i = 0; i < hist_names.size(); ++i) {
-      const std::string& n = hist_names[i];
-      hists[n] = HistogramInput{hist_counts[i], host_values(hist_edges[i], n, "edges"),
-                                host_values(hist_edges2[i], n, "edges2")};
+    for (size_t i = 0; i < names.size(); ++i) {
+      const std::string& n = names[i];
+      hists[n] = HistogramInput{counts[i], host_values(edges[i], n, "edges"), host_values(edges2[i], n, "edges2")};
     }
-    std::vector<at::Tensor> given;  // empty: the Monitor reads each parameter's .grad()
+    return hists;
+  }
+
+  // Empty: the Monitor reads each parameter's .grad().
+  static std::vector<at::Tensor> grads_of(const std::vector<c10::optional<at::Tensor>>& grads) {
+    std::vector<at::Tensor> given;
     for (const auto& g : grads) given.push_back(g.has_value() ? *g : at::Tensor());
-    monitor.step(step, losses.has_value() ? *losses : at::Tensor(), {}, extras, hists, given);
+    return given;
   }
 
   // What the sinks got so far (step() and collect_captured() poll first), without polling again.
@@ -235,11 +273,12 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
   m.class_<MonitorHolder>("Monitor")
       .def(torch::init<std::vector<std::string>, std::vector<at::Tensor>, std::string, std::string, int64_t, double,
                        bool, bool, bool, bool, int64_t, std::string, std::vector<std::string>, std::vector<int64_t>,
-                       bool>())
+                       bool, std::vector<std::string>, std::vector<std::string>>())
       .def("add_external_quantity", &MonitorHolder::add_external_quantity)
       .def("request", &MonitorHolder::request)
       .def("due", &MonitorHolder::due)
       .def("step", &MonitorHolder::step)
+      .def("measure_now", &MonitorHolder::measure_now)
       .def("take_records", &MonitorHolder::take)
       .def("poll_records", &MonitorHolder::poll_records)
       .def("flush_records", &MonitorHolder::flush_records)

@@ -36,6 +36,8 @@ const char* metric_name(Metric m) {
     case Metric::kWeightMagnitude: return "weight_magnitude";
     case Metric::kDistance: return "distance";
     case Metric::kUpdateSize: return "update_size";
+    case Metric::kWeightNorm: return "weight_norm";
+    case Metric::kUpdateRatio: return "update_ratio";
   }
   return "unknown";
 }
@@ -253,7 +255,7 @@ ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList
 
   uint32_t flags = 0;
   if (!grads.empty()) flags |= tc::kGradSq | tc::kGradAbs | (o.histogram ? tc::kHistogram : 0u);
-  if (!params.empty()) flags |= tc::kParamAbs;
+  if (!params.empty()) flags |= tc::kParamAbs | tc::kParamSq;
   if (!init_params.empty()) flags |= tc::kDistSq;
   if (!prev_params.empty()) flags |= tc::kUpdateSq | (o.refresh_prev ? tc::kRefreshPrev : 0u);
 
@@ -353,6 +355,17 @@ at::Tensor update_size(at::TensorList params, at::TensorList prev_params, bool p
   TORCH_CHECK(!prev_params.empty() || params.empty(), "trainscope::update_size: prev_params is empty");
   return pick(param_stats_impl("trainscope::update_size", {}, params, {}, prev_params, no_histogram()),
               Metric::kUpdateSize, per_tensor);
+}
+
+at::Tensor weight_norm(at::TensorList params, bool per_tensor) {
+  return pick(param_stats_impl("trainscope::weight_norm", {}, params, {}, {}, no_histogram()),
+              Metric::kWeightNorm, per_tensor);
+}
+
+at::Tensor update_ratio(at::TensorList params, at::TensorList prev_params, bool per_tensor) {
+  TORCH_CHECK(!prev_params.empty() || params.empty(), "trainscope::update_ratio: prev_params is empty");
+  return pick(param_stats_impl("trainscope::update_ratio", {}, params, {}, prev_params, no_histogram()),
+              Metric::kUpdateRatio, per_tensor);
 }
 
 at::Tensor grad_hist1d(at::TensorList tensors, int64_t nbins, double maxval, bool per_tensor) {

@@ -90,7 +90,7 @@ std::vector<TensorLayout> tensor_layouts(const std::vector<std::string>& placeme
 // tensor of the lists; empty: all replicated). Each rank passes its own parts; every rank gets
 // the global metrics, per-tensor results for the whole tensors, and the whole histograms.
 // Results have param_stats's dtypes. Cost beyond the local pass: one all-reduce of
-// T·(7 + nbins) + extra doubles. `extra_sums`, when given, is a float64 tensor on the inputs'
+// T·(8 + nbins) + extra doubles. `extra_sums`, when given, is a float64 tensor on the inputs'
 // device that rides in the same all-reduce and is replaced by its sum over the ranks (the
 // Monitor sends the loss's sum and count this way).
 // Histogram counts and numels travel as float64: exact up to 2^53.

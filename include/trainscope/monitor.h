@@ -87,23 +87,29 @@ struct QuantityConfig {
 };
 
 struct MonitorConfig {
-  // loss, grad_norm, grad_magnitude, weight_magnitude, distance, update_size, nonfinite_count;
-  // globally, and per parameter tensor when per_tensor.
+  // The built-in metrics: loss, grad_norm, grad_magnitude, weight_magnitude, distance,
+  // update_size, weight_norm, update_ratio, nonfinite_count; globally, and per parameter tensor
+  // when per_tensor. Each follows its own entry of `metrics` (by that name: its switch and
+  // schedule), and param_metrics when it has none. The fused pass reads only the arrays the
+  // metrics due at a step need (gradients, parameters, θ₀, θ_prev); a metric that is off is never
+  // computed, and θ₀ (θ_prev) is kept only while distance (update_size or update_ratio) is on.
+  // An unknown name throws c10::Error at construction.
   QuantityConfig param_metrics;
+  std::map<std::string, QuantityConfig> metrics;
   QuantityConfig grad_hist;     // the 1-D gradient histogram (SPEC.md §4)
   int64_t nbins = 100;
   double maxval = 0.05;
   bool per_tensor = true;
   bool weights_matrices_only = false;
   bool track_init = true;       // keep θ₀ for distance; off: no "distance" entries in records
-  bool track_prev = true;       // keep θ_prev for update_size; off: no "update_size" entries
+  bool track_prev = true;       // keep θ_prev for update_size and update_ratio; off: neither in records
   int64_t ring_slots = 64;      // steps in flight before step() waits for the oldest (≥ 1)
 
   // Data-parallel training (distributed.h): the ranks the parameter metrics, the histogram and the
   // loss are combined over (default: this process alone), and how each parameter lies across
   // them (empty: every parameter replicated, as under DDP; one entry per parameter otherwise,
   // e.g. sharded for FSDP). With more than one rank, a step that computes parameter metrics or
-  // the histogram runs one all-reduce of T·(7 + nbins) + 2 doubles, so every rank must build
+  // the histogram runs one all-reduce of T·(8 + nbins) + 2 doubles, so every rank must build
   // the Monitor with the same parameter list and config and make the same step() and request()
   // calls (losses on every rank or on none). Custom quantities stay each rank's own.
   RankGroup group;
@@ -117,8 +123,8 @@ struct StepRecord {
   // Global values under the metric name ("grad_norm"), per tensor under "<metric>/<name>",
   // custom quantities under their key (or "<key>/<sub-name>"), extra scalars under their name.
   // Order: loss (when losses were given), grad_norm, grad_magnitude, weight_magnitude, distance,
-  // update_size, nonfinite_count; then the per-tensor values metric by metric, each in parameter
-  // order; then custom quantities in registration order; then extra scalars by name.
+  // update_size, weight_norm, update_ratio, nonfinite_count (those due); then the per-tensor values
+  // metric by metric, each in parameter order; then custom quantities in registration order; then extra scalars by name.
   std::vector<std::pair<std::string, double>> scalars;
   struct Histogram {
     std::string name;             // "grad_hist1d" (every parameter's gradient), or a name given to step()
@@ -185,7 +191,8 @@ class Monitor {
   // named_params: non-empty, unique names, floating tensors on one device (CPU or CUDA).
   // A key is non-empty, has no '/', and is none of the built-in keys ("param_metrics",
   // "grad_hist"), built-in record names ("loss", "grad_norm", "grad_magnitude",
-  // "weight_magnitude", "distance", "update_size", "nonfinite_count", "grad_hist1d") or other
+  // "weight_magnitude", "distance", "update_size", "weight_norm", "update_ratio",
+  // "nonfinite_count", "grad_hist1d") or other
   // quantities' keys, so that every name in a record is unique; otherwise c10::Error naming it.
   void add_quantity(std::shared_ptr<Quantity> quantity, Schedule schedule = Schedule::every(1));
   void add_sink(Sink sink);
@@ -202,10 +209,27 @@ class Monitor {
             const std::map<std::string, at::Tensor>& extra_scalars = {},
             const std::map<std::string, HistogramInput>& extra_histograms = {},
             const std::vector<at::Tensor>& grads = {});
-  // Makes an on-demand (or any) quantity due at the next step() (e.g. at a task boundary); the
+  // Measures now, outside every schedule (a task boundary, the start or end of an epoch), and
+  // records it as step `step`; θ_prev and pending requests are left as they are. `metrics`: the
+  // built-in metric names, "grad_hist", "param_metrics" (every built-in metric) and custom
+  // quantity keys to measure; none (nullopt): every built-in metric that is on, the histogram when
+  // on, and every custom quantity. The gradient metrics (grad_norm, grad_magnitude,
+  // nonfinite_count) and the histogram only with `gradients` (the parameters' .grad() are this
+  // point's gradients; otherwise they are absent from the record, never stale values);
+  // update_size and update_ratio never (they belong to an optimizer step). A name that is
+  // unknown, or a metric that is off, throws c10::Error naming it. Not inside a graph capture.
+  void measure_now(int64_t step, const at::Tensor& per_sample_losses = {},
+                   const std::optional<std::vector<std::string>>& metrics = std::nullopt, bool gradients = false,
+                   const std::map<std::string, at::Tensor>& extras = {},
+                   const std::map<std::string, at::Tensor>& extra_scalars = {},
+                   const std::map<std::string, HistogramInput>& extra_histograms = {},
+                   const std::vector<at::Tensor>& grads = {});
+  // Makes a quantity due at the next step() (e.g. at a task boundary): "param_metrics" (every
+  // built-in metric), a built-in metric's name, "grad_hist", or a custom quantity's key; the
   // request is used up by that step (not by a captured one). An unknown key throws.
   void request(const std::string& key);
-  // Whether `key` is computed at `step` (its schedule, or a pending request); unknown key throws.
+  // Whether `key` is computed at `step` (its schedule, or a pending request); "param_metrics":
+  // whether any built-in metric is. An unknown key throws.
   bool due(const std::string& key, int64_t step) const;
   // Hands every finished step to the sinks without waiting, in step order, stopping at the
   // first unfinished one; returns how many. Does nothing inside a CUDA graph capture.

@@ -29,8 +29,10 @@ enum class Metric : int64_t {
   kWeightMagnitude = 2,  // Σ|θ| / numel (over the selected tensors, see weights_matrices_only)
   kDistance = 3,         // sqrt(Σ (θ − θ₀)²)
   kUpdateSize = 4,       // sqrt(Σ (θ − θ_prev)²)
+  kWeightNorm = 5,       // sqrt(Σ θ²) (over every tensor, whatever weights_matrices_only)
+  kUpdateRatio = 6,      // update_size / weight_norm: the update-to-weight ratio
 };
-constexpr int64_t kNumMetrics = 5;
+constexpr int64_t kNumMetrics = 7;
 
 // Name of a metric as SPEC.md and the logs spell it ("grad_norm", ...).
 const char* metric_name(Metric m);
@@ -47,8 +49,8 @@ struct ParamStatsOptions {
 // All results of one call. Float tensors are float64 when every input tensor is float64 (or
 // options.float64_results), float32 otherwise. A metric whose inputs were not given is NaN.
 struct ParamStats {
-  at::Tensor metrics;               // [5]
-  at::Tensor per_tensor;            // [T, 5]
+  at::Tensor metrics;               // [7], in Metric order
+  at::Tensor per_tensor;            // [T, 7]
   at::Tensor nonfinite;             // [] int64: NaN/Inf gradient elements
   at::Tensor nonfinite_per_tensor;  // [T] int64
   at::Tensor hist;                  // [nbins] int64 ([0] without histogram)
@@ -75,6 +77,8 @@ at::Tensor weight_magnitude(at::TensorList params, bool per_tensor = false,
                             bool matrices_only = false);
 at::Tensor distance(at::TensorList params, at::TensorList init_params, bool per_tensor = false);
 at::Tensor update_size(at::TensorList params, at::TensorList prev_params, bool per_tensor = false);
+at::Tensor weight_norm(at::TensorList params, bool per_tensor = false);
+at::Tensor update_ratio(at::TensorList params, at::TensorList prev_params, bool per_tensor = false);
 
 // Exact int64 histogram of the elements of `tensors` (SPEC.md §4): [nbins], or [T, nbins].
 at::Tensor grad_hist1d(at::TensorList tensors, int64_t nbins = 100, double maxval = 0.05,

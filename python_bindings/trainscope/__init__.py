@@ -79,7 +79,9 @@ from .param_stats import (
     loss,
     nonfinite_count,
     param_stats,
+    update_ratio,
     update_size,
+    weight_norm,
     weight_magnitude,
 )
 
@@ -150,6 +152,8 @@ __all__ = [
     "loss",
     "nonfinite_count",
     "param_stats",
+    "update_ratio",
     "update_size",
+    "weight_norm",
     "weight_magnitude",
 ]

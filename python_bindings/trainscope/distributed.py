@@ -287,7 +287,7 @@ def param_stats_across_ranks(
     "sharded", one or per tensor) and ``full_dims`` (the whole tensors' dims, for
     ``weight_magnitude_of="matrices"``) default to ``layout``'s (see :func:`param_layout`), else
     replicated and the local dims. ``losses`` (this rank's per-sample losses) gives the loss of the
-    whole batch, in the same all-reduce. One all-reduce of T·(7 + nbins) + 2 doubles."""
+    whole batch, in the same all-reduce. One all-reduce of T·(8 + nbins) + 2 doubles."""
     if weight_magnitude_of not in ("all", "matrices"):
         raise ValueError(f"param_stats_across_ranks: weight_magnitude_of must be 'all' or 'matrices', "
                          f"got {weight_magnitude_of!r}")

@@ -17,7 +17,8 @@ flight) wait for the GPU. A step at which nothing is due makes no record.
 
 Names in a record: ``loss`` (when per-sample losses are given), ``grad_norm``, ``grad_magnitude``,
 ``weight_magnitude``, ``distance`` (with ``track_init``), ``update_size`` (with ``track_prev``),
-``nonfinite_count``; per tensor ``<metric>/<parameter name>`` (``per_tensor``); custom quantities
+``weight_norm``, ``update_ratio`` (update_size / weight_norm, with ``track_prev``),
+``nonfinite_count``, each on its own schedule (``metrics=``) or ``param_metrics``'s; per tensor ``<metric>/<parameter name>`` (``per_tensor``); custom quantities
 ``<key>`` or ``<key>/<name>``; the gradient histogram ``grad_hist1d``. θ₀ and θ_prev cost one copy
 of the parameters each; θ_prev follows the parameters at every step, so ``update_size`` always
 means the latest optimizer step: call ``step()`` once per optimizer step.
@@ -37,7 +38,7 @@ parameter metrics, the histogram and the loss over the ranks by itself (see
 :mod:`trainscope.distributed`): DDP's replicated parameters count once, FSDP's shards (DTensors,
 or FSDP1's original parameters) add up, per-tensor results carry the model's own parameter names,
 and the loss is the mean over every rank's samples. A step with parameter metrics or the histogram
-due runs one all-reduce of T·(7 + nbins) + 2 doubles, so every rank must build the Monitor alike
+due runs one all-reduce of T·(8 + nbins) + 2 doubles, so every rank must build the Monitor alike
 and call ``step()`` and ``request()`` alike (with losses on every rank or on none). Only rank 0
 hands records to the sinks (``sinks_on_all_ranks=True`` for every rank). Custom quantities are
 each rank's own values.
@@ -59,7 +60,7 @@ from . import _ops  # noqa: F401  (loads the op library and its custom classes)
 from ._args import check_bool, check_hist_axis, check_int, check_path
 from . import distributed as _dist
 
-__all__ = ["Monitor", "Quantity", "QuantityContext", "StepRecord", "Schedule", "every", "at_steps",
+__all__ = ["BUILTIN_METRICS", "Monitor", "Quantity", "QuantityContext", "StepRecord", "Schedule", "every", "at_steps",
            "log_spaced", "on_demand", "JsonlSink", "CsvSink"]
 
 
@@ -130,6 +131,27 @@ def _spec(schedule: ScheduleLike, arg: str, caller: str = "Monitor") -> str:
         return schedule
     raise TypeError(f"{caller}: {arg} must be a Schedule (trainscope.every(k), at_steps, log_spaced, on_demand), "
                     f"True, False or None, got {schedule!r} ({type(schedule).__name__})")
+
+
+#: The built-in metrics a record can hold, in record order; the keys of ``Monitor(metrics=...)``.
+BUILTIN_METRICS = ("loss", "grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size",
+                   "weight_norm", "update_ratio", "nonfinite_count")
+
+
+def _metric_specs(metrics, caller: str) -> Dict[str, str]:
+    """``metrics={name: schedule}`` as C++ specs, each name one of BUILTIN_METRICS ("off" for
+    False/None); a bad name or schedule is an error naming it."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"{caller}: metrics must be a dict {{metric name: schedule}}, got {type(metrics).__name__}")
+    out = {}
+    for name, schedule in metrics.items():
+        if name not in BUILTIN_METRICS:
+            raise ValueError(f"{caller}: metrics has the key {name!r}, which is no built-in metric; "
+                             f"the keys are {', '.join(BUILTIN_METRICS)}")
+        out[name] = _spec(schedule, f"metrics[{name!r}]", caller)
+    return out
 
 
 def _losses_tensor(losses, device: torch.device) -> Optional[torch.Tensor]:
@@ -213,10 +235,16 @@ class Monitor:
     - ``model_or_named_params``: an ``nn.Module`` (its parameters with ``requires_grad``) or an
       iterable of ``(name, tensor)``. Gradients are read from ``p.grad`` at every step.
     - ``param_metrics``, ``grad_hist``: a :class:`Schedule`, True (every step) or False/None (off).
+    - ``metrics``: each built-in metric its own switch and schedule, ``{name: schedule, True or
+      False}`` with names from :data:`BUILTIN_METRICS` (``loss``, the names of
+      :data:`trainscope.METRICS`, ``nonfinite_count``), e.g. ``{"weight_magnitude": every(100),
+      "distance": False}``; the metrics not named follow ``param_metrics``. A step's fused pass
+      reads only the arrays its due metrics need, and θ₀ (θ_prev) is kept only while
+      ``distance`` (``update_size`` or ``update_ratio``) is on.
     - ``nbins``, ``maxval``: the histogram (SPEC.md §4); ``per_tensor``: also ``<metric>/<name>``;
       ``weights_matrices_only``: global weight magnitude over tensors with dim >= 2.
     - ``track_init``, ``track_prev``: keep θ₀ / θ_prev (one parameter copy each) for ``distance``
-      / ``update_size``; off, those names are absent from the records.
+      / ``update_size`` and ``update_ratio``; off, those names are absent from the records.
     - ``ring_slots``: steps in flight before ``step()`` waits for the oldest.
     - ``sinks``: callables taking a :class:`StepRecord` (e.g. :class:`JsonlSink`).
     - ``process_group``: the group to combine over under torch.distributed (default: the
@@ -232,8 +260,9 @@ class Monitor:
                  nbins: int = 100, maxval: float = 0.05, per_tensor: bool = True,
                  weights_matrices_only: bool = False, track_init: bool = True, track_prev: bool = True,
                  ring_slots: int = 64, sinks: Sequence[Sink] = (), process_group=None,
-                 sinks_on_all_ranks: bool = False):
+                 sinks_on_all_ranks: bool = False, metrics: Optional[Mapping[str, ScheduleLike]] = None):
         specs = (_spec(param_metrics, "param_metrics"), _spec(grad_hist, "grad_hist"))
+        metric_specs = _metric_specs(metrics, "Monitor")
         flags = [check_bool(v, n, "Monitor") for v, n in ((per_tensor, "per_tensor"),
                                                           (weights_matrices_only, "weights_matrices_only"),
                                                           (track_init, "track_init"), (track_prev, "track_prev"))]
@@ -256,7 +285,7 @@ class Monitor:
             self.names, self.params, *specs, *hist_axis, *flags, ring_slots,
             self.layout.process_group if self.world_size > 1 else "",
             list(self.layout.placements) if across else [], list(self.layout.full_dims) if across else [],
-            sinks_on_all_ranks)
+            sinks_on_all_ranks, list(metric_specs), list(metric_specs.values()))
         self._quantities: List[Quantity] = []
         self._sinks: List[Sink] = []
         for s in sinks:
@@ -282,7 +311,8 @@ class Monitor:
         self._sinks.append(sink)
 
     def request(self, key: str) -> None:
-        """Makes ``key`` ("param_metrics", "grad_hist" or a quantity's key) due at the next step."""
+        """Makes ``key`` due at the next step: "param_metrics" (every built-in metric), a built-in
+        metric's name, "grad_hist" or a quantity's key."""
         self._m.request(str(key))
 
     def due(self, key: str, step: int) -> bool:
@@ -299,15 +329,65 @@ class Monitor:
         n + 1 edges, or counts [n0, n1] and ``(edges0, edges1)``; edges are host values (a CPU
         tensor or a sequence: reading device edges would wait for the GPU)."""
         step = check_int(step, "step", "Monitor.step")
+        args = self._launch_args("Monitor.step", step, losses, histograms, extras,
+                                 lambda q: self._m.due(q.key, step))
+        self._m.step(step, *args)
+        self._dispatch(self._m.take_records())  # the steps that finished before this one
+
+    def measure_now(self, step: int, losses: Optional[torch.Tensor] = None, *,
+                    metrics: Optional[Iterable[str]] = None, gradients: bool = False,
+                    histograms: Optional[Mapping[str, Tuple[torch.Tensor, Any]]] = None, **extras) -> None:
+        """Measures now, outside every schedule, and records it as step ``step``: at a task
+        boundary, or at the start or end of an epoch. θ_prev and pending requests are left as
+        they are, so the next :meth:`step` measures as if this call had not happened.
+
+        ``metrics``: names to measure: built-in metric names (``loss``, ``grad_norm``,
+        ``grad_magnitude``, ``weight_magnitude``, ``weight_norm``, ``distance``,
+        ``nonfinite_count``; ``update_size`` and ``update_ratio`` are skipped), ``"grad_hist"``,
+        ``"param_metrics"`` (every built-in metric) or custom quantities' keys; None: every
+        built-in metric that is on, the histogram when on, and every custom quantity. The
+        gradient metrics and the histogram only with ``gradients=True`` (the parameters'
+        ``.grad`` are this point's gradients); otherwise they are absent from the record, never
+        stale. ``update_size`` and ``update_ratio`` belong to an optimizer step and are never
+        measured here. An unknown name, or a metric that is off, raises ValueError naming it.
+        ``losses``, ``histograms`` and ``extras`` as in :meth:`step`."""
+        step = check_int(step, "step", "Monitor.measure_now")
+        gradients = check_bool(gradients, "gradients", "Monitor.measure_now")
+        if metrics is not None:
+            if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Iterable):
+                raise TypeError(f"Monitor.measure_now: metrics must be a list of names, got {metrics!r}")
+            metrics = [str(m) for m in metrics]
+        keys = {q.key for q in self._quantities}
+        if metrics is None:
+            def wanted(q):
+                return True
+            builtin = []
+        else:
+            named = set(metrics)
+            def wanted(q):
+                return q.key in named
+            builtin = [m for m in metrics if m not in keys]
+        try:
+            args = self._launch_args("Monitor.measure_now", step, losses, histograms, extras, wanted)
+            self._m.measure_now(step, args[0], metrics is None, builtin, gradients, *args[1:])
+        except RuntimeError as e:
+            if "trainscope::Monitor::measure_now:" in str(e):
+                raise ValueError(str(e).split("\n")[0]) from None
+            raise
+        self._dispatch(self._m.take_records())
+
+    def _launch_args(self, caller: str, step: int, losses, histograms, extras, due):
+        """What step() and measure_now() hand to the C++ Monitor after the losses: (losses, the
+        due Python quantities' values, histogram names, counts, edges, second edges, gradients)."""
         losses = _losses_tensor(losses, self.params[0].device)
         if histograms is not None and not isinstance(histograms, Mapping):
-            raise TypeError(f"Monitor.step: histograms must be a dict {{name: (counts, edges)}}, "
+            raise TypeError(f"{caller}: histograms must be a dict {{name: (counts, edges)}}, "
                             f"got {type(histograms).__name__}")
         scalars: Dict[str, torch.Tensor] = {}
         ctx = None
         grads = self.layout.grads()
         for q in self._quantities:
-            if not self._m.due(q.key, step):
+            if not due(q):
                 continue
             if ctx is None:
                 ctx = QuantityContext(step, self.names, self.params, grads, losses, dict(extras))
@@ -320,7 +400,7 @@ class Monitor:
         names, counts, edges, edges2 = [], [], [], []
         for name, h in (histograms or {}).items():
             if not (isinstance(h, (tuple, list)) and len(h) == 2 and isinstance(h[0], torch.Tensor)):
-                raise TypeError(f"Monitor.step: histograms[{name!r}] must be a pair (counts tensor, edges), "
+                raise TypeError(f"{caller}: histograms[{name!r}] must be a pair (counts tensor, edges), "
                                 f"got {type(h).__name__}")
             c, e = h
             two_d = isinstance(e, (tuple, list)) and len(e) == 2 and not isinstance(e[0], numbers.Real)
@@ -328,9 +408,8 @@ class Monitor:
             counts.append(c.detach())
             edges.append(_host_edges(e[0] if two_d else e))
             edges2.append(_host_edges(e[1]) if two_d else _NO_EDGES)
-        self._m.step(step, losses, scalars, names, counts, edges, edges2,
-                     [None if g is None else g.detach() for g in grads] if self._grads_from_layout else [])
-        self._dispatch(self._m.take_records())  # the steps that finished before this one
+        return (losses, scalars, names, counts, edges, edges2,
+                [None if g is None else g.detach() for g in grads] if self._grads_from_layout else [])
 
     def _scalar(self, value, key: str, name: str) -> torch.Tensor:
         """One value a quantity gave, as a 0-d float64 tensor on the parameters' device."""

@@ -25,7 +25,8 @@ from ._args import check_hist_axis, check_tensor, register_fake
 from ._lists import tensor_list
 
 #: Column order of ``ParamStats.metrics`` and ``ParamStats.per_tensor``.
-METRICS = ("grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size")
+METRICS = ("grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size", "weight_norm",
+           "update_ratio")
 
 TensorList = Union[torch.Tensor, Iterable[torch.Tensor], None]
 
@@ -34,8 +35,8 @@ TensorList = Union[torch.Tensor, Iterable[torch.Tensor], None]
 class ParamStats:
     """Results of :func:`param_stats`. A metric whose inputs were not given is NaN."""
 
-    metrics: torch.Tensor               # [5] in METRICS order
-    per_tensor: torch.Tensor            # [T, 5]
+    metrics: torch.Tensor               # [7] in METRICS order
+    per_tensor: torch.Tensor            # [T, 7]
     nonfinite: torch.Tensor             # [] int64: NaN/Inf gradient elements
     nonfinite_per_tensor: torch.Tensor  # [T] int64
     hist: torch.Tensor                  # [nbins] int64 ([0] without histogram)
@@ -88,8 +89,8 @@ def _fake_param_stats(grads, params, init_params, prev_params, histogram, nbins,
     fdt = _out_dtype(*lists)
     nb = nbins if histogram else 0
     return (
-        torch.empty(5, dtype=fdt, device=dev),
-        torch.empty(n, 5, dtype=fdt, device=dev),
+        torch.empty(len(METRICS), dtype=fdt, device=dev),
+        torch.empty(n, len(METRICS), dtype=fdt, device=dev),
         torch.empty((), dtype=torch.int64, device=dev),
         torch.empty(n, dtype=torch.int64, device=dev),
         torch.empty(nb, dtype=torch.int64, device=dev),
@@ -152,8 +153,9 @@ def param_stats(
     """Every parameter-space metric, global and per tensor, from one pass over memory.
 
     Lists are paired by position. ``grads`` gives grad_norm, grad_magnitude, the non-finite
-    count and (``histogram``) the gradient histogram; ``params`` gives weight_magnitude;
-    with ``init_params`` distance; with ``prev_params`` update_size. ``weight_magnitude_of`` is
+    count and (``histogram``) the gradient histogram; ``params`` gives weight_magnitude and
+    weight_norm; with ``init_params`` distance; with ``prev_params`` update_size and update_ratio
+    (update_size / weight_norm, per tensor and globally). ``weight_magnitude_of`` is
     ``"all"`` or ``"matrices"`` (tensors with dim >= 2, i.e. biases and norms excluded) for the
     global weight magnitude; per-tensor values are always reported. ``refresh_prev`` copies
     ``params`` into ``prev_params`` after reading them, ready for the next step.
@@ -203,6 +205,22 @@ def update_size(params: TensorList, prev_params: TensorList, per_tensor: bool = 
     if not pp:
         raise ValueError("update_size: prev_params is empty")
     return _metric(_run("update_size", [], p, [], pp, refresh_prev=refresh_prev), 4, per_tensor)
+
+
+def weight_norm(params: TensorList, per_tensor: bool = False) -> torch.Tensor:
+    """sqrt(Σ θ²) over every tensor (the norm the update ratio divides by)."""
+    return _metric(_run("weight_norm", [], tensor_list(params, "params"), [], []), 5, per_tensor)
+
+
+def update_ratio(params: TensorList, prev_params: TensorList, per_tensor: bool = False,
+                 refresh_prev: bool = False) -> torch.Tensor:
+    """update_size / weight_norm of the latest step (per tensor: that tensor's; globally: the
+    global ones): the update-to-weight ratio, a learning-rate diagnostic (≈ 1e-3 is the usual
+    rule of thumb). ``refresh_prev`` then sets prev ← params."""
+    p, pp = tensor_list(params, "params"), tensor_list(prev_params, "prev_params")
+    if not pp:
+        raise ValueError("update_ratio: prev_params is empty")
+    return _metric(_run("update_ratio", [], p, [], pp, refresh_prev=refresh_prev), 6, per_tensor)
 
 
 def grad_hist1d(tensors: TensorList, nbins: int = 100, maxval: float = 0.05,
