@@ -266,13 +266,9 @@ def plot(cfg: Config, runs: List[Run], path: str) -> None:
         ax_noise.annotate(f"batch {b}", (1.0, b), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                           fontsize="small")
 
-    have_ratio = any(series(run, n)[0] for run in runs for n in update_ratio_names(run))
     for ax, w in zip(ax_ratio, weights):
-        ax.set(title=f"update_ratio/{w}", xlabel="optimizer step", yscale="log" if have_ratio else "linear")
+        ax.set(title=f"update_ratio/{w}", xlabel="optimizer step", yscale="log")
         ax.axhline(RULE_OF_THUMB, color="red", linewidth=0.8)
-        if not have_ratio:
-            ax.text(0.5, 0.5, "update_ratio is not in the records\n(this trainscope does not compute it)",
-                    transform=ax.transAxes, ha="center", va="center")
     ax_ratio[0].set_ylabel("update size / weight norm")
     ax_ratio[0].annotate(f"{RULE_OF_THUMB:g} rule of thumb", (0.0, RULE_OF_THUMB), xycoords=("axes fraction", "data"),
                          color="red", fontsize="small", va="bottom")
