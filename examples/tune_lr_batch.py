@@ -223,7 +223,8 @@ def print_summary(cfg: Config, runs: List[Run]) -> None:
               f"{s['b_simple_end']:>13.4g} {run.seconds:>8.1f}")
     print(f"final_loss: mean over the last tenth of the steps; median_update_ratio: over steps and weight "
           f"matrices (rule of thumb {RULE_OF_THUMB:g}); B_simple_end: tr Σ / ‖G‖² from moving averages "
-          f"(β = {cfg.ema:g}) of the two parts, at the last per-sample step")
+          f"(β = {cfg.ema:g}) of the two parts, at the last per-sample step (negative when the smoothed ‖G‖² is: "
+          f"the noise drowns the mean gradient)")
 
 
 # -- the figure --------------------------------------------------------------------------------------
