@@ -264,8 +264,8 @@ struct FlagSet {
   float grad_std;
 };
 
-constexpr uint32_t kAll = ts::kGradSq | ts::kGradAbs | ts::kParamAbs | ts::kDistSq | ts::kUpdateSq |
-                          ts::kRefreshPrev;
+constexpr uint32_t kAll = ts::kGradSq | ts::kGradAbs | ts::kParamAbs | ts::kParamSq | ts::kDistSq |
+                          ts::kUpdateSq | ts::kRefreshPrev;
 
 // The last entry redraws the gradients narrow: the histogram's worst case for atomic contention.
 const FlagSet kFlagSets[] = {

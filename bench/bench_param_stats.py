@@ -145,7 +145,7 @@ def torch_param_stats(torch, s, numel):
     """The PyTorch composition. ``numel`` is the [T] float32 tensor of element counts on the
     device, built once per parameter list (as trainscope's caller binds its lists once).
 
-    Returns (metrics [5], per_tensor [T, 5], hist [nbins] int64, hist_per_tensor [T, nbins] int64)
+    Returns (metrics [7], per_tensor [T, 7], hist [nbins] int64, hist_per_tensor [T, nbins] int64)
     in trainscope.METRICS order. The histogram is clamp + torch.histc, what the issue calls the
     PyTorch way: its counters are float32 (they stop at 2^24 per bin) and it bins in the input's
     precision, so it is only compared with a tolerance; trainscope's histogram is checked exactly
@@ -163,14 +163,16 @@ def torch_param_stats(torch, s, numel):
     del diff
     gmag = torch.stack([g.abs().mean() for g in grads])
     wmag = torch.stack([p.abs().mean() for p in params])
+    wnorm = torch.stack(torch._foreach_norm(params))
     hist_pt = torch.stack([torch.histc(g.clamp(-MAXVAL, MAXVAL), bins=NBINS, min=-MAXVAL, max=MAXVAL)
                            for g in grads]).to(torch.int64)
     torch._foreach_copy_(prev, params)
 
     total = numel.sum()
     metrics = torch.stack([vnorm(grad_norms), (gmag * numel).sum() / total,
-                           (wmag * numel).sum() / total, vnorm(dist), vnorm(upd)])
-    per_tensor = torch.stack([grad_norms, gmag, wmag, dist, upd], dim=1)
+                           (wmag * numel).sum() / total, vnorm(dist), vnorm(upd), vnorm(wnorm),
+                           vnorm(upd) / vnorm(wnorm)])
+    per_tensor = torch.stack([grad_norms, gmag, wmag, dist, upd, wnorm, upd / wnorm], dim=1)
     return metrics, per_tensor, hist_pt.sum(0), hist_pt
 
 
@@ -196,19 +198,21 @@ def max_rel_err(torch, a, b):
 
 
 def float64_reference(torch, s):
-    """(metrics [5], per_tensor [T, 5]) in float64, one tensor at a time (little extra memory)."""
+    """(metrics [7], per_tensor [T, 7]) in float64, one tensor at a time (little extra memory)."""
     sums, numel = [], []
     for g, p, p0, pp in zip(s["grads"], s["params"], s["init"], s["prev"]):
         gd, pd = g.double(), p.double()
         sums.append(torch.stack([gd.square().sum(), gd.abs().sum(), pd.abs().sum(),
-                                 (pd - p0.double()).square().sum(), (pd - pp.double()).square().sum()]))
+                                 (pd - p0.double()).square().sum(), (pd - pp.double()).square().sum(),
+                                 pd.square().sum()]))
         numel.append(float(g.numel()))
     sums = torch.stack(sums)
     n = torch.tensor(numel, dtype=torch.float64, device=sums.device)
-    per_tensor = torch.stack([sums[:, 0].sqrt(), sums[:, 1] / n, sums[:, 2] / n,
-                              sums[:, 3].sqrt(), sums[:, 4].sqrt()], dim=1)
+    per_tensor = torch.stack([sums[:, 0].sqrt(), sums[:, 1] / n, sums[:, 2] / n, sums[:, 3].sqrt(),
+                              sums[:, 4].sqrt(), sums[:, 5].sqrt(), sums[:, 4].sqrt() / sums[:, 5].sqrt()], dim=1)
     tot, total = sums.sum(0), n.sum()
-    metrics = torch.stack([tot[0].sqrt(), tot[1] / total, tot[2] / total, tot[3].sqrt(), tot[4].sqrt()])
+    metrics = torch.stack([tot[0].sqrt(), tot[1] / total, tot[2] / total, tot[3].sqrt(), tot[4].sqrt(),
+                           tot[5].sqrt(), tot[4].sqrt() / tot[5].sqrt()])
     return metrics, per_tensor
 
 
