@@ -237,7 +237,7 @@ class _PerSampleQuantity(Quantity):
         if hooks is None:  # due without a captured pass (requested during the batch): nothing to report
             return {}
         stats = hooks.stats()
-        return {name: stats[i] for i, name in enumerate(PER_SAMPLE_STATS)}
+        return {name: stats[name] for name in PER_SAMPLE_STATS}
 
 
 class _RepresentationQuantity(Quantity):

@@ -31,7 +31,7 @@ gradient during an ordinary backward::
     with trainscope.PerSampleHooks(model) as hooks:
         loss = F.cross_entropy(model(x), y)      # mean-reduced (loss_reduction="sum" otherwise)
         loss.backward()
-        stats = hooks.stats()                    # [6] in PER_SAMPLE_STATS order
+        stats = hooks.stats()                    # PerSampleStats: stats["norm_test"], ...
         hist = hooks.grad_hist1d()               # per-sample gradient elements, int64 [100]
 
 The functions below take one layer's input and output gradient directly; their
@@ -68,7 +68,7 @@ from ._args import check_hist_axis, register_fake
 from ._lists import tensor_list
 from .hist2d import hist2d_axes as _hist2d_axes
 from .distributed import active_group, clean_param_name
-from .per_sample_stats import PerSampleParts
+from .per_sample_stats import PerSampleParts, PerSampleStats
 
 #: The route: "ghost"/"tiled" (the Ḡ route, ‖Gᵢ‖² by the ghost norm or tiled), "gram" (the Gram
 #: route), "auto" (the one of fewer flops; the Ḡ route tiles when 2T² > d_in·d_out).
@@ -376,6 +376,21 @@ def _sum_over_ranks(counts: torch.Tensor, process_group) -> torch.Tensor:
     counts = counts.contiguous()
     dist.all_reduce(counts, group=group)
     return counts
+
+
+_NO_HIST = torch.empty(0, dtype=torch.int64)
+
+
+def _coverage_of(hooks) -> Optional[object]:
+    """What PerSampleStats.coverage holds for ``hooks``: their ``coverage`` when they have one
+    that leaves parameters out, else None (every parameter covered)."""
+    coverage = getattr(hooks, "coverage", None)
+    if coverage is None:
+        return None
+    skipped = coverage.get("skipped") if isinstance(coverage, dict) else getattr(coverage, "skipped", None)
+    if skipped is not None and len(skipped) == 0:
+        return None
+    return coverage
 
 
 # ------------------------------------------------------------------------------------------------
@@ -712,10 +727,20 @@ class PerSampleHooks:
         torch.distributed: see :meth:`layer_parts`)."""
         return sum(self.layer_parts(process_group).values())
 
-    def stats(self, process_group=None) -> torch.Tensor:
-        """The six statistics [6], in PER_SAMPLE_STATS order (needs B >= 2): of the whole batch over
-        the ranks under torch.distributed (a collective; ``process_group`` as in :meth:`layer_parts`)."""
-        return self.parts(process_group).stats()
+    def stats(self, process_group=None) -> PerSampleStats:
+        """The six statistics as a :class:`PerSampleStats`, the type ``trainscope.per_sample_stats``
+        returns: ``s["norm_test"]``, ..., all six in ``s.stats`` (float64 [6], PER_SAMPLE_STATS
+        order), the summed parts in ``s.parts``. Needs B >= 2. Of the whole batch over the ranks
+        under torch.distributed (a collective; ``process_group`` as in :meth:`layer_parts`).
+
+        Fields that layer factors do not give: ``hist`` is empty ([0]; :meth:`grad_hist1d` forms
+        the per-sample gradients for it) and ``nonfinite`` is None (never counted here; non-finite
+        gradients show as NaN or inf in the statistics). ``coverage`` is the hooks' ``coverage``
+        when they report one (parameters left out), None when the statistics cover every tracked
+        layer's parameters."""
+        parts = self.parts(process_group)
+        return PerSampleStats(parts, parts.stats(), _NO_HIST.to(parts.sq_norms.device), None,
+                              _coverage_of(self))
 
     def _hist_grads(self, grads: List[torch.Tensor]) -> List[torch.Tensor]:
         if self.loss_reduction == "sum":

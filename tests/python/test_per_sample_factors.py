@@ -129,7 +129,10 @@ def assert_parts_close(parts: PerSampleParts, ref: Reference, rtol: float, dtype
     assert bool((diff <= rtol * ref.dots_scale).all()), f"dots: {parts.dots.cpu()} vs {ref.dots}"
 
 
-def assert_stats_close(got: torch.Tensor, ref: Reference, rtol: float) -> None:
+def assert_stats_close(got, ref: Reference, rtol: float) -> None:
+    """``got``: the [6] statistics, or a PerSampleStats (PerSampleHooks.stats())."""
+    if isinstance(got, trainscope.PerSampleStats):
+        got = got.stats
     got = got.detach().cpu().double()
     for k, name in enumerate(NAMES):
         g, w, s = float(got[k]), float(ref.stats[k]), float(ref.scale[k])
@@ -241,6 +244,45 @@ def test_hooks_against_explicit_per_sample_grads(device, kind, method):
     if has_op("per_sample_stats_from_parts"):
         assert_stats_close(hooks.stats(), ref, 1e-9)
     hooks.remove()
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_hooks_stats_is_a_per_sample_stats(kind):
+    """hooks.stats() is the PerSampleStats trainscope.per_sample_stats() gives: every field by
+    name holds what the statistics tensor of the summed parts holds, bit for bit; the fields
+    layer factors cannot give are marked (hist empty, nonfinite None), coverage None when every
+    layer is tracked."""
+    model, _, _ = make_model(kind)
+    x, y = make_batch(kind, 6)
+    with hooked_step(copy.deepcopy(model).double(), x, y, "sum") as hooks:
+        s = hooks.stats()
+        assert isinstance(s, trainscope.PerSampleStats)
+        want = hooks.parts().stats()  # the tensor stats() returned before
+        assert torch.equal(s.stats, want)
+        for i, name in enumerate(NAMES):
+            assert torch.equal(s[name], want[i]), name
+        assert torch.equal(s.parts.sq_norms, hooks.parts().sq_norms)
+        assert s.hist.dtype == torch.int64 and s.hist.numel() == 0
+        assert s.nonfinite is None and s.coverage is None
+        assert set(s.as_dict()) == set(NAMES)  # no per_sample_nonfinite: not counted
+        with pytest.raises(KeyError, match="unknown statistic"):
+            s["no_such_statistic"]
+        # The materialised path's object, for comparison: the same type and the same names.
+        m = trainscope.per_sample_stats(explicit_per_sample_grads(model, x, y))
+        assert type(m) is type(s) and m.coverage is None and "per_sample_nonfinite" in m.as_dict()
+
+
+def test_hooks_stats_coverage_comes_from_the_hooks():
+    """PerSampleStats.coverage holds the hooks' coverage when it leaves parameters out; None when
+    it skips nothing (or the hooks report none)."""
+    model, _, _ = make_model("mlp")
+    x, y = make_batch("mlp", 4)
+    with hooked_step(model.double(), x, y, "mean") as hooks:
+        assert hooks.stats().coverage is None
+        hooks.coverage = {"covered": ["0.weight"], "skipped": ["2.weight"], "fraction": 0.5}
+        assert hooks.stats().coverage is hooks.coverage
+        hooks.coverage = {"covered": ["0.weight"], "skipped": [], "fraction": 1.0}
+        assert hooks.stats().coverage is None
 
 
 SCALE_FREE = [0, 1, 2, 5]  # norm, inner-product and orthogonality tests, noise scale
