@@ -533,6 +533,9 @@ class PerSampleHooks:
         self._captures = {name: _Capture() for name, _ in self._layers}
         self._step = 0                # stamps the gradient hooks of the current step
         self._backward_seen = False   # a gradient of the current step has arrived
+        #: Off: forward passes capture nothing (and cost nothing but a check); what was captured
+        #: stays until :meth:`clear`. trainscope.Monitor arms its hooks only for due steps.
+        self.enabled = True
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
         for name, module in self._layers:
             self._handles.append(module.register_forward_hook(
@@ -613,11 +616,12 @@ class PerSampleHooks:
             self.clear()
 
     def _on_model_forward(self, module, args):
-        if torch.is_grad_enabled():
+        if self.enabled and torch.is_grad_enabled():
             self._start_step_after_backward()
 
     def _on_layer_forward(self, name, module, args, kwargs, output):
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        if not (self.enabled and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                and output.requires_grad):
             return
         self._start_step_after_backward()
         x = args[0] if args else kwargs["input"]
@@ -637,6 +641,12 @@ class PerSampleHooks:
         self._backward_seen = True
 
     # -- results
+
+    @property
+    def captured(self) -> bool:
+        """Whether an output gradient of the current step has been captured (the results can be
+        taken)."""
+        return any(u.grad is not None for cap in self._captures.values() for u in cap.uses)
 
     def _ready(self) -> list:
         """(name, module, inputs, output gradients) of every tracked layer that ran in the latest
