@@ -201,7 +201,7 @@ def make_trainscope(torch, ctx):
 
     def step(mark):
         _forward_backward(torch, model, x, y, mark)
-        s = hooks.stats()
+        s = hooks.stats().stats  # [6] in PER_SAMPLE_STATS order
         mark("stats")
         return s
 

@@ -175,7 +175,7 @@ def train(cfg: Config, problem: PermutedTasks, label: str, out_dir: str, mitigat
                 losses.mean().backward()
                 histograms = {}
                 if hooks is not None:
-                    extras["per_sample"] = dict(zip(trainscope.PER_SAMPLE_STATS, hooks.stats().unbind()))
+                    extras["per_sample"] = hooks.stats().as_dict()
                     histograms = {"per_sample/grad_hist1d": (hooks.grad_hist1d(), PS_HIST_EDGES),
                                   "per_sample/grad_hist2d": (hooks.grad_hist2d()[0], PS_HIST2D_EDGES)}
             opt.step()

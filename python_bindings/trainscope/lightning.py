@@ -83,9 +83,9 @@ try:
 except ImportError as e:  # pragma: no cover  (depends on the environment)
     raise ImportError("trainscope.lightning needs Lightning 2.x: pip install lightning") from e
 
-from . import PER_SAMPLE_STATS, PerSampleHooks, RepresentationProbe
+from . import RepresentationProbe
 from ._args import check_bool, check_hist_axis, check_int
-from .monitor import BUILTIN_METRICS, Monitor, Quantity, _spec, at_steps, every
+from .monitor import BUILTIN_METRICS, PER_SAMPLE_KEY, Monitor, Quantity, _spec, at_steps, every
 from .representation import _batch_examples, _cut_batch, _loader_first_batch
 from .tensorboard_sink import histogram_summary
 
@@ -102,8 +102,8 @@ __all__ = [
     "histogram_summary",
 ]
 
-#: Keys of the two optional families in the Monitor (and in the logged names).
-PER_SAMPLE_KEY = "per_sample"
+#: Keys of the two optional families in the Monitor (and in the logged names); per_sample is the
+#: Monitor's built-in per-sample family (Monitor(per_sample=...)).
 REPRESENTATION_KEY = "representation"
 
 
@@ -223,23 +223,6 @@ def _check_not_dict(batch) -> None:
                         "probe_forward=callable(module, batch) that runs one batch through the model")
 
 
-class _PerSampleQuantity(Quantity):
-    """The six per-sample statistics (PER_SAMPLE_STATS) of the step's batch, from the layer
-    factors the callback's PerSampleHooks captured during its backward pass."""
-
-    key = PER_SAMPLE_KEY
-
-    def __init__(self, owner: "TrainscopeCallback"):
-        self._owner = owner
-
-    def compute(self, ctx) -> Dict[str, torch.Tensor]:
-        hooks = self._owner._hooks
-        if hooks is None:  # due without a captured pass (requested during the batch): nothing to report
-            return {}
-        stats = hooks.stats()
-        return {name: stats[i] for i, name in enumerate(PER_SAMPLE_STATS)}
-
-
 class _RepresentationQuantity(Quantity):
     """Dead units and rank measures on the probe set (RepresentationProbe), after the step."""
 
@@ -267,8 +250,10 @@ class TrainscopeCallback(Callback):
     - ``grad_hist`` (on): the gradient histogram, ``nbins`` bins over [-maxval, maxval], logged as
       ``<prefix>/grad_hist1d`` to TensorBoard loggers.
     - ``per_sample`` (off): the six per-sample gradient statistics (``<prefix>/per_sample/norm_test``,
-      ...) from layer factors. On due steps, :class:`trainscope.PerSampleHooks` (``per_sample_layers``,
-      ``per_sample_loss_reduction``) are attached to the module for that batch and removed after.
+      ...) from layer factors: the Monitor's built-in per-sample family (``Monitor(per_sample=...)``),
+      whose :class:`trainscope.PerSampleHooks` (``per_sample_layers``, ``per_sample_loss_reduction``)
+      are attached to the module when training starts, capture only batches of due steps, and are
+      removed when it ends.
       Every trainable layer must be an nn.Linear or nn.Conv2d unless ``per_sample_layers`` names a
       subset. With gradient accumulation they describe the step's last micro-batch.
     - ``representation`` (off): dead units and rank measures of the activation layers on
@@ -390,7 +375,6 @@ class TrainscopeCallback(Callback):
         self._keys: Set[str] = {"param_metrics", "grad_hist", *keys}
         self.monitor: Optional[Monitor] = None
         self._trainer = None
-        self._hooks: Optional[PerSampleHooks] = None
         self._seen_global_step = 0
         self._losses: List[torch.Tensor] = []
         self._last_losses: Optional[torch.Tensor] = None   # the latest step's, for the end of the epoch
@@ -421,14 +405,16 @@ class TrainscopeCallback(Callback):
         kwargs = {}
         if self.metrics:
             kwargs["metrics"] = {n: _step_schedule(s) for n, s in self.metrics.items()}
+        if self.per_sample is not None:
+            kwargs.update(per_sample=_step_schedule(self.per_sample),
+                          per_sample_options={"layers": self.per_sample_layers,
+                                              "loss_reduction": self.per_sample_loss_reduction})
         monitor = Monitor(pl_module, param_metrics=_step_schedule(self.param_metrics) or False,
                           grad_hist=_step_schedule(self.grad_hist) or False, nbins=self.nbins, maxval=self.maxval,
                           per_tensor=self.per_tensor, weights_matrices_only=self.weights_matrices_only,
                           track_init=self.track_init, track_prev=self.track_prev,
                           ring_slots=self.ring_slots,
                           sinks=[self._log_record, *(_GlobalZeroSink(self, s) for s in self.sinks)], **kwargs)
-        if self.per_sample is not None:
-            monitor.add_quantity(_PerSampleQuantity(self), _step_schedule(self.per_sample))
         if self.representation is not None:
             if self.probe_inputs == "val":
                 self._val_loader(trainer)  # an error naming probe_inputs now if there is none
@@ -544,6 +530,10 @@ class TrainscopeCallback(Callback):
         self._last_losses = None
         self._per_sample_epoch = (self.per_sample.at if _is_epoch(self.per_sample) and self.per_sample.due(epoch)
                                   else None)
+        if self._per_sample_epoch == "start":
+            # The epoch's first optimizer step: the Monitor arms its hooks for it and measures it.
+            self.monitor.request(PER_SAMPLE_KEY)
+            self._per_sample_epoch = None
         # Before the epoch's first optimizer step, on the parameters it starts from: no gradients.
         names = self._epoch_metrics(epoch, "start", gradients=False, losses=False)
         if names:
@@ -561,17 +551,14 @@ class TrainscopeCallback(Callback):
         self._per_sample_epoch = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.monitor is None or self.per_sample is None or self._hooks is not None:
+        # per_sample at the end of an epoch: the batch taking the epoch's last optimizer step is
+        # made due (a request arms the Monitor's hooks before its forward pass); the Monitor arms
+        # them for steps its step schedule makes due by itself.
+        if self.monitor is None or self._per_sample_epoch != "end":
             return
-        due = self.monitor.due(PER_SAMPLE_KEY, trainer.global_step)  # its schedule, or a request
-        if self._per_sample_epoch == "start":
-            due = True  # the epoch's first optimizer step
-        elif self._per_sample_epoch == "end":
-            due = due or self._last_step_of_epoch(trainer, batch_idx)
-        if due:
-            # Attached only for due steps: capturing inputs and output gradients costs memory.
-            self._hooks = PerSampleHooks(pl_module, self.per_sample_layers,
-                                         loss_reduction=self.per_sample_loss_reduction)
+        if self._last_step_of_epoch(trainer, batch_idx):
+            self.monitor.request(PER_SAMPLE_KEY)
+            self._per_sample_epoch = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.monitor is None:
@@ -586,16 +573,7 @@ class TrainscopeCallback(Callback):
             losses = torch.cat(self._losses)
             self._losses = []
         self._last_losses = losses
-        step = trainer.global_step - 1
-        # per_sample on an epoch schedule: measured with this step's captured pass, unless the
-        # step measures it anyway (a request).
-        epoch_per_sample = (self._hooks is not None and self._per_sample_epoch is not None
-                            and not self.monitor.due(PER_SAMPLE_KEY, step))
-        self.monitor.step(step, losses=losses)
-        if epoch_per_sample:
-            self.monitor.measure_now(step, metrics=[PER_SAMPLE_KEY])
-            self._per_sample_epoch = None
-        self._remove_hooks()
+        self.monitor.step(trainer.global_step - 1, losses=losses)
 
     def _last_step_of_epoch(self, trainer, batch_idx: int) -> bool:
         """Whether this batch takes the epoch's last optimizer step: the epoch's last batch, or a
@@ -747,9 +725,8 @@ class TrainscopeCallback(Callback):
             self._losses.append(loss)
 
     def _remove_hooks(self) -> None:
-        if self._hooks is not None:
-            self._hooks.remove()
-            self._hooks = None
+        if self.monitor is not None:
+            self.monitor.close()  # the per-sample hooks, if any
 
     def _tag(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

@@ -19,7 +19,9 @@ Names in a record: ``loss`` (when per-sample losses are given), ``grad_norm``, `
 ``weight_magnitude``, ``distance`` (with ``track_init``), ``update_size`` (with ``track_prev``),
 ``weight_norm``, ``update_ratio`` (update_size / weight_norm, with ``track_prev``),
 ``nonfinite_count``, each on its own schedule (``metrics=``) or ``param_metrics``'s; per tensor ``<metric>/<parameter name>`` (``per_tensor``); custom quantities
-``<key>`` or ``<key>/<name>``; the gradient histogram ``grad_hist1d``. θ₀ and θ_prev cost one copy
+``<key>`` or ``<key>/<name>``; the gradient histogram ``grad_hist1d``; the per-sample statistics
+``per_sample/<stat>`` and histograms ``per_sample_grad_hist1d`` / ``per_sample_grad_hist2d``
+(``per_sample=``, ``per_sample_hist=``: Python only, see :class:`Monitor`). θ₀ and θ_prev cost one copy
 of the parameters each; θ_prev follows the parameters at every step, so ``update_size`` always
 means the latest optimizer step: call ``step()`` once per optimizer step.
 
@@ -227,6 +229,90 @@ class Quantity(abc.ABC):
 
 Sink = Callable[[StepRecord], Any]
 
+#: Keys of the per-sample families (Monitor(per_sample=..., per_sample_hist=...)); ``request``
+#: and ``due`` take them.
+PER_SAMPLE_KEY = "per_sample"
+PER_SAMPLE_HIST_KEY = "per_sample_hist"
+#: Record names of the per-sample histograms.
+PER_SAMPLE_HIST1D_NAME = "per_sample_grad_hist1d"
+PER_SAMPLE_HIST2D_NAME = "per_sample_grad_hist2d"
+
+#: ``per_sample_options`` keys and defaults (None: the Monitor's ``nbins`` / ``maxval``).
+PER_SAMPLE_OPTIONS = {"layers": None, "method": "auto", "loss_reduction": "mean", "nbins": None, "maxval": None,
+                      "hist2d": False, "nbins_param": 100, "maxval_param": 1.0}
+
+
+def _per_sample_options(options, nbins, maxval) -> Dict[str, Any]:
+    """``per_sample_options`` checked, with defaults filled in; a bad entry is an error naming it."""
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"Monitor: per_sample_options must be a dict, got {type(options).__name__}")
+    unknown = [k for k in options if k not in PER_SAMPLE_OPTIONS]
+    if unknown:
+        raise ValueError(f"Monitor: per_sample_options has the unknown key {unknown[0]!r}; the keys are "
+                         f"{', '.join(PER_SAMPLE_OPTIONS)}")
+    o = dict(PER_SAMPLE_OPTIONS, **options)
+    from .per_sample_factors import FACTOR_METHODS
+
+    if o["method"] not in FACTOR_METHODS:
+        raise ValueError(f"Monitor: per_sample_options['method'] must be one of {FACTOR_METHODS}, got {o['method']!r}")
+    if o["loss_reduction"] not in ("mean", "sum"):
+        raise ValueError(f"Monitor: per_sample_options['loss_reduction'] must be 'mean' or 'sum', "
+                         f"got {o['loss_reduction']!r}")
+    o["nbins"], o["maxval"] = check_hist_axis(nbins if o["nbins"] is None else o["nbins"],
+                                              maxval if o["maxval"] is None else o["maxval"],
+                                              "per_sample_options['nbins']", "per_sample_options['maxval']",
+                                              caller="Monitor")
+    o["hist2d"] = check_bool(o["hist2d"], "per_sample_options['hist2d']", "Monitor")
+    o["nbins_param"], o["maxval_param"] = check_hist_axis(o["nbins_param"], o["maxval_param"],
+                                                          "per_sample_options['nbins_param']",
+                                                          "per_sample_options['maxval_param']", caller="Monitor")
+    if o["hist2d"]:
+        from .hist2d import hist2d_axes
+
+        try:
+            hist2d_axes(o["nbins"], o["maxval"], o["nbins_param"], o["maxval_param"])
+        except ValueError as e:
+            raise ValueError(f"Monitor: per_sample_options: {e}") from None
+    return o
+
+
+def hist_bin_edges_host(nbins: int, maxval: float) -> torch.Tensor:
+    """The [nbins + 1] float64 bin edges on the host."""
+    from .param_stats import hist_bin_edges
+
+    return hist_bin_edges(nbins, maxval)
+
+
+class _PerSampleQuantity(Quantity):
+    """The six per-sample statistics (PER_SAMPLE_STATS, ``per_sample/<name>``) of the step's batch,
+    from the Monitor's armed PerSampleHooks. A batch of one sample has none: NaN (warned once)."""
+
+    key = PER_SAMPLE_KEY
+
+    def __init__(self, monitor: "Monitor"):
+        self._monitor = monitor
+        self._warned_batch = False
+
+    def compute(self, ctx) -> Dict[str, torch.Tensor]:
+        from .per_sample_stats import PER_SAMPLE_STATS
+
+        monitor = self._monitor
+        if not monitor._per_sample_ready(ctx.step):
+            return {}
+        try:
+            stats = monitor.per_sample_hooks.stats()
+        except RuntimeError as e:  # a batch of one sample: no statistics, NaN in the record
+            if "B >= 2" not in str(e):
+                raise
+            if not self._warned_batch:
+                self._warned_batch = True
+                warnings.warn(f"trainscope.Monitor: the batch of step {ctx.step} has fewer than 2 samples; the "
+                              "per-sample statistics need at least 2 and are NaN", RuntimeWarning, stacklevel=4)
+            return {name: float("nan") for name in PER_SAMPLE_STATS}
+        return {name: stats[name] for name in PER_SAMPLE_STATS}
+
 
 class Monitor:
     """Parameter metrics, the gradient histogram and custom quantities of a model, each on its own
@@ -250,6 +336,36 @@ class Monitor:
     - ``process_group``: the group to combine over under torch.distributed (default: the
       parameters' sharding group for FSDP2, else the default group when initialised);
       ``sinks_on_all_ranks``: hand records to the sinks on every rank, not only rank 0.
+    - ``per_sample``, ``per_sample_hist`` (off): the per-sample gradient statistics of SPEC.md §2
+      from layer factors, ``per_sample/<stat>`` for the six :data:`trainscope.PER_SAMPLE_STATS`
+      (``grad_variance_trace`` and ``grad_sq_norm_unbiased`` are the two parts of the gradient
+      noise scale, to smooth before dividing), and the per-sample gradient histogram
+      ``per_sample_grad_hist1d`` (with ``per_sample_options={"hist2d": True}`` also
+      ``per_sample_grad_hist2d``, per-sample gradient against parameter value), recorded as
+      histograms given to :meth:`step` are. Python only (the C++ Monitor has no module hooks),
+      and the model must be an ``nn.Module``. Either on, the Monitor attaches one
+      :class:`trainscope.PerSampleHooks` to the model (at construction: a layer it cannot handle
+      is an error then) and **arms** it only for steps where a per-sample family is due, so a
+      plain loop needs nothing but ``mon.step(step, losses)`` and an undue step captures nothing.
+      The rule: armed at construction iff step 0 is due (and after ``load_state_dict`` iff the
+      step after the restored one is); after ``step(s)``, armed iff step s + 1 is due;
+      ``request("per_sample")`` (or ``"per_sample_hist"``) arms at once, for the next step's
+      forward pass. What is captured is every forward pass with grad enabled from arming to the
+      backward (under ``torch.no_grad()`` nothing); a run whose first step is not step 0 and is
+      due is captured only from ``request()`` on. A due step with nothing captured (armed too
+      late) has no per-sample values in its record, and a warning says so once; a batch of one
+      sample records NaN. :meth:`measure_now` never measures them (they need the step's own
+      backward pass). ``per_sample_options``: ``layers`` (the layers to track, modules or names;
+      None: every layer holding trainable parameters, all of which must be nn.Linear or
+      nn.Conv2d), ``method`` (:data:`trainscope.per_sample_factors.FACTOR_METHODS`), ``loss_reduction`` ("mean":
+      the loss is the mean of the per-sample losses, torch's default; "sum"), ``nbins`` and
+      ``maxval`` of the per-sample histogram (default: the Monitor's), ``hist2d`` (False),
+      ``nbins_param`` and ``maxval_param`` (100, 1.0) of its parameter axis. The 2-D histogram
+      pairs the per-sample gradients with the parameter values at ``step()``, i.e. after the
+      optimizer step when ``step()`` is called after it (as ``weight_magnitude`` measures them);
+      :meth:`close` (or leaving ``with Monitor(...)``) removes the hooks. Under torch.distributed
+      the per-sample results are collectives over the default group (every rank calls ``step()``
+      alike).
 
     Parameter names are the model's own, without the prefixes wrappers add (``_orig_mod.`` of
     torch.compile, ``module.`` of DDP, ...; :func:`trainscope.distributed.clean_param_name`), so a
@@ -260,8 +376,17 @@ class Monitor:
                  nbins: int = 100, maxval: float = 0.05, per_tensor: bool = True,
                  weights_matrices_only: bool = False, track_init: bool = True, track_prev: bool = True,
                  ring_slots: int = 64, sinks: Sequence[Sink] = (), process_group=None,
-                 sinks_on_all_ranks: bool = False, metrics: Optional[Mapping[str, ScheduleLike]] = None):
+                 sinks_on_all_ranks: bool = False, metrics: Optional[Mapping[str, ScheduleLike]] = None,
+                 per_sample: ScheduleLike = None, per_sample_hist: ScheduleLike = None,
+                 per_sample_options: Optional[Mapping[str, Any]] = None):
         specs = (_spec(param_metrics, "param_metrics"), _spec(grad_hist, "grad_hist"))
+        ps_specs = {PER_SAMPLE_KEY: _spec(per_sample, "per_sample"),
+                    PER_SAMPLE_HIST_KEY: _spec(per_sample_hist, "per_sample_hist")}
+        ps_specs = {k: v for k, v in ps_specs.items() if v != "off"}
+        ps_options = _per_sample_options(per_sample_options, nbins, maxval)
+        if ps_specs and not isinstance(model_or_named_params, nn.Module):
+            raise ValueError(f"Monitor: {' and '.join(ps_specs)} need the model as an nn.Module (the per-sample "
+                             "statistics come from hooks on its layers), got (name, tensor) pairs")
         metric_specs = _metric_specs(metrics, "Monitor")
         flags = [check_bool(v, n, "Monitor") for v, n in ((per_tensor, "per_tensor"),
                                                           (weights_matrices_only, "weights_matrices_only"),
@@ -290,6 +415,26 @@ class Monitor:
         self._sinks: List[Sink] = []
         for s in sinks:
             self.add_sink(s)
+        # Per-sample statistics (Python only): hooks on the model, armed for due steps alone.
+        self.per_sample_hooks = None
+        self._ps_keys: Tuple[str, ...] = tuple(ps_specs)
+        self._ps_options = ps_options
+        self._ps_warned = False
+        if ps_specs:
+            from .per_sample_factors import PerSampleHooks
+
+            self.per_sample_hooks = PerSampleHooks(model_or_named_params, ps_options["layers"],
+                                                   method=ps_options["method"],
+                                                   loss_reduction=ps_options["loss_reduction"])
+            for key, spec in ps_specs.items():
+                self._m.add_external_quantity(key, spec)
+            if PER_SAMPLE_KEY in ps_specs:
+                self._quantities.append(_PerSampleQuantity(self))
+            self._ps_hist_edges = hist_bin_edges_host(ps_options["nbins"], ps_options["maxval"])
+            if ps_options["hist2d"]:
+                self._ps_hist2d_edges = (self._ps_hist_edges,
+                                         hist_bin_edges_host(ps_options["nbins_param"], ps_options["maxval_param"]))
+            self._arm_per_sample(0)  # the first step's number is not known yet: step 0
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -312,8 +457,11 @@ class Monitor:
 
     def request(self, key: str) -> None:
         """Makes ``key`` due at the next step: "param_metrics" (every built-in metric), a built-in
-        metric's name, "grad_hist" or a quantity's key."""
+        metric's name, "grad_hist" or a quantity's key ("per_sample", "per_sample_hist": the
+        per-sample hooks are armed at once, for the next step's forward pass)."""
         self._m.request(str(key))
+        if str(key) in self._ps_keys:
+            self.per_sample_hooks.enabled = True
 
     def due(self, key: str, step: int) -> bool:
         return bool(self._m.due(str(key), int(step)))
@@ -329,10 +477,61 @@ class Monitor:
         n + 1 edges, or counts [n0, n1] and ``(edges0, edges1)``; edges are host values (a CPU
         tensor or a sequence: reading device edges would wait for the GPU)."""
         step = check_int(step, "step", "Monitor.step")
+        if self.per_sample_hooks is not None:
+            histograms = self._per_sample_histograms(step, histograms)
         args = self._launch_args("Monitor.step", step, losses, histograms, extras,
                                  lambda q: self._m.due(q.key, step))
-        self._m.step(step, *args)
+        try:
+            self._m.step(step, *args)
+        finally:
+            if self.per_sample_hooks is not None:
+                self.per_sample_hooks.clear()  # this step's captures are used: free them
+                self._arm_per_sample(step + 1)  # after step(): its requests are spent
         self._dispatch(self._m.take_records())  # the steps that finished before this one
+
+    # -- per-sample statistics (Python only) --------------------------------------------------------
+
+    def _arm_per_sample(self, next_step: int) -> None:
+        """Arms the per-sample hooks iff a per-sample family is due at ``next_step``."""
+        if self.per_sample_hooks is not None:
+            self.per_sample_hooks.enabled = any(self._m.due(k, next_step) for k in self._ps_keys)
+
+    def _per_sample_ready(self, step: int) -> bool:
+        """Whether the hooks hold this step's capture; a due step without one is warned about once."""
+        if self.per_sample_hooks.captured:
+            return True
+        if not self._ps_warned:
+            self._ps_warned = True
+            warnings.warn(f"trainscope.Monitor: per-sample statistics are due at step {step}, but no forward and "
+                          "backward pass was captured since the hooks were armed (armed after step(s) for step "
+                          "s + 1, at construction for step 0, by request() at once); they are absent from this "
+                          "record", RuntimeWarning, stacklevel=4)
+        return False
+
+    def _per_sample_histograms(self, step: int, histograms):
+        """``histograms`` with the per-sample histograms added when per_sample_hist is due."""
+        if PER_SAMPLE_HIST_KEY not in self._ps_keys or not self._m.due(PER_SAMPLE_HIST_KEY, step):
+            return histograms
+        names = [PER_SAMPLE_HIST1D_NAME] + ([PER_SAMPLE_HIST2D_NAME] if self._ps_options["hist2d"] else [])
+        taken = [n for n in names if n in (histograms or {})]
+        if taken:
+            raise ValueError(f"Monitor.step: histograms has the name {taken[0]!r}, which the per-sample "
+                             "histograms (per_sample_hist) record; choose another name")
+        if not self._per_sample_ready(step):
+            return histograms
+        o, hooks = self._ps_options, self.per_sample_hooks
+        out = dict(histograms or {})
+        out[PER_SAMPLE_HIST1D_NAME] = (hooks.grad_hist1d(o["nbins"], o["maxval"]), self._ps_hist_edges)
+        if o["hist2d"]:
+            counts, _ = hooks.grad_hist2d(o["nbins"], o["maxval"], o["nbins_param"], o["maxval_param"])
+            out[PER_SAMPLE_HIST2D_NAME] = (counts, self._ps_hist2d_edges)
+        return out
+
+    def close(self) -> None:
+        """Removes the per-sample hooks from the model (nothing else changes; the Monitor stays
+        usable without per-sample statistics)."""
+        if self.per_sample_hooks is not None:
+            self.per_sample_hooks.remove()
 
     def measure_now(self, step: int, losses: Optional[torch.Tensor] = None, *,
                     metrics: Optional[Iterable[str]] = None, gradients: bool = False,
@@ -357,10 +556,15 @@ class Monitor:
             if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Iterable):
                 raise TypeError(f"Monitor.measure_now: metrics must be a list of names, got {metrics!r}")
             metrics = [str(m) for m in metrics]
+        per_sample = [m for m in (metrics or ()) if m in (PER_SAMPLE_KEY, PER_SAMPLE_HIST_KEY)]
+        if per_sample:
+            raise ValueError(f"Monitor.measure_now: metrics names {per_sample[0]!r}, but the per-sample statistics "
+                             "are never measured here: they need the step's own forward and backward pass "
+                             "(request() it for the next step instead)")
         keys = {q.key for q in self._quantities}
         if metrics is None:
             def wanted(q):
-                return True
+                return q.key != PER_SAMPLE_KEY
             builtin = []
         else:
             named = set(metrics)
@@ -509,6 +713,10 @@ class Monitor:
                                 [str(k) for k in state["requested"]], step is not None,
                                 0 if step is None else check_int(step, "state['step']", "Monitor.load_state_dict"),
                                 int(state.get("rank", 0)), int(state.get("world_size", 1)))
+        if step is not None:
+            self._arm_per_sample(int(step) + 1)
+        elif any(k in self._ps_keys for k in state["requested"]):
+            self._arm_per_sample(0)
 
     @property
     def writes_records(self) -> bool:
@@ -521,7 +729,10 @@ class Monitor:
     def __exit__(self, exc_type, exc, tb) -> None:
         # Leaving by an exception: the steps in flight still reach the sinks, and a second error
         # on the way (the device that failed, a sink) is a warning, not raised over the first.
-        self.flush(errors="raise" if exc_type is None else "warn")
+        try:
+            self.flush(errors="raise" if exc_type is None else "warn")
+        finally:
+            self.close()
 
 
 def _named_params_arg(value):

@@ -31,7 +31,7 @@ gradient during an ordinary backward::
     with trainscope.PerSampleHooks(model) as hooks:
         loss = F.cross_entropy(model(x), y)      # mean-reduced (loss_reduction="sum" otherwise)
         loss.backward()
-        stats = hooks.stats()                    # [6] in PER_SAMPLE_STATS order
+        stats = hooks.stats()                    # PerSampleStats: stats["norm_test"], ...
         hist = hooks.grad_hist1d()               # per-sample gradient elements, int64 [100]
 
 The functions below take one layer's input and output gradient directly; their
@@ -68,7 +68,8 @@ from ._args import check_hist_axis, register_fake
 from ._lists import tensor_list
 from .hist2d import hist2d_axes as _hist2d_axes
 from .distributed import active_group, clean_param_name
-from .per_sample_stats import PerSampleParts
+from .param_stats import grad_hist1d as param_grad_hist1d
+from .per_sample_stats import PerSampleParts, PerSampleStats
 
 #: The route: "ghost"/"tiled" (the Ḡ route, ‖Gᵢ‖² by the ghost norm or tiled), "gram" (the Gram
 #: route), "auto" (the one of fewer flops; the Ḡ route tiles when 2T² > d_in·d_out).
@@ -378,6 +379,72 @@ def _sum_over_ranks(counts: torch.Tensor, process_group) -> torch.Tensor:
     return counts
 
 
+_NO_HIST = torch.empty(0, dtype=torch.int64)
+
+# Samples' unfolded columns per call of the per-sample histogram's convolution path (elements).
+_UNFOLD_ELEMS = 1 << 26
+
+
+def _unfold(module: nn.Conv2d, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """[b, C_in·kh·kw, T] ``acc``: im2col of the input as the module pads it, exactly (a strided
+    copy of the padded input; ``at::im2col`` on the CPU is many times slower)."""
+    xp, padding = _conv_input(module, x)
+    xp = xp.to(acc)
+    if padding[0] or padding[1]:
+        xp = F.pad(xp, (padding[1], padding[1], padding[0], padding[0]))
+    b, c, h, w = xp.shape
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    sb, sc, sy, sx = xp.stride()
+    windows = xp.as_strided((b, c, kh, kw, oh, ow), (sb, sc, dh * sy, dw * sx, sh * sy, sw * sx),
+                            xp.storage_offset())
+    return windows.reshape(b, c * kh * kw, oh * ow)
+
+
+def _conv_hist1d_as_linear(module: nn.Conv2d, xs: List[torch.Tensor], grads: List[torch.Tensor],
+                           nbins: int, maxval: float) -> torch.Tensor:
+    """The per-sample weight-gradient histogram of an ungrouped nn.Conv2d as the linear problem it
+    is after unfolding, with the unfolded columns and output gradients laid out as the conv op
+    lays them out (so the per-sample gradients, and the counts, are bit for bit the conv op's),
+    and the bias's histogram from Σ_t δ_it summed as the conv op sums it."""
+    acc = torch.float64 if all(t.dtype == torch.float64 for t in (*xs, *grads)) else torch.float32
+    b = xs[0].shape[0]
+    d_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    per_sample = sum(d_in * g[0, 0].numel() for g in grads)  # unfolded elements of one sample
+    tile = max(1, _UNFOLD_ELEMS // max(per_sample, 1))
+    hist = None
+    for start in range(0, b, tile):
+        cols = [_unfold(module, x[start:start + tile], acc).transpose(1, 2) for x in xs]    # [b, T, d_in]
+        deltas = [g[start:start + tile].to(acc).flatten(2).transpose(1, 2) for g in grads]  # [b, T, d_out]
+        h = linear_per_sample_grad_hist1d(cols[0] if len(cols) == 1 else cols,
+                                          deltas[0] if len(deltas) == 1 else deltas, False, nbins, maxval)
+        hist = h if hist is None else hist + h
+    if _tracks_bias(module) and b > 0:
+        bias = functools.reduce(torch.add, [g.sum((2, 3), dtype=acc) for g in grads])
+        hist = hist + param_grad_hist1d([bias], nbins, maxval)
+    return hist
+
+
+def _layer_hist1d(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor], nbins: int,
+                  maxval: float) -> torch.Tensor:
+    """layer_per_sample_grad_hist1d, an ungrouped convolution by way of the linear op."""
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and _supported(module) and xs[0].shape[0] > 0:
+        return _conv_hist1d_as_linear(module, xs, grads, nbins, maxval)
+    return layer_per_sample_grad_hist1d(module, xs, grads, nbins, maxval)
+
+
+def _coverage_of(hooks) -> Optional[object]:
+    """What PerSampleStats.coverage holds for ``hooks``: their ``coverage`` when they have one
+    that leaves parameters out, else None (every parameter covered)."""
+    coverage = getattr(hooks, "coverage", None)
+    if coverage is None:
+        return None
+    skipped = coverage.get("skipped") if isinstance(coverage, dict) else getattr(coverage, "skipped", None)
+    if skipped is not None and len(skipped) == 0:
+        return None
+    return coverage
+
+
 # ------------------------------------------------------------------------------------------------
 # Module hooks
 
@@ -518,6 +585,9 @@ class PerSampleHooks:
         self._captures = {name: _Capture() for name, _ in self._layers}
         self._step = 0                # stamps the gradient hooks of the current step
         self._backward_seen = False   # a gradient of the current step has arrived
+        #: Off: forward passes capture nothing (and cost nothing but a check); what was captured
+        #: stays until :meth:`clear`. trainscope.Monitor arms its hooks only for due steps.
+        self.enabled = True
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
         for name, module in self._layers:
             self._handles.append(module.register_forward_hook(
@@ -598,11 +668,12 @@ class PerSampleHooks:
             self.clear()
 
     def _on_model_forward(self, module, args):
-        if torch.is_grad_enabled():
+        if self.enabled and torch.is_grad_enabled():
             self._start_step_after_backward()
 
     def _on_layer_forward(self, name, module, args, kwargs, output):
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        if not (self.enabled and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                and output.requires_grad):
             return
         self._start_step_after_backward()
         x = args[0] if args else kwargs["input"]
@@ -622,6 +693,12 @@ class PerSampleHooks:
         self._backward_seen = True
 
     # -- results
+
+    @property
+    def captured(self) -> bool:
+        """Whether an output gradient of the current step has been captured (the results can be
+        taken)."""
+        return any(u.grad is not None for cap in self._captures.values() for u in cap.uses)
 
     def _ready(self) -> list:
         """(name, module, inputs, output gradients) of every tracked layer that ran in the latest
@@ -712,10 +789,20 @@ class PerSampleHooks:
         torch.distributed: see :meth:`layer_parts`)."""
         return sum(self.layer_parts(process_group).values())
 
-    def stats(self, process_group=None) -> torch.Tensor:
-        """The six statistics [6], in PER_SAMPLE_STATS order (needs B >= 2): of the whole batch over
-        the ranks under torch.distributed (a collective; ``process_group`` as in :meth:`layer_parts`)."""
-        return self.parts(process_group).stats()
+    def stats(self, process_group=None) -> PerSampleStats:
+        """The six statistics as a :class:`PerSampleStats`, the type ``trainscope.per_sample_stats``
+        returns: ``s["norm_test"]``, ..., all six in ``s.stats`` (float64 [6], PER_SAMPLE_STATS
+        order), the summed parts in ``s.parts``. Needs B >= 2. Of the whole batch over the ranks
+        under torch.distributed (a collective; ``process_group`` as in :meth:`layer_parts`).
+
+        Fields that layer factors do not give: ``hist`` is empty ([0]; :meth:`grad_hist1d` forms
+        the per-sample gradients for it) and ``nonfinite`` is None (never counted here; non-finite
+        gradients show as NaN or inf in the statistics). ``coverage`` is the hooks' ``coverage``
+        when they report one (parameters left out), None when the statistics cover every tracked
+        layer's parameters."""
+        parts = self.parts(process_group)
+        return PerSampleStats(parts, parts.stats(), _NO_HIST.to(parts.sq_norms.device), None,
+                              _coverage_of(self))
 
     def _hist_grads(self, grads: List[torch.Tensor]) -> List[torch.Tensor]:
         if self.loss_reduction == "sum":
@@ -726,8 +813,8 @@ class PerSampleHooks:
     def grad_hist1d(self, nbins: int = 100, maxval: float = 0.05, process_group=None) -> torch.Tensor:
         """Exact int64 histogram [nbins] of all per-sample gradient elements of the tracked layers
         (of the whole batch under torch.distributed: the ranks' counts summed, one all-reduce)."""
-        hists = [layer_per_sample_grad_hist1d(m, xs, self._hist_grads(gs), nbins, maxval)
-                 for _, m, xs, gs in self._ready()]
+        nbins, maxval = check_hist_axis(nbins, maxval)
+        hists = [_layer_hist1d(m, xs, self._hist_grads(gs), nbins, maxval) for _, m, xs, gs in self._ready()]
         return _sum_over_ranks(functools.reduce(torch.add, hists), process_group)
 
     def grad_hist2d(self, nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,

@@ -75,12 +75,26 @@ class PerSampleParts:
 
 @dataclass
 class PerSampleStats:
-    """Results of :func:`per_sample_stats`."""
+    """Results of :func:`per_sample_stats` and of ``PerSampleHooks.stats()`` (one type for both):
+    the statistics by name (``s["norm_test"]``), all six in ``s.stats``.
+
+    - ``parts``: the additive parts the statistics were taken from (tied to a process group when
+      they are one rank's share of a batch split over ranks);
+    - ``stats``: [6] float64 in PER_SAMPLE_STATS order;
+    - ``hist``: [nbins] int64 per-sample gradient histogram, [0] without one. ``PerSampleHooks``
+      never fills it (``stats()`` forms no per-sample gradient): its ``grad_hist1d()`` does;
+    - ``nonfinite``: [] int64 count of non-finite per-sample gradient elements; None when not
+      counted: ``PerSampleHooks`` works from layer factors and never sees the elements (a
+      non-finite input or output gradient shows as NaN or inf in the statistics instead);
+    - ``coverage``: which parameters the statistics cover, None when they cover every trainable
+      parameter (always None for materialised gradients, which are whatever was passed in).
+      ``PerSampleHooks`` reports its ``coverage`` here when it leaves parameters out."""
 
     parts: PerSampleParts
-    stats: torch.Tensor      # [6] in PER_SAMPLE_STATS order
-    hist: torch.Tensor       # [nbins] int64 ([0] without histogram)
-    nonfinite: torch.Tensor  # [] int64
+    stats: torch.Tensor                 # [6] in PER_SAMPLE_STATS order
+    hist: torch.Tensor                  # [nbins] int64 ([0] without histogram)
+    nonfinite: Optional[torch.Tensor]   # [] int64; None: not counted (PerSampleHooks)
+    coverage: Optional[object] = None   # None: every trainable parameter
 
     def __getitem__(self, name: str) -> torch.Tensor:
         try:
@@ -89,8 +103,10 @@ class PerSampleStats:
             raise KeyError(f"unknown statistic {name!r}; expected one of {PER_SAMPLE_STATS}") from None
 
     def as_dict(self) -> dict:
+        """{name: 0-d tensor} of the six statistics, and ``per_sample_nonfinite`` when counted."""
         out = {name: self.stats[i] for i, name in enumerate(PER_SAMPLE_STATS)}
-        out["per_sample_nonfinite"] = self.nonfinite
+        if self.nonfinite is not None:
+            out["per_sample_nonfinite"] = self.nonfinite
         return out
 
 

@@ -693,7 +693,7 @@ def test_monitored_step_with_every_family_never_synchronises(gen):
             losses = F.cross_entropy(model(x), y, reduction="none")
             opt.zero_grad(set_to_none=True)
             losses.mean().backward()
-            per_sample = dict(zip(trainscope.PER_SAMPLE_STATS, hooks.stats().unbind()))
+            per_sample = hooks.stats().as_dict()
             histograms = {"per_sample/grad_hist1d": (hooks.grad_hist1d(), edges1),
                           "per_sample/grad_hist2d": (hooks.grad_hist2d()[0], edges2)}
             opt.step()

@@ -110,7 +110,7 @@ def _hook_results(model, x, y, reduction, process_group=None):
         F.cross_entropy(model(x), y, reduction=reduction).backward()
         layers = hooks.layer_parts(process_group)
         return {
-            "stats": hooks.stats(process_group),
+            "stats": hooks.stats(process_group).stats,
             "layers": {name: p.stats() for name, p in layers.items()},
             "hist1d": hooks.grad_hist1d(NBINS, MAXVAL, process_group=process_group),
             "hist2d": hooks.grad_hist2d(NBINS, MAXVAL, 5, 1.0, process_group=process_group),

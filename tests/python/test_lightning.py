@@ -190,7 +190,7 @@ def _per_sample_reference(rec):
     with trainscope.PerSampleHooks(model, loss_reduction="mean") as hooks:
         nn.functional.mse_loss(model(x), y).backward()
         stats = hooks.stats()
-    return {f"per_sample/{n}": float(stats[i]) for i, n in enumerate(trainscope.PER_SAMPLE_STATS)}
+    return {f"per_sample/{n}": float(stats[n]) for n in trainscope.PER_SAMPLE_STATS}
 
 
 def _representation_reference(rec, probe_inputs):

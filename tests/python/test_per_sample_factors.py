@@ -33,6 +33,7 @@ from trainscope.per_sample_factors import (
     conv2d_per_sample_grad_hist1d,
     conv2d_per_sample_grad_hist2d,
     conv2d_per_sample_parts,
+    layer_per_sample_grad_hist1d,
     layer_per_sample_parts,
     linear_per_sample_grad_hist1d,
     linear_per_sample_grad_hist2d,
@@ -129,7 +130,10 @@ def assert_parts_close(parts: PerSampleParts, ref: Reference, rtol: float, dtype
     assert bool((diff <= rtol * ref.dots_scale).all()), f"dots: {parts.dots.cpu()} vs {ref.dots}"
 
 
-def assert_stats_close(got: torch.Tensor, ref: Reference, rtol: float) -> None:
+def assert_stats_close(got, ref: Reference, rtol: float) -> None:
+    """``got``: the [6] statistics, or a PerSampleStats (PerSampleHooks.stats())."""
+    if isinstance(got, trainscope.PerSampleStats):
+        got = got.stats
     got = got.detach().cpu().double()
     for k, name in enumerate(NAMES):
         g, w, s = float(got[k]), float(ref.stats[k]), float(ref.scale[k])
@@ -241,6 +245,88 @@ def test_hooks_against_explicit_per_sample_grads(device, kind, method):
     if has_op("per_sample_stats_from_parts"):
         assert_stats_close(hooks.stats(), ref, 1e-9)
     hooks.remove()
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_hooks_stats_is_a_per_sample_stats(kind):
+    """hooks.stats() is the PerSampleStats trainscope.per_sample_stats() gives: every field by
+    name holds what the statistics tensor of the summed parts holds, bit for bit; the fields
+    layer factors cannot give are marked (hist empty, nonfinite None), coverage None when every
+    layer is tracked."""
+    model, _, _ = make_model(kind)
+    x, y = make_batch(kind, 6)
+    with hooked_step(copy.deepcopy(model).double(), x, y, "sum") as hooks:
+        s = hooks.stats()
+        assert isinstance(s, trainscope.PerSampleStats)
+        want = hooks.parts().stats()  # the tensor stats() returned before
+        assert torch.equal(s.stats, want)
+        for i, name in enumerate(NAMES):
+            assert torch.equal(s[name], want[i]), name
+        assert torch.equal(s.parts.sq_norms, hooks.parts().sq_norms)
+        assert s.hist.dtype == torch.int64 and s.hist.numel() == 0
+        assert s.nonfinite is None and s.coverage is None
+        assert set(s.as_dict()) == set(NAMES)  # no per_sample_nonfinite: not counted
+        with pytest.raises(KeyError, match="unknown statistic"):
+            s["no_such_statistic"]
+        # The materialised path's object, for comparison: the same type and the same names.
+        m = trainscope.per_sample_stats(explicit_per_sample_grads(model, x, y))
+        assert type(m) is type(s) and m.coverage is None and "per_sample_nonfinite" in m.as_dict()
+
+
+def test_hooks_stats_coverage_comes_from_the_hooks():
+    """PerSampleStats.coverage holds the hooks' coverage when it leaves parameters out; None when
+    it skips nothing (or the hooks report none)."""
+    model, _, _ = make_model("mlp")
+    x, y = make_batch("mlp", 4)
+    with hooked_step(model.double(), x, y, "mean") as hooks:
+        assert hooks.stats().coverage is None
+        hooks.coverage = {"covered": ["0.weight"], "skipped": ["2.weight"], "fraction": 0.5}
+        assert hooks.stats().coverage is hooks.coverage
+        hooks.coverage = {"covered": ["0.weight"], "skipped": [], "fraction": 1.0}
+        assert hooks.stats().coverage is None
+
+
+class ConvHistNet(nn.Module):
+    """Convolutions of every geometry the histogram's unfolding handles (padding, stride, dilation,
+    a padding mode, "same", with and without bias, one used twice) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1, stride=2)
+        self.c2 = nn.Conv2d(4, 5, (3, 2), dilation=(1, 2), padding=(2, 1), bias=False)
+        self.c3 = nn.Conv2d(5, 5, 3, padding="same", padding_mode="reflect")
+        self.head = nn.Linear(5 * 7 * 5, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        h = torch.tanh(self.c3(torch.tanh(self.c3(h))))  # c3 used twice
+        return self.head(h.flatten(1))
+
+
+def test_hooks_hist1d_against_torch_func_per_sample_grads():
+    """hooks.grad_hist1d on a conv net equals the histogram of torch.func per-sample gradients
+    (float64, where no element lies within rounding of a bin edge), and in float32 is bit for bit
+    the per-layer ops' (the conv op forming the per-sample gradients by at::im2col)."""
+    torch.manual_seed(3)
+    model = ConvHistNet().double()
+    x = torch.randn(5, 2, 9, 9, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        out = torch.func.functional_call(model, p, (xi[None],))
+        return F.cross_entropy(out, yi[None])
+
+    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    for nbins, maxval in ((100, 0.05), (37, 0.3)):
+        want = trainscope.per_sample_grad_hist1d(list(grads.values()), nbins, maxval)
+        with hooked_step(model, x, y, "mean") as hooks:
+            assert torch.equal(hooks.grad_hist1d(nbins, maxval), want)
+    model32 = model.float()
+    with hooked_step(model32, x.float(), y, "mean") as hooks:
+        old = sum(layer_per_sample_grad_hist1d(m, xs, hooks._hist_grads(gs), 64, 0.1)
+                  for _, m, xs, gs in hooks._ready())
+        assert torch.equal(hooks.grad_hist1d(64, 0.1), old)
 
 
 SCALE_FREE = [0, 1, 2, 5]  # norm, inner-product and orthogonality tests, noise scale
