@@ -192,6 +192,26 @@ def _per_sample_hooks_class(trainscope):
     return cls
 
 
+def stats_tensor(torch, result):
+    """``hooks.stats()`` as a [6] tensor in STATS order, on its device, without waiting for it.
+
+    ``PerSampleHooks.stats()`` returns either that tensor (PER_SAMPLE_STATS order) or an object
+    holding the statistics by name (``result["norm_test"]`` or ``result.norm_test``): both work."""
+    if isinstance(result, torch.Tensor):
+        return result.reshape(-1)
+    values = []
+    for name in STATS:
+        try:
+            v = result[name]
+        except (KeyError, TypeError, IndexError):
+            v = getattr(result, name)
+        values.append(torch.as_tensor(v, dtype=torch.float64).reshape(()))
+    devices = {v.device for v in values}
+    if len(devices) > 1:
+        values = [v.to(values[0].device) for v in values]
+    return torch.stack(values)
+
+
 def make_trainscope(torch, ctx):
     import trainscope
 
@@ -201,7 +221,7 @@ def make_trainscope(torch, ctx):
 
     def step(mark):
         _forward_backward(torch, model, x, y, mark)
-        s = hooks.stats()
+        s = stats_tensor(torch, hooks.stats())
         mark("stats")
         return s
 
