@@ -52,7 +52,7 @@ $(GTEST_SOURCES)/CMakeLists.txt:
 # Wheels of the benchmarks' peers that a GPU machine's image lacks (pure Python; the rest of what
 # they import, scipy, pandas, matplotlib and seaborn, is there), for the GPU check to install
 # offline (bench/README.md). Versions from bench/requirements-peers.txt.
-PEERS_FOR_GPU_CHECK := backpack-for-pytorch einops unfoldNd cockpit-for-pytorch json-tricks setuptools
+PEERS_FOR_GPU_CHECK := backpack-for-pytorch einops unfoldNd cockpit-for-pytorch json-tricks setuptools opacus
 peer-wheels: $(DEPS_STAMP)
 	@mkdir -p .whl
 	@for p in $(PEERS_FOR_GPU_CHECK); do \

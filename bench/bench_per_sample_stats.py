@@ -29,6 +29,14 @@ trainscope's step over vmap's; peak memory (torch.cuda.max_memory_allocated) of 
 relative to the plain step. Before timing, trainscope's six statistics are checked against a
 float64 vmap reference on small configurations, and every method's norm test against it.
 
+Whole models (``--models gpt2,resnet18``): a GPT-2-small-sized decoder (B 8, T 1024, tied LM
+head) and a ResNet-18-sized CNN (GroupNorm, or BatchNorm in eval mode; B 128, 224×224 or 32×32),
+each timed as a training step (forward + backward + SGD step) plain, with trainscope's
+``PerSampleHooks`` and ``stats()``, with Opacus's ghost clipping (PyPI opacus, optional) and with
+vmap per-sample gradients; overhead against the plain backward pass and peak memory against the
+plain step, each row against the goals (≤ 15 %, ≤ 1.2×). A layer kind PerSampleHooks or Opacus
+does not handle gives an "unsupported: <message>" row, and the run goes on.
+
 Run ``python bench/bench_per_sample_stats.py --help``; bench/README.md explains the output.
 """
 
@@ -67,6 +75,8 @@ STATS = ("norm_test", "inner_test", "ortho_test", "grad_variance_trace", "grad_s
 METHODS = ("plain", "trainscope", "vmap", "einsum", "backpack", "cockpit")
 PEERS = ("vmap", "einsum", "backpack", "cockpit")
 OPTIONAL = ("backpack", "cockpit")  # third-party: their failures are recorded, not fatal
+
+ALL_METHODS = METHODS + ("opacus",)  # opacus: the whole-model rows only (see MODEL_METHODS)
 
 DEFAULT_GRID = {"batch_sizes": "32,128,512", "dims": "512,4096", "seq_lens": "1,128"}
 QUICK_GRID = {"batch_sizes": "4,8", "dims": "16,32", "seq_lens": "1,4"}
@@ -693,6 +703,563 @@ def bench_config(torch, B, d, T, args, device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Whole models: a GPT-2-small-sized decoder and a ResNet-18-sized CNN, each timed as a training
+# step (forward + backward + SGD step) plain, with trainscope's per-sample statistics, with
+# Opacus's ghost clipping and with torch.func vmap per-sample gradients.
+
+MODEL_NAMES = ("gpt2", "resnet18")
+MODEL_METHODS = ("plain", "trainscope", "opacus", "vmap")
+# Failures recorded in the row, not fatal: Opacus (third-party), and vmap, whose coverage of a
+# whole model's operators (attention, normalisation) depends on the torch version and device.
+MODEL_OPTIONAL = ("opacus", "vmap")
+
+
+class Unsupported(Exception):
+    """A method that refuses a model (PerSampleHooks or Opacus not handling a layer kind)."""
+
+
+_MODEL_CLASSES = {}
+
+
+def _model_classes(torch):
+    """The models' nn.Module classes, defined once torch is imported and registered under their
+    names in this module, so that copy.deepcopy (Opacus's ModuleValidator.fix) can pickle them."""
+    if _MODEL_CLASSES:
+        return _MODEL_CLASSES
+    nn = torch.nn
+
+    class GPTBlock(nn.Module):
+        def __init__(self, d, n_head):
+            super().__init__()
+            self.ln_1 = nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, n_head, batch_first=True)
+            self.ln_2 = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+            # The mask is causal; is_causal=True tells nn.MultiheadAttention so (a faster kernel).
+            # Opacus's DPMultiheadAttention refuses the hint and takes the mask alone.
+            self.causal_hint = True
+
+        def forward(self, x, mask):
+            h = self.ln_1(x)
+            a, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False, is_causal=self.causal_hint)
+            x = x + a
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(nn.Module):
+        def __init__(self, n_layer, d, n_head, vocab, T):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(T, d)
+            self.h = nn.ModuleList(GPTBlock(d, n_head) for _ in range(n_layer))
+            self.ln_f = nn.LayerNorm(d)
+            self.lm_head = nn.Linear(d, vocab, bias=False)
+            for p in self.parameters():
+                if p.dim() >= 2:
+                    nn.init.normal_(p, std=0.02)
+            self.lm_head.weight = self.wte.weight  # tied
+
+        def forward(self, idx):
+            t = idx.shape[-1]
+            mask = torch.ones(t, t, dtype=torch.bool, device=idx.device).triu(1)  # True: not attended
+            x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+            for block in self.h:
+                x = block(x, mask)
+            return self.lm_head(self.ln_f(x))
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin, cout, stride, norm):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.n1 = _norm_layer(nn, norm, cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.n2 = _norm_layer(nn, norm, cout)
+            self.relu = nn.ReLU()  # not in place: hooks on layer outputs see their gradients
+            self.down = None
+            if stride != 1 or cin != cout:
+                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm_layer(nn, norm, cout))
+
+        def forward(self, x):
+            out = self.relu(self.n1(self.conv1(x)))
+            out = self.n2(self.conv2(out))
+            return self.relu(out + (x if self.down is None else self.down(x)))
+
+    for cls in (GPTBlock, GPT, BasicBlock):
+        cls.__qualname__ = cls.__name__
+        globals()[cls.__name__] = cls
+        _MODEL_CLASSES[cls.__name__] = cls
+    return _MODEL_CLASSES
+
+
+def _norm_layer(nn, norm, c):
+    return nn.GroupNorm(math.gcd(32, c), c) if norm == "group" else nn.BatchNorm2d(c)
+
+
+def make_gpt2(torch, n_layer, d, n_head, vocab, T, device, seed):
+    """GPT-2-style decoder from torch.nn modules: token and position nn.Embedding, per block
+    nn.LayerNorm → nn.MultiheadAttention (causal mask) → residual, nn.LayerNorm → Linear(d, 4d) →
+    GELU(tanh) → Linear(4d, d) → residual; final nn.LayerNorm; an nn.Linear LM head whose weight
+    is the token embedding's (tied). float32, GPT-2's N(0, 0.02²) initialisation."""
+    cls = _model_classes(torch)["GPT"]
+    torch.manual_seed(seed)
+    return cls(n_layer, d, n_head, vocab, T).to(device)
+
+
+def make_resnet18(torch, widths, blocks, classes, image, norm, device, seed):
+    """ResNet-18 layout without torchvision: a stem (7×7/2 conv + 3×3/2 max-pool for images of
+    64 pixels and up, a 3×3 conv for CIFAR-sized ones), four stages of ``blocks`` BasicBlocks
+    (3×3 conv, norm, ReLU, 3×3 conv, norm, shortcut 1×1 conv + norm where the shape changes, ReLU)
+    of ``widths`` channels, global average pool, nn.Linear head. ``norm``: "group" (GroupNorm with
+    32 groups, or fewer where the channels do not divide) or "bn-eval" (BatchNorm2d in eval mode:
+    running statistics, so sample i's output depends on sample i alone)."""
+    nn = torch.nn
+    block = _model_classes(torch)["BasicBlock"]
+    torch.manual_seed(seed)
+    big = image >= 64
+    stem = ([nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), _norm_layer(nn, norm, widths[0]), nn.ReLU(),
+             nn.MaxPool2d(3, 2, 1)] if big else
+            [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), _norm_layer(nn, norm, widths[0]), nn.ReLU()])
+    layers, cin = [], widths[0]
+    for i, (w, n) in enumerate(zip(widths, blocks)):
+        for j in range(n):
+            layers.append(block(cin, w, 2 if (i > 0 and j == 0) else 1, norm))
+            cin = w
+    model = nn.Sequential(*stem, *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+    model = model.to(device)
+    if norm == "bn-eval":
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    return model
+
+
+def model_config(name, args):
+    """The size of one model for this run (the --quick sizes are tiny, for a CPU in seconds)."""
+    if name == "gpt2":
+        if args.quick:
+            return {"n_layer": min(args.gpt_layers, 2), "d": 32, "n_head": 4, "vocab": 128, "T": 16, "B": 4}
+        return {"n_layer": args.gpt_layers, "d": 768, "n_head": 12, "vocab": 50257, "T": args.seq_len,
+                "B": args.gpt_batch}
+    if args.quick:
+        return {"widths": (4, 8, 16, 32), "blocks": (1, 1, 1, 1), "classes": 10, "image": 16, "B": 4,
+                "norm": args.resnet_norm}
+    return {"widths": (64, 128, 256, 512), "blocks": (2, 2, 2, 2), "classes": 1000 if args.image_size >= 64 else 10,
+            "image": args.image_size, "B": args.cnn_batch, "norm": args.resnet_norm}
+
+
+def build_model(torch, name, cfg, device, seed):
+    if name == "gpt2":
+        return make_gpt2(torch, cfg["n_layer"], cfg["d"], cfg["n_head"], cfg["vocab"], cfg["T"], device, seed)
+    return make_resnet18(torch, cfg["widths"], cfg["blocks"], cfg["classes"], cfg["image"], cfg["norm"],
+                         device, seed)
+
+
+def model_data(torch, name, cfg, device, seed):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if name == "gpt2":
+        tok = torch.randint(0, cfg["vocab"], (cfg["B"], cfg["T"] + 1), generator=gen)
+        return tok[:, :-1].to(device), tok[:, 1:].to(device)
+    x = torch.randn(cfg["B"], 3, cfg["image"], cfg["image"], generator=gen)
+    y = torch.randint(0, cfg["classes"], (cfg["B"],), generator=gen)
+    return x.to(device), y.to(device)
+
+
+def model_loss(torch, name, logits, y, reduction="mean"):
+    """Cross-entropy; for the decoder, sample i's loss is the mean over its tokens, so the
+    mean-reduced loss over all tokens is the mean of the per-sample losses."""
+    F = torch.nn.functional
+    if name == "gpt2":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction=reduction)
+    return F.cross_entropy(logits, y, reduction=reduction)
+
+
+def model_sizes(torch, model):
+    params = list(model.parameters())  # tied parameters once
+    return sum(p.numel() for p in params), len(params)
+
+
+def model_memory_estimate(method, n_params, B, act_bytes):
+    """Rough bytes one step of ``method`` needs: parameters, gradients and the activations of a
+    plain step (``act_bytes``, counted by the caller), plus what the method adds."""
+    plain = 8 * n_params + act_bytes
+    return {"plain": plain,
+            "trainscope": plain + act_bytes // 2,           # the captured inputs and output gradients
+            "opacus": plain + act_bytes,                    # second backward, captured activations
+            "vmap": plain + 4 * B * n_params + act_bytes,   # B per-sample gradients
+            }[method]
+
+
+def _activation_bytes(name, cfg):
+    """Activations autograd keeps for the backward pass of a plain step, float32, roughly."""
+    if name == "gpt2":
+        B, T, d, L, V = cfg["B"], cfg["T"], cfg["d"], cfg["n_layer"], cfg["vocab"]
+        per_block = B * T * d * 16 + B * cfg["n_head"] * T * T  # x, q k v, attention, MLP 4d, norms
+        return 4 * (L * per_block + 3 * B * T * V)             # logits, softmax, its gradient
+    B, img = cfg["B"], cfg["image"]
+    side = img // 4 if img >= 64 else img
+    total = 0
+    for i, w in enumerate(cfg["widths"]):
+        s = max(1, side >> i)
+        total += cfg["blocks"][i] * 8 * w * s * s
+    stem = cfg["widths"][0] * (img // 2) ** 2 * 4 if img >= 64 else cfg["widths"][0] * img * img * 3
+    return 4 * B * (total + stem)
+
+
+def _train_step(torch, name, model, opt, x, y, mark):
+    """A plain training step's phases: clear .grad, forward with the loss, backward, SGD step."""
+    opt.zero_grad(set_to_none=True)
+    loss = model_loss(torch, name, model(x), y)
+    mark("forward")
+    loss.backward()
+    mark("backward")
+    return loss
+
+
+def make_model_plain(torch, ctx):
+    model, name = ctx["build"](), ctx["name"]
+    opt = torch.optim.SGD(model.parameters(), lr=ctx["lr"])
+    x, y = ctx["x"], ctx["y"]
+
+    def step(mark):
+        _train_step(torch, name, model, opt, x, y, mark)
+        opt.step()
+        mark("optimizer")
+        return None
+
+    return step, lambda: None
+
+
+def make_model_trainscope(torch, ctx):
+    import trainscope
+
+    model, name = ctx["build"](), ctx["name"]
+    opt = torch.optim.SGD(model.parameters(), lr=ctx["lr"])
+    x, y = ctx["x"], ctx["y"]
+    try:
+        hooks = _per_sample_hooks_class(trainscope)(model, method=ctx["method"], loss_reduction="mean")
+    except (TypeError, ValueError) as e:
+        raise Unsupported(str(e) if str(e).startswith("PerSampleHooks") else f"PerSampleHooks: {e}") from e
+
+    def step(mark):
+        _train_step(torch, name, model, opt, x, y, mark)
+        try:
+            s = hooks.stats().stats  # [6] in PER_SAMPLE_STATS order
+        except (TypeError, ValueError) as e:
+            raise Unsupported(f"PerSampleHooks.stats(): {e}") from e
+        mark("stats")
+        opt.step()
+        mark("optimizer")
+        return s
+
+    return step, hooks.remove
+
+
+def make_model_vmap(torch, ctx):
+    from torch.func import functional_call, grad, vmap
+
+    model, name = ctx["build"](), ctx["name"]
+    opt = torch.optim.SGD(model.parameters(), lr=ctx["lr"])
+    x, y = ctx["x"], ctx["y"]
+    named = dict(model.named_parameters())  # a tied parameter once; functional_call ties it back
+
+    def loss_one(p, xi, yi):
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return model_loss(torch, name, out, yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
+
+    def step(mark):
+        grads = per_sample({k: v.detach() for k, v in named.items()}, x, y)
+        mark("per-sample grads")
+        s = stats_from_parts(torch, *materialised_parts(torch, grads.values()))
+        mark("stats")
+        for k, p in named.items():  # the training gradient: the mean of the per-sample ones
+            p.grad = grads[k].mean(0)
+        del grads
+        opt.step()
+        mark("optimizer")
+        return s
+
+    return step, lambda: None
+
+
+def make_model_opacus(torch, ctx):
+    """Opacus's ghost clipping (GradSampleModuleFastGradientClipping, use_ghost_clipping=True):
+    per-sample gradient norms from layer factors, clipping to max_grad_norm by a second backward
+    pass, noise multiplier 0. Modules Opacus has no ghost norm for use its per-sample gradients
+    (fast gradient clipping); nn.MultiheadAttention becomes Opacus's DPMultiheadAttention through
+    ModuleValidator.fix, as Opacus prescribes."""
+    try:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+        from opacus.validators import ModuleValidator
+    except ImportError as e:
+        raise ImportError(f"{type(e).__name__}: {e}") from e
+
+    name = ctx["name"]
+    x, y, B = ctx["x"], ctx["y"], ctx["B"]
+    try:
+        model = ctx["build"]()
+        if name == "gpt2":  # nn.MultiheadAttention → DPMultiheadAttention (a BatchNorm stays: refused below)
+            model = ModuleValidator.fix(model)
+        for m in model.modules():
+            if hasattr(m, "causal_hint"):
+                m.causal_hint = False  # DPMultiheadAttention: the causal mask alone
+        gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                   max_grad_norm=1.0, use_ghost_clipping=True)
+        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(gsm.parameters(), lr=ctx["lr"]),
+                                              noise_multiplier=0.0, max_grad_norm=1.0,
+                                              expected_batch_size=B, loss_reduction="mean")
+        criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(reduction="mean"),
+                                               loss_reduction="mean")
+    except Exception as e:  # noqa: BLE001  (Opacus refuses the model: say why, go on)
+        raise Unsupported(f"Opacus: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+    def step(mark=lambda _name: None):
+        opt.zero_grad(set_to_none=True)
+        logits = gsm(x)
+        if name == "gpt2":
+            loss = criterion(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), shape=logits.shape)
+        else:
+            loss = criterion(logits, y)
+        mark("forward")
+        loss.backward()  # two backward passes: norms, then the clipped gradient
+        mark("backward+clipping")
+        opt.step()
+        mark("optimizer")
+        return None
+
+    try:  # one step first: Opacus refuses some models only when they run
+        step()
+    except Exception as e:  # noqa: BLE001
+        if _is_oom(torch, e):
+            raise
+        why = f"Opacus: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if "attn_mask is not correct" in why:
+            why += (" (Opacus's DPMultiheadAttention with batch_first=True checks the mask against the batch "
+                    "size instead of T)")
+        raise Unsupported(why) from e
+    return step, gsm._close if hasattr(gsm, "_close") else (lambda: None)
+
+
+MODEL_FACTORIES = {"plain": make_model_plain, "trainscope": make_model_trainscope,
+                   "opacus": make_model_opacus, "vmap": make_model_vmap}
+
+
+def opacus_availability():
+    try:
+        import opacus
+    except ImportError as e:
+        return False, f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001
+        return False, f"import failed ({type(e).__name__}: {e})"
+    return True, getattr(opacus, "__version__", "unknown")
+
+
+def _read_vm_hwm():
+    """Peak resident set size of this process (VmHWM, bytes), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_vm_hwm():
+    """Resets VmHWM to the current RSS (Linux: 5 into /proc/self/clear_refs); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_model_method(torch, method, ctx, args):
+    """One method on one model: time its step, measure one step's peak memory, keep its statistics."""
+    device = ctx["device"]
+    entry = {"stats_computed": list(STATS) if method in ("trainscope", "vmap") else []}
+    if method == "opacus" and not args.opacus_available[0]:
+        entry.update(status="not installed", note=f"{args.opacus_available[1]} "
+                     "(pip install --no-deps -r bench/requirements-peers.txt)")
+        return entry
+    _free_device_memory(torch, device)
+    est = model_memory_estimate(method, ctx["params"], ctx["B"], ctx["act_bytes"])
+    entry["memory_estimate_bytes"] = est
+    free = free_memory_bytes(torch, device)
+    if free is not None and est > 0.9 * free:
+        entry.update(status="skipped", note=f"does not fit: needs about {est / 2**30:.1f} GiB of "
+                     f"{device.type} memory, {free / 2**30:.1f} GiB free")
+        return entry
+    step = cleanup = None
+    try:
+        step, cleanup = MODEL_FACTORIES[method](torch, ctx)
+        totals, phases = time_steps(torch, device, step, args.warmup, args.repeats)
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            entry["allocated_before_step_bytes"] = torch.cuda.memory_allocated(device)
+        else:
+            gc.collect()
+            entry["peak_kind"] = "process RSS (VmHWM)" if _reset_vm_hwm() else None
+        result = step(lambda _name: None)
+        if cuda:
+            torch.cuda.synchronize(device)
+            entry["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+            entry["peak_kind"] = "torch.cuda.max_memory_allocated"
+        else:
+            entry["peak_bytes"] = _read_vm_hwm() if entry["peak_kind"] else None
+        entry["status"] = "ok"
+        entry["step"] = summarize(totals)
+        entry["phases_median_ms"] = {k: statistics.median(v) for k, v in phases.items()}
+        if result is not None:
+            entry["stats"] = dict(zip(STATS, (float(v) for v in result.double().cpu())))
+            entry["norm_test"] = entry["stats"]["norm_test"]
+    except Unsupported as e:
+        note = str(e).splitlines()[0]
+        entry.update(status="unsupported", note=note if len(note) <= 400 else note[:397] + "...")
+    except ImportError as e:
+        entry.update(status="not installed", note=str(e).splitlines()[0])
+    except Exception as e:  # noqa: BLE001  (recorded; decided in main whether fatal)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if _is_oom(torch, e):
+            entry.update(status="skipped", note=f"out of {device.type} memory: {msg}")
+        else:
+            traceback.print_exc()
+            entry.update(status="error", note=f"{type(e).__name__}: {msg}")
+        del e
+    finally:
+        if cleanup is not None:
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001
+                pass
+        step = cleanup = None
+        _free_device_memory(torch, device)
+    return entry
+
+
+def bench_model(torch, name, args, device):
+    cfg = model_config(name, args)
+    row = {"model": name, "config": dict(cfg), "methods": {}}
+    if "widths" in cfg:
+        row["config"]["widths"], row["config"]["blocks"] = list(cfg["widths"]), list(cfg["blocks"])
+    ctx = {"name": name, "device": device, "B": cfg["B"], "method": args.method, "lr": 1e-4,
+           "build": functools.partial(build_model, torch, name, cfg, device, args.seed)}
+    probe = build_model(torch, name, cfg, device, args.seed)
+    ctx["params"], row["tensors"] = model_sizes(torch, probe)
+    row["params"] = ctx["params"]
+    del probe
+    ctx["act_bytes"] = _activation_bytes(name, cfg)
+    ctx["x"], ctx["y"] = model_data(torch, name, cfg, device, args.seed + 1)
+    for method in MODEL_METHODS:
+        if method in args.model_methods:
+            row["methods"][method] = run_model_method(torch, method, ctx, args)
+    ctx = None
+    _free_device_memory(torch, device)
+
+    ms = row["methods"]
+    plain = ms.get("plain", {})
+    if plain.get("status") != "ok":
+        row["error" if plain.get("status") == "error" else "skipped"] = \
+            f"plain step: {plain.get('status')} {plain.get('note', '')}".strip()
+        return row
+    bwd = plain["phases_median_ms"]["backward"]
+    row["plain_step_ms"] = plain["step"]["median_ms"]
+    row["plain_backward_ms"] = bwd
+    for method, m in ms.items():
+        if method == "plain" or m.get("status") != "ok":
+            continue
+        m["overhead_ms"] = m["step"]["median_ms"] - row["plain_step_ms"]
+        m["overhead_fraction_of_plain_backward"] = m["overhead_ms"] / bwd
+        if m.get("peak_bytes") and plain.get("peak_bytes"):
+            m["peak_ratio_vs_plain"] = m["peak_bytes"] / plain["peak_bytes"]
+        m["goals"] = {"overhead_ok": m["overhead_fraction_of_plain_backward"] <= GOAL_OVERHEAD_FRACTION}
+        if "peak_ratio_vs_plain" in m:
+            m["goals"]["peak_ok"] = m["peak_ratio_vs_plain"] <= GOAL_PEAK_RATIO
+    ts, vm = ms.get("trainscope", {}), ms.get("vmap", {})
+    if ts.get("status") == "ok" and vm.get("status") == "ok":
+        ts["norm_test_rel_diff_vs_vmap"] = _rel(ts["norm_test"], vm["norm_test"])
+        row["agree"] = bool(ts["norm_test_rel_diff_vs_vmap"] <= AGREE_RTOL)
+    return row
+
+
+def _model_desc(r):
+    c = r["config"]
+    if r["model"] == "gpt2":
+        return f"gpt2 L={c['n_layer']} d={c['d']} B={c['B']} T={c['T']}"
+    return f"resnet18 {c['norm']} B={c['B']} {c['image']}x{c['image']}"
+
+
+def print_model_tables(rows, args):
+    cpu = args.device_obj.type != "cuda"
+    suffix = " (CPU smoke run: not a result)" if cpu else ""
+    peak_what = "process RSS peak (VmHWM)" if cpu else "torch.cuda.max_memory_allocated"
+    print()
+    print("whole models: training step (forward + backward + SGD step), median ms; ovh/bwd = (step - plain "
+          f"step) / plain backward; peak x = {peak_what} / plain step's")
+    head = (f"{'model':<36} {'method':<11} | {'step ms':>9} {'bwd ms':>8} {'ovh/bwd':>8} {'peak x':>7} | goals "
+            f"(overhead <= {100 * GOAL_OVERHEAD_FRACTION:.0f}% of plain bwd, peak <= {GOAL_PEAK_RATIO:g}x)")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        n = r.get("params", 0)
+        desc = _model_desc(r) + (f" ({n / 1e6:.1f}M)" if n >= 1e5 else f" ({n / 1e3:.1f}K)")
+        if "skipped" in r or "error" in r:
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"ERROR: {r['error']}"
+            print(f"{desc:<36} {'plain':<11} | {why}")
+            continue
+        for method, m in r["methods"].items():
+            st = m.get("status")
+            lead = f"{desc:<36} {method:<11} |"
+            if st != "ok":
+                print(f"{lead} {st}: {m.get('note', '')}")
+                continue
+            bwd = m["phases_median_ms"].get("backward")
+            if method == "plain":
+                pk = f"{m['peak_bytes'] / 2**30:.3f} GiB" if m.get("peak_bytes") else "n/a"
+                print(f"{lead} {m['step']['median_ms']:>9.3f} {bwd:>8.3f} {'-':>8} {'-':>7} | baseline, peak {pk}")
+                continue
+            ovh = 100 * m["overhead_fraction_of_plain_backward"]
+            pk = m.get("peak_ratio_vs_plain")
+            g = m["goals"]
+            goals = (f"overhead {'met' if g['overhead_ok'] else 'missed'}, peak "
+                     + ({True: "met", False: "missed"}[g["peak_ok"]] if "peak_ok" in g else "not measured"))
+            extra = ""
+            if "norm_test_rel_diff_vs_vmap" in m:
+                extra = f"; norm test vs vmap {m['norm_test_rel_diff_vs_vmap']:.1e}"
+            bwd = f"{bwd:.3f}" if bwd is not None else "-"
+            print(f"{lead} {m['step']['median_ms']:>9.3f} {bwd:>8} "
+                  f"{ovh:>7.1f}% {f'{pk:.2f}' if pk else 'n/a':>7} | {goals}{extra}")
+    print()
+    for r in rows:
+        desc = _model_desc(r)
+        if "skipped" in r or "error" in r:
+            print(f"goal: {desc}: not measured ({r.get('skipped') or r.get('error')})")
+            continue
+        for method, m in r["methods"].items():
+            if method != "trainscope":  # the goals are trainscope's; the peers' rows above say how they fare
+                continue
+            st = m.get("status")
+            if st == "unsupported":
+                print(f"goal: {desc} {method}: unsupported: {m.get('note', '')}")
+            elif st != "ok":
+                print(f"goal: {desc} {method}: {st}: {m.get('note', '')}")
+            else:
+                g = m["goals"]
+                ovh = 100 * m["overhead_fraction_of_plain_backward"]
+                pk = m.get("peak_ratio_vs_plain")
+                peak = (f"peak {pk:.2f}x plain (<= {GOAL_PEAK_RATIO:g}x) {'met' if g['peak_ok'] else 'MISSED'}"
+                        if "peak_ok" in g else "peak not measured")
+                print(f"goal: {desc} {method}: overhead {ovh:.1f}% of plain backward "
+                      f"(<= {100 * GOAL_OVERHEAD_FRACTION:.0f}%) {'met' if g['overhead_ok'] else 'MISSED'}; "
+                      f"{peak}{suffix}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Output.
 
 def _cell(m, fmt="{:.3f}"):
@@ -815,17 +1382,34 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=3, help="nn.Linear(d, d) layers in the MLP (default 3)")
     p.add_argument("--method", default="auto", choices=("auto", "gram", "ghost", "tiled"),
                    help="trainscope's way of forming ‖Gᵢ‖² (default auto)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"which to run, comma-separated among {','.join(METHODS)} (default all; "
-                        "plain is always run)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"which to run, comma-separated among {','.join(ALL_METHODS)} (default all; "
+                        "plain is always run; the MLP grid runs those of "
+                        f"{','.join(METHODS)}, the models those of {','.join(MODEL_METHODS)})")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per method (default 20; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-verify", action="store_true", help="skip the float64 correctness check")
     p.add_argument("--json", metavar="OUT.json", help="write every result and the environment here")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: B 4,8, d 16,32, T 1,4 unless given, few repeats")
+    p.add_argument("--quick", "--smoke", dest="quick", action="store_true",
+                   help="smoke run: B 4,8, d 16,32, T 1,4 unless given, tiny versions of the models, few repeats")
+    g = p.add_argument_group("whole models (--models gpt2,resnet18)")
+    g.add_argument("--models", default=",".join(("mlp",) + MODEL_NAMES),
+                   help="what to run, comma-separated among mlp (the B × d × T grid above), gpt2, resnet18 "
+                        "(default all three)")
+    g.add_argument("--gpt-layers", type=int, default=12,
+                   help="decoder blocks of the GPT-2-small-sized model (default 12, GPT-2 small; fewer on a "
+                        "tight time budget)")
+    g.add_argument("--gpt-batch", type=int, default=8, help="GPT-2 batch size (default 8)")
+    g.add_argument("--seq-len", type=int, default=1024, help="GPT-2 context T (default 1024)")
+    g.add_argument("--cnn-batch", type=int, default=128, help="ResNet-18 batch size (default 128)")
+    g.add_argument("--image-size", type=int, default=224,
+                   help="ResNet-18 input side: 224 (ImageNet stem, 1000 classes; default) or e.g. 32 (CIFAR "
+                        "stem: 3x3 conv, no max-pool, 10 classes)")
+    g.add_argument("--resnet-norm", default="group", choices=("group", "bn-eval"),
+                   help="ResNet-18 normalisation: group (GroupNorm, default) or bn-eval (BatchNorm2d in eval "
+                        "mode); BatchNorm in train mode mixes the samples and has no per-sample gradients")
     args = p.parse_args(argv)
     grid = QUICK_GRID if args.quick else DEFAULT_GRID
     args.batch_sizes = positive_int_list(args.batch_sizes or grid["batch_sizes"], "--batch-sizes", p)
@@ -837,10 +1421,23 @@ def parse_args(argv=None):
         p.error("--layers must be >= 1")
     resolve_repeats(p, args, repeats=(20, 3), warmup=(3, 1))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
-        p.error(f"--methods: unknown {unknown}; choose among {list(METHODS)}")
+        p.error(f"--methods: unknown {unknown}; choose among {list(ALL_METHODS)}")
     args.methods = ["plain"] + [m for m in METHODS[1:] if m in methods]
+    args.model_methods = ["plain"] + [m for m in MODEL_METHODS[1:] if m in methods]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - {"mlp", *MODEL_NAMES})
+    if unknown or not models:
+        p.error(f"--models: unknown {unknown or models}; choose among {['mlp', *MODEL_NAMES]}")
+    args.models = [m for m in ("mlp",) + MODEL_NAMES if m in models]
+    for flag in ("gpt_layers", "gpt_batch", "seq_len", "cnn_batch", "image_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.gpt_batch < 2 or args.cnn_batch < 2:
+        p.error("--gpt-batch and --cnn-batch: the statistics need B >= 2")
+    if args.image_size < 16 and not args.quick:
+        p.error("--image-size must be >= 16")
     return args
 
 
@@ -859,6 +1456,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     args.peers_available = peer_availability()
+    args.opacus_available = opacus_availability()
 
     env = environment(torch, trainscope, device)
     env["peers"] = {n: {"available": a, "version" if a else "reason": v}
@@ -868,10 +1466,13 @@ def main(argv=None) -> int:
     env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     # Whether torch.einsum optimises the contraction order of BackPACK's four-operand einsum.
     env["opt_einsum"] = bool(torch.backends.opt_einsum.is_available())
+    a, v = args.opacus_available
+    env["peers"]["opacus"] = {"available": a, "version" if a else "reason": v}
 
     ok = True
     verify_reports = []
-    if not args.no_verify:
+    run_mlp = "mlp" in args.models
+    if run_mlp and not args.no_verify:
         for B, d, T in VERIFY_CONFIGS:
             try:
                 rep = verify_config(torch, trainscope, B, d, T, args, device)
@@ -886,7 +1487,8 @@ def main(argv=None) -> int:
             print("verification failed; timing anyway, the run will exit 1", file=sys.stderr)
 
     rows = []
-    for B, d, T in itertools.product(args.batch_sizes, args.dims, args.seq_lens):
+    grid = itertools.product(args.batch_sizes, args.dims, args.seq_lens) if run_mlp else ()
+    for B, d, T in grid:
         try:
             row = bench_config(torch, B, d, T, args, device)
         except Exception as e:  # noqa: BLE001  (recorded, the other configurations still run)
@@ -894,7 +1496,29 @@ def main(argv=None) -> int:
             row = {"B": B, "d": d, "T": T, "layers": args.layers, "error": f"{type(e).__name__}: {e}"}
         rows.append(row)
         _free_device_memory(torch, device)
-    print_tables(rows, verify_reports, args)
+    if run_mlp:
+        print_tables(rows, verify_reports, args)
+
+    model_rows = []
+    for name in args.models:
+        if name == "mlp":
+            continue
+        try:
+            row = bench_model(torch, name, args, device)
+        except Exception as e:  # noqa: BLE001  (recorded, the other model still runs)
+            traceback.print_exc()
+            row = {"model": name, "config": model_config(name, args), "methods": {},
+                   "error": f"{type(e).__name__}: {e}"}
+        model_rows.append(row)
+        _free_device_memory(torch, device)
+    if model_rows:
+        print_model_tables(model_rows, args)
+    for r in model_rows:
+        if "error" in r or not r.get("agree", True):
+            ok = False
+        for n, m in r.get("methods", {}).items():
+            if m.get("status") == "error" and n not in MODEL_OPTIONAL:
+                ok = False
 
     for r in rows:
         if "error" in r or not r.get("agree", True):
@@ -911,12 +1535,18 @@ def main(argv=None) -> int:
                "settings": {"batch_sizes": args.batch_sizes, "dims": args.dims, "seq_lens": args.seq_lens,
                             "layers": args.layers, "trainscope_method": args.method,
                             "methods": args.methods, "repeats": args.repeats, "warmup": args.warmup,
-                            "dtype": "float32", "loss": "mse_loss(mean)", "seed": args.seed},
+                            "dtype": "float32", "loss": "mse_loss(mean)", "seed": args.seed,
+                            "models": args.models, "model_methods": args.model_methods,
+                            "gpt_layers": args.gpt_layers, "gpt_batch": args.gpt_batch, "seq_len": args.seq_len,
+                            "cnn_batch": args.cnn_batch, "image_size": args.image_size,
+                            "resnet_norm": args.resnet_norm, "model_step": "forward + backward + SGD step",
+                            "model_loss": "cross_entropy(mean)"},
                "goals": {"overhead_fraction_of_plain_backward_max": GOAL_OVERHEAD_FRACTION,
                          "speedup_vs_vmap_min": GOAL_SPEEDUP_VS_VMAP,
                          "speedup_vs_vmap_at": {"B": GOAL_SPEEDUP_AT[0], "d": GOAL_SPEEDUP_AT[1]},
                          "peak_ratio_max": GOAL_PEAK_RATIO},
-               "verify": verify_reports, "results": rows, "verified": bool(ok)}
+               "verify": verify_reports, "results": rows, "model_results": model_rows,
+               "verified": bool(ok)}
         write_json(args.json, out, default=str)
     return 0 if ok else 1
 

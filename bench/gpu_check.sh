@@ -26,9 +26,10 @@
 #   BUDGET_S      seconds for the phase (default: test 400, bench 240)
 #   TRAINSCOPE_COMMIT  the commit checked, when the tree has no .git (recorded in the summary)
 #   PEER_WHEELS   folder of the peers' wheels (default: .whl, filled by `make peer-wheels`)
-#   CPP_ARGS, PY_ARGS, PS_ARGS, DEAD_UNITS_ARGS, RANK_ARGS, MONITOR_ARGS
+#   CPP_ARGS, PY_ARGS, PS_ARGS, DEAD_UNITS_ARGS, RANK_ARGS, MONITOR_ARGS, PS_MODELS_ARGS
 #                 replace the default arguments of bench_param_stats (C++), bench_param_stats.py,
-#                 bench_per_sample_stats.py, bench_dead_units.py, bench_rank.py, bench_monitor.py
+#                 bench_per_sample_stats.py (MLP grid), bench_dead_units.py, bench_rank.py,
+#                 bench_monitor.py, bench_per_sample_stats.py (whole models: GPT-2, ResNet-18)
 set -uo pipefail
 
 usage() {
@@ -375,13 +376,15 @@ run_test_phase() {
 # ---------------------------------------------------------------------------------------------
 # bench phase
 
-# bench_py NAME DEFAULT_ARGS OVERRIDE_ARGS CAP
+# bench_py NAME DEFAULT_ARGS OVERRIDE_ARGS CAP [SCRIPT [FIXED_ARGS]]
+# SCRIPT: the benchmark's name when it differs from NAME (one script, two steps); FIXED_ARGS come
+# first in both modes, so that DEFAULT_ARGS or OVERRIDE_ARGS can still replace them.
 bench_py() {
-  local name="$1" args="$2" override="$3" cap="$4"
+  local name="$1" args="$2" override="$3" cap="$4" script="${5:-$1}" fixed="${6:-}"
   local a
-  if (( DRY_RUN )); then a="--quick --device cpu"; else a="${override:-$args} --device cuda"; fi
+  if (( DRY_RUN )); then a="$fixed --quick --device cpu"; else a="$fixed ${override:-$args} --device cuda"; fi
   # shellcheck disable=SC2086  # a list of words
-  step "bench_$name" "$cap" "$PYTHON" "$ROOT/bench/bench_$name.py" $a --json "$DIR/json/bench_$name.json"
+  step "bench_$name" "$cap" "$PYTHON" "$ROOT/bench/bench_$script.py" $a --json "$DIR/json/bench_$name.json"
 }
 
 run_bench_phase() {
@@ -400,11 +403,22 @@ run_bench_phase() {
   # shellcheck disable=SC2086
   step bench_param_stats_cpp 40 "$BUILD/bench/bench_param_stats" $cpp --json "$DIR/json/bench_param_stats_cpp.json"
   bench_py param_stats "--sizes 125M,1B --repeats 20 --warmup 3" "${PY_ARGS:-}" 50
-  bench_py per_sample_stats "--batch-sizes 128 --dims 4096 --seq-lens 1,128 --repeats 5 --warmup 2" "${PS_ARGS:-}" 45
+  bench_py per_sample_stats "--batch-sizes 128 --dims 4096 --seq-lens 1,128 --repeats 5 --warmup 2" "${PS_ARGS:-}" 45 \
+    per_sample_stats "--models mlp"
   bench_py dead_units "--repeats 30 --warmup 5" "${DEAD_UNITS_ARGS:-}" 25
   bench_py rank "--widths 1024,4096 --methods trainscope,trainscope_grams,trainscope_svd,svdvals --repeats 3 --warmup 1" \
     "${RANK_ARGS:-}" 40
   bench_py monitor "--models 3c3d,gpt2 --rounds 2 --repeats 15 --warmup 3" "${MONITOR_ARGS:-}" 50
+  # Whole models last: GPT-2-small-sized (B 8, T 1024, 6 of its 12 blocks to fit the budget) and
+  # ResNet-18 (B 128, CIFAR-sized 32x32 input: at 224x224 the vmap and Opacus rows alone would
+  # outlast it); plain, trainscope, Opacus ghost clipping, vmap. Where the steps before left too
+  # little time, skipped (not failed): the rows above are the phase's first results.
+  if (( $(time_left) < 40 )); then
+    skip bench_per_sample_models "out of time for the whole-model rows (phase budget ${BUDGET_S} s; raise BUDGET_S)"
+  else
+    bench_py per_sample_models "--gpt-layers 6 --gpt-batch 8 --seq-len 1024 --cnn-batch 128 --image-size 32 \
+--repeats 5 --warmup 2" "${PS_MODELS_ARGS:-}" 90 per_sample_stats "--models gpt2,resnet18"
+  fi
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi -q -d CLOCK,TEMPERATURE,PERFORMANCE,POWER >"$LOGS/nvidia-smi-after.txt" 2>&1
   fi

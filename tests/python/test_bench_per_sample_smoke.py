@@ -2,8 +2,12 @@
 
 No timing is asserted. The run itself checks trainscope's six statistics (float32 training,
 PerSampleHooks) and every method's norm test against float64 vmap per-sample gradients, and
-exits non-zero when they disagree. BackPACK and Cockpit are optional peers: without them their
-rows say "not installed" and the run still passes.
+exits non-zero when they disagree. BackPACK, Cockpit and Opacus are optional peers: without them
+their rows say "not installed" and the run still passes.
+
+The whole-model rows (a tiny GPT-2-style decoder and ResNet-18-style CNN) must run: plain and vmap
+steps, and trainscope's either measured or "unsupported" (PerSampleHooks refusing a layer kind it
+does not handle yet), with a goal line for each; any other outcome fails.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def test_bench_per_sample_stats_quick_cpu(tmp_path):
     env = data["environment"]
     assert env["device"] == "cpu" and env["torch"]
     assert "bench_per_sample_stats.py" in env["command"]
-    assert set(env["peers"]) == {"backpack", "cockpit"}
+    assert set(env["peers"]) == {"backpack", "cockpit", "opacus"}
 
     # Correctness before timing: trainscope and vmap agree with the float64 reference.
     assert data["verify"], "no correctness check ran"
@@ -53,3 +57,30 @@ def test_bench_per_sample_stats_quick_cpu(tmp_path):
             assert key in derived, key
         assert row["agree"] is True
     assert "speedup" in proc.stdout and "goal:" in proc.stdout
+
+    # Whole models: every row ran, and each printed its goal line.
+    models = data["model_results"]
+    assert [r["model"] for r in models] == ["gpt2", "resnet18"]
+    for r in models:
+        assert "error" not in r and "skipped" not in r, r
+        methods = r["methods"]
+        assert list(methods) == ["plain", "trainscope", "opacus", "vmap"], list(methods)
+        for name in ("plain", "vmap"):
+            assert methods[name]["status"] == "ok", (r["model"], name, methods[name])
+            assert {"forward", "backward", "optimizer"} <= set(methods["plain"]["phases_median_ms"])
+        ts = methods["trainscope"]
+        assert ts["status"] in ("ok", "unsupported"), (r["model"], ts)
+        if ts["status"] == "ok":
+            assert set(ts["stats"]) == set(methods["vmap"]["stats"])
+            assert "overhead_fraction_of_plain_backward" in ts and "overhead_ok" in ts["goals"]
+            assert r["agree"] is True, r
+        else:
+            assert ts["note"].startswith("PerSampleHooks"), ts
+        assert methods["opacus"]["status"] in ("ok", "unsupported", "not installed"), methods["opacus"]
+        assert r["plain_backward_ms"] > 0
+    goal_lines = [line for line in proc.stdout.splitlines() if line.startswith("goal: ")]
+    for desc in ("goal: gpt2 ", "goal: resnet18 "):
+        line = next((g for g in goal_lines if g.startswith(desc) and " trainscope: " in g), None)
+        assert line is not None, (desc, goal_lines)
+        assert "unsupported: " in line or ("overhead" in line and ("met" in line or "MISSED" in line)), line
+    assert "whole models" in proc.stdout

@@ -23,8 +23,9 @@ BUILD = ROOT / "build"
 TEST_STEPS = ["environment", "configure", "build", "test_param_stats_cuda", "test_per_sample_stats_cuda",
               "test_hist2d_cuda", "test_dead_units_cuda", "test_rank_cuda", "cuda_graphs", "pytest", "ctest"]
 BENCH_STEPS = ["environment", "configure", "build", "bench_param_stats_cpp", "bench_param_stats",
-               "bench_per_sample_stats", "bench_dead_units", "bench_rank", "bench_monitor"]
-PY_BENCHES = ["param_stats", "per_sample_stats", "dead_units", "rank", "monitor"]
+               "bench_per_sample_stats", "bench_dead_units", "bench_rank", "bench_monitor",
+               "bench_per_sample_models"]
+PY_BENCHES = ["param_stats", "per_sample_stats", "dead_units", "rank", "monitor", "per_sample_models"]
 
 
 def _cached(var: str) -> str | None:
@@ -102,6 +103,8 @@ def test_bench_phase_dry_run(tmp_path):
         assert f"gpu_check_bench/json/bench_{b}.json" in names, names
     summary = (tmp_path / "bench-summary.md").read_text()
     assert "## Goals" in summary and "bench_rank: goal:" in summary
+    # The whole-model rows: a goal line (or "unsupported") per model, from their own step.
+    assert "bench_per_sample_models: goal: gpt2 " in summary and "bench_per_sample_models: goal: resnet18 " in summary
 
 
 def test_usage_errors():
