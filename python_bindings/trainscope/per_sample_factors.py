@@ -243,6 +243,16 @@ def _use_list(uses) -> list:
     return list(uses) if isinstance(uses, (list, tuple)) else [uses]
 
 
+def _kind_inputs(kind, module: nn.Module, input) -> list:
+    """The inputs of every use of a layer of per_sample_layers' kinds, checked as the hooks check
+    the captured ones (a batch norm in train mode is refused)."""
+    xs = [kind.wrap(module, x) for x in _use_list(input)]
+    problem = kind.problem(module, type(module).__name__, [_Use(x, None, None) for x in xs])
+    if problem is not None:
+        raise ValueError(f"trainscope: {problem}")
+    return xs
+
+
 def layer_per_sample_parts(module: nn.Module, input: Uses, grad_output: Uses,
                            method: str = "auto") -> PerSampleParts:
     """Parts of the per-sample gradients of an nn.Linear or nn.Conv2d module (its trainable
@@ -252,7 +262,8 @@ def layer_per_sample_parts(module: nn.Module, input: Uses, grad_output: Uses,
         raise _layer_kind_error(None, module)
     kind = kind_of(module)
     if kind is not None:
-        return kind.parts(module, _use_list(input), _use_list(grad_output), _check_method(method))
+        xs = _kind_inputs(kind, module, input)
+        return kind.parts(module, xs, _use_list(grad_output), _check_method(method))
     if isinstance(module, nn.Linear):
         return linear_per_sample_parts(input, grad_output, _tracks_bias(module), method)
     x, padding = _conv_inputs(module, input)
@@ -268,7 +279,7 @@ def layer_per_sample_grad_hist1d(module: nn.Module, input: Uses, grad_output: Us
         raise _layer_kind_error(None, module)
     kind = kind_of(module)
     if kind is not None:  # formed outright, in tiles of samples
-        return Materialised([(kind, module, _use_list(input), _use_list(grad_output))]).hist1d(
+        return Materialised([(kind, module, _kind_inputs(kind, module, input), _use_list(grad_output))]).hist1d(
             nbins, maxval, check_hist_axis)
     if isinstance(module, nn.Linear):
         return linear_per_sample_grad_hist1d(input, grad_output, _tracks_bias(module), nbins, maxval)
@@ -286,7 +297,7 @@ def layer_per_sample_grad_hist2d(module: nn.Module, input: Uses, grad_output: Us
         raise _layer_kind_error(None, module)
     kind = kind_of(module)
     if kind is not None:  # formed outright, in tiles of samples
-        return Materialised([(kind, module, _use_list(input), _use_list(grad_output))]).hist2d(
+        return Materialised([(kind, module, _kind_inputs(kind, module, input), _use_list(grad_output))]).hist2d(
             _hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param))
     weight = module.weight.detach()
     bias = module.bias.detach() if _tracks_bias(module) else None
@@ -844,6 +855,15 @@ class PerSampleHooks:
                     "so every use whose output reaches the loss must hold the same samples (row i of each use "
                     "is sample i). Leave it out with layers=[...].")
             out.append((name, module, [u.input for u in reached], [u.grad for u in reached]))
+        first = out[0]
+        for name, module, xs, _ in out[1:]:
+            if xs[0].shape[0] != first[2][0].shape[0]:
+                raise ValueError(
+                    f"PerSampleHooks: layer {name!r} ({type(module).__name__}) saw {xs[0].shape[0]} samples but layer "
+                    f"{first[0]!r} ({type(first[1]).__name__}) saw {first[2][0].shape[0]}; every tracked layer must "
+                    "see the batch with row i being sample i (a layer applied to an unbatched input, such as a "
+                    "position embedding of torch.arange(T), must take it expanded to [B, T]). Leave it out with "
+                    "layers=[...].")
         return out
 
     def _units(self, ready: list) -> list:

@@ -91,6 +91,10 @@ class LayerKind:
         x = args[0] if args else kwargs["input"]
         return x.detach()
 
+    def wrap(self, module, x):
+        """An input given directly (not captured by the hooks) as the kind holds a captured one."""
+        return x
+
     def output(self, output):
         """The output tensor whose gradient is captured (None: nothing to capture)."""
         return output if isinstance(output, torch.Tensor) else None
@@ -133,6 +137,11 @@ class _NormKind(LayerKind):
     def capture(self, module, args, kwargs):
         x = args[0] if args else kwargs["input"]
         return _Tagged(x.detach(), module.training)
+
+    def wrap(self, module, x):
+        """An input given as a plain tensor (not captured by the hooks) is taken in the module's
+        current mode."""
+        return x if isinstance(x, _Tagged) else _Tagged(x.detach(), module.training)
 
     def grads(self, module, xs, gs):
         w = module.weight if module.weight is not None and module.weight.requires_grad else None
@@ -661,6 +670,12 @@ class MHAKind(LayerKind):
 
     def output(self, output):
         return output[0] if isinstance(output, tuple) else None
+
+    def wrap(self, module, x):
+        if not isinstance(x, MHAInput):
+            raise TypeError("MultiheadAttention: per-sample gradients need the query, key, value and masks the "
+                            "module ran on; use PerSampleHooks, which captures them")
+        return x
 
     def grad_to_batch_first(self, module) -> bool:
         return not module.batch_first
