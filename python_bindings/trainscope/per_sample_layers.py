@@ -839,10 +839,14 @@ class Materialised:
         return PerSampleParts(torch.cat(sq), self.dots(mean), mean @ mean)
 
     def hist1d(self, nbins: int, maxval: float, check) -> torch.Tensor:
+        # The joint histogram's gradient axis, against a parameter axis of one bin (any tile size,
+        # a tile of one sample included, which the per_sample_parts op refuses).
+        nbins, maxval = check(nbins, maxval)
         out = None
         for _, g in self.tiles():
-            h = torch.ops.trainscope.per_sample_parts(g, True, *check(nbins, maxval))[3]
-            out = h if out is None else out + h
+            zeros = [t.new_zeros(t.shape[1:]) for t in g]
+            c, _ = torch.ops.trainscope.grad_hist2d(g, zeros, nbins, maxval, 1, 1.0)
+            out = c[:, 0] if out is None else out + c[:, 0]
         return out
 
     def hist2d(self, axes) -> Tuple[torch.Tensor, torch.Tensor]:
