@@ -657,3 +657,111 @@ def test_histograms_against_the_reference(case):
     assert torch.equal(h, reference_hist1d(G, 30, 0.5))
     want_counts, want_nonfinite = reference_hist2d(G, params.expand_as(G), 20, 0.5, 10, 1.0)
     assert torch.equal(counts, want_counts) and int(nonfinite) == want_nonfinite
+
+
+# ------------------------------------------------------------------------------------------------
+# More ways in
+
+
+def test_multihead_attention_with_a_per_sample_attention_mask():
+    gen(27)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            b, t = x.shape[:2]
+            # [B·heads, T, T]: each sample (and head) masks its own keys
+            mask = (x[..., :1].transpose(1, 2) > 0.9).expand(b, t, t).repeat_interleave(2, 0).clone()
+            mask[..., 0] = False
+            return self.attn(x, x, x, attn_mask=mask)[0]
+
+    check(Masked(), torch.randn(4, 5, 8))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer(norm_first):
+    gen(28)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True,
+                                       norm_first=norm_first)
+    check(nn.Sequential(layer, nn.Linear(8, 2)), torch.randn(4, 5, 8))
+
+
+def test_float32_models_against_the_float64_reference():
+    gen(29)
+    for model, x in ((GPT(), torch.randint(0, 11, (4, 8))), (Conv1dNet(), torch.randn(5, 3, 8)),
+                     (Conv3dNet(), torch.randn(4, 2, 4, 4, 4))):
+        ref = reference_stats(reference_grads(copy.deepcopy(model).double(), x.double() if x.is_floating_point() else x))
+        with PerSampleHooks(model) as hooks:
+            sample_loss(model(x)).mean().backward()
+            got = hooks.stats()
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=0)
+
+
+def test_layer_functions_take_the_new_kinds():
+    """layer_per_sample_parts on a module of the new kinds, from its input and output gradient."""
+    from trainscope.per_sample_factors import layer_per_sample_parts
+    gen(30)
+    ln = nn.LayerNorm(4).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    d = torch.randn(5, 3, 4, dtype=torch.float64)
+    xhat = F.layer_norm(x, (4,))
+    G = torch.cat([(d * xhat).sum(1), d.sum(1)], 1)
+    p = layer_per_sample_parts(ln, x, d)
+    torch.testing.assert_close(p.sq_norms, (G * G).sum(1))
+    torch.testing.assert_close(p.dots, G @ G.mean(0))
+    # Two uses: their positions add per sample.
+    p2 = layer_per_sample_parts(ln, [x, x], [d, d])
+    torch.testing.assert_close(p2.sq_norms, 4 * (G * G).sum(1))
+    bn = nn.BatchNorm1d(4).double()
+    with pytest.raises(ValueError, match="batch statistics"):
+        layer_per_sample_parts(bn, torch.randn(5, 4), torch.randn(5, 4))
+    with pytest.raises(TypeError, match="MultiheadAttention.*PerSampleHooks"):
+        layer_per_sample_parts(nn.MultiheadAttention(4, 2), x, d)
+
+
+def test_refused_inputs_name_the_layer():
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
+    with PerSampleHooks(bn) as hooks:
+        sample_loss(bn(torch.randn(4, 3))).mean().backward()
+        with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\) normalised with batch statistics"):
+            hooks.stats()
+    inorm = nn.Sequential(nn.Linear(3, 4), nn.InstanceNorm1d(4, affine=True))
+    with PerSampleHooks(inorm) as hooks:
+        sample_loss(inorm(torch.randn(4, 3))[None]).mean().backward()  # [C=4, L=3]: unbatched
+        with pytest.raises(ValueError, match=r"'1' \(InstanceNorm1d\) ran on an unbatched input"):
+            hooks.stats()
+    mha = Attention()
+    with pytest.raises(ValueError, match=r"'attn.out_proj' is read by its parent 'attn'"):
+        PerSampleHooks(mha, layers=["attn.out_proj"])
+
+
+def test_tied_with_an_unsupported_module_under_skip():
+    class Odd(nn.Module):  # an unsupported module reading the embedding's weight
+        def __init__(self, emb):
+            super().__init__()
+            self.weight = emb.weight
+
+        def forward(self, h):
+            return h @ self.weight.T
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(5, 3), nn.Linear(3, 3)
+            self.odd = Odd(self.emb)
+
+        def forward(self, t):
+            return self.odd(torch.tanh(self.lin(self.emb(t))))
+
+    model = M()
+    with pytest.raises(TypeError, match=r"'odd' \(Odd\) is not supported"):
+        PerSampleHooks(model)
+    with PerSampleHooks(model, on_unsupported="skip") as hooks:
+        assert hooks.layers == ["lin"]
+        cov = hooks.coverage
+    assert cov.covered == ["lin.weight", "lin.bias"] and cov.skipped == ["emb.weight"]
+    assert "Odd" in cov.reasons["emb.weight"]
