@@ -14,6 +14,9 @@ from x and δ alone, by one of two routes over the N = B·T rows:
   (roughly N below the harmonic mean of d_in and d_out).
 
 ``"auto"`` takes the route of fewer flops. ``nn.Conv2d`` is unfolded into the same problem.
+The other layer kinds of :data:`SUPPORTED_LAYERS` (Embedding, the normalisation layers, Conv1d,
+Conv3d, ConvTranspose1d/2d, MultiheadAttention) are measured by
+:mod:`trainscope.per_sample_layers`, one class per kind, with the same parts.
 
 The parts are float64 whatever the inputs (as the materialised path's): GEMMs run in float32
 for float32/bfloat16/float16 inputs (torch's float32 matmul precision applies; TF32 is off by
@@ -42,7 +45,9 @@ block applied twice, a recurrent cell unrolled over time) has one per-sample gra
 over its uses, Gᵢ = Σ_u Σ_t δ_u,itᵀ x_u,it: the functions take every use's input and output
 gradient as two sequences and count each use's positions as more positions of sample i, so
 every route and histogram sees the summed gradient, cross terms included. PerSampleHooks captures
-every use by itself; parameters shared by two different modules (tied weights) are refused.
+every use by itself. A parameter shared by two different modules (a tied token embedding and LM
+head) has as gradient the sum of both modules' contributions: PerSampleHooks measures such modules
+together, from their per-sample gradients formed in tiles of samples (cross terms exact).
 
 The factors are exact when sample i's output depends on sample i's input alone (no batch norm
 across samples between a layer and the loss). Results stay on the inputs' device; nothing
@@ -506,13 +511,38 @@ class Coverage:
 
 
 class PerSampleHooks:
-    """Captures the input and the output gradient of every nn.Linear and nn.Conv2d of ``model``
-    (or of the listed ``layers``: modules or their names) during an ordinary forward and
-    ``loss.backward()``, for per-sample gradient statistics of their trainable parameters.
+    """Captures the input and the output gradient of every layer of ``model`` that holds trainable
+    parameters (or of the listed ``layers``: modules or their names) during an ordinary forward
+    and ``loss.backward()``, for per-sample gradient statistics of their trainable parameters.
 
-    With ``layers=None`` every module that holds trainable parameters directly must be one of
-    :data:`SUPPORTED_LAYERS` (TypeError otherwise: list the layers to track instead). Passes under
-    ``torch.no_grad()`` are ignored.
+    Layers of :data:`SUPPORTED_LAYERS`: nn.Linear and nn.Conv2d (layer factors, the ops of this
+    module); nn.Embedding (per-sample rows summed per token, no [B, V, D] tensor; padding_idx rows
+    get nothing; scale_grad_by_freq is refused); nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, affine
+    nn.InstanceNorm1d/2d/3d and nn.BatchNorm1d/2d/3d normalising with running statistics (eval
+    mode): per-sample gradients [B, C] from the normalised input recomputed with the module's eps
+    and statistics; nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d/2d (unfolded into the Linear/Conv2d
+    problem); nn.MultiheadAttention (all its parameters, out_proj included: its forward
+    recomputed in float64 from the captured query, key, value and masks, one vjp per sample with
+    torch.func.vmap, in tiles of samples; dropout in train mode and attention weights that reach
+    the loss are refused; it reads the module's parameters when measuring, so measure before
+    ``optimizer.step()``: parameters changed since the forward pass raise ValueError naming the
+    layer). See :mod:`trainscope.per_sample_layers`.
+
+    ``on_unsupported``: with ``"error"`` (default) a module holding trainable parameters that is
+    none of these raises TypeError naming every such module and its type; with ``"skip"`` those
+    modules are left out and :attr:`coverage` lists the parameters covered and skipped and the
+    covered fraction of the parameter count, so that a result never leaves something out
+    silently. What is found at measurement time (a batch norm normalising with batch statistics,
+    which mix the samples) raises ValueError naming the layer, or under ``"skip"`` leaves the
+    layer out and reports it in :attr:`coverage`. Passes under ``torch.no_grad()`` are ignored.
+
+    **Tied parameters** — a parameter held by several modules (a GPT-style token embedding and LM
+    head, ``head.weight = emb.weight``; two Linear sharing a weight) — have one per-sample
+    gradient, the sum over the modules (SPEC.md §2). The modules are measured together (one entry
+    of :meth:`layer_parts`, named "emb+head"): their per-sample gradients are formed outright in
+    tiles of samples (memory bounded by a tile: at least one sample's copy of their parameters)
+    and added, cross terms exact. Tracking only some of them (``layers=[...]``) raises ValueError
+    naming both modules; under ``"skip"`` a tie with an unsupported module is left out whole.
 
     **A layer used more than once in a step** — the model called on two batches whose losses are
     added (siamese and contrastive losses), a block applied twice, one module object appearing
@@ -529,9 +559,9 @@ class PerSampleHooks:
     - uses of one layer with different batch sizes (``model(x)`` with B rows and ``model(x2)``
       with B' ≠ B) cannot be paired sample by sample: :meth:`parts`, :meth:`stats` and the
       histograms raise ValueError naming the layer and the sizes;
-    - a parameter held by two modules (a tied token embedding and LM head, ``head.weight =
-      emb.weight``, two Linear modules sharing one weight) raises ValueError at construction,
-      naming both modules (not supported yet; ``layers=[...]`` can leave the layer out).
+    - layers that see different batch sizes (a position embedding of an unbatched
+      ``torch.arange(T)``, whose rows are positions: expand it to [B, T]) raise ValueError naming
+      them.
 
     A use whose output did not reach the loss contributes nothing (its output gradient is zero,
     and so is its share of the per-sample gradient), whatever its batch size; a tracked layer none
@@ -573,7 +603,9 @@ class PerSampleHooks:
     histograms, as on one process). Every rank needs at least one sample (a rank without one
     raises before the first all-reduce, leaving the others waiting in it). The statistics and
     :meth:`grad_hist1d` read only the captured x and δ, never the parameters; :meth:`grad_hist2d`
-    pairs gradients with the parameter values this rank holds, which must be whole (DDP).
+    pairs gradients with the parameter values this rank holds, which must be whole (DDP). Every
+    supported layer kind and tied parameters take this path (their Σᵢ gᵢ and gᵢ·ḡ in float64;
+    MultiheadAttention's and tied modules' from their per-sample gradients, recomputed for gᵢ·ḡ).
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Iterable[Union[nn.Module, str]]] = None, *,
@@ -695,7 +727,7 @@ class PerSampleHooks:
                 if on_unsupported == "error" or layers is not None and any_kind_of(om) is not None:
                     raise ValueError(f"PerSampleHooks: {why}: its per-sample gradient is the sum of both modules' "
                                      f"contributions. Track both (layers=[...]) or leave both out.")
-                dropped.update(id(mm) for mm in (m for _, m in inside))
+                dropped.update(id(mm) for _, mm in inside)
                 skipped.setdefault(pid, why)
             for (_, a), (_, b) in zip(inside, inside[1:]):
                 parent[root(id(a))] = root(id(b))

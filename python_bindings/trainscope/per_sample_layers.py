@@ -636,8 +636,10 @@ class MHAInput:
     def __getitem__(self, index):
         kpm = self.key_padding_mask[index] if self.key_padding_mask is not None else None
         am = self.attn_mask[index] if self.per_sample_mask else self.attn_mask
-        return MHAInput(self.query[index], self.key[index], self.value[index], kpm, am, self.is_causal,
-                        self.training, self.per_sample_mask)
+        out = MHAInput(self.query[index], self.key[index], self.value[index], kpm, am, self.is_causal,
+                       self.training, self.per_sample_mask)
+        out.batched, out.versions = getattr(self, "batched", True), None
+        return out
 
 
 class MHAKind(LayerKind):
@@ -666,6 +668,7 @@ class MHAKind(LayerKind):
         inp = MHAInput(q, k, v, None if kpm is None else kpm.detach(), None if am is None else am.detach(),
                        bool(a["is_causal"]), module.training, per_sample)
         inp.batched = batched
+        inp.versions = _versions(module)  # to tell whether the parameters changed since (an optimizer step)
         return inp
 
     def output(self, output):
@@ -687,6 +690,10 @@ class MHAKind(LayerKind):
             if u.input.training and module.dropout > 0:
                 return (f"layer {name!r} (MultiheadAttention) ran in train mode with dropout={module.dropout}; its "
                         "random dropout cannot be recomputed for per-sample gradients. Use dropout=0 or eval mode")
+            if getattr(u.input, "versions", None) is not None and u.input.versions != _versions(module):
+                return (f"layer {name!r} (MultiheadAttention): its parameters changed since its forward pass (an "
+                        "optimizer step?); its per-sample gradients recompute that forward with the parameters it "
+                        "ran with: measure before optimizer.step()")
             if getattr(u, "weights_reached_loss", False):
                 return (f"layer {name!r} (MultiheadAttention): its attention weights reached the loss, which the "
                         "recomputation of its output does not follow")
@@ -728,6 +735,10 @@ class MHAKind(LayerKind):
         return [total[n] for n in names]
 
 
+def _versions(module: nn.Module) -> tuple:
+    return tuple(p._version for p in module.parameters())
+
+
 def _mha_forward(module, p, q, k, v, key_padding_mask, attn_mask, is_causal):
     """nn.MultiheadAttention's output (its non-fast path, without dropout) with parameters ``p``;
     q, k, v batch first."""
@@ -759,20 +770,24 @@ LAYER_TYPES = tuple(t for t in (nn.Embedding, nn.LayerNorm, getattr(nn, "RMSNorm
                                 nn.ConvTranspose2d, nn.MultiheadAttention) if t is not None)
 
 
+_KIND_OF_TYPE: dict = {}  # {(type, with Linear and Conv2d): kind}: a kind depends on the type alone
+
+
+def _find(module: nn.Module, kinds) -> Optional[LayerKind]:
+    key = (type(module), len(kinds))
+    if key not in _KIND_OF_TYPE:
+        _KIND_OF_TYPE[key] = next((k for k in kinds if k.matches(module)), None)
+    return _KIND_OF_TYPE[key]
+
+
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
     """The kind of this module among :data:`KINDS` (None: not one of them)."""
-    for kind in KINDS:
-        if kind.matches(module):
-            return kind
-    return None
+    return _find(module, KINDS)
 
 
 def any_kind_of(module: nn.Module) -> Optional[LayerKind]:
     """As :func:`kind_of`, Linear and Conv2d included."""
-    for kind in _FACTOR_KINDS:
-        if kind.matches(module):
-            return kind
-    return kind_of(module)
+    return _find(module, _FACTOR_KINDS + KINDS)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -401,6 +401,15 @@ def test_multihead_attention_with_dropout_in_train_mode_is_refused():
     check(model, torch.randn(4, 5, 8))
 
 
+def test_multihead_attention_after_an_optimizer_step_is_refused():
+    model = Attention().double()
+    with PerSampleHooks(model) as hooks:
+        sample_loss(model(torch.randn(4, 5, 8, dtype=torch.float64))).mean().backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        with pytest.raises(ValueError, match=r"'attn' \(MultiheadAttention\): its parameters changed"):
+            hooks.stats()
+
+
 def test_multihead_attention_in_tiles(monkeypatch):
     """Samples in several tiles give the same numbers as one tile."""
     import trainscope.per_sample_layers as layers
