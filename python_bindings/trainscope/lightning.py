@@ -269,8 +269,8 @@ class TrainscopeCallback(Callback):
     - ``per_sample`` (off): the six per-sample gradient statistics (``<prefix>/per_sample/norm_test``,
       ...) from layer factors. On due steps, :class:`trainscope.PerSampleHooks` (``per_sample_layers``,
       ``per_sample_loss_reduction``) are attached to the module for that batch and removed after.
-      Every trainable layer must be an nn.Linear or nn.Conv2d unless ``per_sample_layers`` names a
-      subset. With gradient accumulation they describe the step's last micro-batch.
+      Every trainable layer must be one of ``trainscope.SUPPORTED_LAYERS`` unless ``per_sample_layers``
+      names a subset. With gradient accumulation they describe the step's last micro-batch.
     - ``representation`` (off): dead units and rank measures of the activation layers on
       ``probe_inputs``, ``<prefix>/representation/<metric>[/<layer>]``: ``"val"``, the first
       ``num_examples`` (default 2,000) examples of the trainer's first validation dataloader

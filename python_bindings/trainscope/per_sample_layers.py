@@ -686,7 +686,8 @@ class MHAKind(LayerKind):
     def problem(self, module, name, uses):
         for u in uses:
             if not getattr(u.input, "batched", True):
-                return f"layer {name!r} (MultiheadAttention) ran on an unbatched input; per-sample gradients need a batch"
+                return (f"layer {name!r} (MultiheadAttention) ran on an unbatched input; per-sample gradients "
+                        "need a batch")
             if u.input.training and module.dropout > 0:
                 return (f"layer {name!r} (MultiheadAttention) ran in train mode with dropout={module.dropout}; its "
                         "random dropout cannot be recomputed for per-sample gradients. Use dropout=0 or eval mode")
@@ -719,18 +720,17 @@ class MHAKind(LayerKind):
                     p = {**frozen, **tp}
                     return _mha_forward(module, p, q[None], k[None], v[None],
                                         None if kpm is None else kpm[None],
-                                        am if (am is None or not _x.per_sample_mask) else am.reshape(-1, *am.shape[-2:]),
+                                        am if am is None or not _x.per_sample_mask else am.reshape(-1, *am.shape[-2:]),
                                         _x.is_causal)
                 _, pull = torch.func.vjp(f, trained)
                 return pull(delta[None])[0]
 
             in_dims = (0, 0, 0, None if x.key_padding_mask is None else 0,
                        0 if x.per_sample_mask else None, 0)
-            am = x.attn_mask
-            if am is not None and am.is_floating_point():
-                am = am.double()
+            am, kpm = (m.double() if m is not None and m.is_floating_point() else m
+                       for m in (x.attn_mask, x.key_padding_mask))
             out = torch.func.vmap(one, in_dims=in_dims)(x.query.double(), x.key.double(), x.value.double(),
-                                                         x.key_padding_mask, am, g.double())
+                                                         kpm, am, g.double())
             total = out if total is None else {n: total[n] + out[n] for n in names}
         return [total[n] for n in names]
 

@@ -702,7 +702,8 @@ def test_float32_models_against_the_float64_reference():
     gen(29)
     for model, x in ((GPT(), torch.randint(0, 11, (4, 8))), (Conv1dNet(), torch.randn(5, 3, 8)),
                      (Conv3dNet(), torch.randn(4, 2, 4, 4, 4))):
-        ref = reference_stats(reference_grads(copy.deepcopy(model).double(), x.double() if x.is_floating_point() else x))
+        x64 = x.double() if x.is_floating_point() else x
+        ref = reference_stats(reference_grads(copy.deepcopy(model).double(), x64))
         with PerSampleHooks(model) as hooks:
             sample_loss(model(x)).mean().backward()
             got = hooks.stats()
