@@ -518,9 +518,13 @@ class Conv3dKind(_ConvKind):
 
     def parts(self, module, xs, gs, method="auto"):
         w, bias = self._weight_bias(module)
-        if not w:  # a trainable bias alone: [B, C_out]
+        unfolded = sum(g[0, 0].numel() * module.weight[0].numel() * module.groups * g.shape[0] for g in gs)
+        if not w or unfolded > TILE_ELEMS:
+            # A trainable bias alone, or patches of the whole batch above the budget: per-sample
+            # gradients formed in tiles of samples (memory bounded by a tile).
             return Materialised([(self, module, xs, gs)]).parts()
-        # One Linear problem per group (disjoint blocks of the weight and bias: their parts add).
+        # The batch's patches: one Linear problem per group (disjoint blocks of the weight and
+        # bias: their parts add).
         per_use = [self.problems(module, x, g, dtype=torch.promote_types(x.dtype, torch.float32))
                    for x, g in zip(xs, gs)]
         total = 0

@@ -308,6 +308,20 @@ def test_conv3d(bias, cfg):
     check(model, x)
 
 
+def test_conv3d_in_tiles_of_samples(monkeypatch):
+    """Patches of the batch above the budget: per-sample gradients formed in tiles of samples."""
+    import trainscope.per_sample_layers as layers
+    gen(31)
+    monkeypatch.setattr(layers, "TILE_ELEMS", 3000)
+    model = nn.Sequential(nn.Conv3d(2, 4, 2, padding=1, groups=2), nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(5, 2, 3, 3, 3)
+    model(x)
+    check(model, x)
+    model, x = ConvTwice(nn.Conv3d(3, 3, 3, padding=1)), torch.randn(4, 3, 3, 3, 3)
+    model(x)
+    check(model, x, reductions=("sum",))
+
+
 class ConvTwice(nn.Module):
     def __init__(self, conv):
         super().__init__()
