@@ -539,9 +539,10 @@ class PerSampleHooks:
     **Tied parameters** — a parameter held by several modules (a GPT-style token embedding and LM
     head, ``head.weight = emb.weight``; two Linear sharing a weight) — have one per-sample
     gradient, the sum over the modules (SPEC.md §2). The modules are measured together (one entry
-    of :meth:`layer_parts`, named "emb+head"): their per-sample gradients are formed outright in
-    tiles of samples (memory bounded by a tile: at least one sample's copy of their parameters)
-    and added, cross terms exact. Tracking only some of them (``layers=[...]``) raises ValueError
+    of :meth:`layer_parts`, named "emb+head"), cross terms exact: an nn.Embedding tied to an
+    nn.Linear from their factors (no [B, V, D] tensor), other ties from their per-sample gradients
+    formed outright in tiles of samples (memory bounded by a tile: at least one sample's copy of
+    their parameters). Tracking only some of them (``layers=[...]``) raises ValueError
     naming both modules; under ``"skip"`` a tie with an unsupported module is left out whole.
 
     **A layer used more than once in a step** — the model called on two batches whose losses are
@@ -914,11 +915,11 @@ class PerSampleHooks:
                 units.append((entry[0], [entry]))
         return [("+".join(e[0] for e in entries), entries) for _, entries in units]
 
-    @staticmethod
-    def _together(entries: list, scale_grads=None) -> Materialised:
-        """Per-sample gradients of modules sharing parameters, formed outright in tiles."""
-        return Materialised([(any_kind_of(m), m, xs, scale_grads(gs) if scale_grads else gs)
-                             for _, m, xs, gs in entries])
+    def _together(self, entries: list, scale_grads=None):
+        """The measure of modules sharing parameters: a token embedding tied to a Linear from
+        their factors, other ties (and every histogram) from per-sample gradients formed in tiles."""
+        kinds = [(any_kind_of(m), m, xs, scale_grads(gs) if scale_grads else gs) for _, m, xs, gs in entries]
+        return Materialised(kinds) if scale_grads else _layers.together(kinds, self.method)
 
     def layer_parts(self, process_group=None) -> dict:
         """{layer name: PerSampleParts} of every tracked layer that ran in the latest step.

@@ -30,7 +30,9 @@ How each kind is measured:
   its weights. Dropout in train mode (not recomputable) and attention weights that reach the loss
   are refused.
 
-A parameter shared by several modules (tied weights) is measured by :class:`Materialised`: the
+A parameter shared by several modules (tied weights): a token embedding tied to a Linear (a
+GPT-style LM head) by :class:`TiedEmbeddingLinear`, from their factors (no [B, V, D] tensor; the
+cross term Σ_{t,s} δh_is[tok_it] (δe_it·x_is)); any other tie by :class:`Materialised`: the
 per-sample gradients of every module holding it are formed in tiles of samples and added, so the
 cross terms between the modules are exact; memory is bounded by one tile.
 """
@@ -875,3 +877,125 @@ class Materialised:
             c, n = torch.ops.trainscope.grad_hist2d([t.to(p.dtype) for t, p in zip(g, ps)], ps, *axes)
             counts, nonfinite = (c, n) if counts is None else (counts + c, nonfinite + n)
         return counts, nonfinite
+
+
+# ------------------------------------------------------------------------------------------------
+# A token embedding tied to a Linear output layer, from factors
+
+
+class TiedEmbeddingLinear:
+    """An nn.Embedding and an nn.Linear sharing one weight W [V, D] (a GPT-style token embedding
+    and LM head, ``head.weight = emb.weight``), from their factors, never a [B, V, D] tensor.
+
+    Sample i's gradient of W is Eᵢ + Hᵢ: Eᵢ = Σ_t onehot(tok_it) δe_itᵀ from the embedding (its
+    output gradient δe [B, T, D]) and Hᵢ = Σ_s δh_isᵀ x_is from the head (input x [B, S, D],
+    output gradient δh [B, S, V]). ‖Eᵢ + Hᵢ‖² = ‖Eᵢ‖² + ‖Hᵢ‖² + 2 Eᵢ·Hᵢ with the cross term
+    Eᵢ·Hᵢ = Σ_{t,s} δh_is[tok_it] (δe_it · x_is) (a [T, S] product per sample, in tiles of
+    samples and of positions), ‖Hᵢ‖² from the Linear op's route (``method``), gᵢ·ḡ gathering ḡ's
+    rows for Eᵢ and Σ_s δh_is·(Ḡ x_is) for Hᵢ, Σᵢ gᵢ by an index_add and one GEMM. The head's bias,
+    if trainable, is a block of its own (Σ_s δh_is). Every use of either module counts as more
+    positions of sample i."""
+
+    def __init__(self, entries, method: str = "auto"):
+        (self.emb_kind, self.emb, exs, egs), (_, self.head, hxs, hgs) = sorted(
+            entries, key=lambda e: not isinstance(e[0], EmbeddingKind))
+        b = exs[0].shape[0]
+        self.batch = b
+        self.method = method
+        self.tok = _cat_positions([x.reshape(b, -1) for x in exs])                          # [b, T]
+        de = _cat_positions([g.reshape(b, -1, g.shape[-1]) for g in egs])                   # [b, T, D]
+        if self.emb.padding_idx is not None:
+            de = de * (self.tok != self.emb.padding_idx).unsqueeze(-1).to(de.dtype)
+        self.de = de
+        self.x = _cat_positions([x.reshape(b, -1, x.shape[-1]) for x in hxs])               # [b, S, D]
+        self.dh = _cat_positions([g.reshape(b, -1, g.shape[-1]) for g in hgs])              # [b, S, V]
+        self.bias = self.head.bias is not None and self.head.bias.requires_grad
+        self.vocab, self.dim = self.emb.weight.shape
+
+    @staticmethod
+    def applies(entries) -> bool:
+        """Two modules, an Embedding and a Linear holding the same trainable weight, nothing else
+        shared."""
+        if len(entries) != 2:
+            return False
+        kinds = [e[0] for e in entries]
+        emb = [e[1] for e in entries if isinstance(e[0], EmbeddingKind)]
+        lin = [e[1] for e in entries if isinstance(e[0], LinearKind)]
+        if len(emb) != 1 or len(lin) != 1 or len(kinds) != 2:
+            return False
+        return lin[0].weight is emb[0].weight and lin[0].weight.requires_grad and (
+            lin[0].bias is None or lin[0].bias is not emb[0].weight)
+
+    def _tile(self, per_sample: int) -> int:
+        return max(1, TILE_ELEMS // max(per_sample, 1))
+
+    def _tiles(self):
+        t, s = self.tok.shape[1], self.x.shape[1]
+        step = self._tile(3 * s * self.vocab + 2 * t * self.dim + 2 * s * self.dim)
+        for a in range(0, self.batch, step):
+            yield slice(a, a + step)
+
+    def _cross(self) -> torch.Tensor:
+        """Eᵢ·Hᵢ [b] float64."""
+        t, s = self.tok.shape[1], self.x.shape[1]
+        out = []
+        for sl in self._tiles():
+            de, tok = self.de[sl].double(), self.tok[sl]
+            x, dh = self.x[sl].double(), self.dh[sl]
+            b = tok.shape[0]
+            tc = max(1, TILE_ELEMS // max(3 * b * s, 1))  # embedding positions per chunk
+            acc = x.new_zeros(b)
+            for c in range(0, t, tc):
+                a_ts = de[:, c:c + tc] @ x.transpose(1, 2)                                   # [b, tc, S]
+                idx = tok[:, None, c:c + tc].expand(b, s, -1)
+                d_st = dh.gather(2, idx).double()                                             # [b, S, tc]
+                acc = acc + (a_ts * d_st.transpose(1, 2)).sum((1, 2))
+            out.append(acc)
+        return torch.cat(out)
+
+    def sq_norms(self) -> torch.Tensor:
+        rows, row_sample, _, b = self.emb_kind._rows(self.emb, [self.tok], [self.de])
+        e_sq = rows.new_zeros(b).index_add_(0, row_sample, (rows * rows).sum(1))
+        op = torch.ops.trainscope.linear_per_sample_parts.default
+        if b == 1:  # the op needs two samples: one goes in twice
+            h_sq = op(torch.cat([self.x, self.x]), torch.cat([self.dh, self.dh]), self.bias, self.method)[0][:1]
+        else:
+            h_sq = op(self.x, self.dh, self.bias, self.method)[0]      # the head's bias included
+        return e_sq + h_sq + 2 * self._cross()
+
+    def grad_sum(self) -> torch.Tensor:
+        w = self.de.new_zeros(self.vocab, self.dim, dtype=torch.float64).index_add_(
+            0, self.tok.reshape(-1), self.de.reshape(-1, self.dim).double())
+        bias = None
+        for sl in self._tiles():
+            dh = self.dh[sl].double().reshape(-1, self.vocab)
+            w = w + dh.T @ self.x[sl].double().reshape(-1, self.dim)
+            if self.bias:
+                bias = dh.sum(0) if bias is None else bias + dh.sum(0)
+        return torch.cat([w.reshape(-1)] + ([bias] if self.bias else []))
+
+    def dots(self, mean: torch.Tensor) -> torch.Tensor:
+        mean = mean.double()
+        n_w = self.vocab * self.dim
+        w_mean = mean[:n_w].reshape(self.vocab, self.dim)
+        out = []
+        for sl in self._tiles():
+            de, tok = self.de[sl].double(), self.tok[sl]
+            x, dh = self.x[sl].double(), self.dh[sl].double()
+            d = (de * w_mean[tok]).sum((1, 2)) + ((x @ w_mean.T) * dh).sum((1, 2))
+            if self.bias:
+                d = d + dh.sum(1) @ mean[n_w:]
+            out.append(d)
+        return torch.cat(out)
+
+    def parts(self) -> PerSampleParts:
+        mean = self.grad_sum() / self.batch
+        return PerSampleParts(self.sq_norms(), self.dots(mean), mean @ mean)
+
+
+def together(entries, method: str = "auto"):
+    """The measure of modules sharing parameters: :class:`TiedEmbeddingLinear` for a token
+    embedding tied to a Linear, else :class:`Materialised` (per-sample gradients in tiles)."""
+    if TiedEmbeddingLinear.applies(entries):
+        return TiedEmbeddingLinear(entries, method)
+    return Materialised(entries)

@@ -462,6 +462,36 @@ def test_tied_embedding_and_head(head_bias):
         assert sorted(hooks.layer_parts()) == ["emb+head", "mix"]
 
 
+class TiedTwice(nn.Module):
+    """A tied embedding and head, each used twice, padding tokens, the head on 2-D and 3-D input."""
+
+    def __init__(self, vocab=9, dim=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=1)
+        self.head = nn.Linear(dim, vocab)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        h = torch.tanh(self.emb(tokens) + self.emb(tokens.flip(1)))
+        return torch.cat([self.head(h), self.head(h.mean(1))[:, None]], dim=1)
+
+
+@pytest.mark.parametrize("tile", [None, 40])
+def test_tied_embedding_and_head_from_factors(monkeypatch, tile):
+    import trainscope.per_sample_layers as layers
+    gen(32)
+    if tile is not None:  # tiles of one sample, and of positions
+        monkeypatch.setattr(layers, "TILE_ELEMS", tile)
+    tokens = torch.randint(0, 9, (5, 4))
+    tokens[:, 0] = 1
+    check(TiedTwice(), tokens)
+    model = TiedTwice()
+    with PerSampleHooks(model) as hooks:
+        sample_loss(model(tokens)).mean().backward()
+        units = hooks._units(hooks._ready())
+        assert isinstance(hooks._together(units[0][1]), layers.TiedEmbeddingLinear)
+
+
 def test_two_linear_layers_sharing_a_weight(monkeypatch):
     import trainscope.per_sample_layers as layers
     gen(19)
