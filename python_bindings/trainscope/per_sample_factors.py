@@ -922,7 +922,8 @@ class PerSampleHooks:
         return Materialised(kinds) if scale_grads else _layers.together(kinds, self.method)
 
     def layer_parts(self, process_group=None) -> dict:
-        """{layer name: PerSampleParts} of every tracked layer that ran in the latest step.
+        """{layer name: PerSampleParts} of every tracked layer that ran in the latest step (modules
+        sharing parameters as one entry, their names joined by "+": "emb+head").
 
         Under torch.distributed (``process_group``: None for the default group when initialised,
         or a group; :data:`trainscope.distributed.THIS_PROCESS` for this rank alone) each rank's

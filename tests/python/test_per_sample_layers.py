@@ -819,3 +819,29 @@ def test_tied_with_an_unsupported_module_under_skip():
         cov = hooks.coverage
     assert cov.covered == ["lin.weight", "lin.bias"] and cov.skipped == ["emb.weight"]
     assert "Odd" in cov.reasons["emb.weight"]
+
+
+@pytest.mark.parametrize("conv", [lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+                                  lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, dilation=2, groups=2),
+                                  lambda: nn.ConvTranspose2d(4, 2, (2, 3), stride=(2, 1), groups=2),
+                                  lambda: nn.Conv3d(4, 2, 2, padding=1, groups=2)])
+def test_every_route_of_a_convolution_agrees(conv):
+    """The parts from the ops, from per-sample gradients formed in tiles (ties, histograms) and
+    from the distributed path's Σᵢ gᵢ and gᵢ·ḡ agree, with groups."""
+    from trainscope.per_sample_layers import Materialised, kind_of
+    gen(33)
+    layer = conv().double()
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).double()
+    x = torch.randn(5, 4, *([5] * (layer.weight.dim() - 2)), dtype=torch.float64)
+    model(x)
+    G = reference_grads(model, x)[:, :sum(p.numel() for p in layer.parameters())]
+    with PerSampleHooks(model, loss_reduction="sum") as hooks:
+        sample_loss(model(x)).sum().backward()
+        (_, module, xs, gs), _ = hooks._ready()
+    kind = kind_of(module)
+    mean = G.mean(0)
+    for parts in (kind.parts(module, xs, gs), Materialised([(kind, module, xs, gs)]).parts()):
+        torch.testing.assert_close(parts.sq_norms, (G * G).sum(1), rtol=RTOL, atol=0)
+        torch.testing.assert_close(parts.dots, G @ mean, rtol=RTOL, atol=0)
+    torch.testing.assert_close(kind.grad_sum(module, xs, gs), G.sum(0), rtol=RTOL, atol=1e-12)
+    torch.testing.assert_close(kind.dots(module, xs, gs, mean), G @ mean, rtol=RTOL, atol=0)
