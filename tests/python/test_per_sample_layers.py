@@ -166,6 +166,31 @@ def test_batchnorm_eval(affine):
     check(_bn_eval(model, (4, 2, 3, 3, 3)), torch.randn(4, 2, 3, 3, 3))
 
 
+class NormTwice(nn.Module):
+    def __init__(self, norm, channels=4):
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+        self.norm = norm
+        self.head = nn.Linear(channels * 5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.conv(x)))
+        return self.head(self.norm(h * 1.5 + 0.2).flatten(1))
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.GroupNorm(2, 4), lambda: nn.BatchNorm1d(4),
+                                  lambda: nn.InstanceNorm1d(4, affine=True), lambda: nn.LayerNorm(5),
+                                  lambda: nn.RMSNorm([4, 5])])
+def test_normalisation_layers_used_twice(norm):
+    gen(34)
+    model = NormTwice(norm())
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    if isinstance(model.norm, nn.BatchNorm1d):
+        model = _bn_eval(model, (6, 4, 5))
+    check(model, torch.randn(4, 4, 5))
+
+
 def test_batchnorm_in_train_mode_is_an_error_or_skipped():
     gen(6)
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)).double()
