@@ -47,7 +47,8 @@ gradient as two sequences and count each use's positions as more positions of sa
 every route and histogram sees the summed gradient, cross terms included. PerSampleHooks captures
 every use by itself. A parameter shared by two different modules (a tied token embedding and LM
 head) has as gradient the sum of both modules' contributions: PerSampleHooks measures such modules
-together, from their per-sample gradients formed in tiles of samples (cross terms exact).
+together, cross terms exact (an Embedding tied to a Linear from their factors, other ties from
+their per-sample gradients formed in tiles of samples).
 
 The factors are exact when sample i's output depends on sample i's input alone (no batch norm
 across samples between a layer and the loss). Results stay on the inputs' device; nothing
@@ -640,18 +641,18 @@ class PerSampleHooks:
         # Layers are named by the model's own names (without DDP's "module." and the like).
         names = {m: clean_param_name(n) for n, m in model.named_modules()}
         # Submodules whose parameters their parent reads itself (MultiheadAttention's out_proj).
+        # (a subclass with its own forward too: its out_proj goes with it, supported or not).
         claimed = {}
         for module, name in names.items():
-            kind = kind_of(module)
-            if isinstance(kind, _layers.MHAKind):
-                for sub in kind.claimed_submodules(module):
-                    claimed[id(sub)] = (name, module)
+            if isinstance(module, nn.MultiheadAttention):
+                claimed[id(module.out_proj)] = (name, module)
 
         def owned(module) -> list:
             kind = any_kind_of(module)
             if kind is not None:
                 return [p for _, p in kind.params(module)]
-            return [p for p in module.parameters(recurse=False) if p.requires_grad]
+            recurse = isinstance(module, nn.MultiheadAttention)
+            return [p for p in module.parameters(recurse=recurse) if p.requires_grad]
 
         if layers is None:
             candidates = [(name, module) for module, name in names.items()

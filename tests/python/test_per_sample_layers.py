@@ -577,6 +577,28 @@ def test_unsupported_layers_error_or_skip():
     torch.testing.assert_close(got, reference_stats(G), rtol=RTOL, atol=0)
 
 
+def test_an_unsupported_attention_subclass_is_skipped_with_its_out_proj():
+    class MyAttention(nn.MultiheadAttention):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = MyAttention(4, 2, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0])
+
+    model = M()
+    with pytest.raises(TypeError, match=r"'attn' \(MyAttention\) is not supported"):
+        PerSampleHooks(model)
+    with PerSampleHooks(model, on_unsupported="skip") as hooks:
+        assert hooks.layers == ["head"]
+        assert hooks.coverage.skipped == ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                                          "attn.out_proj.bias"]
+
+
 def test_explicit_layers_report_the_rest_as_skipped():
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2))
     with PerSampleHooks(model, layers=["0"]) as hooks:
