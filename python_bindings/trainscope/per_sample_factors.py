@@ -773,12 +773,13 @@ class PerSampleHooks:
         skipped.update(runtime)
         covered, left, reasons = [], [], {}
         n_cov = n_all = 0
+        tracked = self._tracked_param_ids()
         for pid, (pname, numel) in self._param_names.items():
             n_all += numel
             if pid in skipped:
                 left.append(pname)
                 reasons[pname] = skipped[pid]
-            elif pid in self._tracked_param_ids():
+            elif pid in tracked:
                 covered.append(pname)
                 n_cov += numel
             else:
