@@ -163,7 +163,7 @@ class _NormKind(LayerKind):
                 gw = gw + (prod.sum(dims) if dims else prod)
             if b is not None:
                 gb = gb + (d.sum(dims) if dims else d)
-        return [g for g in (gw if w is not None else None, gb if b is not None else None) if g is not None]
+        return ([gw] if w is not None else []) + ([gb] if b is not None else [])
 
     def per_sample_elems(self, module, xs, gs):
         return 3 * super().per_sample_elems(module, xs, gs)
@@ -617,12 +617,15 @@ _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 class MHAInput:
     """What nn.MultiheadAttention's forward took, batch first: query, key, value [b, L|S, E], the
     key padding mask [b, S] (or None), the attention mask ([L, S] shared, or [b, heads, L, S]),
-    is_causal, and whether its train mode (dropout) was on."""
+    is_causal, whether its train mode (dropout) was on, whether the input had a batch dim, and the
+    version counters of the module's parameters then (None: not checked)."""
 
-    def __init__(self, query, key, value, key_padding_mask, attn_mask, is_causal, training, per_sample_mask):
+    def __init__(self, query, key, value, key_padding_mask, attn_mask, is_causal, training, per_sample_mask,
+                 batched=True, versions=None):
         self.query, self.key, self.value = query, key, value
         self.key_padding_mask, self.attn_mask = key_padding_mask, attn_mask
         self.is_causal, self.training, self.per_sample_mask = is_causal, training, per_sample_mask
+        self.batched, self.versions = batched, versions
 
     @property
     def shape(self):
@@ -642,10 +645,8 @@ class MHAInput:
     def __getitem__(self, index):
         kpm = self.key_padding_mask[index] if self.key_padding_mask is not None else None
         am = self.attn_mask[index] if self.per_sample_mask else self.attn_mask
-        out = MHAInput(self.query[index], self.key[index], self.value[index], kpm, am, self.is_causal,
-                       self.training, self.per_sample_mask)
-        out.batched, out.versions = getattr(self, "batched", True), None
-        return out
+        return MHAInput(self.query[index], self.key[index], self.value[index], kpm, am, self.is_causal,
+                        self.training, self.per_sample_mask, self.batched)
 
 
 class MHAKind(LayerKind):
@@ -654,9 +655,6 @@ class MHAKind(LayerKind):
 
     def params(self, module):
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-
-    def claimed_submodules(self, module):
-        return [module.out_proj]
 
     def capture(self, module, args, kwargs):
         bound = _MHA_SIGNATURE.bind(module, *args, **kwargs)
@@ -671,11 +669,9 @@ class MHAKind(LayerKind):
         per_sample = am is not None and am.dim() == 3
         if per_sample:
             am = am.detach().reshape(q.shape[0], module.num_heads, am.shape[-2], am.shape[-1])
-        inp = MHAInput(q, k, v, None if kpm is None else kpm.detach(), None if am is None else am.detach(),
-                       bool(a["is_causal"]), module.training, per_sample)
-        inp.batched = batched
-        inp.versions = _versions(module)  # to tell whether the parameters changed since (an optimizer step)
-        return inp
+        # The parameters' versions tell whether they changed since (an optimizer step).
+        return MHAInput(q, k, v, None if kpm is None else kpm.detach(), None if am is None else am.detach(),
+                        bool(a["is_causal"]), module.training, per_sample, batched, _versions(module))
 
     def output(self, output):
         return output[0] if isinstance(output, tuple) else None
@@ -691,13 +687,13 @@ class MHAKind(LayerKind):
 
     def problem(self, module, name, uses):
         for u in uses:
-            if not getattr(u.input, "batched", True):
+            if not u.input.batched:
                 return (f"layer {name!r} (MultiheadAttention) ran on an unbatched input; per-sample gradients "
                         "need a batch")
             if u.input.training and module.dropout > 0:
                 return (f"layer {name!r} (MultiheadAttention) ran in train mode with dropout={module.dropout}; its "
                         "random dropout cannot be recomputed for per-sample gradients. Use dropout=0 or eval mode")
-            if getattr(u.input, "versions", None) is not None and u.input.versions != _versions(module):
+            if u.input.versions is not None and u.input.versions != _versions(module):
                 return (f"layer {name!r} (MultiheadAttention): its parameters changed since its forward pass (an "
                         "optimizer step?); its per-sample gradients recompute that forward with the parameters it "
                         "ran with: measure before optimizer.step()")
