@@ -666,7 +666,7 @@ class MHAKind(LayerKind):
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         kpm = a["key_padding_mask"]
         am = a["attn_mask"]
-        per_sample = am is not None and am.dim() == 3
+        per_sample = batched and am is not None and am.dim() == 3  # [B·heads, L, S]
         if per_sample:
             am = am.detach().reshape(q.shape[0], module.num_heads, am.shape[-2], am.shape[-1])
         # The parameters' versions tell whether they changed since (an optimizer step).

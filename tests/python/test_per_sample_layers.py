@@ -835,6 +835,12 @@ def test_refused_inputs_name_the_layer():
         sample_loss(inorm(torch.randn(4, 3))[None]).mean().backward()  # [C=4, L=3]: unbatched
         with pytest.raises(ValueError, match=r"'1' \(InstanceNorm1d\) ran on an unbatched input"):
             hooks.stats()
+    attn = nn.MultiheadAttention(4, 2)
+    with PerSampleHooks(attn) as hooks:
+        x = torch.randn(3, 4)  # [L, E]: unbatched, a 3-D mask [heads, L, S]
+        sample_loss(attn(x, x, x, attn_mask=torch.zeros(2, 3, 3))[0][None]).mean().backward()
+        with pytest.raises(ValueError, match=r"\(MultiheadAttention\) ran on an unbatched input"):
+            hooks.stats()
     mha = Attention()
     with pytest.raises(ValueError, match=r"'attn.out_proj' is read by its parent 'attn'"):
         PerSampleHooks(mha, layers=["attn.out_proj"])
