@@ -254,7 +254,7 @@ class TrainscopeCallback(Callback):
       whose :class:`trainscope.PerSampleHooks` (``per_sample_layers``, ``per_sample_loss_reduction``)
       are attached to the module when training starts, capture only batches of due steps, and are
       removed when it ends.
-      Every trainable layer must be an nn.Linear or nn.Conv2d unless ``per_sample_layers`` names a
+      Every trainable layer must be one of ``trainscope.SUPPORTED_LAYERS`` unless ``per_sample_layers`` names a
       subset. With gradient accumulation they describe the step's last micro-batch.
     - ``representation`` (off): dead units and rank measures of the activation layers on
       ``probe_inputs``, ``<prefix>/representation/<metric>[/<layer>]``: ``"val"``, the first

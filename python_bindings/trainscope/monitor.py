@@ -238,8 +238,8 @@ PER_SAMPLE_HIST1D_NAME = "per_sample_grad_hist1d"
 PER_SAMPLE_HIST2D_NAME = "per_sample_grad_hist2d"
 
 #: ``per_sample_options`` keys and defaults (None: the Monitor's ``nbins`` / ``maxval``).
-PER_SAMPLE_OPTIONS = {"layers": None, "method": "auto", "loss_reduction": "mean", "nbins": None, "maxval": None,
-                      "hist2d": False, "nbins_param": 100, "maxval_param": 1.0}
+PER_SAMPLE_OPTIONS = {"layers": None, "method": "auto", "loss_reduction": "mean", "on_unsupported": "error",
+                      "nbins": None, "maxval": None, "hist2d": False, "nbins_param": 100, "maxval_param": 1.0}
 
 
 def _per_sample_options(options, nbins, maxval) -> Dict[str, Any]:
@@ -260,6 +260,9 @@ def _per_sample_options(options, nbins, maxval) -> Dict[str, Any]:
     if o["loss_reduction"] not in ("mean", "sum"):
         raise ValueError(f"Monitor: per_sample_options['loss_reduction'] must be 'mean' or 'sum', "
                          f"got {o['loss_reduction']!r}")
+    if o["on_unsupported"] not in ("error", "skip"):
+        raise ValueError(f"Monitor: per_sample_options['on_unsupported'] must be 'error' or 'skip', "
+                         f"got {o['on_unsupported']!r}")
     o["nbins"], o["maxval"] = check_hist_axis(nbins if o["nbins"] is None else o["nbins"],
                                               maxval if o["maxval"] is None else o["maxval"],
                                               "per_sample_options['nbins']", "per_sample_options['maxval']",
@@ -311,7 +314,10 @@ class _PerSampleQuantity(Quantity):
                 warnings.warn(f"trainscope.Monitor: the batch of step {ctx.step} has fewer than 2 samples; the "
                               "per-sample statistics need at least 2 and are NaN", RuntimeWarning, stacklevel=4)
             return {name: float("nan") for name in PER_SAMPLE_STATS}
-        return {name: stats[name] for name in PER_SAMPLE_STATS}
+        out = {name: stats[name] for name in PER_SAMPLE_STATS}
+        if stats.coverage is not None:  # on_unsupported="skip" left parameters out: say how much is covered
+            out["covered_fraction"] = float(stats.coverage.fraction)
+        return out
 
 
 class Monitor:
@@ -356,8 +362,10 @@ class Monitor:
       late) has no per-sample values in its record, and a warning says so once; a batch of one
       sample records NaN. :meth:`measure_now` never measures them (they need the step's own
       backward pass). ``per_sample_options``: ``layers`` (the layers to track, modules or names;
-      None: every layer holding trainable parameters, all of which must be nn.Linear or
-      nn.Conv2d), ``method`` (:data:`trainscope.per_sample_factors.FACTOR_METHODS`), ``loss_reduction`` ("mean":
+      None: every layer holding trainable parameters, all of which must be of
+      :data:`trainscope.SUPPORTED_LAYERS`), ``on_unsupported`` ("error"; "skip": measure the
+      supported layers, and record ``per_sample/covered_fraction``, the share of the trainable
+      parameter count the statistics cover), ``method`` (:data:`trainscope.per_sample_factors.FACTOR_METHODS`), ``loss_reduction`` ("mean":
       the loss is the mean of the per-sample losses, torch's default; "sum"), ``nbins`` and
       ``maxval`` of the per-sample histogram (default: the Monitor's), ``hist2d`` (False),
       ``nbins_param`` and ``maxval_param`` (100, 1.0) of its parameter axis. The 2-D histogram
@@ -425,7 +433,8 @@ class Monitor:
 
             self.per_sample_hooks = PerSampleHooks(model_or_named_params, ps_options["layers"],
                                                    method=ps_options["method"],
-                                                   loss_reduction=ps_options["loss_reduction"])
+                                                   loss_reduction=ps_options["loss_reduction"],
+                                                   on_unsupported=ps_options["on_unsupported"])
             for key, spec in ps_specs.items():
                 self._m.add_external_quantity(key, spec)
             if PER_SAMPLE_KEY in ps_specs:

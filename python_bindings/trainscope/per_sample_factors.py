@@ -14,6 +14,9 @@ from x and δ alone, by one of two routes over the N = B·T rows:
   (roughly N below the harmonic mean of d_in and d_out).
 
 ``"auto"`` takes the route of fewer flops. ``nn.Conv2d`` is unfolded into the same problem.
+The other layer kinds of :data:`SUPPORTED_LAYERS` (Embedding, the normalisation layers, Conv1d,
+Conv3d, ConvTranspose1d/2d, MultiheadAttention) are measured by
+:mod:`trainscope.per_sample_layers`, one class per kind, with the same parts.
 
 The parts are float64 whatever the inputs (as the materialised path's): GEMMs run in float32
 for float32/bfloat16/float16 inputs (torch's float32 matmul precision applies; TF32 is off by
@@ -42,7 +45,10 @@ block applied twice, a recurrent cell unrolled over time) has one per-sample gra
 over its uses, Gᵢ = Σ_u Σ_t δ_u,itᵀ x_u,it: the functions take every use's input and output
 gradient as two sequences and count each use's positions as more positions of sample i, so
 every route and histogram sees the summed gradient, cross terms included. PerSampleHooks captures
-every use by itself; parameters shared by two different modules (tied weights) are refused.
+every use by itself. A parameter shared by two different modules (a tied token embedding and LM
+head) has as gradient the sum of both modules' contributions: PerSampleHooks measures such modules
+together, cross terms exact (an Embedding tied to a Linear from their factors, other ties from
+their per-sample gradients formed in tiles of samples).
 
 The factors are exact when sample i's output depends on sample i's input alone (no batch norm
 across samples between a layer and the loss). Results stay on the inputs' device; nothing
@@ -70,13 +76,19 @@ from .hist2d import hist2d_axes as _hist2d_axes
 from .distributed import active_group, clean_param_name
 from .param_stats import grad_hist1d as param_grad_hist1d
 from .per_sample_stats import PerSampleParts, PerSampleStats
+from . import per_sample_layers as _layers
+from .per_sample_layers import LAYER_TYPES, Materialised, any_kind_of, kind_of
 
 #: The route: "ghost"/"tiled" (the Ḡ route, ‖Gᵢ‖² by the ghost norm or tiled), "gram" (the Gram
 #: route), "auto" (the one of fewer flops; the Ḡ route tiles when 2T² > d_in·d_out).
 FACTOR_METHODS = ("auto", "ghost", "tiled", "gram")
 
-#: Layer types PerSampleHooks handles (subclasses that keep their forward are accepted too).
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+#: Layer types PerSampleHooks handles (subclasses that keep their forward are accepted too):
+#: nn.Linear and nn.Conv2d by the ops here; nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
+#: nn.InstanceNorm1d/2d/3d, nn.BatchNorm1d/2d/3d (with running statistics: eval mode),
+#: nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d/2d and nn.MultiheadAttention by
+#: :mod:`trainscope.per_sample_layers` (see there for each kind's math).
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d) + LAYER_TYPES
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -193,6 +205,8 @@ def conv2d_per_sample_grad_hist2d(input: Uses, grad_output: Uses, weight: torch.
 
 def _supported(module: nn.Module) -> bool:
     # A subclass that replaces forward computes something else from the same parameters.
+    if kind_of(module) is not None:
+        return True
     if isinstance(module, nn.Conv2d):
         cls = type(module)
         return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
@@ -231,6 +245,21 @@ def _tracks_bias(module: nn.Module) -> bool:
     return module.bias is not None and module.bias.requires_grad
 
 
+def _use_list(uses) -> list:
+    """Every use of a layer as a list (one use given alone, or a sequence of them)."""
+    return list(uses) if isinstance(uses, (list, tuple)) else [uses]
+
+
+def _kind_inputs(kind, module: nn.Module, input) -> list:
+    """The inputs of every use of a layer of per_sample_layers' kinds, checked as the hooks check
+    the captured ones (a batch norm in train mode is refused)."""
+    xs = [kind.wrap(module, x) for x in _use_list(input)]
+    problem = kind.problem(module, type(module).__name__, [_Use(x, None, None) for x in xs])
+    if problem is not None:
+        raise ValueError(f"trainscope: {problem}")
+    return xs
+
+
 def layer_per_sample_parts(module: nn.Module, input: Uses, grad_output: Uses,
                            method: str = "auto") -> PerSampleParts:
     """Parts of the per-sample gradients of an nn.Linear or nn.Conv2d module (its trainable
@@ -238,6 +267,10 @@ def layer_per_sample_parts(module: nn.Module, input: Uses, grad_output: Uses,
     one step, as sequences: sample i's gradient is the sum over the uses)."""
     if not _supported(module):
         raise _layer_kind_error(None, module)
+    kind = kind_of(module)
+    if kind is not None:
+        xs = _kind_inputs(kind, module, input)
+        return kind.parts(module, xs, _use_list(grad_output), _check_method(method))
     if isinstance(module, nn.Linear):
         return linear_per_sample_parts(input, grad_output, _tracks_bias(module), method)
     x, padding = _conv_inputs(module, input)
@@ -251,6 +284,10 @@ def layer_per_sample_grad_hist1d(module: nn.Module, input: Uses, grad_output: Us
     or every use as sequences)."""
     if not _supported(module):
         raise _layer_kind_error(None, module)
+    kind = kind_of(module)
+    if kind is not None:  # formed outright, in tiles of samples
+        return Materialised([(kind, module, _kind_inputs(kind, module, input), _use_list(grad_output))]).hist1d(
+            nbins, maxval, check_hist_axis)
     if isinstance(module, nn.Linear):
         return linear_per_sample_grad_hist1d(input, grad_output, _tracks_bias(module), nbins, maxval)
     x, padding = _conv_inputs(module, input)
@@ -265,6 +302,10 @@ def layer_per_sample_grad_hist2d(module: nn.Module, input: Uses, grad_output: Us
     (one use, or every use as sequences)."""
     if not _supported(module):
         raise _layer_kind_error(None, module)
+    kind = kind_of(module)
+    if kind is not None:  # formed outright, in tiles of samples
+        return Materialised([(kind, module, _kind_inputs(kind, module, input), _use_list(grad_output))]).hist2d(
+            _hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param))
     weight = module.weight.detach()
     bias = module.bias.detach() if _tracks_bias(module) else None
     if isinstance(module, nn.Linear):
@@ -348,12 +389,18 @@ def _use_dots(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mean: torc
 
 def _layer_grad_sum(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor]) -> torch.Tensor:
     """Σᵢ gᵢ of the layer's samples over its uses (inputs ``xs``, output gradients ``grads``)."""
+    kind = kind_of(module)
+    if kind is not None:
+        return kind.grad_sum(module, list(xs), list(grads))
     return functools.reduce(torch.add, [_use_grad_sum(module, x, g) for x, g in zip(xs, grads)])
 
 
 def _layer_dots(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor],
                 mean: torch.Tensor) -> torch.Tensor:
     """gᵢ·ḡ [b] float64 of the layer's samples over its uses."""
+    kind = kind_of(module)
+    if kind is not None:
+        return kind.dots(module, list(xs), list(grads), mean)
     return functools.reduce(torch.add, [_use_dots(module, x, g, mean) for x, g in zip(xs, grads)])
 
 
@@ -361,6 +408,9 @@ def _layer_sq_norms(module: nn.Module, xs: List[torch.Tensor], grads: List[torch
                     method: str) -> torch.Tensor:
     """‖gᵢ‖² [b] float64 over the layer's uses by the local op (which needs two samples: a single
     one goes in twice, ‖gᵢ‖² being each sample's own)."""
+    kind = kind_of(module)
+    if kind is not None and xs[0].shape[0] == 1:
+        return Materialised([(kind, module, list(xs), list(grads))]).sq_norms()
     if xs[0].shape[0] == 1:
         xs, grads = [torch.cat([x, x]) for x in xs], [torch.cat([g, g]) for g in grads]
         return layer_per_sample_parts(module, xs, grads, method).sq_norms[:1]
@@ -457,6 +507,8 @@ class _Use:
     out_shape: torch.Size
     out_dtype: torch.dtype
     grad: Optional[torch.Tensor] = None
+    to_batch_first: bool = False        # the output is [L, B, ...] (MultiheadAttention, batch_first=False)
+    weights_reached_loss: bool = False  # MultiheadAttention's attention weights got a gradient
 
 
 @dataclass
@@ -485,31 +537,81 @@ def _hook_target(output: torch.Tensor):
     return output, None
 
 
-def _shared_parameter_error(name: str, module: nn.Module, owners: dict) -> Optional[ValueError]:
-    """The error for a layer holding a trainable parameter that another module holds too, or None.
-    ``owners``: {id(parameter): [(name, module), ...]} over the model."""
-    for pname, p in module.named_parameters(recurse=False):
-        if not p.requires_grad:
-            continue
-        for other_name, other in owners.get(id(p), ()):
-            if other is not module:
-                return ValueError(
-                    f"PerSampleHooks: layer {name!r} ({type(module).__name__}) and module {other_name!r} "
-                    f"({type(other).__name__}) share the parameter {pname!r} (tied weights, such as a token "
-                    "embedding and an output layer); its per-sample gradient is the sum of both modules' "
-                    "contributions, which per-sample statistics from layer factors do not support yet. "
-                    "Leave the layer out with layers=[...].")
-    return None
+def _supported_by_ops(module: nn.Module) -> bool:
+    """nn.Linear and nn.Conv2d, measured by the ops of this module."""
+    return _supported(module) and kind_of(module) is None
+
+
+def _layers_kind_error(layers: list, all_layers: bool) -> TypeError:
+    kinds = ", ".join(f"nn.{c.__name__}" for c in SUPPORTED_LAYERS)
+    listed = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in layers)
+    hint = " Pass layers=[...] to track only supported layers, or on_unsupported='skip' to measure the rest " \
+        "(hooks.coverage then lists what is left out)." if all_layers else ""
+    return TypeError(f"PerSampleHooks: layer {listed} {'is' if len(layers) == 1 else 'are'} not supported; "
+                     f"per-sample gradients handle {kinds} (subclasses that keep their forward).{hint}")
+
+
+def _trainable_param_names(model: nn.Module) -> dict:
+    """{id(parameter): (name, numel)} of the model's trainable parameters, each once."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in out:
+            out[id(p)] = (clean_param_name(name), p.numel())
+    return out
+
+
+@dataclass
+class Coverage:
+    """Which trainable parameters per-sample statistics cover (:attr:`PerSampleHooks.coverage`):
+    ``covered`` and ``skipped`` hold parameter names, ``fraction`` the covered share of the
+    trainable parameter count, ``reasons`` {skipped name: why}."""
+    covered: List[str]
+    skipped: List[str]
+    fraction: float
+    reasons: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def as_dict(self) -> dict:
+        return {"covered": self.covered, "skipped": self.skipped, "fraction": self.fraction,
+                "reasons": self.reasons}
 
 
 class PerSampleHooks:
-    """Captures the input and the output gradient of every nn.Linear and nn.Conv2d of ``model``
-    (or of the listed ``layers``: modules or their names) during an ordinary forward and
-    ``loss.backward()``, for per-sample gradient statistics of their trainable parameters.
+    """Captures the input and the output gradient of every layer of ``model`` that holds trainable
+    parameters (or of the listed ``layers``: modules or their names) during an ordinary forward
+    and ``loss.backward()``, for per-sample gradient statistics of their trainable parameters.
 
-    With ``layers=None`` every module that holds trainable parameters directly must be one of
-    :data:`SUPPORTED_LAYERS` (TypeError otherwise: list the layers to track instead). Passes under
-    ``torch.no_grad()`` are ignored.
+    Layers of :data:`SUPPORTED_LAYERS`: nn.Linear and nn.Conv2d (layer factors, the ops of this
+    module); nn.Embedding (per-sample rows summed per token, no [B, V, D] tensor; padding_idx rows
+    get nothing; scale_grad_by_freq is refused); nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, affine
+    nn.InstanceNorm1d/2d/3d and nn.BatchNorm1d/2d/3d normalising with running statistics (eval
+    mode): per-sample gradients [B, C] from the normalised input recomputed with the module's eps
+    and statistics; nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d/2d (unfolded into the Linear/Conv2d
+    problem); nn.MultiheadAttention (all its parameters, out_proj included: its forward
+    recomputed in float64 from the captured query, key, value and masks, one vjp per sample with
+    torch.func.vmap, in tiles of samples; dropout in train mode and attention weights that reach
+    the loss are refused; it reads the module's parameters when measuring, so measure before
+    ``optimizer.step()``: parameters changed since the forward pass raise ValueError naming the
+    layer). See :mod:`trainscope.per_sample_layers`.
+
+    ``on_unsupported``: with ``"error"`` (default) a module holding trainable parameters that is
+    none of these raises TypeError naming every such module and its type; with ``"skip"`` those
+    modules are left out and :attr:`coverage` lists the parameters covered and skipped and the
+    covered fraction of the parameter count, so that a result never leaves something out
+    silently. What is found at measurement time (a batch norm normalising with batch statistics,
+    which mix the samples) raises ValueError naming the layer, or under ``"skip"`` leaves the
+    layer out and reports it in :attr:`coverage`. Passes under ``torch.no_grad()`` are ignored.
+
+    **Tied parameters** — a parameter held by several modules (a GPT-style token embedding and LM
+    head, ``head.weight = emb.weight``; two Linear sharing a weight) — have one per-sample
+    gradient, the sum over the modules (SPEC.md §2). The modules are measured together (one entry
+    of :meth:`layer_parts`, named "emb+head"), cross terms exact: an nn.Embedding tied to an
+    nn.Linear from their factors (no [B, V, D] tensor), other ties from their per-sample gradients
+    formed outright in tiles of samples (memory bounded by a tile: at least one sample's copy of
+    their parameters). Tracking only some of them (``layers=[...]``) raises ValueError
+    naming both modules; under ``"skip"`` a tie with an unsupported module is left out whole.
 
     **A layer used more than once in a step** — the model called on two batches whose losses are
     added (siamese and contrastive losses), a block applied twice, one module object appearing
@@ -526,9 +628,9 @@ class PerSampleHooks:
     - uses of one layer with different batch sizes (``model(x)`` with B rows and ``model(x2)``
       with B' ≠ B) cannot be paired sample by sample: :meth:`parts`, :meth:`stats` and the
       histograms raise ValueError naming the layer and the sizes;
-    - a parameter held by two modules (a tied token embedding and LM head, ``head.weight =
-      emb.weight``, two Linear modules sharing one weight) raises ValueError at construction,
-      naming both modules (not supported yet; ``layers=[...]`` can leave the layer out).
+    - layers that see different batch sizes (a position embedding of an unbatched
+      ``torch.arange(T)``, whose rows are positions: expand it to [B, T]) raise ValueError naming
+      them.
 
     A use whose output did not reach the loss contributes nothing (its output gradient is zero,
     and so is its share of the per-sample gradient), whatever its batch size; a tracked layer none
@@ -570,18 +672,25 @@ class PerSampleHooks:
     histograms, as on one process). Every rank needs at least one sample (a rank without one
     raises before the first all-reduce, leaving the others waiting in it). The statistics and
     :meth:`grad_hist1d` read only the captured x and δ, never the parameters; :meth:`grad_hist2d`
-    pairs gradients with the parameter values this rank holds, which must be whole (DDP).
+    pairs gradients with the parameter values this rank holds, which must be whole (DDP). Every
+    supported layer kind and tied parameters take this path (their Σᵢ gᵢ and gᵢ·ḡ in float64;
+    MultiheadAttention's and tied modules' from their per-sample gradients, recomputed for gᵢ·ḡ).
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Iterable[Union[nn.Module, str]]] = None, *,
-                 method: str = "auto", loss_reduction: str = "mean"):
+                 method: str = "auto", loss_reduction: str = "mean", on_unsupported: str = "error"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleHooks: model must be an nn.Module, got {type(model).__name__}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"PerSampleHooks: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if on_unsupported not in ("error", "skip"):
+            raise ValueError(f"PerSampleHooks: on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
         self.method = _check_method(method)
         self.loss_reduction = loss_reduction
-        self._layers = self._select(model, layers)
+        self.on_unsupported = on_unsupported
+        self._layers, self._groups, self._skipped = self._select(model, layers, on_unsupported)
+        self._param_names = _trainable_param_names(model)
+        self._runtime_skipped: dict = {}  # {layer name: why} of the latest step (on_unsupported="skip")
         self._captures = {name: _Capture() for name, _ in self._layers}
         self._step = 0                # stamps the gradient hooks of the current step
         self._backward_seen = False   # a gradient of the current step has arrived
@@ -596,32 +705,32 @@ class PerSampleHooks:
     # -- selection
 
     @staticmethod
-    def _select(model: nn.Module, layers) -> list:
+    def _select(model: nn.Module, layers, on_unsupported: str) -> tuple:
+        """(tracked [(name, module)], tie groups [[name, ...]] of tracked modules sharing
+        parameters, {id(parameter): why} of the trainable parameters left out)."""
         # Layers are named by the model's own names (without DDP's "module." and the like).
         names = {m: clean_param_name(n) for n, m in model.named_modules()}
-        # Which modules hold each trainable parameter directly (a module that appears twice in
-        # the model, as in a Sequential holding one Linear twice, is one module).
-        owners: dict = {}
+        # Submodules whose parameters their parent reads itself (MultiheadAttention's out_proj).
+        # (a subclass with its own forward too: its out_proj goes with it, supported or not).
+        claimed = {}
         for module, name in names.items():
-            for p in module.parameters(recurse=False):
-                if p.requires_grad:
-                    owners.setdefault(id(p), []).append((name, module))
+            if isinstance(module, nn.MultiheadAttention):
+                claimed[id(module.out_proj)] = (name, module)
+
+        def owned(module) -> list:
+            kind = any_kind_of(module)
+            if kind is not None:
+                return [p for _, p in kind.params(module)]
+            recurse = isinstance(module, nn.MultiheadAttention)
+            return [p for p in module.parameters(recurse=recurse) if p.requires_grad]
+
         if layers is None:
-            chosen = []
-            for name, module in model.named_modules():
-                name = clean_param_name(name)
-                if not any(p.requires_grad for p in module.parameters(recurse=False)):
-                    continue
-                shared = _shared_parameter_error(name, module, owners)
-                if shared is not None:
-                    raise shared
-                if not _supported(module):
-                    raise _layer_kind_error(name, module)
-                chosen.append((name, module))
+            candidates = [(name, module) for module, name in names.items()
+                          if id(module) not in claimed and owned(module)]
         else:
             if isinstance(layers, (nn.Module, str)):
                 layers = [layers]
-            chosen = []
+            candidates = []
             for layer in layers:
                 if isinstance(layer, str):
                     name, module = layer, model.get_submodule(layer)
@@ -633,31 +742,126 @@ class PerSampleHooks:
                 else:
                     raise TypeError(f"PerSampleHooks: layers holds a {type(layer).__name__}; "
                                     "expected modules or their names")
-                if not _supported(module):
-                    raise _layer_kind_error(name, module)
-                if not module.weight.requires_grad and not _tracks_bias(module):
+                if id(module) in claimed:
+                    parent_name, parent = claimed[id(module)]
+                    raise ValueError(f"PerSampleHooks: layer {name!r} is read by its parent {parent_name!r} "
+                                     f"({type(parent).__name__}), not through its own forward; track {parent_name!r}")
+                if any_kind_of(module) is not None and not owned(module):
                     raise ValueError(f"PerSampleHooks: layer {name!r} has no trainable parameters")
-                shared = _shared_parameter_error(name, module, owners)
-                if shared is not None:
-                    raise shared
-                chosen.append((name, module))
-        for name, module in chosen:
-            if not module.weight.requires_grad and _tracks_bias(module):
-                raise ValueError(f"PerSampleHooks: layer {name!r} has a frozen weight and a trainable bias; "
-                                 "layer factors give the weight and bias together")
-        if not chosen:
-            raise ValueError("PerSampleHooks: model has no trainable nn.Linear or nn.Conv2d layers")
+                candidates.append((name, module))
         unique, seen = [], set()
-        for name, module in chosen:  # one module listed twice (or under two names) is tracked once
+        for name, module in candidates:  # one module listed twice (or under two names) is tracked once
             if id(module) not in seen:
                 seen.add(id(module))
                 unique.append((name, module))
-        return unique
+        candidates = unique
+
+        skipped: dict = {}
+        unsupported = [(n, m) for n, m in candidates if any_kind_of(m) is None]
+        if unsupported and on_unsupported == "error":
+            raise _layers_kind_error(unsupported, layers is None)
+        for n, m in unsupported:
+            for p in owned(m):
+                skipped.setdefault(id(p), f"layer {n!r} ({type(m).__name__}) is not supported")
+        chosen = [(n, m) for n, m in candidates if any_kind_of(m) is not None]
+        for name, module in chosen:
+            if _supported_by_ops(module) and not module.weight.requires_grad and _tracks_bias(module):
+                raise ValueError(f"PerSampleHooks: layer {name!r} has a frozen weight and a trainable bias; "
+                                 "layer factors give the weight and bias together")
+
+        # Parameters shared by several modules (tied weights): those modules are measured together.
+        holders: dict = {}
+        for module, name in names.items():
+            if id(module) in claimed:
+                continue
+            for p in owned(module):
+                entry = holders.setdefault(id(p), [])
+                if all(m is not module for _, m in entry):
+                    entry.append((name, module))
+        tracked = {id(m) for _, m in chosen}
+        parent = {id(m): id(m) for _, m in chosen}
+
+        def root(k):
+            while parent[k] != k:
+                parent[k] = parent[parent[k]]
+                k = parent[k]
+            return k
+
+        dropped = set()
+        for pid, holders_of in holders.items():
+            inside = [(n, m) for n, m in holders_of if id(m) in tracked]
+            outside = [(n, m) for n, m in holders_of if id(m) not in tracked]
+            if inside and outside:
+                (n, m), (on, om) = inside[0], outside[0]
+                pname = next(k for k, p in m.named_parameters() if id(p) == pid)
+                why = (f"layer {n!r} ({type(m).__name__}) and module {on!r} ({type(om).__name__}) share the "
+                       f"parameter {pname!r} (tied weights), and {on!r} is not measured")
+                if on_unsupported == "error" or layers is not None and any_kind_of(om) is not None:
+                    raise ValueError(f"PerSampleHooks: {why}: its per-sample gradient is the sum of both modules' "
+                                     f"contributions. Track both (layers=[...]) or leave both out.")
+                dropped.update(id(mm) for _, mm in inside)
+                skipped.setdefault(pid, why)
+            for (_, a), (_, b) in zip(inside, inside[1:]):
+                parent[root(id(a))] = root(id(b))
+        # A tie group with a module left out is left out whole.
+        dropped_roots = {root(k) for k in dropped}
+        kept = []
+        for n, m in chosen:
+            if root(id(m)) in dropped_roots:
+                for p in owned(m):
+                    skipped.setdefault(id(p), f"layer {n!r} shares parameters with a module that is not measured")
+            else:
+                kept.append((n, m))
+        if not kept:
+            raise ValueError("PerSampleHooks: model has no trainable layers of the supported types "
+                             f"({', '.join('nn.' + c.__name__ for c in SUPPORTED_LAYERS)})")
+        by_root: dict = {}
+        for n, m in kept:
+            by_root.setdefault(root(id(m)), []).append(n)
+        groups = [g for g in by_root.values() if len(g) > 1]
+        return kept, groups, skipped
 
     @property
     def layers(self) -> list:
         """Names of the tracked layers."""
         return [name for name, _ in self._layers]
+
+    @property
+    def coverage(self) -> "Coverage":
+        """Which trainable parameters of the model the statistics cover: :class:`Coverage` with
+        ``covered`` and ``skipped`` (parameter names), ``fraction`` (of the trainable parameter
+        count that is covered) and ``reasons`` ({skipped name: why}). Layers skipped at
+        measurement time (``on_unsupported="skip"``: a batch norm in train mode) count from the
+        latest :meth:`layer_parts`, :meth:`stats` or histogram."""
+        skipped = dict(self._skipped)
+        runtime = {}
+        for name, module in self._layers:
+            if name in self._runtime_skipped:
+                kind = any_kind_of(module)
+                for _, p in kind.params(module):
+                    runtime.setdefault(id(p), self._runtime_skipped[name])
+        skipped.update(runtime)
+        covered, left, reasons = [], [], {}
+        n_cov = n_all = 0
+        tracked = self._tracked_param_ids()
+        for pid, (pname, numel) in self._param_names.items():
+            n_all += numel
+            if pid in skipped:
+                left.append(pname)
+                reasons[pname] = skipped[pid]
+            elif pid in tracked:
+                covered.append(pname)
+                n_cov += numel
+            else:
+                left.append(pname)
+                reasons[pname] = "not in layers=[...]"
+        return Coverage(covered, left, n_cov / n_all if n_all else float("nan"), reasons)
+
+    def _tracked_param_ids(self) -> set:
+        out = set()
+        for _, module in self._layers:
+            out.update(id(p) for _, p in any_kind_of(module).params(module))
+        return out
 
     # -- hooks
 
@@ -672,15 +876,27 @@ class PerSampleHooks:
             self._start_step_after_backward()
 
     def _on_layer_forward(self, name, module, args, kwargs, output):
-        if not (self.enabled and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
-                and output.requires_grad):
+        kind = kind_of(module)
+        out = kind.output(output) if kind is not None else output
+        if not (self.enabled and torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
             return
         self._start_step_after_backward()
-        x = args[0] if args else kwargs["input"]
-        use = _Use(x.detach(), output.shape, output.dtype)
+        if kind is not None:
+            x = kind.capture(module, args, kwargs)
+        else:
+            x = (args[0] if args else kwargs["input"]).detach()
+        to_batch_first = isinstance(kind, _layers.MHAKind) and kind.grad_to_batch_first(module) and out.dim() == 3
+        shape = out.transpose(0, 1).shape if to_batch_first else out.shape
+        use = _Use(x, shape, out.dtype, to_batch_first=to_batch_first)
         self._captures[name].uses.append(use)
-        target, view = _hook_target(output)
+        target, view = _hook_target(out)
         target.register_hook(functools.partial(self._on_grad, use, self._step, view))
+        if isinstance(kind, _layers.MHAKind) and isinstance(output[1], torch.Tensor) and output[1].requires_grad:
+            output[1].register_hook(functools.partial(self._on_weights_grad, use, self._step))
+
+    def _on_weights_grad(self, use: _Use, step: int, grad: torch.Tensor):
+        if step == self._step:
+            use.weights_reached_loss = True
 
     def _on_grad(self, use: _Use, step: int, view, grad: torch.Tensor):
         if step != self._step:  # a use of a step that was cleared
@@ -688,6 +904,8 @@ class PerSampleHooks:
         if view is not None:
             grad = grad.contiguous().as_strided(*view)
         grad = grad.detach()
+        if use.to_batch_first:
+            grad = grad.transpose(0, 1)
         # Reached twice (backward calls through a retained graph): the gradients add up, as .grad's.
         use.grad = grad if use.grad is None else use.grad + grad
         self._backward_seen = True
@@ -714,6 +932,23 @@ class PerSampleHooks:
                                "the hooks were set up or cleared")
         if not any_grad:
             raise RuntimeError("PerSampleHooks: no output gradient was captured; call after loss.backward()")
+        # What a layer's captured uses do not allow (a batch norm using batch statistics, ...).
+        self._runtime_skipped = {}
+        grouped = {n for g in self._groups for n in g}
+        kept = []
+        for name, module, uses in ran:
+            kind = kind_of(module)
+            problem = kind.problem(module, name, uses) if kind is not None else None
+            if problem is None:
+                kept.append((name, module, uses))
+            elif self.on_unsupported == "error" or name in grouped:
+                raise ValueError(f"PerSampleHooks: {problem}")
+            else:
+                self._runtime_skipped[name] = problem
+        if not kept:
+            raise ValueError("PerSampleHooks: every tracked layer that ran was skipped: "
+                             + "; ".join(self._runtime_skipped.values()))
+        ran = kept
         out = []
         for name, module, uses in ran:
             # A use whose output did not reach the loss adds zero to every sample's gradient.
@@ -731,10 +966,42 @@ class PerSampleHooks:
                     "so every use whose output reaches the loss must hold the same samples (row i of each use "
                     "is sample i). Leave it out with layers=[...].")
             out.append((name, module, [u.input for u in reached], [u.grad for u in reached]))
+        first = out[0]
+        for name, module, xs, _ in out[1:]:
+            if xs[0].shape[0] != first[2][0].shape[0]:
+                raise ValueError(
+                    f"PerSampleHooks: layer {name!r} ({type(module).__name__}) saw {xs[0].shape[0]} samples but layer "
+                    f"{first[0]!r} ({type(first[1]).__name__}) saw {first[2][0].shape[0]}; every tracked layer must "
+                    "see the batch with row i being sample i (a layer applied to an unbatched input, such as a "
+                    "position embedding of torch.arange(T), must take it expanded to [B, T]). Leave it out with "
+                    "layers=[...].")
         return out
 
+    def _units(self, ready: list) -> list:
+        """The layers measured together: [(name, [(name, module, inputs, grads), ...])], one entry
+        per layer, or several for modules sharing parameters (named "a+b")."""
+        group_of = {n: k for k, g in enumerate(self._groups) for n in g}
+        units, at = [], {}
+        for entry in ready:
+            k = group_of.get(entry[0])
+            if k is None:
+                units.append((entry[0], [entry]))
+            elif k in at:
+                units[at[k]][1].append(entry)
+            else:
+                at[k] = len(units)
+                units.append((entry[0], [entry]))
+        return [("+".join(e[0] for e in entries), entries) for _, entries in units]
+
+    def _together(self, entries: list, scale_grads=None):
+        """The measure of modules sharing parameters: a token embedding tied to a Linear from
+        their factors, other ties (and every histogram) from per-sample gradients formed in tiles."""
+        kinds = [(any_kind_of(m), m, xs, scale_grads(gs) if scale_grads else gs) for _, m, xs, gs in entries]
+        return Materialised(kinds) if scale_grads else _layers.together(kinds, self.method)
+
     def layer_parts(self, process_group=None) -> dict:
-        """{layer name: PerSampleParts} of every tracked layer that ran in the latest step.
+        """{layer name: PerSampleParts} of every tracked layer that ran in the latest step (modules
+        sharing parameters as one entry, their names joined by "+": "emb+head").
 
         Under torch.distributed (``process_group``: None for the default group when initialised,
         or a group; :data:`trainscope.distributed.THIS_PROCESS` for this rank alone) each rank's
@@ -744,8 +1011,12 @@ class PerSampleHooks:
         if group is not None:
             return self._layer_parts_across_ranks(group)
         out = {}
-        for name, module, xs, gs in self._ready():
-            p = layer_per_sample_parts(module, xs, gs, self.method)
+        for name, entries in self._units(self._ready()):
+            _, module, xs, gs = entries[0]
+            if len(entries) == 1:
+                p = layer_per_sample_parts(module, xs, gs, self.method)
+            else:
+                p = self._together(entries).parts()
             if self.loss_reduction == "mean":  # the captured gᵢ are ∇ℓᵢ / B
                 s = float(xs[0].shape[0]) ** 2
                 p = PerSampleParts(p.sq_norms * s, p.dots * s, p.mean_sq_norm * s)
@@ -768,19 +1039,27 @@ class PerSampleHooks:
         # Every rank's gradients are ∇ℓᵢ of its own samples: a mean-reduced loss over this rank's B_r
         # samples gives ∇ℓᵢ / B_r, scaled back by B_r here.
         scale = float(b) if self.loss_reduction == "mean" else 1.0
-        sums = [_layer_grad_sum(m, xs, gs) * scale for _, m, xs, gs in ready]
+        units = self._units(ready)
+        together = [self._together(e) if len(e) > 1 else None for _, e in units]
+        sums = [(t.grad_sum() if t is not None else _layer_grad_sum(e[0][1], e[0][2], e[0][3])) * scale
+                for (_, e), t in zip(units, together)]
         device = sums[0].device
         packed = torch.cat([t.to(device) for t in sums] + [torch.full((1,), float(b), dtype=torch.float64,
                                                                        device=device)])
         dist.all_reduce(packed, group=group)
         total = packed[-1]  # B, on the device
         out, offset = {}, 0
-        for (name, module, xs, gs), local_sum in zip(ready, sums):
+        for (name, entries), t, local_sum in zip(units, together, sums):
+            _, module, xs, gs = entries[0]
             n = local_sum.numel()
             mean = (packed[offset:offset + n] / total).to(local_sum.device)
             offset += n
-            dots = _layer_dots(module, xs, gs, mean) * scale
-            sq = _layer_sq_norms(module, xs, gs, self.method) * (scale * scale)
+            if t is not None:
+                dots = t.dots(mean) * scale
+                sq = t.sq_norms() * (scale * scale)
+            else:
+                dots = _layer_dots(module, xs, gs, mean) * scale
+                sq = _layer_sq_norms(module, xs, gs, self.method) * (scale * scale)
             out[name] = PerSampleParts(sq, dots, mean.square().sum(), group)
         return out
 
@@ -814,7 +1093,9 @@ class PerSampleHooks:
         """Exact int64 histogram [nbins] of all per-sample gradient elements of the tracked layers
         (of the whole batch under torch.distributed: the ranks' counts summed, one all-reduce)."""
         nbins, maxval = check_hist_axis(nbins, maxval)
-        hists = [_layer_hist1d(m, xs, self._hist_grads(gs), nbins, maxval) for _, m, xs, gs in self._ready()]
+        hists = [_layer_hist1d(e[0][1], e[0][2], self._hist_grads(e[0][3]), nbins, maxval)
+                 if len(e) == 1 else self._together(e, self._hist_grads).hist1d(nbins, maxval, check_hist_axis)
+                 for _, e in self._units(self._ready())]
         return _sum_over_ranks(functools.reduce(torch.add, hists), process_group)
 
     def grad_hist2d(self, nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
@@ -823,9 +1104,11 @@ class PerSampleHooks:
         layers: (counts [nbins_grad, nbins_param] int64, nonfinite [] int64); summed over the
         ranks under torch.distributed (one all-reduce; the parameters must be whole on every
         rank, as under DDP)."""
-        results = [layer_per_sample_grad_hist2d(m, xs, self._hist_grads(gs), nbins_grad, maxval_grad,
-                                                nbins_param, maxval_param)
-                   for _, m, xs, gs in self._ready()]
+        axes = _hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param)
+        results = [layer_per_sample_grad_hist2d(e[0][1], e[0][2], self._hist_grads(e[0][3]), nbins_grad,
+                                                maxval_grad, nbins_param, maxval_param)
+                   if len(e) == 1 else self._together(e, self._hist_grads).hist2d(axes)
+                   for _, e in self._units(self._ready())]
         counts = functools.reduce(torch.add, [c for c, _ in results])
         nonfinite = functools.reduce(torch.add, [n for _, n in results])
 

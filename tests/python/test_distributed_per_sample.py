@@ -1,7 +1,7 @@
 """Per-sample gradient statistics across ranks (gloo on CPU, 2 and 3 processes): materialised
 per-sample gradients (trainscope.distributed.per_sample_stats_across_ranks) and layer factors
-(PerSampleHooks on nn.Linear with 2-D and 3-D input and nn.Conv2d, plain and under DDP, and a model
-using a Conv2d and a Linear twice each), each rank holding an uneven share of the batch (one sample
+(PerSampleHooks on nn.Linear with 2-D and 3-D input and nn.Conv2d, plain and under DDP, a model
+using a Conv2d and a Linear twice each, and a model of the other layer kinds with a tied weight), each rank holding an uneven share of the batch (one sample
 on a rank included), equal one process on the concatenated batch: statistics, parts, histograms.
 One spawn per world size."""
 
@@ -98,6 +98,45 @@ def _reuse_model():
     return _Reuse().double()
 
 
+class _Kinds(nn.Module):
+    """The layer kinds of trainscope.per_sample_layers (Conv1d, GroupNorm, ConvTranspose1d,
+    LayerNorm, MultiheadAttention, Embedding, Conv3d, BatchNorm1d in eval mode) and an Embedding
+    tied to a Linear, on the same input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.up = nn.ConvTranspose1d(4, 4, 2, stride=2)
+        self.ln = nn.LayerNorm(4)
+        # Without biases: the key bias's gradient is zero up to rounding (softmax ignores a shift),
+        # whose sign would depend on how the batch is split and flip its histogram bin at 0.
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True, bias=False)
+        self.emb = nn.Embedding(6, 4)
+        self.conv3 = nn.Conv3d(1, 4, 2)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 4)
+        self.proj = nn.Linear(4, 6, bias=False)
+        self.proj.weight = self.emb.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.up(torch.tanh(self.gn(self.conv1(x.flatten(2)))))).transpose(1, 2)
+        h = self.ln(h)
+        h = (h + self.attn(h, h, h)[0]).mean(1)
+        tokens = ((x.flatten(1)[:, :5] * 3).floor().clamp(-3, 2) + 3).long()
+        z = self.bn(h + self.emb(tokens).mean(1) + self.conv3(x.unsqueeze(1)).mean((2, 3, 4)))
+        return self.head(torch.tanh(z)) + self.proj(torch.tanh(z))[:, :4]
+
+
+def _kinds_model():
+    torch.manual_seed(6)
+    model = _Kinds().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.1, 0.1)
+        model.bn.running_var.uniform_(0.8, 1.2)
+    return model.eval()
+
+
 def _batch(batch: int):
     g = torch.Generator().manual_seed(11)
     return (torch.randn(batch, 2, 5, 5, generator=g, dtype=torch.float64),
@@ -127,6 +166,8 @@ def _factors(rank, world_size):
     out["ddp"] = _hook_results(DDP(_model()), x, y, "mean")
     out["reuse"] = _hook_results(_reuse_model(), x, y, "mean")
     out["reuse_ddp"] = _hook_results(DDP(_reuse_model()), x, y, "sum")
+    out["kinds"] = _hook_results(_kinds_model(), x, y, "mean")
+    out["kinds_ddp"] = _hook_results(DDP(_kinds_model()), x, y, "sum")
     out["this_process"] = _hook_results(_model(), x, y, "mean", tsd.THIS_PROCESS)["stats"] if x.shape[0] > 1 else None
     return out
 
@@ -163,9 +204,12 @@ def test_per_sample_across_ranks_equal_the_concatenated_batch(world_size):
     # Layer factors: one process on the whole batch, the same loss reduction.
     x, y = _batch(sum(sizes))
     for key, reduction, make in (("mean", "mean", _model), ("sum", "sum", _model), ("ddp", "mean", _model),
-                                 ("reuse", "mean", _reuse_model), ("reuse_ddp", "sum", _reuse_model)):
+                                 ("reuse", "mean", _reuse_model), ("reuse_ddp", "sum", _reuse_model),
+                                 ("kinds", "mean", _kinds_model), ("kinds_ddp", "sum", _kinds_model)):
         want = _hook_results(make(), x, y, reduction)
-        assert set(want["layers"]) == ({"0", "2", "5", "8"} if make is _model else {"conv", "inp", "block", "head"})
+        assert set(want["layers"]) == {_model: {"0", "2", "5", "8"}, _reuse_model: {"conv", "inp", "block", "head"},
+                                       _kinds_model: {"conv1", "gn", "up", "ln", "attn", "emb+proj", "conv3", "bn",
+                                                      "head"}}[make]
         for rank, res in enumerate(results):
             got = res["factors"][key]
             torch.testing.assert_close(got["stats"], want["stats"], **TOL)  # all six, scale-dependent ones too

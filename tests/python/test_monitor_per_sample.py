@@ -185,3 +185,26 @@ def test_unsupported_layer_fails_at_construction():
     mon = trainscope.Monitor(model, per_sample=True, per_sample_options={"layers": ["0"]})
     assert mon.per_sample_hooks.layers == ["0"]
     mon.close()
+
+
+def test_unsupported_layers_skipped_on_request_and_the_coverage_recorded():
+    """per_sample_options={"on_unsupported": "skip"}: the supported layers are measured, and the
+    record says which share of the parameters the statistics cover; "error" (default) refuses."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.PReLU(6), torch.nn.Linear(6, 3))
+    with pytest.raises(TypeError, match="PReLU"):
+        trainscope.Monitor(model, per_sample=True)
+    recs = []
+    mon = trainscope.Monitor(model, param_metrics=False, grad_hist=False, per_sample=True,
+                             per_sample_options={"on_unsupported": "skip"}, sinks=[recs.append])
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    losses = (model(x) - y).pow(2).sum(1)
+    losses.mean().backward()
+    mon.step(0, losses)
+    mon.flush()
+    total = sum(p.numel() for p in model.parameters())
+    covered = total - model[1].weight.numel()
+    assert recs[0].scalars["per_sample/covered_fraction"] == pytest.approx(covered / total)
+    assert math.isfinite(recs[0].scalars["per_sample/norm_test"])
+    with pytest.raises(ValueError, match="on_unsupported"):
+        trainscope.Monitor(model, per_sample=True, per_sample_options={"on_unsupported": "maybe"})

@@ -1,0 +1,997 @@
+"""Per-sample gradients of the layer kinds beyond nn.Linear and nn.Conv2d (SPEC.md §2), one class
+per kind's math. :mod:`trainscope.per_sample_factors` dispatches here; every kind gives the same
+float64 :class:`PerSampleParts` as the Linear/Conv2d ops (so layers add up, uses of one layer add
+as more positions of a sample, and the loss_reduction scaling and the distributed path apply), and
+the pieces of the distributed path: Σᵢ gᵢ (flat, float64) and gᵢ·ḡ against a given ḡ.
+
+How each kind is measured:
+
+- ``nn.Embedding``: sample i's gradient is its output-gradient rows δ_it added onto the rows of
+  its tokens. The rows are summed per (sample, token) (a sort of the B·T keys and one index_add,
+  no [B, V, D] tensor): ‖gᵢ‖² is the sum of their squares, gᵢ·ḡ gathers ḡ's rows, Σᵢ gᵢ is an
+  index_add over the tokens. Positions holding ``padding_idx`` get no gradient (as in torch);
+  ``max_norm`` and ``sparse`` change nothing here; ``scale_grad_by_freq`` (a gradient scaled by
+  the token's count in the whole batch, so samples interact) is refused.
+- normalisation layers (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, affine
+  ``nn.InstanceNorm1d/2d/3d``, ``nn.BatchNorm1d/2d/3d`` using running statistics): per-sample
+  gradients [B, C] are formed outright: weight Σ δ ⊙ x̂ over the positions, bias Σ δ, x̂ the
+  normalised input recomputed in float64 from the captured input with the module's eps and
+  statistics. A batch norm that normalises with batch statistics (train mode, or
+  ``track_running_stats=False``) mixes the samples: refused, naming the layer.
+- ``nn.Conv1d`` (as Conv2d with a height of 1), ``nn.ConvTranspose1d/2d`` (the weight gradient of
+  a transposed convolution is a convolution's with input and output gradient exchanged: the
+  Conv2d op on (δ, x); the bias, Σ δ, formed outright), ``nn.Conv3d`` (unfolded over three
+  dimensions into the Linear op's problem, one per group).
+- ``nn.MultiheadAttention``: its projections are used through ``F.multi_head_attention_forward``,
+  not through modules; per-sample gradients of all its trainable parameters (in_proj_weight and
+  in_proj_bias or q/k/v_proj_weight, bias_k, bias_v, out_proj.weight and out_proj.bias) come from
+  recomputing its forward in float64 from the captured query, key, value and masks, one vjp per
+  sample (``torch.func.vmap``), in tiles of samples so that memory stays within a few copies of
+  its weights. Dropout in train mode (not recomputable) and attention weights that reach the loss
+  are refused.
+
+A parameter shared by several modules (tied weights): a token embedding tied to a Linear (a
+GPT-style LM head) by :class:`TiedEmbeddingLinear`, from their factors (no [B, V, D] tensor; the
+cross term Σ_{t,s} δh_is[tok_it] (δe_it·x_is)); any other tie by :class:`Materialised`: the
+per-sample gradients of every module holding it are formed in tiles of samples and added, so the
+cross terms between the modules are exact; memory is bounded by one tile.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .per_sample_stats import PerSampleParts
+
+#: float64 elements of the temporaries of one tile of samples.
+TILE_ELEMS = 1 << 24
+
+
+def _cat_positions(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Uses of a layer as more positions of each sample: [b, T_u, k] tensors joined along dim 1."""
+    return ts[0] if len(ts) == 1 else torch.cat(list(ts), dim=1)
+
+
+def dense_parts(g: torch.Tensor) -> PerSampleParts:
+    """Parts of per-sample gradients [B, P] (float64) formed outright."""
+    mean = g.mean(0)
+    return PerSampleParts((g * g).sum(1), g @ mean, mean @ mean)
+
+
+def _flat(grads: List[torch.Tensor]) -> torch.Tensor:
+    b = grads[0].shape[0]
+    return torch.cat([g.reshape(b, -1) for g in grads], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kinds
+
+
+class LayerKind:
+    """One layer kind's math. ``xs``/``gs``: the captured input and output gradient of each use
+    (row i of each is sample i). The defaults form per-sample gradients in tiles (:meth:`grads`)."""
+
+    base: type = nn.Module
+    forwards: Tuple = ()
+
+    def matches(self, module: nn.Module) -> bool:
+        if not isinstance(module, self.base):
+            return False
+        cls = type(module)
+        return all(getattr(cls, attr) is fn for attr, fn in self.forwards)
+
+    def params(self, module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+        """(name in the module, parameter) of the trainable parameters the kind measures."""
+        return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+    def capture(self, module: nn.Module, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        return x.detach()
+
+    def wrap(self, module, x):
+        """An input given directly (not captured by the hooks) as the kind holds a captured one."""
+        return x
+
+    def output(self, output):
+        """The output tensor whose gradient is captured (None: nothing to capture)."""
+        return output if isinstance(output, torch.Tensor) else None
+
+    def problem(self, module: nn.Module, name: str, uses) -> Optional[str]:
+        """Why the captured uses cannot be measured (None: they can)."""
+        return None
+
+    def per_sample_elems(self, module: nn.Module, xs, gs) -> int:
+        """float64 elements of :meth:`grads`'s temporaries per sample (for the tile size)."""
+        b = max(xs[0].shape[0], 1)
+        return sum(p.numel() for _, p in self.params(module)) + sum(
+            (x.numel() + g.numel()) // b for x, g in zip(xs, gs))
+
+    def grads(self, module: nn.Module, xs, gs) -> List[torch.Tensor]:
+        """Per-sample gradients [b, *p.shape] float64 of :meth:`params` (summed over the uses)."""
+        raise NotImplementedError
+
+    # Defaults from the per-sample gradients.
+    def parts(self, module, xs, gs, method: str = "auto") -> PerSampleParts:
+        return Materialised([(self, module, xs, gs)]).parts()
+
+    def grad_sum(self, module, xs, gs) -> torch.Tensor:
+        return Materialised([(self, module, xs, gs)]).grad_sum()
+
+    def dots(self, module, xs, gs, mean: torch.Tensor) -> torch.Tensor:
+        return Materialised([(self, module, xs, gs)]).dots(mean)
+
+
+class _NormKind(LayerKind):
+    """Weight Σ δ ⊙ x̂ and bias Σ δ over the positions of each sample."""
+
+    def xhat(self, module, x: torch.Tensor, training: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def param_dims(self, module, x) -> int:
+        """How many trailing dims of x the parameters span (the rest but dim 0 are positions)."""
+        raise NotImplementedError
+
+    def capture(self, module, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        return _Tagged(x.detach(), module.training)
+
+    def wrap(self, module, x):
+        """An input given as a plain tensor (not captured by the hooks) is taken in the module's
+        current mode."""
+        return x if isinstance(x, _Tagged) else _Tagged(x.detach(), module.training)
+
+    def grads(self, module, xs, gs):
+        w = module.weight if module.weight is not None and module.weight.requires_grad else None
+        b = getattr(module, "bias", None)
+        b = b if b is not None and b.requires_grad else None
+        gw = gb = 0
+        for x, g in zip(xs, gs):
+            t = x.tensor
+            d = g.double()
+            shape_dims = self.param_dims(module, t)
+            if shape_dims > 0:   # parameters over trailing dims (LayerNorm, RMSNorm)
+                dims = tuple(range(1, t.dim() - shape_dims))
+            else:                # parameters over channels, dim 1 (GroupNorm, InstanceNorm, BatchNorm)
+                dims = tuple(range(2, t.dim()))
+            if w is not None:
+                prod = d * self.xhat(module, t, x.training)
+                gw = gw + (prod.sum(dims) if dims else prod)
+            if b is not None:
+                gb = gb + (d.sum(dims) if dims else d)
+        return ([gw] if w is not None else []) + ([gb] if b is not None else [])
+
+    def per_sample_elems(self, module, xs, gs):
+        return 3 * super().per_sample_elems(module, xs, gs)
+
+
+class _Tagged:
+    """A captured input with the module's train/eval mode at that time."""
+
+    def __init__(self, tensor: torch.Tensor, training: bool):
+        self.tensor, self.training = tensor, training
+
+    @property
+    def shape(self):
+        return self.tensor.shape
+
+    @property
+    def device(self):
+        return self.tensor.device
+
+    def numel(self):
+        return self.tensor.numel()
+
+    def __getitem__(self, index):
+        return _Tagged(self.tensor[index], self.training)
+
+    def __len__(self):
+        return self.tensor.shape[0]
+
+
+class LayerNormKind(_NormKind):
+    base = nn.LayerNorm
+    forwards = (("forward", nn.LayerNorm.forward),)
+
+    def param_dims(self, module, x):
+        return len(module.normalized_shape)
+
+    def xhat(self, module, x, training):
+        return F.layer_norm(x.double(), module.normalized_shape, None, None, module.eps)
+
+
+class RMSNormKind(_NormKind):
+    base = getattr(nn, "RMSNorm", ())
+    forwards = (("forward", nn.RMSNorm.forward),) if hasattr(nn, "RMSNorm") else ()
+
+    def matches(self, module):
+        return hasattr(nn, "RMSNorm") and super().matches(module)
+
+    def param_dims(self, module, x):
+        return len(module.normalized_shape)
+
+    def xhat(self, module, x, training):
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return F.rms_norm(x.double(), module.normalized_shape, None, eps)
+
+
+class GroupNormKind(_NormKind):
+    base = nn.GroupNorm
+    forwards = (("forward", nn.GroupNorm.forward),)
+
+    def param_dims(self, module, x):
+        return 0
+
+    def xhat(self, module, x, training):
+        return F.group_norm(x.double(), module.num_groups, None, None, module.eps)
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.double().reshape([1, -1] + [1] * (x.dim() - 2))
+
+
+class InstanceNormKind(_NormKind):
+    base = nn.modules.instancenorm._InstanceNorm
+    forwards = (("forward", nn.modules.instancenorm._InstanceNorm.forward),)
+
+    def param_dims(self, module, x):
+        return 0
+
+    def problem(self, module, name, uses):
+        for u in uses:
+            if u.input.tensor.dim() == module._get_no_batch_dim():
+                return (f"layer {name!r} ({type(module).__name__}) ran on an unbatched input of shape "
+                        f"{list(u.input.shape)}; per-sample gradients need a batch dim")
+        return None
+
+    def xhat(self, module, x, training):
+        if training or not module.track_running_stats:  # each sample's own statistics
+            return F.instance_norm(x.double(), None, None, eps=module.eps)
+        return (x.double() - _channel_view(module.running_mean, x)) / torch.sqrt(
+            _channel_view(module.running_var, x) + module.eps)
+
+
+class BatchNormKind(_NormKind):
+    base = nn.modules.batchnorm._BatchNorm
+    forwards = (("forward", nn.modules.batchnorm._BatchNorm.forward),)
+
+    def param_dims(self, module, x):
+        return 0
+
+    def problem(self, module, name, uses):
+        if module.running_mean is None or any(u.input.training for u in uses):
+            return (f"layer {name!r} ({type(module).__name__}) normalised with batch statistics (train mode or "
+                    "track_running_stats=False), which mix the samples: per-sample gradients are not defined. "
+                    "Measure with the batch norms in eval mode, or pass on_unsupported='skip' to leave them out "
+                    "(reported in hooks.coverage)")
+        return None
+
+    def xhat(self, module, x, training):
+        return (x.double() - _channel_view(module.running_mean, x)) / torch.sqrt(
+            _channel_view(module.running_var, x) + module.eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedding
+
+
+class EmbeddingKind(LayerKind):
+    base = nn.Embedding
+    forwards = (("forward", nn.Embedding.forward),)
+
+    def problem(self, module, name, uses):
+        if module.scale_grad_by_freq:
+            return (f"layer {name!r} (Embedding) has scale_grad_by_freq=True: its gradient divides by each "
+                    "token's count in the whole batch, which mixes the samples")
+        return None
+
+    def _rows(self, module, xs, gs):
+        """(rows [N, D], sample of each row [N], token of each row [N]): sample i's gradient rows
+        summed per (sample, token), N = the number of positions (unused rows are zero)."""
+        b = xs[0].shape[0]
+        toks = _cat_positions([x.reshape(b, -1) for x in xs])                      # [b, T]
+        deltas = _cat_positions([g.reshape(b, -1, g.shape[-1]) for g in gs]).double()  # [b, T, D]
+        t = toks.shape[1]
+        if module.padding_idx is not None:
+            deltas = deltas * (toks != module.padding_idx).unsqueeze(-1)
+        samples = torch.arange(b, device=toks.device).repeat_interleave(t)
+        toks = toks.reshape(-1)
+        keys = samples * module.num_embeddings + toks
+        order = torch.argsort(keys)
+        sorted_keys = keys[order]
+        starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+        starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        group_sorted = torch.cumsum(starts.long(), 0) - 1
+        group = torch.empty_like(group_sorted).scatter_(0, order, group_sorted)   # row of each position
+        n, d = keys.shape[0], deltas.shape[-1]
+        rows = deltas.new_zeros(n, d).index_add_(0, group, deltas.reshape(n, d))
+        row_sample = torch.zeros_like(samples).scatter_(0, group, samples)
+        row_tok = torch.zeros_like(toks).scatter_(0, group, toks)
+        return rows, row_sample, row_tok, b
+
+    def parts(self, module, xs, gs, method="auto"):
+        if not module.weight.requires_grad:
+            raise ValueError("Embedding: the weight is frozen")
+        rows, row_sample, row_tok, b = self._rows(module, xs, gs)
+        sq = rows.new_zeros(b).index_add_(0, row_sample, (rows * rows).sum(1))
+        mean = rows.new_zeros(module.num_embeddings, rows.shape[1]).index_add_(0, row_tok, rows) / b
+        dots = rows.new_zeros(b).index_add_(0, row_sample, (rows * mean[row_tok]).sum(1))
+        return PerSampleParts(sq, dots, (mean * mean).sum())
+
+    def grad_sum(self, module, xs, gs):
+        rows, _, row_tok, _ = self._rows(module, xs, gs)
+        return rows.new_zeros(module.num_embeddings, rows.shape[1]).index_add_(0, row_tok, rows).reshape(-1)
+
+    def dots(self, module, xs, gs, mean):
+        rows, row_sample, row_tok, b = self._rows(module, xs, gs)
+        mean = mean.reshape(module.num_embeddings, -1).to(rows)
+        return rows.new_zeros(b).index_add_(0, row_sample, (rows * mean[row_tok]).sum(1))
+
+    def per_sample_elems(self, module, xs, gs):
+        return module.weight.numel() + super().per_sample_elems(module, xs, gs)
+
+    def grads(self, module, xs, gs):
+        rows, row_sample, row_tok, b = self._rows(module, xs, gs)
+        v = module.num_embeddings
+        out = rows.new_zeros(b * v, rows.shape[1]).index_add_(0, row_sample * v + row_tok, rows)
+        return [out.reshape(b, v, -1)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear and Conv2d (for tied parameters and histograms; their parts come from the ops)
+
+
+class LinearKind(LayerKind):
+    base = nn.Linear
+    forwards = (("forward", nn.Linear.forward),)
+
+    def grads(self, module, xs, gs):
+        b = xs[0].shape[0]
+        x = _cat_positions([x.reshape(b, -1, x.shape[-1]) for x in xs]).double()
+        d = _cat_positions([g.reshape(b, -1, g.shape[-1]) for g in gs]).double()
+        out = []
+        if module.weight.requires_grad:
+            out.append(torch.einsum("bto,bti->boi", d, x))
+        if module.bias is not None and module.bias.requires_grad:
+            out.append(d.sum(1))
+        return out
+
+
+def conv_padded(module: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, list]:
+    """The input padded as a convolution module pads it, and the zero padding left (any dims)."""
+    n = x.dim() - 2
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return x, list(module.padding)
+    if isinstance(module.padding, str) and module.padding == "valid":
+        return x, [0] * n
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, module._reversed_padding_repeated_twice, mode=mode), [0] * n
+
+
+def _unfold_nd(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """Patches [b, L, C·prod(kernel)] of a [b, C, *spatial] input (any number of spatial dims),
+    channel-major as a convolution weight viewed as [C_out, -1]."""
+    n = x.dim() - 2
+    pad = []
+    for p in reversed(padding):
+        pad += [p, p]
+    if any(pad):
+        x = F.pad(x, pad)
+    for k in range(n):
+        span = dilation[k] * (kernel[k] - 1) + 1
+        x = x.unfold(2 + k, span, stride[k])
+    # [b, C, *out, *span] -> dilated kernel taps
+    sl = (slice(None),) * (2 + n) + tuple(slice(None, None, d) for d in dilation)
+    x = x[sl]
+    b, c = x.shape[:2]
+    out = x.shape[2:2 + n]
+    perm = [0] + list(range(2, 2 + n)) + [1] + list(range(2 + n, 2 + 2 * n))
+    length = 1
+    for o in out:
+        length *= o
+    return x.permute(perm).reshape(b, length, -1)
+
+
+class _ConvKind(LayerKind):
+    """Convolutions as linear problems: per group, X [b, T, k] and Δ [b, T, o] with sample i's
+    gradient of the group's block of the weight (viewed as [rows, -1]) Σ_t Δ_itᵀ X_it."""
+
+    transposed = False
+
+    def problems(self, module, x, g) -> list:
+        raise NotImplementedError
+
+    def _weight_bias(self, module):
+        w = module.weight.requires_grad
+        b = module.bias is not None and module.bias.requires_grad
+        return w, b
+
+    def bias_grad(self, module, xs, gs) -> torch.Tensor:
+        """Σ over positions of δ, [b, C_out], summed over the uses."""
+        out = 0
+        for g in gs:
+            out = out + g.double().flatten(2).sum(2)
+        return out
+
+    def grads(self, module, xs, gs):
+        w, bias = self._weight_bias(module)
+        out = []
+        if w:
+            gw = 0
+            for x, g in zip(xs, gs):
+                gw = gw + torch.cat([torch.einsum("bto,btk->bok", d, xx) for xx, d in self.problems(module, x, g)],
+                                    dim=1)
+            out.append(gw.reshape((gw.shape[0],) + tuple(module.weight.shape)))
+        if bias:
+            out.append(self.bias_grad(module, xs, gs))
+        return out
+
+    def per_sample_elems(self, module, xs, gs):
+        b = max(xs[0].shape[0], 1)
+        elems = module.weight.numel()
+        for x, g in zip(xs, gs):
+            positions = (x if self.transposed else g)[0, 0].numel()  # the unfolded side's positions
+            elems += 2 * (x.numel() + g.numel()) // b + positions * module.weight[0].numel() * module.groups
+        return elems
+
+    def grad_sum(self, module, xs, gs):
+        w, bias = self._weight_bias(module)
+        tile = max(1, TILE_ELEMS // max(self.per_sample_elems(module, xs, gs), 1))
+        total = None
+        for a in range(0, xs[0].shape[0], tile):
+            parts = []
+            if w:
+                ws = 0
+                for x, g in zip(xs, gs):
+                    ws = ws + torch.cat([d.reshape(-1, d.shape[-1]).T @ xx.reshape(-1, xx.shape[-1])
+                                         for xx, d in self.problems(module, x[a:a + tile], g[a:a + tile])])
+                parts.append(ws.reshape(-1))
+            if bias:
+                parts.append(self.bias_grad(module, [x[a:a + tile] for x in xs], [g[a:a + tile] for g in gs]).sum(0))
+            s = torch.cat(parts)
+            total = s if total is None else total + s
+        return total
+
+    def dots(self, module, xs, gs, mean):
+        w, bias = self._weight_bias(module)
+        rows = module.weight.shape[0]
+        n_w = module.weight.numel() if w else 0
+        w_mean = mean[:n_w].reshape(rows, -1) if w else None
+        b_mean = mean[n_w:] if bias else None
+        tile = max(1, TILE_ELEMS // max(self.per_sample_elems(module, xs, gs), 1))
+        out = []
+        for a in range(0, xs[0].shape[0], tile):
+            xt, gt = [x[a:a + tile] for x in xs], [g[a:a + tile] for g in gs]
+            dots = 0
+            if w:
+                for x, g in zip(xt, gt):
+                    problems = self.problems(module, x, g)
+                    o = rows // len(problems)
+                    for j, (xx, d) in enumerate(problems):
+                        dots = dots + ((xx @ w_mean[j * o:(j + 1) * o].T) * d).sum((1, 2))
+            if bias:
+                dots = dots + self.bias_grad(module, xt, gt) @ b_mean
+            out.append(dots)
+        return torch.cat(out)
+
+
+class Conv1dKind(_ConvKind):
+    base = nn.Conv1d
+    forwards = (("forward", nn.Conv1d.forward), ("_conv_forward", nn.Conv1d._conv_forward))
+
+    def problems(self, module, x, g):
+        xp, padding = conv_padded(module, x)
+        cols = _unfold_nd(xp.double(), module.kernel_size, module.stride, padding, module.dilation)
+        delta = g.double().flatten(2).transpose(1, 2)
+        return list(zip(cols.chunk(module.groups, dim=2), delta.chunk(module.groups, dim=2)))
+
+    def parts(self, module, xs, gs, method="auto"):
+        w, bias = self._weight_bias(module)
+        if not w:  # a trainable bias alone: [B, C_out]
+            return Materialised([(self, module, xs, gs)]).parts()
+        x4, padding = [], None
+        for x in xs:
+            xp, padding = conv_padded(module, x)
+            x4.append(xp.unsqueeze(2))
+        g4 = [g.unsqueeze(2) for g in gs]
+        op = torch.ops.trainscope.conv2d_per_sample_parts
+        args = ([1, module.kernel_size[0]], [1, module.stride[0]], [0, padding[0]], [1, module.dilation[0]],
+                int(module.groups), bool(bias), method)
+        if len(x4) == 1:
+            sq, dots, msq = op.default(x4[0], g4[0], *args)
+        else:
+            sq, dots, msq = op.uses(x4, g4, *args)
+        return PerSampleParts(sq, dots, msq)
+
+
+class Conv3dKind(_ConvKind):
+    base = nn.Conv3d
+    forwards = (("forward", nn.Conv3d.forward), ("_conv_forward", nn.Conv3d._conv_forward))
+
+    def problems(self, module, x, g, dtype=torch.float64):
+        xp, padding = conv_padded(module, x)
+        cols = _unfold_nd(xp.to(dtype), module.kernel_size, module.stride, padding, module.dilation)
+        delta = g.to(dtype).flatten(2).transpose(1, 2)
+        return list(zip(cols.chunk(module.groups, dim=2), delta.chunk(module.groups, dim=2)))
+
+    def parts(self, module, xs, gs, method="auto"):
+        w, bias = self._weight_bias(module)
+        unfolded = sum(g[0, 0].numel() * module.weight[0].numel() * module.groups * g.shape[0] for g in gs)
+        if not w or unfolded > TILE_ELEMS:
+            # A trainable bias alone, or patches of the whole batch above the budget: per-sample
+            # gradients formed in tiles of samples (memory bounded by a tile).
+            return Materialised([(self, module, xs, gs)]).parts()
+        # The batch's patches: one Linear problem per group (disjoint blocks of the weight and
+        # bias: their parts add).
+        per_use = [self.problems(module, x, g, dtype=torch.promote_types(x.dtype, torch.float32))
+                   for x, g in zip(xs, gs)]
+        total = 0
+        op = torch.ops.trainscope.linear_per_sample_parts
+        for j in range(module.groups):
+            xx = [p[j][0] for p in per_use]
+            dd = [p[j][1] for p in per_use]
+            if len(xx) == 1:
+                sq, dots, msq = op.default(xx[0], dd[0], bool(bias), method)
+            else:
+                sq, dots, msq = op.uses(xx, dd, bool(bias), method)
+            total = total + PerSampleParts(sq, dots, msq)
+        return total
+
+
+class _ConvTransposeKind(_ConvKind):
+    """The weight [C_in, C_out/groups, *k] is a convolution's from δ (C_out channels) to x (C_in):
+    its gradient is that convolution's weight gradient with input δ and output gradient x."""
+
+    transposed = True
+
+    def problems(self, module, x, g):
+        cols = _unfold_nd(g.double(), module.kernel_size, module.stride, list(module.padding), module.dilation)
+        xx = x.double().flatten(2).transpose(1, 2)          # the "output gradient": [b, L_in, C_in]
+        return list(zip(cols.chunk(module.groups, dim=2), xx.chunk(module.groups, dim=2)))
+
+    def bias_parts(self, module, gs) -> PerSampleParts:
+        return dense_parts(self.bias_grad(module, None, gs))
+
+    def parts(self, module, xs, gs, method="auto"):
+        w, bias = self._weight_bias(module)
+        if not w:  # a trainable bias alone: [B, C_out]
+            return self.bias_parts(module, gs)
+        d4 = [self.as2d(g) for g in gs]
+        x4 = [self.as2d(x) for x in xs]
+        k, s, p, dil = self.geometry(module)
+        op = torch.ops.trainscope.conv2d_per_sample_parts
+        args = (k, s, p, dil, int(module.groups), False, method)
+        if len(x4) == 1:
+            sq, dots, msq = op.default(d4[0], x4[0], *args)
+        else:
+            sq, dots, msq = op.uses(d4, x4, *args)
+        out = PerSampleParts(sq, dots, msq)
+        return out + self.bias_parts(module, gs) if bias else out
+
+
+class ConvTranspose1dKind(_ConvTransposeKind):
+    base = nn.ConvTranspose1d
+    forwards = (("forward", nn.ConvTranspose1d.forward),)
+
+    def as2d(self, t):
+        return t.unsqueeze(2)
+
+    def geometry(self, module):
+        return ([1, module.kernel_size[0]], [1, module.stride[0]], [0, module.padding[0]], [1, module.dilation[0]])
+
+
+class ConvTranspose2dKind(_ConvTransposeKind):
+    base = nn.ConvTranspose2d
+    forwards = (("forward", nn.ConvTranspose2d.forward),)
+
+    def as2d(self, t):
+        return t
+
+    def geometry(self, module):
+        return (list(module.kernel_size), list(module.stride), list(module.padding), list(module.dilation))
+
+
+class Conv2dKind(_ConvKind):
+    """nn.Conv2d's per-sample gradients formed outright (tied parameters, histograms)."""
+    base = nn.Conv2d
+    forwards = (("forward", nn.Conv2d.forward), ("_conv_forward", nn.Conv2d._conv_forward))
+
+    def problems(self, module, x, g):
+        xp, padding = conv_padded(module, x)
+        cols = F.unfold(xp.double(), module.kernel_size, dilation=module.dilation, padding=padding,
+                        stride=module.stride).transpose(1, 2)
+        delta = g.double().flatten(2).transpose(1, 2)
+        return list(zip(cols.chunk(module.groups, dim=2), delta.chunk(module.groups, dim=2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# MultiheadAttention
+
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+class MHAInput:
+    """What nn.MultiheadAttention's forward took, batch first: query, key, value [b, L|S, E], the
+    key padding mask [b, S] (or None), the attention mask ([L, S] shared, or [b, heads, L, S]),
+    is_causal, whether its train mode (dropout) was on, whether the input had a batch dim, and the
+    version counters of the module's parameters then (None: not checked)."""
+
+    def __init__(self, query, key, value, key_padding_mask, attn_mask, is_causal, training, per_sample_mask,
+                 batched=True, versions=None):
+        self.query, self.key, self.value = query, key, value
+        self.key_padding_mask, self.attn_mask = key_padding_mask, attn_mask
+        self.is_causal, self.training, self.per_sample_mask = is_causal, training, per_sample_mask
+        self.batched, self.versions = batched, versions
+
+    @property
+    def shape(self):
+        return self.query.shape
+
+    @property
+    def device(self):
+        return self.query.device
+
+    @property
+    def dtype(self):
+        return self.query.dtype
+
+    def numel(self):
+        return self.query.numel() + self.key.numel() + self.value.numel()
+
+    def __getitem__(self, index):
+        kpm = self.key_padding_mask[index] if self.key_padding_mask is not None else None
+        am = self.attn_mask[index] if self.per_sample_mask else self.attn_mask
+        return MHAInput(self.query[index], self.key[index], self.value[index], kpm, am, self.is_causal,
+                        self.training, self.per_sample_mask, self.batched)
+
+
+class MHAKind(LayerKind):
+    base = nn.MultiheadAttention
+    forwards = (("forward", nn.MultiheadAttention.forward),)
+
+    def params(self, module):
+        return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+    def capture(self, module, args, kwargs):
+        bound = _MHA_SIGNATURE.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        q, k, v = (t.detach() for t in (a["query"], a["key"], a["value"]))
+        batched = q.dim() == 3
+        if batched and not module.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        kpm = a["key_padding_mask"]
+        am = a["attn_mask"]
+        per_sample = batched and am is not None and am.dim() == 3  # [B·heads, L, S]
+        if per_sample:
+            am = am.detach().reshape(q.shape[0], module.num_heads, am.shape[-2], am.shape[-1])
+        # The parameters' versions tell whether they changed since (an optimizer step).
+        return MHAInput(q, k, v, None if kpm is None else kpm.detach(), None if am is None else am.detach(),
+                        bool(a["is_causal"]), module.training, per_sample, batched, _versions(module))
+
+    def output(self, output):
+        return output[0] if isinstance(output, tuple) else None
+
+    def wrap(self, module, x):
+        if not isinstance(x, MHAInput):
+            raise TypeError("MultiheadAttention: per-sample gradients need the query, key, value and masks the "
+                            "module ran on; use PerSampleHooks, which captures them")
+        return x
+
+    def grad_to_batch_first(self, module) -> bool:
+        return not module.batch_first
+
+    def problem(self, module, name, uses):
+        for u in uses:
+            if not u.input.batched:
+                return (f"layer {name!r} (MultiheadAttention) ran on an unbatched input; per-sample gradients "
+                        "need a batch")
+            if u.input.training and module.dropout > 0:
+                return (f"layer {name!r} (MultiheadAttention) ran in train mode with dropout={module.dropout}; its "
+                        "random dropout cannot be recomputed for per-sample gradients. Use dropout=0 or eval mode")
+            if u.input.versions is not None and u.input.versions != _versions(module):
+                return (f"layer {name!r} (MultiheadAttention): its parameters changed since its forward pass (an "
+                        "optimizer step?); its per-sample gradients recompute that forward with the parameters it "
+                        "ran with: measure before optimizer.step()")
+            if getattr(u, "weights_reached_loss", False):
+                return (f"layer {name!r} (MultiheadAttention): its attention weights reached the loss, which the "
+                        "recomputation of its output does not follow")
+        return None
+
+    def per_sample_elems(self, module, xs, gs):
+        p = sum(t.numel() for _, t in self.params(module))
+        act = 0
+        for x in xs:
+            l, s = x.query.shape[1], x.key.shape[1]
+            act += 8 * (l + s) * module.embed_dim + 4 * module.num_heads * l * s
+        return 3 * p + act
+
+    def grads(self, module, xs, gs):
+        names = [n for n, _ in self.params(module)]
+        all_params = {n: p.detach().double() for n, p in module.named_parameters()}
+        trained = {n: all_params[n] for n in names}
+        frozen = {n: t for n, t in all_params.items() if n not in trained}
+        total = None
+        for x, g in zip(xs, gs):
+            def one(q, k, v, kpm, am, delta, _x=x):
+                def f(tp):
+                    p = {**frozen, **tp}
+                    return _mha_forward(module, p, q[None], k[None], v[None],
+                                        None if kpm is None else kpm[None],
+                                        am if am is None or not _x.per_sample_mask else am.reshape(-1, *am.shape[-2:]),
+                                        _x.is_causal)
+                _, pull = torch.func.vjp(f, trained)
+                return pull(delta[None])[0]
+
+            in_dims = (0, 0, 0, None if x.key_padding_mask is None else 0,
+                       0 if x.per_sample_mask else None, 0)
+            am, kpm = (m.double() if m is not None and m.is_floating_point() else m
+                       for m in (x.attn_mask, x.key_padding_mask))
+            out = torch.func.vmap(one, in_dims=in_dims)(x.query.double(), x.key.double(), x.value.double(),
+                                                         kpm, am, g.double())
+            total = out if total is None else {n: total[n] + out[n] for n in names}
+        return [total[n] for n in names]
+
+
+def _versions(module: nn.Module) -> tuple:
+    return tuple(p._version for p in module.parameters())
+
+
+def _mha_forward(module, p, q, k, v, key_padding_mask, attn_mask, is_causal):
+    """nn.MultiheadAttention's output (its non-fast path, without dropout) with parameters ``p``;
+    q, k, v batch first."""
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    out, _ = F.multi_head_attention_forward(
+        q, k, v, module.embed_dim, module.num_heads, p.get("in_proj_weight"), p.get("in_proj_bias"),
+        p.get("bias_k"), p.get("bias_v"), module.add_zero_attn, 0.0, p["out_proj.weight"], p.get("out_proj.bias"),
+        training=False, key_padding_mask=key_padding_mask, need_weights=True, attn_mask=attn_mask,
+        use_separate_proj_weight=not module._qkv_same_embed_dim, q_proj_weight=p.get("q_proj_weight"),
+        k_proj_weight=p.get("k_proj_weight"), v_proj_weight=p.get("v_proj_weight"), average_attn_weights=True,
+        is_causal=is_causal)
+    return out.transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry
+
+KINDS = (LayerNormKind(), RMSNormKind(), GroupNormKind(), InstanceNormKind(), BatchNormKind(), EmbeddingKind(),
+         Conv1dKind(), Conv3dKind(), ConvTranspose1dKind(), ConvTranspose2dKind(), MHAKind())
+
+#: Kinds whose per-sample gradients can be formed outright (tied parameters, histograms) but whose
+#: parts come from the ops in per_sample_factors.
+_FACTOR_KINDS = (LinearKind(), Conv2dKind())
+
+#: The layer types of :data:`KINDS`.
+LAYER_TYPES = tuple(t for t in (nn.Embedding, nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupNorm,
+                                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm1d,
+                                nn.BatchNorm2d, nn.BatchNorm3d, nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d,
+                                nn.ConvTranspose2d, nn.MultiheadAttention) if t is not None)
+
+
+_KIND_OF_TYPE: dict = {}  # {(type, with Linear and Conv2d): kind}: a kind depends on the type alone
+
+
+def _find(module: nn.Module, kinds) -> Optional[LayerKind]:
+    key = (type(module), len(kinds))
+    if key not in _KIND_OF_TYPE:
+        _KIND_OF_TYPE[key] = next((k for k in kinds if k.matches(module)), None)
+    return _KIND_OF_TYPE[key]
+
+
+def kind_of(module: nn.Module) -> Optional[LayerKind]:
+    """The kind of this module among :data:`KINDS` (None: not one of them)."""
+    return _find(module, KINDS)
+
+
+def any_kind_of(module: nn.Module) -> Optional[LayerKind]:
+    """As :func:`kind_of`, Linear and Conv2d included."""
+    return _find(module, _FACTOR_KINDS + KINDS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-sample gradients formed outright, in tiles of samples
+
+
+class Materialised:
+    """The per-sample gradients of the parameters of one or more modules (``entries``: (kind,
+    module, inputs of its uses, output gradients of its uses)), a parameter held by several
+    modules taking the sum of their contributions; formed in tiles of samples whose float64
+    temporaries stay near :data:`TILE_ELEMS` elements."""
+
+    def __init__(self, entries):
+        self.entries = entries
+        self.params: list = []
+        seen = set()
+        per_sample = 0
+        for kind, module, xs, gs in entries:
+            for _, p in kind.params(module):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    self.params.append(p)
+            per_sample += kind.per_sample_elems(module, xs, gs)
+        self.batch = entries[0][2][0].shape[0]
+        self.tile = max(1, TILE_ELEMS // max(per_sample, 1))
+        self._kept = None
+
+    def tiles(self):
+        for a in range(0, self.batch, self.tile):
+            yield a, self.grads(a, a + self.tile)
+
+    def grads(self, a: int, b: int) -> List[torch.Tensor]:
+        """[b - a, *p.shape] float64 per parameter of :attr:`params`."""
+        acc = {}
+        for kind, module, xs, gs in self.entries:
+            got = kind.grads(module, [x[a:b] for x in xs], [g[a:b] for g in gs])
+            for (_, p), g in zip(kind.params(module), got):
+                acc[id(p)] = g if id(p) not in acc else acc[id(p)] + g
+        return [acc[id(p)] for p in self.params]
+
+    def grad_sum(self) -> torch.Tensor:
+        total = None
+        for _, g in self.tiles():
+            s = _flat(g).sum(0)
+            total = s if total is None else total + s
+        return total
+
+    def dots(self, mean: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_flat(g) @ mean.to(torch.float64) for _, g in self.tiles()])
+
+    def sq_norms(self) -> torch.Tensor:
+        return torch.cat([(_flat(g) ** 2).sum(1) for _, g in self.tiles()])
+
+    def parts(self) -> PerSampleParts:
+        if self.tile >= self.batch:  # one tile: formed once
+            return dense_parts(_flat(self.grads(0, self.batch)))
+        sq, total = [], None
+        for _, g in self.tiles():
+            f = _flat(g)
+            sq.append((f * f).sum(1))
+            s = f.sum(0)
+            total = s if total is None else total + s
+        mean = total / self.batch
+        return PerSampleParts(torch.cat(sq), self.dots(mean), mean @ mean)
+
+    def hist1d(self, nbins: int, maxval: float, check) -> torch.Tensor:
+        # The joint histogram's gradient axis, against a parameter axis of one bin (any tile size,
+        # a tile of one sample included, which the per_sample_parts op refuses).
+        nbins, maxval = check(nbins, maxval)
+        out = None
+        for _, g in self.tiles():
+            zeros = [t.new_zeros(t.shape[1:]) for t in g]
+            c, _ = torch.ops.trainscope.grad_hist2d(g, zeros, nbins, maxval, 1, 1.0)
+            out = c[:, 0] if out is None else out + c[:, 0]
+        return out
+
+    def hist2d(self, axes) -> Tuple[torch.Tensor, torch.Tensor]:
+        counts = nonfinite = None
+        ps = [p.detach() for p in self.params]
+        for _, g in self.tiles():
+            c, n = torch.ops.trainscope.grad_hist2d([t.to(p.dtype) for t, p in zip(g, ps)], ps, *axes)
+            counts, nonfinite = (c, n) if counts is None else (counts + c, nonfinite + n)
+        return counts, nonfinite
+
+
+# ------------------------------------------------------------------------------------------------
+# A token embedding tied to a Linear output layer, from factors
+
+
+class TiedEmbeddingLinear:
+    """An nn.Embedding and an nn.Linear sharing one weight W [V, D] (a GPT-style token embedding
+    and LM head, ``head.weight = emb.weight``), from their factors, never a [B, V, D] tensor.
+
+    Sample i's gradient of W is Eᵢ + Hᵢ: Eᵢ = Σ_t onehot(tok_it) δe_itᵀ from the embedding (its
+    output gradient δe [B, T, D]) and Hᵢ = Σ_s δh_isᵀ x_is from the head (input x [B, S, D],
+    output gradient δh [B, S, V]). ‖Eᵢ + Hᵢ‖² = ‖Eᵢ‖² + ‖Hᵢ‖² + 2 Eᵢ·Hᵢ with the cross term
+    Eᵢ·Hᵢ = Σ_{t,s} δh_is[tok_it] (δe_it · x_is) (a [T, S] product per sample, in tiles of
+    samples and of positions), ‖Hᵢ‖² from the Linear op's route (``method``), gᵢ·ḡ gathering ḡ's
+    rows for Eᵢ and Σ_s δh_is·(Ḡ x_is) for Hᵢ, Σᵢ gᵢ by an index_add and one GEMM. The head's bias,
+    if trainable, is a block of its own (Σ_s δh_is). Every use of either module counts as more
+    positions of sample i."""
+
+    def __init__(self, entries, method: str = "auto"):
+        (self.emb_kind, self.emb, exs, egs), (_, self.head, hxs, hgs) = sorted(
+            entries, key=lambda e: not isinstance(e[0], EmbeddingKind))
+        b = exs[0].shape[0]
+        self.batch = b
+        self.method = method
+        self.tok = _cat_positions([x.reshape(b, -1) for x in exs])                          # [b, T]
+        de = _cat_positions([g.reshape(b, -1, g.shape[-1]) for g in egs])                   # [b, T, D]
+        if self.emb.padding_idx is not None:
+            de = de * (self.tok != self.emb.padding_idx).unsqueeze(-1).to(de.dtype)
+        self.de = de
+        self.x = _cat_positions([x.reshape(b, -1, x.shape[-1]) for x in hxs])               # [b, S, D]
+        self.dh = _cat_positions([g.reshape(b, -1, g.shape[-1]) for g in hgs])              # [b, S, V]
+        self.bias = self.head.bias is not None and self.head.bias.requires_grad
+        self.vocab, self.dim = self.emb.weight.shape
+
+    @staticmethod
+    def applies(entries) -> bool:
+        """Two modules, an Embedding and a Linear holding the same trainable weight, nothing else
+        shared."""
+        if len(entries) != 2:
+            return False
+        kinds = [e[0] for e in entries]
+        emb = [e[1] for e in entries if isinstance(e[0], EmbeddingKind)]
+        lin = [e[1] for e in entries if isinstance(e[0], LinearKind)]
+        if len(emb) != 1 or len(lin) != 1 or len(kinds) != 2:
+            return False
+        return lin[0].weight is emb[0].weight and lin[0].weight.requires_grad and (
+            lin[0].bias is None or lin[0].bias is not emb[0].weight)
+
+    def _tile(self, per_sample: int) -> int:
+        return max(1, TILE_ELEMS // max(per_sample, 1))
+
+    def _tiles(self):
+        t, s = self.tok.shape[1], self.x.shape[1]
+        step = self._tile(3 * s * self.vocab + 2 * t * self.dim + 2 * s * self.dim)
+        for a in range(0, self.batch, step):
+            yield slice(a, a + step)
+
+    def _cross(self) -> torch.Tensor:
+        """Eᵢ·Hᵢ [b] float64."""
+        t, s = self.tok.shape[1], self.x.shape[1]
+        out = []
+        for sl in self._tiles():
+            de, tok = self.de[sl].double(), self.tok[sl]
+            x, dh = self.x[sl].double(), self.dh[sl]
+            b = tok.shape[0]
+            tc = max(1, TILE_ELEMS // max(3 * b * s, 1))  # embedding positions per chunk
+            acc = x.new_zeros(b)
+            for c in range(0, t, tc):
+                a_ts = de[:, c:c + tc] @ x.transpose(1, 2)                                   # [b, tc, S]
+                idx = tok[:, None, c:c + tc].expand(b, s, -1)
+                d_st = dh.gather(2, idx).double()                                             # [b, S, tc]
+                acc = acc + (a_ts * d_st.transpose(1, 2)).sum((1, 2))
+            out.append(acc)
+        return torch.cat(out)
+
+    def sq_norms(self) -> torch.Tensor:
+        rows, row_sample, _, b = self.emb_kind._rows(self.emb, [self.tok], [self.de])
+        e_sq = rows.new_zeros(b).index_add_(0, row_sample, (rows * rows).sum(1))
+        op = torch.ops.trainscope.linear_per_sample_parts.default
+        if b == 1:  # the op needs two samples: one goes in twice
+            h_sq = op(torch.cat([self.x, self.x]), torch.cat([self.dh, self.dh]), self.bias, self.method)[0][:1]
+        else:
+            h_sq = op(self.x, self.dh, self.bias, self.method)[0]      # the head's bias included
+        return e_sq + h_sq + 2 * self._cross()
+
+    def grad_sum(self) -> torch.Tensor:
+        w = self.de.new_zeros(self.vocab, self.dim, dtype=torch.float64).index_add_(
+            0, self.tok.reshape(-1), self.de.reshape(-1, self.dim).double())
+        bias = None
+        for sl in self._tiles():
+            dh = self.dh[sl].double().reshape(-1, self.vocab)
+            w = w + dh.T @ self.x[sl].double().reshape(-1, self.dim)
+            if self.bias:
+                bias = dh.sum(0) if bias is None else bias + dh.sum(0)
+        return torch.cat([w.reshape(-1)] + ([bias] if self.bias else []))
+
+    def dots(self, mean: torch.Tensor) -> torch.Tensor:
+        mean = mean.double()
+        n_w = self.vocab * self.dim
+        w_mean = mean[:n_w].reshape(self.vocab, self.dim)
+        out = []
+        for sl in self._tiles():
+            de, tok = self.de[sl].double(), self.tok[sl]
+            x, dh = self.x[sl].double(), self.dh[sl].double()
+            d = (de * w_mean[tok]).sum((1, 2)) + ((x @ w_mean.T) * dh).sum((1, 2))
+            if self.bias:
+                d = d + dh.sum(1) @ mean[n_w:]
+            out.append(d)
+        return torch.cat(out)
+
+    def parts(self) -> PerSampleParts:
+        mean = self.grad_sum() / self.batch
+        return PerSampleParts(self.sq_norms(), self.dots(mean), mean @ mean)
+
+
+def together(entries, method: str = "auto"):
+    """The measure of modules sharing parameters: :class:`TiedEmbeddingLinear` for a token
+    embedding tied to a Linear, else :class:`Materialised` (per-sample gradients in tiles)."""
+    if TiedEmbeddingLinear.applies(entries):
+        return TiedEmbeddingLinear(entries, method)
+    return Materialised(entries)
