@@ -179,8 +179,8 @@ def test_named_params_with_per_sample_is_refused():
 
 
 def test_unsupported_layer_fails_at_construction():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
-    with pytest.raises(TypeError, match="LayerNorm"):
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4))
+    with pytest.raises(TypeError, match="PReLU"):
         trainscope.Monitor(model, per_sample=True)
     mon = trainscope.Monitor(model, per_sample=True, per_sample_options={"layers": ["0"]})
     assert mon.per_sample_hooks.layers == ["0"]

@@ -274,16 +274,20 @@ def test_hooks_stats_is_a_per_sample_stats(kind):
 
 
 def test_hooks_stats_coverage_comes_from_the_hooks():
-    """PerSampleStats.coverage holds the hooks' coverage when it leaves parameters out; None when
-    it skips nothing (or the hooks report none)."""
+    """PerSampleStats.coverage holds the hooks' coverage when it leaves parameters out (the
+    parameters of layers skipped with on_unsupported="skip"); None when it covers everything."""
     model, _, _ = make_model("mlp")
     x, y = make_batch("mlp", 4)
     with hooked_step(model.double(), x, y, "mean") as hooks:
         assert hooks.stats().coverage is None
-        hooks.coverage = {"covered": ["0.weight"], "skipped": ["2.weight"], "fraction": 0.5}
-        assert hooks.stats().coverage is hooks.coverage
-        hooks.coverage = {"covered": ["0.weight"], "skipped": [], "fraction": 1.0}
-        assert hooks.stats().coverage is None
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.PReLU(5), nn.Linear(5, 2)).double()
+    with trainscope.PerSampleHooks(net, on_unsupported="skip") as hooks:
+        net(torch.randn(6, 3, dtype=torch.float64)).pow(2).sum(1).mean().backward()
+        cov = hooks.stats().coverage
+    assert cov == hooks.coverage and cov.skipped == ["1.weight"]
+    total = sum(p.numel() for p in net.parameters())
+    assert cov.fraction == pytest.approx((total - 5) / total)
 
 
 class ConvHistNet(nn.Module):

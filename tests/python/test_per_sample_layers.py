@@ -68,7 +68,7 @@ def hooked_stats(model, x, reduction="mean", **kw):
     with PerSampleHooks(model, loss_reduction=reduction, **kw) as hooks:
         losses = sample_loss(model(x))
         (losses.mean() if reduction == "mean" else losses.sum()).backward()
-        stats = hooks.stats()
+        stats = hooks.stats().stats
         cov = hooks.coverage
         parts = hooks.parts()
     return stats, cov, parts
@@ -202,7 +202,7 @@ def test_batchnorm_in_train_mode_is_an_error_or_skipped():
     model.zero_grad()
     with PerSampleHooks(model, on_unsupported="skip") as hooks:
         sample_loss(model(x)).mean().backward()
-        got = hooks.stats()
+        got = hooks.stats().stats
         cov = hooks.coverage
     assert cov.skipped == ["1.weight", "1.bias"]
     assert "batch statistics" in cov.reasons["1.weight"]
@@ -213,7 +213,7 @@ def test_batchnorm_in_train_mode_is_an_error_or_skipped():
     model.zero_grad()
     with PerSampleHooks(model, layers=["0", "2"]) as hooks:
         sample_loss(model(x)).mean().backward()
-        torch.testing.assert_close(got, hooks.stats())
+        torch.testing.assert_close(got, hooks.stats().stats)
 
 
 def test_layers_must_see_the_same_samples():
@@ -562,7 +562,7 @@ def test_unsupported_layers_error_or_skip():
     with PerSampleHooks(model, on_unsupported="skip") as hooks:
         assert hooks.layers == ["0", "3"]
         sample_loss(model(x)).mean().backward()
-        got = hooks.stats()
+        got = hooks.stats().stats
         cov = hooks.coverage
     assert cov.covered == ["0.weight", "0.bias", "3.weight", "3.bias"]
     assert cov.skipped == ["1.weight", "2.scale"]
@@ -797,7 +797,7 @@ def test_float32_models_against_the_float64_reference():
         ref = reference_stats(reference_grads(copy.deepcopy(model).double(), x64))
         with PerSampleHooks(model) as hooks:
             sample_loss(model(x)).mean().backward()
-            got = hooks.stats()
+            got = hooks.stats().stats
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, ref, rtol=1e-3, atol=0)
 
