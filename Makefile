@@ -93,7 +93,7 @@ test-python: build
 test: build wheel
 	@status=0; \
 	( cd $(BUILD) && ctest --output-on-failure -j $(shell nproc) ) || status=1; \
-	$(PY) -m pytest tests/python -q -rs || status=1; \
+	$(PY) -m pytest tests/python -q -rs --durations=10 || status=1; \
 	exit $$status
 
 # A CPU-only build in build/cpu-only, configured as on a machine without the CUDA Toolkit: AUTO,
