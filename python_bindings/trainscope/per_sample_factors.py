@@ -262,7 +262,7 @@ def _kind_inputs(kind, module: nn.Module, input) -> list:
 
 def layer_per_sample_parts(module: nn.Module, input: Uses, grad_output: Uses,
                            method: str = "auto") -> PerSampleParts:
-    """Parts of the per-sample gradients of an nn.Linear or nn.Conv2d module (its trainable
+    """Parts of the per-sample gradients of a module of SUPPORTED_LAYERS (its trainable
     weight and bias) from the module's input and output gradient (or those of every use of it in
     one step, as sequences: sample i's gradient is the sum over the uses)."""
     if not _supported(module):
@@ -280,7 +280,7 @@ def layer_per_sample_parts(module: nn.Module, input: Uses, grad_output: Uses,
 
 def layer_per_sample_grad_hist1d(module: nn.Module, input: Uses, grad_output: Uses,
                                  nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
-    """Histogram of the per-sample gradient elements of an nn.Linear or nn.Conv2d module (one use,
+    """Histogram of the per-sample gradient elements of a module of SUPPORTED_LAYERS (one use,
     or every use as sequences)."""
     if not _supported(module):
         raise _layer_kind_error(None, module)
@@ -298,7 +298,7 @@ def layer_per_sample_grad_hist1d(module: nn.Module, input: Uses, grad_output: Us
 def layer_per_sample_grad_hist2d(module: nn.Module, input: Uses, grad_output: Uses,
                                  nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
                                  maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Joint (per-sample gradient, parameter value) histogram of an nn.Linear or nn.Conv2d module
+    """Joint (per-sample gradient, parameter value) histogram of a module of SUPPORTED_LAYERS
     (one use, or every use as sequences)."""
     if not _supported(module):
         raise _layer_kind_error(None, module)
