@@ -192,6 +192,7 @@ namespace {
 constexpr const char* kParamMetricsKey = "param_metrics";
 constexpr const char* kGradHistKey = "grad_hist";
 constexpr const char* kGradHistName = "grad_hist1d";
+constexpr const char* kPerSampleKey = "per_sample";
 
 // The built-in scalar metrics of a record, one bit each in a step's due set: the Metric columns
 // (bit c for Metric c), then the non-finite gradient count and the loss. Record order is bit order
@@ -314,6 +315,20 @@ struct Monitor::Impl {
   };
   std::vector<Custom> customs;
   std::set<std::string> requested;
+
+  // The per-sample family (MonitorConfig::per_sample): this step's captures, one entry per layer
+  // name in the order first captured, each holding its uses.
+  struct PerSampleLayer {
+    std::string name;
+    bool conv = false;
+    bool has_bias = true;
+    std::vector<int64_t> kernel_size, stride, padding, dilation;
+    int64_t groups = 1;
+    std::vector<at::Tensor> inputs;
+    std::vector<OutputGradCapture> grads;
+  };
+  std::vector<PerSampleLayer> ps_layers;
+  std::shared_ptr<const std::vector<std::string>> ps_names;
   std::optional<int64_t> last_step;  // the latest step() or collect_captured()
   std::vector<Sink> sinks;
 
@@ -380,7 +395,80 @@ struct Monitor::Impl {
 
   bool known(const std::string& key) const {
     return key == kParamMetricsKey || key == kGradHistKey || builtin_metric_bit(key) >= 0 ||
-           find_custom(key) != nullptr;
+           (key == kPerSampleKey && cfg.per_sample.enabled) || find_custom(key) != nullptr;
+  }
+
+  bool per_sample_due(int64_t step) const {
+    return cfg.per_sample.enabled && (cfg.per_sample.schedule.due(step) || requested.count(kPerSampleKey) > 0);
+  }
+
+  // Armed for the step after the latest one (step 0 before the first).
+  bool per_sample_armed() const { return per_sample_due(last_step ? *last_step + 1 : 0); }
+
+  // The capture entry of `layer`, made at its first use in the step; a later use must be of the
+  // same kind and geometry.
+  PerSampleLayer& ps_layer(const char* op, const std::string& layer, const PerSampleLayer& like) {
+    for (PerSampleLayer& l : ps_layers) {
+      if (l.name != layer) continue;
+      TORCH_CHECK(l.conv == like.conv && l.has_bias == like.has_bias && l.kernel_size == like.kernel_size &&
+                      l.stride == like.stride && l.padding == like.padding && l.dilation == like.dilation &&
+                      l.groups == like.groups,
+                  op, ": layer '", layer, "' was captured earlier in this step as another kind or geometry; "
+                  "every use of one layer must describe the same layer");
+      return l;
+    }
+    ps_layers.push_back(like);
+    ps_layers.back().name = layer;
+    return ps_layers.back();
+  }
+
+  at::Tensor capture_layer(const char* op, const std::string& layer, const at::Tensor& input, const at::Tensor& output,
+                     const PerSampleLayer& like) {
+    TORCH_CHECK(cfg.per_sample.enabled, op, ": the per-sample family is off (MonitorConfig::per_sample)");
+    TORCH_CHECK(!layer.empty(), op, ": layer is empty; name the layer (its uses add up by name)");
+    TORCH_CHECK(input.defined(), op, ": input is an undefined tensor");
+    TORCH_CHECK(output.defined(), op, ": output is an undefined tensor");
+    if (!per_sample_armed() || !c10::GradMode::is_enabled()) return output;
+    TORCH_CHECK(input.size(0) == output.size(0), op, ": input has ", input.size(0), " samples but output has ",
+                output.size(0));
+    PerSampleLayer& l = ps_layer(op, layer, like);
+    l.inputs.push_back(input.detach());
+    l.grads.emplace_back();
+    return l.grads.back().watch(output);
+  }
+
+  // The six statistics of the step's captures ([6] float64), or undefined when nothing reached
+  // the loss. Never throws for numerical reasons: a batch of one gives NaN.
+  at::Tensor per_sample_stats_of_captures() {
+    std::optional<PerSampleParts> parts;
+    for (PerSampleLayer& l : ps_layers) {
+      std::vector<at::Tensor> xs, dys;  // a use whose output did not reach the loss adds nothing
+      for (size_t u = 0; u < l.inputs.size(); ++u) {
+        if (!l.grads[u].has_grad()) continue;
+        xs.push_back(l.inputs[u]);
+        dys.push_back(l.grads[u].grad());
+      }
+      if (xs.empty()) continue;
+      if (xs[0].size(0) < 2) {
+        return at::full({kNumPerSampleStats}, std::numeric_limits<double>::quiet_NaN(), device_opt());
+      }
+      PerSampleParts p = l.conv ? conv2d_per_sample_parts(xs, dys, l.kernel_size, l.stride, l.padding, l.dilation,
+                                                          l.groups, l.has_bias, cfg.per_sample_method)
+                                : linear_per_sample_parts(xs, dys, l.has_bias, cfg.per_sample_method);
+      if (parts) {
+        *parts += p;
+      } else {
+        parts = std::move(p);
+      }
+    }
+    if (!parts) return at::Tensor();
+    if (cfg.per_sample_loss_mean) {  // δ of a mean-reduced loss is ∇ℓᵢ / B: the parts scale by 1/B²
+      const double b2 = static_cast<double>(parts->batch_size()) * static_cast<double>(parts->batch_size());
+      parts->sq_norms = parts->sq_norms * b2;
+      parts->dots = parts->dots * b2;
+      parts->mean_sq_norm = parts->mean_sq_norm * b2;
+    }
+    return per_sample_stats_from_parts(*parts).to(at::kDouble);
   }
 
   void check_new_key(const char* op, const std::string& key) const {
@@ -442,6 +530,7 @@ struct Monitor::Impl {
     uint32_t metrics = 0;
     bool hist = false;
     std::vector<bool> customs;
+    bool per_sample = false;
     bool gradients = true;
     bool refresh_prev = true;
   };
@@ -451,6 +540,7 @@ struct Monitor::Impl {
     d.metrics = metrics_due(step);
     d.hist = builtin_due(cfg.grad_hist, kGradHistKey, step);
     for (const Custom& c : customs) d.customs.push_back(c.schedule.due(step) || requested.count(c.key) > 0);
+    d.per_sample = per_sample_due(step);
     return d;
   }
 
@@ -538,6 +628,15 @@ struct Monitor::Impl {
       hist_counts = at::zeros({cfg.nbins}, at::TensorOptions().dtype(at::kLong).device(device));
     }
     if (due.refresh_prev && !o.refresh_prev && !prev.empty()) at::_foreach_copy_(prev, ps);
+
+    if (due.per_sample) {
+      const at::Tensor stats = per_sample_stats_of_captures();
+      if (stats.defined()) {
+        pieces.push_back(stats);
+        layout->add(ps_names);
+      }
+    }
+    if (due.refresh_prev) ps_layers.clear();  // step(): a step's captures serve that step only
 
     if (!customs.empty()) {
       QuantityContext ctx;
@@ -738,6 +837,16 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
   if (!m.cfg.track_init) m.available &= ~kInitBits;
   if (!m.cfg.track_prev) m.available &= ~kPrevBits;
   const bool keep_init = (m.available & kInitBits) != 0, keep_prev = (m.available & kPrevBits) != 0;
+  TORCH_CHECK(!m.cfg.per_sample.enabled || !m.across_ranks(), "trainscope::Monitor: config.per_sample with a "
+              "group of several ranks or sharded layouts is not supported in C++ (layer factors need the global "
+              "mean gradient); the Python Monitor's per_sample covers torch.distributed");
+  {
+    auto ps_names = std::make_shared<std::vector<std::string>>();
+    for (int64_t i = 0; i < kNumPerSampleStats; ++i) {
+      ps_names->push_back(std::string(kPerSampleKey) + "/" + per_sample_stat_name(static_cast<PerSampleStat>(i)));
+    }
+    m.ps_names = std::move(ps_names);
+  }
   m.zero_grads.resize(m.params.size());
   c10::OptionalDeviceGuard guard;
   if (m.device.is_cuda()) guard.reset_device(m.device);
@@ -861,6 +970,8 @@ void Monitor::measure_now(int64_t step, const at::Tensor& per_sample_losses,
         due.hist = true;
       } else if (name == kParamMetricsKey) {
         due.metrics |= m.available;
+      } else if (name == kPerSampleKey && m.cfg.per_sample.enabled) {
+        TORCH_CHECK(false, op, ": per_sample is measured by step() only (it needs the step's own backward pass)");
       } else {
         bool found = false;
         for (size_t i = 0; i < m.customs.size(); ++i) {
@@ -880,6 +991,40 @@ void Monitor::measure_now(int64_t step, const at::Tensor& per_sample_losses,
                           m.ring[slot].device);
   if (m.layout_size(*layout) > 0) m.enqueue(step, slot, std::move(layout), m.ring[slot].device);
 }
+
+at::Tensor Monitor::capture_linear(const std::string& layer, const at::Tensor& input, const at::Tensor& output,
+                                   bool has_bias) {
+  const char* op = "trainscope::Monitor::capture_linear";
+  Impl::PerSampleLayer like;
+  like.has_bias = has_bias;
+  if (input.defined() && output.defined()) {
+    TORCH_CHECK(input.dim() >= 2 && output.dim() == input.dim(), op, ": input and output must be [B, ..., d] with the "
+                "same number of dimensions, got ", input.sizes(), " and ", output.sizes());
+  }
+  return impl_->capture_layer(op, layer, input, output, like);
+}
+
+at::Tensor Monitor::capture_conv2d(const std::string& layer, const at::Tensor& input, const at::Tensor& output,
+                                   std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+                                   std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                                   bool has_bias) {
+  const char* op = "trainscope::Monitor::capture_conv2d";
+  Impl::PerSampleLayer like;
+  like.conv = true;
+  like.has_bias = has_bias;
+  like.kernel_size = std::move(kernel_size);
+  like.stride = std::move(stride);
+  like.padding = std::move(padding);
+  like.dilation = std::move(dilation);
+  like.groups = groups;
+  if (input.defined() && output.defined()) {
+    TORCH_CHECK(input.dim() == 4 && output.dim() == 4, op, ": input and output must be [B, C, H, W], got ",
+                input.sizes(), " and ", output.sizes());
+  }
+  return impl_->capture_layer(op, layer, input, output, like);
+}
+
+bool Monitor::per_sample_armed() const { return impl_->per_sample_armed(); }
 
 void Monitor::collect_captured(int64_t step) {
   NvtxRange range{"trainscope::Monitor::collect_captured"};
@@ -907,6 +1052,7 @@ void Monitor::request(const std::string& key) {
 bool Monitor::due(const std::string& key, int64_t step) const {
   NvtxRange range{"trainscope::Monitor::due"};
   const Impl& m = *impl_;
+  if (key == kPerSampleKey && m.cfg.per_sample.enabled) return m.per_sample_due(step);
   // param_metrics: whether any built-in metric is due.
   if (key == kParamMetricsKey) return m.metrics_due(step) != 0;
   if (const int b = builtin_metric_bit(key); b >= 0) return (m.metrics_due(step) & bit(b)) != 0;

@@ -52,6 +52,7 @@
 #include <ATen/ATen.h>
 
 #include "trainscope/distributed.h"
+#include "trainscope/per_sample_factors.h"
 
 namespace trainscope {
 
@@ -115,6 +116,21 @@ struct MonitorConfig {
   RankGroup group;
   std::vector<TensorLayout> layouts;
   bool sinks_on_all_ranks = false;  // off: only rank 0 hands records to the sinks
+
+  // The per-sample gradient statistics (SPEC.md §2) from layer factors, recorded as
+  // "per_sample/<stat>" for the six per_sample_stat_name()s (off by default; key "per_sample" for
+  // request() and due()). LibTorch modules have no forward hooks, so the model's forward hands
+  // each tracked layer's input and output to Monitor::capture_linear / capture_conv2d, which
+  // record them only while the Monitor is armed: armed iff the step after the latest step() (step
+  // 0 before the first) is due, or "per_sample" was requested. Every trainable parameter the
+  // statistics should cover must pass through a capture; what does not is left out. With
+  // per_sample_loss_mean the loss is the mean of the per-sample losses (torch's default), whose
+  // output gradients are ∇ℓᵢ/B: scaled back, so the statistics describe ∇ℓᵢ (only tr Σ̂ and ‖G‖²
+  // depend on that scale). One process only: with a group of several ranks it is refused at
+  // construction (the Python Monitor covers torch.distributed).
+  QuantityConfig per_sample{false, Schedule::every(1)};
+  FactorMethod per_sample_method = FactorMethod::kAuto;
+  bool per_sample_loss_mean = true;
 };
 
 // One finished step, on the host.
@@ -224,6 +240,20 @@ class Monitor {
                    const std::map<std::string, at::Tensor>& extra_scalars = {},
                    const std::map<std::string, HistogramInput>& extra_histograms = {},
                    const std::vector<at::Tensor>& grads = {});
+  // The per-sample captures (MonitorConfig::per_sample). Inside the model's forward, for each use
+  // of a tracked layer, with the layer's name (uses of one name in a step add up as one layer's,
+  // cross terms included): returns `output`, and when armed records `input` and watches
+  // `output`'s gradient (output must require grad then). A capture of a step that is not due
+  // costs nothing. c10::Error naming the argument for bad shapes, or when per_sample is off.
+  at::Tensor capture_linear(const std::string& layer, const at::Tensor& input, const at::Tensor& output,
+                            bool has_bias);
+  at::Tensor capture_conv2d(const std::string& layer, const at::Tensor& input, const at::Tensor& output,
+                            std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                            bool has_bias);
+  // Whether the next step()'s forward pass is captured (see MonitorConfig::per_sample).
+  bool per_sample_armed() const;
+
   // Makes a quantity due at the next step() (e.g. at a task boundary): "param_metrics" (every
   // built-in metric), a built-in metric's name, "grad_hist", or a custom quantity's key; the
   // request is used up by that step (not by a captured one). An unknown key throws.

@@ -21,7 +21,7 @@ Names in a record: ``loss`` (when per-sample losses are given), ``grad_norm``, `
 ``nonfinite_count``, each on its own schedule (``metrics=``) or ``param_metrics``'s; per tensor ``<metric>/<parameter name>`` (``per_tensor``); custom quantities
 ``<key>`` or ``<key>/<name>``; the gradient histogram ``grad_hist1d``; the per-sample statistics
 ``per_sample/<stat>`` and histograms ``per_sample_grad_hist1d`` / ``per_sample_grad_hist2d``
-(``per_sample=``, ``per_sample_hist=``: Python only, see :class:`Monitor`). θ₀ and θ_prev cost one copy
+(``per_sample=``, ``per_sample_hist=``, see :class:`Monitor`). θ₀ and θ_prev cost one copy
 of the parameters each; θ_prev follows the parameters at every step, so ``update_size`` always
 means the latest optimizer step: call ``step()`` once per optimizer step.
 
@@ -348,8 +348,9 @@ class Monitor:
       noise scale, to smooth before dividing), and the per-sample gradient histogram
       ``per_sample_grad_hist1d`` (with ``per_sample_options={"hist2d": True}`` also
       ``per_sample_grad_hist2d``, per-sample gradient against parameter value), recorded as
-      histograms given to :meth:`step` are. Python only (the C++ Monitor has no module hooks),
-      and the model must be an ``nn.Module``. Either on, the Monitor attaches one
+      histograms given to :meth:`step` are. The model must be an ``nn.Module`` (the C++
+      Monitor, whose modules have no hooks, takes the layers' inputs and outputs from the forward
+      pass instead: ``Monitor::capture_linear`` / ``capture_conv2d``). Either on, the Monitor attaches one
       :class:`trainscope.PerSampleHooks` to the model (at construction: a layer it cannot handle
       is an error then) and **arms** it only for steps where a per-sample family is due, so a
       plain loop needs nothing but ``mon.step(step, losses)`` and an undue step captures nothing.
@@ -423,7 +424,7 @@ class Monitor:
         self._sinks: List[Sink] = []
         for s in sinks:
             self.add_sink(s)
-        # Per-sample statistics (Python only): hooks on the model, armed for due steps alone.
+        # Per-sample statistics: hooks on the model, armed for due steps alone.
         self.per_sample_hooks = None
         self._ps_keys: Tuple[str, ...] = tuple(ps_specs)
         self._ps_options = ps_options
@@ -498,7 +499,7 @@ class Monitor:
                 self._arm_per_sample(step + 1)  # after step(): its requests are spent
         self._dispatch(self._m.take_records())  # the steps that finished before this one
 
-    # -- per-sample statistics (Python only) --------------------------------------------------------
+    # -- per-sample statistics --------------------------------------------------------------------
 
     def _arm_per_sample(self, next_step: int) -> None:
         """Arms the per-sample hooks iff a per-sample family is due at ``next_step``."""

@@ -397,6 +397,68 @@ TEST_P(MonitorTraining, EachMetricItsOwnScheduleAndMeasureNow) {
   expect_error_naming([&] { Monitor m(net.named_parameters().pairs(), bad); }, "grad_nrom", "unknown metric");
 }
 
+TEST_P(MonitorTraining, PerSampleStatisticsFromCapturesOnDueStepsOnly) {
+  Net net(device());
+  net.to(torch::kDouble);
+  MonitorConfig cfg;
+  cfg.param_metrics.enabled = false;
+  cfg.grad_hist.enabled = false;
+  cfg.per_sample = {true, Schedule::every(2)};
+  Monitor monitor(net.named_parameters().pairs(), cfg);
+  Collector c;
+  monitor.add_sink(c.sink());
+  std::vector<at::Tensor> params;
+  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  std::vector<at::Tensor> want;  // the statistics of the due steps, from per-sample gradients by hand
+  torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+  for (int64_t step = 0; step < 4; ++step) {
+    EXPECT_EQ(monitor.per_sample_armed(), step % 2 == 0) << "step " << step;
+    EXPECT_EQ(monitor.due("per_sample", step), step % 2 == 0);
+    const at::Tensor x = at::randn({6, 5}, at::TensorOptions().dtype(at::kDouble).device(device()));
+    const at::Tensor y = at::randn({6, 3}, x.options());
+    if (step % 2 == 0) {
+      std::vector<std::vector<at::Tensor>> per(params.size());
+      for (int64_t i = 0; i < 6; ++i) {
+        opt.zero_grad();
+        const at::Tensor half = 0.5 * torch::relu(net.fc1(x.narrow(0, i, 1)));  // the model below
+        (net.fc2(half) + net.fc2(half) - y.narrow(0, i, 1)).pow(2).sum().backward();
+        for (size_t k = 0; k < params.size(); ++k) per[k].push_back(params[k].grad().detach().clone());
+      }
+      std::vector<at::Tensor> grads;
+      for (const auto& gs : per) grads.push_back(at::stack(gs));
+      want.push_back(trainscope::per_sample_stats(grads).stats.cpu());
+    }
+    opt.zero_grad();
+    // The forward pass with the captures: fc1 used once, fc2 twice (its uses add up).
+    at::Tensor h = torch::relu(monitor.capture_linear("fc1", x, net.fc1(x), true));
+    const at::Tensor half = 0.5 * h;
+    const at::Tensor out = monitor.capture_linear("fc2", half, net.fc2(half), true) +
+                           monitor.capture_linear("fc2", half, net.fc2(half), true);
+    const at::Tensor losses = (out - y).pow(2).sum(1);
+    losses.mean().backward();
+    opt.step();
+    monitor.step(step, losses.detach());
+  }
+  monitor.flush();
+  ASSERT_EQ(c.steps(), (std::vector<int64_t>{0, 2}));
+  for (size_t r = 0; r < 2; ++r) {
+    const auto got = as_map(c.records[r]);
+    for (int64_t k = 0; k < trainscope::kNumPerSampleStats; ++k) {
+      const std::string name =
+          std::string("per_sample/") + trainscope::per_sample_stat_name(static_cast<trainscope::PerSampleStat>(k));
+      ASSERT_TRUE(got.count(name)) << name;
+      EXPECT_CLOSE(got.at(name), want[r][k].item<double>(), 1e-9) << name << " at step " << c.records[r].step;
+    }
+  }
+  // Off: capturing is an error naming the family; measure_now never measures it.
+  MonitorConfig off;
+  Monitor plain(net.named_parameters().pairs(), off);
+  const at::Tensor x = at::randn({2, 5}, at::TensorOptions().dtype(at::kDouble).device(device()));
+  expect_error_naming([&] { plain.capture_linear("fc1", x, net.fc1(x), true); }, "per_sample", "family off");
+  expect_error_naming([&] { monitor.measure_now(9, {}, std::vector<std::string>{"per_sample"}); }, "per_sample",
+                      "measure_now");
+}
+
 TEST_P(MonitorTraining, OnDemandRequestFiresAtTheNextStepOnly) {
   Net net(device());
   MonitorConfig cfg;
