@@ -1,6 +1,6 @@
 """Cost of the per-sample gradient histogram from layer factors on Cockpit's 3c3d (CIFAR-10).
 
-    python bench/bench_per_sample_hist.py [--batch 64] [--repeats 5] [--device cpu] [--profile]
+    python bench/bench_per_sample_hist.py [--batch 64] [--repeats 5] [--device cpu] [--profile] [--json OUT]
 
 Times, on one batch: the plain step (forward + backward), ``hooks.stats()``,
 ``hooks.grad_hist1d()`` and ``hooks.grad_hist2d()`` (median of ``--repeats``), and checks the
@@ -24,6 +24,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="the small 3c3d of bench_monitor --quick")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table for grad_hist1d")
+    p.add_argument("--json", metavar="OUT.json", help="write the times and the check here")
     args = p.parse_args(argv)
 
     import torch
@@ -80,6 +81,18 @@ def main(argv=None):
           f"stats {t_stats:.1f} ms, grad_hist1d {t_h1:.1f} ms (per-layer ops, as before: {t_old:.1f} ms), "
           f"grad_hist2d {t_h2:.1f} ms; "
           f"hist1d equals the per-layer ops: {same}")
+    # The goal: the per-sample histogram costs at most the per-sample statistics.
+    print(f"goal: grad_hist1d <= stats: {'met' if t_h1 <= t_stats else 'not met'} "
+          f"({t_h1 / t_stats:.2f}x the statistics on {dev.type})")
+    if args.json:
+        from bench_common import write_json
+
+        write_json(args.json, {
+            "benchmark": "per_sample_hist", "model": "3c3d", "batch": args.batch, "device": dev.type,
+            "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "ms": {"plain_step": plain, "stats": t_stats, "grad_hist1d": t_h1, "grad_hist2d": t_h2,
+                   "per_layer_ops": t_old},
+            "hist1d_over_stats": t_h1 / t_stats, "verified": same})
     return 0 if same else 1
 
 

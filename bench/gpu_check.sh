@@ -26,10 +26,11 @@
 #   BUDGET_S      seconds for the phase (default: test 400, bench 240)
 #   TRAINSCOPE_COMMIT  the commit checked, when the tree has no .git (recorded in the summary)
 #   PEER_WHEELS   folder of the peers' wheels (default: .whl, filled by `make peer-wheels`)
-#   CPP_ARGS, PY_ARGS, PS_ARGS, DEAD_UNITS_ARGS, RANK_ARGS, MONITOR_ARGS, PS_MODELS_ARGS
+#   CPP_ARGS, PY_ARGS, PS_ARGS, DEAD_UNITS_ARGS, RANK_ARGS, MONITOR_ARGS, PS_HIST_ARGS, PS_MODELS_ARGS
 #                 replace the default arguments of bench_param_stats (C++), bench_param_stats.py,
 #                 bench_per_sample_stats.py (MLP grid), bench_dead_units.py, bench_rank.py,
-#                 bench_monitor.py, bench_per_sample_stats.py (whole models: GPT-2, ResNet-18)
+#                 bench_monitor.py, bench_per_sample_hist.py, bench_per_sample_stats.py (whole
+#                 models: GPT-2, ResNet-18)
 set -uo pipefail
 
 usage() {
@@ -409,6 +410,7 @@ run_bench_phase() {
   bench_py rank "--widths 1024,4096 --methods trainscope,trainscope_grams,trainscope_svd,svdvals --repeats 3 --warmup 1" \
     "${RANK_ARGS:-}" 40
   bench_py monitor "--models 3c3d,gpt2 --rounds 2 --repeats 15 --warmup 3" "${MONITOR_ARGS:-}" 50
+  bench_py per_sample_hist "--batch 64 --repeats 10" "${PS_HIST_ARGS:-}" 20
   # Whole models last: GPT-2-small-sized (B 8, T 1024, 6 of its 12 blocks to fit the budget) and
   # ResNet-18 (B 128, CIFAR-sized 32x32 input: at 224x224 the vmap and Opacus rows alone would
   # outlast it); plain, trainscope, Opacus ghost clipping, vmap. Where the steps before left too

@@ -10,6 +10,9 @@
 
 #if defined(__CUDACC__)
 #define TS_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced: the compiler otherwise leaves small helpers such as hist_bin as calls in hot CPU loops.
+#define TS_HD inline __attribute__((always_inline))
 #else
 #define TS_HD inline
 #endif

@@ -43,13 +43,15 @@ inline bool hist_axis_ok(int64_t nbins, double maxval) {
 // Bin of a finite value: floor((clamp(x, −m, m) + m) / w), x = m in the last bin. A multiply by
 // 1/w is off from the division by at most a few ulp (≤ 1e-9 for nbins ≤ 2^20), so the exact
 // division is only evaluated when the quotient lies that close to a bin edge.
+// s = c + m ≥ 0 (c ≥ −m and rounding is monotone), so truncation is floor: no libm call on a
+// CPU built without SSE4.1's round instruction.
 TS_HD int64_t hist_bin(double x, const HistSpec& h) {
   const double c = x < -h.maxval ? -h.maxval : (x > h.maxval ? h.maxval : x);
   const double s = c + h.maxval;
   const double t = s * h.inv_width;
-  double f = floor(t);
-  if (t - f < 1e-9 || f + 1.0 - t < 1e-9) f = floor(s / h.width);
-  const int64_t b = static_cast<int64_t>(f);
+  int64_t b = static_cast<int64_t>(t);
+  const double f = static_cast<double>(b);
+  if (t - f < 1e-9 || f + 1.0 - t < 1e-9) b = static_cast<int64_t>(s / h.width);
   return b < h.nbins ? (b < 0 ? 0 : b) : h.nbins - 1;
 }
 

@@ -94,6 +94,31 @@ at::Device check_inputs(const char* op, const std::vector<NamedList>& lists) {
   return device;
 }
 
+// The histogram alone (per-sample histograms bin billions of elements): a tight loop, with few
+// bins counted in several copies so that increments of one bin do not wait on each other.
+// Non-finite values are counted in acc.nonfinite.
+template <typename T>
+void cpu_hist_only(const T* g, int64_t n, const tc::HistSpec& hist, tc::ParamSums<double>& acc,
+                   int64_t* counts) {
+  const int64_t nbins = hist.nbins;
+  const int64_t copies = nbins <= 4096 ? 4 : 1;
+  std::vector<int64_t> local(copies * (nbins + 1), 0);  // slot nbins of each copy: non-finite
+  const auto bin = [&](int64_t i) -> int64_t {
+    const double x = tc::widen(g[i]);
+    return tc::is_finite(x) ? tc::hist_bin(x, hist) : nbins;
+  };
+  int64_t i = 0;
+  for (; i + copies <= n; i += copies) {
+    for (int64_t k = 0; k < copies; ++k) ++local[k * (nbins + 1) + bin(i + k)];
+  }
+  for (; i < n; ++i) ++local[bin(i)];
+  for (int64_t k = 0; k < copies; ++k) {
+    const int64_t* l = local.data() + k * (nbins + 1);
+    for (int64_t b = 0; b < nbins; ++b) counts[b] += l[b];
+    acc.nonfinite += l[nbins];
+  }
+}
+
 // Sums of one chunk, and the histogram counts it found, on the CPU.
 template <typename T>
 void cpu_chunk(const tc::TensorDesc& d, int64_t begin, int64_t end, uint32_t flags,
@@ -104,6 +129,10 @@ void cpu_chunk(const tc::TensorDesc& d, int64_t begin, int64_t end, uint32_t fla
   T* pp = static_cast<T*>(d.prev);
   const bool rg = tc::reads_grad(flags), rp = tc::reads_param(flags);
   const bool ri = tc::reads_init(flags), rv = tc::reads_prev(flags);
+  if (flags == tc::kHistogram) {
+    cpu_hist_only(g + begin, end - begin, hist, acc, counts);
+    return;
+  }
   for (int64_t i = begin; i < end; ++i) {
     if (rg) {
       const double gx = tc::widen(g[i]);
@@ -239,7 +268,7 @@ void check_writable_prev(const char* op, at::TensorList prev_params) {
 
 ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList params,
                             at::TensorList init_params, at::TensorList prev_params,
-                            const ParamStatsOptions& o, const char* grads_name) {
+                            const ParamStatsOptions& o, const char* grads_name, bool grad_sums) {
   NvtxRange range{op};
   const at::Device device = check_inputs(op, {{grads_name, grads}, {"params", params},
                                               {"init_params", init_params}, {"prev_params", prev_params}});
@@ -254,7 +283,9 @@ ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList
   }
 
   uint32_t flags = 0;
-  if (!grads.empty()) flags |= tc::kGradSq | tc::kGradAbs | (o.histogram ? tc::kHistogram : 0u);
+  if (!grads.empty()) {
+    flags |= (grad_sums ? tc::kGradSq | tc::kGradAbs : 0u) | (o.histogram ? tc::kHistogram : 0u);
+  }
   if (!params.empty()) flags |= tc::kParamAbs | tc::kParamSq;
   if (!init_params.empty()) flags |= tc::kDistSq;
   if (!prev_params.empty()) flags |= tc::kUpdateSq | (o.refresh_prev ? tc::kRefreshPrev : 0u);
@@ -372,7 +403,7 @@ at::Tensor grad_hist1d(at::TensorList tensors, int64_t nbins, double maxval, boo
   ParamStatsOptions o;
   o.nbins = nbins;
   o.maxval = maxval;
-  ParamStats s = param_stats_impl("trainscope::grad_hist1d", tensors, {}, {}, {}, o, "tensors");
+  ParamStats s = param_stats_impl("trainscope::grad_hist1d", tensors, {}, {}, {}, o, "tensors", /*grad_sums=*/false);
   return per_tensor ? s.hist_per_tensor : s.hist;
 }
 

@@ -20,6 +20,7 @@ inline ParamStatsOptions param_stats_options(bool histogram, int64_t nbins, doub
 
 ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList params,
                             at::TensorList init_params, at::TensorList prev_params,
-                            const ParamStatsOptions& options, const char* grads_name = "grads");
+                            const ParamStatsOptions& options, const char* grads_name = "grads",
+                            bool grad_sums = true);
 
 }  // namespace trainscope

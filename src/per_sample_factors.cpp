@@ -395,20 +395,42 @@ at::Tensor ghost_sq_norms(const Problem& p, const at::Tensor& x, const at::Tenso
 // Calls fn(o0, Gt) for the per-sample weight gradients of one tile, Gt [b, G, o, d_in] holding
 // rows o0 .. o0+o of d_out, in blocks of rows small enough for the tile budget when `copies`
 // blocks of that size are alive at once.
+// Every block is formed in one buffer: a fresh large tensor per block costs more in page faults
+// on a CPU than the GEMM that fills it. fn must be done with a block when it returns.
 void for_each_grad_block(const Problem& p, const at::Tensor& x, const at::Tensor& d,
-                         const std::function<void(int64_t, at::Tensor)>& fn, int64_t copies = 1) {
+                         const std::function<void(int64_t, at::Tensor)>& fn, int64_t copies = 1,
+                         int64_t block_elems = 0) {
   const int64_t b = x.size(0);
   const at::Tensor X = flat_batch(x), D = flat_batch(d).transpose(1, 2);  // [bG, d_out, T]
-  const int64_t rows = std::max<int64_t>(
-      1, std::min<int64_t>(p.dout, factor_tile_elems() / std::max<int64_t>(1, copies * b * p.G * p.din)));
+  const int64_t budget = (block_elems > 0 ? block_elems : factor_tile_elems()) / copies;
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(p.dout, budget / std::max<int64_t>(1, b * p.G * p.din)));
+  const at::Tensor buf = at::empty({b * p.G * rows * p.din}, X.options());
   for (int64_t o0 = 0; o0 < p.dout; o0 += rows) {
     const int64_t o = std::min(rows, p.dout - o0);
-    fn(o0, at::bmm(D.narrow(1, o0, o), X).view({b, p.G, o, p.din}));
+    at::Tensor g = buf.narrow(0, 0, b * p.G * o * p.din).view({b * p.G, o, p.din});
+    at::bmm_out(g, D.narrow(1, o0, o), X);
+    fn(o0, g.view({b, p.G, o, p.din}));
   }
 }
 
+
 // Samples per tile of the weight-gradient blocks (a tile of rows when one sample is too large).
 int64_t grad_tile_samples(const Problem& p) { return tile_samples(p, p.G * p.dout * p.din); }
+
+// Elements per block of per-sample gradients binned on a CPU: a block binned while it is still
+// in the core's cache (on a GPU, blocks are as large as the tile budget allows).
+constexpr int64_t kCpuHistBlockElems = int64_t{1} << 21;
+
+int64_t hist_block_elems(const Problem& p) {
+  return p.opts.device().is_cpu() ? std::min(factor_tile_elems(), kCpuHistBlockElems) : 0;
+}
+
+// Samples per tile of the histograms: on a CPU as many whole per-sample gradients as fit a block
+// (one GEMM per sample shaped like the layer's own), at least one.
+int64_t hist_tile_samples(const Problem& p) {
+  const int64_t block = hist_block_elems(p), bt = grad_tile_samples(p);
+  return block > 0 ? std::max<int64_t>(1, std::min(bt, block / std::max<int64_t>(1, p.G * p.dout * p.din))) : bt;
+}
 
 // ‖Gᵢ‖² [b] float64 from the per-sample weight gradients, squared after upcasting (exactly).
 at::Tensor tiled_sq_norms(const Problem& p, const at::Tensor& x, const at::Tensor& d) {
@@ -660,11 +682,12 @@ PerSampleParts parts_of(const Problem& p, FactorMethod method) {
 at::Tensor hist1d_of(const Problem& p, int64_t nbins, double maxval) {
   check_hist_axis(p.op, "nbins", nbins, "maxval", maxval);
   at::Tensor hist = at::zeros({nbins}, at::TensorOptions().dtype(at::kLong).device(p.opts.device()));
-  const int64_t bt = grad_tile_samples(p);
+  const int64_t bt = hist_tile_samples(p);
   for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
     const int64_t b = std::min(bt, p.B - i0);
-    for_each_grad_block(p, p.x(i0, b), p.d(i0, b),
-                        [&](int64_t, at::Tensor g) { hist.add_(grad_hist1d({g}, nbins, maxval)); });
+    for_each_grad_block(
+        p, p.x(i0, b), p.d(i0, b), [&](int64_t, at::Tensor g) { hist.add_(grad_hist1d({g}, nbins, maxval)); },
+        /*copies=*/1, hist_block_elems(p));
   }
   if (p.bias_grads && p.B > 0) hist.add_(grad_hist1d({p.bias_grads(p.acc)}, nbins, maxval));
   return hist;
@@ -687,12 +710,12 @@ std::tuple<at::Tensor, at::Tensor> hist2d_of(const Problem& p, const at::Tensor&
   };
   // Parameters upcast exactly to the dtype the gradients are formed in.
   const at::Tensor w = weight.to(p.acc).reshape({p.G, p.dout, p.din});
-  const int64_t bt = grad_tile_samples(p);
+  const int64_t bt = hist_tile_samples(p);
   for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
     const int64_t b = std::min(bt, p.B - i0);
-    for_each_grad_block(p, p.x(i0, b), p.d(i0, b), [&](int64_t o0, at::Tensor g) {
-      add(g, w.narrow(1, o0, g.size(2)));
-    });
+    for_each_grad_block(
+        p, p.x(i0, b), p.d(i0, b), [&](int64_t o0, at::Tensor g) { add(g, w.narrow(1, o0, g.size(2))); },
+        /*copies=*/1, hist_block_elems(p));
   }
   if (p.bias_grads && p.B > 0) add(p.bias_grads(p.acc), bias.to(p.acc));
   return {counts, nonfinite};

@@ -24,8 +24,9 @@ TEST_STEPS = ["environment", "configure", "build", "test_param_stats_cuda", "tes
               "test_hist2d_cuda", "test_dead_units_cuda", "test_rank_cuda", "cuda_graphs", "pytest", "ctest"]
 BENCH_STEPS = ["environment", "configure", "build", "bench_param_stats_cpp", "bench_param_stats",
                "bench_per_sample_stats", "bench_dead_units", "bench_rank", "bench_monitor",
-               "bench_per_sample_models"]
-PY_BENCHES = ["param_stats", "per_sample_stats", "dead_units", "rank", "monitor", "per_sample_models"]
+               "bench_per_sample_hist", "bench_per_sample_models"]
+PY_BENCHES = ["param_stats", "per_sample_stats", "dead_units", "rank", "monitor", "per_sample_hist",
+              "per_sample_models"]
 
 
 def _cached(var: str) -> str | None:
