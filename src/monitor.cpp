@@ -193,6 +193,8 @@ constexpr const char* kParamMetricsKey = "param_metrics";
 constexpr const char* kGradHistKey = "grad_hist";
 constexpr const char* kGradHistName = "grad_hist1d";
 constexpr const char* kPerSampleKey = "per_sample";
+constexpr const char* kPerSampleHistKey = "per_sample_hist";
+constexpr const char* kPerSampleHistName = "per_sample_grad_hist1d";
 
 // The built-in scalar metrics of a record, one bit each in a step's due set: the Metric columns
 // (bit c for Metric c), then the non-finite gradient count and the loss. Record order is bit order
@@ -395,12 +397,19 @@ struct Monitor::Impl {
 
   bool known(const std::string& key) const {
     return key == kParamMetricsKey || key == kGradHistKey || builtin_metric_bit(key) >= 0 ||
-           (key == kPerSampleKey && cfg.per_sample.enabled) || find_custom(key) != nullptr;
+           (key == kPerSampleKey && cfg.per_sample.enabled) ||
+           (key == kPerSampleHistKey && cfg.per_sample_hist.enabled) || find_custom(key) != nullptr;
   }
 
-  bool per_sample_due(int64_t step) const {
+  bool per_sample_stats_due(int64_t step) const {
     return cfg.per_sample.enabled && (cfg.per_sample.schedule.due(step) || requested.count(kPerSampleKey) > 0);
   }
+  bool per_sample_hist_due(int64_t step) const {
+    return cfg.per_sample_hist.enabled &&
+           (cfg.per_sample_hist.schedule.due(step) || requested.count(kPerSampleHistKey) > 0);
+  }
+  // Whether the step's forward pass is captured: either per-sample quantity is due.
+  bool per_sample_due(int64_t step) const { return per_sample_stats_due(step) || per_sample_hist_due(step); }
 
   // Armed for the step after the latest one (step 0 before the first).
   bool per_sample_armed() const { return per_sample_due(last_step ? *last_step + 1 : 0); }
@@ -424,7 +433,8 @@ struct Monitor::Impl {
 
   at::Tensor capture_layer(const char* op, const std::string& layer, const at::Tensor& input, const at::Tensor& output,
                      const PerSampleLayer& like) {
-    TORCH_CHECK(cfg.per_sample.enabled, op, ": the per-sample family is off (MonitorConfig::per_sample)");
+    TORCH_CHECK(cfg.per_sample.enabled || cfg.per_sample_hist.enabled, op,
+                ": the per-sample family is off (MonitorConfig::per_sample and per_sample_hist)");
     TORCH_CHECK(!layer.empty(), op, ": layer is empty; name the layer (its uses add up by name)");
     TORCH_CHECK(input.defined(), op, ": input is an undefined tensor");
     TORCH_CHECK(output.defined(), op, ": output is an undefined tensor");
@@ -469,6 +479,29 @@ struct Monitor::Impl {
       parts->mean_sq_norm = parts->mean_sq_norm * b2;
     }
     return per_sample_stats_from_parts(*parts).to(at::kDouble);
+  }
+
+  // The per-sample gradient histogram of the step's captures (int64 [nbins], on the axis of the
+  // gradient histogram), or undefined when nothing reached the loss. The counts are of ∇ℓᵢ: with
+  // per_sample_loss_mean the output gradients are scaled back by B.
+  at::Tensor per_sample_hist_of_captures() {
+    at::Tensor hist;
+    for (PerSampleLayer& l : ps_layers) {
+      std::vector<at::Tensor> xs, dys;
+      for (size_t u = 0; u < l.inputs.size(); ++u) {
+        if (!l.grads[u].has_grad()) continue;
+        xs.push_back(l.inputs[u]);
+        dys.push_back(cfg.per_sample_loss_mean ? l.grads[u].grad() * static_cast<double>(l.inputs[u].size(0))
+                                               : l.grads[u].grad());
+      }
+      if (xs.empty()) continue;
+      const at::Tensor h = l.conv ? conv2d_per_sample_grad_hist1d(xs, dys, l.kernel_size, l.stride, l.padding,
+                                                                  l.dilation, l.groups, l.has_bias, cfg.nbins,
+                                                                  cfg.maxval)
+                                  : linear_per_sample_grad_hist1d(xs, dys, l.has_bias, cfg.nbins, cfg.maxval);
+      hist = hist.defined() ? hist.add_(h) : h;
+    }
+    return hist;
   }
 
   void check_new_key(const char* op, const std::string& key) const {
@@ -531,6 +564,7 @@ struct Monitor::Impl {
     bool hist = false;
     std::vector<bool> customs;
     bool per_sample = false;
+    bool per_sample_hist = false;
     bool gradients = true;
     bool refresh_prev = true;
   };
@@ -540,7 +574,8 @@ struct Monitor::Impl {
     d.metrics = metrics_due(step);
     d.hist = builtin_due(cfg.grad_hist, kGradHistKey, step);
     for (const Custom& c : customs) d.customs.push_back(c.schedule.due(step) || requested.count(c.key) > 0);
-    d.per_sample = per_sample_due(step);
+    d.per_sample = per_sample_stats_due(step);
+    d.per_sample_hist = per_sample_hist_due(step);
     return d;
   }
 
@@ -636,6 +671,7 @@ struct Monitor::Impl {
         layout->add(ps_names);
       }
     }
+    const at::Tensor ps_hist = due.per_sample_hist ? per_sample_hist_of_captures() : at::Tensor();
     if (due.refresh_prev) ps_layers.clear();  // step(): a step's captures serve that step only
 
     if (!customs.empty()) {
@@ -676,8 +712,12 @@ struct Monitor::Impl {
       layout->hists.push_back({kGradHistName, hist_edges, no_edges, cfg.nbins});
       hist_values.push_back(hist_counts);
     }
+    if (ps_hist.defined()) {
+      layout->hists.push_back({kPerSampleHistName, hist_edges, no_edges, cfg.nbins});
+      hist_values.push_back(ps_hist);
+    }
     for (const auto& [name, h] : extra_histograms) {
-      TORCH_CHECK(name != kGradHistName, "trainscope::Monitor::step: extra_histograms has the name '", name,
+      TORCH_CHECK(name != kGradHistName && name != kPerSampleHistName, "trainscope::Monitor::step: extra_histograms has the name '", name,
                   "' of the built-in gradient histogram; choose another name");
       hist_values.push_back(checked_histogram(name, h));
       layout->hists.push_back({name, std::make_shared<const std::vector<double>>(h.edges),
@@ -837,7 +877,8 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
   if (!m.cfg.track_init) m.available &= ~kInitBits;
   if (!m.cfg.track_prev) m.available &= ~kPrevBits;
   const bool keep_init = (m.available & kInitBits) != 0, keep_prev = (m.available & kPrevBits) != 0;
-  TORCH_CHECK(!m.cfg.per_sample.enabled || !m.across_ranks(), "trainscope::Monitor: config.per_sample with a "
+  TORCH_CHECK(!(m.cfg.per_sample.enabled || m.cfg.per_sample_hist.enabled) || !m.across_ranks(),
+              "trainscope::Monitor: config.per_sample (or per_sample_hist) with a "
               "group of several ranks or sharded layouts is not supported in C++ (layer factors need the global "
               "mean gradient); the Python Monitor's per_sample covers torch.distributed");
   {
@@ -862,7 +903,9 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
 
   // Slots sized for the built-ins; custom values grow a slot when it is free.
   m.ring.resize(static_cast<size_t>(m.cfg.ring_slots));
-  const int64_t builtin = static_cast<int64_t>(m.names_of(m.available)->size()) + m.cfg.nbins;
+  const int64_t builtin = static_cast<int64_t>(m.names_of(m.available)->size()) + m.cfg.nbins +
+                          (m.cfg.per_sample.enabled ? kNumPerSampleStats : 0) +
+                          (m.cfg.per_sample_hist.enabled ? m.cfg.nbins : 0);
   for (Slot& s : m.ring) {
     Impl::ensure(s.device, builtin, m.device_opt());
     Impl::ensure(s.host, builtin, m.host_opt());
@@ -970,8 +1013,9 @@ void Monitor::measure_now(int64_t step, const at::Tensor& per_sample_losses,
         due.hist = true;
       } else if (name == kParamMetricsKey) {
         due.metrics |= m.available;
-      } else if (name == kPerSampleKey && m.cfg.per_sample.enabled) {
-        TORCH_CHECK(false, op, ": per_sample is measured by step() only (it needs the step's own backward pass)");
+      } else if ((name == kPerSampleKey && m.cfg.per_sample.enabled) ||
+                 (name == kPerSampleHistKey && m.cfg.per_sample_hist.enabled)) {
+        TORCH_CHECK(false, op, ": ", name, " is measured by step() only (it needs the step's own backward pass)");
       } else {
         bool found = false;
         for (size_t i = 0; i < m.customs.size(); ++i) {
@@ -1052,7 +1096,8 @@ void Monitor::request(const std::string& key) {
 bool Monitor::due(const std::string& key, int64_t step) const {
   NvtxRange range{"trainscope::Monitor::due"};
   const Impl& m = *impl_;
-  if (key == kPerSampleKey && m.cfg.per_sample.enabled) return m.per_sample_due(step);
+  if (key == kPerSampleKey && m.cfg.per_sample.enabled) return m.per_sample_stats_due(step);
+  if (key == kPerSampleHistKey && m.cfg.per_sample_hist.enabled) return m.per_sample_hist_due(step);
   // param_metrics: whether any built-in metric is due.
   if (key == kParamMetricsKey) return m.metrics_due(step) != 0;
   if (const int b = builtin_metric_bit(key); b >= 0) return (m.metrics_due(step) & bit(b)) != 0;

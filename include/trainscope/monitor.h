@@ -129,6 +129,12 @@ struct MonitorConfig {
   // depend on that scale). One process only: with a group of several ranks it is refused at
   // construction (the Python Monitor covers torch.distributed).
   QuantityConfig per_sample{false, Schedule::every(1)};
+  // The histogram of every per-sample gradient element of the captured layers (SPEC.md §4, on the
+  // axis nbins / maxval of the gradient histogram), recorded as "per_sample_grad_hist1d" (off by
+  // default; key "per_sample_hist"). It arms the same captures as per_sample; with
+  // per_sample_loss_mean it counts the elements of ∇ℓᵢ. Formed in tiles of per-sample gradients:
+  // it costs more than the statistics (bench/README.md, "The per-sample histogram").
+  QuantityConfig per_sample_hist{false, Schedule::every(1)};
   FactorMethod per_sample_method = FactorMethod::kAuto;
   bool per_sample_loss_mean = true;
 };

@@ -459,6 +459,65 @@ TEST_P(MonitorTraining, PerSampleStatisticsFromCapturesOnDueStepsOnly) {
                       "measure_now");
 }
 
+TEST_P(MonitorTraining, PerSampleHistogramOnItsOwnSchedule) {
+  Net net(device());
+  net.to(torch::kDouble);
+  MonitorConfig cfg;
+  cfg.param_metrics.enabled = false;
+  cfg.grad_hist.enabled = false;
+  cfg.maxval = 0.5;
+  cfg.nbins = 40;
+  cfg.per_sample = {true, Schedule::every(2)};
+  cfg.per_sample_hist = {true, Schedule::every(3)};
+  Monitor monitor(net.named_parameters().pairs(), cfg);
+  Collector c;
+  monitor.add_sink(c.sink());
+  std::vector<at::Tensor> params;
+  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  std::map<int64_t, at::Tensor> want;  // the histogram of the due steps, from per-sample gradients by hand
+  torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+  for (int64_t step = 0; step < 6; ++step) {
+    if (step == 4) monitor.request("per_sample_hist");  // arms this step's forward pass at once
+    const bool hist_due = step % 3 == 0 || step == 4;
+    EXPECT_EQ(monitor.per_sample_armed(), step % 2 == 0 || hist_due) << "step " << step;
+    EXPECT_EQ(monitor.due("per_sample_hist", step), hist_due) << "step " << step;
+    const at::Tensor x = at::randn({5, 5}, at::TensorOptions().dtype(at::kDouble).device(device()));
+    const at::Tensor y = at::randn({5, 3}, x.options());
+    if (hist_due) {
+      std::vector<at::Tensor> per;
+      for (int64_t i = 0; i < 5; ++i) {
+        opt.zero_grad();
+        const at::Tensor h = torch::relu(net.fc1(x.narrow(0, i, 1)));
+        (net.fc2(h) + net.fc2(h) - y.narrow(0, i, 1)).pow(2).sum().backward();
+        for (const at::Tensor& p : params) per.push_back(p.grad().detach().clone());
+      }
+      want[step] = trainscope::grad_hist1d(per, cfg.nbins, cfg.maxval).cpu();
+    }
+    opt.zero_grad();
+    const at::Tensor h = torch::relu(monitor.capture_linear("fc1", x, net.fc1(x), true));
+    const at::Tensor out = monitor.capture_linear("fc2", h, net.fc2(h), true) +
+                           monitor.capture_linear("fc2", h, net.fc2(h), true);
+    const at::Tensor losses = (out - y).pow(2).sum(1);
+    losses.mean().backward();
+    opt.step();
+    monitor.step(step, losses.detach());
+  }
+  monitor.flush();
+  ASSERT_EQ(c.steps(), (std::vector<int64_t>{0, 2, 3, 4}));
+  for (const StepRecord& r : c.records) {
+    const bool hist_due = want.count(r.step) > 0;
+    ASSERT_EQ(r.histograms.size(), hist_due ? 1u : 0u) << "step " << r.step;
+    EXPECT_EQ(as_map(r).count("per_sample/norm_test"), r.step % 2 == 0 ? 1u : 0u) << "step " << r.step;
+    if (!hist_due) continue;
+    EXPECT_EQ(r.histograms[0].name, "per_sample_grad_hist1d");
+    const at::Tensor got = at::tensor(r.histograms[0].counts, at::kLong);  // int64 counts
+    EXPECT_TRUE(at::equal(got, want.at(r.step))) << "step " << r.step << ": " << got << " vs " << want.at(r.step);
+    EXPECT_EQ(got.sum().item<int64_t>(), 5 * (5 * 7 + 7 + 7 * 3 + 3)) << "every element of every sample binned";
+  }
+  expect_error_naming([&] { monitor.measure_now(9, {}, std::vector<std::string>{"per_sample_hist"}); },
+                      "per_sample_hist", "measure_now");
+}
+
 TEST_P(MonitorTraining, OnDemandRequestFiresAtTheNextStepOnly) {
   Net net(device());
   MonitorConfig cfg;
