@@ -16,6 +16,13 @@ from .dead_units import (
     dead_units_from_counts,
     observations_per_unit,
 )
+from .grad_variance import (
+    GRAD_VARIANCE_STATS,
+    GradMoments,
+    GradVarianceStats,
+    grad_moments_of,
+    grad_variance_stats,
+)
 from .hist2d import Hist2d, grad_hist2d, hist2d_bin_edges
 from .monitor import (
     CsvSink,
@@ -123,6 +130,11 @@ __all__ = [
     "every",
     "log_spaced",
     "on_demand",
+    "GRAD_VARIANCE_STATS",
+    "GradMoments",
+    "GradVarianceStats",
+    "grad_moments_of",
+    "grad_variance_stats",
     "Hist2d",
     "PerSampleHooks",
     "SUPPORTED_LAYERS",

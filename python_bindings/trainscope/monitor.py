@@ -233,6 +233,11 @@ Sink = Callable[[StepRecord], Any]
 #: and ``due`` take them.
 PER_SAMPLE_KEY = "per_sample"
 PER_SAMPLE_HIST_KEY = "per_sample_hist"
+#: Key of the per-element gradient variance family (Monitor(grad_variance=...), SPEC.md §6), which
+#: the per-sample hooks serve as well.
+GRAD_VARIANCE_KEY = "grad_variance"
+#: Every key the per-sample hooks serve: measured only by step(), never by measure_now().
+_HOOK_KEYS = ("per_sample", "per_sample_hist", GRAD_VARIANCE_KEY)
 #: Record names of the per-sample histograms.
 PER_SAMPLE_HIST1D_NAME = "per_sample_grad_hist1d"
 PER_SAMPLE_HIST2D_NAME = "per_sample_grad_hist2d"
@@ -320,6 +325,56 @@ class _PerSampleQuantity(Quantity):
         return out
 
 
+def _cabs_lr(optimizer) -> Optional[Callable[[], float]]:
+    """How the Monitor reads η for ``cabs``: None without an optimizer; from a zero-momentum SGD's
+    single learning rate (read at each due step, so schedulers are followed). Any other optimizer
+    is refused: CABS (Balles et al. 2017) is derived for plain SGD."""
+    if optimizer is None:
+        return None
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"Monitor: optimizer must be a torch.optim.Optimizer (for cabs), got {type(optimizer).__name__}")
+    groups = optimizer.param_groups
+    plain = isinstance(optimizer, torch.optim.SGD) and all(
+        g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 and not g.get("nesterov", False) for g in groups)
+    if not plain:
+        raise ValueError(f"Monitor: optimizer: cabs (grad_variance) is defined for SGD without momentum or weight "
+                         f"decay, as Cockpit's CABS is; got {type(optimizer).__name__} "
+                         f"{ {k: v for k, v in groups[0].items() if k in ('momentum', 'weight_decay', 'nesterov')} }. "
+                         "Pass optimizer=None to record mean_gsnr and early_stopping alone")
+    if len({float(g["lr"]) for g in groups}) > 1:
+        raise ValueError("Monitor: optimizer: cabs needs one learning rate; its parameter groups have several")
+    return lambda: float(groups[0]["lr"])
+
+
+class _GradVarianceQuantity(Quantity):
+    """``grad_variance/<quantity>`` (:data:`trainscope.GRAD_VARIANCE_STATS`; ``cabs`` only with an
+    SGD optimizer and the per-sample losses) and, with per_tensor, ``grad_variance/<quantity>/<parameter>``,
+    from the Monitor's armed PerSampleHooks."""
+
+    key = GRAD_VARIANCE_KEY
+
+    def __init__(self, monitor: "Monitor", lr: Optional[Callable[[], float]], per_tensor: bool):
+        self._monitor, self._lr, self._per_tensor = monitor, lr, per_tensor
+
+    def compute(self, ctx) -> Dict[str, torch.Tensor]:
+        from .grad_variance import GRAD_VARIANCE_STATS, grad_variance_stats
+
+        monitor = self._monitor
+        if not monitor._per_sample_ready(ctx.step):
+            return {}
+        loss = ctx.losses.mean() if ctx.losses is not None and ctx.losses.numel() else None
+        lr = self._lr() if self._lr is not None else None
+        v = grad_variance_stats(monitor.per_sample_hooks.grad_moments(), loss=loss, lr=lr)
+        names = [q for q in GRAD_VARIANCE_STATS if q != "cabs" or (loss is not None and lr is not None)]
+        out = {q: v[q] for q in names}
+        if self._per_tensor:
+            for q in names:
+                out.update({f"{q}/{p}": t for p, t in v.per_tensor[q].items()})
+        if v.coverage is not None:
+            out["covered_fraction"] = float(v.coverage.fraction)
+        return out
+
+
 class Monitor:
     """Parameter metrics, the gradient histogram and custom quantities of a model, each on its own
     schedule, handed to sinks without blocking the training step. See the module docs.
@@ -375,6 +430,13 @@ class Monitor:
       :meth:`close` (or leaving ``with Monitor(...)``) removes the hooks. Under torch.distributed
       the per-sample results are collectives over the default group (every rank calls ``step()``
       alike).
+    - ``grad_variance`` (off): the per-element gradient variance family of SPEC.md §6 from the
+      same hooks (armed by the same rule; ``per_sample_options`` apply):
+      ``grad_variance/mean_gsnr``, ``grad_variance/early_stopping`` and, with ``optimizer`` (an
+      SGD without momentum or weight decay, η read at each due step; any other optimizer is
+      refused at construction) and the step's per-sample ``losses``, ``grad_variance/cabs``;
+      with ``per_tensor`` also ``grad_variance/<quantity>/<parameter>``. See
+      :mod:`trainscope.grad_variance`.
 
     Parameter names are the model's own, without the prefixes wrappers add (``_orig_mod.`` of
     torch.compile, ``module.`` of DDP, ...; :func:`trainscope.distributed.clean_param_name`), so a
@@ -387,12 +449,15 @@ class Monitor:
                  ring_slots: int = 64, sinks: Sequence[Sink] = (), process_group=None,
                  sinks_on_all_ranks: bool = False, metrics: Optional[Mapping[str, ScheduleLike]] = None,
                  per_sample: ScheduleLike = None, per_sample_hist: ScheduleLike = None,
-                 per_sample_options: Optional[Mapping[str, Any]] = None):
+                 per_sample_options: Optional[Mapping[str, Any]] = None, grad_variance: ScheduleLike = None,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
         specs = (_spec(param_metrics, "param_metrics"), _spec(grad_hist, "grad_hist"))
         ps_specs = {PER_SAMPLE_KEY: _spec(per_sample, "per_sample"),
-                    PER_SAMPLE_HIST_KEY: _spec(per_sample_hist, "per_sample_hist")}
+                    PER_SAMPLE_HIST_KEY: _spec(per_sample_hist, "per_sample_hist"),
+                    GRAD_VARIANCE_KEY: _spec(grad_variance, "grad_variance")}
         ps_specs = {k: v for k, v in ps_specs.items() if v != "off"}
         ps_options = _per_sample_options(per_sample_options, nbins, maxval)
+        cabs_lr = _cabs_lr(optimizer) if GRAD_VARIANCE_KEY in ps_specs else None
         if ps_specs and not isinstance(model_or_named_params, nn.Module):
             raise ValueError(f"Monitor: {' and '.join(ps_specs)} need the model as an nn.Module (the per-sample "
                              "statistics come from hooks on its layers), got (name, tensor) pairs")
@@ -440,6 +505,8 @@ class Monitor:
                 self._m.add_external_quantity(key, spec)
             if PER_SAMPLE_KEY in ps_specs:
                 self._quantities.append(_PerSampleQuantity(self))
+            if GRAD_VARIANCE_KEY in ps_specs:
+                self._quantities.append(_GradVarianceQuantity(self, cabs_lr, flags[0]))
             self._ps_hist_edges = hist_bin_edges_host(ps_options["nbins"], ps_options["maxval"])
             if ps_options["hist2d"]:
                 self._ps_hist2d_edges = (self._ps_hist_edges,
@@ -566,7 +633,7 @@ class Monitor:
             if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Iterable):
                 raise TypeError(f"Monitor.measure_now: metrics must be a list of names, got {metrics!r}")
             metrics = [str(m) for m in metrics]
-        per_sample = [m for m in (metrics or ()) if m in (PER_SAMPLE_KEY, PER_SAMPLE_HIST_KEY)]
+        per_sample = [m for m in (metrics or ()) if m in _HOOK_KEYS]
         if per_sample:
             raise ValueError(f"Monitor.measure_now: metrics names {per_sample[0]!r}, but the per-sample statistics "
                              "are never measured here: they need the step's own forward and backward pass "
@@ -574,7 +641,7 @@ class Monitor:
         keys = {q.key for q in self._quantities}
         if metrics is None:
             def wanted(q):
-                return q.key != PER_SAMPLE_KEY
+                return q.key not in _HOOK_KEYS
             builtin = []
         else:
             named = set(metrics)

@@ -1098,6 +1098,61 @@ class PerSampleHooks:
                  for _, e in self._units(self._ready())]
         return _sum_over_ranks(functools.reduce(torch.add, hists), process_group)
 
+    def grad_moments(self, process_group=None) -> "GradMoments":
+        """Per-element sums over the batch's samples of their gradients and squared gradients,
+        Σᵢ gᵢ and S = Σᵢ gᵢ² (gᵢ = ∇ℓᵢ; float64, {parameter name: tensor shaped like it}) for
+        every covered parameter: a :class:`~trainscope.grad_variance.GradMoments`, the input of
+        :func:`trainscope.grad_variance_stats` (SPEC.md §6). An nn.Linear used once on [B, d]
+        inputs takes one GEMM of the squared factors, S = (δ²)ᵀ x²; every other layer (positions,
+        several uses, shared parameters, the layers of per_sample_layers) forms its per-sample
+        gradients in tiles of samples. Under torch.distributed the sums of the whole batch over
+        the ranks (one all-reduce)."""
+        from .grad_variance import GradMoments
+
+        grad_sum, sq_sum = {}, {}
+        ready = self._ready()
+        b = ready[0][2][0].shape[0]
+        def per_sample(grads):  # float64 output gradients of the per-sample losses ℓᵢ
+            scale = grads[0].shape[0] if self.loss_reduction == "mean" else 1
+            return [g.to(torch.float64) * scale for g in grads]
+
+        for _, entries in self._units(ready):
+            _, module, xs, gs = entries[0]
+            if len(entries) == 1 and isinstance(module, nn.Linear) and len(xs) == 1 and xs[0].dim() == 2:
+                x, d = xs[0].to(torch.float64), per_sample(gs)[0]
+                sums = {id(module.weight): (d.T @ x, d.square().T @ x.square())}
+                if module.bias is not None:
+                    sums[id(module.bias)] = (d.sum(0), d.square().sum(0))
+                params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
+                for p in params:
+                    name = self._param_names[id(p)][0]
+                    grad_sum[name], sq_sum[name] = sums[id(p)]
+                continue
+            mat = self._together(entries, scale_grads=per_sample)
+            for _, tile in mat.tiles():
+                for p, g in zip(mat.params, tile):
+                    name = self._param_names[id(p)][0]
+                    s, q = g.sum(0), g.square().sum(0)
+                    grad_sum[name] = s if name not in grad_sum else grad_sum[name] + s
+                    sq_sum[name] = q if name not in sq_sum else sq_sum[name] + q
+        group = active_group(process_group)
+        if group is not None:
+            import torch.distributed as dist
+
+            names = list(grad_sum)
+            device = grad_sum[names[0]].device
+            packed = torch.cat([grad_sum[n].reshape(-1) for n in names] + [sq_sum[n].reshape(-1) for n in names]
+                               + [torch.full((1,), float(b), dtype=torch.float64, device=device)])
+            dist.all_reduce(packed, group=group)
+            offset = 0
+            for table in (grad_sum, sq_sum):
+                for n in names:
+                    k = table[n].numel()
+                    table[n] = packed[offset:offset + k].view_as(table[n])
+                    offset += k
+            b = int(packed[-1].item())
+        return GradMoments(grad_sum, sq_sum, b, _coverage_of(self))
+
     def grad_hist2d(self, nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
                     maxval_param: float = 1.0, process_group=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Joint histogram of (per-sample gradient element, parameter value) over the tracked
