@@ -717,8 +717,10 @@ struct Monitor::Impl {
       hist_values.push_back(ps_hist);
     }
     for (const auto& [name, h] : extra_histograms) {
-      TORCH_CHECK(name != kGradHistName && name != kPerSampleHistName, "trainscope::Monitor::step: extra_histograms has the name '", name,
+      TORCH_CHECK(name != kGradHistName, "trainscope::Monitor::step: extra_histograms has the name '", name,
                   "' of the built-in gradient histogram; choose another name");
+      TORCH_CHECK(!(ps_hist.defined() && name == kPerSampleHistName), "trainscope::Monitor::step: extra_histograms "
+                  "has the name '", name, "' of the per-sample histogram (per_sample_hist); choose another name");
       hist_values.push_back(checked_histogram(name, h));
       layout->hists.push_back({name, std::make_shared<const std::vector<double>>(h.edges),
                                h.edges2.empty() ? no_edges : std::make_shared<const std::vector<double>>(h.edges2),
