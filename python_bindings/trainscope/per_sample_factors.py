@@ -1098,6 +1098,35 @@ class PerSampleHooks:
                  for _, e in self._units(self._ready())]
         return _sum_over_ranks(functools.reduce(torch.add, hists), process_group)
 
+    def projections(self, direction) -> torch.Tensor:
+        """gᵢ · d [B] float64: each sample's gradient (gᵢ = ∇ℓᵢ) projected on a direction ``d``
+        given per parameter ({parameter name: tensor shaped like it}; covered parameters missing
+        from it count as zero), from layer factors (no per-sample gradient is formed for nn.Linear
+        and nn.Conv2d). Linear in gᵢ, so uses and shared parameters simply add. This rank's
+        samples under torch.distributed (no collective)."""
+        ready = self._ready()
+        scale = float(ready[0][2][0].shape[0]) if self.loss_reduction == "mean" else 1.0
+        total = None
+
+        def flat(params, device):
+            return torch.cat([direction[self._param_names[id(p)][0]].detach().to(device, torch.float64).reshape(-1)
+                              if self._param_names[id(p)][0] in direction
+                              else torch.zeros(p.numel(), dtype=torch.float64, device=device) for p in params])
+
+        for _, entries in self._units(ready):
+            _, module, xs, gs = entries[0]
+            device = gs[0].device
+            if len(entries) == 1:
+                params = [p for _, p in any_kind_of(module).params(module)]
+                dots = _layer_dots(module, xs, gs, flat(params, device))
+            else:
+                t = self._together(entries)
+                params = t.params if isinstance(t, Materialised) else (
+                    [t.emb.weight] + ([t.head.bias] if t.bias else []))
+                dots = t.dots(flat(params, device))
+            total = dots if total is None else total + dots
+        return total * scale
+
     def grad_moments(self, process_group=None) -> "GradMoments":
         """Per-element sums over the batch's samples of their gradients and squared gradients,
         Σᵢ gᵢ and S = Σᵢ gᵢ² (gᵢ = ∇ℓᵢ; float64, {parameter name: tensor shaped like it}) for

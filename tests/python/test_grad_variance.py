@@ -234,3 +234,20 @@ def test_monitor_records_the_family_on_its_schedule():
     for bad in (torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)):
         with pytest.raises(ValueError, match="optimizer"):
             trainscope.Monitor(model, grad_variance=True, optimizer=bad)
+
+
+@pytest.mark.parametrize("case", _models(), ids=lambda c: c[0])
+def test_projections_on_a_direction_match_per_sample_gradients(case):
+    """PerSampleHooks.projections (gᵢ·d, alpha's input) on a random direction, a parameter left out."""
+    _, model, (x, y), loss_of = case
+    torch.manual_seed(5)
+    with trainscope.PerSampleHooks(model) as hooks:
+        model.zero_grad()
+        loss_of(model, x, y).backward()
+        d = {k: torch.randn_like(v) for k, v in model.named_parameters()}
+        d.pop(next(iter(d)))  # missing: zero
+        got = hooks.projections(d)
+    g = per_sample_grads(model, loss_of, x, y)
+    want = sum(g[k].reshape(g[k].shape[0], -1) @ d[k].reshape(-1) for k in d)
+    assert got.dtype == torch.float64 and got.shape == (x.shape[0],)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
