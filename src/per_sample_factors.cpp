@@ -721,6 +721,40 @@ std::tuple<at::Tensor, at::Tensor> hist2d_of(const Problem& p, const at::Tensor&
   return {counts, nonfinite};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Per-element moments (SPEC.md §6).
+
+PerSampleMoments moments_of(const Problem& p) {
+  const auto o64 = p.opts.dtype(at::kDouble);
+  at::Tensor sum = at::zeros({p.G, p.dout, p.din}, o64), sq = at::zeros({p.G, p.dout, p.din}, o64);
+  if (p.T == 1 && p.B > 0) {  // one position per sample: two GEMMs of the factors, per group
+    const at::Tensor x = p.x(0, p.B).to(at::kDouble).reshape({p.B, p.G, p.din}).transpose(0, 1);   // [G, B, d_in]
+    const at::Tensor d = p.d(0, p.B).to(at::kDouble).reshape({p.B, p.G, p.dout}).permute({1, 2, 0});  // [G, d_out, B]
+    sum = at::bmm(d, x);
+    sq = at::bmm(d.square(), x.square());
+  } else {
+    const int64_t bt = hist_tile_samples(p);
+    for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
+      const int64_t b = std::min(bt, p.B - i0);
+      for_each_grad_block(
+          p, p.x(i0, b), p.d(i0, b),
+          [&](int64_t o0, at::Tensor g) {
+            const at::Tensor g64 = g.to(at::kDouble);  // [b, G, o, d_in]
+            sum.narrow(1, o0, g.size(2)).add_(g64.sum(0));
+            sq.narrow(1, o0, g.size(2)).add_(g64.square().sum(0));
+          },
+          /*copies=*/3, hist_block_elems(p));
+    }
+  }
+  PerSampleMoments m{sum.reshape({p.G * p.dout, p.din}), sq.reshape({p.G * p.dout, p.din}), {}, {}};
+  if (p.bias_grads) {
+    const at::Tensor bg = p.B > 0 ? p.bias_grads(at::kDouble) : at::zeros({0, p.G * p.dout}, o64);
+    m.bias_sum = bg.sum(0);
+    m.bias_sq_sum = bg.square().sum(0);
+  }
+  return m;
+}
+
 void check_param(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
                  at::IntArrayRef expected) {
   check_tensor(op, name, t);
@@ -791,6 +825,24 @@ at::Tensor conv2d_per_sample_grad_hist1d(at::TensorList input, at::TensorList gr
   check_hist_axis(op, "nbins", nbins, "maxval", maxval);
   const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
   return hist1d_of(conv2d_uses(op, input, grad_output, g, has_bias), nbins, maxval);
+}
+
+PerSampleMoments linear_per_sample_grad_moments(at::TensorList input, at::TensorList grad_output, bool has_bias) {
+  const char* op = "trainscope::linear_per_sample_grad_moments";
+  NvtxRange range{op};
+  c10::NoGradGuard no_grad;
+  return moments_of(linear_uses(op, input, grad_output, has_bias));
+}
+
+PerSampleMoments conv2d_per_sample_grad_moments(at::TensorList input, at::TensorList grad_output,
+                                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                int64_t groups, bool has_bias) {
+  const char* op = "trainscope::conv2d_per_sample_grad_moments";
+  NvtxRange range{op};
+  c10::NoGradGuard no_grad;
+  const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
+  return moments_of(conv2d_uses(op, input, grad_output, g, has_bias));
 }
 
 at::Tensor conv2d_per_sample_grad_hist1d(const at::Tensor& input, const at::Tensor& grad_output,

@@ -70,6 +70,27 @@ std::tuple<at::Tensor, at::Tensor> conv2d_hist2d_op(In input, In grad_output, co
                                        groups, hist2d_options(nbins_grad, maxval_grad, nbins_param, maxval_param));
 }
 
+using MomentsTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Without a bias, its two sums are empty [0] tensors.
+MomentsTuple as_tuple(const PerSampleMoments& m) {
+  auto none = [&] { return at::empty({0}, m.weight_sum.options()); };  // one each: outputs never alias
+  return {m.weight_sum, m.weight_sq_sum, m.bias_sum.defined() ? m.bias_sum : none(),
+          m.bias_sq_sum.defined() ? m.bias_sq_sum : none()};
+}
+
+template <typename In>
+MomentsTuple linear_moments_op(In input, In grad_output, bool has_bias) {
+  return as_tuple(linear_per_sample_grad_moments(at::TensorList(input), at::TensorList(grad_output), has_bias));
+}
+
+template <typename In>
+MomentsTuple conv2d_moments_op(In input, In grad_output, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool has_bias) {
+  return as_tuple(conv2d_per_sample_grad_moments(at::TensorList(input), at::TensorList(grad_output), kernel_size,
+                                                 stride, padding, dilation, groups, has_bias));
+}
+
 }  // namespace
 }  // namespace trainscope
 
@@ -93,6 +114,16 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
         "Tensor? bias=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, "
         "int nbins_grad=100, float maxval_grad=0.05, int nbins_param=100, float maxval_param=1.0) "
         "-> (Tensor, Tensor)");
+  m.def("linear_per_sample_grad_moments(Tensor input, Tensor grad_output, bool has_bias=True) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv2d_per_sample_grad_moments(Tensor input, Tensor grad_output, int[2] kernel_size, "
+        "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool has_bias=True) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_per_sample_grad_moments.uses(Tensor[] input, Tensor[] grad_output, bool has_bias=True) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv2d_per_sample_grad_moments.uses(Tensor[] input, Tensor[] grad_output, int[2] kernel_size, "
+        "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool has_bias=True) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_per_sample_parts.uses(Tensor[] input, Tensor[] grad_output, bool has_bias=True, "
         "str method=\"auto\") -> (Tensor, Tensor, Tensor)");
   m.def("conv2d_per_sample_parts.uses(Tensor[] input, Tensor[] grad_output, int[2] kernel_size, "
@@ -119,7 +150,9 @@ TORCH_LIBRARY_IMPL(trainscope, Autograd, m) {
                            "linear_per_sample_grad_hist2d", "conv2d_per_sample_grad_hist2d",
                            "linear_per_sample_parts.uses", "conv2d_per_sample_parts.uses",
                            "linear_per_sample_grad_hist1d.uses", "conv2d_per_sample_grad_hist1d.uses",
-                           "linear_per_sample_grad_hist2d.uses", "conv2d_per_sample_grad_hist2d.uses"}) {
+                           "linear_per_sample_grad_hist2d.uses", "conv2d_per_sample_grad_hist2d.uses",
+                           "linear_per_sample_grad_moments", "conv2d_per_sample_grad_moments",
+                           "linear_per_sample_grad_moments.uses", "conv2d_per_sample_grad_moments.uses"}) {
     m.impl(name, torch::CppFunction::makeFallthrough());
   }
 }
@@ -140,6 +173,10 @@ void define_kernels(torch::Library& m) {
   m.impl("conv2d_per_sample_grad_hist1d.uses", &trainscope::conv2d_hist1d_op<Uses>);
   m.impl("linear_per_sample_grad_hist2d.uses", &trainscope::linear_hist2d_op<Uses>);
   m.impl("conv2d_per_sample_grad_hist2d.uses", &trainscope::conv2d_hist2d_op<Uses>);
+  m.impl("linear_per_sample_grad_moments", &trainscope::linear_moments_op<One>);
+  m.impl("conv2d_per_sample_grad_moments", &trainscope::conv2d_moments_op<One>);
+  m.impl("linear_per_sample_grad_moments.uses", &trainscope::linear_moments_op<Uses>);
+  m.impl("conv2d_per_sample_grad_moments.uses", &trainscope::conv2d_moments_op<Uses>);
 }
 }  // namespace
 

@@ -130,6 +130,17 @@ std::tuple<at::Tensor, at::Tensor> conv2d_per_sample_grad_hist2d(
     const at::Tensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, const Hist2dOptions& options = {});
 
+// Per-element moments of the per-sample gradients over the batch (SPEC.md §6): Σᵢ Gᵢ and
+// Σᵢ Gᵢ² (elementwise), float64, the input of grad_variance_stats (trainscope/grad_variance.h).
+// weight_sum and weight_sq_sum are [d_out, d_in] (a convolution's [C_out, C_in/groups·kh·kw]:
+// reshape to the weight's shape), bias_sum and bias_sq_sum [d_out] (undefined without has_bias).
+// A layer with one position per sample (an nn.Linear on [B, d_in]) takes two GEMMs of the
+// factors, Σᵢ Gᵢ² = (δ²)ᵀ x²; otherwise the per-sample gradients are formed in tiles. The
+// elements are Gᵢ = δᵢᵀxᵢ as given: for a mean-reduced loss pass B·δ. B >= 1.
+struct PerSampleMoments {
+  at::Tensor weight_sum, weight_sq_sum, bias_sum, bias_sq_sum;
+};
+
 // A layer used several times in one step — a module called on two batches whose losses are
 // added, a block applied twice, a recurrent cell unrolled over time, siamese branches — has one
 // per-sample gradient, the sum over its uses: Gᵢ = Σ_u Σ_t δ_u,itᵀ x_u,it, and the bias
@@ -157,6 +168,12 @@ at::Tensor conv2d_per_sample_grad_hist1d(at::TensorList input, at::TensorList gr
                                          at::IntArrayRef padding, at::IntArrayRef dilation,
                                          int64_t groups, bool has_bias, int64_t nbins = 100,
                                          double maxval = 0.05);
+PerSampleMoments linear_per_sample_grad_moments(at::TensorList input, at::TensorList grad_output,
+                                                bool has_bias);
+PerSampleMoments conv2d_per_sample_grad_moments(at::TensorList input, at::TensorList grad_output,
+                                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                int64_t groups, bool has_bias);
 std::tuple<at::Tensor, at::Tensor> linear_per_sample_grad_hist2d(
     at::TensorList input, at::TensorList grad_output, const at::Tensor& weight, const at::Tensor& bias,
     const Hist2dOptions& options = {});

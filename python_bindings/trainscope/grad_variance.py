@@ -38,12 +38,11 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+from . import _ops  # noqa: F401  (loads the op library)
+from ._args import register_fake
+
 #: The quantities of this family, in ``GradVarianceStats.stats`` order.
 GRAD_VARIANCE_STATS = ("mean_gsnr", "early_stopping", "cabs")
-
-#: Cockpit's ε of ``mean_gsnr`` and ``early_stopping``.
-GSNR_EPS = 1e-5
-EARLY_STOPPING_EPS = 1e-5
 
 
 @dataclass
@@ -101,26 +100,6 @@ class GradVarianceStats:
         return {k: self[k] for k in GRAD_VARIANCE_STATS}
 
 
-def _terms(mean: torch.Tensor, sq: torch.Tensor, b: int):
-    """(Σ_j gsnr_j, Σ_j snr_j of early stopping, Σ_j (S_j − B ḡ_j²), element count) of one tensor."""
-    m2 = mean * mean
-    gsnr = (m2 / (sq / b - m2 + GSNR_EPS)).sum()
-    var_sum = (sq - b * m2).sum()
-    if b > 1:
-        snr = (m2 / ((sq - b * m2) / (b - 1) + EARLY_STOPPING_EPS)).sum()
-    else:
-        snr = torch.full((), float("nan"), dtype=torch.float64, device=mean.device)
-    return gsnr, snr, var_sum, mean.numel()
-
-
-def _finish(gsnr, snr, var_sum, n, b, loss, lr, device) -> torch.Tensor:
-    nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
-    if n == 0:
-        return torch.stack([nan, nan, nan])
-    cabs = nan if loss is None or lr is None else lr * var_sum / (b * loss)
-    return torch.stack([gsnr / n, 1.0 - b * snr / n, cabs])
-
-
 def grad_variance_stats(moments: GradMoments, loss: Optional[object] = None,
                         lr: Optional[float] = None) -> GradVarianceStats:
     """``mean_gsnr``, ``early_stopping`` and ``cabs`` (module docstring) of the batch that
@@ -135,19 +114,14 @@ def grad_variance_stats(moments: GradMoments, loss: Optional[object] = None,
     if b < 1:
         raise ValueError(f"grad_variance_stats: moments.batch_size must be at least 1, got {b}")
     names = list(moments.grad_sum)
-    device = moments.grad_sum[names[0]].device if names else torch.device("cpu")
+    if not names:
+        raise ValueError("grad_variance_stats: moments holds no parameters")
     if loss is not None:
-        loss = torch.as_tensor(loss).detach().to(device=device, dtype=torch.float64).reshape(())
-    per_name = {}
-    totals = None
-    for name in names:
-        mean = moments.grad_sum[name].to(torch.float64) / b
-        t = _terms(mean, moments.sum_grad_sq[name].to(torch.float64), b)
-        per_name[name] = _finish(*t, b, loss, lr, device)
-        totals = list(t) if totals is None else [a + c for a, c in zip(totals, t)]
-    stats = _finish(*(totals or (0, 0, 0, 0)), b, loss, lr, device)
-    per_tensor = {q: {n: v[k] for n, v in per_name.items()} for k, q in enumerate(GRAD_VARIANCE_STATS)}
-    return GradVarianceStats(stats, per_tensor, b, moments.coverage)
+        loss = torch.as_tensor(loss).detach().reshape(())
+    rows = torch.ops.trainscope.grad_variance_stats([moments.grad_sum[n] for n in names],
+                                                    [moments.sum_grad_sq[n] for n in names], b, loss, lr)
+    per_tensor = {q: {n: rows[1 + t, k] for t, n in enumerate(names)} for k, q in enumerate(GRAD_VARIANCE_STATS)}
+    return GradVarianceStats(rows[0], per_tensor, b, moments.coverage)
 
 
 def grad_moments_of(per_sample_grads: Mapping[str, torch.Tensor]) -> GradMoments:
@@ -163,3 +137,8 @@ def grad_moments_of(per_sample_grads: Mapping[str, torch.Tensor]) -> GradMoments
                              f"{items[0][0]!r} has {b}")
     return GradMoments({n: g.to(torch.float64).sum(0) for n, g in items},
                        {n: g.to(torch.float64).square().sum(0) for n, g in items}, b)
+
+
+@register_fake("trainscope::grad_variance_stats")
+def _(grad_sum, sum_grad_sq, batch_size, loss=None, lr=None):
+    return grad_sum[0].new_empty((len(grad_sum) + 1, len(GRAD_VARIANCE_STATS)), dtype=torch.float64)

@@ -295,6 +295,40 @@ def layer_per_sample_grad_hist1d(module: nn.Module, input: Uses, grad_output: Us
                                          module.dilation, module.groups, _tracks_bias(module), nbins, maxval)
 
 
+def layer_per_sample_grad_moments(module: nn.Module, input: Uses, grad_output: Uses) -> dict:
+    """{parameter: (Σᵢ Gᵢ, Σᵢ Gᵢ²)} (float64, shaped like the parameter) of the trainable weight
+    and bias of a module of SUPPORTED_LAYERS from its input and output gradient (one use, or
+    every use as sequences; SPEC.md §6). nn.Linear and nn.Conv2d by the ops
+    ``linear_per_sample_grad_moments`` / ``conv2d_per_sample_grad_moments`` (an nn.Linear on
+    [B, d_in]: two GEMMs of the factors), other layers from per-sample gradients in tiles."""
+    if not _supported(module):
+        raise _layer_kind_error(None, module)
+    kind = kind_of(module)
+    if kind is not None:
+        mat = Materialised([(kind, module, _kind_inputs(kind, module, input), _use_list(grad_output))])
+        out = {}
+        for _, tile in mat.tiles():
+            for p, g in zip(mat.params, tile):
+                s, q = g.sum(0), g.square().sum(0)
+                out[p] = (s, q) if p not in out else (out[p][0] + s, out[p][1] + q)
+        return out
+    if isinstance(module, nn.Linear):
+        op, x, d = _op_of_uses("linear_per_sample_grad_moments", input, grad_output)
+        ws, wq, bs, bq = op(x, d, _tracks_bias(module))
+    else:
+        x, padding = _conv_inputs(module, input)
+        op, x, d = _op_of_uses("conv2d_per_sample_grad_moments", x, grad_output)
+        ws, wq, bs, bq = op(x, d, _pair("kernel_size", module.kernel_size), _pair("stride", module.stride),
+                            _pair("padding", padding), _pair("dilation", module.dilation), int(module.groups),
+                            _tracks_bias(module))
+    out = {}
+    if module.weight.requires_grad:
+        out[module.weight] = (ws.view(module.weight.shape), wq.view(module.weight.shape))
+    if _tracks_bias(module):
+        out[module.bias] = (bs, bq)
+    return out
+
+
 def layer_per_sample_grad_hist2d(module: nn.Module, input: Uses, grad_output: Uses,
                                  nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
                                  maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -1147,15 +1181,10 @@ class PerSampleHooks:
 
         for _, entries in self._units(ready):
             _, module, xs, gs = entries[0]
-            if len(entries) == 1 and isinstance(module, nn.Linear) and len(xs) == 1 and xs[0].dim() == 2:
-                x, d = xs[0].to(torch.float64), per_sample(gs)[0]
-                sums = {id(module.weight): (d.T @ x, d.square().T @ x.square())}
-                if module.bias is not None:
-                    sums[id(module.bias)] = (d.sum(0), d.square().sum(0))
-                params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
-                for p in params:
+            if len(entries) == 1:
+                for p, (s, q) in layer_per_sample_grad_moments(module, xs, per_sample(gs)).items():
                     name = self._param_names[id(p)][0]
-                    grad_sum[name], sq_sum[name] = sums[id(p)]
+                    grad_sum[name], sq_sum[name] = s, q
                 continue
             mat = self._together(entries, scale_grads=per_sample)
             for _, tile in mat.tiles():
@@ -1307,6 +1336,49 @@ def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(
       has_bias=True, method="auto"):
     x = _fake_check_uses("conv2d_per_sample_parts", input, grad_output, conv=True)
     return _parts_fake(x, None)
+
+
+def _moments_fake(input, grad_output, weight_shape, has_bias):
+    # float64 [rows, cols] sums, and [rows] for the bias (empty without one), as the kernels return.
+    f64 = torch.float64
+    rows = weight_shape[0]
+    bias = (rows,) if has_bias else (0,)
+    return (input.new_empty(weight_shape, dtype=f64), input.new_empty(weight_shape, dtype=f64),
+            input.new_empty(bias, dtype=f64), input.new_empty(bias, dtype=f64))
+
+
+def _conv_weight_2d(op, input, grad_output, kernel_size, groups):
+    kh, kw = _pair("kernel_size", kernel_size)
+    c_in, c_out = input.shape[1], grad_output.shape[1]
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise RuntimeError(f"trainscope::{op}: groups={groups} must divide C_in={c_in} and C_out={c_out}")
+    return (c_out, c_in // groups * kh * kw)
+
+
+@register_fake("trainscope::linear_per_sample_grad_moments")
+def _(input, grad_output, has_bias=True):
+    _fake_check("linear_per_sample_grad_moments", input, grad_output, conv=False)
+    return _moments_fake(input, grad_output, (grad_output.shape[-1], input.shape[-1]), has_bias)
+
+
+@register_fake("trainscope::conv2d_per_sample_grad_moments")
+def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, has_bias=True):
+    op = "conv2d_per_sample_grad_moments"
+    _fake_check(op, input, grad_output, conv=True)
+    return _moments_fake(input, grad_output, _conv_weight_2d(op, input, grad_output, kernel_size, groups), has_bias)
+
+
+@register_fake("trainscope::linear_per_sample_grad_moments.uses")
+def _(input, grad_output, has_bias=True):
+    x = _fake_check_uses("linear_per_sample_grad_moments", input, grad_output, conv=False)
+    return _moments_fake(x, None, (grad_output[0].shape[-1], x.shape[-1]), has_bias)
+
+
+@register_fake("trainscope::conv2d_per_sample_grad_moments.uses")
+def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, has_bias=True):
+    op = "conv2d_per_sample_grad_moments"
+    x = _fake_check_uses(op, input, grad_output, conv=True)
+    return _moments_fake(x, None, _conv_weight_2d(op, x, grad_output[0], kernel_size, groups), has_bias)
 
 
 @register_fake("trainscope::linear_per_sample_grad_hist1d")

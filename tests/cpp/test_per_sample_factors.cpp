@@ -257,6 +257,50 @@ TEST_P(PerSampleFactorsApiTest, Hist1d) {
   }
 }
 
+// Σᵢ Gᵢ and Σᵢ Gᵢ² against per-sample gradients formed by hand: a Linear on [B, d_in] (the
+// GEMM route), a Linear over positions and used twice, a grouped convolution under a tile budget
+// that forms the gradients in blocks, and a layer without bias.
+TEST_P(PerSampleFactorsApiTest, MomentsEqualSumsOfPerSampleGradients) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(16);
+  auto check = [&](const trainscope::PerSampleMoments& m, const at::Tensor& g, int64_t rows, bool bias,
+                   const std::string& what) {
+    const double rtol = tolerance(dtype());
+    const int64_t nw = g.size(1) - (bias ? rows : 0);
+    for (const at::Tensor* t : {&m.weight_sum, &m.weight_sq_sum}) {
+      EXPECT_EQ(t->scalar_type(), at::kDouble) << what;
+      EXPECT_EQ(t->device(), device()) << what;
+      EXPECT_EQ(t->size(0), rows) << what;
+    }
+    expect_close(m.weight_sum.flatten(), g.narrow(1, 0, nw).sum(0), rtol, what + " weight_sum");
+    expect_close(m.weight_sq_sum.flatten(), g.narrow(1, 0, nw).square().sum(0), rtol, what + " weight_sq_sum");
+    ASSERT_EQ(m.bias_sum.defined(), bias) << what;
+    if (bias) {
+      expect_close(m.bias_sum, g.narrow(1, nw, rows).sum(0), rtol, what + " bias_sum");
+      expect_close(m.bias_sq_sum, g.narrow(1, nw, rows).square().sum(0), rtol, what + " bias_sq_sum");
+    }
+  };
+  const at::Tensor x = randn({7, 5}, gen, dtype(), device()), d = randn({7, 4}, gen, dtype(), device());
+  check(trainscope::linear_per_sample_grad_moments({x}, {d}, true),
+        reference_grads(linear_layer(), x, d, {4, 5}, true), 4, true, "linear [B, d]");
+  check(trainscope::linear_per_sample_grad_moments({x}, {d}, false),
+        reference_grads(linear_layer(), x, d, {4, 5}, false), 4, false, "linear [B, d], no bias");
+  const std::vector<at::Tensor> xs{randn({3, 2, 5}, gen, dtype(), device()), randn({3, 5}, gen, dtype(), device())};
+  const std::vector<at::Tensor> ds{randn({3, 2, 4}, gen, dtype(), device()), randn({3, 4}, gen, dtype(), device())};
+  check(trainscope::linear_per_sample_grad_moments(xs, ds, true),
+        reference_grads(linear_layer(), xs[0], ds[0], {4, 5}, true) +
+            reference_grads(linear_layer(), xs[1], ds[1], {4, 5}, true),
+        4, true, "linear, positions, two uses");
+  const at::Tensor xc = randn({4, 4, 6, 6}, gen, dtype(), device()), dc = randn({4, 6, 3, 3}, gen, dtype(), device());
+  const at::Tensor gc = reference_grads(conv_layer({2}, {1}, {1}, 2), xc, dc, {6, 2, 3, 3}, true);
+  for (int64_t budget : {int64_t{64}, int64_t{0}}) {
+    const TileBudget b(budget);
+    const trainscope::PerSampleMoments m =
+        trainscope::conv2d_per_sample_grad_moments({xc}, {dc}, {3}, {2}, {1}, {1}, 2, true);
+    EXPECT_EQ(m.weight_sum.sizes(), (std::vector<int64_t>{6, 2 * 3 * 3}));
+    check(m, gc, 6, true, "conv, groups 2, budget " + std::to_string(budget));
+  }
+}
+
 // A layer used several times in one step: sample i's gradient is the sum over the uses, whose
 // leading dims (linear) or spatial sizes (conv) differ; every route and the histogram see it.
 TEST_P(PerSampleFactorsApiTest, UsesOfOneLayerAddUp) {

@@ -368,6 +368,17 @@ def _cases() -> List[GraphCase]:
         lambda gen, device: _build_conv(gen, device, grad_scale=0.01),
         lambda i: list(OPS.conv2d_per_sample_grad_hist2d(i["x"], i["d"], i["w"], i["b"], *_conv_args(),
                                                          32, 0.05, 16, 1.0)))
+    add("linear_per_sample_grad_moments", "linear_per_sample_grad_moments", _build_linear,
+        lambda i: list(OPS.linear_per_sample_grad_moments(i["x"], i["d"], True)))
+    add("linear_per_sample_grad_moments-2d", "linear_per_sample_grad_moments",
+        lambda gen, device: _build_linear(gen, device, two_d=True),
+        lambda i: list(OPS.linear_per_sample_grad_moments(i["x"], i["d"], True)))
+    add("conv2d_per_sample_grad_moments", "conv2d_per_sample_grad_moments", _build_conv,
+        lambda i: list(OPS.conv2d_per_sample_grad_moments(i["x"], i["d"], CONV_GEOMETRY["kernel_size"],
+                                                          *_conv_args(), True)))
+    add("grad_variance_stats", "grad_variance_stats", _build_per_sample_grads,
+        lambda i: [OPS.grad_variance_stats([g.sum(0) for g in i["grads"]], [g.square().sum(0) for g in i["grads"]],
+                                           6, i["grads"][0].abs().mean(), 0.1)])
     # The ".uses" overloads: a layer used twice in one step, its uses' positions joined per sample.
     for method in FACTOR_METHODS:
         add(f"linear_per_sample_parts.uses-{method}", "linear_per_sample_parts", _build_linear_uses,
@@ -380,6 +391,11 @@ def _cases() -> List[GraphCase]:
     add("conv2d_per_sample_grad_hist1d.uses", "conv2d_per_sample_grad_hist1d", _build_conv_uses,
         lambda i: [OPS.conv2d_per_sample_grad_hist1d.uses(i["x"], i["d"], CONV_GEOMETRY["kernel_size"],
                                                           *_conv_args(), True, 50, 0.05)])
+    add("linear_per_sample_grad_moments.uses", "linear_per_sample_grad_moments", _build_linear_uses,
+        lambda i: list(OPS.linear_per_sample_grad_moments.uses(i["x"], i["d"], True)))
+    add("conv2d_per_sample_grad_moments.uses", "conv2d_per_sample_grad_moments", _build_conv_uses,
+        lambda i: list(OPS.conv2d_per_sample_grad_moments.uses(i["x"], i["d"], CONV_GEOMETRY["kernel_size"],
+                                                               *_conv_args(), True)))
     add("linear_per_sample_grad_hist2d.uses", "linear_per_sample_grad_hist2d", _build_linear_uses,
         lambda i: list(OPS.linear_per_sample_grad_hist2d.uses(i["x"], i["d"], i["w"], i["b"], 32, 0.05, 16, 1.0)))
     add("conv2d_per_sample_grad_hist2d.uses", "conv2d_per_sample_grad_hist2d", _build_conv_uses,

@@ -1265,6 +1265,16 @@ def sample_inputs(device):
         (ops.conv2d_per_sample_parts.uses, ([xc, xc2], [dc, dc2], [3, 3], [2, 2], [1, 1], [1, 1], 2, True, "auto")),
         (ops.linear_per_sample_grad_hist1d.uses, ([x, x2], [d, d2], True, 17, 0.5)),
         (ops.conv2d_per_sample_grad_hist1d.uses, ([xc, xc2], [dc, dc2], [3, 3], [2, 2], [1, 1], [1, 1], 2, True, 9, 1.0)),
+        # Per-element moments (SPEC.md §6).
+        (ops.linear_per_sample_grad_moments.default, (x, d, True)),
+        (ops.linear_per_sample_grad_moments.default, (x2, d2, False)),
+        (ops.linear_per_sample_grad_moments.default, (xb, db, True)),
+        (ops.conv2d_per_sample_grad_moments.default, (xc, dc, [3, 3], [2, 2], [1, 1], [1, 1], 2, True)),
+        (ops.linear_per_sample_grad_moments.uses, ([x, x2], [d, d2], True)),
+        (ops.conv2d_per_sample_grad_moments.uses, ([xc, xc2], [dc, dc2], [3, 3], [2, 2], [1, 1], [1, 1], 2, False)),
+        (ops.grad_variance_stats.default, ([d2.sum(0), x2.sum(0)], [d2.square().sum(0), x2.square().sum(0)], 4,
+                                           d2.abs().mean(), 0.1)),
+        (ops.grad_variance_stats.default, ([d2.sum(0)], [d2.square().sum(0)], 2, d2.abs().sum(), 0.5)),
     ]
     if has_op("grad_hist2d"):
         samples += [
