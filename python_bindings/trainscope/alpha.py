@@ -29,9 +29,9 @@ quantity, re-derived rather than ported:
   δ = 2(f(t) − f(0)) − t(f'(0) + f'(t)) in proportion to its variance, ŷ = y − Σn·δ / (nᵀΣn),
   and μ = (f̂(0), f̂'(0), (f̂'(t) − f̂'(0)) / 2t). Equal to Cockpit's up to rounding (≈1e-12 on
   well-conditioned fits) and accurate to rounding where Cockpit's normal equations lose digits
-  (a floored zero variance: Cockpit's α was off by up to 2e-4 in a random test) or break down (t so small
-  that t² underflows: Cockpit returns None, the fit here is still defined). Note α = −f̂'(t)/f̂'(0)
-  for a convex fit: minus the ratio of the fitted end slope to the fitted start slope;
+  (a floored zero variance: Cockpit's α was off by up to 2e-4 in a random test) or break down
+  (t so small that t² underflows: Cockpit returns None, the fit here is still defined). For a
+  convex fit α = −f̂'(t)/f̂'(0): minus the fitted end slope over the fitted start slope;
 - a variance that is exactly 0 is replaced by 1e-10 first (Cockpit's ``eps``), without a warning;
 - Cockpit's BackPACK path multiplies ``grad_batch`` (∇ℓᵢ / B under a mean-reduced loss) by B; the
   inputs here are the per-sample quantities themselves, so nothing is rescaled: pass the
