@@ -16,6 +16,7 @@ from .dead_units import (
     dead_units_from_counts,
     observations_per_unit,
 )
+from .alpha import AlphaPoint, AlphaTracker, AlphaValue, alpha_from_points
 from .grad_variance import (
     GRAD_VARIANCE_STATS,
     GradMoments,
@@ -130,6 +131,10 @@ __all__ = [
     "every",
     "log_spaced",
     "on_demand",
+    "AlphaPoint",
+    "AlphaTracker",
+    "AlphaValue",
+    "alpha_from_points",
     "GRAD_VARIANCE_STATS",
     "GradMoments",
     "GradVarianceStats",

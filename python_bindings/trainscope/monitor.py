@@ -49,6 +49,7 @@ each rank's own values.
 from __future__ import annotations
 
 import abc
+import functools
 import numbers
 import os
 import warnings
@@ -236,8 +237,10 @@ PER_SAMPLE_HIST_KEY = "per_sample_hist"
 #: Key of the per-element gradient variance family (Monitor(grad_variance=...), SPEC.md §6), which
 #: the per-sample hooks serve as well.
 GRAD_VARIANCE_KEY = "grad_variance"
+#: Key of the normalised step length (Monitor(alpha=...), SPEC.md §6), a two-step quantity.
+ALPHA_KEY = "alpha"
 #: Every key the per-sample hooks serve: measured only by step(), never by measure_now().
-_HOOK_KEYS = ("per_sample", "per_sample_hist", GRAD_VARIANCE_KEY)
+_HOOK_KEYS = ("per_sample", "per_sample_hist", GRAD_VARIANCE_KEY, ALPHA_KEY)
 #: Record names of the per-sample histograms.
 PER_SAMPLE_HIST1D_NAME = "per_sample_grad_hist1d"
 PER_SAMPLE_HIST2D_NAME = "per_sample_grad_hist2d"
@@ -375,6 +378,56 @@ class _GradVarianceQuantity(Quantity):
         return out
 
 
+class _AlphaQuantity(Quantity):
+    """``alpha``: the normalised step length of the update made at a due step s (its start point),
+    recorded with step s + 1 (its end point), from the Monitor's per-sample hooks: the per-sample
+    losses and the per-sample gradients projected on the update d = θ_{s+1} − θ_s at both
+    points (:mod:`trainscope.alpha`). θ_s is copied when the hooks are armed for step s."""
+
+    key = ALPHA_KEY
+
+    def __init__(self, monitor: "Monitor"):
+        from .alpha import AlphaTracker
+
+        self._monitor = monitor
+        self._tracker = AlphaTracker(lambda step: True)  # the Monitor decides which steps start
+        self._theta: Optional[Dict[str, torch.Tensor]] = None  # θ_s, copied when armed for a start
+        self._direction: Optional[Dict[str, torch.Tensor]] = None  # d of the start waiting for its end
+        self._warned = False
+
+    def snapshot(self) -> None:
+        m = self._monitor
+        self._theta = {n: p.detach().clone() for n, p in zip(m.names, m.params)}
+
+    def is_end(self, step: int) -> bool:
+        return self._tracker.is_end(step)
+
+    def compute(self, ctx) -> Dict[str, torch.Tensor]:
+        monitor = self._monitor
+        theta, self._theta = self._theta, None
+        if not monitor._per_sample_ready(ctx.step) or ctx.losses is None or ctx.losses.numel() == 0:
+            if ctx.losses is None and not self._warned:
+                self._warned = True
+                warnings.warn("trainscope.Monitor: alpha needs the per-sample losses; pass them to step()",
+                              RuntimeWarning, stacklevel=4)
+            self._tracker.reset()
+            return {}
+        hooks = monitor.per_sample_hooks
+        losses = ctx.losses.detach().reshape(-1).to(torch.float64)
+        out = {}
+        if self._direction is not None and self._tracker.is_end(ctx.step):
+            value = self._tracker.end(ctx.step, losses, hooks.projections(self._direction))
+            if value is not None:
+                out[""] = value.alpha
+        self._direction = None
+        if theta is not None and monitor._m.due(ALPHA_KEY, ctx.step):
+            d = {n: p.detach() - theta[n] for n, p in zip(monitor.names, monitor.params)}
+            sq = functools.reduce(torch.add, [t.to(torch.float64).square().sum() for t in d.values()])
+            if self._tracker.start(ctx.step, losses, hooks.projections(d), sq):
+                self._direction = d
+        return out
+
+
 class Monitor:
     """Parameter metrics, the gradient histogram and custom quantities of a model, each on its own
     schedule, handed to sinks without blocking the training step. See the module docs.
@@ -437,6 +490,12 @@ class Monitor:
       refused at construction) and the step's per-sample ``losses``, ``grad_variance/cabs``;
       with ``per_tensor`` also ``grad_variance/<quantity>/<parameter>``. See
       :mod:`trainscope.grad_variance`.
+    - ``alpha`` (off): the normalised step length of SPEC.md §6 (Cockpit's ``Alpha``), a two-step
+      quantity: a due step s is the start point (θ_s is copied when the hooks are armed for it),
+      step s + 1 its end point (the hooks are armed for it too), and ``alpha`` is recorded with
+      step s + 1's record, the α of the update made at step s. Needs the per-sample ``losses`` at
+      both steps; from the per-sample hooks (``per_sample_options`` apply). See
+      :mod:`trainscope.alpha`.
 
     Parameter names are the model's own, without the prefixes wrappers add (``_orig_mod.`` of
     torch.compile, ``module.`` of DDP, ...; :func:`trainscope.distributed.clean_param_name`), so a
@@ -450,11 +509,12 @@ class Monitor:
                  sinks_on_all_ranks: bool = False, metrics: Optional[Mapping[str, ScheduleLike]] = None,
                  per_sample: ScheduleLike = None, per_sample_hist: ScheduleLike = None,
                  per_sample_options: Optional[Mapping[str, Any]] = None, grad_variance: ScheduleLike = None,
-                 optimizer: Optional[torch.optim.Optimizer] = None):
+                 optimizer: Optional[torch.optim.Optimizer] = None, alpha: ScheduleLike = None):
         specs = (_spec(param_metrics, "param_metrics"), _spec(grad_hist, "grad_hist"))
         ps_specs = {PER_SAMPLE_KEY: _spec(per_sample, "per_sample"),
                     PER_SAMPLE_HIST_KEY: _spec(per_sample_hist, "per_sample_hist"),
-                    GRAD_VARIANCE_KEY: _spec(grad_variance, "grad_variance")}
+                    GRAD_VARIANCE_KEY: _spec(grad_variance, "grad_variance"),
+                    ALPHA_KEY: _spec(alpha, "alpha")}
         ps_specs = {k: v for k, v in ps_specs.items() if v != "off"}
         ps_options = _per_sample_options(per_sample_options, nbins, maxval)
         cabs_lr = _cabs_lr(optimizer) if GRAD_VARIANCE_KEY in ps_specs else None
@@ -491,6 +551,7 @@ class Monitor:
             self.add_sink(s)
         # Per-sample statistics: hooks on the model, armed for due steps alone.
         self.per_sample_hooks = None
+        self._alpha: Optional[_AlphaQuantity] = None
         self._ps_keys: Tuple[str, ...] = tuple(ps_specs)
         self._ps_options = ps_options
         self._ps_warned = False
@@ -507,6 +568,9 @@ class Monitor:
                 self._quantities.append(_PerSampleQuantity(self))
             if GRAD_VARIANCE_KEY in ps_specs:
                 self._quantities.append(_GradVarianceQuantity(self, cabs_lr, flags[0]))
+            self._alpha = _AlphaQuantity(self) if ALPHA_KEY in ps_specs else None
+            if self._alpha is not None:
+                self._quantities.append(self._alpha)
             self._ps_hist_edges = hist_bin_edges_host(ps_options["nbins"], ps_options["maxval"])
             if ps_options["hist2d"]:
                 self._ps_hist2d_edges = (self._ps_hist_edges,
@@ -539,6 +603,8 @@ class Monitor:
         self._m.request(str(key))
         if str(key) in self._ps_keys:
             self.per_sample_hooks.enabled = True
+            if str(key) == ALPHA_KEY:
+                self._alpha.snapshot()
 
     def due(self, key: str, step: int) -> bool:
         return bool(self._m.due(str(key), int(step)))
@@ -556,8 +622,9 @@ class Monitor:
         step = check_int(step, "step", "Monitor.step")
         if self.per_sample_hooks is not None:
             histograms = self._per_sample_histograms(step, histograms)
+        alpha = self._alpha
         args = self._launch_args("Monitor.step", step, losses, histograms, extras,
-                                 lambda q: self._m.due(q.key, step))
+                                 lambda q: self._m.due(q.key, step) or (q is alpha and alpha.is_end(step)))
         try:
             self._m.step(step, *args)
         finally:
@@ -571,7 +638,12 @@ class Monitor:
     def _arm_per_sample(self, next_step: int) -> None:
         """Arms the per-sample hooks iff a per-sample family is due at ``next_step``."""
         if self.per_sample_hooks is not None:
-            self.per_sample_hooks.enabled = any(self._m.due(k, next_step) for k in self._ps_keys)
+            alpha = self._alpha
+            start = alpha is not None and self._m.due(ALPHA_KEY, next_step)
+            if start:
+                alpha.snapshot()  # θ at the start step, before its optimizer step
+            self.per_sample_hooks.enabled = start or (alpha is not None and alpha.is_end(next_step)) or any(
+                self._m.due(k, next_step) for k in self._ps_keys)
 
     def _per_sample_ready(self, step: int) -> bool:
         """Whether the hooks hold this step's capture; a due step without one is warned about once."""

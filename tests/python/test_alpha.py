@@ -432,3 +432,50 @@ def test_tracker_schedules_and_bad_configuration():
         AlphaTracker(3)
     with pytest.raises(TypeError, match="step"):
         AlphaTracker(True).start(1.5, torch.zeros(2), torch.zeros(2), 1.0)
+
+
+# ---------------------------------------------------------------- in the Monitor
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_monitor_records_alpha_of_each_due_step_with_the_next(kind):
+    """Monitor(alpha=every(2)): start points at steps 0 and 2, α recorded with steps 1 and 3,
+    equal to α from float64 per-sample gradients of the same training run."""
+    import trainscope
+
+    batches = _batches()
+    thetas = _train(kind, batches)
+    model = _net()
+    opt = _optimizer(kind, model.parameters())
+    records = []
+    mon = trainscope.Monitor(model, param_metrics=False, grad_hist=False, alpha=trainscope.every(2),
+                             sinks=[records.append])
+    for step, (x, y) in enumerate(batches):
+        assert mon.per_sample_hooks.enabled  # every step is a start or an end
+        opt.zero_grad()
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.step()
+        mon.step(step, losses.detach())
+    mon.flush()
+    mon.close()
+    got = {r.step: r.scalars["alpha"] for r in records if "alpha" in r.scalars}
+    assert sorted(got) == [1, 3]
+    for start in (0, 2):
+        p0, p1, _, _ = _points(thetas[start], thetas[start + 1], batches[start], batches[start + 1])
+        want = float(alpha_from_points(p0, p1))
+        assert got[start + 1] == pytest.approx(want, rel=1e-9, abs=1e-12), (kind, start)
+
+
+def test_monitor_alpha_needs_losses_and_is_never_measured_now():
+    import trainscope
+
+    model = _net()
+    mon = trainscope.Monitor(model, param_metrics=False, grad_hist=False, alpha=True)
+    x, y = _batches(1)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="per-sample losses"):
+        mon.step(0)
+    with pytest.raises(ValueError, match="alpha"):
+        mon.measure_now(1, metrics=["alpha"])
+    mon.close()
