@@ -33,6 +33,7 @@
 #include "src/device_constants.h"
 #include "src/nvtx.h"
 #include "src/tensor_checks.h"
+#include "trainscope/grad_variance.h"
 #include "trainscope/param_stats.h"
 
 namespace trainscope {
@@ -195,6 +196,7 @@ constexpr const char* kGradHistName = "grad_hist1d";
 constexpr const char* kPerSampleKey = "per_sample";
 constexpr const char* kPerSampleHistKey = "per_sample_hist";
 constexpr const char* kPerSampleHistName = "per_sample_grad_hist1d";
+constexpr const char* kGradVarianceKey = "grad_variance";
 
 // The built-in scalar metrics of a record, one bit each in a step's due set: the Metric columns
 // (bit c for Metric c), then the non-finite gradient count and the loss. Record order is bit order
@@ -398,7 +400,8 @@ struct Monitor::Impl {
   bool known(const std::string& key) const {
     return key == kParamMetricsKey || key == kGradHistKey || builtin_metric_bit(key) >= 0 ||
            (key == kPerSampleKey && cfg.per_sample.enabled) ||
-           (key == kPerSampleHistKey && cfg.per_sample_hist.enabled) || find_custom(key) != nullptr;
+           (key == kPerSampleHistKey && cfg.per_sample_hist.enabled) ||
+           (key == kGradVarianceKey && cfg.grad_variance.enabled) || find_custom(key) != nullptr;
   }
 
   bool per_sample_stats_due(int64_t step) const {
@@ -408,8 +411,15 @@ struct Monitor::Impl {
     return cfg.per_sample_hist.enabled &&
            (cfg.per_sample_hist.schedule.due(step) || requested.count(kPerSampleHistKey) > 0);
   }
-  // Whether the step's forward pass is captured: either per-sample quantity is due.
-  bool per_sample_due(int64_t step) const { return per_sample_stats_due(step) || per_sample_hist_due(step); }
+  bool grad_variance_due(int64_t step) const {
+    return cfg.grad_variance.enabled &&
+           (cfg.grad_variance.schedule.due(step) || requested.count(kGradVarianceKey) > 0);
+  }
+  // Whether the step's forward pass is captured: a quantity of the captures is due.
+  bool per_sample_due(int64_t step) const {
+    return per_sample_stats_due(step) || per_sample_hist_due(step) || grad_variance_due(step);
+  }
+  bool captures_on() const { return cfg.per_sample.enabled || cfg.per_sample_hist.enabled || cfg.grad_variance.enabled; }
 
   // Armed for the step after the latest one (step 0 before the first).
   bool per_sample_armed() const { return per_sample_due(last_step ? *last_step + 1 : 0); }
@@ -433,8 +443,8 @@ struct Monitor::Impl {
 
   at::Tensor capture_layer(const char* op, const std::string& layer, const at::Tensor& input, const at::Tensor& output,
                      const PerSampleLayer& like) {
-    TORCH_CHECK(cfg.per_sample.enabled || cfg.per_sample_hist.enabled, op,
-                ": the per-sample family is off (MonitorConfig::per_sample and per_sample_hist)");
+    TORCH_CHECK(captures_on(), op,
+                ": the per-sample family is off (MonitorConfig::per_sample, per_sample_hist and grad_variance)");
     TORCH_CHECK(!layer.empty(), op, ": layer is empty; name the layer (its uses add up by name)");
     TORCH_CHECK(input.defined(), op, ": input is an undefined tensor");
     TORCH_CHECK(output.defined(), op, ": output is an undefined tensor");
@@ -447,17 +457,27 @@ struct Monitor::Impl {
     return l.grads.back().watch(output);
   }
 
+  // The inputs and output gradients of a layer's uses whose output reached the loss (a use that
+  // did not adds nothing). per_sample_losses: with per_sample_loss_mean, δ scaled back by B, so
+  // that the gradients formed are those of the per-sample losses ℓᵢ.
+  std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> captured_uses(PerSampleLayer& l,
+                                                                            bool per_sample_losses) const {
+    std::vector<at::Tensor> xs, dys;
+    for (size_t u = 0; u < l.inputs.size(); ++u) {
+      if (!l.grads[u].has_grad()) continue;
+      xs.push_back(l.inputs[u]);
+      const bool scale = per_sample_losses && cfg.per_sample_loss_mean;
+      dys.push_back(scale ? l.grads[u].grad() * static_cast<double>(l.inputs[u].size(0)) : l.grads[u].grad());
+    }
+    return {xs, dys};
+  }
+
   // The six statistics of the step's captures ([6] float64), or undefined when nothing reached
   // the loss. Never throws for numerical reasons: a batch of one gives NaN.
   at::Tensor per_sample_stats_of_captures() {
     std::optional<PerSampleParts> parts;
     for (PerSampleLayer& l : ps_layers) {
-      std::vector<at::Tensor> xs, dys;  // a use whose output did not reach the loss adds nothing
-      for (size_t u = 0; u < l.inputs.size(); ++u) {
-        if (!l.grads[u].has_grad()) continue;
-        xs.push_back(l.inputs[u]);
-        dys.push_back(l.grads[u].grad());
-      }
+      const auto [xs, dys] = captured_uses(l, /*per_sample_losses=*/false);
       if (xs.empty()) continue;
       if (xs[0].size(0) < 2) {
         return at::full({kNumPerSampleStats}, std::numeric_limits<double>::quiet_NaN(), device_opt());
@@ -487,13 +507,7 @@ struct Monitor::Impl {
   at::Tensor per_sample_hist_of_captures() {
     at::Tensor hist;
     for (PerSampleLayer& l : ps_layers) {
-      std::vector<at::Tensor> xs, dys;
-      for (size_t u = 0; u < l.inputs.size(); ++u) {
-        if (!l.grads[u].has_grad()) continue;
-        xs.push_back(l.inputs[u]);
-        dys.push_back(cfg.per_sample_loss_mean ? l.grads[u].grad() * static_cast<double>(l.inputs[u].size(0))
-                                               : l.grads[u].grad());
-      }
+      const auto [xs, dys] = captured_uses(l, /*per_sample_losses=*/true);
       if (xs.empty()) continue;
       const at::Tensor h = l.conv ? conv2d_per_sample_grad_hist1d(xs, dys, l.kernel_size, l.stride, l.padding,
                                                                   l.dilation, l.groups, l.has_bias, cfg.nbins,
@@ -502,6 +516,51 @@ struct Monitor::Impl {
       hist = hist.defined() ? hist.add_(h) : h;
     }
     return hist;
+  }
+
+  // The per-element gradient variance family of the step's captures (SPEC.md §6): its values and
+  // their names ("grad_variance/<quantity>", per tensor ".../<layer>.weight|bias"), or nothing
+  // when nothing reached the loss. cabs only with the losses and config.grad_variance_lr.
+  std::pair<at::Tensor, std::shared_ptr<std::vector<std::string>>> grad_variance_of_captures(const at::Tensor& losses) {
+    std::vector<at::Tensor> sums, sqs;
+    std::vector<std::string> tensors;
+    int64_t batch = 0;
+    for (PerSampleLayer& l : ps_layers) {
+      const auto [xs, dys] = captured_uses(l, /*per_sample_losses=*/true);
+      if (xs.empty()) continue;
+      batch = xs[0].size(0);
+      const PerSampleMoments m = l.conv ? conv2d_per_sample_grad_moments(xs, dys, l.kernel_size, l.stride, l.padding,
+                                                                         l.dilation, l.groups, l.has_bias)
+                                        : linear_per_sample_grad_moments(xs, dys, l.has_bias);
+      sums.push_back(m.weight_sum);
+      sqs.push_back(m.weight_sq_sum);
+      tensors.push_back(l.name + ".weight");
+      if (m.bias_sum.defined()) {
+        sums.push_back(m.bias_sum);
+        sqs.push_back(m.bias_sq_sum);
+        tensors.push_back(l.name + ".bias");
+      }
+    }
+    if (sums.empty() || batch < 1) return {at::Tensor(), nullptr};
+    const double lr = cfg.grad_variance_lr ? cfg.grad_variance_lr() : std::numeric_limits<double>::quiet_NaN();
+    const bool cabs = losses.defined() && losses.numel() > 0 && !std::isnan(lr);
+    const at::Tensor rows = grad_variance_stats(sums, sqs, batch, cabs ? losses.detach().to(at::kDouble).mean() : at::Tensor(), lr);
+    const int64_t nq = cabs ? kNumGradVarianceStats : kNumGradVarianceStats - 1;  // cabs is the last column
+    auto names = std::make_shared<std::vector<std::string>>();
+    std::vector<at::Tensor> values{rows[0].narrow(0, 0, nq)};
+    for (int64_t q = 0; q < nq; ++q) {
+      names->push_back(std::string(kGradVarianceKey) + "/" + grad_variance_stat_name(static_cast<GradVarianceStat>(q)));
+    }
+    if (cfg.per_tensor) {
+      for (int64_t q = 0; q < nq; ++q) {
+        values.push_back(rows.narrow(0, 1, rows.size(0) - 1).select(1, q));
+        for (const std::string& t : tensors) {
+          names->push_back(std::string(kGradVarianceKey) + "/" +
+                           grad_variance_stat_name(static_cast<GradVarianceStat>(q)) + "/" + t);
+        }
+      }
+    }
+    return {at::cat(values), names};
   }
 
   void check_new_key(const char* op, const std::string& key) const {
@@ -565,6 +624,7 @@ struct Monitor::Impl {
     std::vector<bool> customs;
     bool per_sample = false;
     bool per_sample_hist = false;
+    bool grad_variance = false;
     bool gradients = true;
     bool refresh_prev = true;
   };
@@ -576,6 +636,7 @@ struct Monitor::Impl {
     for (const Custom& c : customs) d.customs.push_back(c.schedule.due(step) || requested.count(c.key) > 0);
     d.per_sample = per_sample_stats_due(step);
     d.per_sample_hist = per_sample_hist_due(step);
+    d.grad_variance = grad_variance_due(step);
     return d;
   }
 
@@ -669,6 +730,13 @@ struct Monitor::Impl {
       if (stats.defined()) {
         pieces.push_back(stats);
         layout->add(ps_names);
+      }
+    }
+    if (due.grad_variance) {
+      auto [values, gv_names] = grad_variance_of_captures(losses);
+      if (values.defined()) {
+        pieces.push_back(values);
+        layout->add(std::move(gv_names));
       }
     }
     const at::Tensor ps_hist = due.per_sample_hist ? per_sample_hist_of_captures() : at::Tensor();
@@ -879,8 +947,8 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
   if (!m.cfg.track_init) m.available &= ~kInitBits;
   if (!m.cfg.track_prev) m.available &= ~kPrevBits;
   const bool keep_init = (m.available & kInitBits) != 0, keep_prev = (m.available & kPrevBits) != 0;
-  TORCH_CHECK(!(m.cfg.per_sample.enabled || m.cfg.per_sample_hist.enabled) || !m.across_ranks(),
-              "trainscope::Monitor: config.per_sample (or per_sample_hist) with a "
+  TORCH_CHECK(!m.captures_on() || !m.across_ranks(),
+              "trainscope::Monitor: config.per_sample (or per_sample_hist, grad_variance) with a "
               "group of several ranks or sharded layouts is not supported in C++ (layer factors need the global "
               "mean gradient); the Python Monitor's per_sample covers torch.distributed");
   {
@@ -1016,7 +1084,8 @@ void Monitor::measure_now(int64_t step, const at::Tensor& per_sample_losses,
       } else if (name == kParamMetricsKey) {
         due.metrics |= m.available;
       } else if ((name == kPerSampleKey && m.cfg.per_sample.enabled) ||
-                 (name == kPerSampleHistKey && m.cfg.per_sample_hist.enabled)) {
+                 (name == kPerSampleHistKey && m.cfg.per_sample_hist.enabled) ||
+                 (name == kGradVarianceKey && m.cfg.grad_variance.enabled)) {
         TORCH_CHECK(false, op, ": ", name, " is measured by step() only (it needs the step's own backward pass)");
       } else {
         bool found = false;
@@ -1100,6 +1169,7 @@ bool Monitor::due(const std::string& key, int64_t step) const {
   const Impl& m = *impl_;
   if (key == kPerSampleKey && m.cfg.per_sample.enabled) return m.per_sample_stats_due(step);
   if (key == kPerSampleHistKey && m.cfg.per_sample_hist.enabled) return m.per_sample_hist_due(step);
+  if (key == kGradVarianceKey && m.cfg.grad_variance.enabled) return m.grad_variance_due(step);
   // param_metrics: whether any built-in metric is due.
   if (key == kParamMetricsKey) return m.metrics_due(step) != 0;
   if (const int b = builtin_metric_bit(key); b >= 0) return (m.metrics_due(step) & bit(b)) != 0;

@@ -135,6 +135,14 @@ struct MonitorConfig {
   // per_sample_loss_mean it counts the elements of ∇ℓᵢ. Formed in tiles of per-sample gradients:
   // it costs more than the statistics (bench/README.md, "The per-sample histogram").
   QuantityConfig per_sample_hist{false, Schedule::every(1)};
+  // The per-element gradient variance family of the captured layers (SPEC.md §6, grad_variance.h)
+  // on its own schedule (off by default; key "grad_variance"): "grad_variance/mean_gsnr",
+  // "grad_variance/early_stopping" and, when grad_variance_lr is set and step() has the per-sample
+  // losses, "grad_variance/cabs"; with per_tensor also ".../<layer>.weight" and ".../<layer>.bias".
+  // It arms the same captures. grad_variance_lr: the SGD learning rate η, read at each due step
+  // (cabs is defined for SGD without momentum; set it only for such an optimizer).
+  QuantityConfig grad_variance{false, Schedule::every(1)};
+  std::function<double()> grad_variance_lr;
   FactorMethod per_sample_method = FactorMethod::kAuto;
   bool per_sample_loss_mean = true;
 };

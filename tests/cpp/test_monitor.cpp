@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "tests/cpp/torch_test_util.h"
+#include "trainscope/grad_variance.h"
 #include "trainscope/monitor.h"
 #include "trainscope/param_stats.h"
 
@@ -516,6 +517,92 @@ TEST_P(MonitorTraining, PerSampleHistogramOnItsOwnSchedule) {
   }
   expect_error_naming([&] { monitor.measure_now(9, {}, std::vector<std::string>{"per_sample_hist"}); },
                       "per_sample_hist", "measure_now");
+}
+
+TEST_P(MonitorTraining, GradVarianceFromCapturesEqualsPerSampleGradientsByHand) {
+  Net net(device());
+  net.to(torch::kDouble);
+  MonitorConfig cfg;
+  cfg.param_metrics.enabled = false;
+  cfg.grad_hist.enabled = false;
+  cfg.grad_variance = {true, Schedule::every(2)};
+  double lr = 0.1;
+  cfg.grad_variance_lr = [&] { return lr; };
+  Monitor monitor(net.named_parameters().pairs(), cfg);
+  Collector c;
+  monitor.add_sink(c.sink());
+  std::vector<at::Tensor> params;
+  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  std::map<int64_t, at::Tensor> want;  // [1 + T, 3] from per-sample gradients by hand
+  torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+  for (int64_t step = 0; step < 4; ++step) {
+    EXPECT_EQ(monitor.due("grad_variance", step), step % 2 == 0);
+    EXPECT_EQ(monitor.per_sample_armed(), step % 2 == 0);
+    const at::Tensor x = at::randn({6, 5}, at::TensorOptions().dtype(at::kDouble).device(device()));
+    const at::Tensor y = at::randn({6, 3}, x.options());
+    if (step % 2 == 0) {
+      std::vector<at::Tensor> sums(params.size()), sqs(params.size());
+      double loss_sum = 0;
+      for (int64_t i = 0; i < 6; ++i) {
+        opt.zero_grad();
+        const at::Tensor h = torch::relu(net.fc1(x.narrow(0, i, 1)));
+        const at::Tensor li = (net.fc2(h) + net.fc2(h) - y.narrow(0, i, 1)).pow(2).sum();
+        loss_sum += li.item<double>();
+        li.backward();
+        for (size_t k = 0; k < params.size(); ++k) {
+          const at::Tensor g = params[k].grad().detach();
+          sums[k] = sums[k].defined() ? sums[k] + g : g.clone();
+          sqs[k] = sqs[k].defined() ? sqs[k] + g.square() : g.square();
+        }
+      }
+      lr = 0.1 * (step + 1);  // read at each due step
+      want[step] = trainscope::grad_variance_stats(sums, sqs, 6, at::full({}, loss_sum / 6, x.options()), lr).cpu();
+    }
+    opt.zero_grad();
+    const at::Tensor h = torch::relu(monitor.capture_linear("fc1", x, net.fc1(x), true));
+    const at::Tensor out = monitor.capture_linear("fc2", h, net.fc2(h), true) +
+                           monitor.capture_linear("fc2", h, net.fc2(h), true);
+    const at::Tensor losses = (out - y).pow(2).sum(1);
+    losses.mean().backward();
+    opt.step();
+    monitor.step(step, losses.detach());
+  }
+  monitor.flush();
+  ASSERT_EQ(c.steps(), (std::vector<int64_t>{0, 2}));
+  const std::vector<std::string> tensors{"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"};  // parameter order
+  for (const StepRecord& r : c.records) {
+    const auto got = as_map(r);
+    const at::Tensor& w = want.at(r.step);
+    for (int64_t q = 0; q < trainscope::kNumGradVarianceStats; ++q) {
+      const std::string name = std::string("grad_variance/") +
+                               trainscope::grad_variance_stat_name(static_cast<trainscope::GradVarianceStat>(q));
+      ASSERT_TRUE(got.count(name)) << name;
+      EXPECT_CLOSE(got.at(name), w[0][q].item<double>(), 1e-9) << name << " at " << r.step;
+      for (size_t t = 0; t < tensors.size(); ++t) {
+        ASSERT_TRUE(got.count(name + "/" + tensors[t])) << name << "/" << tensors[t];
+        EXPECT_CLOSE(got.at(name + "/" + tensors[t]), w[1 + t][q].item<double>(), 1e-9) << name << "/" << tensors[t];
+      }
+    }
+  }
+  // Without a learning rate (or losses) there is no cabs; measure_now never measures the family.
+  MonitorConfig no_lr = cfg;
+  no_lr.grad_variance_lr = nullptr;
+  no_lr.per_tensor = false;
+  no_lr.grad_variance.schedule = Schedule::every(1);
+  Monitor plain(net.named_parameters().pairs(), no_lr);
+  Collector c2;
+  plain.add_sink(c2.sink());
+  const at::Tensor x = at::randn({4, 5}, at::TensorOptions().dtype(at::kDouble).device(device()));
+  const at::Tensor h = torch::relu(plain.capture_linear("fc1", x, net.fc1(x), true));
+  plain.capture_linear("fc2", h, net.fc2(h), true).pow(2).sum(1).mean().backward();
+  plain.step(0);
+  plain.flush();
+  ASSERT_EQ(c2.records.size(), 1u);
+  std::vector<std::string> names;
+  for (const auto& kv : c2.records[0].scalars) names.push_back(kv.first);
+  EXPECT_EQ(names, (std::vector<std::string>{"grad_variance/mean_gsnr", "grad_variance/early_stopping"}));
+  expect_error_naming([&] { monitor.measure_now(9, {}, std::vector<std::string>{"grad_variance"}); },
+                      "grad_variance", "measure_now");
 }
 
 TEST_P(MonitorTraining, OnDemandRequestFiresAtTheNextStepOnly) {
