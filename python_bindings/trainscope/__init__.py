@@ -5,6 +5,7 @@ none of them waits for the GPU. A CPU-only build (``built_with_cuda()`` is False
 tensors with an error saying so. See SPEC.md in the docs for the exact meaning of each metric.
 """
 
+from . import curvature  # noqa: F401  (trainscope.curvature: Hessian quantities, SPEC.md §6)
 from . import distributed  # noqa: F401  (trainscope.distributed: metrics across ranks)
 from ._build_info import build_info
 from ._ops import built_with_cuda, library_path
@@ -17,6 +18,7 @@ from .dead_units import (
     observations_per_unit,
 )
 from .alpha import AlphaPoint, AlphaTracker, AlphaValue, alpha_from_points
+from .curvature import CURVATURE_STATS, CurvatureStats, curvature_stats
 from .grad_variance import (
     GRAD_VARIANCE_STATS,
     GradMoments,
@@ -135,6 +137,9 @@ __all__ = [
     "AlphaTracker",
     "AlphaValue",
     "alpha_from_points",
+    "CURVATURE_STATS",
+    "CurvatureStats",
+    "curvature_stats",
     "GRAD_VARIANCE_STATS",
     "GradMoments",
     "GradVarianceStats",

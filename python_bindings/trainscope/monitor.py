@@ -239,6 +239,11 @@ PER_SAMPLE_HIST_KEY = "per_sample_hist"
 GRAD_VARIANCE_KEY = "grad_variance"
 #: Key of the normalised step length (Monitor(alpha=...), SPEC.md §6), a two-step quantity.
 ALPHA_KEY = "alpha"
+#: Key of the curvature family (Monitor(curvature=...), SPEC.md §6), which needs a closure.
+CURVATURE_KEY = "curvature"
+#: ``curvature_options`` keys and defaults (see :func:`trainscope.curvature.curvature_stats`).
+_CURVATURE_OPTIONS = {"which": None, "method": "hutchinson", "samples": 100, "max_iter": 100, "max_params": 10_000,
+                      "seed": 0}
 #: Every key the per-sample hooks serve: measured only by step(), never by measure_now().
 _HOOK_KEYS = ("per_sample", "per_sample_hist", GRAD_VARIANCE_KEY, ALPHA_KEY)
 #: Record names of the per-sample histograms.
@@ -428,6 +433,69 @@ class _AlphaQuantity(Quantity):
         return out
 
 
+def _curvature_options(options) -> Dict[str, Any]:
+    """``curvature_options`` checked, with defaults filled in; a bad entry is an error naming it."""
+    from .curvature import CURVATURE_STATS, METHODS
+
+    o = dict(_CURVATURE_OPTIONS)
+    if options is not None:
+        if not isinstance(options, Mapping):
+            raise TypeError(f"Monitor: curvature_options must be a dict, got {type(options).__name__}")
+        unknown = sorted(set(options) - set(o))
+        if unknown:
+            raise ValueError(f"Monitor: curvature_options has the unknown key {unknown[0]!r}; the keys are "
+                             f"{sorted(o)}")
+        o.update(options)
+    if o["which"] is not None:
+        if isinstance(o["which"], str) or not all(w in CURVATURE_STATS for w in o["which"]) or not o["which"]:
+            raise ValueError(f"Monitor: curvature_options['which'] must be a non-empty list of names from "
+                             f"{CURVATURE_STATS}, got {o['which']!r}")
+        o["which"] = tuple(o["which"])
+    if o["method"] not in METHODS:
+        raise ValueError(f"Monitor: curvature_options['method'] must be one of {METHODS}, got {o['method']!r}")
+    for k in ("samples", "max_iter", "max_params"):
+        o[k] = check_int(o[k], f"curvature_options[{k!r}]", "Monitor", low=1)
+    o["seed"] = check_int(o["seed"], "curvature_options['seed']", "Monitor")
+    return o
+
+
+class _CurvatureQuantity(Quantity):
+    """``curvature/<quantity>`` (:data:`trainscope.curvature.CURVATURE_STATS`, and
+    ``curvature/hess_trace_stderr`` for Hutchinson's estimate) at the parameters of the step() call,
+    from the ``closure`` given to :meth:`Monitor.step`, which is called only on due steps."""
+
+    key = CURVATURE_KEY
+
+    def __init__(self, monitor: "Monitor", options: Dict[str, Any]):
+        self._monitor, self._o = monitor, options
+        self._warned = False
+
+    def compute(self, ctx) -> Dict[str, torch.Tensor]:
+        from .curvature import curvature_stats
+
+        closure = ctx.extras.get("closure")
+        if closure is None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"trainscope.Monitor: curvature is due at step {ctx.step} but step() got no closure "
+                              "(closure=lambda: per-sample losses of the step's batch); not measured",
+                              RuntimeWarning, stacklevel=4)
+            return {}
+        o, params = self._o, [p for p in self._monitor.layout.originals if p.requires_grad]
+        generator = torch.Generator(device=params[0].device).manual_seed(o["seed"] + ctx.step)
+        with torch.enable_grad():
+            c = curvature_stats(closure, params, which=o["which"], method=o["method"], samples=o["samples"],
+                                max_iter=o["max_iter"], max_params=o["max_params"], generator=generator)
+        out = {}
+        for name in ("hess_max_ev", "hess_trace", "tic_diag", "tic_trace"):
+            value = c[name]
+            if o["which"] is None or name in o["which"]:
+                out[name] = value
+        if o["method"] == "hutchinson" and "hess_trace" in out:
+            out["hess_trace_stderr"] = c["hess_trace_stderr"]
+        return out
+
+
 class Monitor:
     """Parameter metrics, the gradient histogram and custom quantities of a model, each on its own
     schedule, handed to sinks without blocking the training step. See the module docs.
@@ -496,6 +564,19 @@ class Monitor:
       step s + 1's record, the α of the update made at step s. Needs the per-sample ``losses`` at
       both steps; from the per-sample hooks (``per_sample_options`` apply). See
       :mod:`trainscope.alpha`.
+    - ``curvature`` (off): the curvature family of SPEC.md §6 (``curvature/hess_max_ev``,
+      ``curvature/hess_trace`` with ``curvature/hess_trace_stderr`` when estimated,
+      ``curvature/tic_diag``, ``curvature/tic_trace``), which needs second derivatives: on a due
+      step, :meth:`step` calls its ``closure`` argument, which must recompute the loss with a
+      fresh forward pass on the step's batch (return the per-sample losses [B] for the TIC pair;
+      a mean loss gives the Hessian quantities alone) at the current parameters, i.e. after the
+      optimizer step when ``step()`` follows it. Steps that are not due never call it, so only
+      due steps pay. ``curvature_options``: ``which`` (None: every quantity the closure allows),
+      ``method`` ("hutchinson": unbiased estimates with their standard error, or "exact": one
+      Hessian-vector product per parameter element, small models only, up to ``max_params``),
+      ``samples`` (Hutchinson probes, 100), ``max_iter`` (power iteration, 100), ``seed`` (0; the
+      probes of step s use seed + s). See :mod:`trainscope.curvature`. A due step without a
+      closure is skipped with a warning, never an error.
 
     Parameter names are the model's own, without the prefixes wrappers add (``_orig_mod.`` of
     torch.compile, ``module.`` of DDP, ...; :func:`trainscope.distributed.clean_param_name`), so a
@@ -509,7 +590,8 @@ class Monitor:
                  sinks_on_all_ranks: bool = False, metrics: Optional[Mapping[str, ScheduleLike]] = None,
                  per_sample: ScheduleLike = None, per_sample_hist: ScheduleLike = None,
                  per_sample_options: Optional[Mapping[str, Any]] = None, grad_variance: ScheduleLike = None,
-                 optimizer: Optional[torch.optim.Optimizer] = None, alpha: ScheduleLike = None):
+                 optimizer: Optional[torch.optim.Optimizer] = None, alpha: ScheduleLike = None,
+                 curvature: ScheduleLike = None, curvature_options: Optional[Mapping[str, Any]] = None):
         specs = (_spec(param_metrics, "param_metrics"), _spec(grad_hist, "grad_hist"))
         ps_specs = {PER_SAMPLE_KEY: _spec(per_sample, "per_sample"),
                     PER_SAMPLE_HIST_KEY: _spec(per_sample_hist, "per_sample_hist"),
@@ -517,6 +599,8 @@ class Monitor:
                     ALPHA_KEY: _spec(alpha, "alpha")}
         ps_specs = {k: v for k, v in ps_specs.items() if v != "off"}
         ps_options = _per_sample_options(per_sample_options, nbins, maxval)
+        curvature_spec = _spec(curvature, "curvature")
+        curvature_opts = _curvature_options(curvature_options)
         cabs_lr = _cabs_lr(optimizer) if GRAD_VARIANCE_KEY in ps_specs else None
         if ps_specs and not isinstance(model_or_named_params, nn.Module):
             raise ValueError(f"Monitor: {' and '.join(ps_specs)} need the model as an nn.Module (the per-sample "
@@ -549,6 +633,9 @@ class Monitor:
         self._sinks: List[Sink] = []
         for s in sinks:
             self.add_sink(s)
+        if curvature_spec != "off":  # no hooks: a closure on due steps
+            self._m.add_external_quantity(CURVATURE_KEY, curvature_spec)
+            self._quantities.append(_CurvatureQuantity(self, curvature_opts))
         # Per-sample statistics: hooks on the model, armed for due steps alone.
         self.per_sample_hooks = None
         self._alpha: Optional[_AlphaQuantity] = None
@@ -614,7 +701,8 @@ class Monitor:
     def step(self, step: int, losses: Optional[torch.Tensor] = None,
              histograms: Optional[Mapping[str, Tuple[torch.Tensor, Any]]] = None, **extras) -> None:
         """After ``optimizer.step()``: launches this step's work and hands finished steps to the
-        sinks. ``losses`` are the batch's per-sample losses; ``extras`` reach custom quantities.
+        sinks. ``losses`` are the batch's per-sample losses; ``extras`` reach custom quantities
+        (``closure``: the curvature family's, called only when it is due).
         ``histograms`` records histograms computed on the device this step (e.g. from
         :class:`trainscope.PerSampleHooks`): ``{name: (counts, edges)}`` with int64 counts [n] and
         n + 1 edges, or counts [n0, n1] and ``(edges0, edges1)``; edges are host values (a CPU
@@ -712,8 +800,8 @@ class Monitor:
                              "(request() it for the next step instead)")
         keys = {q.key for q in self._quantities}
         if metrics is None:
-            def wanted(q):
-                return q.key not in _HOOK_KEYS
+            def wanted(q):  # curvature only when named (it needs a closure)
+                return q.key not in _HOOK_KEYS and q.key != CURVATURE_KEY
             builtin = []
         else:
             named = set(metrics)

@@ -499,3 +499,58 @@ def test_device_matches_cpu(device, gen):
     for name in (*C.CURVATURE_STATS, "hess_trace_stderr"):
         assert s[name].device.type == device and s[name].dtype == torch.float64
         assert rel(s[name].cpu(), ref[name]) < 1e-9, name
+
+
+# ---------------------------------------------------------------- in the Monitor
+
+
+def test_monitor_calls_the_closure_on_due_steps_only_and_records_the_family():
+    import warnings
+
+    import trainscope
+
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    mon = trainscope.Monitor(model, param_metrics=False, grad_hist=False, curvature=trainscope.every(2),
+                             curvature_options={"method": "exact"}, sinks=[records.append])
+    calls = []
+    want = {}
+    for step in range(4):
+        x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+        def closure(x=x, y=y):
+            calls.append(step)
+            return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+
+        opt.zero_grad()
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.step()
+        if step % 2 == 0:  # at the parameters step() sees: after the optimizer step
+            c = trainscope.curvature.curvature_stats(
+                lambda: torch.nn.functional.cross_entropy(model(x), y, reduction="none"),
+                list(model.parameters()), method="exact",
+                generator=torch.Generator().manual_seed(step))  # the Monitor's: seed 0 + step
+            want[step] = c
+        mon.step(step, losses.detach(), closure=closure)
+    mon.flush()
+    assert calls == [0, 2]
+    assert [r.step for r in records] == [0, 2]
+    for r in records:
+        for name in ("hess_max_ev", "hess_trace", "tic_diag", "tic_trace"):
+            assert r.scalars[f"curvature/{name}"] == pytest.approx(float(want[r.step][name]), rel=1e-6), name
+        assert "curvature/hess_trace_stderr" not in r.scalars  # exact
+    # A due step without a closure: skipped with a warning; bad options fail at construction.
+    with pytest.warns(RuntimeWarning, match="closure"):
+        mon.step(4, losses.detach())
+    with pytest.raises(ValueError, match="method"):
+        trainscope.Monitor(model, curvature=True, curvature_options={"method": "newton"})
+    with pytest.raises(ValueError, match="which"):
+        trainscope.Monitor(model, curvature=True, curvature_options={"which": ["hess_det"]})
+    with pytest.raises(ValueError, match="unknown key"):
+        trainscope.Monitor(model, curvature=True, curvature_options={"samples_": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.measure_now(5)  # curvature only when named
