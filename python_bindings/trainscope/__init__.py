@@ -18,6 +18,7 @@ from .dead_units import (
     observations_per_unit,
 )
 from .alpha import AlphaPoint, AlphaTracker, AlphaValue, alpha_from_points
+from .cockpit_compat import COCKPIT_CONFIGURATIONS, cockpit_configuration
 from .curvature import CURVATURE_STATS, CurvatureStats, curvature_stats
 from .grad_variance import (
     GRAD_VARIANCE_STATS,
@@ -137,6 +138,8 @@ __all__ = [
     "AlphaTracker",
     "AlphaValue",
     "alpha_from_points",
+    "COCKPIT_CONFIGURATIONS",
+    "cockpit_configuration",
     "CURVATURE_STATS",
     "CurvatureStats",
     "curvature_stats",
