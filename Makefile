@@ -90,7 +90,14 @@ test-cpp: build
 test-python: build
 	$(PY) -m pytest tests/python -q -rs
 
-test: build wheel
+# The peers the comparison tests check against (Cockpit, BackPACK, Opacus: never dependencies of
+# trainscope), installed for `make test` without dependency resolution (see the file for why).
+PEERS_STAMP := $(VENV)/.peers-installed
+$(PEERS_STAMP): $(DEPS_STAMP) bench/requirements-peers.txt
+	$(PY) -m pip install -q --no-deps -r bench/requirements-peers.txt
+	@touch $@
+
+test: build wheel $(PEERS_STAMP)
 	@status=0; \
 	( cd $(BUILD) && ctest --output-on-failure -j $(shell nproc) ) || status=1; \
 	$(PY) -m pytest tests/python -q -rs --durations=10 || status=1; \
