@@ -62,7 +62,8 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from ._args import check_int
+from . import _ops  # noqa: F401  (loads the op library)
+from ._args import check_int, register_fake
 
 __all__ = ["SAVE_SHIFT", "VARIANCE_FLOOR", "AlphaPoint", "AlphaValue", "AlphaTracker", "fit_quadratic",
            "alpha_from_fit", "alpha_from_points"]
@@ -109,23 +110,7 @@ def fit_quadratic(t, fs, dfs, fs_var, dfs_var) -> torch.Tensor:
         if v.dim() == 0 or v.shape[-1] != 2:
             raise ValueError(f"fit_quadratic: {name} must be a pair (values at 0 and at t, last dimension 2), "
                              f"got shape {tuple(v.shape)}")
-    finite = (torch.isfinite(t) & torch.isfinite(fs).all(-1) & torch.isfinite(dfs).all(-1)
-              & torch.isfinite(fs_var).all(-1) & torch.isfinite(dfs_var).all(-1))
-    fs_var = torch.where(fs_var == 0, VARIANCE_FLOOR, fs_var)
-    dfs_var = torch.where(dfs_var == 0, VARIANCE_FLOOR, dfs_var)
-    f0, f1 = fs[..., 0], fs[..., 1]
-    d0, d1 = dfs[..., 0], dfs[..., 1]
-    vf0, vf1 = fs_var[..., 0], fs_var[..., 1]
-    vd0, vd1 = dfs_var[..., 0], dfs_var[..., 1]
-    # Discrepancy of the observations from any quadratic, and its variance nᵀΣn.
-    delta = 2.0 * (f1 - f0) - t * (d0 + d1)
-    k = delta / (4.0 * (vf0 + vf1) + t * t * (vd0 + vd1))
-    c = f0 + 2.0 * vf0 * k                 # fitted f(0)
-    b = d0 + t * vd0 * k                   # fitted f'(0)
-    a = (d1 + t * vd1 * k - b) / (2.0 * t)  # (fitted f'(t) − fitted f'(0)) / 2t
-    mu = torch.stack(torch.broadcast_tensors(c, b, a), dim=-1)
-    ok = finite & (t != 0) & torch.isfinite(mu).all(-1)
-    return torch.where(ok.unsqueeze(-1), mu, torch.nan)
+    return torch.ops.trainscope.fit_quadratic(t, fs, dfs, fs_var, dfs_var)
 
 
 def alpha_from_fit(mu, t) -> torch.Tensor:
@@ -137,9 +122,7 @@ def alpha_from_fit(mu, t) -> torch.Tensor:
     if mu.dim() == 0 or mu.shape[-1] != 3:
         raise ValueError(f"alpha_from_fit: mu must hold the three coefficients (last dimension 3), "
                          f"got shape {tuple(mu.shape)}")
-    alpha_bar = -mu[..., 1] / mu[..., 2]
-    alpha = 2.0 * t / alpha_bar - 1.0
-    return torch.where(mu[..., 2] < 0, -1.0, alpha)
+    return torch.ops.trainscope.alpha_from_fit(mu, t)
 
 
 @dataclass
@@ -180,13 +163,7 @@ def _check_point(losses, projections, where: str) -> None:
 def _moments(losses: torch.Tensor, projections: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """[f, σ_f², f', σ_f'²] of one point: the means and the ddof-1 variances of ℓᵢ and of
     qᵢ = pᵢ / t (NaN variances for a batch of one, NaN throughout for an empty one)."""
-    x = losses.detach().to(device=t.device, dtype=_F64)
-    q = projections.detach().to(device=t.device, dtype=_F64) / t
-    n = x.shape[0]
-    f, df = x.mean(), q.mean()
-    var_f = (x - f).square().sum() / (n - 1)   # 0/0 = NaN for n = 1, as torch's var
-    var_df = (q - df).square().sum() / (n - 1)
-    return torch.stack([f, var_f, df, var_df])
+    return torch.ops.trainscope.alpha_point_moments(losses.detach(), projections.detach().to(losses.device), t)
 
 
 def _alpha_from_moments(t: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -327,3 +304,19 @@ class AlphaTracker:
         _check_point(losses, projections, "AlphaTracker.end")
         t, start_moments = started
         return AlphaValue(step - SAVE_SHIFT, _alpha_from_moments(t, start_moments, _moments(losses, projections, t)))
+
+
+@register_fake("trainscope::alpha_point_moments")
+def _(losses, projections, t):
+    return t.new_empty((4,), dtype=_F64)
+
+
+@register_fake("trainscope::fit_quadratic")
+def _(t, fs, dfs, fs_var, dfs_var):
+    lead = torch.broadcast_shapes(t.shape, *(v.shape[:-1] for v in (fs, dfs, fs_var, dfs_var)))
+    return fs.new_empty(tuple(lead) + (3,), dtype=_F64)
+
+
+@register_fake("trainscope::alpha_from_fit")
+def _(mu, t):
+    return mu.new_empty(torch.broadcast_shapes(mu.shape[:-1], t.shape), dtype=_F64)

@@ -479,3 +479,18 @@ def test_monitor_alpha_needs_losses_and_is_never_measured_now():
     with pytest.raises(ValueError, match="alpha"):
         mon.measure_now(1, metrics=["alpha"])
     mon.close()
+
+
+def test_opcheck():
+    """The ops behind the fit (alpha_point_moments, fit_quadratic, alpha_from_fit) under
+    torch.library.opcheck: schemas, fake kernels, no aliasing."""
+    g = torch.Generator().manual_seed(9)
+    losses, proj = torch.rand(7, generator=g, dtype=torch.float64), torch.randn(7, generator=g)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    pairs = [torch.rand(5, 2, generator=g, dtype=torch.float64) + 0.1 for _ in range(4)]
+    ops = torch.ops.trainscope
+    for op, args in [(ops.alpha_point_moments.default, (losses, proj, t)),
+                     (ops.fit_quadratic.default, (t, *pairs)),
+                     (ops.fit_quadratic.default, (torch.rand(5, dtype=torch.float64) + 0.1, *pairs)),
+                     (ops.alpha_from_fit.default, (torch.randn(5, 3, generator=g, dtype=torch.float64), t))]:
+        torch.library.opcheck(op, args)

@@ -376,6 +376,12 @@ def _cases() -> List[GraphCase]:
     add("conv2d_per_sample_grad_moments", "conv2d_per_sample_grad_moments", _build_conv,
         lambda i: list(OPS.conv2d_per_sample_grad_moments(i["x"], i["d"], CONV_GEOMETRY["kernel_size"],
                                                           *_conv_args(), True)))
+    add("alpha_point_moments", "alpha_point_moments", _build_parts,
+        lambda i: [OPS.alpha_point_moments(i["sq"], i["dots"], i["msq"])])
+    add("fit_quadratic", "fit_quadratic", _build_parts,
+        lambda i: [OPS.fit_quadratic(i["msq"], i["extra"][:2], i["dots"][:2], i["sq"][:2], i["sq"][2:4])])
+    add("alpha_from_fit", "alpha_from_fit", _build_parts,
+        lambda i: [OPS.alpha_from_fit(i["extra"], i["msq"])])
     add("grad_variance_stats", "grad_variance_stats", _build_per_sample_grads,
         lambda i: [OPS.grad_variance_stats([g.sum(0) for g in i["grads"]], [g.square().sum(0) for g in i["grads"]],
                                            6, i["grads"][0].abs().mean(), 0.1)])
