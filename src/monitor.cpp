@@ -33,6 +33,7 @@
 #include "src/device_constants.h"
 #include "src/nvtx.h"
 #include "src/tensor_checks.h"
+#include "trainscope/alpha.h"
 #include "trainscope/grad_variance.h"
 #include "trainscope/param_stats.h"
 
@@ -197,6 +198,7 @@ constexpr const char* kPerSampleKey = "per_sample";
 constexpr const char* kPerSampleHistKey = "per_sample_hist";
 constexpr const char* kPerSampleHistName = "per_sample_grad_hist1d";
 constexpr const char* kGradVarianceKey = "grad_variance";
+constexpr const char* kAlphaKey = "alpha";
 
 // The built-in scalar metrics of a record, one bit each in a step's due set: the Metric columns
 // (bit c for Metric c), then the non-finite gradient count and the loss. Record order is bit order
@@ -333,6 +335,8 @@ struct Monitor::Impl {
   };
   std::vector<PerSampleLayer> ps_layers;
   std::shared_ptr<const std::vector<std::string>> ps_names;
+  std::shared_ptr<const std::vector<std::string>> alpha_names =
+      std::make_shared<const std::vector<std::string>>(std::vector<std::string>{kAlphaKey});
   std::optional<int64_t> last_step;  // the latest step() or collect_captured()
   std::vector<Sink> sinks;
 
@@ -401,7 +405,8 @@ struct Monitor::Impl {
     return key == kParamMetricsKey || key == kGradHistKey || builtin_metric_bit(key) >= 0 ||
            (key == kPerSampleKey && cfg.per_sample.enabled) ||
            (key == kPerSampleHistKey && cfg.per_sample_hist.enabled) ||
-           (key == kGradVarianceKey && cfg.grad_variance.enabled) || find_custom(key) != nullptr;
+           (key == kGradVarianceKey && cfg.grad_variance.enabled) || (key == kAlphaKey && cfg.alpha.enabled) ||
+           find_custom(key) != nullptr;
   }
 
   bool per_sample_stats_due(int64_t step) const {
@@ -415,11 +420,93 @@ struct Monitor::Impl {
     return cfg.grad_variance.enabled &&
            (cfg.grad_variance.schedule.due(step) || requested.count(kGradVarianceKey) > 0);
   }
+  // alpha: a due step is a start point, the next its end point.
+  bool alpha_due(int64_t step) const {
+    return cfg.alpha.enabled && (cfg.alpha.schedule.due(step) || requested.count(kAlphaKey) > 0);
+  }
+  bool alpha_end(int64_t step) const { return alpha_start && *alpha_start == step - 1; }
   // Whether the step's forward pass is captured: a quantity of the captures is due.
   bool per_sample_due(int64_t step) const {
-    return per_sample_stats_due(step) || per_sample_hist_due(step) || grad_variance_due(step);
+    return per_sample_stats_due(step) || per_sample_hist_due(step) || grad_variance_due(step) || alpha_due(step) ||
+           alpha_end(step);
   }
-  bool captures_on() const { return cfg.per_sample.enabled || cfg.per_sample_hist.enabled || cfg.grad_variance.enabled; }
+  bool captures_on() const {
+    return cfg.per_sample.enabled || cfg.per_sample_hist.enabled || cfg.grad_variance.enabled || cfg.alpha.enabled;
+  }
+
+  // alpha's state: θ at the start step (copied when the captures are armed for it), and the
+  // pending start: its step, its update d (one tensor per parameter), t = ‖d‖ and its moments.
+  std::vector<at::Tensor> alpha_theta;
+  std::optional<int64_t> alpha_start;
+  std::vector<at::Tensor> alpha_dir;
+  at::Tensor alpha_t, alpha_start_moments;
+
+  void alpha_snapshot() {
+    alpha_theta.clear();
+    for (const at::Tensor& p : params) alpha_theta.push_back(p.detach().clone());
+  }
+
+  // The index of `name` among the parameters, or -1.
+  int64_t param_index(const std::string& name) const {
+    const auto it = std::find(names.begin(), names.end(), name);
+    return it == names.end() ? -1 : static_cast<int64_t>(it - names.begin());
+  }
+
+  // Σ over the captured layers of gᵢ·D [B] float64, D given per parameter (index-aligned).
+  at::Tensor projections_of_captures(const std::vector<at::Tensor>& dir) {
+    at::Tensor total;
+    for (PerSampleLayer& l : ps_layers) {
+      const auto [xs, dys] = captured_uses(l, /*per_sample_losses=*/true);
+      if (xs.empty()) continue;
+      const int64_t w = param_index(l.name + ".weight"), b = param_index(l.name + ".bias");
+      TORCH_CHECK(w >= 0, "trainscope::Monitor: alpha projects the update on the captured layer '", l.name,
+                  "', whose weight must be the parameter '", l.name, ".weight' (name the capture as the module)");
+      const at::Tensor bias = l.has_bias && b >= 0 ? dir[b] : at::Tensor();
+      const at::Tensor p = l.conv ? conv2d_per_sample_projections(xs, dys, dir[w], bias, l.stride, l.padding,
+                                                                  l.dilation, l.groups)
+                                  : linear_per_sample_projections(xs, dys, dir[w], bias);
+      total = total.defined() ? total + p : p;
+    }
+    return total;
+  }
+
+  // alpha at `step` (step() only): the end point of the pending start (its value, or undefined),
+  // then this step as a start point when due. Losses are needed; without them nothing is kept.
+  at::Tensor alpha_of_captures(int64_t step, bool start_due, const at::Tensor& losses) {
+    at::Tensor value;
+    const bool end = alpha_end(step);
+    std::vector<at::Tensor> theta;
+    theta.swap(alpha_theta);
+    if (!losses.defined() || losses.numel() == 0 || ps_layers.empty()) {
+      alpha_start.reset();
+      return value;
+    }
+    const at::Tensor l = losses.detach().reshape({-1});
+    if (end) {
+      const at::Tensor proj = projections_of_captures(alpha_dir);
+      if (proj.defined()) {
+        value = alpha_from_moments(alpha_t, alpha_start_moments, alpha_point_moments(l, proj, alpha_t)).reshape({1});
+      }
+    }
+    alpha_start.reset();
+    alpha_dir.clear();
+    if (start_due && !theta.empty()) {
+      std::vector<at::Tensor> d;
+      at::Tensor sq = at::zeros({}, l.options().dtype(at::kDouble));
+      for (size_t k = 0; k < params.size(); ++k) {
+        d.push_back(params[k].detach() - theta[k]);
+        sq = sq + d.back().to(at::kDouble).square().sum();
+      }
+      const at::Tensor proj = projections_of_captures(d);
+      if (proj.defined()) {
+        alpha_t = sq.sqrt();
+        alpha_start_moments = alpha_point_moments(l, proj, alpha_t);
+        alpha_dir = std::move(d);
+        alpha_start = step;
+      }
+    }
+    return value;
+  }
 
   // Armed for the step after the latest one (step 0 before the first).
   bool per_sample_armed() const { return per_sample_due(last_step ? *last_step + 1 : 0); }
@@ -625,6 +712,7 @@ struct Monitor::Impl {
     bool per_sample = false;
     bool per_sample_hist = false;
     bool grad_variance = false;
+    bool alpha = false;  // a start point
     bool gradients = true;
     bool refresh_prev = true;
   };
@@ -637,6 +725,7 @@ struct Monitor::Impl {
     d.per_sample = per_sample_stats_due(step);
     d.per_sample_hist = per_sample_hist_due(step);
     d.grad_variance = grad_variance_due(step);
+    d.alpha = alpha_due(step);
     return d;
   }
 
@@ -737,6 +826,13 @@ struct Monitor::Impl {
       if (values.defined()) {
         pieces.push_back(values);
         layout->add(std::move(gv_names));
+      }
+    }
+    if (cfg.alpha.enabled && due.refresh_prev && (due.alpha || alpha_end(step))) {  // step() only
+      const at::Tensor a = alpha_of_captures(step, due.alpha, losses);
+      if (a.defined()) {
+        pieces.push_back(a.to(at::kDouble));
+        layout->add(alpha_names);
       }
     }
     const at::Tensor ps_hist = due.per_sample_hist ? per_sample_hist_of_captures() : at::Tensor();
@@ -959,6 +1055,7 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
     m.ps_names = std::move(ps_names);
   }
   m.zero_grads.resize(m.params.size());
+  if (m.alpha_due(0)) m.alpha_snapshot();
   c10::OptionalDeviceGuard guard;
   if (m.device.is_cuda()) guard.reset_device(m.device);
   for (const at::Tensor& p : m.params) {
@@ -1040,6 +1137,7 @@ void Monitor::step(int64_t step, const at::Tensor& per_sample_losses, const std:
                           m.ring[slot].device);
   m.requested.clear();
   m.last_step = step;
+  if (m.alpha_due(step + 1)) m.alpha_snapshot();  // θ at the next start point, before its update
   // A step at which nothing was due makes no record.
   if (m.layout_size(*layout) > 0) m.enqueue(step, slot, std::move(layout), m.ring[slot].device);
 }
@@ -1085,7 +1183,8 @@ void Monitor::measure_now(int64_t step, const at::Tensor& per_sample_losses,
         due.metrics |= m.available;
       } else if ((name == kPerSampleKey && m.cfg.per_sample.enabled) ||
                  (name == kPerSampleHistKey && m.cfg.per_sample_hist.enabled) ||
-                 (name == kGradVarianceKey && m.cfg.grad_variance.enabled)) {
+                 (name == kGradVarianceKey && m.cfg.grad_variance.enabled) ||
+                 (name == kAlphaKey && m.cfg.alpha.enabled)) {
         TORCH_CHECK(false, op, ": ", name, " is measured by step() only (it needs the step's own backward pass)");
       } else {
         bool found = false;
@@ -1162,6 +1261,7 @@ void Monitor::request(const std::string& key) {
   TORCH_CHECK(impl_->known(key), "trainscope::Monitor::request: unknown key '", key,
               "'; request param_metrics, a built-in metric's name, grad_hist or a registered quantity's key");
   impl_->requested.insert(key);
+  if (key == kAlphaKey && impl_->cfg.alpha.enabled) impl_->alpha_snapshot();  // the next step starts now
 }
 
 bool Monitor::due(const std::string& key, int64_t step) const {
@@ -1170,6 +1270,7 @@ bool Monitor::due(const std::string& key, int64_t step) const {
   if (key == kPerSampleKey && m.cfg.per_sample.enabled) return m.per_sample_stats_due(step);
   if (key == kPerSampleHistKey && m.cfg.per_sample_hist.enabled) return m.per_sample_hist_due(step);
   if (key == kGradVarianceKey && m.cfg.grad_variance.enabled) return m.grad_variance_due(step);
+  if (key == kAlphaKey && m.cfg.alpha.enabled) return m.alpha_due(step);
   // param_metrics: whether any built-in metric is due.
   if (key == kParamMetricsKey) return m.metrics_due(step) != 0;
   if (const int b = builtin_metric_bit(key); b >= 0) return (m.metrics_due(step) & bit(b)) != 0;

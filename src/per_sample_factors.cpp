@@ -755,6 +755,26 @@ PerSampleMoments moments_of(const Problem& p) {
   return m;
 }
 
+// Gᵢ·D [B] float64 for D given as weight_dir [G·d_out, d_in] (any shape of that many elements)
+// and bias_dir [G·d_out] or undefined: Σ_t δ_itᵀ D x_it per group, in tiles of samples.
+at::Tensor projections_of(const Problem& p, const at::Tensor& weight_dir, const at::Tensor& bias_dir) {
+  const auto o64 = p.opts.dtype(at::kDouble);
+  at::Tensor out = at::zeros({p.B}, o64);
+  const at::Tensor w = weight_dir.detach().to(p.opts.device(), at::kDouble).reshape({p.G, p.dout, p.din});
+  const int64_t bt = tile_samples(p, 2 * p.G * p.T * p.dout);
+  for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
+    const int64_t b = std::min(bt, p.B - i0);
+    const at::Tensor x = p.x(i0, b).to(at::kDouble);  // [b, G, T, d_in]
+    const at::Tensor d = p.d(i0, b).to(at::kDouble);  // [b, G, T, d_out]
+    const at::Tensor xw = at::matmul(x, w.transpose(1, 2).unsqueeze(0));  // [b, G, T, d_out]
+    out.narrow(0, i0, b).copy_((xw * d).sum(at::IntArrayRef{1, 2, 3}));
+  }
+  if (bias_dir.defined() && p.bias_grads && p.B > 0) {
+    out.add_(at::mv(p.bias_grads(at::kDouble), bias_dir.detach().to(p.opts.device(), at::kDouble).reshape({-1})));
+  }
+  return out;
+}
+
 void check_param(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
                  at::IntArrayRef expected) {
   check_tensor(op, name, t);
@@ -825,6 +845,39 @@ at::Tensor conv2d_per_sample_grad_hist1d(at::TensorList input, at::TensorList gr
   check_hist_axis(op, "nbins", nbins, "maxval", maxval);
   const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
   return hist1d_of(conv2d_uses(op, input, grad_output, g, has_bias), nbins, maxval);
+}
+
+at::Tensor linear_per_sample_projections(at::TensorList input, at::TensorList grad_output,
+                                         const at::Tensor& weight_dir, const at::Tensor& bias_dir) {
+  const char* op = "trainscope::linear_per_sample_projections";
+  NvtxRange range{op};
+  c10::NoGradGuard no_grad;
+  const Problem p = linear_uses(op, input, grad_output, bias_dir.defined());
+  TORCH_CHECK(weight_dir.defined() && weight_dir.numel() == p.dout * p.din, op, ": weight_dir must have ",
+              p.dout, "·", p.din, " elements (the weight's shape), got ",
+              weight_dir.defined() ? c10::str(weight_dir.sizes()) : std::string("undefined"));
+  TORCH_CHECK(!bias_dir.defined() || bias_dir.numel() == p.dout, op, ": bias_dir must have ", p.dout,
+              " elements, got ", bias_dir.sizes());
+  return projections_of(p, weight_dir, bias_dir);
+}
+
+at::Tensor conv2d_per_sample_projections(at::TensorList input, at::TensorList grad_output,
+                                         const at::Tensor& weight_dir, const at::Tensor& bias_dir,
+                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "trainscope::conv2d_per_sample_projections";
+  NvtxRange range{op};
+  c10::NoGradGuard no_grad;
+  TORCH_CHECK(weight_dir.defined() && weight_dir.dim() == 4, op,
+              ": weight_dir must be [C_out, C_in/groups, kh, kw], got ",
+              weight_dir.defined() ? c10::str(weight_dir.sizes()) : std::string("undefined"));
+  const ConvGeometry g = conv_geometry(op, {weight_dir.size(2), weight_dir.size(3)}, stride, padding, dilation, groups);
+  const Problem p = conv2d_uses(op, input, grad_output, g, bias_dir.defined());
+  TORCH_CHECK(weight_dir.numel() == p.G * p.dout * p.din, op, ": weight_dir has shape ", weight_dir.sizes(),
+              " but the layer's weight has ", p.G * p.dout * p.din, " elements");
+  TORCH_CHECK(!bias_dir.defined() || bias_dir.numel() == p.G * p.dout, op, ": bias_dir must have ", p.G * p.dout,
+              " elements, got ", bias_dir.sizes());
+  return projections_of(p, weight_dir, bias_dir);
 }
 
 PerSampleMoments linear_per_sample_grad_moments(at::TensorList input, at::TensorList grad_output, bool has_bias) {

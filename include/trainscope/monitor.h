@@ -143,6 +143,13 @@ struct MonitorConfig {
   // (cabs is defined for SGD without momentum; set it only for such an optimizer).
   QuantityConfig grad_variance{false, Schedule::every(1)};
   std::function<double()> grad_variance_lr;
+  // The normalised step length (SPEC.md §6, alpha.h; off by default; key "alpha"), a two-step
+  // quantity from the captures: a due step s is its start point (θ_s is copied when the captures
+  // are armed for it), step s + 1 its end point (armed too); "alpha" is recorded with step s + 1,
+  // the α of the update made at step s. Needs the per-sample losses in both step() calls, and
+  // each captured layer named as its module, so that "<layer>.weight" (and ".bias") are its
+  // parameters' names (an error names the layer otherwise).
+  QuantityConfig alpha{false, Schedule::every(1)};
   FactorMethod per_sample_method = FactorMethod::kAuto;
   bool per_sample_loss_mean = true;
 };

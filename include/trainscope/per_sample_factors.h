@@ -168,6 +168,16 @@ at::Tensor conv2d_per_sample_grad_hist1d(at::TensorList input, at::TensorList gr
                                          at::IntArrayRef padding, at::IntArrayRef dilation,
                                          int64_t groups, bool has_bias, int64_t nbins = 100,
                                          double maxval = 0.05);
+// Gᵢ · D [B] float64: each sample's gradient projected on a direction given as the layer's
+// parameters would be — weight_dir [d_out, d_in] (a convolution's [C_out, C_in/groups, kh, kw])
+// and bias_dir [d_out] (undefined: the bias is not projected) — from the factors, without forming
+// Gᵢ: Σ_t δ_itᵀ D x_it. alpha's projections on the update (trainscope/alpha.h).
+at::Tensor linear_per_sample_projections(at::TensorList input, at::TensorList grad_output,
+                                         const at::Tensor& weight_dir, const at::Tensor& bias_dir);
+at::Tensor conv2d_per_sample_projections(at::TensorList input, at::TensorList grad_output,
+                                         const at::Tensor& weight_dir, const at::Tensor& bias_dir,
+                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups);
 PerSampleMoments linear_per_sample_grad_moments(at::TensorList input, at::TensorList grad_output,
                                                 bool has_bias);
 PerSampleMoments conv2d_per_sample_grad_moments(at::TensorList input, at::TensorList grad_output,

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "tests/cpp/torch_test_util.h"
+#include "trainscope/alpha.h"
 #include "trainscope/grad_variance.h"
 #include "trainscope/monitor.h"
 #include "trainscope/param_stats.h"
@@ -603,6 +604,75 @@ TEST_P(MonitorTraining, GradVarianceFromCapturesEqualsPerSampleGradientsByHand) 
   EXPECT_EQ(names, (std::vector<std::string>{"grad_variance/mean_gsnr", "grad_variance/early_stopping"}));
   expect_error_naming([&] { monitor.measure_now(9, {}, std::vector<std::string>{"grad_variance"}); },
                       "grad_variance", "measure_now");
+}
+
+TEST_P(MonitorTraining, AlphaOfEachDueUpdateRecordedWithTheNextStep) {
+  Net net(device());
+  net.to(torch::kDouble);
+  MonitorConfig cfg;
+  cfg.param_metrics.enabled = false;
+  cfg.grad_hist.enabled = false;
+  cfg.alpha = {true, Schedule::every(2)};
+  Monitor monitor(net.named_parameters().pairs(), cfg);
+  Collector c;
+  monitor.add_sink(c.sink());
+  std::vector<at::Tensor> params;
+  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  const auto opts = at::TensorOptions().dtype(at::kDouble).device(device());
+  std::vector<at::Tensor> xs, ys, thetas;  // every batch and θ before each step
+  for (int64_t s = 0; s < 4; ++s) {
+    xs.push_back(at::randn({6, 5}, opts));
+    ys.push_back(at::randn({6, 3}, opts));
+  }
+  // Per-sample losses and gradients [B, P] at the current parameters on batch s, by hand.
+  auto per_sample = [&](int64_t s) {
+    std::vector<at::Tensor> rows, losses;
+    for (int64_t i = 0; i < 6; ++i) {
+      for (const at::Tensor& p : params) p.mutable_grad() = at::Tensor();
+      const at::Tensor li = (net.fc2(torch::relu(net.fc1(xs[s].narrow(0, i, 1)))) - ys[s].narrow(0, i, 1)).pow(2).sum();
+      li.backward();
+      std::vector<at::Tensor> g;
+      for (const at::Tensor& p : params) g.push_back(p.grad().flatten());
+      rows.push_back(at::cat(g));
+      losses.push_back(li.detach());
+    }
+    return std::make_pair(at::stack(losses), at::stack(rows));
+  };
+  std::vector<std::pair<at::Tensor, at::Tensor>> points;
+  torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.2).momentum(0.5));
+  for (int64_t s = 0; s < 4; ++s) {
+    EXPECT_TRUE(monitor.per_sample_armed()) << "step " << s;  // every step starts or ends one
+    std::vector<at::Tensor> flat;
+    for (const at::Tensor& p : params) flat.push_back(p.detach().flatten().clone());
+    thetas.push_back(at::cat(flat));
+    points.push_back(per_sample(s));
+    opt.zero_grad();
+    const at::Tensor h = torch::relu(monitor.capture_linear("fc1", xs[s], net.fc1(xs[s]), true));
+    const at::Tensor losses = (monitor.capture_linear("fc2", h, net.fc2(h), true) - ys[s]).pow(2).sum(1);
+    losses.mean().backward();
+    opt.step();
+    monitor.step(s, losses.detach());
+  }
+  monitor.flush();
+  std::map<int64_t, double> got;
+  for (const StepRecord& r : c.records) {
+    const auto m = as_map(r);
+    if (m.count("alpha")) got[r.step] = m.at("alpha");
+  }
+  ASSERT_EQ(got.size(), 2u);
+  std::vector<at::Tensor> flat;
+  for (const at::Tensor& p : params) flat.push_back(p.detach().flatten());
+  thetas.push_back(at::cat(flat));
+  for (int64_t start : {0, 2}) {
+    const at::Tensor d = thetas[start + 1] - thetas[start];
+    const at::Tensor t = d.norm();
+    const at::Tensor a = trainscope::alpha_from_moments(
+        t, trainscope::alpha_point_moments(points[start].first, at::mv(points[start].second, d), t),
+        trainscope::alpha_point_moments(points[start + 1].first, at::mv(points[start + 1].second, d), t));
+    ASSERT_TRUE(got.count(start + 1)) << "alpha of step " << start << " is recorded with step " << start + 1;
+    EXPECT_CLOSE(got.at(start + 1), a.item<double>(), 1e-9) << "start " << start;
+  }
+  expect_error_naming([&] { monitor.measure_now(9, {}, std::vector<std::string>{"alpha"}); }, "alpha", "measure_now");
 }
 
 TEST_P(MonitorTraining, OnDemandRequestFiresAtTheNextStepOnly) {

@@ -301,6 +301,27 @@ TEST_P(PerSampleFactorsApiTest, MomentsEqualSumsOfPerSampleGradients) {
   }
 }
 
+// Gᵢ·D from the factors against per-sample gradients formed by hand, with and without the bias.
+TEST_P(PerSampleFactorsApiTest, ProjectionsOnADirection) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(17);
+  const std::vector<at::Tensor> xs{randn({5, 3, 4}, gen, dtype(), device()), randn({5, 4}, gen, dtype(), device())};
+  const std::vector<at::Tensor> ds{randn({5, 3, 2}, gen, dtype(), device()), randn({5, 2}, gen, dtype(), device())};
+  const at::Tensor g = reference_grads(linear_layer(), xs[0], ds[0], {2, 4}, true) +
+                       reference_grads(linear_layer(), xs[1], ds[1], {2, 4}, true);  // [B, 8 + 2]
+  const at::Tensor w = at::randn({2, 4}, gen, kF64), b = at::randn({2}, gen, kF64);
+  expect_close(trainscope::linear_per_sample_projections(xs, ds, w.to(device()), b.to(device())),
+               at::mv(g, at::cat({w.flatten(), b})), tolerance(dtype()), "linear, two uses");
+  expect_close(trainscope::linear_per_sample_projections(xs, ds, w.to(device()), at::Tensor()),
+               at::mv(g.narrow(1, 0, 8), w.flatten()), tolerance(dtype()), "linear, weight only");
+  const at::Tensor xc = randn({3, 4, 6, 6}, gen, dtype(), device()), dc = randn({3, 6, 3, 3}, gen, dtype(), device());
+  const at::Tensor gc = reference_grads(conv_layer({2}, {1}, {1}, 2), xc, dc, {6, 2, 3, 3}, true);
+  const at::Tensor wc = at::randn({6, 2, 3, 3}, gen, kF64), bc = at::randn({6}, gen, kF64);
+  expect_close(trainscope::conv2d_per_sample_projections({xc}, {dc}, wc.to(device()), bc.to(device()), {2}, {1}, {1}, 2),
+               at::mv(gc, at::cat({wc.flatten(), bc})), tolerance(dtype()), "conv, groups 2");
+  EXPECT_THROW(trainscope::linear_per_sample_projections(xs, ds, at::ones({3, 4}, kF64).to(device()), at::Tensor()),
+               c10::Error);
+}
+
 // A layer used several times in one step: sample i's gradient is the sum over the uses, whose
 // leading dims (linear) or spatial sizes (conv) differ; every route and the histogram see it.
 TEST_P(PerSampleFactorsApiTest, UsesOfOneLayerAddUp) {
