@@ -34,6 +34,7 @@
 #include "src/nvtx.h"
 #include "src/tensor_checks.h"
 #include "trainscope/alpha.h"
+#include "trainscope/curvature.h"
 #include "trainscope/grad_variance.h"
 #include "trainscope/param_stats.h"
 
@@ -199,6 +200,7 @@ constexpr const char* kPerSampleHistKey = "per_sample_hist";
 constexpr const char* kPerSampleHistName = "per_sample_grad_hist1d";
 constexpr const char* kGradVarianceKey = "grad_variance";
 constexpr const char* kAlphaKey = "alpha";
+constexpr const char* kCurvatureKey = "curvature";
 
 // The built-in scalar metrics of a record, one bit each in a step's due set: the Metric columns
 // (bit c for Metric c), then the non-finite gradient count and the loss. Record order is bit order
@@ -406,7 +408,7 @@ struct Monitor::Impl {
            (key == kPerSampleKey && cfg.per_sample.enabled) ||
            (key == kPerSampleHistKey && cfg.per_sample_hist.enabled) ||
            (key == kGradVarianceKey && cfg.grad_variance.enabled) || (key == kAlphaKey && cfg.alpha.enabled) ||
-           find_custom(key) != nullptr;
+           (key == kCurvatureKey && cfg.curvature.enabled) || find_custom(key) != nullptr;
   }
 
   bool per_sample_stats_due(int64_t step) const {
@@ -420,6 +422,29 @@ struct Monitor::Impl {
     return cfg.grad_variance.enabled &&
            (cfg.grad_variance.schedule.due(step) || requested.count(kGradVarianceKey) > 0);
   }
+  bool curvature_due(int64_t step) const {
+    return cfg.curvature.enabled && (cfg.curvature.schedule.due(step) || requested.count(kCurvatureKey) > 0);
+  }
+
+  // The curvature family from config.curvature_loss (called here only): its values and names.
+  std::pair<at::Tensor, std::shared_ptr<std::vector<std::string>>> curvature_values() {
+    const CurvatureStats c = curvature_stats(cfg.curvature_loss, params, cfg.curvature_options);
+    auto names = std::make_shared<std::vector<std::string>>();
+    std::vector<at::Tensor> values;
+    auto add = [&](const char* name, const at::Tensor& v) {
+      names->push_back(std::string(kCurvatureKey) + "/" + name);
+      values.push_back(v.reshape({1}).to(at::kDouble));
+    };
+    if (cfg.curvature_options.max_ev) add("hess_max_ev", c.hess_max_ev);
+    if (cfg.curvature_options.diag) {
+      add("hess_trace", c.hess_trace);
+      if (cfg.curvature_options.method == CurvatureMethod::kHutchinson) add("hess_trace_stderr", c.hess_trace_stderr);
+      add("tic_diag", c.tic_diag);
+      add("tic_trace", c.tic_trace);
+    }
+    return {at::cat(values).to(device), names};
+  }
+
   // alpha: a due step is a start point, the next its end point.
   bool alpha_due(int64_t step) const {
     return cfg.alpha.enabled && (cfg.alpha.schedule.due(step) || requested.count(kAlphaKey) > 0);
@@ -713,6 +738,7 @@ struct Monitor::Impl {
     bool per_sample_hist = false;
     bool grad_variance = false;
     bool alpha = false;  // a start point
+    bool curvature = false;
     bool gradients = true;
     bool refresh_prev = true;
   };
@@ -726,6 +752,7 @@ struct Monitor::Impl {
     d.per_sample_hist = per_sample_hist_due(step);
     d.grad_variance = grad_variance_due(step);
     d.alpha = alpha_due(step);
+    d.curvature = curvature_due(step);
     return d;
   }
 
@@ -834,6 +861,11 @@ struct Monitor::Impl {
         pieces.push_back(a.to(at::kDouble));
         layout->add(alpha_names);
       }
+    }
+    if (due.curvature && due.refresh_prev) {  // step() only
+      auto [values, names] = curvature_values();
+      pieces.push_back(values);
+      layout->add(std::move(names));
     }
     const at::Tensor ps_hist = due.per_sample_hist ? per_sample_hist_of_captures() : at::Tensor();
     if (due.refresh_prev) ps_layers.clear();  // step(): a step's captures serve that step only
@@ -1054,6 +1086,16 @@ Monitor::Monitor(std::vector<std::pair<std::string, at::Tensor>> named_params, M
     }
     m.ps_names = std::move(ps_names);
   }
+  TORCH_CHECK(!m.cfg.curvature.enabled || m.cfg.curvature_loss, "trainscope::Monitor: config.curvature is on but "
+              "config.curvature_loss is empty; give a closure that recomputes the step's loss");
+  TORCH_CHECK(!m.cfg.curvature.enabled || !m.across_ranks(), "trainscope::Monitor: config.curvature with a group "
+              "of several ranks is not supported in C++ (each rank's closure sees its own batch)");
+  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"samples", m.cfg.curvature_options.samples},
+                                    {"max_iter", m.cfg.curvature_options.max_iter},
+                                    {"max_params", m.cfg.curvature_options.max_params}}) {
+    TORCH_CHECK(!m.cfg.curvature.enabled || value >= 1, "trainscope::Monitor: config.curvature_options.", name,
+                " must be at least 1, got ", value);
+  }
   m.zero_grads.resize(m.params.size());
   if (m.alpha_due(0)) m.alpha_snapshot();
   c10::OptionalDeviceGuard guard;
@@ -1184,7 +1226,8 @@ void Monitor::measure_now(int64_t step, const at::Tensor& per_sample_losses,
       } else if ((name == kPerSampleKey && m.cfg.per_sample.enabled) ||
                  (name == kPerSampleHistKey && m.cfg.per_sample_hist.enabled) ||
                  (name == kGradVarianceKey && m.cfg.grad_variance.enabled) ||
-                 (name == kAlphaKey && m.cfg.alpha.enabled)) {
+                 (name == kAlphaKey && m.cfg.alpha.enabled) ||
+                 (name == kCurvatureKey && m.cfg.curvature.enabled)) {
         TORCH_CHECK(false, op, ": ", name, " is measured by step() only (it needs the step's own backward pass)");
       } else {
         bool found = false;
@@ -1271,6 +1314,7 @@ bool Monitor::due(const std::string& key, int64_t step) const {
   if (key == kPerSampleHistKey && m.cfg.per_sample_hist.enabled) return m.per_sample_hist_due(step);
   if (key == kGradVarianceKey && m.cfg.grad_variance.enabled) return m.grad_variance_due(step);
   if (key == kAlphaKey && m.cfg.alpha.enabled) return m.alpha_due(step);
+  if (key == kCurvatureKey && m.cfg.curvature.enabled) return m.curvature_due(step);
   // param_metrics: whether any built-in metric is due.
   if (key == kParamMetricsKey) return m.metrics_due(step) != 0;
   if (const int b = builtin_metric_bit(key); b >= 0) return (m.metrics_due(step) & bit(b)) != 0;

@@ -52,6 +52,7 @@
 #include <ATen/ATen.h>
 
 #include "trainscope/distributed.h"
+#include "trainscope/curvature.h"
 #include "trainscope/per_sample_factors.h"
 
 namespace trainscope {
@@ -150,6 +151,16 @@ struct MonitorConfig {
   // each captured layer named as its module, so that "<layer>.weight" (and ".bias") are its
   // parameters' names (an error names the layer otherwise).
   QuantityConfig alpha{false, Schedule::every(1)};
+  // The curvature family (SPEC.md §6, curvature.h; off by default; key "curvature"):
+  // "curvature/hess_max_ev", "curvature/hess_trace" (and "curvature/hess_trace_stderr" when
+  // estimated), "curvature/tic_diag", "curvature/tic_trace" (NaN unless curvature_loss returns the
+  // per-sample losses). curvature_loss recomputes the loss of the step's batch with a fresh
+  // forward pass at the current parameters (after the optimizer step when step() follows it); it
+  // is called by step() on due steps only, so only they pay for second derivatives. Required
+  // when curvature is on; one process only.
+  QuantityConfig curvature{false, Schedule::every(1)};
+  std::function<at::Tensor()> curvature_loss;
+  CurvatureOptions curvature_options;
   FactorMethod per_sample_method = FactorMethod::kAuto;
   bool per_sample_loss_mean = true;
 };

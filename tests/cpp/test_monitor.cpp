@@ -24,6 +24,7 @@
 
 #include "tests/cpp/torch_test_util.h"
 #include "trainscope/alpha.h"
+#include "trainscope/curvature.h"
 #include "trainscope/grad_variance.h"
 #include "trainscope/monitor.h"
 #include "trainscope/param_stats.h"
@@ -673,6 +674,49 @@ TEST_P(MonitorTraining, AlphaOfEachDueUpdateRecordedWithTheNextStep) {
     EXPECT_CLOSE(got.at(start + 1), a.item<double>(), 1e-9) << "start " << start;
   }
   expect_error_naming([&] { monitor.measure_now(9, {}, std::vector<std::string>{"alpha"}); }, "alpha", "measure_now");
+}
+
+TEST_P(MonitorTraining, CurvatureCallsItsLossOnDueStepsOnly) {
+  Net net(device());
+  net.to(torch::kDouble);
+  MonitorConfig cfg;
+  cfg.param_metrics.enabled = false;
+  cfg.grad_hist.enabled = false;
+  cfg.curvature = {true, Schedule::every(2)};
+  cfg.curvature_options.method = trainscope::CurvatureMethod::kExact;
+  at::Tensor x, y;
+  int calls = 0;
+  cfg.curvature_loss = [&] {
+    ++calls;
+    return (net.forward(x) - y).pow(2).sum(1);
+  };
+  std::vector<at::Tensor> params;
+  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  Monitor monitor(net.named_parameters().pairs(), cfg);
+  Collector c;
+  monitor.add_sink(c.sink());
+  std::map<int64_t, trainscope::CurvatureStats> want;
+  for (int64_t step = 0; step < 4; ++step) {
+    x = at::randn({5, 5}, at::TensorOptions().dtype(at::kDouble).device(device()));
+    y = at::randn({5, 3}, x.options());
+    if (step % 2 == 0) want[step] = trainscope::curvature_stats(cfg.curvature_loss, params, cfg.curvature_options);
+    monitor.step(step);
+  }
+  monitor.flush();
+  EXPECT_EQ(calls, 4) << "two by hand, two by the Monitor";
+  ASSERT_EQ(c.steps(), (std::vector<int64_t>{0, 2}));
+  for (const StepRecord& r : c.records) {
+    const auto got = as_map(r);
+    const trainscope::CurvatureStats& w = want.at(r.step);
+    EXPECT_CLOSE(got.at("curvature/hess_max_ev"), w.hess_max_ev.item<double>(), 1e-12);
+    EXPECT_CLOSE(got.at("curvature/hess_trace"), w.hess_trace.item<double>(), 1e-12);
+    EXPECT_CLOSE(got.at("curvature/tic_diag"), w.tic_diag.item<double>(), 1e-12);
+    EXPECT_CLOSE(got.at("curvature/tic_trace"), w.tic_trace.item<double>(), 1e-12);
+    EXPECT_EQ(got.count("curvature/hess_trace_stderr"), 0u) << "exact";
+  }
+  MonitorConfig no_loss;
+  no_loss.curvature.enabled = true;
+  expect_error_naming([&] { Monitor m(net.named_parameters().pairs(), no_loss); }, "curvature_loss", "no closure");
 }
 
 TEST_P(MonitorTraining, OnDemandRequestFiresAtTheNextStepOnly) {
