@@ -434,6 +434,20 @@ def _hutchinson(grads: list, params: list, samples: int, generator, chunk: int, 
     return mean, diag_se, trace, trace_se
 
 
+def _diag_setup(caller: str, loss, params, method, samples, generator, max_params, chunk_size) -> tuple:
+    """The arguments of hess_diag / hess_trace checked (errors name them), then the loss's
+    gradients with their graph: (params, method, samples, chunk, generator, grads)."""
+    params = _check_params(params, caller)
+    method = _check_method(method, caller)
+    samples = check_int(samples, "samples", caller, low=1)
+    chunk = check_int(chunk_size, "chunk_size", caller, low=1)
+    generator = _check_generator(generator, caller)
+    if method == "exact":
+        _check_exact_size(params, max_params, caller)
+    loss, _ = _resolve_loss(loss, caller)
+    return params, method, samples, chunk, generator, _grads_with_graph(loss, params)
+
+
 def hess_diag(loss, params, *, method: str = "hutchinson", samples: int = DEFAULT_SAMPLES,
               generator: Optional[torch.Generator] = None, max_params: int = DEFAULT_MAX_PARAMS,
               chunk_size: int = DEFAULT_CHUNK) -> HessDiag:
@@ -448,16 +462,8 @@ def hess_diag(loss, params, *, method: str = "hutchinson", samples: int = DEFAUL
       is None; ``samples`` and ``generator`` are unused.
 
     NaN for a non-finite loss or gradient."""
-    caller = "hess_diag"
-    params = _check_params(params, caller)
-    method = _check_method(method, caller)
-    samples = check_int(samples, "samples", caller, low=1)
-    chunk = check_int(chunk_size, "chunk_size", caller, low=1)
-    generator = _check_generator(generator, caller)
-    if method == "exact":
-        _check_exact_size(params, max_params, caller)
-    loss, _ = _resolve_loss(loss, caller)
-    grads = _grads_with_graph(loss, params)
+    params, method, samples, chunk, generator, grads = _diag_setup(
+        "hess_diag", loss, params, method, samples, generator, max_params, chunk_size)
     if method == "exact":
         return HessDiag(_exact_diag(grads, params, chunk), None)
     diag, se, _, _ = _hutchinson(grads, params, samples, generator, chunk, True)
@@ -476,16 +482,8 @@ def hess_trace(loss, params, *, method: str = "hutchinson", samples: int = DEFAU
     - ``method="exact"``: the sum of the exact diagonal (see :func:`hess_diag`), ``stderr`` 0.
 
     NaN for a non-finite loss or gradient."""
-    caller = "hess_trace"
-    params = _check_params(params, caller)
-    method = _check_method(method, caller)
-    samples = check_int(samples, "samples", caller, low=1)
-    chunk = check_int(chunk_size, "chunk_size", caller, low=1)
-    generator = _check_generator(generator, caller)
-    if method == "exact":
-        _check_exact_size(params, max_params, caller)
-    loss, _ = _resolve_loss(loss, caller)
-    grads = _grads_with_graph(loss, params)
+    params, method, samples, chunk, generator, grads = _diag_setup(
+        "hess_trace", loss, params, method, samples, generator, max_params, chunk_size)
     if method == "exact":
         d = _exact_diag(grads, params, chunk)
         return HessTrace(sum(x.sum() for x in d), torch.zeros((), dtype=torch.float64, device=params[0].device))

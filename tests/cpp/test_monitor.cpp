@@ -121,6 +121,34 @@ struct Net : torch::nn::Module {
   torch::nn::Linear fc1{nullptr}, fc2{nullptr};
 };
 
+// A config with the parameter metrics and the gradient histogram off: the family under test alone.
+MonitorConfig families_only() {
+  MonitorConfig cfg;
+  cfg.param_metrics.enabled = false;
+  cfg.grad_hist.enabled = false;
+  return cfg;
+}
+
+std::vector<at::Tensor> params_of(Net& net) {
+  std::vector<at::Tensor> params;
+  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  return params;
+}
+
+// One training step whose forward pass hands fc1 (used once) and fc2 (used twice: its uses add
+// up) to the Monitor's captures; per-sample losses ‖fc2(h) + fc2(h) − y‖², h = relu(fc1(x)).
+void captured_step(Monitor& monitor, Net& net, torch::optim::Optimizer& opt, int64_t step, const at::Tensor& x,
+                   const at::Tensor& y) {
+  opt.zero_grad();
+  const at::Tensor h = torch::relu(monitor.capture_linear("fc1", x, net.fc1(x), true));
+  const at::Tensor out = monitor.capture_linear("fc2", h, net.fc2(h), true) +
+                         monitor.capture_linear("fc2", h, net.fc2(h), true);
+  const at::Tensor losses = (out - y).pow(2).sum(1);
+  losses.mean().backward();
+  opt.step();
+  monitor.step(step, losses.detach());
+}
+
 struct Batch {
   at::Tensor x, y;
 };
@@ -403,15 +431,12 @@ TEST_P(MonitorTraining, EachMetricItsOwnScheduleAndMeasureNow) {
 TEST_P(MonitorTraining, PerSampleStatisticsFromCapturesOnDueStepsOnly) {
   Net net(device());
   net.to(torch::kDouble);
-  MonitorConfig cfg;
-  cfg.param_metrics.enabled = false;
-  cfg.grad_hist.enabled = false;
+  MonitorConfig cfg = families_only();
   cfg.per_sample = {true, Schedule::every(2)};
   Monitor monitor(net.named_parameters().pairs(), cfg);
   Collector c;
   monitor.add_sink(c.sink());
-  std::vector<at::Tensor> params;
-  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  const std::vector<at::Tensor> params = params_of(net);
   std::vector<at::Tensor> want;  // the statistics of the due steps, from per-sample gradients by hand
   torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
   for (int64_t step = 0; step < 4; ++step) {
@@ -465,9 +490,7 @@ TEST_P(MonitorTraining, PerSampleStatisticsFromCapturesOnDueStepsOnly) {
 TEST_P(MonitorTraining, PerSampleHistogramOnItsOwnSchedule) {
   Net net(device());
   net.to(torch::kDouble);
-  MonitorConfig cfg;
-  cfg.param_metrics.enabled = false;
-  cfg.grad_hist.enabled = false;
+  MonitorConfig cfg = families_only();
   cfg.maxval = 0.5;
   cfg.nbins = 40;
   cfg.per_sample = {true, Schedule::every(2)};
@@ -475,8 +498,7 @@ TEST_P(MonitorTraining, PerSampleHistogramOnItsOwnSchedule) {
   Monitor monitor(net.named_parameters().pairs(), cfg);
   Collector c;
   monitor.add_sink(c.sink());
-  std::vector<at::Tensor> params;
-  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  const std::vector<at::Tensor> params = params_of(net);
   std::map<int64_t, at::Tensor> want;  // the histogram of the due steps, from per-sample gradients by hand
   torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
   for (int64_t step = 0; step < 6; ++step) {
@@ -496,14 +518,7 @@ TEST_P(MonitorTraining, PerSampleHistogramOnItsOwnSchedule) {
       }
       want[step] = trainscope::grad_hist1d(per, cfg.nbins, cfg.maxval).cpu();
     }
-    opt.zero_grad();
-    const at::Tensor h = torch::relu(monitor.capture_linear("fc1", x, net.fc1(x), true));
-    const at::Tensor out = monitor.capture_linear("fc2", h, net.fc2(h), true) +
-                           monitor.capture_linear("fc2", h, net.fc2(h), true);
-    const at::Tensor losses = (out - y).pow(2).sum(1);
-    losses.mean().backward();
-    opt.step();
-    monitor.step(step, losses.detach());
+    captured_step(monitor, net, opt, step, x, y);
   }
   monitor.flush();
   ASSERT_EQ(c.steps(), (std::vector<int64_t>{0, 2, 3, 4}));
@@ -524,17 +539,14 @@ TEST_P(MonitorTraining, PerSampleHistogramOnItsOwnSchedule) {
 TEST_P(MonitorTraining, GradVarianceFromCapturesEqualsPerSampleGradientsByHand) {
   Net net(device());
   net.to(torch::kDouble);
-  MonitorConfig cfg;
-  cfg.param_metrics.enabled = false;
-  cfg.grad_hist.enabled = false;
+  MonitorConfig cfg = families_only();
   cfg.grad_variance = {true, Schedule::every(2)};
   double lr = 0.1;
   cfg.grad_variance_lr = [&] { return lr; };
   Monitor monitor(net.named_parameters().pairs(), cfg);
   Collector c;
   monitor.add_sink(c.sink());
-  std::vector<at::Tensor> params;
-  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  const std::vector<at::Tensor> params = params_of(net);
   std::map<int64_t, at::Tensor> want;  // [1 + T, 3] from per-sample gradients by hand
   torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
   for (int64_t step = 0; step < 4; ++step) {
@@ -560,14 +572,7 @@ TEST_P(MonitorTraining, GradVarianceFromCapturesEqualsPerSampleGradientsByHand) 
       lr = 0.1 * (step + 1);  // read at each due step
       want[step] = trainscope::grad_variance_stats(sums, sqs, 6, at::full({}, loss_sum / 6, x.options()), lr).cpu();
     }
-    opt.zero_grad();
-    const at::Tensor h = torch::relu(monitor.capture_linear("fc1", x, net.fc1(x), true));
-    const at::Tensor out = monitor.capture_linear("fc2", h, net.fc2(h), true) +
-                           monitor.capture_linear("fc2", h, net.fc2(h), true);
-    const at::Tensor losses = (out - y).pow(2).sum(1);
-    losses.mean().backward();
-    opt.step();
-    monitor.step(step, losses.detach());
+    captured_step(monitor, net, opt, step, x, y);
   }
   monitor.flush();
   ASSERT_EQ(c.steps(), (std::vector<int64_t>{0, 2}));
@@ -610,15 +615,12 @@ TEST_P(MonitorTraining, GradVarianceFromCapturesEqualsPerSampleGradientsByHand) 
 TEST_P(MonitorTraining, AlphaOfEachDueUpdateRecordedWithTheNextStep) {
   Net net(device());
   net.to(torch::kDouble);
-  MonitorConfig cfg;
-  cfg.param_metrics.enabled = false;
-  cfg.grad_hist.enabled = false;
+  MonitorConfig cfg = families_only();
   cfg.alpha = {true, Schedule::every(2)};
   Monitor monitor(net.named_parameters().pairs(), cfg);
   Collector c;
   monitor.add_sink(c.sink());
-  std::vector<at::Tensor> params;
-  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  const std::vector<at::Tensor> params = params_of(net);
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(device());
   std::vector<at::Tensor> xs, ys, thetas;  // every batch and θ before each step
   for (int64_t s = 0; s < 4; ++s) {
@@ -679,9 +681,7 @@ TEST_P(MonitorTraining, AlphaOfEachDueUpdateRecordedWithTheNextStep) {
 TEST_P(MonitorTraining, CurvatureCallsItsLossOnDueStepsOnly) {
   Net net(device());
   net.to(torch::kDouble);
-  MonitorConfig cfg;
-  cfg.param_metrics.enabled = false;
-  cfg.grad_hist.enabled = false;
+  MonitorConfig cfg = families_only();
   cfg.curvature = {true, Schedule::every(2)};
   cfg.curvature_options.method = trainscope::CurvatureMethod::kExact;
   at::Tensor x, y;
@@ -690,8 +690,7 @@ TEST_P(MonitorTraining, CurvatureCallsItsLossOnDueStepsOnly) {
     ++calls;
     return (net.forward(x) - y).pow(2).sum(1);
   };
-  std::vector<at::Tensor> params;
-  for (const auto& kv : net.named_parameters().pairs()) params.push_back(kv.second);
+  const std::vector<at::Tensor> params = params_of(net);
   Monitor monitor(net.named_parameters().pairs(), cfg);
   Collector c;
   monitor.add_sink(c.sink());
