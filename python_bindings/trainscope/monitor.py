@@ -483,9 +483,19 @@ class _CurvatureQuantity(Quantity):
             return {}
         o, params = self._o, [p for p in self._monitor.layout.originals if p.requires_grad]
         generator = torch.Generator(device=params[0].device).manual_seed(o["seed"] + ctx.step)
-        with torch.enable_grad():
-            c = curvature_stats(closure, params, which=o["which"], method=o["method"], samples=o["samples"],
-                                max_iter=o["max_iter"], max_params=o["max_params"], generator=generator)
+        # The closure's forward pass is not the step's: armed per-sample hooks would take it for a
+        # new step and drop the capture the per-sample families of this step read.
+        hooks = self._monitor.per_sample_hooks
+        armed = hooks is not None and hooks.enabled
+        if armed:
+            hooks.enabled = False
+        try:
+            with torch.enable_grad():
+                c = curvature_stats(closure, params, which=o["which"], method=o["method"], samples=o["samples"],
+                                    max_iter=o["max_iter"], max_params=o["max_params"], generator=generator)
+        finally:
+            if armed:
+                hooks.enabled = True
         out = {}
         for name in ("hess_max_ev", "hess_trace", "tic_diag", "tic_trace"):
             value = c[name]
