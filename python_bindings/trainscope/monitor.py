@@ -421,16 +421,29 @@ class _AlphaQuantity(Quantity):
         losses = ctx.losses.detach().reshape(-1).to(torch.float64)
         out = {}
         if self._direction is not None and self._tracker.is_end(ctx.step):
-            value = self._tracker.end(ctx.step, losses, hooks.projections(self._direction))
+            value = self._tracker.end(ctx.step, *_captured_point(losses, hooks.projections(self._direction),
+                                                                 hooks.loss_reduction))
             if value is not None:
                 out[""] = value.alpha
         self._direction = None
         if theta is not None and monitor._m.due(ALPHA_KEY, ctx.step):
             d = {n: p.detach() - theta[n] for n, p in zip(monitor.names, monitor.params)}
             sq = functools.reduce(torch.add, [t.to(torch.float64).square().sum() for t in d.values()])
-            if self._tracker.start(ctx.step, losses, hooks.projections(d), sq):
+            if self._tracker.start(ctx.step, *_captured_point(losses, hooks.projections(d), hooks.loss_reduction),
+                                   sq):
                 self._direction = d
         return out
+
+
+def _captured_point(losses: torch.Tensor, projections: torch.Tensor, loss_reduction: str):
+    """(losses, projections) of the samples the hooks captured. With the losses of several
+    micro-batches (gradient accumulation), those of the last one, whose forward pass the hooks
+    hold; under "mean" the loss backpropagated is the mean of all N losses, so the hooks' ∇ℓᵢ
+    (scaled back by the micro-batch's n) are rescaled by N / n."""
+    n, total = projections.shape[0], losses.shape[0]
+    if total <= n:
+        return losses, projections
+    return losses[-n:], projections * (total / n) if loss_reduction == "mean" else projections
 
 
 def _curvature_options(options) -> Dict[str, Any]:
@@ -572,7 +585,10 @@ class Monitor:
       quantity: a due step s is the start point (θ_s is copied when the hooks are armed for it),
       step s + 1 its end point (the hooks are armed for it too), and ``alpha`` is recorded with
       step s + 1's record, the α of the update made at step s. Needs the per-sample ``losses`` at
-      both steps; from the per-sample hooks (``per_sample_options`` apply). See
+      both steps (with gradient accumulation, every micro-batch's, as a list or concatenated:
+      alpha, like the hooks, describes the last micro-batch, the backpropagated loss being the
+      mean of all of them under ``loss_reduction="mean"``, as when each micro-batch's mean loss is
+      divided by their number); from the per-sample hooks (``per_sample_options`` apply). See
       :mod:`trainscope.alpha`.
     - ``curvature`` (off): the curvature family of SPEC.md §6 (``curvature/hess_max_ev``,
       ``curvature/hess_trace`` with ``curvature/hess_trace_stderr`` when estimated,
