@@ -8,7 +8,8 @@ parameters and, by default, logs every parameter metric (globally and per tensor
 gradient histogram at every optimizer step. Scalars reach every logger of the trainer through
 ``log_metrics`` as ``<prefix>/<metric>`` and ``<prefix>/<metric>/<parameter name>``; histograms
 reach TensorBoard loggers as real histograms (``add_histogram_raw``). The per-sample gradient
-statistics and the representation metrics are off by default; give them a schedule to turn them on.
+statistics and histograms, the gradient variance, alpha, the curvature and the representation
+metrics are off by default; give them a schedule to turn them on.
 :class:`ParamMetricsCallback`, :class:`HistogramCallback`, :class:`PerSampleStatsCallback` and
 :class:`RepresentationCallback` are the same callback with one family each.
 
@@ -52,7 +53,9 @@ and, when ``fit`` ends by an exception, in ``on_exception``, before the loggers 
 
 Checkpoints: the callbacks save θ₀ and θ_prev (a copy of the trainable parameters each) and
 pending requests in Lightning checkpoints (``state_dict``), so a run resumed with
-``fit(ckpt_path=...)`` continues its ``distance`` and ``update_size`` curves. With
+``fit(ckpt_path=...)`` continues its ``distance`` and ``update_size`` curves (alpha's pending start,
+a due step whose end point is the next step, is not saved: a run resumed between the two records
+no alpha for it). With
 ``checkpoint_param_copies=False`` the copies are left out: checkpoints cost nothing extra, and a
 resumed run measures ``distance`` from the parameters it resumes from (as does a resumed FSDP
 run, whose shards are never copied: Lightning keeps rank 0's callback state only). The Monitor is built in
@@ -85,7 +88,9 @@ except ImportError as e:  # pragma: no cover  (depends on the environment)
 
 from . import RepresentationProbe
 from ._args import check_bool, check_hist_axis, check_int
-from .monitor import BUILTIN_METRICS, PER_SAMPLE_KEY, Monitor, Quantity, _spec, at_steps, every
+from .monitor import (ALPHA_KEY, BUILTIN_METRICS, CURVATURE_KEY, GRAD_VARIANCE_KEY, PER_SAMPLE_HIST_KEY,
+                      PER_SAMPLE_KEY, Monitor, Quantity, _cabs_lr, _curvature_options, _per_sample_options, _spec,
+                      at_steps, every)
 from .representation import _batch_examples, _cut_batch, _loader_first_batch
 from .tensorboard_sink import histogram_summary
 
@@ -162,6 +167,14 @@ def every_n_epochs(k: int, start: int = 0, at: str = "start") -> EpochSchedule:
     return EpochSchedule(k, start, at, "every_n_epochs")
 
 
+def _same(a, b) -> bool:
+    """Whether two option values agree (modules compare by identity)."""
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # noqa: BLE001  (values without a plain ==)
+        return False
+
+
 def _is_epoch(schedule) -> bool:
     return isinstance(schedule, EpochSchedule)
 
@@ -174,6 +187,28 @@ def _on(schedule, arg: str) -> bool:
 def _enabled(schedule, arg: str) -> bool:
     """Whether a family's schedule turns it on; a schedule that is not one is an error naming `arg`."""
     return _on(schedule, arg)
+
+
+def _step_only(schedule, arg: str):
+    """A family measured at optimizer steps alone (it needs the step's own forward and backward
+    pass, or its batch): its schedule, None when off; an epoch schedule is an error naming `arg`."""
+    if _is_epoch(schedule):
+        raise ValueError(f"{_CALLER}: {arg} is an epoch schedule ({schedule!r}), but {arg} is measured at optimizer "
+                         "steps only (from the step's own batch): give it a step schedule (trainscope.every(k), ...)")
+    return schedule if _enabled(schedule, arg) else None
+
+
+def _sgd_for_cabs(trainer) -> Optional[torch.optim.Optimizer]:
+    """The trainer's optimizer when cabs is defined for it (one SGD without momentum, weight decay
+    or nesterov, one learning rate), else None: cabs is then not recorded."""
+    optimizers = list(getattr(trainer, "optimizers", None) or ())
+    if len(optimizers) != 1:
+        return None
+    try:
+        _cabs_lr(optimizers[0])
+    except (TypeError, ValueError):
+        return None
+    return optimizers[0]
 
 
 def _step_schedule(schedule):
@@ -256,6 +291,30 @@ class TrainscopeCallback(Callback):
       removed when it ends.
       Every trainable layer must be one of ``trainscope.SUPPORTED_LAYERS`` unless ``per_sample_layers`` names a
       subset. With gradient accumulation they describe the step's last micro-batch.
+    - ``per_sample_hist`` (off): the per-sample gradient histogram ``<prefix>/per_sample_grad_hist1d``
+      (to TensorBoard loggers); with ``per_sample_options={"hist2d": True}`` also
+      ``per_sample_grad_hist2d``, which reaches ``sinks`` only (TensorBoard has no 2-D histograms).
+    - ``per_sample_options``: the Monitor's (``layers``, ``loss_reduction``, ``method``,
+      ``on_unsupported``, ``nbins``, ``maxval``, ``hist2d``, ...), for every family from the
+      per-sample hooks. ``per_sample_layers`` and ``per_sample_loss_reduction`` go into it; one
+      given both ways with different values is an error naming both.
+    - ``grad_variance`` (off): ``<prefix>/grad_variance/mean_gsnr``, ``early_stopping`` and
+      ``cabs`` (per tensor too with ``per_tensor``), from the same hooks. cabs is recorded only when
+      the trainer has one optimizer, a ``torch.optim.SGD`` without momentum, weight decay or
+      nesterov (one learning rate, read at each due step); with any other (Adam, ...) cabs is
+      simply not recorded, and mean_gsnr and early_stopping are.
+    - ``alpha`` (off): the normalised step length ``<prefix>/alpha`` of the update made at a due
+      step, recorded with the next step. It needs the batch's per-sample losses:
+      ``training_step`` returns them under ``losses_key`` (``{"loss": losses.mean(), "losses":
+      losses}``); without them a due step is an error saying so.
+    - ``curvature`` (off): ``<prefix>/curvature/hess_max_ev``, ``hess_trace`` (and
+      ``hess_trace_stderr``), ``tic_diag``, ``tic_trace``, with ``curvature_options`` (``which``,
+      ``method``, ``samples``, ...) as in :class:`trainscope.Monitor`. It needs
+      ``curvature_loss(pl_module, batch)``, which recomputes the batch's per-sample losses [B]
+      (a mean loss gives the Hessian quantities alone) by a fresh forward pass: the callback calls
+      it only on due steps, after the optimizer step (at the updated parameters), with grad
+      enabled and the module as training left it (train mode); without it ``curvature`` is an
+      error at construction.
     - ``representation`` (off): dead units and rank measures of the activation layers on
       ``probe_inputs``, ``<prefix>/representation/<metric>[/<layer>]``: ``"val"``, the first
       ``num_examples`` (default 2,000) examples of the trainer's first validation dataloader
@@ -270,7 +329,18 @@ class TrainscopeCallback(Callback):
       batch_size, weights, ...). The probe runs after the step's update (or at the epoch boundary),
       in eval mode and under no_grad.
 
-    Each family's schedule may instead be an epoch schedule (:func:`at_epoch_start`,
+    ``per_sample_hist``, ``grad_variance``, ``alpha`` and ``curvature`` are measured at optimizer
+    steps only (from the step's own batch): an epoch schedule for them is an error naming the
+    argument. With gradient accumulation they describe the step's last micro-batch
+    (``curvature_loss`` gets that batch), as the per-sample statistics do. The hooks see the
+    gradients of the loss Lightning backpropagates, divided by ``accumulate_grad_batches``: values
+    with a scale (the per-sample ``grad_variance_trace`` and ``grad_sq_norm_unbiased``, the
+    histograms, cabs) are those of the divided gradients; the tests, mean_gsnr, early_stopping and
+    alpha (rescaled by the Monitor) are not. ``trainscope.cockpit_configuration(label)`` gives
+    these arguments for Cockpit's configurations:
+    ``TrainscopeCallback(**trainscope.cockpit_configuration("full"), curvature_loss=...)``.
+
+    Every other family's schedule may instead be an epoch schedule (:func:`at_epoch_start`,
     :func:`at_epoch_end`, :func:`every_n_epochs`): see the module docs for when it runs and at
     which step number it is logged. ``grad_hist`` at the start of epochs is refused (no gradients
     exist there).
@@ -300,7 +370,10 @@ class TrainscopeCallback(Callback):
                  nbins: int = 100, maxval: float = 0.05, weights_matrices_only: bool = False,
                  track_init: bool = True, track_prev: bool = True,
                  per_sample=None, per_sample_layers: Optional[Sequence] = None,
-                 per_sample_loss_reduction: str = "mean",
+                 per_sample_loss_reduction: Optional[str] = None, per_sample_hist=None,
+                 per_sample_options: Optional[Mapping[str, Any]] = None, grad_variance=None, alpha=None,
+                 curvature=None, curvature_options: Optional[Mapping[str, Any]] = None,
+                 curvature_loss: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
                  representation=None, probe_inputs=None, probe_options: Optional[Mapping[str, Any]] = None,
                  probe_forward: Optional[Callable[[nn.Module, Any], Any]] = None,
                  num_examples: Optional[int] = None, metrics: Optional[Mapping[str, Any]] = None,
@@ -313,6 +386,20 @@ class TrainscopeCallback(Callback):
             raise ValueError(f"{_CALLER}: grad_hist is at the start of epochs, where no gradients exist: it would "
                              "never be measured; use at_epoch_end() or a step schedule")
         self.per_sample = per_sample if _enabled(per_sample, "per_sample") else None
+        self.per_sample_hist = _step_only(per_sample_hist, "per_sample_hist")
+        self.grad_variance = _step_only(grad_variance, "grad_variance")
+        self.alpha = _step_only(alpha, "alpha")
+        self.curvature = _step_only(curvature, "curvature")
+        if curvature_loss is not None and not callable(curvature_loss):
+            raise TypeError(f"{_CALLER}: curvature_loss must be a callable(pl_module, batch) returning the batch's "
+                            f"per-sample losses, got {type(curvature_loss).__name__}")
+        if self.curvature is not None and curvature_loss is None:
+            raise ValueError(f"{_CALLER}: curvature needs curvature_loss, a callable(pl_module, batch) returning the "
+                             "batch's per-sample losses from a fresh forward pass")
+        self.curvature_loss = curvature_loss
+        self.curvature_options = dict(curvature_options) if isinstance(curvature_options, Mapping) \
+            else curvature_options
+        _curvature_options(curvature_options)  # checked now: an error naming curvature_options
         self.representation = representation if _enabled(representation, "representation") else None
         self.metrics = _check_metrics(metrics)
         if self.representation is not None and probe_inputs is None:
@@ -323,7 +410,7 @@ class TrainscopeCallback(Callback):
         if probe_forward is not None and not callable(probe_forward):
             raise TypeError(f"{_CALLER}: probe_forward must be a callable(module, batch), "
                             f"got {type(probe_forward).__name__}")
-        if per_sample_loss_reduction not in ("mean", "sum"):
+        if per_sample_loss_reduction not in (None, "mean", "sum"):
             raise ValueError(f"{_CALLER}: per_sample_loss_reduction must be 'mean' or 'sum', "
                              f"got {per_sample_loss_reduction!r}")
         if probe_options is not None and not isinstance(probe_options, Mapping):
@@ -333,6 +420,8 @@ class TrainscopeCallback(Callback):
                 raise TypeError(f"{_CALLER}: {name} must be a string, got {type(value).__name__}")
         self.per_tensor = check_bool(per_tensor, "per_tensor", _CALLER)
         self.nbins, self.maxval = check_hist_axis(nbins, maxval, caller=_CALLER)
+        self.per_sample_options = self._merge_per_sample_options(per_sample_options, per_sample_layers,
+                                                                 per_sample_loss_reduction, self.nbins, self.maxval)
         self.weights_matrices_only = check_bool(weights_matrices_only, "weights_matrices_only", _CALLER)
         # θ₀ and θ_prev are a copy of the parameters each: keep them only for the metrics using them
         # (update_size and update_ratio are measured at optimizer steps only).
@@ -341,9 +430,11 @@ class TrainscopeCallback(Callback):
         self.track_prev = check_bool(track_prev, "track_prev", _CALLER) and any(
             on[n] and not _is_epoch(self._metric_schedule(n)) for n in _UPDATE_METRICS)
         self._loss_on = on["loss"]
+        # The step's losses reach the Monitor for the loss metric, and for alpha and cabs.
+        self._collect = self._loss_on or self.alpha is not None or self.grad_variance is not None
         self.checkpoint_param_copies = check_bool(checkpoint_param_copies, "checkpoint_param_copies", _CALLER)
-        self.per_sample_layers = per_sample_layers
-        self.per_sample_loss_reduction = per_sample_loss_reduction
+        self.per_sample_layers = self.per_sample_options.get("layers")
+        self.per_sample_loss_reduction = self.per_sample_options.get("loss_reduction", "mean")
         self.probe_inputs = probe_inputs
         self.probe_options = dict(probe_options or {})
         self.probe_forward = probe_forward
@@ -368,6 +459,10 @@ class TrainscopeCallback(Callback):
         self.losses_key = losses_key
         self.ring_slots = check_int(ring_slots, "ring_slots", _CALLER, low=1)
         keys = [q.key for q, _ in self.quantities] + [k for k, on in ((PER_SAMPLE_KEY, self.per_sample),
+                                                                      (PER_SAMPLE_HIST_KEY, self.per_sample_hist),
+                                                                      (GRAD_VARIANCE_KEY, self.grad_variance),
+                                                                      (ALPHA_KEY, self.alpha),
+                                                                      (CURVATURE_KEY, self.curvature),
                                                                       (REPRESENTATION_KEY, self.representation))
                                                       if on is not None]
         if len(set(keys)) != len(keys):
@@ -377,6 +472,7 @@ class TrainscopeCallback(Callback):
         self._trainer = None
         self._seen_global_step = 0
         self._losses: List[torch.Tensor] = []
+        self._losses_per_sample = True                     # every micro-batch gave per-sample losses
         self._last_losses: Optional[torch.Tensor] = None   # the latest step's, for the end of the epoch
         self._epoch_start_step: Optional[int] = None       # trainer.global_step when the epoch started
         self._per_sample_epoch: Optional[str] = None       # "start"/"end": per_sample due at an epoch's step
@@ -390,6 +486,24 @@ class TrainscopeCallback(Callback):
     def state_key(self) -> str:
         # Two callbacks of one class with different prefixes keep apart in a checkpoint.
         return self._generate_state_key(prefix=self.prefix)
+
+    @staticmethod
+    def _merge_per_sample_options(options, layers, loss_reduction, nbins, maxval) -> Dict[str, Any]:
+        """``per_sample_options`` with ``per_sample_layers`` and ``per_sample_loss_reduction`` in
+        it, checked (the Monitor's rules); one given both ways, differently, is an error naming both."""
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"{_CALLER}: per_sample_options must be a dict, got {type(options).__name__}")
+        out = dict(options or {})
+        for value, key, arg in ((layers, "layers", "per_sample_layers"),
+                                (loss_reduction, "loss_reduction", "per_sample_loss_reduction")):
+            if value is None:
+                continue
+            if key in out and out[key] is not None and not _same(out[key], value):
+                raise ValueError(f"{_CALLER}: {arg}={value!r} and per_sample_options[{key!r}]={out[key]!r} "
+                                 f"disagree; give one of them")
+            out[key] = value
+        _per_sample_options(out, nbins, maxval)  # checked now: an error naming the entry
+        return out
 
     def _metric_schedule(self, name: str):
         """The schedule of one parameter metric: its entry of ``metrics``, else ``param_metrics``."""
@@ -406,9 +520,17 @@ class TrainscopeCallback(Callback):
         if self.metrics:
             kwargs["metrics"] = {n: _step_schedule(s) for n, s in self.metrics.items()}
         if self.per_sample is not None:
-            kwargs.update(per_sample=_step_schedule(self.per_sample),
-                          per_sample_options={"layers": self.per_sample_layers,
-                                              "loss_reduction": self.per_sample_loss_reduction})
+            kwargs["per_sample"] = _step_schedule(self.per_sample)
+        for key, schedule in ((PER_SAMPLE_HIST_KEY, self.per_sample_hist), (GRAD_VARIANCE_KEY, self.grad_variance),
+                              (ALPHA_KEY, self.alpha)):
+            if schedule is not None:
+                kwargs[key] = schedule
+        if any(s is not None for s in (self.per_sample, self.per_sample_hist, self.grad_variance, self.alpha)):
+            kwargs["per_sample_options"] = self.per_sample_options
+        if self.grad_variance is not None:
+            kwargs["optimizer"] = _sgd_for_cabs(trainer)  # None: cabs is not recorded
+        if self.curvature is not None:
+            kwargs.update(curvature=self.curvature, curvature_options=self.curvature_options)
         monitor = Monitor(pl_module, param_metrics=_step_schedule(self.param_metrics) or False,
                           grad_hist=_step_schedule(self.grad_hist) or False, nbins=self.nbins, maxval=self.maxval,
                           per_tensor=self.per_tensor, weights_matrices_only=self.weights_matrices_only,
@@ -507,6 +629,7 @@ class TrainscopeCallback(Callback):
         self._seen_global_step = trainer.global_step
         self._epoch_start_step = trainer.global_step  # resumed mid-epoch: the steps from here
         self._losses = []
+        self._losses_per_sample = True
         self._last_losses = None
         self._per_sample_epoch = None
         self._kept_state = None
@@ -563,17 +686,38 @@ class TrainscopeCallback(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.monitor is None:
             return
-        if self._loss_on:
+        if self._collect:
             self._collect_losses(trainer, pl_module, outputs)
         if trainer.global_step == self._seen_global_step:
             return  # gradients are accumulating: no optimizer step in this batch
         self._seen_global_step = trainer.global_step
+        step = trainer.global_step - 1
         losses = None
         if self._losses:
             losses = torch.cat(self._losses)
             self._losses = []
+        per_sample_losses = self._losses_per_sample and losses is not None
+        self._losses_per_sample = True
+        if self.alpha is not None and not per_sample_losses and self.monitor.due(ALPHA_KEY, step):
+            raise ValueError(f"{_CALLER}: alpha is due at step {step} and needs the batch's per-sample losses: "
+                             f"return them from training_step, e.g. {{'loss': losses.mean(), "
+                             f"{self.losses_key!r}: losses}} (losses_key)")
         self._last_losses = losses
-        self.monitor.step(trainer.global_step - 1, losses=losses)
+        extras = {}
+        if self.curvature is not None:
+            extras["closure"] = self._closure(pl_module, batch)
+        self.monitor.step(step, losses=losses, **extras)
+
+    def _closure(self, pl_module, batch) -> Callable[[], torch.Tensor]:
+        """The curvature family's closure: curvature_loss on the step's (last micro-)batch, called
+        by the Monitor on due steps alone, at the updated parameters, with grad enabled."""
+        loss_fn = self.curvature_loss
+
+        def closure():
+            with torch.enable_grad():
+                return loss_fn(pl_module, batch)
+
+        return closure
 
     def _last_step_of_epoch(self, trainer, batch_idx: int) -> bool:
         """Whether this batch takes the epoch's last optimizer step: the epoch's last batch, or a
@@ -718,6 +862,7 @@ class TrainscopeCallback(Callback):
             loss = outputs.get("loss")
         else:
             loss = outputs
+        self._losses_per_sample = False  # a mean loss, or none
         if isinstance(loss, torch.Tensor):
             loss = loss.detach().reshape(-1)
             if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
@@ -800,7 +945,7 @@ class HistogramCallback(TrainscopeCallback):
 class PerSampleStatsCallback(TrainscopeCallback):
     """The per-sample gradient statistics alone (every 10 steps unless told otherwise)."""
 
-    def __init__(self, schedule=every(10), *, layers: Optional[Sequence] = None, loss_reduction: str = "mean",
+    def __init__(self, schedule=every(10), *, layers: Optional[Sequence] = None, loss_reduction: Optional[str] = None,
                  prefix: str = "trainscope", **kwargs):
         super().__init__(param_metrics=None, grad_hist=None, per_sample=schedule, per_sample_layers=layers,
                          per_sample_loss_reduction=loss_reduction, prefix=prefix, **kwargs)

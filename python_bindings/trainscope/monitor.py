@@ -421,16 +421,29 @@ class _AlphaQuantity(Quantity):
         losses = ctx.losses.detach().reshape(-1).to(torch.float64)
         out = {}
         if self._direction is not None and self._tracker.is_end(ctx.step):
-            value = self._tracker.end(ctx.step, losses, hooks.projections(self._direction))
+            value = self._tracker.end(ctx.step, *_captured_point(losses, hooks.projections(self._direction),
+                                                                 hooks.loss_reduction))
             if value is not None:
                 out[""] = value.alpha
         self._direction = None
         if theta is not None and monitor._m.due(ALPHA_KEY, ctx.step):
             d = {n: p.detach() - theta[n] for n, p in zip(monitor.names, monitor.params)}
             sq = functools.reduce(torch.add, [t.to(torch.float64).square().sum() for t in d.values()])
-            if self._tracker.start(ctx.step, losses, hooks.projections(d), sq):
+            if self._tracker.start(ctx.step, *_captured_point(losses, hooks.projections(d), hooks.loss_reduction),
+                                   sq):
                 self._direction = d
         return out
+
+
+def _captured_point(losses: torch.Tensor, projections: torch.Tensor, loss_reduction: str):
+    """(losses, projections) of the samples the hooks captured. With the losses of several
+    micro-batches (gradient accumulation), those of the last one, whose forward pass the hooks
+    hold; under "mean" the loss backpropagated is the mean of all N losses, so the hooks' ∇ℓᵢ
+    (scaled back by the micro-batch's n) are rescaled by N / n."""
+    n, total = projections.shape[0], losses.shape[0]
+    if total <= n:
+        return losses, projections
+    return losses[-n:], projections * (total / n) if loss_reduction == "mean" else projections
 
 
 def _curvature_options(options) -> Dict[str, Any]:
@@ -483,9 +496,19 @@ class _CurvatureQuantity(Quantity):
             return {}
         o, params = self._o, [p for p in self._monitor.layout.originals if p.requires_grad]
         generator = torch.Generator(device=params[0].device).manual_seed(o["seed"] + ctx.step)
-        with torch.enable_grad():
-            c = curvature_stats(closure, params, which=o["which"], method=o["method"], samples=o["samples"],
-                                max_iter=o["max_iter"], max_params=o["max_params"], generator=generator)
+        # The closure's forward pass is not the step's: armed per-sample hooks would take it for a
+        # new step and drop the capture the per-sample families of this step read.
+        hooks = self._monitor.per_sample_hooks
+        armed = hooks is not None and hooks.enabled
+        if armed:
+            hooks.enabled = False
+        try:
+            with torch.enable_grad():
+                c = curvature_stats(closure, params, which=o["which"], method=o["method"], samples=o["samples"],
+                                    max_iter=o["max_iter"], max_params=o["max_params"], generator=generator)
+        finally:
+            if armed:
+                hooks.enabled = True
         out = {}
         for name in ("hess_max_ev", "hess_trace", "tic_diag", "tic_trace"):
             value = c[name]
@@ -562,7 +585,10 @@ class Monitor:
       quantity: a due step s is the start point (θ_s is copied when the hooks are armed for it),
       step s + 1 its end point (the hooks are armed for it too), and ``alpha`` is recorded with
       step s + 1's record, the α of the update made at step s. Needs the per-sample ``losses`` at
-      both steps; from the per-sample hooks (``per_sample_options`` apply). See
+      both steps (with gradient accumulation, every micro-batch's, as a list or concatenated:
+      alpha, like the hooks, describes the last micro-batch, the backpropagated loss being the
+      mean of all of them under ``loss_reduction="mean"``, as when each micro-batch's mean loss is
+      divided by their number); from the per-sample hooks (``per_sample_options`` apply). See
       :mod:`trainscope.alpha`.
     - ``curvature`` (off): the curvature family of SPEC.md §6 (``curvature/hess_max_ev``,
       ``curvature/hess_trace`` with ``curvature/hess_trace_stderr`` when estimated,

@@ -494,3 +494,32 @@ def test_opcheck():
                      (ops.fit_quadratic.default, (torch.rand(5, dtype=torch.float64) + 0.1, *pairs)),
                      (ops.alpha_from_fit.default, (torch.randn(5, 3, generator=g, dtype=torch.float64), t))]:
         torch.library.opcheck(op, args)
+
+
+def test_monitor_alpha_with_micro_batch_losses_describes_the_last_micro_batch():
+    """Gradient accumulation: step() gets the losses of both micro-batches; the hooks hold the
+    last one's forward pass, and α is that of the last micro-batches of the two steps."""
+    import trainscope
+
+    batches = _batches(4)  # two steps of two micro-batches
+    model = _net()
+    opt = _optimizer("sgd", model.parameters())
+    records, thetas = [], []
+    mon = trainscope.Monitor(model, param_metrics=False, grad_hist=False, alpha=trainscope.at_steps([0]),
+                             sinks=[records.append])
+    for step in range(2):
+        thetas.append(_snapshot(model))
+        opt.zero_grad()
+        parts = []
+        for x, y in batches[2 * step:2 * step + 2]:
+            losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+            (losses.mean() / 2).backward()
+            parts.append(losses.detach())
+        opt.step()
+        mon.step(step, parts)
+    thetas.append(_snapshot(model))
+    mon.flush()
+    mon.close()
+    (got,) = [r.scalars["alpha"] for r in records if "alpha" in r.scalars]
+    p0, p1, _, _ = _points(thetas[0], thetas[1], batches[1], batches[3])
+    assert got == pytest.approx(float(alpha_from_points(p0, p1)), rel=1e-9, abs=1e-12)

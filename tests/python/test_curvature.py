@@ -554,3 +554,36 @@ def test_monitor_calls_the_closure_on_due_steps_only_and_records_the_family():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mon.measure_now(5)  # curvature only when named
+
+
+def test_monitor_closure_leaves_the_per_sample_capture_of_the_step_alone():
+    # The closure's forward pass runs while the per-sample hooks are armed for the step: the
+    # per-sample families of that step still describe the training batch, not the closure's.
+    import trainscope
+
+    def run(curvature):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        records = []
+        mon = trainscope.Monitor(model, param_metrics=False, grad_hist=False, per_tensor=False, per_sample=True,
+                                 grad_variance=True, alpha=True, curvature=curvature, sinks=[records.append])
+        g = torch.Generator().manual_seed(1)
+        for step in range(3):
+            x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+            losses.mean().backward()
+            opt.step()
+            mon.step(step, losses.detach(),
+                     closure=lambda x=x, y=y: torch.nn.functional.cross_entropy(model(x), y, reduction="none"))
+        mon.flush()
+        mon.close()
+        return [{k: v for k, v in r.scalars.items() if not k.startswith("curvature/")} for r in records]
+
+    without, with_closure = run(False), run(True)
+    assert "alpha" in without[1] and "per_sample/norm_test" in without[0]
+    for a, b in zip(without, with_closure):
+        assert b.keys() == a.keys()
+        for name, value in a.items():
+            assert b[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
