@@ -22,10 +22,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="the small 3c3d of bench_monitor --quick")
+    p.add_argument("--quick", action="store_true", help="the small 3c3d of bench_monitor --quick, batch 16, 2 repeats")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table for grad_hist1d")
     p.add_argument("--json", metavar="OUT.json", help="write the times and the check here")
     args = p.parse_args(argv)
+    if args.quick:  # the smoke run of the GPU check's dry run: seconds
+        args.batch, args.repeats = min(args.batch, 16), min(args.repeats, 2)
 
     import torch
     import torch.nn.functional as F
