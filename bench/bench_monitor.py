@@ -597,6 +597,10 @@ def fmt_ms(x):
     return f"{x:.3f}" if x < 1000 else f"{x:.0f}"
 
 
+def fmt_overhead(x):
+    return f"{x:+.3f}" if abs(x) < 1000 else f"{x:+.0f}"
+
+
 def print_table(rows, device, args):
     head = (f"{'model':>6} {'params':>12} {'plain ms':>10} {'trainscope ms':>13} {'ratio':>7} "
             f"{'cockpit ms':>10} {'cockpit x':>9}  verify")
@@ -632,12 +636,12 @@ def print_table(rows, device, args):
         for r in timed:
             for label, e in r["configs"].items():
                 ts, ck = e["trainscope"], e["cockpit"]
-                t_ms, t_over = ((fmt_ms(ts["median_ms"]), f"{ts['overhead_ms']:+.3f}") if ts["status"] == "ok"
+                t_ms, t_over = ((fmt_ms(ts["median_ms"]), fmt_overhead(ts["overhead_ms"])) if ts["status"] == "ok"
                                 else ("-", "-"))
-                c_ms, c_over = ((fmt_ms(ck["median_ms"]), f"{ck['overhead_ms']:+.3f}") if ck["status"] == "ok"
+                c_ms, c_over = ((fmt_ms(ck["median_ms"]), fmt_overhead(ck["overhead_ms"])) if ck["status"] == "ok"
                                 else ("-", "-"))
                 f = e.get("overhead_factor")
-                factor = f"{f:.1f}x" if f is not None else ("inf" if "overhead_factor" in e else "-")
+                factor = f"{f:.2f}x" if f is not None else ("inf" if "overhead_factor" in e else "-")
                 ver = ("ok" if ts["verify"]["ok"] else "FAILED") if "verify" in ts else "-"
                 print(f"{r['model']:>6} {label:>8} {r['plain']['median_ms']:>10.3f} {t_ms:>13} {t_over:>10} "
                       f"{c_ms:>10} {c_over:>10} {factor:>10}  {ver}")
@@ -668,12 +672,12 @@ def print_table(rows, device, args):
             ts, ck = e["trainscope"], e["cockpit"]
             nums = []
             if ts["status"] == "ok":
-                nums.append(f"trainscope {ts['overhead_ms']:+.3f} ms")
+                nums.append(f"trainscope {fmt_overhead(ts['overhead_ms'])} ms")
             if ck["status"] == "ok":
-                nums.append(f"Cockpit {ck['overhead_ms']:+.3f} ms")
+                nums.append(f"Cockpit {fmt_overhead(ck['overhead_ms'])} ms")
             if "overhead_factor" in e:
                 f = e["overhead_factor"]
-                nums.append(f"{f:.1f}x smaller" if f is not None else "trainscope's within noise")
+                nums.append(f"Cockpit/trainscope {f:.2f}x" if f is not None else "trainscope's within noise")
             if label in CURVATURE_CONFIGS and args.curvature_samples is not None and ts["status"] == "ok":
                 nums.append(f"{args.curvature_samples} probes ({args.curvature_samples_from})")
             verdict = e["goal"] + (f" ({e['goal_why']})" if e["goal_why"] else "")
