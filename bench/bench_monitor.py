@@ -35,8 +35,10 @@ Run ``python bench/bench_monitor.py --help``; bench/README.md explains the outpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
+import math
 import os
 import sys
 import traceback
@@ -54,6 +56,15 @@ METRICS = ("loss", "grad_norm", "grad_magnitude", "weight_magnitude", "distance"
            "nonfinite_count")
 PER_TENSOR = ("grad_norm", "grad_magnitude", "weight_magnitude", "distance", "update_size")
 CHECK_RTOL = 1e-4
+#: Cockpit's configurations, least to most expensive; the last two hold the curvature family.
+CONFIGS = ("economy", "business", "full")
+CURVATURE_CONFIGS = ("business", "full")
+#: Goal per configuration, on a GPU: Cockpit's overhead (step - plain step) / trainscope's.
+GOAL_OVERHEAD_FACTOR = 5.0
+#: trainscope's default number of Hutchinson probes (curvature_options["samples"]).
+DEFAULT_CURVATURE_SAMPLES = 100
+#: Agreement of the configurations' first-step per-sample statistics (GPU kernels may differ in rounding).
+CONSISTENCY_RTOL = 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,21 +105,26 @@ def make_gpt(torch, nn, n_layer, d, n_head, vocab, ctx):
             self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
             self.h = nn.ModuleList(Block() for _ in range(n_layer))
             self.ln_f = nn.LayerNorm(d)
+            self.lm_head = nn.Linear(d, vocab, bias=False)
             for p in self.parameters():
                 if p.dim() >= 2:
                     nn.init.normal_(p, std=0.02)
+            self.lm_head.weight = self.wte.weight  # tied
 
         def forward(self, idx):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            B, T = idx.shape
+            # Positions expanded to [B, T]: every layer sees the batch (per-sample hooks need it).
+            x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device).expand(B, T))
             for block in self.h:
                 x = block(x)
-            return F.linear(self.ln_f(x), self.wte.weight)  # tied LM head
+            return self.lm_head(self.ln_f(x))
 
     return GPT()
 
 
 def build_workload(torch, name, args, device):
-    """(model, batches, per-sample loss fn(model, batch) -> [B], description)."""
+    """(model, batches, per-sample loss fn(model, batch) -> [B], description, outputs fn(model,
+    batch) -> (logits [N, C], targets [N]) whose mean cross-entropy is the mean per-sample loss)."""
     nn = torch.nn
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     torch.manual_seed(args.seed)
@@ -118,9 +134,11 @@ def build_workload(torch, name, args, device):
         batches = [(torch.randn(B, 3, 32, 32, generator=gen).to(device),
                     torch.randint(0, 10, (B,), generator=gen).to(device)) for _ in range(4)]
 
+        def outputs(m, batch):
+            return m(batch[0]), batch[1]
+
         def per_sample_loss(m, batch):
-            x, y = batch
-            return torch.nn.functional.cross_entropy(m(x), y, reduction="none")
+            return torch.nn.functional.cross_entropy(*outputs(m, batch), reduction="none")
 
         desc = {"input": [B, 3, 32, 32], "batch": B, "classes": 10}
     else:
@@ -130,17 +148,18 @@ def build_workload(torch, name, args, device):
         model = make_gpt(torch, nn, n_layer, d, n_head, vocab, T)
         batches = [torch.randint(0, vocab, (B, T + 1), generator=gen).to(device) for _ in range(4)]
 
+        def outputs(m, batch):
+            return m(batch[:, :-1]).reshape(-1, vocab).float(), batch[:, 1:].reshape(-1)
+
         def per_sample_loss(m, batch):
-            logits = m(batch[:, :-1])
-            tok = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab).float(), batch[:, 1:].reshape(-1),
-                                                    reduction="none")
+            tok = torch.nn.functional.cross_entropy(*outputs(m, batch), reduction="none")
             return tok.view(batch.shape[0], -1).mean(1)
 
         desc = {"n_layer": n_layer, "d_model": d, "n_head": n_head, "vocab": vocab, "seq_len": T, "batch": B}
     model = model.to(device)
     desc["parameters"] = sum(p.numel() for p in model.parameters())
     desc["tensors"] = sum(1 for _ in model.parameters())
-    return model, batches, per_sample_loss, desc
+    return model, batches, per_sample_loss, desc, outputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +220,7 @@ def check_records(torch, records, model, names, expect_steps):
 
 
 # ---------------------------------------------------------------------------------------------
-# Cockpit's economy configuration.
+# Cockpit's configurations, and trainscope's equivalents (trainscope.cockpit_configuration).
 
 def cockpit_available():
     try:
@@ -219,23 +238,30 @@ def cockpit_available():
         return True, "unknown"
 
 
-def make_cockpit_step(torch, model, per_sample_loss, args):
-    """One training step under Cockpit's economy configuration (its basic example's loop)."""
+def make_cockpit_step(torch, model, outputs, label="economy"):
+    """One training step under Cockpit's configuration ``label``, as its basic example's loop: the
+    model and the mean cross-entropy loss module extended by BackPACK (the second-order
+    extensions of HessTrace and TICDiag start from the loss module), the per-sample losses given
+    as information; the backward pass builds its graph where HessMaxEV is due."""
     from backpack import extend
     from cockpit import Cockpit
     from cockpit.utils.configuration import configuration
 
     model = extend(model)
+    lossfunc = extend(torch.nn.CrossEntropyLoss())
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)  # Alpha supports SGD only
-    cockpit = Cockpit(model.parameters(), quantities=configuration("economy"))
+    cockpit = Cockpit(model.parameters(), quantities=configuration(label))
     counter = itertools.count()
 
     def step(batch):
         global_step = next(counter)
         opt.zero_grad()
-        losses = per_sample_loss(model, batch)
-        loss = losses.mean()
-        info = {"batch_size": losses.shape[0], "individual_losses": losses, "loss": loss, "optimizer": opt}
+        logits, targets = outputs(model, batch)
+        loss = lossfunc(logits, targets)
+        B = batch[0].shape[0] if isinstance(batch, (tuple, list)) else batch.shape[0]
+        with torch.no_grad():  # values only (Alpha's variance of the losses)
+            losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none").view(B, -1).mean(1)
+        info = {"batch_size": B, "individual_losses": losses, "loss": loss, "optimizer": opt}
         with cockpit(global_step, info=info):
             loss.backward(create_graph=cockpit.create_graph(global_step))
         opt.step()
@@ -243,15 +269,186 @@ def make_cockpit_step(torch, model, per_sample_loss, args):
     return step
 
 
+def curvature_forward_context(torch, name):
+    """Where the curvature closure's forward pass runs: the attention of gpt2 on PyTorch's math
+    kernel, the one whose backward is differentiable again (the fused kernels' are not)."""
+    if name == "gpt2":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return lambda: sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext
+
+
+def monitor_kwargs(trainscope, label, args):
+    """trainscope.cockpit_configuration(label), with --curvature-samples when given."""
+    kw = trainscope.cockpit_configuration(label)
+    if "curvature" in kw and args.curvature_samples is not None:
+        kw["curvature_options"]["samples"] = args.curvature_samples
+    return kw
+
+
+def promised_names(trainscope, kw):
+    """(scalar names, histogram names) a record of a due step holds under the Monitor settings
+    ``kw`` of cockpit_configuration (alpha: from the second step on)."""
+    scalars = {m for m, s in kw.get("metrics", {}).items() if s}
+    if kw.get("per_sample"):
+        scalars |= {f"per_sample/{s}" for s in trainscope.PER_SAMPLE_STATS}
+    if kw.get("alpha"):
+        scalars.add("alpha")
+    if kw.get("curvature"):
+        scalars |= {f"curvature/{w}" for w in kw["curvature_options"]["which"]}
+    hists = set()
+    if kw.get("per_sample_hist"):
+        hists.add("per_sample_grad_hist1d")
+        if kw.get("per_sample_options", {}).get("hist2d"):
+            hists.add("per_sample_grad_hist2d")
+    return scalars, hists
+
+
+def make_config_step(torch, trainscope, model, per_sample_loss, label, args, device, name):
+    """One training step followed by ``monitor.step`` with trainscope's equivalent of Cockpit's
+    configuration ``label``; returns (step, monitor, delivered records, the Monitor's kwargs)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    records = []
+    kw = monitor_kwargs(trainscope, label, args)
+    monitor = trainscope.Monitor(model, sinks=[records.append], **kw)
+    counter = itertools.count()
+    amp = args.amp == "bf16"
+    forward_context = curvature_forward_context(torch, name)
+
+    def closure_for(batch):
+        def closure():
+            # The per-sample hooks must not capture the closure's forward pass (and the curvature's
+            # backward passes through it): they hold this step's training pass, which the
+            # per-sample statistics and alpha are measured from after the curvature family.
+            hooks = monitor.per_sample_hooks
+            armed = hooks.enabled
+            hooks.enabled = False
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), forward_context():
+                    return per_sample_loss(model, batch)
+            finally:
+                hooks.enabled = armed
+        return closure
+
+    curvature = "curvature" in kw
+
+    def step(batch):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = per_sample_loss(model, batch)
+        losses.mean().backward()
+        opt.step()
+        if curvature:
+            monitor.step(next(counter), losses.detach(), closure=closure_for(batch))
+        else:
+            monitor.step(next(counter), losses.detach())
+
+    return step, monitor, records, kw
+
+
+def check_config_records(trainscope, records, kw, expect_steps):
+    """Every name cockpit_configuration promises is in the records (alpha from step 1 on)."""
+    problems = []
+    if [r.step for r in records] != list(expect_steps):
+        problems.append(f"records for steps {[r.step for r in records]}, expected {list(expect_steps)}")
+    if not records:
+        return problems
+    scalars, hists = promised_names(trainscope, kw)
+    last = records[-1]
+    missing = sorted(scalars - set(last.scalars)) + sorted(hists - set(last.histograms))
+    if missing:
+        problems.append(f"missing at step {last.step}: {missing}")
+    return problems
+
+
+def check_consistent(configs):
+    """The configurations measure the same first step alike: their per-sample statistics and
+    loss at step 0 agree with the economy configuration's (the curvature family's closure must not
+    disturb what the per-sample hooks captured)."""
+    base = configs.get("economy", {}).get("_first")
+    if base is None:
+        return
+    for label, entry in configs.items():
+        first = entry.get("_first")
+        if label == "economy" or first is None:
+            continue
+        bad = [k for k, v in base.items() if k in first and not
+               abs(first[k] - v) <= CONSISTENCY_RTOL * max(abs(v), 1e-12)]
+        if bad:
+            entry["trainscope"]["verify"]["ok"] = False
+            entry["trainscope"]["verify"]["problems"].append(
+                "step 0 differs from the economy configuration's: " +
+                ", ".join(f"{k} {first[k]:.6g} vs {base[k]:.6g}" for k in bad[:4]))
+
+
 # ---------------------------------------------------------------------------------------------
+
+
+class Arm:
+    """One kind of step, timed in blocks of ``warmup`` + ``repeats`` steps, one block per round."""
+
+    def __init__(self, fn, warmup, repeats, entry=None, records=None, monitor=None):
+        self.fn, self.warmup, self.repeats, self.entry, self.records = fn, warmup, repeats, entry, records
+        self.monitor = monitor
+        self.ms = []
+        self.failure = None
+
+
+def add_cockpit_arm(torch, arms, label, pristine, outputs, warmup, repeats, entry):
+    """Cockpit's step under ``label`` on a copy of the initial model, as an arm; where Cockpit
+    refuses the model already, the entry says so."""
+    try:
+        step = make_cockpit_step(torch, copy.deepcopy(pristine), outputs, label)
+    except Exception as e:  # noqa: BLE001  (Cockpit/BackPACK may not support a model: say so)
+        entry["status"] = failure_status(torch, e)
+        return
+    arms[("cockpit", label)] = Arm(step, warmup, repeats, entry)
+
+
+def failure_status(torch, e, other="unsupported: "):
+    """"unsupported: <error>" (``other``) or "out of memory: <error>", with the error it was
+    raised while handling (Cockpit's Alpha fails on a missing gradient after BackPACK refused a
+    module)."""
+    def first(x):
+        return f"{type(x).__name__}: {str(x).splitlines()[0] if str(x) else ''}"
+
+    oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+    cause = e.__cause__ or e.__context__
+    why = f" (raised while handling {first(cause)[:200]})" if cause is not None else ""
+    return ("out of memory: " if oom else other) + first(e) + why
+
+
+def overhead_goal(entry, device):
+    """Cockpit's overhead over trainscope's for one configuration, and the goal's verdict."""
+    def short(status):  # the kind of failure; the table's notes give the error
+        return status if status.startswith("skipped") else status.split(" (")[0].split(":")[0]
+
+    if entry["trainscope"].get("status", "").startswith("skipped"):
+        return "not judged", entry["trainscope"]["status"]
+
+    ts, ck = entry["trainscope"], entry["cockpit"]
+    if ts.get("status") != "ok":
+        return "not judged", f"trainscope {short(ts['status'])}"
+    if not ts["verify"]["ok"]:
+        return "not judged", "trainscope's records failed verification"
+    if ck.get("status") != "ok":
+        return "not judged", f"Cockpit {short(ck['status'])}"
+    t, c = ts["overhead_ms"], ck["overhead_ms"]
+    factor = (math.inf if c > 0 else math.nan) if t <= 0 else c / t
+    entry["overhead_factor"] = factor if math.isfinite(factor) else None
+    if device.type != "cuda":
+        return "not judged", "CPU run"
+    entry["goal_ok"] = factor >= GOAL_OVERHEAD_FACTOR
+    return ("met" if entry["goal_ok"] else "NOT met"), None
 
 
 def bench_model(torch, trainscope, name, args, device, cockpit_status):
     row = {"model": name}
     try:
-        model, batches, per_sample_loss, desc = build_workload(torch, name, args, device)
+        model, batches, per_sample_loss, desc, outputs = build_workload(torch, name, args, device)
         row.update(desc)
-        cockpit_model = copy.deepcopy(model) if cockpit_status[0] else None
+        pristine = copy.deepcopy(model)  # the initial weights every other step kind starts from
         plain, monitored, monitor, records = make_steps(torch, trainscope, model, per_sample_loss, args, device)
         names = [n for n, _ in model.named_parameters()]
 
@@ -263,23 +460,6 @@ def bench_model(torch, trainscope, name, args, device, cockpit_status):
         problems = check_records(torch, records, model, names, range(n_check))
         row["verify"] = {"ok": not problems, "problems": problems, "steps": n_check}
         records.clear()
-
-        plain_ms, mon_ms = [], []
-        for _ in range(args.rounds):
-            plain_ms += time_on(torch, device, plain, batches, args.warmup, args.repeats)
-            mon_ms += time_on(torch, device, monitored, batches, args.warmup, args.repeats)
-        monitor.flush()
-        row["records_delivered"] = len(records)
-        expected = args.rounds * (args.warmup + args.repeats)
-        if len(records) != expected:
-            row["verify"]["ok"] = False
-            row["verify"]["problems"].append(f"{len(records)} records delivered for {expected} monitored steps")
-        row["plain"] = summarize(plain_ms)
-        row["trainscope"] = summarize(mon_ms)
-        row["ratio"] = row["trainscope"]["median_ms"] / row["plain"]["median_ms"]
-        if device.type == "cuda":
-            row["goal_ok"] = row["ratio"] <= GOAL_RATIO
-        del monitor, records
     except torch.cuda.OutOfMemoryError as e:
         row["skipped"] = f"out of device memory: {str(e).splitlines()[0]}"
         return row
@@ -288,28 +468,140 @@ def bench_model(torch, trainscope, name, args, device, cockpit_status):
         row["error"] = f"{type(e).__name__}: {e}"
         return row
 
-    if not cockpit_status[0]:
+    arms = {"plain": Arm(plain, args.warmup, args.repeats),
+            "trainscope": Arm(monitored, args.warmup, args.repeats, records=records)}
+    row["configs"] = {}
+    for label in args.config_list:
+        entry = row["configs"][label] = {}
+        curv = label in CURVATURE_CONFIGS
+        if name not in args.config_model_list:
+            entry["trainscope"] = {"status": "skipped: not in --config-models"}
+            entry["cockpit"] = {"status": "skipped: not in --config-models"}
+            continue
+        warmup, repeats = (args.curvature_warmup, args.curvature_repeats) if curv else (args.warmup, args.repeats)
+        # trainscope: the records checked on two steps (alpha arrives with the second) first.
+        try:
+            step, mon, recs, kw = make_config_step(torch, trainscope, copy.deepcopy(pristine), per_sample_loss,
+                                                   label, args, device, name)
+            n = 2
+            for i in range(n):
+                step(batches[i % len(batches)])
+            mon.flush()
+            problems = check_config_records(trainscope, recs, kw, range(n))
+            entry["trainscope"] = {"status": "ok", "verify": {"ok": not problems, "problems": problems, "steps": n}}
+            if "curvature" in kw:
+                o = kw["curvature_options"]
+                entry["trainscope"]["curvature"] = {"which": list(o["which"]),
+                                                    "method": o.get("method", "hutchinson"),
+                                                    "samples": o.get("samples", DEFAULT_CURVATURE_SAMPLES)}
+            if recs:
+                entry["_first"] = {k: v for k, v in recs[0].scalars.items()
+                                   if k == "loss" or k.startswith("per_sample/")}
+            recs.clear()
+            arms[("trainscope", label)] = Arm(step, warmup, repeats, entry["trainscope"], recs, mon)
+        except Exception as e:  # noqa: BLE001  (this configuration's row says so; the others run)
+            if not isinstance(e, torch.cuda.OutOfMemoryError):
+                traceback.print_exc()
+            entry["trainscope"] = {"status": failure_status(torch, e, "error: ")}
+        if not cockpit_status[0]:
+            entry["cockpit"] = {"status": cockpit_status[1]}
+        elif label != "economy":  # economy's Cockpit step is the one below, shared with the first table
+            add_cockpit_arm(torch, arms, label, pristine, outputs, warmup, repeats,
+                            entry.setdefault("cockpit", {}))
+    if cockpit_status[0]:
+        add_cockpit_arm(torch, arms, "economy", pristine, outputs, args.warmup, args.repeats,
+                        row.setdefault("cockpit", {}))
+    else:
         row["cockpit"] = {"status": cockpit_status[1]}
-        return row
+    if "economy" in row["configs"] and name in args.config_model_list:
+        row["configs"]["economy"]["cockpit"] = row["cockpit"]
+    pristine = None
+    check_consistent(row["configs"])
+
+    # Timing: every kind of step in turn, one block each per round (drift affects them alike).
     try:
-        step = make_cockpit_step(torch, cockpit_model, per_sample_loss, args)
-        c_ms = []
         for _ in range(args.rounds):
-            c_ms += time_on(torch, device, step, batches, args.warmup, args.repeats)
-        row["cockpit"] = {"status": "ok", **summarize(c_ms)}
-        row["cockpit"]["ratio"] = row["cockpit"]["median_ms"] / row["plain"]["median_ms"]
-    except Exception as e:  # noqa: BLE001  (Cockpit/BackPACK may not support a model: say so)
-        first = str(e).splitlines()[0] if str(e) else ""
-        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in first.lower()
-        row["cockpit"] = {"status": ("out of memory: " if oom else "unsupported: ") + f"{type(e).__name__}: {first}"}
-    finally:
-        cockpit_model = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            for key, arm in arms.items():
+                if arm.failure is not None:
+                    continue
+                try:
+                    arm.ms += time_on(torch, device, arm.fn, batches, arm.warmup, arm.repeats)
+                except Exception as e:  # noqa: BLE001
+                    if key in ("plain", "trainscope"):
+                        raise
+                    side, label = key
+                    if side == "trainscope" and not isinstance(e, torch.cuda.OutOfMemoryError):
+                        print(f"trainscope {label} on {name}:", file=sys.stderr)
+                        traceback.print_exc()
+                    # The status alone is kept (not the error, whose frames hold tensors).
+                    arm.failure = failure_status(torch, e, "error: " if side == "trainscope" else "unsupported: ")
+                    arm.fn, arm.records, arm.monitor = None, None, None  # frees its model
+                    e = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+        for arm in arms.values():
+            if arm.monitor is not None:
+                arm.monitor.flush()
+                arm.monitor.close()
+        monitor.flush()
+    except torch.cuda.OutOfMemoryError as e:
+        row["skipped"] = f"out of device memory: {str(e).splitlines()[0]}"
+        return row
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {e}"
+        return row
+
+    row["records_delivered"] = len(records)
+    expected = args.rounds * (args.warmup + args.repeats)
+    if len(records) != expected:
+        row["verify"]["ok"] = False
+        row["verify"]["problems"].append(f"{len(records)} records delivered for {expected} monitored steps")
+    row["plain"] = summarize(arms["plain"].ms)
+    row["trainscope"] = summarize(arms["trainscope"].ms)
+    plain_ms = row["plain"]["median_ms"]
+    row["ratio"] = row["trainscope"]["median_ms"] / plain_ms
+    if device.type == "cuda":
+        row["goal_ok"] = row["ratio"] <= GOAL_RATIO
+
+    for key, arm in arms.items():
+        if key in ("plain", "trainscope"):
+            continue
+        side, label = key
+        if arm.failure is not None:
+            verify = arm.entry.get("verify")
+            arm.entry.clear()
+            arm.entry["status"] = arm.failure
+            if verify is not None:
+                arm.entry["verify"] = verify
+            continue
+        arm.entry.update({"status": "ok", **summarize(arm.ms)})
+        arm.entry["ratio"] = arm.entry["median_ms"] / plain_ms
+        arm.entry["overhead_ms"] = arm.entry["median_ms"] - plain_ms
+        if side == "trainscope":
+            arm.entry["records_delivered"] = len(arm.records)
+            want = args.rounds * (arm.warmup + arm.repeats)
+            if len(arm.records) != want:
+                arm.entry["verify"]["ok"] = False
+                arm.entry["verify"]["problems"].append(f"{len(arm.records)} records delivered for {want} steps")
+    for label, entry in row["configs"].items():
+        entry.pop("_first", None)
+        entry["goal"], entry["goal_why"] = overhead_goal(entry, device)
+    arms = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
-def print_table(rows, device):
+def fmt_ms(x):
+    return f"{x:.3f}" if x < 1000 else f"{x:.0f}"
+
+
+def fmt_overhead(x):
+    return f"{x:+.3f}" if abs(x) < 1000 else f"{x:+.0f}"
+
+
+def print_table(rows, device, args):
     head = (f"{'model':>6} {'params':>12} {'plain ms':>10} {'trainscope ms':>13} {'ratio':>7} "
             f"{'cockpit ms':>10} {'cockpit x':>9}  verify")
     print(head)
@@ -331,10 +623,66 @@ def print_table(rows, device):
             print(f"verification failed on {r['model']}: {r['verify']['problems']}", file=sys.stderr)
     print(f"Cockpit's published economy overhead: {COCKPIT_PUBLISHED['3c3d']}x (3C3D, CIFAR-10), "
           f"{COCKPIT_PUBLISHED['resnet50']}x (ResNet-50)")
+
+    timed = [r for r in rows if r.get("configs") and "plain" in r]
+    if timed:
+        print()
+        print("Cockpit's configurations, trainscope.cockpit_configuration(label) against Cockpit's "
+              "configuration(label); overhead = step - plain step (medians)")
+        head = (f"{'model':>6} {'config':>8} {'plain ms':>10} {'trainscope ms':>13} {'overhead':>10} "
+                f"{'cockpit ms':>10} {'overhead':>10} {'cockpit/ts':>10}  verify")
+        print(head)
+        print("-" * len(head))
+        for r in timed:
+            for label, e in r["configs"].items():
+                ts, ck = e["trainscope"], e["cockpit"]
+                t_ms, t_over = ((fmt_ms(ts["median_ms"]), fmt_overhead(ts["overhead_ms"])) if ts["status"] == "ok"
+                                else ("-", "-"))
+                c_ms, c_over = ((fmt_ms(ck["median_ms"]), fmt_overhead(ck["overhead_ms"])) if ck["status"] == "ok"
+                                else ("-", "-"))
+                f = e.get("overhead_factor")
+                factor = f"{f:.2f}x" if f is not None else ("inf" if "overhead_factor" in e else "-")
+                ver = ("ok" if ts["verify"]["ok"] else "FAILED") if "verify" in ts else "-"
+                print(f"{r['model']:>6} {label:>8} {r['plain']['median_ms']:>10.3f} {t_ms:>13} {t_over:>10} "
+                      f"{c_ms:>10} {c_over:>10} {factor:>10}  {ver}")
+        for r in timed:
+            for label, e in r["configs"].items():
+                for side in ("trainscope", "cockpit"):
+                    st = e[side]["status"]
+                    if st != "ok" and not (side == "cockpit" and label == "economy"):  # said above
+                        print(f"{side} {label} on {r['model']}: {st}")
+                v = e["trainscope"].get("verify")
+                if v and not v["ok"]:
+                    print(f"verification failed on {r['model']} {label}: {v['problems']}", file=sys.stderr)
+        if any(label in CURVATURE_CONFIGS for label in args.config_list):
+            k = args.curvature_samples if args.curvature_samples is not None else DEFAULT_CURVATURE_SAMPLES
+            print(f"note: business/full: trainscope estimates the Hessian diagonal (hess_trace, tic_diag) with {k} "
+                  f"Rademacher probes{f' ({args.curvature_samples_from})' if args.curvature_samples_from else ''}, "
+                  f"one Hessian-vector product each, and hess_max_ev by power iteration; Cockpit computes the "
+                  f"diagonal exactly (BackPACK's DiagHessian) and HessMaxEV by power iteration. The probes set "
+                  f"trainscope's cost: the curvature rows compare an estimate at a chosen cost with an exact "
+                  f"value (bench/README.md)")
+
     for r in rows:
         if "ratio" in r:
             verdict = ("met" if r["goal_ok"] else "NOT met") if device.type == "cuda" else "not judged (CPU run)"
             print(f"goal: <= {GOAL_RATIO}x the plain step on {r['model']}: {verdict} ({r['ratio']:.3f}x)")
+    for r in timed:
+        for label, e in r["configs"].items():
+            ts, ck = e["trainscope"], e["cockpit"]
+            nums = []
+            if ts["status"] == "ok":
+                nums.append(f"trainscope {fmt_overhead(ts['overhead_ms'])} ms")
+            if ck["status"] == "ok":
+                nums.append(f"Cockpit {fmt_overhead(ck['overhead_ms'])} ms")
+            if "overhead_factor" in e:
+                f = e["overhead_factor"]
+                nums.append(f"Cockpit/trainscope {f:.2f}x" if f is not None else "trainscope's within noise")
+            if label in CURVATURE_CONFIGS and args.curvature_samples is not None and ts["status"] == "ok":
+                nums.append(f"{args.curvature_samples} probes ({args.curvature_samples_from})")
+            verdict = e["goal"] + (f" ({e['goal_why']})" if e["goal_why"] else "")
+            print(f"goal: trainscope's overhead >= {GOAL_OVERHEAD_FACTOR:g}x smaller than Cockpit's ({label}) "
+                  f"on {r['model']}: {verdict}{' (' + ', '.join(nums) + ')' if nums else ''}")
 
 
 def parse_args(argv=None):
@@ -349,6 +697,18 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="alternating plain/monitored blocks (default 3; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per block (default 50; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each block (default 5; 1 with --quick)")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help="Cockpit's configurations to time, trainscope's equivalent beside Cockpit's "
+                        f"(comma-separated among {','.join(CONFIGS)}; default all; '' for none)")
+    p.add_argument("--curvature-samples", type=int, default=None,
+                   help="Hutchinson probes of trainscope's curvature family in business and full "
+                        f"(default: trainscope's, {DEFAULT_CURVATURE_SAMPLES}; 8 with --quick)")
+    p.add_argument("--curvature-repeats", type=int, default=None,
+                   help="timed steps per block of the business and full configurations (default 10; 2 with --quick)")
+    p.add_argument("--curvature-warmup", type=int, default=None,
+                   help="untimed steps before each block of business and full (default 1)")
+    p.add_argument("--config-models", default=None,
+                   help="models on which the --configs rows run (comma-separated; default: every model of --models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT.json", help="write every result and the environment here")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny models, few steps")
@@ -359,6 +719,24 @@ def parse_args(argv=None):
     unknown = sorted(set(args.model_list) - set(MODELS))
     if unknown:
         p.error(f"--models: unknown {unknown}; choose among {list(MODELS)}")
+    args.config_list = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(args.config_list) - set(CONFIGS))
+    if unknown:
+        p.error(f"--configs: unknown {unknown}; choose among {list(CONFIGS)}")
+    args.config_list = [c for c in CONFIGS if c in args.config_list]
+    cm = args.config_models
+    args.config_model_list = args.model_list if cm is None else [m.strip() for m in cm.split(",") if m.strip()]
+    unknown = sorted(set(args.config_model_list) - set(MODELS))
+    if unknown:
+        p.error(f"--config-models: unknown {unknown}; choose among {list(MODELS)}")
+    args.curvature_samples_from = "--curvature-samples" if args.curvature_samples is not None else None
+    if args.curvature_samples is None and args.quick:
+        args.curvature_samples, args.curvature_samples_from = 8, "--quick"
+    args.curvature_repeats = args.curvature_repeats if args.curvature_repeats is not None else (2 if args.quick else 10)
+    args.curvature_warmup = args.curvature_warmup if args.curvature_warmup is not None else 1
+    if (args.curvature_samples is not None and args.curvature_samples < 1) or args.curvature_repeats < 1 \
+            or args.curvature_warmup < 0:
+        p.error("--curvature-samples and --curvature-repeats must be >= 1, --curvature-warmup >= 0")
     if args.rounds < 1 or min(args.cnn_batch, args.gpt_batch, args.seq_len) < 1:
         p.error("--rounds, --cnn-batch, --gpt-batch and --seq-len must be >= 1")
     return args
@@ -375,6 +753,7 @@ def main(argv=None) -> int:
         return 2
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")  # Cockpit's HessMaxEV
     status = cockpit_available()
     env = environment(torch, trainscope, device)
     env["cockpit"] = {"available": status[0], "version" if status[0] else "reason": status[1]}
@@ -382,15 +761,22 @@ def main(argv=None) -> int:
     env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
 
     rows = [bench_model(torch, trainscope, m, args, device, status) for m in args.model_list]
-    print_table(rows, device)
+    print_table(rows, device, args)
 
-    ok = all("error" not in r and r.get("verify", {}).get("ok", True) for r in rows)
+    ok = all("error" not in r and r.get("verify", {}).get("ok", True) and
+             all(e["trainscope"].get("verify", {}).get("ok", True) and not e["trainscope"]["status"].startswith("error")
+                 for e in r.get("configs", {}).values())
+             for r in rows)
     if args.json:
         out = {"benchmark": "monitor", "environment": env,
                "settings": {"models": args.model_list, "amp": args.amp, "rounds": args.rounds,
                             "repeats": args.repeats, "warmup": args.warmup, "seq_len": args.seq_len,
-                            "cnn_batch": args.cnn_batch, "gpt_batch": args.gpt_batch, "quick": args.quick},
-               "goal_ratio": GOAL_RATIO, "cockpit_published": COCKPIT_PUBLISHED,
+                            "cnn_batch": args.cnn_batch, "gpt_batch": args.gpt_batch, "quick": args.quick,
+                            "configs": args.config_list, "curvature_samples": args.curvature_samples,
+                            "curvature_repeats": args.curvature_repeats, "curvature_warmup": args.curvature_warmup,
+                            "config_models": args.config_model_list},
+               "goal_ratio": GOAL_RATIO, "goal_overhead_factor": GOAL_OVERHEAD_FACTOR,
+               "cockpit_published": COCKPIT_PUBLISHED,
                "results": rows, "verified": ok}
         write_json(args.json, out)
     return 0 if ok else 1

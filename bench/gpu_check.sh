@@ -409,7 +409,11 @@ run_bench_phase() {
   bench_py dead_units "--repeats 30 --warmup 5" "${DEAD_UNITS_ARGS:-}" 25
   bench_py rank "--widths 1024,4096 --methods trainscope,trainscope_grams,trainscope_svd,svdvals --repeats 3 --warmup 1" \
     "${RANK_ARGS:-}" 40
-  bench_py monitor "--models 3c3d,gpt2 --rounds 2 --repeats 15 --warmup 3" "${MONITOR_ARGS:-}" 50
+  # Cockpit's configurations on 3c3d only (Cockpit cannot run gpt2, and trainscope's curvature
+  # family there, 100 Hutchinson probes per step, would outlast the cap alone); business and full
+  # (each step ~100 Hessian-vector products) time 2 rounds of 1 + 2 steps.
+  bench_py monitor "--models 3c3d,gpt2 --rounds 2 --repeats 15 --warmup 3 --config-models 3c3d \
+--curvature-repeats 2 --curvature-warmup 1" "${MONITOR_ARGS:-}" 50
   bench_py per_sample_hist "--batch 64 --repeats 10" "${PS_HIST_ARGS:-}" 20
   # Whole models last: GPT-2-small-sized (B 8, T 1024, 6 of its 12 blocks to fit the budget) and
   # ResNet-18 (B 128, CIFAR-sized 32x32 input: at 224x224 the vmap and Opacus rows alone would
