@@ -760,7 +760,8 @@ def _model_classes(torch):
         def forward(self, idx):
             t = idx.shape[-1]
             mask = torch.ones(t, t, dtype=torch.bool, device=idx.device).triu(1)  # True: not attended
-            x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+            # Positions expanded to [B, T]: every tracked layer sees the batch (the per-sample hooks need it).
+            x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device).expand(idx.shape[0], t))
             for block in self.h:
                 x = block(x, mask)
             return self.lm_head(self.ln_f(x))
