@@ -94,56 +94,134 @@ at::Device check_inputs(const char* op, const std::vector<NamedList>& lists) {
   return device;
 }
 
-// The histogram alone (per-sample histograms bin billions of elements): a tight loop, with few
-// bins counted in several copies so that increments of one bin do not wait on each other.
-// Non-finite values are counted in acc.nonfinite.
+// The histogram alone (per-sample histograms bin billions of elements), in two passes per block
+// of values: the bins, computed without branches so that the compiler vectorises them (with the
+// widest vector unit the CPU has, chosen when the library loads), then the counts, with few bins
+// counted in several copies so that increments of one bin do not wait on each other.
+// The bin is hist_bin's: floor((clamp(x, -m, m) + m) / w), the last bin for x = m, by the exact
+// division hist_bin falls back to near an edge (a divide per value costs less here than the branch).
+// Non-finite values go to slot nbins and are counted in acc.nonfinite. (The file is compiled with
+// -fno-trapping-math: without it the compiler may not divide a lane whose value is then unused.)
 template <typename T>
-void cpu_hist_only(const T* g, int64_t n, const tc::HistSpec& hist, tc::ParamSums<double>& acc,
-                   int64_t* counts) {
-  const int64_t nbins = hist.nbins;
-  const int64_t copies = nbins <= 4096 ? 4 : 1;
-  std::vector<int64_t> local(copies * (nbins + 1), 0);  // slot nbins of each copy: non-finite
-  const auto bin = [&](int64_t i) -> int64_t {
+[[gnu::always_inline]] inline void hist_bins_of_block(const T* g, int64_t n, double maxval, double width,
+                                                      int32_t nbins, int32_t* bins) {
+  for (int64_t i = 0; i < n; ++i) {
     const double x = tc::widen(g[i]);
-    return tc::is_finite(x) ? tc::hist_bin(x, hist) : nbins;
-  };
-  int64_t i = 0;
-  for (; i + copies <= n; i += copies) {
-    for (int64_t k = 0; k < copies; ++k) ++local[k * (nbins + 1) + bin(i + k)];
-  }
-  for (; i < n; ++i) ++local[bin(i)];
-  for (int64_t k = 0; k < copies; ++k) {
-    const int64_t* l = local.data() + k * (nbins + 1);
-    for (int64_t b = 0; b < nbins; ++b) counts[b] += l[b];
-    acc.nonfinite += l[nbins];
+    const bool finite = x - x == 0.0;  // false for NaN and ±Inf
+    double c = x < -maxval ? -maxval : x;
+    c = c > maxval ? maxval : c;
+    c = finite ? c : 0.0;
+    const int32_t b = static_cast<int32_t>((c + maxval) / width);  // c + maxval >= 0: truncation is floor
+    const int32_t last = b < nbins ? b : nbins - 1;
+    bins[i] = finite ? last : nbins;
   }
 }
 
-// Sums of one chunk, and the histogram counts it found, on the CPU.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define TRAINSCOPE_HIST_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TRAINSCOPE_HIST_TARGETS
+#endif
+
+#define TRAINSCOPE_HIST_BINS(T, NAME)                                                                \
+  TRAINSCOPE_HIST_TARGETS void NAME(const T* g, int64_t n, double maxval, double width, int32_t nbins, \
+                                    int32_t* bins) {                                                  \
+    hist_bins_of_block(g, n, maxval, width, nbins, bins);                                             \
+  }
+TRAINSCOPE_HIST_BINS(float, hist_bins_f32)
+TRAINSCOPE_HIST_BINS(double, hist_bins_f64)
+TRAINSCOPE_HIST_BINS(tc::bf16_bits, hist_bins_bf16)
+TRAINSCOPE_HIST_BINS(tc::f16_bits, hist_bins_f16)
+#undef TRAINSCOPE_HIST_BINS
+
+inline void hist_bins(const float* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_f32(g, n, m, w, nb, b); }
+inline void hist_bins(const double* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_f64(g, n, m, w, nb, b); }
+inline void hist_bins(const tc::bf16_bits* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_bf16(g, n, m, w, nb, b); }
+inline void hist_bins(const tc::f16_bits* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_f16(g, n, m, w, nb, b); }
+
+// Counts values into nbins bins (slot nbins: non-finite) in kCopies copies when the bins are few,
+// kept across calls so that a caller binning many short runs pays for the copies once.
+class CpuHistCounter {
+ public:
+  explicit CpuHistCounter(const tc::HistSpec& hist)
+      : hist_(hist), nbins_(static_cast<int32_t>(hist.nbins)), copies_(hist.nbins <= 4096 ? kCopies : 1),
+        local_(copies_ * (hist.nbins + 1), 0) {}
+
+  template <typename T>
+  void add(const T* g, int64_t n) {
+    for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+      const int64_t len = std::min(kBlock, n - i0);
+      hist_bins(g + i0, len, hist_.maxval, hist_.width, nbins_, bins_);
+      int64_t i = 0;
+      if (copies_ == kCopies) {
+        int64_t* l = local_.data();
+        const int64_t stride = nbins_ + 1;
+        for (; i + kCopies <= len; i += kCopies) {
+          ++l[bins_[i]];
+          ++l[stride + bins_[i + 1]];
+          ++l[2 * stride + bins_[i + 2]];
+          ++l[3 * stride + bins_[i + 3]];
+        }
+      }
+      for (; i < len; ++i) ++local_[bins_[i]];
+    }
+  }
+
+  // The non-finite values counted since the last call.
+  int64_t take_nonfinite() {
+    int64_t nonfinite = 0;
+    for (int64_t k = 0; k < copies_; ++k) {
+      nonfinite += local_[k * (nbins_ + 1) + nbins_];
+      local_[k * (nbins_ + 1) + nbins_] = 0;
+    }
+    return nonfinite;
+  }
+
+  // Adds the counts to counts[nbins] (the non-finite values left out); the counter starts afresh.
+  void flush(int64_t* counts) {
+    for (int64_t k = 0; k < copies_; ++k) {
+      int64_t* l = local_.data() + k * (nbins_ + 1);
+      for (int64_t b = 0; b < nbins_; ++b) counts[b] += l[b];
+      std::fill(l, l + nbins_ + 1, 0);
+    }
+  }
+
+ private:
+  static constexpr int64_t kBlock = 1024;
+  static constexpr int64_t kCopies = 4;
+  tc::HistSpec hist_;
+  int32_t nbins_;  // at most kMaxHistBins
+  int64_t copies_;
+  std::vector<int64_t> local_;
+  int32_t bins_[kBlock];
+};
+
+// Sums of one chunk, and its histogram counts (added to `counter`), on the CPU. The values are
+// binned in a second pass over the chunk, still in cache: the binning loop vectorises alone.
 template <typename T>
 void cpu_chunk(const tc::TensorDesc& d, int64_t begin, int64_t end, uint32_t flags,
-               const tc::HistSpec& hist, tc::ParamSums<double>& acc, int64_t* counts) {
+               tc::ParamSums<double>& acc, CpuHistCounter* counter) {
   const T* g = static_cast<const T*>(d.grad);
   const T* p = static_cast<const T*>(d.param);
   const T* p0 = static_cast<const T*>(d.init);
   T* pp = static_cast<T*>(d.prev);
-  const bool rg = tc::reads_grad(flags), rp = tc::reads_param(flags);
-  const bool ri = tc::reads_init(flags), rv = tc::reads_prev(flags);
-  if (flags == tc::kHistogram) {
-    cpu_hist_only(g + begin, end - begin, hist, acc, counts);
-    return;
+  const uint32_t sums = flags & ~tc::kHistogram;
+  const bool rg = tc::reads_grad(sums), rp = tc::reads_param(sums);
+  const bool ri = tc::reads_init(sums), rv = tc::reads_prev(sums);
+  if (rg || rp) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (rg) tc::accumulate_grad(acc, sums, static_cast<double>(tc::widen(g[i])));
+      if (rp) {
+        tc::accumulate_param(acc, sums, static_cast<double>(tc::widen(p[i])),
+                             ri ? static_cast<double>(tc::widen(p0[i])) : 0.0,
+                             rv ? static_cast<double>(tc::widen(pp[i])) : 0.0);
+      }
+    }
   }
-  for (int64_t i = begin; i < end; ++i) {
-    if (rg) {
-      const double gx = tc::widen(g[i]);
-      tc::accumulate_grad(acc, flags, gx);
-      if ((flags & tc::kHistogram) && tc::is_finite(gx)) ++counts[tc::hist_bin(gx, hist)];
-    }
-    if (rp) {
-      tc::accumulate_param(acc, flags, static_cast<double>(tc::widen(p[i])),
-                           ri ? static_cast<double>(tc::widen(p0[i])) : 0.0,
-                           rv ? static_cast<double>(tc::widen(pp[i])) : 0.0);
-    }
+  if (flags & tc::kHistogram) {
+    counter->add(g + begin, end - begin);
+    // Non-finite values: counted by the sums when they read the gradient, else by the counter.
+    if (!rg) acc.nonfinite += counter->take_nonfinite();
   }
   if (flags & tc::kRefreshPrev) std::memcpy(pp + begin, p + begin, sizeof(T) * (end - begin));
 }
@@ -163,10 +241,12 @@ void cpu_param_stats(const std::vector<tc::TensorDesc>& descs, uint32_t flags,
   std::mutex hist_mutex;
 
   at::parallel_for(0, total_chunks, 1, [&](int64_t lo, int64_t hi) {
+    CpuHistCounter counter(hist);
     std::vector<int64_t> counts(nbins, 0);
     int64_t counts_tensor = -1;
     auto flush = [&]() {
       if (counts_tensor < 0) return;
+      counter.flush(counts.data());
       std::lock_guard<std::mutex> lock(hist_mutex);  // integer adds commute: deterministic
       for (int64_t b = 0; b < nbins; ++b) hist_pt[counts_tensor * nbins + b] += counts[b];
       std::fill(counts.begin(), counts.end(), 0);
@@ -183,10 +263,10 @@ void cpu_param_stats(const std::vector<tc::TensorDesc>& descs, uint32_t flags,
       tc::ParamSums<double>& acc = partials[c];
       acc.clear();
       switch (d.dtype) {
-        case tc::DType::kFloat32: cpu_chunk<float>(d, begin, end, flags, hist, acc, counts.data()); break;
-        case tc::DType::kFloat64: cpu_chunk<double>(d, begin, end, flags, hist, acc, counts.data()); break;
-        case tc::DType::kBFloat16: cpu_chunk<tc::bf16_bits>(d, begin, end, flags, hist, acc, counts.data()); break;
-        case tc::DType::kFloat16: cpu_chunk<tc::f16_bits>(d, begin, end, flags, hist, acc, counts.data()); break;
+        case tc::DType::kFloat32: cpu_chunk<float>(d, begin, end, flags, acc, &counter); break;
+        case tc::DType::kFloat64: cpu_chunk<double>(d, begin, end, flags, acc, &counter); break;
+        case tc::DType::kBFloat16: cpu_chunk<tc::bf16_bits>(d, begin, end, flags, acc, &counter); break;
+        case tc::DType::kFloat16: cpu_chunk<tc::f16_bits>(d, begin, end, flags, acc, &counter); break;
       }
     }
     if (want_hist) flush();
@@ -397,6 +477,38 @@ at::Tensor update_ratio(at::TensorList params, at::TensorList prev_params, bool 
   TORCH_CHECK(!prev_params.empty() || params.empty(), "trainscope::update_ratio: prev_params is empty");
   return pick(param_stats_impl("trainscope::update_ratio", {}, params, {}, prev_params, no_histogram()),
               Metric::kUpdateRatio, per_tensor);
+}
+
+void cpu_outer_product_hist1d(const at::Tensor& d, const at::Tensor& x, int64_t nbins, double maxval,
+                              const at::Tensor& counts) {
+  TORCH_INTERNAL_ASSERT(d.is_cpu() && x.is_cpu() && d.dim() == 2 && x.dim() == 2 && d.size(0) == x.size(0) &&
+                        d.scalar_type() == x.scalar_type() && counts.scalar_type() == at::kLong &&
+                        counts.numel() == nbins);
+  const at::Tensor dc = d.contiguous(), xc = x.contiguous();
+  const int64_t rows = dc.size(0) * dc.size(1), dout = dc.size(1), din = xc.size(1);
+  if (rows == 0 || din == 0) return;
+  const tc::HistSpec hist = tc::make_hist_spec(nbins, maxval);
+  int64_t* out = counts.data_ptr<int64_t>();
+  std::mutex mutex;
+  AT_DISPATCH_FLOATING_TYPES(dc.scalar_type(), "cpu_outer_product_hist1d", [&] {
+    const scalar_t* D = dc.data_ptr<scalar_t>();
+    const scalar_t* X = xc.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, tc::kDefaultChunkElems / din);
+    at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
+      CpuHistCounter counter(hist);
+      std::vector<scalar_t> row(din);
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t dv = D[r];
+        const scalar_t* xr = X + (r / dout) * din;
+        for (int64_t k = 0; k < din; ++k) row[k] = dv * xr[k];  // one rounding, as a GEMM of depth one
+        counter.add(row.data(), din);
+      }
+      std::vector<int64_t> local(nbins, 0);
+      counter.flush(local.data());
+      std::lock_guard<std::mutex> lock(mutex);  // integer adds commute: deterministic
+      for (int64_t b = 0; b < nbins; ++b) out[b] += local[b];
+    });
+  });
 }
 
 at::Tensor grad_hist1d(at::TensorList tensors, int64_t nbins, double maxval, bool per_tensor) {

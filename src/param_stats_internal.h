@@ -23,4 +23,11 @@ ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList
                             const ParamStatsOptions& options, const char* grads_name = "grads",
                             bool grad_sums = true);
 
+// Adds to counts [nbins] int64 the histogram (grad_hist1d's bins; non-finite values left out) of
+// the rank-one per-sample gradients d_r x_rᵀ, rows r of CPU tensors d [n, d_out] and x [n, d_in]
+// of one floating dtype, each element formed in that dtype as a GEMM of depth one forms it: the
+// blocks of a layer with one position per sample, never written to memory.
+void cpu_outer_product_hist1d(const at::Tensor& d, const at::Tensor& x, int64_t nbins, double maxval,
+                              const at::Tensor& counts);
+
 }  // namespace trainscope

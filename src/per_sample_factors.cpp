@@ -31,6 +31,7 @@
 #include "cuda/hist2d.h"
 #include "cuda/histogram.h"
 #include "src/nvtx.h"
+#include "src/param_stats_internal.h"
 #include "src/per_sample_factors_internal.h"
 #include "src/per_sample_stats_internal.h"
 #include "src/tensor_checks.h"
@@ -419,7 +420,7 @@ int64_t grad_tile_samples(const Problem& p) { return tile_samples(p, p.G * p.dou
 
 // Elements per block of per-sample gradients binned on a CPU: a block binned while it is still
 // in the core's cache (on a GPU, blocks are as large as the tile budget allows).
-constexpr int64_t kCpuHistBlockElems = int64_t{1} << 21;
+constexpr int64_t kCpuHistBlockElems = int64_t{1} << 20;
 
 int64_t hist_block_elems(const Problem& p) {
   return p.opts.device().is_cpu() ? std::min(factor_tile_elems(), kCpuHistBlockElems) : 0;
@@ -682,12 +683,18 @@ PerSampleParts parts_of(const Problem& p, FactorMethod method) {
 at::Tensor hist1d_of(const Problem& p, int64_t nbins, double maxval) {
   check_hist_axis(p.op, "nbins", nbins, "maxval", maxval);
   at::Tensor hist = at::zeros({nbins}, at::TensorOptions().dtype(at::kLong).device(p.opts.device()));
-  const int64_t bt = hist_tile_samples(p);
-  for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
-    const int64_t b = std::min(bt, p.B - i0);
-    for_each_grad_block(
-        p, p.x(i0, b), p.d(i0, b), [&](int64_t, at::Tensor g) { hist.add_(grad_hist1d({g}, nbins, maxval)); },
-        /*copies=*/1, hist_block_elems(p));
+  if (p.T == 1 && p.opts.device().is_cpu() && p.B > 0) {
+    // One position per sample: each per-sample gradient is an outer product, binned as it is formed.
+    cpu_outer_product_hist1d(p.d(0, p.B).reshape({p.B * p.G, p.dout}), p.x(0, p.B).reshape({p.B * p.G, p.din}),
+                             nbins, maxval, hist);
+  } else {
+    const int64_t bt = hist_tile_samples(p);
+    for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
+      const int64_t b = std::min(bt, p.B - i0);
+      for_each_grad_block(
+          p, p.x(i0, b), p.d(i0, b), [&](int64_t, at::Tensor g) { hist.add_(grad_hist1d({g}, nbins, maxval)); },
+          /*copies=*/1, hist_block_elems(p));
+    }
   }
   if (p.bias_grads && p.B > 0) hist.add_(grad_hist1d({p.bias_grads(p.acc)}, nbins, maxval));
   return hist;

@@ -619,6 +619,24 @@ def test_hist1d_ops_exact(device, gen):
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nbins", [1, 7, 100, 5000])
+def test_hist1d_one_position_per_sample_exact(gen, dtype, nbins):
+    """x [B, d_in]: each per-sample gradient δᵢxᵢᵀ is binned as it is formed (never written out).
+    Its elements are single products, rounded once in the layer's dtype as a GEMM forms them, so
+    the counts equal the reference's on the explicit products exactly, with values on bin edges,
+    at ±maxval, beyond it, exact zeros and non-finite ones (left out)."""
+    maxval = 0.75
+    x, d = randn(gen, (9, 37), dtype), randn(gen, (9, 5), dtype, scale=0.4)
+    x[0, :4] = torch.tensor([0.0, 1.0, -1.0, 0.5], dtype=dtype)
+    d[0, :3] = torch.tensor([0.75, -0.15, 0.0], dtype=dtype)  # ±maxval, an edge for nbins = 5000·k
+    d[1, 1], x[2, 3], d[3, 0] = float("nan"), float("inf"), 1e30
+    explicit = torch.cat([(d[:, :, None] * x[:, None, :]).reshape(9, -1), d], 1)  # weight then bias
+    got = linear_per_sample_grad_hist1d(x, d, True, nbins, maxval)
+    assert torch.equal(got, reference_hist1d(explicit, nbins, maxval))
+    assert int(got.sum()) == int(torch.isfinite(explicit).sum())
+
+
 @pytest.mark.parametrize("kind", MODELS)
 def test_hooks_hist1d_bins_per_sample_loss_gradients(kind):
     """Float64, so every element lands in the reference's bin: mean-reduced (scaled back by B)
