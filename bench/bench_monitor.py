@@ -491,8 +491,11 @@ def bench_model(torch, trainscope, name, args, device, cockpit_status):
             entry["trainscope"] = {"status": "ok", "verify": {"ok": not problems, "problems": problems, "steps": n}}
             if "curvature" in kw:
                 o = kw["curvature_options"]
-                entry["trainscope"]["curvature"] = {"which": list(o["which"]),
-                                                    "method": o.get("method", "hutchinson"),
+                method = o.get("method", "hutchinson")
+                if method == "auto":  # the records say which: an estimate comes with its standard error
+                    estimated = any("curvature/hess_trace_stderr" in r.scalars for r in recs)
+                    method = "auto: hutchinson" if estimated else "auto: piecewise_linear (exact)"
+                entry["trainscope"]["curvature"] = {"which": list(o["which"]), "method": method,
                                                     "samples": o.get("samples", DEFAULT_CURVATURE_SAMPLES)}
             if recs:
                 entry["_first"] = {k: v for k, v in recs[0].scalars.items()

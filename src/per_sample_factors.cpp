@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 #if defined(TRAINSCOPE_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
@@ -731,6 +732,33 @@ std::tuple<at::Tensor, at::Tensor> hist2d_of(const Problem& p, const at::Tensor&
 // ---------------------------------------------------------------------------------------------
 // Per-element moments (SPEC.md §6).
 
+// sum [G, o, d_in] += Σ_b g, sq += Σ_b g², in float64, for a contiguous CPU block g [b, G, o, d_in]
+// (each element widened once; no float64 copy of the block): a pass over the block while it is
+// in cache, the accumulators a slice of columns per thread.
+void cpu_add_moments(const at::Tensor& g, const at::Tensor& sum, const at::Tensor& sq) {
+  TORCH_INTERNAL_ASSERT(g.is_contiguous() && sum.scalar_type() == at::kDouble && sq.scalar_type() == at::kDouble);
+  const int64_t b = g.size(0), groups = g.size(1), w = g.size(2) * g.size(3);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "trainscope::cpu_add_moments", [&] {
+    const scalar_t* src = g.data_ptr<scalar_t>();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const at::Tensor s_g = sum.select(0, gi), q_g = sq.select(0, gi);  // [o, d_in], rows d_in apart
+      TORCH_INTERNAL_ASSERT(s_g.is_contiguous() && q_g.is_contiguous());
+      double* ds = s_g.data_ptr<double>();
+      double* dq = q_g.data_ptr<double>();
+      at::parallel_for(0, w, 4096, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = 0; i < b; ++i) {
+          const scalar_t* row = src + (i * groups + gi) * w;
+          for (int64_t j = lo; j < hi; ++j) {
+            const double v = static_cast<double>(row[j]);
+            ds[j] += v;
+            dq[j] += v * v;
+          }
+        }
+      });
+    }
+  });
+}
+
 PerSampleMoments moments_of(const Problem& p) {
   const auto o64 = p.opts.dtype(at::kDouble);
   at::Tensor sum = at::zeros({p.G, p.dout, p.din}, o64), sq = at::zeros({p.G, p.dout, p.din}, o64);
@@ -745,8 +773,12 @@ PerSampleMoments moments_of(const Problem& p) {
       const int64_t b = std::min(bt, p.B - i0);
       for_each_grad_block(
           p, p.x(i0, b), p.d(i0, b),
-          [&](int64_t o0, at::Tensor g) {
-            const at::Tensor g64 = g.to(at::kDouble);  // [b, G, o, d_in]
+          [&](int64_t o0, at::Tensor g) {  // [b, G, o, d_in]
+            if (g.is_cpu()) {
+              cpu_add_moments(g, sum.narrow(1, o0, g.size(2)), sq.narrow(1, o0, g.size(2)));
+              return;
+            }
+            const at::Tensor g64 = g.to(at::kDouble);
             sum.narrow(1, o0, g.size(2)).add_(g64.sum(0));
             sq.narrow(1, o0, g.size(2)).add_(g64.square().sum(0));
           },

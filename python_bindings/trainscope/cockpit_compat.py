@@ -49,10 +49,12 @@ def cockpit_configuration(label: str, schedule: Any = True) -> Dict[str, Any]:
     - "full": also ``hess_max_ev`` and the joint per-sample histogram (gradient against parameter
       value).
 
-    Cockpit's ``hess_trace`` and ``tic_diag`` use BackPACK's exact Hessian diagonal; here the
-    curvature family estimates it (Hutchinson, 100 probes, its standard error recorded as
-    ``curvature/hess_trace_stderr``): pass ``curvature_options={"method": "exact"}`` for the exact
-    diagonal on small models. A new dict at every call."""
+    Cockpit's ``hess_trace`` and ``tic_diag`` use BackPACK's exact Hessian diagonal; so does the
+    curvature family here (``method="auto"``) for networks linear in each parameter element
+    (ReLU, max-pool, linear and convolutional layers: Cockpit's own nets), from layer factors.
+    Where that does not apply (tanh, normalisations, attention, ...) it estimates the diagonal
+    (Hutchinson, 100 probes, its standard error recorded as ``curvature/hess_trace_stderr``) and
+    warns once saying why. A new dict at every call."""
     if label not in COCKPIT_CONFIGURATIONS:
         raise ValueError(f"cockpit_configuration: label must be one of {COCKPIT_CONFIGURATIONS}, got {label!r}")
     if schedule is None or schedule is False:
@@ -68,7 +70,7 @@ def cockpit_configuration(label: str, schedule: Any = True) -> Dict[str, Any]:
     }
     if label in ("business", "full"):
         out["curvature"] = s
-        out["curvature_options"] = {"which": ["tic_diag", "hess_trace"]}
+        out["curvature_options"] = {"which": ["tic_diag", "hess_trace"], "method": "auto"}
     if label == "full":
         out["curvature_options"]["which"].append("hess_max_ev")
         out["per_sample_options"] = {"hist2d": True}

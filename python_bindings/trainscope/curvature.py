@@ -70,8 +70,12 @@ from ._lists import tensor_list
 
 #: The four curvature quantities, in ``CurvatureStats`` order.
 CURVATURE_STATS = ("hess_max_ev", "hess_trace", "tic_diag", "tic_trace")
-#: Ways to get the Hessian diagonal and trace.
-METHODS = ("hutchinson", "exact")
+#: Ways to get the Hessian diagonal and trace: Hutchinson's estimate; exact by one Hessian-vector
+#: product per element (small models); exact from layer factors for piecewise-linear networks
+#: (needs the model); "auto": piecewise_linear where the model's graph allows it, else hutchinson.
+METHODS = ("hutchinson", "exact", "piecewise_linear", "auto")
+#: The methods that need ``model=`` and a closure.
+FACTOR_METHODS = ("piecewise_linear", "auto")
 #: Cockpit's TIC stabiliser ε.
 TIC_EPS = 1e-7
 #: Default number of Rademacher probes.
@@ -107,8 +111,11 @@ class CurvatureStats:
 
     - ``hess_max_ev``, ``hess_trace``, ``tic_diag``, ``tic_trace``: 0-d float64, NaN when not
       computed (not asked for in ``which``) or on numerical trouble;
-    - ``method``: how h and its trace were obtained ("hutchinson" or "exact");
-    - ``samples``: the number of Rademacher probes (0 for "exact");
+    - ``method``: how h and its trace were obtained ("hutchinson", "exact" or
+      "piecewise_linear"; "auto" resolves to one of the last and the first);
+    - ``fallback_reason``: with method="auto" resolved to "hutchinson", why the factors could not
+      be used (the model's graph is not piecewise linear, ...); else None;
+    - ``samples``: the number of Rademacher probes (0 for the exact methods);
     - ``hess_trace_stderr``: 0-d float64 standard error of ``hess_trace`` (Hutchinson: sample
       std / √samples, NaN for one probe; exact: 0; NaN when the trace was not computed)."""
 
@@ -119,6 +126,7 @@ class CurvatureStats:
     method: str
     samples: int
     hess_trace_stderr: torch.Tensor
+    fallback_reason: Optional[str] = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in CURVATURE_STATS or name == "hess_trace_stderr":
@@ -434,23 +442,71 @@ def _hutchinson(grads: list, params: list, samples: int, generator, chunk: int, 
     return mean, diag_se, trace, trace_se
 
 
-def _diag_setup(caller: str, loss, params, method, samples, generator, max_params, chunk_size) -> tuple:
-    """The arguments of hess_diag / hess_trace checked (errors name them), then the loss's
-    gradients with their graph: (params, method, samples, chunk, generator, grads)."""
+def _check_model(model, method: str, closure_or_loss, caller: str):
+    """The model the factor methods need (None for the others)."""
+    if method not in FACTOR_METHODS:
+        return None
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{caller}: method={method!r} needs model= (the nn.Module the closure runs), got "
+                         f"{type(model).__name__}")
+    if isinstance(closure_or_loss, torch.Tensor) or not callable(closure_or_loss):
+        raise ValueError(f"{caller}: method={method!r} needs a closure () -> loss that runs the model (its forward "
+                         "pass is watched), not a loss tensor")
+    return model
+
+
+def _forward(closure_or_loss, params: list, model, method: str, caller: str):
+    """(L, per-sample losses or None, checked factors.Forward or None, method used, why not the
+    factors): the loss, by the factors' watched forward pass where the method asks for them
+    and (for "auto") where they apply."""
+    from . import _curvature_factors as factors
+
+    if method not in FACTOR_METHODS:
+        loss, per_sample = _resolve_loss(closure_or_loss, caller)
+        return loss, per_sample, None, method, None
+    try:
+        layers = factors.layers_of(model, params, caller)
+    except ValueError as e:
+        if method != "auto":
+            raise
+        loss, per_sample = _resolve_loss(closure_or_loss, caller)
+        return loss, per_sample, None, "hutchinson", str(e)
+    fwd = factors.Forward(closure_or_loss, model, layers, caller)
+    try:
+        fwd.check()
+    except ValueError as e:
+        if method != "auto":
+            raise
+        return fwd.loss, fwd.per_sample, None, "hutchinson", str(e)
+    return fwd.loss, fwd.per_sample, fwd, "piecewise_linear", None
+
+
+def _diag_setup(caller: str, loss, params, method, samples, generator, max_params, chunk_size, model) -> tuple:
+    """The arguments of hess_diag / hess_trace checked (errors name them), then the loss:
+    (params, method used, samples, chunk, generator, grads or None, factors.Forward or None)."""
     params = _check_params(params, caller)
     method = _check_method(method, caller)
     samples = check_int(samples, "samples", caller, low=1)
     chunk = check_int(chunk_size, "chunk_size", caller, low=1)
     generator = _check_generator(generator, caller)
+    model = _check_model(model, method, loss, caller)
     if method == "exact":
         _check_exact_size(params, max_params, caller)
-    loss, _ = _resolve_loss(loss, caller)
-    return params, method, samples, chunk, generator, _grads_with_graph(loss, params)
+    loss, _, fwd, method, _ = _forward(loss, params, model, method, caller)
+    grads = None if fwd is not None else _grads_with_graph(loss, params)
+    return params, method, samples, chunk, generator, grads, fwd
+
+
+def _factor_diag(fwd, params: list, chunk: int) -> list:
+    from . import _curvature_factors as factors
+
+    diag, _ = factors.diag_and_sum_grad_sq(fwd, params, want_diag=True, want_sum_grad_sq=False, chunk=chunk)
+    return diag
 
 
 def hess_diag(loss, params, *, method: str = "hutchinson", samples: int = DEFAULT_SAMPLES,
               generator: Optional[torch.Generator] = None, max_params: int = DEFAULT_MAX_PARAMS,
-              chunk_size: int = DEFAULT_CHUNK) -> HessDiag:
+              chunk_size: int = DEFAULT_CHUNK, model: Optional[torch.nn.Module] = None) -> HessDiag:
     """Diagonal h of H = ∇²L (the exact Hessian, no Gauss-Newton part dropped), one float64
     tensor per parameter, as ``HessDiag(diag, stderr)``.
 
@@ -460,10 +516,17 @@ def hess_diag(loss, params, *, method: str = "hutchinson", samples: int = DEFAUL
     - ``method="exact"``: one Hessian-vector product per element (unit vectors, batched), exact
       up to rounding; refused (ValueError) above ``max_params`` parameter elements. ``stderr``
       is None; ``samples`` and ``generator`` are unused.
+    - ``method="piecewise_linear"``: exact for networks linear in each parameter element
+      (ReLU, max-pool, linear and convolutional layers; checked on the autograd graph, else a
+      ValueError naming what is not), from layer factors: one backward pass per output
+      dimension. Needs ``model=`` and a closure that runs it. ``"auto"``: that where it
+      applies, else Hutchinson. ``stderr`` is None when exact.
 
     NaN for a non-finite loss or gradient."""
-    params, method, samples, chunk, generator, grads = _diag_setup(
-        "hess_diag", loss, params, method, samples, generator, max_params, chunk_size)
+    params, method, samples, chunk, generator, grads, fwd = _diag_setup(
+        "hess_diag", loss, params, method, samples, generator, max_params, chunk_size, model)
+    if fwd is not None:
+        return HessDiag(_factor_diag(fwd, params, chunk), None)
     if method == "exact":
         return HessDiag(_exact_diag(grads, params, chunk), None)
     diag, se, _, _ = _hutchinson(grads, params, samples, generator, chunk, True)
@@ -472,20 +535,21 @@ def hess_diag(loss, params, *, method: str = "hutchinson", samples: int = DEFAUL
 
 def hess_trace(loss, params, *, method: str = "hutchinson", samples: int = DEFAULT_SAMPLES,
                generator: Optional[torch.Generator] = None, max_params: int = DEFAULT_MAX_PARAMS,
-               chunk_size: int = DEFAULT_CHUNK) -> HessTrace:
+               chunk_size: int = DEFAULT_CHUNK, model: Optional[torch.nn.Module] = None) -> HessTrace:
     """Trace Σ_j h_j of H = ∇²L, as ``HessTrace(trace, stderr)`` (0-d float64 each).
 
     - ``method="hutchinson"`` (estimated, unbiased): mean_k v_kᵀHv_k over ``samples``
       Rademacher probes; one probe has variance 2 Σ_{j≠l} H_jl² = 2(‖H‖_F² − Σ_j h_j²);
       ``stderr`` is the sample std over the probes / √samples (NaN for one probe), so the
       estimate lies within ±2·stderr of the trace about 95% of the time.
-    - ``method="exact"``: the sum of the exact diagonal (see :func:`hess_diag`), ``stderr`` 0.
+    - ``method="exact"`` and ``"piecewise_linear"`` (``model=``): the sum of the exact diagonal
+      (see :func:`hess_diag`), ``stderr`` 0; ``"auto"``: the latter where it applies.
 
     NaN for a non-finite loss or gradient."""
-    params, method, samples, chunk, generator, grads = _diag_setup(
-        "hess_trace", loss, params, method, samples, generator, max_params, chunk_size)
-    if method == "exact":
-        d = _exact_diag(grads, params, chunk)
+    params, method, samples, chunk, generator, grads, fwd = _diag_setup(
+        "hess_trace", loss, params, method, samples, generator, max_params, chunk_size, model)
+    if method != "hutchinson":
+        d = _factor_diag(fwd, params, chunk) if fwd is not None else _exact_diag(grads, params, chunk)
         return HessTrace(sum(x.sum() for x in d), torch.zeros((), dtype=torch.float64, device=params[0].device))
     _, _, trace, se = _hutchinson(grads, params, samples, generator, chunk, False)
     return HessTrace(trace, se)
@@ -550,7 +614,8 @@ def curvature_stats(closure_or_loss: LossOrClosure, params, *, sum_grad_sq=None,
                     which: Optional[Sequence[str]] = None, method: str = "hutchinson",
                     samples: int = DEFAULT_SAMPLES, max_iter: int = 100, rtol: float = 1e-3, atol: float = 1e-6,
                     generator: Optional[torch.Generator] = None, max_params: int = DEFAULT_MAX_PARAMS,
-                    chunk_size: int = DEFAULT_CHUNK, eps: float = TIC_EPS) -> CurvatureStats:
+                    chunk_size: int = DEFAULT_CHUNK, eps: float = TIC_EPS,
+                    model: Optional[torch.nn.Module] = None) -> CurvatureStats:
     """The curvature family of SPEC.md §6 in one call, as :class:`CurvatureStats`.
 
     ``closure_or_loss``: curvature needs the graph of the loss. Preferably a closure ``() ->
@@ -566,8 +631,12 @@ def curvature_stats(closure_or_loss: LossOrClosure, params, *, sum_grad_sq=None,
     Naming ``tic_diag`` or ``tic_trace`` without a source of S is a ValueError.
 
     ``method``: "hutchinson" (``samples`` Rademacher probes, unbiased, standard error in
-    ``hess_trace_stderr``) or "exact" (small models, at most ``max_params`` elements). The
-    power-iteration settings ``max_iter``, ``rtol``, ``atol`` are Cockpit's defaults.
+    ``hess_trace_stderr``), "exact" (small models, at most ``max_params`` elements),
+    "piecewise_linear" (exact from layer factors for networks linear in each parameter element,
+    checked on the graph; ``model=`` and a closure running it; S then comes from the factors
+    too) or "auto" (piecewise_linear where it applies, else hutchinson; the result's ``method``
+    and ``fallback_reason`` say which). The power-iteration settings ``max_iter``, ``rtol``,
+    ``atol`` are Cockpit's defaults.
 
     Bad configuration raises before any work (ValueError/TypeError naming the argument); a
     non-finite loss or gradient gives NaN values, never an exception."""
@@ -595,6 +664,7 @@ def curvature_stats(closure_or_loss: LossOrClosure, params, *, sum_grad_sq=None,
     chunk = check_int(chunk_size, "chunk_size", caller, low=1)
     eps = check_float(eps, "eps", caller)
     generator = _check_generator(generator, caller)
+    model = _check_model(model, method, closure_or_loss, caller)
     want_tic = "tic_diag" in which or "tic_trace" in which
     if method == "exact" and (want_tic or "hess_trace" in which):
         _check_exact_size(params, max_params, caller)
@@ -607,7 +677,7 @@ def curvature_stats(closure_or_loss: LossOrClosure, params, *, sum_grad_sq=None,
     elif batch_size is not None:
         batch_size = check_int(batch_size, "batch_size", caller, low=1)
 
-    loss, per_sample = _resolve_loss(closure_or_loss, caller)
+    loss, per_sample, fwd, method, fallback = _forward(closure_or_loss, params, model, method, caller)
     if s is None and want_tic:
         if per_sample is None:
             if explicit:
@@ -619,16 +689,28 @@ def curvature_stats(closure_or_loss: LossOrClosure, params, *, sum_grad_sq=None,
                 raise ValueError(f"{caller}: batch_size={batch_size} but the loss has {per_sample.shape[0]} "
                                  "per-sample entries")
             batch_size = per_sample.shape[0]
-            s = _sum_grad_sq(per_sample, params, chunk)
+            if fwd is None:
+                s = _sum_grad_sq(per_sample, params, chunk)
 
     dev = params[0].device
     nan = _nan(dev)
     out = dict(hess_max_ev=nan, hess_trace=nan, tic_diag=nan, tic_trace=nan, hess_trace_stderr=nan)
-    grads = _grads_with_graph(loss, params)
+    want_diag = want_tic or "hess_trace" in which
+    diag = None
+    if fwd is not None:
+        from . import _curvature_factors as factors
+
+        diag, s_factors = factors.diag_and_sum_grad_sq(fwd, params, want_diag=want_diag,
+                                                       want_sum_grad_sq=want_tic and s is None, chunk=chunk)
+        s = s if s is not None else s_factors
+    grads = _grads_with_graph(loss, params) if (fwd is None or "hess_max_ev" in which) else None
     if "hess_max_ev" in which:
         out["hess_max_ev"] = _max_ev(grads, params, generator, max_iter, rtol, atol)
-    if want_tic or "hess_trace" in which:
-        if method == "exact":
+    if want_diag:
+        if diag is not None:
+            trace = sum(x.sum() for x in diag)
+            trace_se = torch.zeros((), dtype=torch.float64, device=dev)
+        elif method == "exact":
             diag = _exact_diag(grads, params, chunk)
             trace = sum(x.sum() for x in diag)
             trace_se = torch.zeros((), dtype=torch.float64, device=dev)
@@ -642,8 +724,9 @@ def curvature_stats(closure_or_loss: LossOrClosure, params, *, sum_grad_sq=None,
                 out["tic_diag"] = tic_diag
             if "tic_trace" in which:
                 out["tic_trace"] = tic_trace
-    return CurvatureStats(method=method, samples=samples if method == "hutchinson" else 0, **out)
+    return CurvatureStats(method=method, samples=samples if method == "hutchinson" else 0, fallback_reason=fallback,
+                          **out)
 
 
-__all__ = ["CURVATURE_STATS", "METHODS", "TIC_EPS", "CurvatureStats", "HessDiag", "HessTrace", "curvature_stats",
+__all__ = ["CURVATURE_STATS", "FACTOR_METHODS", "METHODS", "TIC_EPS", "CurvatureStats", "HessDiag", "HessTrace", "curvature_stats",
            "hess_diag", "hess_max_ev", "hess_trace", "hessian_vector_product", "sum_grad_sq_from_losses", "tic"]

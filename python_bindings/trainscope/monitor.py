@@ -482,6 +482,7 @@ class _CurvatureQuantity(Quantity):
     def __init__(self, monitor: "Monitor", options: Dict[str, Any]):
         self._monitor, self._o = monitor, options
         self._warned = False
+        self._fallback_warned = False
 
     def compute(self, ctx) -> Dict[str, torch.Tensor]:
         from .curvature import curvature_stats
@@ -505,7 +506,8 @@ class _CurvatureQuantity(Quantity):
         try:
             with torch.enable_grad():
                 c = curvature_stats(closure, params, which=o["which"], method=o["method"], samples=o["samples"],
-                                    max_iter=o["max_iter"], max_params=o["max_params"], generator=generator)
+                                    max_iter=o["max_iter"], max_params=o["max_params"], generator=generator,
+                                    model=self._monitor._model)
         finally:
             if armed:
                 hooks.enabled = True
@@ -514,8 +516,13 @@ class _CurvatureQuantity(Quantity):
             value = c[name]
             if o["which"] is None or name in o["which"]:
                 out[name] = value
-        if o["method"] == "hutchinson" and "hess_trace" in out:
+        if c.method == "hutchinson" and "hess_trace" in out:
             out["hess_trace_stderr"] = c["hess_trace_stderr"]
+        if c.fallback_reason is not None and not self._fallback_warned:
+            self._fallback_warned = True
+            warnings.warn(f"trainscope.Monitor: curvature method 'auto' estimates (Hutchinson, "
+                          f"curvature/hess_trace_stderr recorded) because the exact route does not apply: "
+                          f"{c.fallback_reason}", RuntimeWarning, stacklevel=4)
         return out
 
 
@@ -598,8 +605,11 @@ class Monitor:
       a mean loss gives the Hessian quantities alone) at the current parameters, i.e. after the
       optimizer step when ``step()`` follows it. Steps that are not due never call it, so only
       due steps pay. ``curvature_options``: ``which`` (None: every quantity the closure allows),
-      ``method`` ("hutchinson": unbiased estimates with their standard error, or "exact": one
-      Hessian-vector product per parameter element, small models only, up to ``max_params``),
+      ``method`` ("hutchinson": unbiased estimates with their standard error; "exact": one
+      Hessian-vector product per parameter element, small models only, up to ``max_params``;
+      "piecewise_linear": exact from layer factors for networks linear in each parameter
+      element, such as ReLU/max-pool CNNs and MLPs, one backward pass per output dimension, an
+      error otherwise; "auto": that where it applies, else Hutchinson with a warning saying why),
       ``samples`` (Hutchinson probes, 100), ``max_iter`` (power iteration, 100), ``seed`` (0; the
       probes of step s use seed + s). See :mod:`trainscope.curvature`. A due step without a
       closure is skipped with a warning, never an error.
@@ -627,6 +637,13 @@ class Monitor:
         ps_options = _per_sample_options(per_sample_options, nbins, maxval)
         curvature_spec = _spec(curvature, "curvature")
         curvature_opts = _curvature_options(curvature_options)
+        from .curvature import FACTOR_METHODS
+
+        if (curvature_spec != "off" and curvature_opts["method"] in FACTOR_METHODS
+                and not isinstance(model_or_named_params, nn.Module)):
+            raise ValueError(f"Monitor: curvature_options['method']={curvature_opts['method']!r} needs the model as an "
+                             "nn.Module (its forward pass is watched), got (name, tensor) pairs")
+        self._model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
         cabs_lr = _cabs_lr(optimizer) if GRAD_VARIANCE_KEY in ps_specs else None
         if ps_specs and not isinstance(model_or_named_params, nn.Module):
             raise ValueError(f"Monitor: {' and '.join(ps_specs)} need the model as an nn.Module (the per-sample "

@@ -42,6 +42,9 @@ def test_each_configuration_records_every_cockpit_quantity(label, names, hists):
     assert got - names <= {"per_sample/grad_variance_trace", "per_sample/grad_sq_norm_unbiased",
                            "per_sample/gradient_noise_scale"}, sorted(got - names)
     assert set(last.histograms) == hists
+    # A ReLU CNN: the curvature family's Hessian diagonal is exact (from layer factors), as
+    # BackPACK's is for Cockpit, so no standard error is recorded.
+    assert "curvature/hess_trace_stderr" not in last.scalars
 
 
 def test_bad_label_and_schedule_are_named():

@@ -348,8 +348,10 @@ def test_nan_loss_gives_nan_without_raising(gen):
     def closure():
         return F.cross_entropy(model(x), y, reduction="none") * float("nan")
 
-    for method in C.METHODS:
-        s = C.curvature_stats(closure, params, method=method, samples=4)
+    for method in C.METHODS:  # piecewise_linear refuses tanh: test_curvature_factors has its NaN case
+        if method == "piecewise_linear":
+            continue
+        s = C.curvature_stats(closure, params, method=method, samples=4, model=model)
         for name in C.CURVATURE_STATS:
             assert math.isnan(float(s[name])), (method, name)
     assert math.isnan(float(C.hess_max_ev(closure, params)))
