@@ -659,12 +659,14 @@ def print_table(rows, device, args):
                     print(f"verification failed on {r['model']} {label}: {v['problems']}", file=sys.stderr)
         if any(label in CURVATURE_CONFIGS for label in args.config_list):
             k = args.curvature_samples if args.curvature_samples is not None else DEFAULT_CURVATURE_SAMPLES
-            print(f"note: business/full: trainscope estimates the Hessian diagonal (hess_trace, tic_diag) with {k} "
-                  f"Rademacher probes{f' ({args.curvature_samples_from})' if args.curvature_samples_from else ''}, "
-                  f"one Hessian-vector product each, and hess_max_ev by power iteration; Cockpit computes the "
-                  f"diagonal exactly (BackPACK's DiagHessian) and HessMaxEV by power iteration. The probes set "
-                  f"trainscope's cost: the curvature rows compare an estimate at a chosen cost with an exact "
-                  f"value (bench/README.md)")
+            methods = sorted({f"{r['model']}: {e['trainscope']['curvature']['method']}" for r in timed
+                              for e in r["configs"].values() if "curvature" in e["trainscope"]})
+            print(f"note: business/full: trainscope's Hessian diagonal (hess_trace, tic_diag) by "
+                  f"{'; '.join(methods) or '-'}. 'piecewise_linear' is exact (the same diagonal as Cockpit's "
+                  f"BackPACK DiagHessian, from layer factors); 'hutchinson' estimates it with {k} Rademacher "
+                  f"probes{f' ({args.curvature_samples_from})' if args.curvature_samples_from else ''}, one "
+                  f"Hessian-vector product each, and then compares an estimate at a chosen cost with an exact value. "
+                  f"hess_max_ev: power iteration on both sides (bench/README.md)")
 
     for r in rows:
         if "ratio" in r:
