@@ -152,6 +152,8 @@ def test_cockpit_full_configuration_through_the_callback(tmp_path):
     for name in FULL:
         assert set(scalars[f"trainscope/{name}"]) == ({1, 2} if name == "alpha" else {0, 1, 2}), name
     assert set(hists) == {"trainscope/per_sample_grad_hist1d"}
+    # A ReLU MLP: the Hessian diagonal is exact (method "auto", from layer factors), no stderr.
+    assert "trainscope/curvature/hess_trace_stderr" not in scalars
     # TensorBoard has no 2-D histograms: the joint one reaches the sinks.
     assert all(set(r.histograms) == {"per_sample_grad_hist1d", "per_sample_grad_hist2d"} for r in records)
 
