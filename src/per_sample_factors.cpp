@@ -796,6 +796,13 @@ PerSampleMoments moments_of(const Problem& p) {
 
 // Gᵢ·D [B] float64 for D given as weight_dir [G·d_out, d_in] (any shape of that many elements)
 // and bias_dir [G·d_out] or undefined: Σ_t δ_itᵀ D x_it per group, in tiles of samples.
+// out [B] += the per-sample bias gradients · bias_dir (when given and the layer has a tracked bias).
+void add_bias_projections(const Problem& p, const at::Tensor& bias_dir, at::Tensor& out) {
+  if (bias_dir.defined() && p.bias_grads && p.B > 0) {
+    out.add_(at::mv(p.bias_grads(at::kDouble), bias_dir.detach().to(p.opts.device(), at::kDouble).reshape({-1})));
+  }
+}
+
 at::Tensor projections_of(const Problem& p, const at::Tensor& weight_dir, const at::Tensor& bias_dir) {
   const auto o64 = p.opts.dtype(at::kDouble);
   at::Tensor out = at::zeros({p.B}, o64);
@@ -808,9 +815,7 @@ at::Tensor projections_of(const Problem& p, const at::Tensor& weight_dir, const 
     const at::Tensor xw = at::matmul(x, w.transpose(1, 2).unsqueeze(0));  // [b, G, T, d_out]
     out.narrow(0, i0, b).copy_((xw * d).sum(at::IntArrayRef{1, 2, 3}));
   }
-  if (bias_dir.defined() && p.bias_grads && p.B > 0) {
-    out.add_(at::mv(p.bias_grads(at::kDouble), bias_dir.detach().to(p.opts.device(), at::kDouble).reshape({-1})));
-  }
+  add_bias_projections(p, bias_dir, out);
   return out;
 }
 
@@ -916,7 +921,19 @@ at::Tensor conv2d_per_sample_projections(at::TensorList input, at::TensorList gr
               " but the layer's weight has ", p.G * p.dout * p.din, " elements");
   TORCH_CHECK(!bias_dir.defined() || bias_dir.numel() == p.G * p.dout, op, ": bias_dir must have ", p.G * p.dout,
               " elements, got ", bias_dir.sizes());
-  return projections_of(p, weight_dir, bias_dir);
+  // Σ_t δ_itᵀ D x_it is the layer's convolution with D as its weight, dotted with δ per sample: the
+  // library's convolution in the layer's accumulation dtype (no unfolded copy of the input), then
+  // the products with δ summed in float64, one use at a time.
+  at::Tensor out = at::zeros({p.B}, p.opts.dtype(at::kDouble));
+  const at::Tensor w = weight_dir.detach().to(input[0].device(), p.acc).reshape(
+      {p.G * p.dout, p.din / (g.kernel[0] * g.kernel[1]), g.kernel[0], g.kernel[1]});
+  for (size_t k = 0; k < input.size() && p.B > 0; ++k) {
+    const at::Tensor y = at::convolution(input[k].detach().to(p.acc), w, {}, g.stride, g.padding, g.dilation,
+                                         /*transposed=*/false, {0, 0}, g.groups);
+    out.add_(y.to(at::kDouble).mul_(grad_output[k].detach().to(at::kDouble)).sum(at::IntArrayRef{1, 2, 3}));
+  }
+  add_bias_projections(p, bias_dir, out);
+  return out;
 }
 
 PerSampleMoments linear_per_sample_grad_moments(at::TensorList input, at::TensorList grad_output, bool has_bias) {
