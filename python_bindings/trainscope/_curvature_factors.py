@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 # Autograd nodes linear in each input, or piecewise linear (their second derivative is zero
-# almost everywhere). Nodes with several inputs that depend on parameters (a product) are
-# multilinear, allowed when the inputs depend on disjoint sets of parameters.
+# almost everywhere). Sums of inputs that depend on one parameter stay linear in it (a residual
+# connection); products are bilinear, allowed when their factors depend on disjoint sets of
+# parameters (_PRODUCTS names the inputs multiplied).
 _PIECEWISE_LINEAR_NODES = frozenset({
     # layers
     "AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "ConvolutionBackward0",
@@ -58,6 +59,11 @@ _PIECEWISE_LINEAR_NODES = frozenset({
     "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "IndexBackward0", "IndexSelectBackward0",
     "ConstantPadNdBackward0", "FlipBackward0", "RepeatBackward0", "AliasBackward0",
 })
+
+
+# Node -> positions in next_functions of the inputs it multiplies together.
+_PRODUCTS = {"MulBackward0": (0, 1), "MmBackward0": (0, 1), "BmmBackward0": (0, 1), "MvBackward0": (0, 1),
+             "AddmmBackward0": (1, 2), "ConvolutionBackward0": (0, 1)}
 
 
 def _node_name(node) -> str:
@@ -116,17 +122,21 @@ def check_piecewise_linear(output: torch.Tensor, loss: torch.Tensor, names: Dict
                              "which is not known to be piecewise linear; the Hessian's diagonal then differs from the "
                              "Gauss-Newton one and method='piecewise_linear' would be wrong: use "
                              "method='hutchinson' (or 'auto')")
-        sets = [below.get(nf, frozenset()) for nf, _ in node.next_functions if nf is not None]
+        inputs = node.next_functions
+        sets = [below.get(nf, frozenset()) for nf, _ in inputs if nf is not None]
         union = frozenset().union(*sets) if sets else frozenset()
-        if sum(len(s) for s in sets) != len(union):
-            raise ValueError(f"{caller}: {name[:-9] if name.endswith('Backward0') else name} multiplies or joins two "
+        factors = [below.get(inputs[i][0], frozenset()) for i in _PRODUCTS.get(name, ())
+                   if i < len(inputs) and inputs[i][0] is not None]
+        if len(factors) == 2 and factors[0] & factors[1]:
+            raise ValueError(f"{caller}: {name[:-9] if name.endswith('Backward0') else name} multiplies two "
                              "quantities that depend on the same parameter, so the output is not linear in it; "
                              "use method='hutchinson' (or 'auto')")
         below[node] = union
     for pid, n in consumers.items():
         if n > 1:
             raise ValueError(f"{caller}: the parameter {names.get(pid, '?')!r} is used {n} times in one forward pass; "
-                             "method='piecewise_linear' needs each used once: use method='hutchinson' (or 'auto')")
+                             "method='piecewise_linear' sums squared per-sample gradients layer by layer and needs "
+                             "each parameter used once: use method='hutchinson' (or 'auto')")
 
 
 class _Capture:

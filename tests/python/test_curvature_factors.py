@@ -50,9 +50,22 @@ def make(kind: str, gen):
     elif kind == "sequence":  # nn.Linear on [B, T, d]: several positions per sample
         model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2), nn.Flatten(), nn.Linear(6, 3))
         x = torch.randn(B, 3, 4, generator=gen, dtype=torch.float64)
+    elif kind == "residual":  # x₁ + ReLU(W₂x₁): both terms depend on W₁, linearly
+        model = Residual()
+        x = torch.randn(B, 5, generator=gen, dtype=torch.float64)
     else:
         raise ValueError(kind)
     return init(model, gen), x
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(h + torch.relu(self.b(h)))
 
 
 LOSSES = {
@@ -83,7 +96,7 @@ def reference_hessian(model, x, lossf, y):
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "conv1d", "sequence"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "conv1d", "sequence", "residual"])
 def test_equals_the_full_hessians_diagonal(kind, loss, gen):
     model, x = make(kind, gen)
     y = target(loss, gen)
@@ -181,6 +194,19 @@ class Square(nn.Module):
         return h * h
 
 
+class Tied(nn.Module):
+    """Two layers sharing one weight: the squared per-sample gradients of the two uses would miss
+    their cross terms, so the factors refuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.a(x) + self.b(torch.relu(x))
+
+
 REFUSED = [
     ("tanh", lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), "Tanh"),
     ("gelu", lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 3)), "Gelu"),
@@ -189,6 +215,7 @@ REFUSED = [
     ("batchnorm", lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)), "BatchNorm"),
     ("twice", Twice, "ran 2 times"),
     ("square", Square, "same parameter"),
+    ("tied", Tied, "used 2 times"),
 ]
 
 
