@@ -211,11 +211,11 @@ class Forward:
         if not isinstance(self.output, torch.Tensor):
             raise ValueError(f"{caller}: method='piecewise_linear' needs the closure to call the model once, "
                              f"returning one tensor (its output); got {type(self.output).__name__}")
-        for m, uses in self.uses.items():
-            if len(uses) != 1:
+        check_piecewise_linear(self.output, self.loss, {id(p): n for n, p in self.model.named_parameters()}, caller)
+        for m, uses in self.uses.items():  # a layer that did not run adds no curvature
+            if len(uses) > 1:
                 raise ValueError(f"{caller}: the layer {self.layers[m]!r} ran {len(uses)} times in the closure; "
                                  "method='piecewise_linear' needs each layer used once")
-        check_piecewise_linear(self.output, self.loss, {id(p): n for n, p in self.model.named_parameters()}, caller)
 
 
 def _loss_hessian_factor(loss: torch.Tensor, out: torch.Tensor, chunk: int):
@@ -295,7 +295,7 @@ def diag_and_sum_grad_sq(fwd: Forward, params: List[torch.Tensor], *, want_diag:
 
     out, caller = fwd.output, fwd.caller
     b = out.shape[0]
-    mods = list(fwd.uses)
+    mods = [m for m, uses in fwd.uses.items() if uses]
     for m in mods:
         x, version, _ = fwd.uses[m][0]
         if x._version != version:
