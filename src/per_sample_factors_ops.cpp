@@ -1,4 +1,4 @@
-// Torch ops of the layer-factor family: per-sample parts and histograms of nn.Linear and
+// Torch ops of the layer-factor family: per-sample parts, histograms, moments and projections of nn.Linear and
 // nn.Conv2d from their inputs and output gradients (include/trainscope/per_sample_factors.h).
 // Fake kernels live in python_bindings/trainscope/per_sample_factors.py.
 #include <optional>
@@ -91,6 +91,21 @@ MomentsTuple conv2d_moments_op(In input, In grad_output, at::IntArrayRef kernel_
                                                  stride, padding, dilation, groups, has_bias));
 }
 
+template <typename In>
+at::Tensor linear_projections_op(In input, In grad_output, const at::Tensor& weight_dir,
+                                 const std::optional<at::Tensor>& bias_dir) {
+  return linear_per_sample_projections(at::TensorList(input), at::TensorList(grad_output), weight_dir,
+                                       or_undefined(bias_dir));
+}
+
+template <typename In>
+at::Tensor conv2d_projections_op(In input, In grad_output, const at::Tensor& weight_dir,
+                                 const std::optional<at::Tensor>& bias_dir, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return conv2d_per_sample_projections(at::TensorList(input), at::TensorList(grad_output), weight_dir,
+                                       or_undefined(bias_dir), stride, padding, dilation, groups);
+}
+
 }  // namespace
 }  // namespace trainscope
 
@@ -124,6 +139,14 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
   m.def("conv2d_per_sample_grad_moments.uses(Tensor[] input, Tensor[] grad_output, int[2] kernel_size, "
         "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool has_bias=True) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_per_sample_projections(Tensor input, Tensor grad_output, Tensor weight_dir, "
+        "Tensor? bias_dir=None) -> Tensor");
+  m.def("conv2d_per_sample_projections(Tensor input, Tensor grad_output, Tensor weight_dir, "
+        "Tensor? bias_dir=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor");
+  m.def("linear_per_sample_projections.uses(Tensor[] input, Tensor[] grad_output, Tensor weight_dir, "
+        "Tensor? bias_dir=None) -> Tensor");
+  m.def("conv2d_per_sample_projections.uses(Tensor[] input, Tensor[] grad_output, Tensor weight_dir, "
+        "Tensor? bias_dir=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor");
   m.def("linear_per_sample_parts.uses(Tensor[] input, Tensor[] grad_output, bool has_bias=True, "
         "str method=\"auto\") -> (Tensor, Tensor, Tensor)");
   m.def("conv2d_per_sample_parts.uses(Tensor[] input, Tensor[] grad_output, int[2] kernel_size, "
@@ -152,7 +175,9 @@ TORCH_LIBRARY_IMPL(trainscope, Autograd, m) {
                            "linear_per_sample_grad_hist1d.uses", "conv2d_per_sample_grad_hist1d.uses",
                            "linear_per_sample_grad_hist2d.uses", "conv2d_per_sample_grad_hist2d.uses",
                            "linear_per_sample_grad_moments", "conv2d_per_sample_grad_moments",
-                           "linear_per_sample_grad_moments.uses", "conv2d_per_sample_grad_moments.uses"}) {
+                           "linear_per_sample_grad_moments.uses", "conv2d_per_sample_grad_moments.uses",
+                           "linear_per_sample_projections", "conv2d_per_sample_projections",
+                           "linear_per_sample_projections.uses", "conv2d_per_sample_projections.uses"}) {
     m.impl(name, torch::CppFunction::makeFallthrough());
   }
 }
@@ -177,6 +202,10 @@ void define_kernels(torch::Library& m) {
   m.impl("conv2d_per_sample_grad_moments", &trainscope::conv2d_moments_op<One>);
   m.impl("linear_per_sample_grad_moments.uses", &trainscope::linear_moments_op<Uses>);
   m.impl("conv2d_per_sample_grad_moments.uses", &trainscope::conv2d_moments_op<Uses>);
+  m.impl("linear_per_sample_projections", &trainscope::linear_projections_op<One>);
+  m.impl("conv2d_per_sample_projections", &trainscope::conv2d_projections_op<One>);
+  m.impl("linear_per_sample_projections.uses", &trainscope::linear_projections_op<Uses>);
+  m.impl("conv2d_per_sample_projections.uses", &trainscope::conv2d_projections_op<Uses>);
 }
 }  // namespace
 

@@ -401,26 +401,6 @@ def _use_grad_sum(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tor
     return torch.cat(parts)
 
 
-def _use_dots(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """One use's share of gᵢ·ḡ [b] float64, ḡ the flat mean gradient of _use_grad_sum's layout."""
-    d_out = grad.shape[1] if isinstance(module, nn.Conv2d) else grad.shape[-1]
-    n_w = mean.numel() - (d_out if _tracks_bias(module) else 0)
-    w_mean = mean[:n_w].reshape(d_out, -1)
-    b_mean = mean[n_w:] if _tracks_bias(module) else None
-    tile = _layer_tile(module, x, grad)
-    out = []
-    for start in range(0, x.shape[0], tile):
-        problems = _layer_problems(module, x[start:start + tile], grad[start:start + tile])
-        o = d_out // len(problems)
-        dots = 0
-        for j, (xx, d) in enumerate(problems):
-            dots = dots + ((xx @ w_mean[j * o:(j + 1) * o].T) * d).sum((1, 2))
-            if b_mean is not None:
-                dots = dots + d.sum(1) @ b_mean[j * o:(j + 1) * o]
-        out.append(dots)
-    return torch.cat(out)
-
-
 def _layer_grad_sum(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor]) -> torch.Tensor:
     """Σᵢ gᵢ of the layer's samples over its uses (inputs ``xs``, output gradients ``grads``)."""
     kind = kind_of(module)
@@ -431,11 +411,20 @@ def _layer_grad_sum(module: nn.Module, xs: List[torch.Tensor], grads: List[torch
 
 def _layer_dots(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor],
                 mean: torch.Tensor) -> torch.Tensor:
-    """gᵢ·ḡ [b] float64 of the layer's samples over its uses."""
+    """gᵢ·ḡ [b] float64 of the layer's samples over its uses, ḡ flat in _use_grad_sum's layout
+    (the weight, then the tracked bias). nn.Linear and nn.Conv2d by the projection ops (a
+    convolution's by the library convolution with ḡ as its weight)."""
     kind = kind_of(module)
     if kind is not None:
         return kind.dots(module, list(xs), list(grads), mean)
-    return functools.reduce(torch.add, [_use_dots(module, x, g, mean) for x, g in zip(xs, grads)])
+    n_b = module.weight.shape[0] if _tracks_bias(module) else 0
+    weight_dir, bias_dir = mean[:mean.numel() - n_b], (mean[mean.numel() - n_b:] if n_b else None)
+    if isinstance(module, nn.Linear):
+        return torch.ops.trainscope.linear_per_sample_projections.uses(list(xs), list(grads), weight_dir, bias_dir)
+    x, padding = _conv_inputs(module, list(xs))
+    return torch.ops.trainscope.conv2d_per_sample_projections.uses(
+        x, list(grads), weight_dir.view(module.weight.shape), bias_dir, _pair("stride", module.stride),
+        _pair("padding", padding), _pair("dilation", module.dilation), int(module.groups))
 
 
 def _layer_sq_norms(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor],
@@ -1379,6 +1368,30 @@ def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(
     op = "conv2d_per_sample_grad_moments"
     x = _fake_check_uses(op, input, grad_output, conv=True)
     return _moments_fake(x, None, _conv_weight_2d(op, x, grad_output[0], kernel_size, groups), has_bias)
+
+
+@register_fake("trainscope::linear_per_sample_projections")
+def _(input, grad_output, weight_dir, bias_dir=None):
+    _fake_check("linear_per_sample_projections", input, grad_output, conv=False)
+    return input.new_empty(input.shape[0], dtype=torch.float64)
+
+
+@register_fake("trainscope::conv2d_per_sample_projections")
+def _(input, grad_output, weight_dir, bias_dir=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    _fake_check("conv2d_per_sample_projections", input, grad_output, conv=True)
+    return input.new_empty(input.shape[0], dtype=torch.float64)
+
+
+@register_fake("trainscope::linear_per_sample_projections.uses")
+def _(input, grad_output, weight_dir, bias_dir=None):
+    x = _fake_check_uses("linear_per_sample_projections", input, grad_output, conv=False)
+    return x.new_empty(x.shape[0], dtype=torch.float64)
+
+
+@register_fake("trainscope::conv2d_per_sample_projections.uses")
+def _(input, grad_output, weight_dir, bias_dir=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    x = _fake_check_uses("conv2d_per_sample_projections", input, grad_output, conv=True)
+    return x.new_empty(x.shape[0], dtype=torch.float64)
 
 
 @register_fake("trainscope::linear_per_sample_grad_hist1d")

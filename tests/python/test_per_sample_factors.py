@@ -1290,6 +1290,13 @@ def sample_inputs(device):
         (ops.conv2d_per_sample_grad_moments.default, (xc, dc, [3, 3], [2, 2], [1, 1], [1, 1], 2, True)),
         (ops.linear_per_sample_grad_moments.uses, ([x, x2], [d, d2], True)),
         (ops.conv2d_per_sample_grad_moments.uses, ([xc, xc2], [dc, dc2], [3, 3], [2, 2], [1, 1], [1, 1], 2, False)),
+        # Per-sample projections gᵢ·D (alpha; gᵢ·ḡ of the statistics across ranks).
+        (ops.linear_per_sample_projections.default, (x, d, w, b)),
+        (ops.linear_per_sample_projections.default, (x2, d2, w, None)),
+        (ops.conv2d_per_sample_projections.default, (xc, dc, wc, randn(gen, (6,), device=device), [2, 2], [1, 1],
+                                                     [1, 1], 2)),
+        (ops.linear_per_sample_projections.uses, ([x, x2], [d, d2], w, b)),
+        (ops.conv2d_per_sample_projections.uses, ([xc, xc2], [dc, dc2], wc, None, [2, 2], [1, 1], [1, 1], 2)),
         (ops.grad_variance_stats.default, ([d2.sum(0), x2.sum(0)], [d2.square().sum(0), x2.square().sum(0)], 4,
                                            d2.abs().mean(), 0.1)),
         (ops.grad_variance_stats.default, ([d2.sum(0)], [d2.square().sum(0)], 2, d2.abs().sum(), 0.5)),
