@@ -88,6 +88,9 @@ struct Problem {
   // [B, G·d_out] per-sample bias gradients summed in `dtype`; empty when the layer's bias is not
   // tracked. A function, so that building a Problem does no work before every argument is checked.
   std::function<at::Tensor(at::ScalarType dtype)> bias_grads;
+  // Gᵢ·W = Σ_t δ_itᵀ W x_it [B] float64 for W [G, d_out, d_in] in `acc`, by the layer's own operation
+  // where it beats the unfolded product (a convolution: no unfolded copy); empty otherwise.
+  std::function<at::Tensor(const at::Tensor& w)> weight_dots;
 };
 
 // Samples per tile when one sample needs `work` elements of temporaries besides its x and δ in
@@ -196,6 +199,31 @@ ConvGeometry conv_geometry(const char* op, at::IntArrayRef kernel_size, at::IntA
   return g;
 }
 
+// Σ_j a_ij·b_ij [n] float64 of two [n, m] matrices (Σ_j a_ij² when b is undefined), each element
+// upcast before the product. On the CPU in blocks that stay in cache (whole float64 copies would
+// cost more memory traffic than the GEMM that made a); on a GPU at once.
+at::Tensor rowwise_dot_f64(const at::Tensor& a, const at::Tensor& b = {}) {
+  auto dot = [](const at::Tensor& x, const at::Tensor& y) {
+    const at::Tensor x64 = x.to(at::kDouble);
+    return (y.defined() ? x64 * y.to(at::kDouble) : x64 * x64).sum(1);
+  };
+  if (!a.device().is_cpu()) return dot(a, b);
+  constexpr int64_t kBlock = int64_t{1} << 17;
+  const int64_t n = a.size(0), m = a.size(1);
+  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(n, kBlock / std::max<int64_t>(1, m)));
+  const int64_t cb = std::max<int64_t>(1, std::min<int64_t>(m, kBlock / rb));
+  at::Tensor out = at::zeros({n}, a.options().dtype(at::kDouble));
+  for (int64_t r0 = 0; r0 < n; r0 += rb) {
+    const int64_t r = std::min(rb, n - r0);
+    at::Tensor o = out.narrow(0, r0, r);
+    for (int64_t c0 = 0; c0 < m; c0 += cb) {
+      const int64_t c = std::min(cb, m - c0);
+      o.add_(dot(a.narrow(0, r0, r).narrow(1, c0, c), b.defined() ? b.narrow(0, r0, r).narrow(1, c0, c) : b));
+    }
+  }
+  return out;
+}
+
 Problem conv2d_problem(const char* op, const at::Tensor& input, const at::Tensor& grad_output,
                        const ConvGeometry& g, bool has_bias, const UseNames& n) {
   check_tensor(op, n.input, input);
@@ -249,6 +277,15 @@ Problem conv2d_problem(const char* op, const at::Tensor& input, const at::Tensor
   if (has_bias) {
     p.bias_grads = [grad_output](at::ScalarType dtype) { return at::sum(grad_output, {2, 3}, false, dtype); };
   }
+  // The convolution of the input with W as its weight, dotted with δ per sample (products and sums
+  // in float64).
+  p.weight_dots = [input, grad_output, g, acc, cin](const at::Tensor& w) {
+    const at::Tensor weight = w.reshape({-1, cin / g.groups, g.kernel[0], g.kernel[1]}).to(acc);
+    const at::Tensor y = at::convolution(input.to(acc), weight, {}, g.stride, g.padding, g.dilation,
+                                         /*transposed=*/false, {0, 0}, g.groups);
+    const int64_t b = y.size(0);
+    return rowwise_dot_f64(y.reshape({b, -1}), grad_output.reshape({b, -1}));
+  };
   return p;
 }
 
@@ -302,6 +339,18 @@ Problem combined_problem(const char* op, std::vector<Problem> uses) {
   };
   p.x = concat(xs);
   p.d = concat(ds);
+  const bool dots_everywhere = std::all_of(uses.begin(), uses.end(), [](const Problem& u) { return bool(u.weight_dots); });
+  if (dots_everywhere) {
+    std::vector<std::function<at::Tensor(const at::Tensor&)>> parts;
+    for (const Problem& u : uses) parts.push_back(u.weight_dots);
+    p.weight_dots = [parts](const at::Tensor& w) {
+      at::Tensor sum = parts.front()(w);
+      for (size_t k = 1; k < parts.size(); ++k) sum.add_(parts[k](w));
+      return sum;
+    };
+  } else {
+    p.weight_dots = nullptr;
+  }
   if (first.bias_grads) {
     std::vector<std::function<at::Tensor(at::ScalarType)>> biases;
     for (const Problem& u : uses) biases.push_back(u.bias_grads);
@@ -345,30 +394,7 @@ at::Tensor flat_groups(const at::Tensor& t) {
 
 at::TensorOptions f64_options(const Problem& p) { return p.opts.dtype(at::kDouble); }
 
-// Σ_j a_ij·b_ij [n] float64 of two [n, m] matrices (Σ_j a_ij² when b is undefined), each element
-// upcast before the product. On the CPU in blocks that stay in cache (whole float64 copies would
-// cost more memory traffic than the GEMM that made a); on a GPU at once.
-at::Tensor rowwise_dot_f64(const at::Tensor& a, const at::Tensor& b = {}) {
-  auto dot = [](const at::Tensor& x, const at::Tensor& y) {
-    const at::Tensor x64 = x.to(at::kDouble);
-    return (y.defined() ? x64 * y.to(at::kDouble) : x64 * x64).sum(1);
-  };
-  if (!a.device().is_cpu()) return dot(a, b);
-  constexpr int64_t kBlock = int64_t{1} << 17;
-  const int64_t n = a.size(0), m = a.size(1);
-  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(n, kBlock / std::max<int64_t>(1, m)));
-  const int64_t cb = std::max<int64_t>(1, std::min<int64_t>(m, kBlock / rb));
-  at::Tensor out = at::zeros({n}, a.options().dtype(at::kDouble));
-  for (int64_t r0 = 0; r0 < n; r0 += rb) {
-    const int64_t r = std::min(rb, n - r0);
-    at::Tensor o = out.narrow(0, r0, r);
-    for (int64_t c0 = 0; c0 < m; c0 += cb) {
-      const int64_t c = std::min(cb, m - c0);
-      o.add_(dot(a.narrow(0, r0, r).narrow(1, c0, c), b.defined() ? b.narrow(0, r0, r).narrow(1, c0, c) : b));
-    }
-  }
-  return out;
-}
+
 
 // ‖Gᵢ‖² of the samples of one tile, [b] float64, by the ghost norm: Σ_{t,s} (x_t·x_s)(δ_t·δ_s)
 // with the two T×T Gram matrices formed in blocks of rows.
@@ -475,14 +501,16 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled) {
     sq.push_back(tiled ? tiled_sq_norms(p, x, d) : ghost_sq_norms(p, x, d));
     at::Tensor xf = flat_groups(x), df = flat_groups(d);
     gsum.baddbmm_(df.transpose(1, 2), xf);
-    if (b == p.B && b2 == p.B) {
+    if (b == p.B && b2 == p.B && !p.weight_dots) {
       xg = std::move(xf);
       dg = std::move(df);
     }
   }
   const at::Tensor gbar = gsum.div_(static_cast<double>(p.B));  // Ḡ [G, d_out, d_in]
 
-  // Pass 2: Gᵢ·Ḡ = Σ_t δ_it · (Ḡ x_it), the rowwise sum of δ ∘ (x Ḡᵀ).
+  // Pass 2: Gᵢ·Ḡ = Σ_t δ_it · (Ḡ x_it), by the layer's own operation where it has one, else the
+  // rowwise sum of δ ∘ (x Ḡᵀ).
+  if (p.weight_dots) return {at::cat(sq), p.weight_dots(gbar), sq_norm_f64(gbar)};
   std::vector<at::Tensor> dots;
   for (int64_t i0 = 0; i0 < p.B; i0 += b2) {
     const int64_t b = std::min(b2, p.B - i0);
@@ -805,6 +833,11 @@ void add_bias_projections(const Problem& p, const at::Tensor& bias_dir, at::Tens
 
 at::Tensor projections_of(const Problem& p, const at::Tensor& weight_dir, const at::Tensor& bias_dir) {
   const auto o64 = p.opts.dtype(at::kDouble);
+  if (p.weight_dots && p.B > 0) {
+    at::Tensor out = p.weight_dots(weight_dir.detach().to(p.opts.device(), p.acc).reshape({p.G, p.dout, p.din}));
+    add_bias_projections(p, bias_dir, out);
+    return out;
+  }
   at::Tensor out = at::zeros({p.B}, o64);
   const at::Tensor w = weight_dir.detach().to(p.opts.device(), at::kDouble).reshape({p.G, p.dout, p.din});
   const int64_t bt = tile_samples(p, 2 * p.G * p.T * p.dout);
@@ -921,19 +954,7 @@ at::Tensor conv2d_per_sample_projections(at::TensorList input, at::TensorList gr
               " but the layer's weight has ", p.G * p.dout * p.din, " elements");
   TORCH_CHECK(!bias_dir.defined() || bias_dir.numel() == p.G * p.dout, op, ": bias_dir must have ", p.G * p.dout,
               " elements, got ", bias_dir.sizes());
-  // Σ_t δ_itᵀ D x_it is the layer's convolution with D as its weight, dotted with δ per sample: the
-  // library's convolution in the layer's accumulation dtype (no unfolded copy of the input), then
-  // the products with δ summed in float64, one use at a time.
-  at::Tensor out = at::zeros({p.B}, p.opts.dtype(at::kDouble));
-  const at::Tensor w = weight_dir.detach().to(input[0].device(), p.acc).reshape(
-      {p.G * p.dout, p.din / (g.kernel[0] * g.kernel[1]), g.kernel[0], g.kernel[1]});
-  for (size_t k = 0; k < input.size() && p.B > 0; ++k) {
-    const at::Tensor y = at::convolution(input[k].detach().to(p.acc), w, {}, g.stride, g.padding, g.dilation,
-                                         /*transposed=*/false, {0, 0}, g.groups);
-    out.add_(y.to(at::kDouble).mul_(grad_output[k].detach().to(at::kDouble)).sum(at::IntArrayRef{1, 2, 3}));
-  }
-  add_bias_projections(p, bias_dir, out);
-  return out;
+  return projections_of(p, weight_dir, bias_dir);
 }
 
 PerSampleMoments linear_per_sample_grad_moments(at::TensorList input, at::TensorList grad_output, bool has_bias) {
