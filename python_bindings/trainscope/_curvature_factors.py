@@ -158,6 +158,7 @@ class _Capture:
 
     def _layer(self, module, inputs, output):
         if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
+            self.uses[module].append(None)  # ran, but not as one tensor in and one out: refused by check()
             return None
         x = inputs[0].detach()
         self.uses[module].append((x, x._version, output))
@@ -192,7 +193,7 @@ def layers_of(model: nn.Module, params: List[torch.Tensor], caller: str) -> Dict
 
 class Forward:
     """One call of the closure, captured: the loss L (graph alive), the per-sample losses or
-    None, the model's output and each layer's (input, input version, output copy)."""
+    None, the model's output and each layer's (input, input version, output) per run."""
 
     def __init__(self, closure, model: nn.Module, layers: Dict[nn.Module, str], caller: str):
         from .curvature import _resolve_loss
@@ -213,6 +214,9 @@ class Forward:
                              f"returning one tensor (its output); got {type(self.output).__name__}")
         check_piecewise_linear(self.output, self.loss, {id(p): n for n, p in self.model.named_parameters()}, caller)
         for m, uses in self.uses.items():  # a layer that did not run adds no curvature
+            if None in uses:
+                raise ValueError(f"{caller}: the layer {self.layers[m]!r} did not take one input tensor and return "
+                                 "one; method='piecewise_linear' needs both")
             if len(uses) > 1:
                 raise ValueError(f"{caller}: the layer {self.layers[m]!r} ran {len(uses)} times in the closure; "
                                  "method='piecewise_linear' needs each layer used once")

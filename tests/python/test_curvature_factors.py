@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainscope import curvature as C
-from test_curvature import default_dtype, flat, full_hessian, per_sample_sum_grad_sq, rel, trainable
+from test_curvature import default_dtype, flat, per_sample_sum_grad_sq, rel, trainable
 
 B = 5
 
@@ -50,6 +50,9 @@ def make(kind: str, gen):
     elif kind == "sequence":  # nn.Linear on [B, T, d]: several positions per sample
         model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2), nn.Flatten(), nn.Linear(6, 3))
         x = torch.randn(B, 3, 4, generator=gen, dtype=torch.float64)
+    elif kind == "embedding":  # token embedding, flattened, linear head
+        model = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.ReLU(), nn.Linear(4 * 3, 3))
+        x = torch.randint(0, 7, (B, 4), generator=gen)
     elif kind == "residual":  # x₁ + ReLU(W₂x₁): both terms depend on W₁, linearly
         model = Residual()
         x = torch.randn(B, 5, generator=gen, dtype=torch.float64)
@@ -82,21 +85,24 @@ def target(loss: str, gen):
     return torch.randn(B, 3, generator=gen, dtype=torch.float64)
 
 
-def reference_hessian(model, x, lossf, y):
-    class _Loss:  # full_hessian's signature: per_sample_loss(out, y, name)
-        pass
-    import test_curvature as T
+def reference_hessian(model, x, lossf, y) -> torch.Tensor:
+    """∇²L in the flattened parameters, float64, by torch.autograd.functional.hessian."""
+    from torch.func import functional_call
 
-    saved = T.per_sample_loss
-    T.per_sample_loss = lambda out, yy, name: lossf(out, yy)
-    try:
-        return full_hessian(model, x, y, "custom")
-    finally:
-        T.per_sample_loss = saved
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+    def f(t):
+        parts = dict(zip(names, (v.view(s) for v, s in zip(t.split(sizes), shapes))))
+        return lossf(functional_call(model, parts, (x,)), y).mean()
+
+    return torch.autograd.functional.hessian(f, theta)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "conv1d", "sequence", "residual"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "conv1d", "sequence", "residual", "embedding"])
 def test_equals_the_full_hessians_diagonal(kind, loss, gen):
     model, x = make(kind, gen)
     y = target(loss, gen)
@@ -226,6 +232,15 @@ class Tied(nn.Module):
         return self.a(x) + self.b(torch.relu(x))
 
 
+class KeywordCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(input=x)))  # the layer's input reaches no forward hook
+
+
 REFUSED = [
     ("tanh", lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), "Tanh"),
     ("gelu", lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 3)), "Gelu"),
@@ -235,6 +250,7 @@ REFUSED = [
     ("twice", Twice, "2 times"),
     ("square", Square, "same parameter"),
     ("tied", Tied, "used 2 times"),
+    ("keyword", KeywordCall, "one input tensor"),
 ]
 
 
