@@ -376,6 +376,10 @@ def _cases() -> List[GraphCase]:
     add("conv2d_per_sample_grad_moments", "conv2d_per_sample_grad_moments", _build_conv,
         lambda i: list(OPS.conv2d_per_sample_grad_moments(i["x"], i["d"], CONV_GEOMETRY["kernel_size"],
                                                           *_conv_args(), True)))
+    add("linear_per_sample_projections", "linear_per_sample_projections", _build_linear,
+        lambda i: [OPS.linear_per_sample_projections(i["x"], i["d"], i["w"], i["b"])])
+    add("conv2d_per_sample_projections", "conv2d_per_sample_projections", _build_conv,
+        lambda i: [OPS.conv2d_per_sample_projections(i["x"], i["d"], i["w"], i["b"], *_conv_args())])
     add("alpha_point_moments", "alpha_point_moments", _build_parts,
         lambda i: [OPS.alpha_point_moments(i["sq"], i["dots"], i["msq"])])
     add("fit_quadratic", "fit_quadratic", _build_parts,
@@ -402,6 +406,10 @@ def _cases() -> List[GraphCase]:
     add("conv2d_per_sample_grad_moments.uses", "conv2d_per_sample_grad_moments", _build_conv_uses,
         lambda i: list(OPS.conv2d_per_sample_grad_moments.uses(i["x"], i["d"], CONV_GEOMETRY["kernel_size"],
                                                                *_conv_args(), True)))
+    add("linear_per_sample_projections.uses", "linear_per_sample_projections", _build_linear_uses,
+        lambda i: [OPS.linear_per_sample_projections.uses(i["x"], i["d"], i["w"], None)])
+    add("conv2d_per_sample_projections.uses", "conv2d_per_sample_projections", _build_conv_uses,
+        lambda i: [OPS.conv2d_per_sample_projections.uses(i["x"], i["d"], i["w"], i["b"], *_conv_args())])
     add("linear_per_sample_grad_hist2d.uses", "linear_per_sample_grad_hist2d", _build_linear_uses,
         lambda i: list(OPS.linear_per_sample_grad_hist2d.uses(i["x"], i["d"], i["w"], i["b"], 32, 0.05, 16, 1.0)))
     add("conv2d_per_sample_grad_hist2d.uses", "conv2d_per_sample_grad_hist2d", _build_conv_uses,
