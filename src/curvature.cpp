@@ -132,7 +132,6 @@ CurvatureStats curvature_stats(const std::function<at::Tensor()>& loss_fn, const
   TORCH_CHECK(losses.defined() && losses.requires_grad() && losses.dim() <= 1, op,
               ": the closure must return the per-sample losses [B] or the mean loss, with a graph");
   const at::Tensor L = losses.dim() == 1 ? losses.mean() : losses;
-  if (!std::isfinite(L.item<double>())) return out;
   Tensors grads = torch::autograd::grad({L}, params, {}, /*retain_graph=*/true, /*create_graph=*/true,
                                         /*allow_unused=*/true);
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -141,8 +140,8 @@ CurvatureStats curvature_stats(const std::function<at::Tensor()>& loss_fn, const
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   if (o.max_ev) {
     at::Tensor lam = power_iteration([&](const Tensors& v) { return hvp(grads, params, v); }, params, gen, o);
-    if (lam.item<double>() < 0) {  // the dominant eigenvalue is negative: iterate on H − λI
-      const double shift = lam.item<double>();
+    const double shift = lam.item<double>();
+    if (shift < 0) {  // the dominant eigenvalue is negative: iterate on H − λI
       lam = power_iteration(
                 [&](const Tensors& v) {
                   Tensors hv = hvp(grads, params, v);

@@ -242,14 +242,11 @@ void cpu_param_stats(const std::vector<tc::TensorDesc>& descs, uint32_t flags,
 
   at::parallel_for(0, total_chunks, 1, [&](int64_t lo, int64_t hi) {
     CpuHistCounter counter(hist);
-    std::vector<int64_t> counts(nbins, 0);
     int64_t counts_tensor = -1;
     auto flush = [&]() {
       if (counts_tensor < 0) return;
-      counter.flush(counts.data());
       std::lock_guard<std::mutex> lock(hist_mutex);  // integer adds commute: deterministic
-      for (int64_t b = 0; b < nbins; ++b) hist_pt[counts_tensor * nbins + b] += counts[b];
-      std::fill(counts.begin(), counts.end(), 0);
+      counter.flush(hist_pt + counts_tensor * nbins);
     };
     for (int64_t c = lo; c < hi; ++c) {
       const int64_t t = tc::find_owner(first_chunk.data(), n, c);
@@ -503,10 +500,8 @@ void cpu_outer_product_hist1d(const at::Tensor& d, const at::Tensor& x, int64_t 
         for (int64_t k = 0; k < din; ++k) row[k] = dv * xr[k];  // one rounding, as a GEMM of depth one
         counter.add(row.data(), din);
       }
-      std::vector<int64_t> local(nbins, 0);
-      counter.flush(local.data());
       std::lock_guard<std::mutex> lock(mutex);  // integer adds commute: deterministic
-      for (int64_t b = 0; b < nbins; ++b) out[b] += local[b];
+      counter.flush(out);
     });
   });
 }

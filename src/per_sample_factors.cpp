@@ -394,8 +394,6 @@ at::Tensor flat_groups(const at::Tensor& t) {
 
 at::TensorOptions f64_options(const Problem& p) { return p.opts.dtype(at::kDouble); }
 
-
-
 // ‖Gᵢ‖² of the samples of one tile, [b] float64, by the ghost norm: Σ_{t,s} (x_t·x_s)(δ_t·δ_s)
 // with the two T×T Gram matrices formed in blocks of rows.
 at::Tensor ghost_sq_norms(const Problem& p, const at::Tensor& x, const at::Tensor& d) {
@@ -822,8 +820,6 @@ PerSampleMoments moments_of(const Problem& p) {
   return m;
 }
 
-// Gᵢ·D [B] float64 for D given as weight_dir [G·d_out, d_in] (any shape of that many elements)
-// and bias_dir [G·d_out] or undefined: Σ_t δ_itᵀ D x_it per group, in tiles of samples.
 // out [B] += the per-sample bias gradients · bias_dir (when given and the layer has a tracked bias).
 void add_bias_projections(const Problem& p, const at::Tensor& bias_dir, at::Tensor& out) {
   if (bias_dir.defined() && p.bias_grads && p.B > 0) {
@@ -831,6 +827,9 @@ void add_bias_projections(const Problem& p, const at::Tensor& bias_dir, at::Tens
   }
 }
 
+// Gᵢ·D [B] float64 for D given as weight_dir [G·d_out, d_in] (any shape of that many elements)
+// and bias_dir [G·d_out] or undefined: Σ_t δ_itᵀ D x_it per group, by the layer's own operation
+// where the problem has one (weight_dots), else in tiles of samples.
 at::Tensor projections_of(const Problem& p, const at::Tensor& weight_dir, const at::Tensor& bias_dir) {
   const auto o64 = p.opts.dtype(at::kDouble);
   if (p.weight_dots && p.B > 0) {

@@ -70,6 +70,11 @@ def _node_name(node) -> str:
     return type(node).__name__
 
 
+def _op_name(node_name: str) -> str:
+    """The operation of an autograd node, for messages ("Tanh" of "TanhBackward0")."""
+    return node_name[:-9] if node_name.endswith("Backward0") else node_name
+
+
 def _param_of(node) -> Optional[torch.Tensor]:
     return getattr(node, "variable", None) if _node_name(node) == "AccumulateGrad" else None
 
@@ -118,7 +123,7 @@ def check_piecewise_linear(output: torch.Tensor, loss: torch.Tensor, names: Dict
             continue
         name = _node_name(node)
         if name not in _PIECEWISE_LINEAR_NODES:
-            raise ValueError(f"{caller}: the model's graph has {name[:-9] if name.endswith('Backward0') else name}, "
+            raise ValueError(f"{caller}: the model's graph has {_op_name(name)}, "
                              "which is not known to be piecewise linear; the Hessian's diagonal then differs from the "
                              "Gauss-Newton one and method='piecewise_linear' would be wrong: use "
                              "method='hutchinson' (or 'auto')")
@@ -128,7 +133,7 @@ def check_piecewise_linear(output: torch.Tensor, loss: torch.Tensor, names: Dict
         factors = [below.get(inputs[i][0], frozenset()) for i in _PRODUCTS.get(name, ())
                    if i < len(inputs) and inputs[i][0] is not None]
         if len(factors) == 2 and factors[0] & factors[1]:
-            raise ValueError(f"{caller}: {name[:-9] if name.endswith('Backward0') else name} multiplies two "
+            raise ValueError(f"{caller}: {_op_name(name)} multiplies two "
                              "quantities that depend on the same parameter, so the output is not linear in it; "
                              "use method='hutchinson' (or 'auto')")
         below[node] = union
@@ -223,7 +228,7 @@ class Forward:
 
 
 def _loss_hessian_factor(loss: torch.Tensor, out: torch.Tensor, chunk: int):
-    """(factor columns [K, B, K], their signs [K, B], ∂L/∂f [B, K], finite flag) with
+    """(factor columns [K, B, K], their signs [K, B], finite flag) with
     Hᵢ/B = Σ_c σ_ic v_ic v_icᵀ, from the eigendecomposition of each sample's output Hessian of L
     (K backward passes through the loss alone), decomposed in float64. Eigenvalues within the
     rounding of forming Hᵢ in the output's dtype of zero (|λ| ≤ K·ε·max|λ|) count as zero (the
@@ -251,7 +256,7 @@ def _loss_hessian_factor(loss: torch.Tensor, out: torch.Tensor, chunk: int):
     tol = k * torch.finfo(gf.dtype).eps * evals.abs().amax(1, keepdim=True)  # the rounding of forming Hᵢ
     evals = torch.where(evals.abs() <= tol, torch.zeros_like(evals), evals)
     cols = (evecs * evals.abs().sqrt()[:, None, :]).permute(2, 0, 1)  # [K(c), B, K]
-    return cols, evals.sign().transpose(0, 1), gf.detach(), finite
+    return cols, evals.sign().transpose(0, 1), finite
 
 
 def _sum_of_squares(m: nn.Module, x: torch.Tensor, d: torch.Tensor) -> Dict[torch.Tensor, torch.Tensor]:
@@ -326,7 +331,7 @@ def diag_and_sum_grad_sq(fwd: Forward, params: List[torch.Tensor], *, want_diag:
                     into[i].add_(q, alpha=weight)
 
     if diag is not None:
-        cols, signs, _, finite = _loss_hessian_factor(fwd.loss, out, chunk)
+        cols, signs, finite = _loss_hessian_factor(fwd.loss, out, chunk)
         negative = bool((signs < 0).any())
         for a in range(0, cols.shape[0], chunk):
             c, s = cols[a:a + chunk], signs[a:a + chunk, :, None]

@@ -707,11 +707,9 @@ def curvature_stats(closure_or_loss: LossOrClosure, params, *, sum_grad_sq=None,
     if "hess_max_ev" in which:
         out["hess_max_ev"] = _max_ev(grads, params, generator, max_iter, rtol, atol)
     if want_diag:
-        if diag is not None:
-            trace = sum(x.sum() for x in diag)
-            trace_se = torch.zeros((), dtype=torch.float64, device=dev)
-        elif method == "exact":
+        if diag is None and method == "exact":
             diag = _exact_diag(grads, params, chunk)
+        if diag is not None:  # exact (piecewise_linear or exact)
             trace = sum(x.sum() for x in diag)
             trace_se = torch.zeros((), dtype=torch.float64, device=dev)
         else:

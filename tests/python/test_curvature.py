@@ -62,8 +62,9 @@ def per_sample_loss(out, y, loss: str):
     return F.mse_loss(out, y, reduction="none").reshape(out.shape[0], -1).mean(1)
 
 
-def full_hessian(model, x, y, loss: str) -> torch.Tensor:
-    """∇²L in the flattened parameters, float64, by torch.autograd.functional.hessian."""
+def param_hessian(model, x, loss_of_output) -> torch.Tensor:
+    """The Hessian of loss_of_output(model(x)) in the flattened parameters, float64, by
+    torch.autograd.functional.hessian."""
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     sizes = [p.numel() for _, p in model.named_parameters()]
@@ -71,9 +72,14 @@ def full_hessian(model, x, y, loss: str) -> torch.Tensor:
 
     def f(theta):
         parts = dict(zip(names, (t.view(s) for t, s in zip(theta.split(sizes), shapes))))
-        return per_sample_loss(functional_call(model, parts, (x.double(),)), y, loss).mean()
+        return loss_of_output(functional_call(model, parts, (x,)))
 
     return torch.autograd.functional.hessian(f, flat)
+
+
+def full_hessian(model, x, y, loss: str) -> torch.Tensor:
+    """∇²L in the flattened parameters, float64."""
+    return param_hessian(model, x.double(), lambda out: per_sample_loss(out, y, loss).mean())
 
 
 def per_sample_sum_grad_sq(model, x, y, loss: str) -> list:

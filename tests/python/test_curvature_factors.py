@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainscope import curvature as C
-from test_curvature import default_dtype, flat, per_sample_sum_grad_sq, rel, trainable
+from test_curvature import default_dtype, flat, param_hessian, per_sample_sum_grad_sq, rel, trainable
 
 B = 5
 
@@ -86,19 +86,8 @@ def target(loss: str, gen):
 
 
 def reference_hessian(model, x, lossf, y) -> torch.Tensor:
-    """∇²L in the flattened parameters, float64, by torch.autograd.functional.hessian."""
-    from torch.func import functional_call
-
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
-
-    def f(t):
-        parts = dict(zip(names, (v.view(s) for v, s in zip(t.split(sizes), shapes))))
-        return lossf(functional_call(model, parts, (x,)), y).mean()
-
-    return torch.autograd.functional.hessian(f, theta)
+    """∇²L in the flattened parameters, float64 (x as given: indices stay integers)."""
+    return param_hessian(model, x, lambda out: lossf(out, y).mean())
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
