@@ -233,7 +233,8 @@ def _loss_hessian_factor(loss: torch.Tensor, out: torch.Tensor, chunk: int):
     (K backward passes through the loss alone), decomposed in float64. Eigenvalues within the
     rounding of forming Hᵢ in the output's dtype of zero (|λ| ≤ K·ε·max|λ|) count as zero (the
     cross-entropy's Hessian has one exact zero, which rounding makes ±1e-9 in float32, and a
-    negative one costs a second pass); non-finite Hessians are zeroed and flagged."""
+    negative one costs a second pass); non-finite Hessians, and a decomposition that does not
+    converge, are zeroed and flagged."""
     from .curvature import _batched_grad, _grad
 
     b = out.shape[0]
@@ -252,7 +253,11 @@ def _loss_hessian_factor(loss: torch.Tensor, out: torch.Tensor, chunk: int):
     hess = 0.5 * (hess + hess.transpose(1, 2))
     finite = torch.isfinite(hess).all() & torch.isfinite(gf).all()
     hess = torch.where(finite, hess, torch.zeros_like(hess))
-    evals, evecs = torch.linalg.eigh(hess)  # [B, K], [B, K, K] (eigenvectors in columns)
+    try:
+        evals, evecs = torch.linalg.eigh(hess)  # [B, K], [B, K, K] (eigenvectors in columns)
+    except torch.linalg.LinAlgError:  # the solver did not converge: NaN, never an error
+        evals, evecs = torch.zeros_like(hess[:, 0]), torch.zeros_like(hess)
+        finite = torch.zeros_like(finite)
     tol = k * torch.finfo(gf.dtype).eps * evals.abs().amax(1, keepdim=True)  # the rounding of forming Hᵢ
     evals = torch.where(evals.abs() <= tol, torch.zeros_like(evals), evals)
     cols = (evecs * evals.abs().sqrt()[:, None, :]).permute(2, 0, 1)  # [K(c), B, K]

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import math
 import numbers
 import os
 import warnings
@@ -483,6 +484,7 @@ class _CurvatureQuantity(Quantity):
         self._monitor, self._o = monitor, options
         self._warned = False
         self._fallback_warned = False
+        self._refused_warned = False
 
     def compute(self, ctx) -> Dict[str, torch.Tensor]:
         from .curvature import curvature_stats
@@ -508,6 +510,16 @@ class _CurvatureQuantity(Quantity):
                 c = curvature_stats(closure, params, which=o["which"], method=o["method"], samples=o["samples"],
                                     max_iter=o["max_iter"], max_params=o["max_params"], generator=generator,
                                     model=self._monitor._model)
+        except ValueError as e:
+            if o["method"] != "piecewise_linear":
+                raise
+            # Refused by the graph of the closure's forward pass, which only a due step shows: the
+            # run goes on, the family reads NaN, and a warning (once) says why.
+            if not self._refused_warned:
+                self._refused_warned = True
+                warnings.warn(f"trainscope.Monitor: curvature not measured (NaN): {e}", RuntimeWarning, stacklevel=4)
+            nan = torch.full((), math.nan, dtype=torch.float64, device=params[0].device)
+            return {name: nan for name in (o["which"] or ("hess_max_ev", "hess_trace", "tic_diag", "tic_trace"))}
         finally:
             if armed:
                 hooks.enabled = True
@@ -639,10 +651,15 @@ class Monitor:
         curvature_opts = _curvature_options(curvature_options)
         from .curvature import FACTOR_METHODS
 
-        if (curvature_spec != "off" and curvature_opts["method"] in FACTOR_METHODS
-                and not isinstance(model_or_named_params, nn.Module)):
-            raise ValueError(f"Monitor: curvature_options['method']={curvature_opts['method']!r} needs the model as an "
-                             "nn.Module (its forward pass is watched), got (name, tensor) pairs")
+        if curvature_spec != "off" and curvature_opts["method"] in FACTOR_METHODS:
+            if not isinstance(model_or_named_params, nn.Module):
+                raise ValueError(f"Monitor: curvature_options['method']={curvature_opts['method']!r} needs the model "
+                                 "as an nn.Module (its forward pass is watched), got (name, tensor) pairs")
+            if curvature_opts["method"] == "piecewise_linear":  # what can be known before a forward pass
+                from ._curvature_factors import layers_of
+
+                layers_of(model_or_named_params, [p for p in model_or_named_params.parameters() if p.requires_grad],
+                          "Monitor: curvature_options['method']='piecewise_linear'")
         self._model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
         cabs_lr = _cabs_lr(optimizer) if GRAD_VARIANCE_KEY in ps_specs else None
         if ps_specs and not isinstance(model_or_named_params, nn.Module):

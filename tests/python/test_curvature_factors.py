@@ -318,6 +318,42 @@ def test_monitor_auto_is_exact_on_relu_nets_and_warns_once_when_it_estimates(gen
                            curvature_options={"method": "piecewise_linear"})
 
 
+class Scaled(nn.Module):
+    """A parameter of its own, used outside any layer the factors know."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def test_monitor_piecewise_linear_refusals_never_end_the_run(gen):
+    """Parameters outside the factor layers: an error at construction naming them. A graph that
+    only the closure's forward pass shows to be not piecewise linear: NaN and one warning."""
+    import trainscope
+
+    opts = {"method": "piecewise_linear", "which": ["hess_trace"]}
+    with pytest.raises(ValueError, match=r"curvature_options\['method'\].*'scale'"):
+        trainscope.Monitor(init(Scaled(), gen), curvature=True, curvature_options=opts)
+    model = init(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), gen)
+    records = []
+    mon = trainscope.Monitor(model, per_tensor=False, sinks=[records.append], curvature=True, curvature_options=opts)
+    x, y = torch.randn(B, 3, generator=gen, dtype=torch.float64), target("ce", gen)
+    closure = lambda: F.cross_entropy(model(x), y, reduction="none")  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            mon.step(step, closure().detach(), closure=closure)
+        mon.flush()
+    mon.close()
+    said = [w for w in caught if "curvature not measured" in str(w.message)]
+    assert len(said) == 1 and "Tanh" in str(said[0].message)
+    assert len(records) == 2 and all(math.isnan(r.scalars["curvature/hess_trace"]) for r in records)
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_against_backpack_diag_hessian_on_3c3d(gen):
     """BackPACK's DiagHessian (what Cockpit's HessTrace and TICDiag read) on Cockpit's own 3c3d
@@ -346,3 +382,16 @@ def test_against_backpack_diag_hessian_on_3c3d(gen):
     for p in params:
         p.grad = None
     assert (flat(got) - flat(want)).abs().max() <= 1e-10 * float(flat(want).abs().max())
+
+
+def test_a_loss_hessian_the_solver_cannot_decompose_gives_nan(gen, monkeypatch):
+    model, x = make("mlp", gen)
+    y = target("ce", gen)
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("the algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    s = C.curvature_stats(lambda: F.cross_entropy(model(x), y, reduction="none"), trainable(model),
+                          method="piecewise_linear", model=model, which=["hess_trace", "tic_diag"])
+    assert math.isnan(float(s.hess_trace)) and math.isnan(float(s.tic_diag))
