@@ -620,8 +620,10 @@ class Monitor:
       ``method`` ("hutchinson": unbiased estimates with their standard error; "exact": one
       Hessian-vector product per parameter element, small models only, up to ``max_params``;
       "piecewise_linear": exact from layer factors for networks linear in each parameter
-      element, such as ReLU/max-pool CNNs and MLPs, one backward pass per output dimension, an
-      error otherwise; "auto": that where it applies, else Hutchinson with a warning saying why),
+      element, such as ReLU/max-pool CNNs and MLPs, one backward pass per output dimension;
+      parameters outside the layers it covers are an error at construction, and a graph that is
+      not piecewise linear, seen at the first due step, reads NaN with one warning saying why;
+      "auto": that where it applies, else Hutchinson with a warning saying why),
       ``samples`` (Hutchinson probes, 100), ``max_iter`` (power iteration, 100), ``seed`` (0; the
       probes of step s use seed + s). See :mod:`trainscope.curvature`. A due step without a
       closure is skipped with a warning, never an error.
