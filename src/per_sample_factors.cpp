@@ -483,13 +483,35 @@ at::Tensor sq_norm_f64(const at::Tensor& t) {
   return acc;
 }
 
+// Samples per tile of weight_dots_by_rows: x Wᵀ, and on a GPU its float64 copy and δ's.
+int64_t dots_tile_samples(const Problem& p) { return tile_samples(p, 3 * p.G * p.T * p.dout); }
+
+// Gᵢ·W [B] float64 for W [G, d_out, d_in] in the accumulation dtype: Σ_t δ_it · (W x_it), the
+// rowwise sum of δ ∘ (x Wᵀ), the GEMM in the accumulation dtype and the products after it in
+// float64, in tiles of samples (xf, df: the whole batch's [G, B·T, d] when the caller holds them).
+at::Tensor weight_dots_by_rows(const Problem& p, const at::Tensor& w, const at::Tensor& xf_all = {},
+                               const at::Tensor& df_all = {}) {
+  if (p.B == 0) return at::zeros({0}, f64_options(p));
+  const int64_t bt = dots_tile_samples(p);
+  std::vector<at::Tensor> dots;
+  for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
+    const int64_t b = std::min(bt, p.B - i0);
+    const at::Tensor xf = xf_all.defined() ? xf_all : flat_groups(p.x(i0, b));
+    const at::Tensor df = df_all.defined() ? df_all : flat_groups(p.d(i0, b));
+    const at::Tensor y = at::bmm(xf, w.transpose(1, 2));  // [G, b·T, d_out]
+    const int64_t rows = p.G * b * p.T;
+    const at::Tensor row_dots = rowwise_dot_f64(y.view({rows, p.dout}), df.reshape({rows, p.dout}));
+    dots.push_back(row_dots.view({p.G, b, p.T}).sum(at::IntArrayRef{0, 2}));
+  }
+  return at::cat(dots);
+}
+
 // The Ḡ route: ‖Gᵢ‖² by the ghost norm or tiled, Ḡ = δᵀx / B, and Gᵢ·Ḡ from x Ḡᵀ. The GEMMs
 // run in the accumulation dtype, everything after them in float64.
 PerSampleParts gbar_parts(const Problem& p, bool tiled) {
   // Pass 1: ‖Gᵢ‖² and Σᵢ Gᵢ over tiles of samples, sharing each tile's x and δ.
   const int64_t b1 = tile_samples(p, tiled ? p.G * p.dout * p.din : 2 * p.G * p.T * p.T);
-  // Pass 2 holds x Ḡᵀ, and on a GPU its float64 copy and δ's.
-  const int64_t b2 = tile_samples(p, 3 * p.G * p.T * p.dout);
+  const int64_t b2 = dots_tile_samples(p);
   std::vector<at::Tensor> sq;
   at::Tensor gsum = at::zeros({p.G, p.dout, p.din}, p.opts);
   at::Tensor xg, dg;  // [G, B·T, d] of the whole batch, kept when both passes take it in one tile
@@ -506,20 +528,9 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled) {
   }
   const at::Tensor gbar = gsum.div_(static_cast<double>(p.B));  // Ḡ [G, d_out, d_in]
 
-  // Pass 2: Gᵢ·Ḡ = Σ_t δ_it · (Ḡ x_it), by the layer's own operation where it has one, else the
-  // rowwise sum of δ ∘ (x Ḡᵀ).
+  // Pass 2: Gᵢ·Ḡ, by the layer's own operation where it has one.
   if (p.weight_dots) return {at::cat(sq), p.weight_dots(gbar), sq_norm_f64(gbar)};
-  std::vector<at::Tensor> dots;
-  for (int64_t i0 = 0; i0 < p.B; i0 += b2) {
-    const int64_t b = std::min(b2, p.B - i0);
-    const at::Tensor xf = xg.defined() ? xg : flat_groups(p.x(i0, b));
-    const at::Tensor df = dg.defined() ? dg : flat_groups(p.d(i0, b));
-    const at::Tensor y = at::bmm(xf, gbar.transpose(1, 2));  // [G, b·T, d_out]
-    const int64_t rows = p.G * b * p.T;
-    const at::Tensor row_dots = rowwise_dot_f64(y.view({rows, p.dout}), df.reshape({rows, p.dout}));
-    dots.push_back(row_dots.view({p.G, b, p.T}).sum(at::IntArrayRef{0, 2}));
-  }
-  return {at::cat(sq), at::cat(dots), sq_norm_f64(gbar)};
+  return {at::cat(sq), weight_dots_by_rows(p, gbar, xg, dg), sq_norm_f64(gbar)};
 }
 
 int64_t isqrt(int64_t v) { return static_cast<int64_t>(std::sqrt(static_cast<double>(std::max<int64_t>(0, v)))); }
@@ -831,22 +842,8 @@ void add_bias_projections(const Problem& p, const at::Tensor& bias_dir, at::Tens
 // and bias_dir [G·d_out] or undefined: Σ_t δ_itᵀ D x_it per group, by the layer's own operation
 // where the problem has one (weight_dots), else in tiles of samples.
 at::Tensor projections_of(const Problem& p, const at::Tensor& weight_dir, const at::Tensor& bias_dir) {
-  const auto o64 = p.opts.dtype(at::kDouble);
-  if (p.weight_dots && p.B > 0) {
-    at::Tensor out = p.weight_dots(weight_dir.detach().to(p.opts.device(), p.acc).reshape({p.G, p.dout, p.din}));
-    add_bias_projections(p, bias_dir, out);
-    return out;
-  }
-  at::Tensor out = at::zeros({p.B}, o64);
-  const at::Tensor w = weight_dir.detach().to(p.opts.device(), at::kDouble).reshape({p.G, p.dout, p.din});
-  const int64_t bt = tile_samples(p, 2 * p.G * p.T * p.dout);
-  for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
-    const int64_t b = std::min(bt, p.B - i0);
-    const at::Tensor x = p.x(i0, b).to(at::kDouble);  // [b, G, T, d_in]
-    const at::Tensor d = p.d(i0, b).to(at::kDouble);  // [b, G, T, d_out]
-    const at::Tensor xw = at::matmul(x, w.transpose(1, 2).unsqueeze(0));  // [b, G, T, d_out]
-    out.narrow(0, i0, b).copy_((xw * d).sum(at::IntArrayRef{1, 2, 3}));
-  }
+  const at::Tensor w = weight_dir.detach().to(p.opts.device(), p.acc).reshape({p.G, p.dout, p.din});
+  at::Tensor out = p.weight_dots && p.B > 0 ? p.weight_dots(w) : weight_dots_by_rows(p, w);
   add_bias_projections(p, bias_dir, out);
   return out;
 }

@@ -23,16 +23,20 @@ How each kind is measured:
   Conv2d op on (δ, x); the bias, Σ δ, formed outright), ``nn.Conv3d`` (unfolded over three
   dimensions into the Linear op's problem, one per group).
 - ``nn.MultiheadAttention``: its projections are used through ``F.multi_head_attention_forward``,
-  not through modules; per-sample gradients of all its trainable parameters (in_proj_weight and
-  in_proj_bias or q/k/v_proj_weight, bias_k, bias_v, out_proj.weight and out_proj.bias) come from
-  recomputing its forward in float64 from the captured query, key, value and masks, one vjp per
-  sample (``torch.func.vmap``), in tiles of samples so that memory stays within a few copies of
-  its weights. Dropout in train mode (not recomputable) and attention weights that reach the loss
-  are refused.
+  not through modules. They are linear layers on disjoint rows of its parameters
+  (:class:`LinearBlock`): in_proj reads the query, key and value (one block of 3E rows for
+  self-attention on a packed weight), out_proj reads the attention output. The gradients reaching
+  the projections' outputs and that output are recomputed from the captured query, key, value and
+  masks by one batched forward and backward of the attention between them (samples do not
+  interact), in tiles of samples; the Linear ops then measure each block. A module with bias_k,
+  bias_v, add_zero_attn or a frozen parameter instead has its per-sample gradients formed by
+  recomputing its whole forward in float64, one vjp per sample (``torch.func.vmap``). Dropout in
+  train mode (not recomputable) and attention weights that reach the loss are refused.
 
 A parameter shared by several modules (tied weights): a token embedding tied to a Linear (a
 GPT-style LM head) by :class:`TiedEmbeddingLinear`, from their factors (no [B, V, D] tensor; the
-cross term Σ_{t,s} δh_is[tok_it] (δe_it·x_is)); any other tie by :class:`Materialised`: the
+head by the Linear op, the embedding's share of ḡ on the batch's tokens' rows, the cross term
+Σ_{t,s} δh_is[tok_it] (δe_it·x_is)); any other tie by :class:`Materialised`: the
 per-sample gradients of every module holding it are formed in tiles of samples and added, so the
 cross terms between the modules are exact; memory is bounded by one tile.
 """
@@ -649,6 +653,97 @@ class MHAInput:
                         self.training, self.per_sample_mask, self.batched)
 
 
+class LinearBlock:
+    """Rows ``rows`` of ``weight`` (and ``bias_rows`` of ``bias``, if any) used as a linear layer:
+    sample i's gradient of those rows is Σ over the uses of Σ_t δ_itᵀ x_it (inputs [b, T, d_in],
+    output gradients [b, T, d_out]). Blocks on disjoint rows add up: their parts, sums and dots are
+    those of the per-sample Linear ops, which run their GEMMs in the inputs' dtype."""
+
+    def __init__(self, weight, rows: slice, bias, bias_rows: slice, inputs: list, grads: list):
+        self.weight, self.rows, self.bias, self.bias_rows = weight, rows, bias, bias_rows
+        self.inputs, self.grads_out = inputs, grads
+
+    def parts(self, method: str) -> PerSampleParts:
+        sq, dots, m = torch.ops.trainscope.linear_per_sample_parts.uses(
+            self.inputs, self.grads_out, self.bias is not None, method)
+        return PerSampleParts(sq, dots, m)
+
+    def grad_sum(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(Σᵢ of the weight rows' gradients, of the bias rows'), float64."""
+        w = sum((d.reshape(-1, d.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(d.dtype)).double()
+                for x, d in zip(self.inputs, self.grads_out))
+        bias = sum(d.reshape(-1, d.shape[-1]).double().sum(0) for d in self.grads_out) if self.bias is not None \
+            else None
+        return w, bias
+
+    def projections(self, weight_dir: torch.Tensor, bias_dir: Optional[torch.Tensor]) -> torch.Tensor:
+        """Gᵢ·D [b] float64 of the block's per-sample gradients and a direction of its rows."""
+        return torch.ops.trainscope.linear_per_sample_projections.uses(self.inputs, self.grads_out, weight_dir,
+                                                                       bias_dir)
+
+    def grads(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The per-sample gradients of the weight rows [b, d_out, d_in] and of the bias rows [b, d_out],
+        float64."""
+        w = sum(torch.einsum("btj,btk->bjk", d.double(), x.double()) for x, d in zip(self.inputs, self.grads_out))
+        bias = sum(d.double().sum(1) for d in self.grads_out) if self.bias is not None else None
+        return w, bias
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b view the same elements (a query that is also the key: self-attention)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as added to the scores: True (not attended) is -inf, a float mask as is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _mha_factors(module: nn.MultiheadAttention, x: "MHAInput", g: torch.Tensor) -> tuple:
+    """(δq, δk, δv, y) of one use, batch first: the gradients reaching the q, k and v projections'
+    outputs [b, L|S, E] and the attention output y [b, L, E] that out_proj reads, for the output
+    gradient g [b, L, E]. The attention between the projections is recomputed as
+    F.multi_head_attention_forward computes it (masks merged and added to the scores, scale
+    1/√head_dim, no dropout: train-mode dropout is refused before), batched over the samples,
+    which do not interact, in tiles of samples; in the promoted dtype of the inputs and parameters."""
+    e, heads = module.embed_dim, module.num_heads
+    dtype = torch.promote_types(x.query.dtype, module.out_proj.weight.dtype)
+    if module._qkv_same_embed_dim:
+        wq, wk, wv = module.in_proj_weight.detach().to(dtype).chunk(3)
+    else:
+        wq, wk, wv = (w.detach().to(dtype) for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight))
+    bq = bk = bv = None
+    if module.in_proj_bias is not None:
+        bq, bk, bv = module.in_proj_bias.detach().to(dtype).chunk(3)
+    wo = module.out_proj.weight.detach().to(dtype)
+    b, l, s = x.query.shape[0], x.query.shape[1], x.key.shape[1]
+    step = max(1, TILE_ELEMS // max(1, 8 * (l + s) * e + 4 * heads * l * s))
+    outs = []
+    for a in range(0, b, step):
+        sl = slice(a, a + step)
+        mask = None
+        if x.attn_mask is not None:
+            mask = _float_mask(x.attn_mask[sl] if x.per_sample_mask else x.attn_mask, dtype)
+        elif x.is_causal:
+            mask = _float_mask(torch.ones(l, s, dtype=torch.bool, device=x.device).triu(1), dtype)
+        if x.key_padding_mask is not None:
+            kpm = _float_mask(x.key_padding_mask[sl], dtype)[:, None, None, :]
+            mask = kpm if mask is None else mask + kpm
+        with torch.enable_grad():
+            q, k, v = (F.linear(t[sl].to(dtype), w, bias).requires_grad_()
+                       for t, w, bias in ((x.query, wq, bq), (x.key, wk, bk), (x.value, wv, bv)))
+            n = q.shape[0]
+            heads_of = lambda t: t.view(n, t.shape[1], heads, e // heads).transpose(1, 2)  # noqa: E731
+            y = F.scaled_dot_product_attention(heads_of(q), heads_of(k), heads_of(v), attn_mask=mask)
+            y = y.transpose(1, 2).reshape(n, l, e)
+            dy = g[sl].to(dtype) @ wo  # out_proj: out = y Woᵀ + bo
+            dq, dk, dv = torch.autograd.grad(y, (q, k, v), dy)
+        outs.append((dq, dk, dv, y.detach()))
+    return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
 class MHAKind(LayerKind):
     base = nn.MultiheadAttention
     forwards = (("forward", nn.MultiheadAttention.forward),)
@@ -710,7 +805,81 @@ class MHAKind(LayerKind):
             act += 8 * (l + s) * module.embed_dim + 4 * module.num_heads * l * s
         return 3 * p + act
 
+    # The factor route: the projections are linear layers on disjoint rows of the parameters.
+    def factored(self, module) -> bool:
+        """Whether the projections' factors give every per-sample gradient: all parameters
+        trainable, no bias_k/bias_v and no zero attention (the rest go through :meth:`grads`)."""
+        return (module.bias_k is None and module.bias_v is None and not module.add_zero_attn
+                and all(p.requires_grad for p in module.parameters()))
+
+    def blocks(self, module, xs, gs) -> List[LinearBlock]:
+        """The module as linear layers (see :class:`LinearBlock`): in_proj (one block of 3E rows
+        when every use is self-attention on a packed weight, else one per q, k, v) and out_proj,
+        each with the inputs and output gradients of every use, recomputed in the inputs' dtype."""
+        e = module.embed_dim
+        bias = module.in_proj_bias
+        if module._qkv_same_embed_dim:
+            w = module.in_proj_weight
+            ws = [(w, slice(i * e, (i + 1) * e)) for i in range(3)]
+        else:
+            ws = [(module.q_proj_weight, slice(0, e)), (module.k_proj_weight, slice(0, e)),
+                  (module.v_proj_weight, slice(0, e))]
+        proj = [[], [], []]  # per q, k, v: [(input, output gradient)] over the uses
+        out = []
+        for x, g in zip(xs, gs):
+            dq, dk, dv, y = _mha_factors(module, x, g)
+            for lst, inp, d in zip(proj, (x.query, x.key, x.value), (dq, dk, dv)):
+                lst.append((inp, d))
+            out.append((y, g))
+        rows = lambda i: slice(i * e, (i + 1) * e)  # noqa: E731
+        if module._qkv_same_embed_dim and all(_same_tensor(x.query, x.key) and _same_tensor(x.key, x.value)
+                                               for x in xs):
+            ins = [LinearBlock(module.in_proj_weight, slice(0, 3 * e), bias, slice(0, 3 * e),
+                               [x.query for x in xs], [torch.cat(ds, -1) for ds in zip(*(
+                                   [d for _, d in lst] for lst in proj))])]
+        else:
+            ins = [LinearBlock(w, r, bias, rows(i), [t for t, _ in proj[i]], [d for _, d in proj[i]])
+                   for i, (w, r) in enumerate(ws)]
+        o = module.out_proj
+        return ins + [LinearBlock(o.weight, slice(0, e), o.bias, slice(0, e), [y for y, _ in out],
+                                  [g for _, g in out])]
+
+    def parts(self, module, xs, gs, method="auto"):
+        if not self.factored(module):
+            return super().parts(module, xs, gs, method)
+        return sum(b.parts(method) for b in self.blocks(module, xs, gs))
+
+    def grad_sum(self, module, xs, gs):
+        if not self.factored(module):
+            return super().grad_sum(module, xs, gs)
+        sums = {id(p): torch.zeros(p.shape, dtype=torch.float64, device=p.device) for _, p in self.params(module)}
+        for b in self.blocks(module, xs, gs):
+            w, bias = b.grad_sum()
+            sums[id(b.weight)][b.rows] += w
+            if bias is not None:
+                sums[id(b.bias)][b.bias_rows] += bias
+        return torch.cat([sums[id(p)].reshape(-1) for _, p in self.params(module)])
+
+    def dots(self, module, xs, gs, mean):
+        if not self.factored(module):
+            return super().dots(module, xs, gs, mean)
+        views, at = {}, 0
+        for _, p in self.params(module):
+            views[id(p)] = mean[at:at + p.numel()].view(p.shape)
+            at += p.numel()
+        return sum(b.projections(views[id(b.weight)][b.rows], None if b.bias is None else views[id(b.bias)][b.bias_rows])
+                   for b in self.blocks(module, xs, gs))
+
     def grads(self, module, xs, gs):
+        if self.factored(module):
+            out = {id(p): torch.zeros((xs[0].shape[0],) + tuple(p.shape), dtype=torch.float64, device=p.device)
+                   for _, p in self.params(module)}
+            for b in self.blocks(module, xs, gs):
+                w, bias = b.grads()
+                out[id(b.weight)][:, b.rows] += w
+                if bias is not None:
+                    out[id(b.bias)][:, b.bias_rows] += bias
+            return [out[id(p)] for _, p in self.params(module)]
         names = [n for n, _ in self.params(module)]
         all_params = {n: p.detach().double() for n, p in module.named_parameters()}
         trained = {n: all_params[n] for n in names}
@@ -949,44 +1118,66 @@ class TiedEmbeddingLinear:
             out.append(acc)
         return torch.cat(out)
 
-    def sq_norms(self) -> torch.Tensor:
-        rows, row_sample, _, b = self.emb_kind._rows(self.emb, [self.tok], [self.de])
-        e_sq = rows.new_zeros(b).index_add_(0, row_sample, (rows * rows).sum(1))
+    def _head_parts(self) -> PerSampleParts:
+        """The head's own parts (‖Hᵢ‖² with its bias, Hᵢ·Ḡ_H, ‖Ḡ_H‖²) by the Linear op's route."""
         op = torch.ops.trainscope.linear_per_sample_parts.default
-        if b == 1:  # the op needs two samples: one goes in twice
-            h_sq = op(torch.cat([self.x, self.x]), torch.cat([self.dh, self.dh]), self.bias, self.method)[0][:1]
-        else:
-            h_sq = op(self.x, self.dh, self.bias, self.method)[0]      # the head's bias included
-        return e_sq + h_sq + 2 * self._cross()
+        if self.batch == 1:  # the op needs two samples: one goes in twice (only ‖Hᵢ‖² is used then)
+            sq, dots, m = op(torch.cat([self.x, self.x]), torch.cat([self.dh, self.dh]), self.bias, self.method)
+            return PerSampleParts(sq[:1], dots[:1], m)
+        return PerSampleParts(*op(self.x, self.dh, self.bias, self.method))
+
+    def _emb_sq_norms(self) -> torch.Tensor:
+        rows, row_sample, _, b = self.emb_kind._rows(self.emb, [self.tok], [self.de])
+        return rows.new_zeros(b).index_add_(0, row_sample, (rows * rows).sum(1))
+
+    def sq_norms(self) -> torch.Tensor:
+        return self._emb_sq_norms() + self._head_parts().sq_norms + 2 * self._cross()
 
     def grad_sum(self) -> torch.Tensor:
-        w = self.de.new_zeros(self.vocab, self.dim, dtype=torch.float64).index_add_(
-            0, self.tok.reshape(-1), self.de.reshape(-1, self.dim).double())
-        bias = None
-        for sl in self._tiles():
-            dh = self.dh[sl].double().reshape(-1, self.vocab)
-            w = w + dh.T @ self.x[sl].double().reshape(-1, self.dim)
-            if self.bias:
-                bias = dh.sum(0) if bias is None else bias + dh.sum(0)
-        return torch.cat([w.reshape(-1)] + ([bias] if self.bias else []))
+        """Σᵢ gᵢ: the head's by one GEMM in the layers' dtype, the embedding's rows added onto it."""
+        dh = self.dh.reshape(-1, self.vocab)
+        w = (dh.T @ self.x.reshape(-1, self.dim).to(dh.dtype)).double()
+        w.index_add_(0, self.tok.reshape(-1), self.de.reshape(-1, self.dim).double())
+        bias = [dh.sum(0, dtype=torch.float64)] if self.bias else []
+        return torch.cat([w.reshape(-1)] + bias)
 
     def dots(self, mean: torch.Tensor) -> torch.Tensor:
+        """gᵢ·ḡ: Hᵢ·ḡ by the Linear op's projections (the library's GEMM with ḡ), Eᵢ·ḡ gathering
+        ḡ's rows."""
         mean = mean.double()
         n_w = self.vocab * self.dim
         w_mean = mean[:n_w].reshape(self.vocab, self.dim)
-        out = []
-        for sl in self._tiles():
-            de, tok = self.de[sl].double(), self.tok[sl]
-            x, dh = self.x[sl].double(), self.dh[sl].double()
-            d = (de * w_mean[tok]).sum((1, 2)) + ((x @ w_mean.T) * dh).sum((1, 2))
-            if self.bias:
-                d = d + dh.sum(1) @ mean[n_w:]
-            out.append(d)
-        return torch.cat(out)
+        head = torch.ops.trainscope.linear_per_sample_projections(self.x, self.dh, w_mean,
+                                                                  mean[n_w:] if self.bias else None)
+        return head + (self.de.double() * w_mean[self.tok]).sum((1, 2))
 
     def parts(self) -> PerSampleParts:
-        mean = self.grad_sum() / self.batch
-        return PerSampleParts(self.sq_norms(), self.dots(mean), mean @ mean)
+        """The head's parts from the Linear op, corrected for the embedding's share of ḡ, Ḡ_E,
+        whose nonzero rows are the batch's U distinct tokens:
+        gᵢ·ḡ = Hᵢ·Ḡ_H + Hᵢ·Ḡ_E + Eᵢ·(Ḡ_H + Ḡ_E), ‖ḡ‖² = ‖Ḡ_H‖² + 2 Ḡ_H·Ḡ_E + ‖Ḡ_E‖², with Ḡ_H's U
+        rows by a GEMM of the head's factors on those columns and Hᵢ·Ḡ_E = Σ_s δh_is[U]·(Ḡ_E[U] x_is):
+        [B·S, U] products, where U ≤ B·T, in place of more [B·S, V] ones."""
+        if self.batch < 2:
+            mean = self.grad_sum() / self.batch
+            return PerSampleParts(self.sq_norms(), self.dots(mean), mean @ mean)
+        head = self._head_parts()
+        b, d = self.batch, self.dim
+        toks, inv = torch.unique(self.tok.reshape(-1), return_inverse=True)
+        inv = inv.reshape(self.tok.shape)
+        de = self.de.double()
+        ge = de.new_zeros(toks.numel(), d).index_add_(0, inv.reshape(-1), de.reshape(-1, d)) / b   # Ḡ_E[U]
+        dh_u = self.dh.reshape(-1, self.vocab).index_select(1, toks)                                 # [B·S, U]
+        gh = (dh_u.T @ self.x.reshape(-1, d).to(dh_u.dtype)).double() / b                            # Ḡ_H[U]
+        h_ge = []
+        for sl in self._tiles():
+            rows = self.x[sl].reshape(-1, d)
+            n = rows.shape[0]
+            xg = rows.to(dh_u.dtype) @ ge.to(dh_u.dtype).T                                          # [b·S, U]
+            start = sl.start * self.x.shape[1]
+            h_ge.append((xg * dh_u[start:start + n]).sum(1, dtype=torch.float64).view(-1, self.x.shape[1]).sum(1))
+        dots = head.dots + torch.cat(h_ge) + (de * (gh + ge)[inv]).sum((1, 2))
+        mean_sq = head.mean_sq_norm + 2 * (gh * ge).sum() + (ge * ge).sum()
+        return PerSampleParts(self._emb_sq_norms() + head.sq_norms + 2 * self._cross(), dots, mean_sq)
 
 
 def together(entries, method: str = "auto"):
