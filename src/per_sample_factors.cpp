@@ -458,14 +458,17 @@ int64_t hist_tile_samples(const Problem& p) {
   return block > 0 ? std::max<int64_t>(1, std::min(bt, block / std::max<int64_t>(1, p.G * p.dout * p.din))) : bt;
 }
 
-// ‖Gᵢ‖² [b] float64 from the per-sample weight gradients, squared after upcasting (exactly).
-at::Tensor tiled_sq_norms(const Problem& p, const at::Tensor& x, const at::Tensor& d) {
+// ‖Gᵢ‖² [b] float64 from the per-sample weight gradients, squared after upcasting (exactly); with
+// gsum [G, d_out, d_in] given, Σᵢ Gᵢ added to it from the same blocks (so Ḡ needs no GEMM of its
+// own, nor a copy of an unfolded input laid out for one).
+at::Tensor tiled_sq_norms(const Problem& p, const at::Tensor& x, const at::Tensor& d, at::Tensor* gsum = nullptr) {
   at::Tensor acc;
   for_each_grad_block(
       p, x, d,
-      [&](int64_t, at::Tensor g) {
+      [&](int64_t o0, at::Tensor g) {
         const at::Tensor s = rowwise_dot_f64(g.view({g.size(0), -1}));
         acc = acc.defined() ? acc.add_(s) : s;
+        if (gsum != nullptr) gsum->narrow(1, o0, g.size(2)).add_(g.sum(0));
       },
       /*copies=*/x.device().is_cpu() ? 1 : 2);  // a GPU upcasts a whole block
   return acc.defined() ? acc : at::zeros({x.size(0)}, f64_options(p));
@@ -518,12 +521,15 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled) {
   for (int64_t i0 = 0; i0 < p.B; i0 += b1) {
     const int64_t b = std::min(b1, p.B - i0);
     const at::Tensor x = p.x(i0, b), d = p.d(i0, b);
-    sq.push_back(tiled ? tiled_sq_norms(p, x, d) : ghost_sq_norms(p, x, d));
-    at::Tensor xf = flat_groups(x), df = flat_groups(d);
-    gsum.baddbmm_(df.transpose(1, 2), xf);
+    if (tiled) {
+      sq.push_back(tiled_sq_norms(p, x, d, &gsum));
+    } else {
+      sq.push_back(ghost_sq_norms(p, x, d));
+      gsum.baddbmm_(flat_groups(d).transpose(1, 2), flat_groups(x));
+    }
     if (b == p.B && b2 == p.B && !p.weight_dots) {
-      xg = std::move(xf);
-      dg = std::move(df);
+      xg = flat_groups(x);
+      dg = flat_groups(d);
     }
   }
   const at::Tensor gbar = gsum.div_(static_cast<double>(p.B));  // Ḡ [G, d_out, d_in]
