@@ -430,6 +430,53 @@ def test_multihead_attention_used_twice_and_with_key_padding_mask():
     check(Padded(), torch.randn(4, 5, 8))
 
 
+@pytest.mark.parametrize("case", ["self", "cross", "separate_weights", "twice", "frozen", "bias_kv"])
+def test_multihead_attention_routes(monkeypatch, case):
+    """The projections' factors measure the module (one batched recomputation of the attention)
+    unless it has bias_k/bias_v or a frozen parameter, which go through per-sample vjps; both agree
+    with the reference, the histograms and per-element moments included."""
+    import trainscope.per_sample_layers as layers
+    calls = []
+    factors = layers._mha_factors
+    monkeypatch.setattr(layers, "_mha_factors", lambda *a: (calls.append(1), factors(*a))[1])
+    gen(33)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            kw = dict(kdim=6, vdim=6) if case == "separate_weights" else dict(add_bias_kv=True) if case == "bias_kv" \
+                else {}
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True, **kw)
+            self.kv = nn.Linear(8, 6 if case == "separate_weights" else 8)
+
+        def forward(self, x):
+            kv = self.kv(x)
+            if case in ("self", "frozen", "bias_kv"):
+                return self.attn(x, x, x)[0]
+            h = self.attn(x, kv, torch.tanh(kv))[0]
+            return self.attn(h, h, h)[0] if case == "twice" else h
+
+    model = Net()
+    if case == "frozen":
+        model.attn.out_proj.bias.requires_grad_(False)
+    x = torch.randn(4, 5, 8)
+    G = check(model, x)
+    assert bool(calls) == (case not in ("frozen", "bias_kv"))
+    # The per-sample gradients themselves (histogram and moments) against the reference's.
+    with PerSampleHooks(model, loss_reduction="sum") as hooks:
+        sample_loss(model(x.double())).sum().backward()
+        lo, hi = float(G.min()), float(G.max())
+        width = max(abs(lo), abs(hi)) * 1.01
+        hist = hooks.grad_hist1d(nbins=7, maxval=width)
+        ref = torch.histc(G.reshape(-1), bins=7, min=-width, max=width).long()
+        assert torch.equal(hist.cpu(), ref)
+        moments = hooks.grad_moments()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    got_sq = torch.cat([moments.sum_grad_sq[n].reshape(-1) for n in names])
+    # (the key bias's gradient is zero but for rounding: softmax does not see it)
+    torch.testing.assert_close(got_sq, (G * G).sum(0), rtol=RTOL, atol=1e-12 * float((G * G).sum(0).max()))
+
+
 def test_multihead_attention_with_dropout_in_train_mode_is_refused():
     model = Attention(dropout=0.1).double()
     with PerSampleHooks(model) as hooks:
