@@ -273,6 +273,13 @@ def _sum_of_squares(m: nn.Module, x: torch.Tensor, d: torch.Tensor) -> Dict[torc
         layer_per_sample_grad_moments
 
     n, b = d.shape[0], d.shape[1]
+    if _supported_by_ops(m) and isinstance(m, nn.Linear) and x.dim() == 2:
+        # One position per sample: Σ_r Σᵢ δ_ri,a² x_ib² = Σᵢ (Σ_r δ_ri,a²) x_ib², one GEMM.
+        d2 = d.double().square().sum(0)                                                  # [B, d_out]
+        sq = {m.weight: d2.T @ x.double().square()} if m.weight.requires_grad else {}
+        if _tracks_bias(m):
+            sq[m.bias] = d2.sum(0)
+        return sq
     if _supported_by_ops(m) and isinstance(m, nn.Linear):
         dout = d.shape[-1]
         dd = d.movedim(0, -2).reshape(tuple(d.shape[1:-1]) + (n * dout,))  # [B, ..., n·d_out]
