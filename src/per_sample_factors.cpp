@@ -690,16 +690,31 @@ struct Route {
   bool tiled;     // the Ḡ route's ‖Gᵢ‖² tiled rather than by the ghost norm
 };
 
-// kAuto takes the route of fewer flops (float64 flops weighted by the device's float64 penalty),
-// the Ḡ route tiled when 2T² > d_in·d_out. The Gram route counts only the pairs of tiles formed.
+// A pass in float64 over the output of a GEMM (upcast, square or multiply, sum) takes about as long
+// as this many flops of the GEMM, on a CPU as on a GPU: memory traffic against arithmetic.
+constexpr double kPassFlops = 100.0;
+
+// kAuto takes the route of least work: GEMM flops (float64 ones weighted by the device's float64
+// penalty) and passes over their outputs (kPassFlops each element).
+// - Ḡ route, ‖Gᵢ‖² tiled: the per-sample blocks (Σᵢ Gᵢ comes from them) and a pass over them;
+// - Ḡ route, ghost norm: two T×T Grams per sample and a pass over them, and Ḡ by its own GEMM;
+//   then Gᵢ·Ḡ by one more GEMM of the layer's size either way;
+// - Gram route: the GEMMs of the pairs of tiles formed, alone: its float32 rounding is relative to
+//   the samples' spread (see Centre), so it is taken where it is about as cheap, for precision
+//   when the gradient noise is low.
+// (The ghost norm needs 2T² per sample where a tile needs d_in·d_out: memory, not speed, which
+// the tile budget bounds either way.)
 Route route_of(const Problem& p, FactorMethod m) {
-  const double G = p.G, B = p.B, T = p.T, N = B * T, din = p.din, dout = p.dout;
+  const double G = p.G, B = p.B, T = p.T, N = B * T, din = p.din, dout = p.dout, pass = kPassFlops;
   Route r{};
-  r.tiled = m == FactorMethod::kAuto ? 2 * p.T * p.T > p.din * p.dout : m == FactorMethod::kTiled;
-  const double sq_flops = r.tiled ? 2 * G * B * T * din * dout : 2 * G * B * T * T * (din + dout);
-  const double gbar_flops = 4 * G * N * din * dout + sq_flops;
+  const double layer_flops = 2 * G * N * din * dout;  // one GEMM of the layer's size
+  const double tiled_flops = layer_flops + pass * G * B * din * dout;
+  const double ghost_flops = 2 * G * B * T * T * (din + dout) + 2 * pass * G * B * T * T + layer_flops;
+  r.tiled = m == FactorMethod::kAuto ? tiled_flops < ghost_flops : m == FactorMethod::kTiled;
+  const double gbar_flops = (r.tiled ? tiled_flops : ghost_flops) + layer_flops;
   const double tiles = static_cast<double>(ceil_div(p.B, gram_tile_samples(p)));
-  const double gram_flops = 2 * G * N * N * (din + dout) * (tiles + 1) / (2 * tiles);
+  const double pairs = (tiles + 1) / (2 * tiles);
+  const double gram_flops = 2 * G * N * N * (din + dout) * pairs;
   const double penalty = p.acc == at::kDouble ? 1.0 : f64_gemm_penalty(p.opts.device());
   r.gram_f64 = p.acc == at::kDouble || gram_flops <= kSmallGramFlops ||
                kGram64Saving * penalty * gram_flops <= gbar_flops;

@@ -7,9 +7,10 @@
 // two routes (N = B·T rows):
 //
 // The Ḡ route ("ghost", "tiled"), about 4·N·d_in·d_out flops, as much as a backward pass:
-//   ‖Gᵢ‖²   ghost norm Σ_{t,s} (x_it·x_is)(δ_it·δ_is) (two batched GEMMs), or — when
-//           2T² > d_in·d_out, or asked for — Gᵢ formed in bounded tiles of samples
-//   Ḡ       (1/B) Σ_i Gᵢ = δᵀx / B, one GEMM over all B·T rows
+//   ‖Gᵢ‖²   ghost norm Σ_{t,s} (x_it·x_is)(δ_it·δ_is) (two batched GEMMs), or Gᵢ formed in
+//           bounded tiles of samples
+//   Ḡ       (1/B) Σ_i Gᵢ = δᵀx / B, one GEMM over all B·T rows (summed from the tiles when
+//           ‖Gᵢ‖² is tiled)
 //   Gᵢ·Ḡ    Σ_t δ_it · (Ḡ x_it): the rowwise sum of δ ∘ (x Ḡᵀ), one GEMM
 //   ‖Ḡ‖²
 //
@@ -83,7 +84,9 @@ namespace trainscope {
 // 2·N²·(d_in + d_out) (less with several tiles, for symmetry) is below the Ḡ route's
 // 4·N·d_in·d_out plus its ‖Gᵢ‖², i.e. roughly when N is below the harmonic mean of d_in and
 // d_out — so not for long sequences or large conv outputs — and the Ḡ route otherwise, tiled
-// when 2T² > d_in·d_out.
+// when its per-sample GEMMs and a pass over them (a pass counted as 100 flops an element) cost
+// less than the ghost norm's two T×T Grams, a pass over them and Ḡ's own GEMM:
+// 50·d_in·d_out < T²·(d_in + d_out + 100).
 enum class FactorMethod : int64_t { kAuto = 0, kGhost = 1, kTiled = 2, kGram = 3 };
 
 // "auto", "ghost", "tiled", "gram".

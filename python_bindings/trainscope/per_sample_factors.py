@@ -7,7 +7,8 @@ from x and δ alone, by one of two routes over the N = B·T rows:
 
 - the Ḡ route (``"ghost"``, ``"tiled"``): Ḡ = δᵀx/B and x Ḡᵀ, two GEMMs as large as the
   backward pass's weight-gradient GEMM (about 4·N·d_in·d_out flops), with ‖Gᵢ‖² by the ghost
-  norm Σ_{t,s}(x_it·x_is)(δ_it·δ_is) or, when 2T² > d_in·d_out, Gᵢ formed in bounded tiles;
+  norm Σ_{t,s}(x_it·x_is)(δ_it·δ_is) or Gᵢ formed in bounded tiles (then Σᵢ Gᵢ comes from the
+  tiles; the cheaper way when 50·d_in·d_out < T²·(d_in + d_out + 100));
 - the Gram route (``"gram"``, about 2·N²·(d_in + d_out) flops): with K_x = X Xᵀ and K_δ = Δ Δᵀ
   over all N rows, the per-sample block sums S_ik of K_x ∘ K_δ are Gᵢ·G_k, so ‖Gᵢ‖² = S_ii,
   Gᵢ·Ḡ = Σ_k S_ik / B and ‖Ḡ‖² = Σ_ik S_ik / B². Far cheaper when N is small next to the weight
@@ -80,7 +81,7 @@ from . import per_sample_layers as _layers
 from .per_sample_layers import LAYER_TYPES, Materialised, any_kind_of, kind_of
 
 #: The route: "ghost"/"tiled" (the Ḡ route, ‖Gᵢ‖² by the ghost norm or tiled), "gram" (the Gram
-#: route), "auto" (the one of fewer flops; the Ḡ route tiles when 2T² > d_in·d_out).
+#: route), "auto" (the one of least work: GEMM flops and passes over their outputs).
 FACTOR_METHODS = ("auto", "ghost", "tiled", "gram")
 
 #: Layer types PerSampleHooks handles (subclasses that keep their forward are accepted too):

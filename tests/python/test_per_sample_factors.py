@@ -1347,3 +1347,26 @@ def test_compile_bad_input_names_the_argument(case):
     _, fn, message = next(c for c in _bad_cases() if c[0] == case)
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
         torch.compile(fn, backend="aot_eager", fullgraph=True)()
+
+
+@pytest.mark.parametrize("shape, cheaper", [
+    # (C_in, C_out, side, T): 50·d_in·d_out against T²·(d_in + d_out + 100)
+    ((64, 64, 32), "tiled"),    # d_in·d_out = 36,864, T = 1024: the tiles
+    ((256, 256, 8), "ghost"),   # d_in·d_out = 589,824, T = 64: the Grams
+    ((96, 128, 6), "ghost"),
+    ((64, 96, 14), "tiled"),    # T = 144 (no padding)
+])
+def test_auto_takes_the_cheaper_norm_route(shape, cheaper):
+    """"auto" on the Ḡ route forms Gᵢ in tiles or takes the ghost norm, whichever costs less (the
+    two differ in float32 rounding, so the route shows in the bits)."""
+    cin, cout, side = shape
+    gen = torch.Generator().manual_seed(7)
+    b = 32  # enough samples that the Gram route (N = B·T rows) is not the cheapest
+    x = torch.randn(b, cin, side, side, generator=gen)
+    pad = 0 if side == 14 else 1
+    out = side + 2 * pad - 2
+    d = torch.randn(b, cout, out, out, generator=gen)
+    run = lambda m: conv2d_per_sample_parts(x, d, 3, 1, pad, 1, 1, True, m)  # noqa: E731
+    auto, tiled, ghost = run("auto"), run("tiled"), run("ghost")
+    assert not torch.equal(tiled.sq_norms, ghost.sq_norms)
+    assert torch.equal(auto.sq_norms, (tiled if cheaper == "tiled" else ghost).sq_norms)
