@@ -283,6 +283,16 @@ class BatchNormKind(_NormKind):
 # Embedding
 
 
+def _group_ids(keys: torch.Tensor) -> torch.Tensor:
+    """The group of each of the N keys [N]: 0 .. U-1 over the U distinct keys in sorted order, so
+    that N rows (groups U .. N-1 left empty) hold them without reading U on the host (no sync)."""
+    order = torch.argsort(keys)
+    sorted_keys = keys[order]
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return torch.empty_like(order).scatter_(0, order, torch.cumsum(starts.long(), 0) - 1)
+
+
 class EmbeddingKind(LayerKind):
     base = nn.Embedding
     forwards = (("forward", nn.Embedding.forward),)
@@ -305,12 +315,7 @@ class EmbeddingKind(LayerKind):
         samples = torch.arange(b, device=toks.device).repeat_interleave(t)
         toks = toks.reshape(-1)
         keys = samples * module.num_embeddings + toks
-        order = torch.argsort(keys)
-        sorted_keys = keys[order]
-        starts = torch.ones_like(sorted_keys, dtype=torch.bool)
-        starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        group_sorted = torch.cumsum(starts.long(), 0) - 1
-        group = torch.empty_like(group_sorted).scatter_(0, order, group_sorted)   # row of each position
+        group = _group_ids(keys)                                                   # row of each position
         n, d = keys.shape[0], deltas.shape[-1]
         rows = deltas.new_zeros(n, d).index_add_(0, group, deltas.reshape(n, d))
         row_sample = torch.zeros_like(samples).scatter_(0, group, samples)
@@ -1153,26 +1158,30 @@ class TiedEmbeddingLinear:
 
     def parts(self) -> PerSampleParts:
         """The head's parts from the Linear op, corrected for the embedding's share of ḡ, Ḡ_E,
-        whose nonzero rows are the batch's U distinct tokens:
+        whose nonzero rows are the batch's distinct tokens (held in B·T rows, those past the
+        distinct ones zero, so that nothing waits for the device):
         gᵢ·ḡ = Hᵢ·Ḡ_H + Hᵢ·Ḡ_E + Eᵢ·(Ḡ_H + Ḡ_E), ‖ḡ‖² = ‖Ḡ_H‖² + 2 Ḡ_H·Ḡ_E + ‖Ḡ_E‖², with Ḡ_H's U
         rows by a GEMM of the head's factors on those columns and Hᵢ·Ḡ_E = Σ_s δh_is[U]·(Ḡ_E[U] x_is):
-        [B·S, U] products, where U ≤ B·T, in place of more [B·S, V] ones."""
+        [B·S, B·T] products in place of more [B·S, V] ones. (The empty rows' Ḡ_H is that of token 0,
+        but it only ever meets Ḡ_E's zero rows.)"""
         if self.batch < 2:
             mean = self.grad_sum() / self.batch
             return PerSampleParts(self.sq_norms(), self.dots(mean), mean @ mean)
         head = self._head_parts()
         b, d = self.batch, self.dim
-        toks, inv = torch.unique(self.tok.reshape(-1), return_inverse=True)
+        tok = self.tok.reshape(-1)
+        inv = _group_ids(tok)                                    # [B·T]: the batch's U tokens, in B·T rows
+        toks = torch.zeros_like(tok).scatter_(0, inv, tok)       # the token of each row (rows U.. are empty)
         inv = inv.reshape(self.tok.shape)
         de = self.de.double()
-        ge = de.new_zeros(toks.numel(), d).index_add_(0, inv.reshape(-1), de.reshape(-1, d)) / b   # Ḡ_E[U]
-        dh_u = self.dh.reshape(-1, self.vocab).index_select(1, toks)                                 # [B·S, U]
-        gh = (dh_u.T @ self.x.reshape(-1, d).to(dh_u.dtype)).double() / b                            # Ḡ_H[U]
+        ge = de.new_zeros(tok.numel(), d).index_add_(0, inv.reshape(-1), de.reshape(-1, d)) / b    # Ḡ_E's rows
+        dh_u = self.dh.reshape(-1, self.vocab).index_select(1, toks)                                 # [B·S, B·T]
+        gh = (dh_u.T @ self.x.reshape(-1, d).to(dh_u.dtype)).double() / b                            # Ḡ_H's rows
         h_ge = []
         for sl in self._tiles():
             rows = self.x[sl].reshape(-1, d)
             n = rows.shape[0]
-            xg = rows.to(dh_u.dtype) @ ge.to(dh_u.dtype).T                                          # [b·S, U]
+            xg = rows.to(dh_u.dtype) @ ge.to(dh_u.dtype).T                                          # [b·S, B·T]
             start = sl.start * self.x.shape[1]
             h_ge.append((xg * dh_u[start:start + n]).sum(1, dtype=torch.float64).view(-1, self.x.shape[1]).sum(1))
         dots = head.dots + torch.cat(h_ge) + (de * (gh + ge)[inv]).sum((1, 2))
