@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from conftest import requires_cuda
 from trainscope.per_sample_factors import PerSampleHooks
 
 RTOL = 1e-6
@@ -678,12 +679,33 @@ class GPT(nn.Module):
         b, t = idx.shape
         pos = torch.arange(t, device=idx.device).expand(b, t)  # positions of each sample
         x = self.tok(idx) + self.pos(pos)
-        mask = nn.Transformer.generate_square_subsequent_mask(t, dtype=x.dtype)
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=idx.device, dtype=x.dtype)
         for blk in self.blocks:
             h = blk["ln1"](x)
             x = x + blk["attn"](h, h, h, attn_mask=mask, is_causal=True, need_weights=False)[0]
             x = x + blk["mlp"](blk["ln2"](x))
         return self.head(self.ln_f(x))
+
+
+@requires_cuda
+def test_decoder_statistics_do_not_wait_for_the_device():
+    """stats() on a decoder (tied embedding and head, attention, LayerNorm, GELU MLP) only enqueues
+    work on the stream: no host synchronisation."""
+    gen(40)
+    model = GPT().cuda()
+    idx = torch.randint(0, 11, (4, 8), device="cuda")
+    with PerSampleHooks(model) as hooks:
+        for check in (False, True):  # the first: warm-up (allocator, lazy initialisation)
+            model.zero_grad()
+            sample_loss(model(idx)).mean().backward()
+            torch.cuda.synchronize()
+            if check:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                s = hooks.stats()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert bool(torch.isfinite(s.stats).all())
 
 
 def test_gpt():
