@@ -613,10 +613,11 @@ class PerSampleHooks:
     nn.InstanceNorm1d/2d/3d and nn.BatchNorm1d/2d/3d normalising with running statistics (eval
     mode): per-sample gradients [B, C] from the normalised input recomputed with the module's eps
     and statistics; nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d/2d (unfolded into the Linear/Conv2d
-    problem); nn.MultiheadAttention (all its parameters, out_proj included: its forward
-    recomputed in float64 from the captured query, key, value and masks, one vjp per sample with
-    torch.func.vmap, in tiles of samples; dropout in train mode and attention weights that reach
-    the loss are refused; it reads the module's parameters when measuring, so measure before
+    problem); nn.MultiheadAttention (all its parameters, out_proj included: its projections as
+    Linear problems on disjoint rows, from one batched recomputation of the attention between them
+    from the captured query, key, value and masks; with bias_k/bias_v, add_zero_attn or a frozen
+    parameter its forward recomputed in float64, one vjp per sample with torch.func.vmap, in tiles
+    of samples; dropout in train mode and attention weights that reach the loss are refused; it reads the module's parameters when measuring, so measure before
     ``optimizer.step()``: parameters changed since the forward pass raise ValueError naming the
     layer). See :mod:`trainscope.per_sample_layers`.
 
