@@ -296,17 +296,8 @@ def test_monitor_auto_is_exact_on_relu_nets_and_warns_once_when_it_estimates(gen
     for factory, exact in ((lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3)), True),
                            (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), False)):
         model = init(factory(), gen)
-        records = []
-        mon = trainscope.Monitor(model, per_tensor=False, sinks=[records.append], curvature=True,
-                                 curvature_options={"method": "auto", "which": ["hess_trace"], "samples": 4})
-        x, y = torch.randn(B, 3, generator=gen, dtype=torch.float64), target("ce", gen)
-        closure = lambda: F.cross_entropy(model(x), y, reduction="none")  # noqa: E731
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for step in range(2):
-                mon.step(step, closure().detach(), closure=closure)
-            mon.flush()
-        mon.close()
+        records, caught, closure = monitored_curvature_steps(
+            model, gen, {"method": "auto", "which": ["hess_trace"], "samples": 4})
         said = [w for w in caught if "estimates (Hutchinson" in str(w.message)]
         assert len(said) == (0 if exact else 1) and (exact or "Tanh" in str(said[0].message))
         assert ("curvature/hess_trace_stderr" in records[-1].scalars) == (not exact)
@@ -316,6 +307,25 @@ def test_monitor_auto_is_exact_on_relu_nets_and_warns_once_when_it_estimates(gen
     with pytest.raises(ValueError, match="curvature_options"):
         trainscope.Monitor(list(model.named_parameters()), curvature=True,
                            curvature_options={"method": "piecewise_linear"})
+
+
+def monitored_curvature_steps(model, gen, options, steps=2):
+    """(records, warnings caught, closure) of ``steps`` Monitor steps with curvature_options
+    ``options`` on a cross-entropy closure of one float64 batch."""
+    import trainscope
+
+    records = []
+    mon = trainscope.Monitor(model, per_tensor=False, sinks=[records.append], curvature=True,
+                             curvature_options=options)
+    x, y = torch.randn(B, 3, generator=gen, dtype=torch.float64), target("ce", gen)
+    closure = lambda: F.cross_entropy(model(x), y, reduction="none")  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            mon.step(step, closure().detach(), closure=closure)
+        mon.flush()
+    mon.close()
+    return records, caught, closure
 
 
 class Scaled(nn.Module):
@@ -339,16 +349,7 @@ def test_monitor_piecewise_linear_refusals_never_end_the_run(gen):
     with pytest.raises(ValueError, match=r"curvature_options\['method'\].*'scale'"):
         trainscope.Monitor(init(Scaled(), gen), curvature=True, curvature_options=opts)
     model = init(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), gen)
-    records = []
-    mon = trainscope.Monitor(model, per_tensor=False, sinks=[records.append], curvature=True, curvature_options=opts)
-    x, y = torch.randn(B, 3, generator=gen, dtype=torch.float64), target("ce", gen)
-    closure = lambda: F.cross_entropy(model(x), y, reduction="none")  # noqa: E731
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for step in range(2):
-            mon.step(step, closure().detach(), closure=closure)
-        mon.flush()
-    mon.close()
+    records, caught, _ = monitored_curvature_steps(model, gen, opts)
     said = [w for w in caught if "curvature not measured" in str(w.message)]
     assert len(said) == 1 and "Tanh" in str(said[0].message)
     assert len(records) == 2 and all(math.isnan(r.scalars["curvature/hess_trace"]) for r in records)
