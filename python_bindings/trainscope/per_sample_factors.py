@@ -617,9 +617,9 @@ class PerSampleHooks:
     Linear problems on disjoint rows, from one batched recomputation of the attention between them
     from the captured query, key, value and masks; with bias_k/bias_v, add_zero_attn or a frozen
     parameter its forward recomputed in float64, one vjp per sample with torch.func.vmap, in tiles
-    of samples; dropout in train mode and attention weights that reach the loss are refused; it reads the module's parameters when measuring, so measure before
-    ``optimizer.step()``: parameters changed since the forward pass raise ValueError naming the
-    layer). See :mod:`trainscope.per_sample_layers`.
+    of samples; dropout in train mode and attention weights that reach the loss are refused; it
+    reads the module's parameters when measuring, so measure before ``optimizer.step()``:
+    parameters changed since the forward pass raise ValueError naming the layer). See :mod:`trainscope.per_sample_layers`.
 
     ``on_unsupported``: with ``"error"`` (default) a module holding trainable parameters that is
     none of these raises TypeError naming every such module and its type; with ``"skip"`` those

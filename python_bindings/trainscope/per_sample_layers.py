@@ -635,6 +635,7 @@ class MHAInput:
         self.key_padding_mask, self.attn_mask = key_padding_mask, attn_mask
         self.is_causal, self.training, self.per_sample_mask = is_causal, training, per_sample_mask
         self.batched, self.versions = batched, versions
+        self.factors = None  # (output gradient, its _mha_factors), kept for the step's later uses
 
     @property
     def shape(self):
@@ -706,6 +707,14 @@ def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
+def _factors_of(module: nn.MultiheadAttention, x: "MHAInput", g: torch.Tensor) -> tuple:
+    """_mha_factors of one captured use, recomputed once per output gradient (the statistics
+    across ranks ask for Σᵢ gᵢ, gᵢ·ḡ and ‖gᵢ‖² in turn)."""
+    if x.factors is None or x.factors[0] is not g:
+        x.factors = (g, _mha_factors(module, x, g))
+    return x.factors[1]
+
+
 def _mha_factors(module: nn.MultiheadAttention, x: "MHAInput", g: torch.Tensor) -> tuple:
     """(δq, δk, δv, y) of one use, batch first: the gradients reaching the q, k and v projections'
     outputs [b, L|S, E] and the attention output y [b, L, E] that out_proj reads, for the output
@@ -725,14 +734,15 @@ def _mha_factors(module: nn.MultiheadAttention, x: "MHAInput", g: torch.Tensor) 
     wo = module.out_proj.weight.detach().to(dtype)
     b, l, s = x.query.shape[0], x.query.shape[1], x.key.shape[1]
     step = max(1, TILE_ELEMS // max(1, 8 * (l + s) * e + 4 * heads * l * s))
+    shared = None  # a mask of every sample, [L, S]
+    if x.attn_mask is not None and not x.per_sample_mask:
+        shared = _float_mask(x.attn_mask, dtype)
+    elif x.attn_mask is None and x.is_causal:
+        shared = _float_mask(torch.ones(l, s, dtype=torch.bool, device=x.device).triu(1), dtype)
     outs = []
     for a in range(0, b, step):
         sl = slice(a, a + step)
-        mask = None
-        if x.attn_mask is not None:
-            mask = _float_mask(x.attn_mask[sl] if x.per_sample_mask else x.attn_mask, dtype)
-        elif x.is_causal:
-            mask = _float_mask(torch.ones(l, s, dtype=torch.bool, device=x.device).triu(1), dtype)
+        mask = _float_mask(x.attn_mask[sl], dtype) if x.per_sample_mask and x.attn_mask is not None else shared
         if x.key_padding_mask is not None:
             kpm = _float_mask(x.key_padding_mask[sl], dtype)[:, None, None, :]
             mask = kpm if mask is None else mask + kpm
@@ -822,32 +832,35 @@ class MHAKind(LayerKind):
         when every use is self-attention on a packed weight, else one per q, k, v) and out_proj,
         each with the inputs and output gradients of every use, recomputed in the inputs' dtype."""
         e = module.embed_dim
-        bias = module.in_proj_bias
+        rows = [slice(i * e, (i + 1) * e) for i in range(3)]
         if module._qkv_same_embed_dim:
-            w = module.in_proj_weight
-            ws = [(w, slice(i * e, (i + 1) * e)) for i in range(3)]
+            weights = [(module.in_proj_weight, r) for r in rows]
         else:
-            ws = [(module.q_proj_weight, slice(0, e)), (module.k_proj_weight, slice(0, e)),
-                  (module.v_proj_weight, slice(0, e))]
-        proj = [[], [], []]  # per q, k, v: [(input, output gradient)] over the uses
-        out = []
-        for x, g in zip(xs, gs):
-            dq, dk, dv, y = _mha_factors(module, x, g)
-            for lst, inp, d in zip(proj, (x.query, x.key, x.value), (dq, dk, dv)):
-                lst.append((inp, d))
-            out.append((y, g))
-        rows = lambda i: slice(i * e, (i + 1) * e)  # noqa: E731
+            weights = [(w, slice(0, e)) for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)]
+        factors = [_factors_of(module, x, g) for x, g in zip(xs, gs)]  # (δq, δk, δv, y) per use
+        bias = module.in_proj_bias
         if module._qkv_same_embed_dim and all(_same_tensor(x.query, x.key) and _same_tensor(x.key, x.value)
                                                for x in xs):
             ins = [LinearBlock(module.in_proj_weight, slice(0, 3 * e), bias, slice(0, 3 * e),
-                               [x.query for x in xs], [torch.cat(ds, -1) for ds in zip(*(
-                                   [d for _, d in lst] for lst in proj))])]
+                               [x.query for x in xs], [torch.cat(f[:3], -1) for f in factors])]
         else:
-            ins = [LinearBlock(w, r, bias, rows(i), [t for t, _ in proj[i]], [d for _, d in proj[i]])
-                   for i, (w, r) in enumerate(ws)]
+            inputs = [(x.query, x.key, x.value) for x in xs]
+            ins = [LinearBlock(w, r, bias, rows[i], [inp[i] for inp in inputs], [f[i] for f in factors])
+                   for i, (w, r) in enumerate(weights)]
         o = module.out_proj
-        return ins + [LinearBlock(o.weight, slice(0, e), o.bias, slice(0, e), [y for y, _ in out],
-                                  [g for _, g in out])]
+        return ins + [LinearBlock(o.weight, slice(0, e), o.bias, slice(0, e), [f[3] for f in factors], list(gs))]
+
+    def _per_param(self, module, blocks, part, lead: tuple = ()) -> List[torch.Tensor]:
+        """float64 [*lead, *p.shape] per parameter of :meth:`params`, each block's (weight rows,
+        bias rows) from ``part(block)`` added on its rows."""
+        out = {id(p): torch.zeros(lead + tuple(p.shape), dtype=torch.float64, device=p.device)
+               for _, p in self.params(module)}
+        for b in blocks:
+            w, bias = part(b)
+            out[id(b.weight)][..., b.rows, :] += w
+            if bias is not None:
+                out[id(b.bias)][..., b.bias_rows] += bias
+        return [out[id(p)] for _, p in self.params(module)]
 
     def parts(self, module, xs, gs, method="auto"):
         if not self.factored(module):
@@ -857,13 +870,8 @@ class MHAKind(LayerKind):
     def grad_sum(self, module, xs, gs):
         if not self.factored(module):
             return super().grad_sum(module, xs, gs)
-        sums = {id(p): torch.zeros(p.shape, dtype=torch.float64, device=p.device) for _, p in self.params(module)}
-        for b in self.blocks(module, xs, gs):
-            w, bias = b.grad_sum()
-            sums[id(b.weight)][b.rows] += w
-            if bias is not None:
-                sums[id(b.bias)][b.bias_rows] += bias
-        return torch.cat([sums[id(p)].reshape(-1) for _, p in self.params(module)])
+        sums = self._per_param(module, self.blocks(module, xs, gs), LinearBlock.grad_sum)
+        return torch.cat([t.reshape(-1) for t in sums])
 
     def dots(self, module, xs, gs, mean):
         if not self.factored(module):
@@ -877,14 +885,7 @@ class MHAKind(LayerKind):
 
     def grads(self, module, xs, gs):
         if self.factored(module):
-            out = {id(p): torch.zeros((xs[0].shape[0],) + tuple(p.shape), dtype=torch.float64, device=p.device)
-                   for _, p in self.params(module)}
-            for b in self.blocks(module, xs, gs):
-                w, bias = b.grads()
-                out[id(b.weight)][:, b.rows] += w
-                if bias is not None:
-                    out[id(b.bias)][:, b.bias_rows] += bias
-            return [out[id(p)] for _, p in self.params(module)]
+            return self._per_param(module, self.blocks(module, xs, gs), LinearBlock.grads, (xs[0].shape[0],))
         names = [n for n, _ in self.params(module)]
         all_params = {n: p.detach().double() for n, p in module.named_parameters()}
         trained = {n: all_params[n] for n in names}
@@ -1135,8 +1136,10 @@ class TiedEmbeddingLinear:
         rows, row_sample, _, b = self.emb_kind._rows(self.emb, [self.tok], [self.de])
         return rows.new_zeros(b).index_add_(0, row_sample, (rows * rows).sum(1))
 
-    def sq_norms(self) -> torch.Tensor:
-        return self._emb_sq_norms() + self._head_parts().sq_norms + 2 * self._cross()
+    def sq_norms(self, head_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """‖Eᵢ + Hᵢ‖² (``head_sq``: ‖Hᵢ‖² when already at hand)."""
+        head_sq = self._head_parts().sq_norms if head_sq is None else head_sq
+        return self._emb_sq_norms() + head_sq + 2 * self._cross()
 
     def grad_sum(self) -> torch.Tensor:
         """Σᵢ gᵢ: the head's by one GEMM in the layers' dtype, the embedding's rows added onto it."""
@@ -1177,16 +1180,17 @@ class TiedEmbeddingLinear:
         ge = de.new_zeros(tok.numel(), d).index_add_(0, inv.reshape(-1), de.reshape(-1, d)) / b    # Ḡ_E's rows
         dh_u = self.dh.reshape(-1, self.vocab).index_select(1, toks)                                 # [B·S, B·T]
         gh = (dh_u.T @ self.x.reshape(-1, d).to(dh_u.dtype)).double() / b                            # Ḡ_H's rows
+        ge_t = ge.to(dh_u.dtype).T
         h_ge = []
         for sl in self._tiles():
             rows = self.x[sl].reshape(-1, d)
             n = rows.shape[0]
-            xg = rows.to(dh_u.dtype) @ ge.to(dh_u.dtype).T                                          # [b·S, B·T]
+            xg = rows.to(dh_u.dtype) @ ge_t                                                         # [b·S, B·T]
             start = sl.start * self.x.shape[1]
             h_ge.append((xg * dh_u[start:start + n]).sum(1, dtype=torch.float64).view(-1, self.x.shape[1]).sum(1))
         dots = head.dots + torch.cat(h_ge) + (de * (gh + ge)[inv]).sum((1, 2))
         mean_sq = head.mean_sq_norm + 2 * (gh * ge).sum() + (ge * ge).sum()
-        return PerSampleParts(self._emb_sq_norms() + head.sq_norms + 2 * self._cross(), dots, mean_sq)
+        return PerSampleParts(self.sq_norms(head.sq_norms), dots, mean_sq)
 
 
 def together(entries, method: str = "auto"):
