@@ -301,6 +301,23 @@ TEST_P(PerSampleFactorsApiTest, MomentsEqualSumsOfPerSampleGradients) {
   }
 }
 
+// The per-sample bias gradients Σ_t δ_it, summed in float64 a block of samples at a time on a CPU
+// when one sample's output gradients are large (here each sample is a block of its own).
+TEST_P(PerSampleFactorsApiTest, BiasMomentsOfLargeOutputs) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(19);
+  const at::Tensor x = randn({3, 70000, 1}, gen, dtype(), device()), d = randn({3, 70000, 2}, gen, dtype(), device());
+  const at::Tensor b = d.to(kF64).sum(1);  // [B, 2]
+  const trainscope::PerSampleMoments m = trainscope::linear_per_sample_grad_moments({x}, {d}, true);
+  expect_close(m.bias_sum, b.sum(0), 1e-12, "linear bias_sum");
+  expect_close(m.bias_sq_sum, b.square().sum(0), 1e-12, "linear bias_sq_sum");
+  const at::Tensor xc = randn({3, 1, 2, 40000}, gen, dtype(), device()), dc = randn({3, 2, 2, 40000}, gen, dtype(), device());
+  const at::Tensor bc = dc.to(kF64).sum({2, 3});
+  const trainscope::PerSampleMoments mc =
+      trainscope::conv2d_per_sample_grad_moments({xc}, {dc}, {1}, {1}, {0}, {1}, 1, true);
+  expect_close(mc.bias_sum, bc.sum(0), 1e-12, "conv bias_sum");
+  expect_close(mc.bias_sq_sum, bc.square().sum(0), 1e-12, "conv bias_sq_sum");
+}
+
 // Gᵢ·D from the factors against per-sample gradients formed by hand, with and without the bias.
 TEST_P(PerSampleFactorsApiTest, ProjectionsOnADirection) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(17);
