@@ -264,6 +264,11 @@ def _loss_hessian_factor(loss: torch.Tensor, out: torch.Tensor, chunk: int):
     return cols, evals.sign().transpose(0, 1), finite
 
 
+# Elements of output gradients rearranged at once (rows stacked as channels): a tile that stays in
+# cache, not a copy of the whole [n, B, ...] batch.
+_REARRANGE_TILE_ELEMS = 1 << 20
+
+
 def _sum_of_squares(m: nn.Module, x: torch.Tensor, d: torch.Tensor) -> Dict[torch.Tensor, torch.Tensor]:
     """{parameter: Σ_r Σᵢ G_riⱼ²} (float64) over the per-sample gradients G_ri of layer m for
     input x [B, ...] and the output gradients of n rows d [n, B, ...]. An nn.Linear or nn.Conv2d
@@ -290,13 +295,19 @@ def _sum_of_squares(m: nn.Module, x: torch.Tensor, d: torch.Tensor) -> Dict[torc
         return sq
     if _supported_by_ops(m) and isinstance(m, nn.Conv2d):
         g, cout = m.groups, d.shape[2]
-        # Output channels group-major, as a grouped convolution lays them out: [G, n, C_out / G].
-        dd = d.reshape((n, b, g, cout // g) + tuple(d.shape[3:])).permute(1, 2, 0, 3, 4, 5)
-        dd = dd.reshape((b, n * cout) + tuple(d.shape[3:]))
         xp, padding = _conv_inputs(m, x)
-        _, wq, _, bq = torch.ops.trainscope.conv2d_per_sample_grad_moments(
-            xp, dd, _pair("kernel_size", m.kernel_size), _pair("stride", m.stride), _pair("padding", padding),
-            _pair("dilation", m.dilation), int(g), _tracks_bias(m))
+        geometry = (_pair("kernel_size", m.kernel_size), _pair("stride", m.stride), _pair("padding", padding),
+                    _pair("dilation", m.dilation), int(g), _tracks_bias(m))
+        # Output channels group-major, as a grouped convolution lays them out: [G, n, C_out / G].
+        # Rearranged a tile of samples at a time, so that no copy of all n·B output gradients is made.
+        tile = max(1, _REARRANGE_TILE_ELEMS // max(1, d[:, 0].numel()))
+        parts = []
+        for i in range(0, b, tile):
+            dt = d[:, i:i + tile]
+            dd = dt.reshape((n, dt.shape[1], g, cout // g) + tuple(d.shape[3:])).permute(1, 2, 0, 3, 4, 5)
+            dd = dd.reshape((dt.shape[1], n * cout) + tuple(d.shape[3:]))
+            parts.append(torch.ops.trainscope.conv2d_per_sample_grad_moments(xp[i:i + tile], dd, *geometry))
+        wq, bq = sum(q[1] for q in parts), sum(q[3] for q in parts)
         sq = {m.weight: wq.view((g, n, cout // g) + tuple(m.weight.shape[1:])).sum(1).view(m.weight.shape)} \
             if m.weight.requires_grad else {}
         if _tracks_bias(m):

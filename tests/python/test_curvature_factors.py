@@ -109,6 +109,23 @@ def test_equals_the_full_hessians_diagonal(kind, loss, gen):
     assert float(torch.linalg.eigvalsh(H)[0]) < -1e-8 or loss == "nonconvex"
 
 
+@pytest.mark.parametrize("tile_elems", [1, 600, 1 << 20])
+def test_grouped_convolutions_in_tiles_of_samples(tile_elems, gen, monkeypatch):
+    """The convolutions' output gradients are rearranged a tile of samples at a time (one sample,
+    a few, all): the same diagonal, with groups laid out as the layer lays them."""
+    from trainscope import _curvature_factors as factors
+
+    monkeypatch.setattr(factors, "_REARRANGE_TILE_ELEMS", tile_elems)
+    model = init(nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.ReLU(), nn.Conv2d(6, 4, 2, groups=2, bias=False),
+                               nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)), gen)
+    x = torch.randn(B, 4, 6, 6, generator=gen, dtype=torch.float64)
+    y = target("ce", gen)
+    params = trainable(model)
+    H = reference_hessian(model, x, LOSSES["ce"], y)
+    d = C.hess_diag(lambda: LOSSES["ce"](model(x), y), params, method="piecewise_linear", model=model)
+    assert (flat(d.diag) - H.diagonal()).abs().max() <= 1e-10 * max(1.0, float(H.diagonal().abs().max()))
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_curvature_stats_tic_and_trace(kind, gen):
     model, x = make(kind, gen)
