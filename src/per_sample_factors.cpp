@@ -93,18 +93,23 @@ struct Problem {
   std::function<at::Tensor(const at::Tensor& w)> weight_dots;
 };
 
-// at::sum(t, dims, dtype) for t [B, ...] reduced over dims that exclude 0. A CPU's at::sum
-// upcasts a whole copy of t before reducing when dtype is wider than t's (a float64 copy of a
-// layer's output gradients, far more memory traffic than the sum), so there it reduces blocks of
-// samples that stay in cache; the same sums.
+// Elements upcast to float64 at once by the helpers below: on a CPU a block that stays in cache
+// (whole float64 copies would cost more memory traffic than the GEMMs that made the data), on a
+// GPU a bounded transient (a float64 copy of a large layer's output gradients is gigabytes).
+int64_t f64_block_elems(const at::Device& device) {
+  return device.is_cpu() ? int64_t{1} << 17 : int64_t{1} << 24;
+}
+
+// at::sum(t, dims, dtype) for t [B, ...] reduced over dims that exclude 0, a block of samples at
+// a time: at::sum upcasts a whole copy of t first when dtype is wider than t's. The same sums.
 at::Tensor sum_per_sample(const at::Tensor& t, at::IntArrayRef dims, at::ScalarType dtype) {
-  if (!t.device().is_cpu() || t.scalar_type() == dtype || t.size(0) == 0) return at::sum(t, dims, false, dtype);
-  constexpr int64_t kBlock = int64_t{1} << 17;
+  if (t.scalar_type() == dtype || t.size(0) == 0) return at::sum(t, dims, false, dtype);
   const int64_t n = t.size(0), per_sample = std::max<int64_t>(1, t.numel() / n);
-  const int64_t rb = std::max<int64_t>(1, kBlock / per_sample);
+  const int64_t rb = std::max<int64_t>(1, f64_block_elems(t.device()) / per_sample);
+  if (rb >= n) return at::sum(t, dims, false, dtype);
   std::vector<at::Tensor> parts;
   for (int64_t i = 0; i < n; i += rb) parts.push_back(at::sum(t.narrow(0, i, std::min(rb, n - i)), dims, false, dtype));
-  return parts.size() == 1 ? parts.front() : at::cat(parts);
+  return at::cat(parts);
 }
 
 // Samples per tile when one sample needs `work` elements of temporaries besides its x and δ in
@@ -214,18 +219,17 @@ ConvGeometry conv_geometry(const char* op, at::IntArrayRef kernel_size, at::IntA
 }
 
 // Σ_j a_ij·b_ij [n] float64 of two [n, m] matrices (Σ_j a_ij² when b is undefined), each element
-// upcast before the product. On the CPU in blocks that stay in cache (whole float64 copies would
-// cost more memory traffic than the GEMM that made a); on a GPU at once.
+// upcast before the product, in blocks of f64_block_elems.
 at::Tensor rowwise_dot_f64(const at::Tensor& a, const at::Tensor& b = {}) {
   auto dot = [](const at::Tensor& x, const at::Tensor& y) {
     const at::Tensor x64 = x.to(at::kDouble);
     return (y.defined() ? x64 * y.to(at::kDouble) : x64 * x64).sum(1);
   };
-  if (!a.device().is_cpu()) return dot(a, b);
-  constexpr int64_t kBlock = int64_t{1} << 17;
+  const int64_t block = f64_block_elems(a.device());
+  if (a.numel() <= block) return dot(a, b);
   const int64_t n = a.size(0), m = a.size(1);
-  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(n, kBlock / std::max<int64_t>(1, m)));
-  const int64_t cb = std::max<int64_t>(1, std::min<int64_t>(m, kBlock / rb));
+  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(n, block / std::max<int64_t>(1, m)));
+  const int64_t cb = std::max<int64_t>(1, std::min<int64_t>(m, block / rb));
   at::Tensor out = at::zeros({n}, a.options().dtype(at::kDouble));
   for (int64_t r0 = 0; r0 < n; r0 += rb) {
     const int64_t r = std::min(rb, n - r0);
