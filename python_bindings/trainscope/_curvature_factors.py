@@ -322,7 +322,8 @@ def diag_and_sum_grad_sq(fwd: Forward, params: List[torch.Tensor], *, want_diag:
                          chunk: int) -> Tuple[Optional[list], Optional[list]]:
     """(h, S), one float64 tensor per parameter each (None when not wanted; S needs per-sample
     losses), for a checked Forward. h is NaN on a non-finite loss Hessian. One read of the device
-    (whether any output Hessian has a negative eigenvalue, which costs a second pass)."""
+    (which factor columns are zero in every sample, and whether any output Hessian has a negative
+    eigenvalue, which costs a second pass)."""
     from .curvature import _batched_grad
 
     out, caller = fwd.output, fwd.caller
@@ -355,12 +356,15 @@ def diag_and_sum_grad_sq(fwd: Forward, params: List[torch.Tensor], *, want_diag:
 
     if diag is not None:
         cols, signs, finite = _loss_hessian_factor(fwd.loss, out, chunk)
-        negative = bool((signs < 0).any())
-        for a in range(0, cols.shape[0], chunk):
-            c, s = cols[a:a + chunk], signs[a:a + chunk, :, None]
-            add_squares(c * (s > 0), diag, 1.0)
-            if negative:  # an output Hessian that is not positive semidefinite
-                add_squares(c * (s < 0), diag, -1.0)
+        # The columns with a positive, and those with a negative, part in any sample. A column zero
+        # in every sample (the cross-entropy's null direction) is not propagated; a negative part
+        # (an output Hessian that is not positive semidefinite) is, in a pass of its own.
+        positive, negative = torch.stack([(signs > 0).any(1), (signs < 0).any(1)]).tolist()
+        for weight, live, part in ((1.0, positive, signs > 0), (-1.0, negative, signs < 0)):
+            used = [c for c, any_part in enumerate(live) if any_part]
+            for a in range(0, len(used), chunk):
+                rows = used[a:a + chunk]
+                add_squares(cols[rows] * part[rows, :, None], diag, weight)
         diag = [torch.where(finite, x, torch.full_like(x, math.nan)) for x in diag]
     if sq is not None:
         (gf,) = torch.autograd.grad(fwd.loss, [out], retain_graph=True)
