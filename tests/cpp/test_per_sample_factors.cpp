@@ -389,6 +389,50 @@ TEST_P(PerSampleFactorsApiTest, UsesOfOneLayerAddUp) {
   }
 }
 
+// Convolutions with many positions and few channels per group, whose per-sample gradients a
+// CPU takes in float32 from the layer's own weight gradient grouped by sample (the other
+// configurations by the unfolded product; both against the reference): every statistic, tiles
+// of samples and blocks of rows, two uses that both take that route and two that do not.
+TEST_P(PerSampleFactorsApiTest, ConvGradientsGroupedBySample) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(21);
+  const int64_t B = 3, nbins = 31;
+  const double maxval = 3.0;
+  const Layer conv = conv_layer({2}, {2}, {2}, 2);  // 20×20 → 10×10: T = 100
+  auto input = [&](int64_t h, int64_t w) { return randn({B, 4, h, w}, gen, dtype(), device()); };
+  auto grad = [&](int64_t h, int64_t w) { return randn({B, 6, h, w}, gen, dtype(), device()); };
+  const std::vector<at::Tensor> x1{input(20, 20)}, d1{grad(10, 10)};
+  const std::vector<at::Tensor> x2{input(20, 20), input(18, 22)}, d2{grad(10, 10), grad(9, 11)};
+  const std::vector<at::Tensor> xm{input(20, 20), input(6, 6)}, dm{grad(10, 10), grad(3, 3)};  // T = 100 and 9
+  for (const auto& [xs, ds, name] : {std::tuple{x1, d1, "one use"}, std::tuple{x2, d2, "two uses"},
+                                     std::tuple{xm, dm, "two uses, one of few positions"}}) {
+    at::Tensor g = at::zeros({B, 6 * 2 * 9 + 6}, kF64);
+    for (size_t u = 0; u < xs.size(); ++u) g += reference_grads(conv, xs[u], ds[u], {6, 2, 3, 3}, true);
+    for (int64_t budget : {int64_t{0}, int64_t{300}}) {  // 300: one sample and one row at a time
+      const TileBudget tiles(budget);
+      const std::string what = std::string(name) + ", budget " + std::to_string(budget);
+      for (FactorMethod m : kAllMethods) {
+        expect_parts(trainscope::conv2d_per_sample_parts(xs, ds, {3, 3}, {2}, {2}, {2}, 2, true, m),
+                     reference_parts(g), tolerance(dtype()), what + " " + trainscope::factor_method_name(m),
+                     at::kDouble);
+      }
+      const trainscope::PerSampleMoments mo =
+          trainscope::conv2d_per_sample_grad_moments(xs, ds, {3, 3}, {2}, {2}, {2}, 2, true);
+      expect_close(at::cat({mo.weight_sum.flatten(), mo.bias_sum}), g.sum(0), tolerance(dtype()), what + " sum");
+      expect_close(at::cat({mo.weight_sq_sum.flatten(), mo.bias_sq_sum}), g.square().sum(0), tolerance(dtype()),
+                   what + " sq_sum");
+      const at::Tensor h =
+          trainscope::conv2d_per_sample_grad_hist1d(xs, ds, {3, 3}, {2}, {2}, {2}, 2, true, nbins, maxval).cpu();
+      std::vector<int64_t> want(nbins, 0);
+      const at::Tensor flat = g.flatten();
+      for (int64_t i = 0; i < flat.numel(); ++i) ++want[reference_bin(flat[i].item<double>(), nbins, maxval)];
+      int64_t l1 = 0;
+      for (int64_t k = 0; k < nbins; ++k) l1 += std::abs(h[k].item<int64_t>() - want[k]);
+      EXPECT_EQ(h.sum().item<int64_t>(), flat.numel()) << what;
+      EXPECT_LE(l1, dtype() == at::kDouble ? 0 : 4) << what << " hist1d " << h;
+    }
+  }
+}
+
 const Config kConfigs[] = {{false, at::kFloat}, {false, at::kDouble}, {false, at::kBFloat16},
                            {false, at::kHalf},  {true, at::kFloat},   {true, at::kDouble},
                            {true, at::kBFloat16}};
