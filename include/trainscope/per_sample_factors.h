@@ -44,7 +44,9 @@
 // GEMMs in float64 when N is small (see FactorMethod). float32 GEMMs follow torch's float32
 // matmul precision, which trainscope leaves alone: TF32 is off by default; turned on
 // (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision("high")) it rounds the
-// float32 GEMMs' inputs to ~5e-4 relative, and the statistics with them. Results stay on the
+// float32 GEMMs' inputs to ~5e-4 relative, and the statistics with them. The convolutions
+// trainscope runs itself on a GPU (Gᵢ·Ḡ of a conv layer) are IEEE float32 whatever
+// torch.backends.cudnn.conv.fp32_precision says: its default is TF32. Results stay on the
 // device; nothing synchronises. Bad input throws c10::Error naming the argument before any work.
 //
 // Precision when gradient noise is low (the statistics subtract nearly equal numbers): float32

@@ -21,7 +21,9 @@ Conv3d, ConvTranspose1d/2d, MultiheadAttention) are measured by
 
 The parts are float64 whatever the inputs (as the materialised path's): GEMMs run in float32
 for float32/bfloat16/float16 inputs (torch's float32 matmul precision applies; TF32 is off by
-default and trainscope leaves it alone) and everything after them in float64. The Gram route
+default and trainscope leaves it alone; the convolutions it runs itself on a GPU are IEEE float32
+whatever ``torch.backends.cudnn.conv.fp32_precision`` says, as its default is TF32) and
+everything after them in float64. The Gram route
 runs its GEMMs in float64 when N is small, and otherwise in float32 on rows centred on a
 per-position mean, so that their rounding is relative to how much the samples differ: it stays
 within SPEC.md §5's 1e-5 of float64 arithmetic however low the gradient noise (measured: 1e-7

@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 #include <torch/cuda.h>
 
@@ -574,6 +575,28 @@ TEST(PerSampleFactorsApi, Hist2dOfTiles) {
   const at::Tensor gc = reference_grads(conv_layer({2}, {1}, {1}, 2), xc, dc, {6, 2, 3, 3}, false);
   EXPECT_TRUE(at::equal(cc, reference_hist2d(gc, wc, o)));
   EXPECT_EQ(nc.item<int64_t>(), 0);
+}
+
+// cuDNN's default for float32 convolutions is TF32 (inputs rounded to ~5e-4): the convolution
+// behind Gᵢ·Ḡ runs in IEEE float32 whatever that setting, and leaves it as it was.
+TEST(PerSampleFactorsApi, CudaConvolutionsIgnoreTf32) {
+  if (!(trainscope::built_with_cuda() && torch::cuda::is_available())) {
+    GTEST_SKIP() << "no CUDA device, or trainscope built without CUDA";
+  }
+  auto& ctx = at::globalContext();
+  const at::Float32Precision before = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV);
+  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, at::Float32Precision::TF32);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(22);
+  const at::Tensor x = at::randn({4, 64, 12, 12}, gen, kF64), d = at::randn({4, 64, 12, 12}, gen, kF64);
+  const Parts64 want = reference_parts(reference_grads(conv_layer({1}, {1}, {1}, 1), x, d, {64, 64, 3, 3}, true));
+  const at::Device cuda(at::kCUDA);
+  for (FactorMethod m : kForcedMethods) {
+    expect_parts(trainscope::conv2d_per_sample_parts(x.to(cuda, at::kFloat), d.to(cuda, at::kFloat), {3}, {1}, {1},
+                                                     {1}, 1, true, m),
+                 want, 2e-5, std::string("conv under TF32 ") + trainscope::factor_method_name(m), at::kDouble);
+  }
+  EXPECT_EQ(ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV), at::Float32Precision::TF32);
+  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, before);
 }
 
 // One use through the list overloads is the single-tensor call, bit for bit.
