@@ -404,10 +404,15 @@ TEST_P(PerSampleFactorsApiTest, ConvGradientsGroupedBySample) {
   const std::vector<at::Tensor> x1{input(20, 20)}, d1{grad(10, 10)};
   const std::vector<at::Tensor> x2{input(20, 20), input(18, 22)}, d2{grad(10, 10), grad(9, 11)};
   const std::vector<at::Tensor> xm{input(20, 20), input(6, 6)}, dm{grad(10, 10), grad(3, 3)};  // T = 100 and 9
+  const std::vector<at::Tensor> xl{randn({B, 20, 20, 4}, gen, dtype(), device()).permute({0, 3, 1, 2})};
+  const std::vector<at::Tensor> dl{randn({B, 10, 10, 6}, gen, dtype(), device()).permute({0, 3, 1, 2})};
   for (const auto& [xs, ds, name] : {std::tuple{x1, d1, "one use"}, std::tuple{x2, d2, "two uses"},
-                                     std::tuple{xm, dm, "two uses, one of few positions"}}) {
+                                     std::tuple{xm, dm, "two uses, one of few positions"},
+                                     std::tuple{xl, dl, "channels last"}}) {
     at::Tensor g = at::zeros({B, 6 * 2 * 9 + 6}, kF64);
-    for (size_t u = 0; u < xs.size(); ++u) g += reference_grads(conv, xs[u], ds[u], {6, 2, 3, 3}, true);
+    for (size_t u = 0; u < xs.size(); ++u) {  // the reference on contiguous copies: its float64 path is slow on others
+      g += reference_grads(conv, xs[u].contiguous(), ds[u].contiguous(), {6, 2, 3, 3}, true);
+    }
     for (int64_t budget : {int64_t{0}, int64_t{300}}) {  // 300: one sample and one row at a time
       const TileBudget tiles(budget);
       const std::string what = std::string(name) + ", budget " + std::to_string(budget);
