@@ -77,7 +77,6 @@ from ._args import check_hist_axis, register_fake
 from ._lists import tensor_list
 from .hist2d import hist2d_axes as _hist2d_axes
 from .distributed import active_group, clean_param_name
-from .param_stats import grad_hist1d as param_grad_hist1d
 from .per_sample_stats import PerSampleParts, PerSampleStats
 from . import per_sample_layers as _layers
 from .per_sample_layers import LAYER_TYPES, Materialised, any_kind_of, kind_of
@@ -456,57 +455,6 @@ def _sum_over_ranks(counts: torch.Tensor, process_group) -> torch.Tensor:
 
 
 _NO_HIST = torch.empty(0, dtype=torch.int64)
-
-# Samples' unfolded columns per call of the per-sample histogram's convolution path (elements).
-_UNFOLD_ELEMS = 1 << 26
-
-
-def _unfold(module: nn.Conv2d, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """[b, C_in·kh·kw, T] ``acc``: im2col of the input as the module pads it, exactly (a strided
-    copy of the padded input; ``at::im2col`` on the CPU is many times slower)."""
-    xp, padding = _conv_input(module, x)
-    xp = xp.to(acc)
-    if padding[0] or padding[1]:
-        xp = F.pad(xp, (padding[1], padding[1], padding[0], padding[0]))
-    b, c, h, w = xp.shape
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    sb, sc, sy, sx = xp.stride()
-    windows = xp.as_strided((b, c, kh, kw, oh, ow), (sb, sc, dh * sy, dw * sx, sh * sy, sw * sx),
-                            xp.storage_offset())
-    return windows.reshape(b, c * kh * kw, oh * ow)
-
-
-def _conv_hist1d_as_linear(module: nn.Conv2d, xs: List[torch.Tensor], grads: List[torch.Tensor],
-                           nbins: int, maxval: float) -> torch.Tensor:
-    """The per-sample weight-gradient histogram of an ungrouped nn.Conv2d as the linear problem it
-    is after unfolding, with the unfolded columns and output gradients laid out as the conv op
-    lays them out (so the per-sample gradients, and the counts, are bit for bit the conv op's),
-    and the bias's histogram from Σ_t δ_it summed as the conv op sums it."""
-    acc = torch.float64 if all(t.dtype == torch.float64 for t in (*xs, *grads)) else torch.float32
-    b = xs[0].shape[0]
-    d_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-    per_sample = sum(d_in * g[0, 0].numel() for g in grads)  # unfolded elements of one sample
-    tile = max(1, _UNFOLD_ELEMS // max(per_sample, 1))
-    hist = None
-    for start in range(0, b, tile):
-        cols = [_unfold(module, x[start:start + tile], acc).transpose(1, 2) for x in xs]    # [b, T, d_in]
-        deltas = [g[start:start + tile].to(acc).flatten(2).transpose(1, 2) for g in grads]  # [b, T, d_out]
-        h = linear_per_sample_grad_hist1d(cols[0] if len(cols) == 1 else cols,
-                                          deltas[0] if len(deltas) == 1 else deltas, False, nbins, maxval)
-        hist = h if hist is None else hist + h
-    if _tracks_bias(module) and b > 0:
-        bias = functools.reduce(torch.add, [g.sum((2, 3), dtype=acc) for g in grads])
-        hist = hist + param_grad_hist1d([bias], nbins, maxval)
-    return hist
-
-
-def _layer_hist1d(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor], nbins: int,
-                  maxval: float) -> torch.Tensor:
-    """layer_per_sample_grad_hist1d, an ungrouped convolution by way of the linear op."""
-    if isinstance(module, nn.Conv2d) and module.groups == 1 and _supported(module) and xs[0].shape[0] > 0:
-        return _conv_hist1d_as_linear(module, xs, grads, nbins, maxval)
-    return layer_per_sample_grad_hist1d(module, xs, grads, nbins, maxval)
 
 
 def _coverage_of(hooks) -> Optional[object]:
@@ -1120,7 +1068,7 @@ class PerSampleHooks:
         """Exact int64 histogram [nbins] of all per-sample gradient elements of the tracked layers
         (of the whole batch under torch.distributed: the ranks' counts summed, one all-reduce)."""
         nbins, maxval = check_hist_axis(nbins, maxval)
-        hists = [_layer_hist1d(e[0][1], e[0][2], self._hist_grads(e[0][3]), nbins, maxval)
+        hists = [layer_per_sample_grad_hist1d(e[0][1], e[0][2], self._hist_grads(e[0][3]), nbins, maxval)
                  if len(e) == 1 else self._together(e, self._hist_grads).hist1d(nbins, maxval, check_hist_axis)
                  for _, e in self._units(self._ready())]
         return _sum_over_ranks(functools.reduce(torch.add, hists), process_group)
