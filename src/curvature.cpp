@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
 
+#include "src/ieee_convolutions.h"
 #include "src/nvtx.h"
 
 namespace trainscope {
@@ -127,6 +128,7 @@ CurvatureStats curvature_stats(const std::function<at::Tensor()>& loss_fn, const
               " elements exceed options.max_params = ", o.max_params, "; use the Hutchinson method");
   const at::Device dev = params[0].device();
   CurvatureStats out{nan64(dev), nan64(dev), nan64(dev), nan64(dev), nan64(dev)};
+  const IeeeFloat32Convolutions ieee(dev);  // the closure and every backward pass below
   at::AutoGradMode grad_on(true);
   const at::Tensor losses = loss_fn();
   TORCH_CHECK(losses.defined() && losses.requires_grad() && losses.dim() <= 1, op,

@@ -23,7 +23,6 @@
 #include <utility>
 #include <vector>
 
-#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 #if defined(TRAINSCOPE_WITH_CUDA)
@@ -32,6 +31,7 @@
 
 #include "cuda/hist2d.h"
 #include "cuda/histogram.h"
+#include "src/ieee_convolutions.h"
 #include "src/nvtx.h"
 #include "src/param_stats_internal.h"
 #include "src/per_sample_factors_internal.h"
@@ -265,27 +265,6 @@ at::Tensor unfold_input(const at::Tensor& x, const ConvGeometry& g) {
       xp.storage_offset());
   return windows.reshape({b, c * g.kernel[0] * g.kernel[1], oh * ow});
 }
-
-// While one lives, float32 convolutions on a GPU run in IEEE float32: cuDNN's default for them is
-// TF32 (torch.backends.cudnn.conv.fp32_precision), whose inputs keep 10 mantissa bits (~5e-4
-// relative), far beyond SPEC.md §5's 1e-5. The setting it found is restored; a CPU's is untouched.
-class IeeeFloat32Convolutions {
- public:
-  explicit IeeeFloat32Convolutions(const at::Device& device) : active_(device.is_cuda()) {
-    if (!active_) return;
-    previous_ = at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV);
-    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, at::Float32Precision::IEEE);
-  }
-  ~IeeeFloat32Convolutions() {
-    if (active_) at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, previous_);
-  }
-  IeeeFloat32Convolutions(const IeeeFloat32Convolutions&) = delete;
-  IeeeFloat32Convolutions& operator=(const IeeeFloat32Convolutions&) = delete;
-
- private:
-  bool active_;
-  at::Float32Precision previous_ = at::Float32Precision::NONE;
-};
 
 // Where a convolution's per-sample weight gradients come from its own weight gradient grouped by
 // sample (Problem::grad_block): at most this many input and output channels per group ...
