@@ -223,9 +223,44 @@ ConvGeometry conv_geometry(const char* op, at::IntArrayRef kernel_size, at::IntA
   return g;
 }
 
+// On a CPU, for a and b of one floating dtype with contiguous rows: one pass, each element widened
+// as it is read, rows spread over the threads and eight partial sums per row.
+at::Tensor cpu_rowwise_dot_f64(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t n = a.size(0), m = a.size(1);
+  at::Tensor out = at::empty({n}, a.options().dtype(at::kDouble));
+  double* po = out.data_ptr<double>();
+  const at::Tensor& bb = b.defined() ? b : a;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "trainscope::cpu_rowwise_dot_f64", [&] {
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = bb.data_ptr<scalar_t>();
+    const int64_t sa = a.stride(0), sb = bb.stride(0);
+    at::parallel_for(0, n, std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, m)), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const scalar_t* x = pa + i * sa;
+        const scalar_t* y = pb + i * sb;
+        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t j = 0;
+        for (; j + 8 <= m; j += 8) {
+          for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(x[j + k]) * static_cast<double>(y[j + k]);
+        }
+        for (; j < m; ++j) acc[0] += static_cast<double>(x[j]) * static_cast<double>(y[j]);
+        po[i] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      }
+    });
+  });
+  return out;
+}
+
 // Σ_j a_ij·b_ij [n] float64 of two [n, m] matrices (Σ_j a_ij² when b is undefined), each element
-// upcast before the product, in blocks of f64_block_elems.
+// upcast before the product: in one pass on a CPU where the dtypes allow, else in blocks of
+// f64_block_elems.
 at::Tensor rowwise_dot_f64(const at::Tensor& a, const at::Tensor& b = {}) {
+  const bool rows_contiguous = a.dim() == 2 && (a.size(1) <= 1 || a.stride(1) == 1) &&
+                               (!b.defined() || b.size(1) <= 1 || b.stride(1) == 1);
+  if (a.is_cpu() && rows_contiguous && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) &&
+      (!b.defined() || b.scalar_type() == a.scalar_type())) {
+    return cpu_rowwise_dot_f64(a, b);
+  }
   auto dot = [](const at::Tensor& x, const at::Tensor& y) {
     const at::Tensor x64 = x.to(at::kDouble);
     return (y.defined() ? x64 * y.to(at::kDouble) : x64 * x64).sum(1);
@@ -531,11 +566,12 @@ int64_t hist_tile_samples(const Problem& p) {
   return block > 0 ? std::max<int64_t>(1, std::min(bt, block / std::max<int64_t>(1, p.G * p.dout * p.din))) : bt;
 }
 
-// ‖Gᵢ‖² [b] float64 from the per-sample weight gradients, squared after upcasting (exactly); with
-// gsum [G, d_out, d_in] given, Σᵢ Gᵢ added to it from the same blocks (so Ḡ needs no GEMM of its
-// own, nor a copy of an unfolded input laid out for one).
+// ‖Gᵢ‖² [b] float64 of the samples i0 .. i0+b from their weight gradients, squared after
+// upcasting (exactly); with gsum [G, d_out, d_in] given, Σᵢ Gᵢ added to it from the same blocks
+// (so Ḡ needs no GEMM of its own, nor a copy of an unfolded input laid out for one); with kept
+// [B, G·d_out·d_in] given, the blocks copied into it.
 at::Tensor tiled_sq_norms(const Problem& p, int64_t i0, int64_t b, const at::Tensor& x, const at::Tensor& d,
-                          at::Tensor* gsum = nullptr) {
+                          at::Tensor* gsum = nullptr, at::Tensor* kept = nullptr) {
   at::Tensor acc;
   for_each_grad_block(
       p, i0, b, x, d,
@@ -543,6 +579,9 @@ at::Tensor tiled_sq_norms(const Problem& p, int64_t i0, int64_t b, const at::Ten
         const at::Tensor s = rowwise_dot_f64(g.view({g.size(0), -1}));
         acc = acc.defined() ? acc.add_(s) : s;
         if (gsum != nullptr) gsum->narrow(1, o0, g.size(2)).add_(g.sum(0));
+        if (kept != nullptr) {
+          kept->narrow(0, i0, b).view({b, p.G, p.dout, p.din}).narrow(2, o0, g.size(2)).copy_(g);
+        }
       },
       /*copies=*/p.opts.device().is_cpu() ? 1 : 2);  // a GPU upcasts a whole block
   return acc.defined() ? acc : at::zeros({b}, f64_options(p));
@@ -583,12 +622,20 @@ at::Tensor weight_dots_by_rows(const Problem& p, const at::Tensor& w, const at::
   return at::cat(dots);
 }
 
+// Whether the tiled Ḡ route keeps the whole batch's per-sample gradients (they fit the tile
+// budget): Gᵢ·Ḡ then comes from them (float64 products) instead of a second pass over x and δ
+// (a GEMM as large as the layer's weight gradient, or a convolution).
+bool keeps_blocks(const Problem& p) { return p.B > 0 && p.B * p.G * p.dout * p.din <= factor_tile_elems(); }
+
 // The Ḡ route: ‖Gᵢ‖² by the ghost norm or tiled, Ḡ = δᵀx / B, and Gᵢ·Ḡ from x Ḡᵀ. The GEMMs
 // run in the accumulation dtype, everything after them in float64.
 PerSampleParts gbar_parts(const Problem& p, bool tiled) {
   // Pass 1: ‖Gᵢ‖² and Σᵢ Gᵢ over tiles of samples, sharing each tile's x and δ.
   const int64_t b1 = tile_samples(p, tiled ? p.G * p.dout * p.din : 2 * p.G * p.T * p.T);
   const int64_t b2 = dots_tile_samples(p);
+  const int64_t weight_elems = p.G * p.dout * p.din;
+  at::Tensor kept;
+  if (tiled && keeps_blocks(p)) kept = at::empty({p.B, weight_elems}, p.opts);
   std::vector<at::Tensor> sq;
   at::Tensor gsum = at::zeros({p.G, p.dout, p.din}, p.opts);
   at::Tensor xg, dg;  // [G, B·T, d] of the whole batch, kept when both passes take it in one tile
@@ -598,17 +645,21 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled) {
     const bool factors = !tiled || !p.grad_block;
     const at::Tensor x = factors ? p.x(i0, b) : at::Tensor(), d = factors ? p.d(i0, b) : at::Tensor();
     if (tiled) {
-      sq.push_back(tiled_sq_norms(p, i0, b, x, d, &gsum));
+      sq.push_back(tiled_sq_norms(p, i0, b, x, d, &gsum, kept.defined() ? &kept : nullptr));
     } else {
       sq.push_back(ghost_sq_norms(p, x, d));
       gsum.baddbmm_(flat_groups(d).transpose(1, 2), flat_groups(x));
     }
-    if (factors && b == p.B && b2 == p.B && !p.weight_dots) {
+    if (factors && !kept.defined() && b == p.B && b2 == p.B && !p.weight_dots) {
       xg = flat_groups(x);
       dg = flat_groups(d);
     }
   }
   const at::Tensor gbar = gsum.div_(static_cast<double>(p.B));  // Ḡ [G, d_out, d_in]
+  if (kept.defined()) {
+    return {at::cat(sq), rowwise_dot_f64(kept, gbar.reshape({1, weight_elems}).expand({p.B, weight_elems})),
+            sq_norm_f64(gbar)};
+  }
 
   // Pass 2: Gᵢ·Ḡ, by the layer's own operation where it has one.
   if (p.weight_dots) return {at::cat(sq), p.weight_dots(gbar), sq_norm_f64(gbar)};
@@ -772,9 +823,11 @@ constexpr double kPassFlops = 100.0;
 
 // kAuto takes the route of least work: GEMM flops (float64 ones weighted by the device's float64
 // penalty) and passes over their outputs (kPassFlops each element).
-// - Ḡ route, ‖Gᵢ‖² tiled: the per-sample blocks (Σᵢ Gᵢ comes from them) and a pass over them;
-// - Ḡ route, ghost norm: two T×T Grams per sample and a pass over them, and Ḡ by its own GEMM;
-//   then Gᵢ·Ḡ by one more GEMM of the layer's size either way;
+// - Ḡ route, ‖Gᵢ‖² tiled: the per-sample blocks (Σᵢ Gᵢ comes from them) and a pass over them,
+//   then Gᵢ·Ḡ by one more GEMM of the layer's size, or two passes over the blocks where the whole
+//   batch's fit the tile budget (gbar_parts keeps them);
+// - Ḡ route, ghost norm: two T×T Grams per sample and a pass over them, Ḡ by its own GEMM and
+//   Gᵢ·Ḡ by one more;
 // - Gram route: the GEMMs of the pairs of tiles formed, alone: its float32 rounding is relative to
 //   the samples' spread (see Centre), so it is taken where it is about as cheap, for precision
 //   when the gradient noise is low.
@@ -784,10 +837,11 @@ Route route_of(const Problem& p, FactorMethod m) {
   const double G = p.G, B = p.B, T = p.T, N = B * T, din = p.din, dout = p.dout, pass = kPassFlops;
   Route r{};
   const double layer_flops = 2 * G * N * din * dout;  // one GEMM of the layer's size
-  const double tiled_flops = layer_flops + pass * G * B * din * dout;
-  const double ghost_flops = 2 * G * B * T * T * (din + dout) + 2 * pass * G * B * T * T + layer_flops;
+  const double blocks = G * B * din * dout;  // elements of the whole batch's per-sample gradients
+  const double tiled_flops = layer_flops + pass * blocks + (keeps_blocks(p) ? 2 * pass * blocks : layer_flops);
+  const double ghost_flops = 2 * G * B * T * T * (din + dout) + 2 * pass * G * B * T * T + 2 * layer_flops;
   r.tiled = m == FactorMethod::kAuto ? tiled_flops < ghost_flops : m == FactorMethod::kTiled;
-  const double gbar_flops = (r.tiled ? tiled_flops : ghost_flops) + layer_flops;
+  const double gbar_flops = r.tiled ? tiled_flops : ghost_flops;
   const double tiles = static_cast<double>(ceil_div(p.B, gram_tile_samples(p)));
   const double pairs = (tiles + 1) / (2 * tiles);
   const double gram_flops = 2 * G * N * N * (din + dout) * pairs;

@@ -11,7 +11,9 @@
 //           bounded tiles of samples
 //   Ḡ       (1/B) Σ_i Gᵢ = δᵀx / B, one GEMM over all B·T rows (summed from the tiles when
 //           ‖Gᵢ‖² is tiled)
-//   Gᵢ·Ḡ    Σ_t δ_it · (Ḡ x_it): the rowwise sum of δ ∘ (x Ḡᵀ), one GEMM
+//   Gᵢ·Ḡ    Σ_t δ_it · (Ḡ x_it): the rowwise sum of δ ∘ (x Ḡᵀ), one GEMM (a convolution's:
+//           the convolution of x with Ḡ); when tiled and the whole batch's Gᵢ fit the tile
+//           budget, they are kept and Gᵢ·Ḡ is their float64 dot with Ḡ, with no second pass
 //   ‖Ḡ‖²
 //
 // The Gram route ("gram"), about 2·N²·(d_in + d_out) flops, far fewer when N is small next to
@@ -56,8 +58,10 @@
 //   s                                       1e-1     1e-2     1e-3
 //   gram, T = 1 (float64 GEMMs; auto)       1.3e-14  1.2e-12  2.4e-10
 //   gram, T = 4 (float32 GEMMs; auto)       9.7e-9   2.1e-8   9.3e-8
-//   ghost / tiled, T = 1 (Ḡ route)          2.9e-7   2.3e-5   7.7e-4
-//   ghost / tiled, T = 4 (Ḡ route)          4.7e-7   3.6e-5   3.4e-3
+//   ghost, T = 1 (Ḡ route)                  2.9e-7   2.3e-5   7.7e-4
+//   ghost, T = 4 (Ḡ route)                  4.7e-7   3.0e-5   3.4e-3
+//   tiled, T = 1 (Ḡ route, blocks kept)     9.9e-8   1.3e-5   5.9e-4
+//   tiled, T = 4 (Ḡ route, blocks kept)     8.5e-8   5.1e-6   6.3e-4
 //
 // (gram with float32 GEMMs at B = 512, T = 1, d = 1024: 9.5e-9, 1.4e-8, 9.1e-8.) So float32
 // inputs meet SPEC.md §5's 1e-5 on the Gram route at any noise level; on the Ḡ route, whose
