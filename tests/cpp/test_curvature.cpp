@@ -5,16 +5,14 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <c10/util/Exception.h>
-#include <torch/cuda.h>
 
 #include <cmath>
 #include <string>
 #include <vector>
 
+#include "tests/cpp/torch_test_util.h"
 #include "trainscope/curvature.h"
-#include "trainscope/param_stats.h"
 
 namespace {
 
@@ -107,18 +105,14 @@ TEST(CurvatureStats, TroubleIsNanAndBadOptionsAreNamed) {
 // On a GPU the closure and the backward passes run cuDNN's float32 convolutions in IEEE float32
 // (its default is TF32, ~5e-4 relative); the setting is back afterwards.
 TEST(CurvatureStats, CudaConvolutionsRunInIeeeFloat32) {
-  if (!(trainscope::built_with_cuda() && torch::cuda::is_available())) {
-    GTEST_SKIP() << "no CUDA device, or trainscope built without CUDA";
-  }
-  auto& ctx = at::globalContext();
-  const at::Float32Precision before = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV);
-  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, at::Float32Precision::TF32);
+  SKIP_WITHOUT_CUDA();
+  const trainscope_test::Tf32Convolutions tf32;
   at::manual_seed(5);
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
   const at::Tensor x = at::randn({6, 8, 10, 10}, f32), w = (0.2 * at::randn({4, 8, 3, 3}, f32)).requires_grad_();
   std::vector<at::Float32Precision> seen;
   auto losses = [&] {
-    seen.push_back(ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV));
+    seen.push_back(trainscope_test::Tf32Convolutions::precision());
     return at::conv2d(x, w).tanh().square().sum({1, 2, 3});
   };
   trainscope::CurvatureOptions o;
@@ -127,8 +121,7 @@ TEST(CurvatureStats, CudaConvolutionsRunInIeeeFloat32) {
   EXPECT_TRUE(std::isfinite(c.hess_trace.item<double>()));
   ASSERT_FALSE(seen.empty());
   for (const at::Float32Precision p : seen) EXPECT_EQ(p, at::Float32Precision::IEEE);
-  EXPECT_EQ(ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV), at::Float32Precision::TF32);
-  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, before);
+  EXPECT_EQ(trainscope_test::Tf32Convolutions::precision(), at::Float32Precision::TF32);
 }
 
 }  // namespace

@@ -9,7 +9,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 #include <torch/cuda.h>
 
@@ -23,6 +22,7 @@
 
 #include "src/per_sample_factors_internal.h"
 #include "tests/cpp/reference_bin.h"
+#include "tests/cpp/torch_test_util.h"
 #include "trainscope/param_stats.h"
 #include "trainscope/per_sample_factors.h"
 
@@ -585,12 +585,8 @@ TEST(PerSampleFactorsApi, Hist2dOfTiles) {
 // cuDNN's default for float32 convolutions is TF32 (inputs rounded to ~5e-4): the convolution
 // behind Gᵢ·Ḡ runs in IEEE float32 whatever that setting, and leaves it as it was.
 TEST(PerSampleFactorsApi, CudaConvolutionsIgnoreTf32) {
-  if (!(trainscope::built_with_cuda() && torch::cuda::is_available())) {
-    GTEST_SKIP() << "no CUDA device, or trainscope built without CUDA";
-  }
-  auto& ctx = at::globalContext();
-  const at::Float32Precision before = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV);
-  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, at::Float32Precision::TF32);
+  SKIP_WITHOUT_CUDA();
+  const trainscope_test::Tf32Convolutions tf32;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(22);
   const at::Tensor x = at::randn({4, 64, 12, 12}, gen, kF64), d = at::randn({4, 64, 12, 12}, gen, kF64);
   const Parts64 want = reference_parts(reference_grads(conv_layer({1}, {1}, {1}, 1), x, d, {64, 64, 3, 3}, true));
@@ -600,8 +596,7 @@ TEST(PerSampleFactorsApi, CudaConvolutionsIgnoreTf32) {
                                                      {1}, 1, true, m),
                  want, 2e-5, std::string("conv under TF32 ") + trainscope::factor_method_name(m), at::kDouble);
   }
-  EXPECT_EQ(ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV), at::Float32Precision::TF32);
-  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, before);
+  EXPECT_EQ(trainscope_test::Tf32Convolutions::precision(), at::Float32Precision::TF32);
 }
 
 // One use through the list overloads is the single-tensor call, bit for bit.

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 #include <torch/cuda.h>
 
@@ -42,6 +43,27 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 inline at::Device cuda0() { return at::Device(at::kCUDA, 0); }
+
+// cuDNN's float32 convolutions set to TF32 (PyTorch's default, set explicitly) for the scope of
+// one, the setting it found restored after.
+class Tf32Convolutions {
+ public:
+  Tf32Convolutions() : previous_(precision()) {
+    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, at::Float32Precision::TF32);
+  }
+  ~Tf32Convolutions() {
+    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, previous_);
+  }
+  Tf32Convolutions(const Tf32Convolutions&) = delete;
+  Tf32Convolutions& operator=(const Tf32Convolutions&) = delete;
+  // The current setting for cuDNN's float32 convolutions.
+  static at::Float32Precision precision() {
+    return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV);
+  }
+
+ private:
+  at::Float32Precision previous_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Results on the host
