@@ -628,8 +628,9 @@ at::Tensor weight_dots_by_rows(const Problem& p, const at::Tensor& w, const at::
 bool keeps_blocks(const Problem& p) { return p.B > 0 && p.B * p.G * p.dout * p.din <= factor_tile_elems(); }
 
 // The Ḡ route: ‖Gᵢ‖² by the ghost norm or tiled, Ḡ = δᵀx / B, and Gᵢ·Ḡ from x Ḡᵀ. The GEMMs
-// run in the accumulation dtype, everything after them in float64.
-PerSampleParts gbar_parts(const Problem& p, bool tiled) {
+// run in the accumulation dtype, everything after them in float64. With weight_grad given, Σᵢ Gᵢ
+// [G, d_out, d_in] (formed on the way) goes there.
+PerSampleParts gbar_parts(const Problem& p, bool tiled, at::Tensor* weight_grad = nullptr) {
   // Pass 1: ‖Gᵢ‖² and Σᵢ Gᵢ over tiles of samples, sharing each tile's x and δ.
   const int64_t b1 = tile_samples(p, tiled ? p.G * p.dout * p.din : 2 * p.G * p.T * p.T);
   const int64_t b2 = dots_tile_samples(p);
@@ -655,6 +656,7 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled) {
       dg = flat_groups(d);
     }
   }
+  if (weight_grad != nullptr) *weight_grad = gsum.clone();
   const at::Tensor gbar = gsum.div_(static_cast<double>(p.B));  // Ḡ [G, d_out, d_in]
   if (kept.defined()) {
     return {at::cat(sq), rowwise_dot_f64(kept, gbar.reshape({1, weight_elems}).expand({p.B, weight_elems})),
@@ -853,14 +855,15 @@ Route route_of(const Problem& p, FactorMethod m) {
   return r;
 }
 
-PerSampleParts weight_parts(const Problem& p, FactorMethod method) {
+// With weight_grad given, Σᵢ Gᵢ [G, d_out, d_in] goes there where the route forms it (the Ḡ routes).
+PerSampleParts weight_parts(const Problem& p, FactorMethod method, at::Tensor* weight_grad = nullptr) {
   const Route r = route_of(p, method);
-  return r.gram ? gram_parts(p, r.gram_f64) : gbar_parts(p, r.tiled);
+  return r.gram ? gram_parts(p, r.gram_f64) : gbar_parts(p, r.tiled, weight_grad);
 }
 
-PerSampleParts parts_of(const Problem& p, FactorMethod method) {
+PerSampleParts parts_of(const Problem& p, FactorMethod method, at::Tensor* weight_grad = nullptr) {
   check_batch_for_stats(p.op, p.B);
-  PerSampleParts w = weight_parts(p, method);
+  PerSampleParts w = weight_parts(p, method, weight_grad);
   if (!p.bias_grads) return w;
   const PerSampleParts b = parts_of_rows(p.bias_grads(at::kDouble));  // [B, d_out] float64
   return {w.sq_norms.add_(b.sq_norms), w.dots.add_(b.dots), w.mean_sq_norm.add_(b.mean_sq_norm)};
@@ -1042,6 +1045,48 @@ PerSampleParts conv2d_per_sample_parts(const at::Tensor& input, const at::Tensor
                                        int64_t groups, bool has_bias, FactorMethod method) {
   return conv2d_per_sample_parts(at::TensorList(input), at::TensorList(grad_output), kernel_size, stride,
                                  padding, dilation, groups, has_bias, method);
+}
+
+PerSamplePartsAndWeightGrad linear_per_sample_parts_and_weight_grad(const at::Tensor& input,
+                                                                    const at::Tensor& grad_output, bool has_bias,
+                                                                    FactorMethod method) {
+  const char* op = "trainscope::linear_per_sample_parts_and_weight_grad";
+  NvtxRange range{op};
+  c10::NoGradGuard no_grad;
+  PerSamplePartsAndWeightGrad out;
+  out.parts = parts_of(linear_uses(op, at::TensorList(input), at::TensorList(grad_output), has_bias), method,
+                       &out.weight_grad);
+  const int64_t din = input.size(-1), dout = grad_output.size(-1);
+  if (out.weight_grad.defined()) {
+    out.weight_grad = out.weight_grad.view({dout, din});
+  } else {  // the Gram route: the backward pass's own GEMM
+    const at::ScalarType acc = acc_dtype(input, grad_output);
+    out.weight_grad = at::mm(grad_output.reshape({-1, dout}).to(acc).t(), input.reshape({-1, din}).to(acc));
+  }
+  return out;
+}
+
+PerSamplePartsAndWeightGrad conv2d_per_sample_parts_and_weight_grad(
+    const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool has_bias, FactorMethod method) {
+  const char* op = "trainscope::conv2d_per_sample_parts_and_weight_grad";
+  NvtxRange range{op};
+  c10::NoGradGuard no_grad;
+  const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
+  PerSamplePartsAndWeightGrad out;
+  out.parts = parts_of(conv2d_uses(op, at::TensorList(input), at::TensorList(grad_output), g, has_bias), method,
+                       &out.weight_grad);
+  const std::vector<int64_t> shape{grad_output.size(1), input.size(1) / g.groups, g.kernel[0], g.kernel[1]};
+  if (out.weight_grad.defined()) {  // [G, C_out/G, C_in/G·kh·kw]: the weight's layout (see conv2d_problem)
+    out.weight_grad = out.weight_grad.view(shape);
+  } else {  // the Gram route: the backward pass's own weight gradient (its values never read)
+    const at::ScalarType acc = acc_dtype(input, grad_output);
+    const at::Tensor x = input.to(acc), shape_only = at::empty(shape, x.options());
+    out.weight_grad = std::get<1>(at::convolution_backward(grad_output.to(acc), x, shape_only, std::nullopt, g.stride,
+                                                           g.padding, g.dilation, /*transposed=*/false, {0, 0},
+                                                           g.groups, {false, true, false}));
+  }
+  return out;
 }
 
 at::Tensor linear_per_sample_grad_hist1d(at::TensorList input, at::TensorList grad_output, bool has_bias,

@@ -39,6 +39,27 @@ PartsTuple conv2d_parts_op(In input, In grad_output, at::IntArrayRef kernel_size
                                           has_bias, parse_factor_method(std::string(method))));
 }
 
+using PartsAndGradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+PartsAndGradTuple as_tuple(const PerSamplePartsAndWeightGrad& r) {
+  return {r.parts.sq_norms, r.parts.dots, r.parts.mean_sq_norm, r.weight_grad};
+}
+
+PartsAndGradTuple linear_parts_and_grad_op(const at::Tensor& input, const at::Tensor& grad_output, bool has_bias,
+                                           c10::string_view method) {
+  return as_tuple(linear_per_sample_parts_and_weight_grad(input, grad_output, has_bias,
+                                                          parse_factor_method(std::string(method))));
+}
+
+PartsAndGradTuple conv2d_parts_and_grad_op(const at::Tensor& input, const at::Tensor& grad_output,
+                                           at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                           bool has_bias, c10::string_view method) {
+  return as_tuple(conv2d_per_sample_parts_and_weight_grad(input, grad_output, kernel_size, stride, padding,
+                                                          dilation, groups, has_bias,
+                                                          parse_factor_method(std::string(method))));
+}
+
 template <typename In>
 at::Tensor linear_hist1d_op(In input, In grad_output, bool has_bias, int64_t nbins, double maxval) {
   return linear_per_sample_grad_hist1d(input, grad_output, has_bias, nbins, maxval);
@@ -117,6 +138,12 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
   m.def("conv2d_per_sample_parts(Tensor input, Tensor grad_output, int[2] kernel_size, "
         "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool has_bias=True, "
         "str method=\"auto\") -> (Tensor, Tensor, Tensor)");
+  // The parts and the layer's weight gradient Σᵢ Gᵢ, shaped as its weight.
+  m.def("linear_per_sample_parts_and_weight_grad(Tensor input, Tensor grad_output, bool has_bias=True, "
+        "str method=\"auto\") -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv2d_per_sample_parts_and_weight_grad(Tensor input, Tensor grad_output, int[2] kernel_size, "
+        "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool has_bias=True, "
+        "str method=\"auto\") -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_per_sample_grad_hist1d(Tensor input, Tensor grad_output, bool has_bias=True, "
         "int nbins=100, float maxval=0.05) -> Tensor");
   m.def("conv2d_per_sample_grad_hist1d(Tensor input, Tensor grad_output, int[2] kernel_size, "
@@ -169,6 +196,7 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
 // Diagnostics, not differentiable outputs (see param_stats_ops.cpp).
 TORCH_LIBRARY_IMPL(trainscope, Autograd, m) {
   for (const char* name : {"linear_per_sample_parts", "conv2d_per_sample_parts",
+                           "linear_per_sample_parts_and_weight_grad", "conv2d_per_sample_parts_and_weight_grad",
                            "linear_per_sample_grad_hist1d", "conv2d_per_sample_grad_hist1d",
                            "linear_per_sample_grad_hist2d", "conv2d_per_sample_grad_hist2d",
                            "linear_per_sample_parts.uses", "conv2d_per_sample_parts.uses",
@@ -188,6 +216,8 @@ void define_kernels(torch::Library& m) {
   using Uses = at::TensorList;
   m.impl("linear_per_sample_parts", &trainscope::linear_parts_op<One>);
   m.impl("conv2d_per_sample_parts", &trainscope::conv2d_parts_op<One>);
+  m.impl("linear_per_sample_parts_and_weight_grad", &trainscope::linear_parts_and_grad_op);
+  m.impl("conv2d_per_sample_parts_and_weight_grad", &trainscope::conv2d_parts_and_grad_op);
   m.impl("linear_per_sample_grad_hist1d", &trainscope::linear_hist1d_op<One>);
   m.impl("conv2d_per_sample_grad_hist1d", &trainscope::conv2d_hist1d_op<One>);
   m.impl("linear_per_sample_grad_hist2d", &trainscope::linear_hist2d_op<One>);

@@ -114,6 +114,27 @@ PerSampleParts conv2d_per_sample_parts(const at::Tensor& input, const at::Tensor
                                        int64_t groups, bool has_bias,
                                        FactorMethod method = FactorMethod::kAuto);
 
+// The parts above and, where the route forms it on the way, the layer's weight gradient over the
+// batch, Σᵢ Gᵢ = Σ_i,t δ_itᵀ x_it, shaped as the layer's weight ([d_out, d_in]; a convolution's
+// [C_out, C_in/groups, kh, kw]) in the accumulation dtype (float32 for float32, bfloat16 and
+// float16 inputs). The Ḡ routes form it from their per-sample tiles or their own GEMM, so a
+// backward pass that takes its weight gradient from here runs no weight-gradient GEMM of its own
+// (PerSampleHooks does, see per_sample_factors.py). The Gram route does not form it: there it is
+// the backward pass's own GEMM or convolution weight gradient, run here. The same sums as the
+// backward pass's, in another order: they agree to the accumulation dtype's rounding. One use of
+// the layer.
+struct PerSamplePartsAndWeightGrad {
+  PerSampleParts parts;
+  at::Tensor weight_grad;
+};
+PerSamplePartsAndWeightGrad linear_per_sample_parts_and_weight_grad(
+    const at::Tensor& input, const at::Tensor& grad_output, bool has_bias,
+    FactorMethod method = FactorMethod::kAuto);
+PerSamplePartsAndWeightGrad conv2d_per_sample_parts_and_weight_grad(
+    const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    bool has_bias, FactorMethod method = FactorMethod::kAuto);
+
 // Exact int64 histogram [nbins] (SPEC.md §4) of all B·P per-sample gradient elements of the
 // layer (weight, then bias when has_bias), formed in tiles of samples of bounded size and
 // counted with grad_hist1d. The elements binned are Gᵢ = δᵢᵀxᵢ as given: to bin the gradients

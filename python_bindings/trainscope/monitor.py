@@ -253,7 +253,8 @@ PER_SAMPLE_HIST2D_NAME = "per_sample_grad_hist2d"
 
 #: ``per_sample_options`` keys and defaults (None: the Monitor's ``nbins`` / ``maxval``).
 PER_SAMPLE_OPTIONS = {"layers": None, "method": "auto", "loss_reduction": "mean", "on_unsupported": "error",
-                      "nbins": None, "maxval": None, "hist2d": False, "nbins_param": 100, "maxval_param": 1.0}
+                      "fuse_weight_grad": True, "nbins": None, "maxval": None, "hist2d": False, "nbins_param": 100,
+                      "maxval_param": 1.0}
 
 
 def _per_sample_options(options, nbins, maxval) -> Dict[str, Any]:
@@ -282,6 +283,7 @@ def _per_sample_options(options, nbins, maxval) -> Dict[str, Any]:
                                               "per_sample_options['nbins']", "per_sample_options['maxval']",
                                               caller="Monitor")
     o["hist2d"] = check_bool(o["hist2d"], "per_sample_options['hist2d']", "Monitor")
+    o["fuse_weight_grad"] = check_bool(o["fuse_weight_grad"], "per_sample_options['fuse_weight_grad']", "Monitor")
     o["nbins_param"], o["maxval_param"] = check_hist_axis(o["nbins_param"], o["maxval_param"],
                                                           "per_sample_options['nbins_param']",
                                                           "per_sample_options['maxval_param']", caller="Monitor")
@@ -710,7 +712,8 @@ class Monitor:
             self.per_sample_hooks = PerSampleHooks(model_or_named_params, ps_options["layers"],
                                                    method=ps_options["method"],
                                                    loss_reduction=ps_options["loss_reduction"],
-                                                   on_unsupported=ps_options["on_unsupported"])
+                                                   on_unsupported=ps_options["on_unsupported"],
+                                                   fuse_weight_grad=ps_options["fuse_weight_grad"])
             for key, spec in ps_specs.items():
                 self._m.add_external_quantity(key, spec)
             if PER_SAMPLE_KEY in ps_specs:
@@ -752,6 +755,7 @@ class Monitor:
         self._m.request(str(key))
         if str(key) in self._ps_keys:
             self.per_sample_hooks.enabled = True
+            self.per_sample_hooks.stats_due = self.per_sample_hooks.stats_due or str(key) == PER_SAMPLE_KEY
             if str(key) == ALPHA_KEY:
                 self._alpha.snapshot()
 
@@ -794,6 +798,8 @@ class Monitor:
                 alpha.snapshot()  # θ at the start step, before its optimizer step
             self.per_sample_hooks.enabled = start or (alpha is not None and alpha.is_end(next_step)) or any(
                 self._m.due(k, next_step) for k in self._ps_keys)
+            # The statistics' parts then come with the weight gradients on the backward pass.
+            self.per_sample_hooks.stats_due = PER_SAMPLE_KEY in self._ps_keys and self._m.due(PER_SAMPLE_KEY, next_step)
 
     def _per_sample_ready(self, step: int) -> bool:
         """Whether the hooks hold this step's capture; a due step without one is warned about once."""

@@ -158,6 +158,30 @@ def conv2d_per_sample_parts(input: Uses, grad_output: Uses, kernel_size: IntOrPa
     return PerSampleParts(sq, dots, msq)
 
 
+def linear_per_sample_parts_and_weight_grad(input: torch.Tensor, grad_output: torch.Tensor, has_bias: bool = True,
+                                            method: str = "auto") -> Tuple[PerSampleParts, torch.Tensor]:
+    """:func:`linear_per_sample_parts` of one use, and the layer's weight gradient over the batch
+    Σᵢ Gᵢ = δᵀx [d_out, d_in] (float32, float64 for float64 inputs), formed on the way by the Ḡ
+    routes (by its own GEMM on the Gram route): a backward pass that takes its weight gradient from
+    here needs no weight-gradient GEMM of its own (what :class:`PerSampleHooks` does)."""
+    op = torch.ops.trainscope.linear_per_sample_parts_and_weight_grad
+    sq, dots, msq, weight_grad = op(input, grad_output, bool(has_bias), _check_method(method))
+    return PerSampleParts(sq, dots, msq), weight_grad
+
+
+def conv2d_per_sample_parts_and_weight_grad(input: torch.Tensor, grad_output: torch.Tensor, kernel_size: IntOrPair,
+                                            stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                                            groups: int = 1, has_bias: bool = True, method: str = "auto"
+                                            ) -> Tuple[PerSampleParts, torch.Tensor]:
+    """:func:`conv2d_per_sample_parts` of one use, and the weight gradient over the batch shaped as
+    the weight [C_out, C_in/groups, kh, kw] (see :func:`linear_per_sample_parts_and_weight_grad`)."""
+    op = torch.ops.trainscope.conv2d_per_sample_parts_and_weight_grad
+    sq, dots, msq, weight_grad = op(input, grad_output, _pair("kernel_size", kernel_size), _pair("stride", stride),
+                                    _pair("padding", padding), _pair("dilation", dilation), int(groups),
+                                    bool(has_bias), _check_method(method))
+    return PerSampleParts(sq, dots, msq), weight_grad
+
+
 def linear_per_sample_grad_hist1d(input: Uses, grad_output: Uses, has_bias: bool = True,
                                   nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
     """Exact int64 histogram [nbins] (SPEC.md §4) of the B·P per-sample gradient elements
@@ -483,6 +507,7 @@ class _Use:
     grad: Optional[torch.Tensor] = None
     to_batch_first: bool = False        # the output is [L, B, ...] (MultiheadAttention, batch_first=False)
     weights_reached_loss: bool = False  # MultiheadAttention's attention weights got a gradient
+    parts: Optional[PerSampleParts] = None  # taken on the backward pass (_WeightGradFromParts)
 
 
 @dataclass
@@ -509,6 +534,88 @@ def _hook_target(output: torch.Tensor):
         if base.is_contiguous() and base.requires_grad:
             return base, (output.size(), output.stride(), output.storage_offset() - base.storage_offset())
     return output, None
+
+
+@dataclass
+class _Fused:
+    """What a layer's fused backward (:class:`_WeightGradFromParts`) needs of its hooks."""
+    hooks: "PerSampleHooks"
+    name: str
+    module: nn.Module
+    use: _Use
+    step: int
+    output: Optional[torch.Tensor]  # the layer's output, handed over once by forward
+
+
+def _plain_grads(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, needs: tuple):
+    """(input, weight, bias) gradients of an nn.Linear or nn.Conv2d (zero padding) as its own
+    backward pass computes them; None where not needed. Differentiable (a backward pass with
+    create_graph=True runs this)."""
+    need_x, need_w, need_b = needs
+    if isinstance(module, nn.Conv2d):
+        bias_sizes = [weight.shape[0]] if need_b else None
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, bias_sizes, list(module.stride), list(module.padding), list(module.dilation), False,
+            [0, 0], module.groups, [need_x, need_w, need_b])
+    rows = grad.reshape(-1, grad.shape[-1])
+    return (grad.matmul(weight) if need_x else None,
+            rows.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None,
+            rows.sum(0) if need_b else None)
+
+
+def _parts_and_weight_grad(module: nn.Module, x: torch.Tensor, d: torch.Tensor, method: str):
+    if isinstance(module, nn.Conv2d):
+        return conv2d_per_sample_parts_and_weight_grad(x, d, module.kernel_size, module.stride, module.padding,
+                                                       module.dilation, module.groups, _tracks_bias(module), method)
+    return linear_per_sample_parts_and_weight_grad(x, d, _tracks_bias(module), method)
+
+
+class _WeightGradFromParts(torch.autograd.Function):
+    """The output of an nn.Linear or nn.Conv2d measured alone, with a backward pass that takes the
+    layer's statistics and its weight gradient together: the parts from the layer's input and
+    output gradient, and the weight gradient Σᵢ Gᵢ that the Ḡ routes form on the way (their
+    per-sample tiles summed, or their own Ḡ GEMM), so that no weight-gradient GEMM of the layer's
+    own backward runs. The forward pass is the layer's, already run: this node replaces its graph.
+
+    Where the parts cannot be taken there — the layer used again in the step, a second gradient
+    reaching the same output (retain_graph), a backward pass with create_graph=True, or a cleared
+    step — the gradients are the layer's own (:func:`_plain_grads`) and the parts are taken later
+    from the captured input and output gradient, as for any other layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fused: _Fused):
+        ctx.fused = fused
+        ctx.save_for_backward(x, weight)
+        out, fused.output = fused.output, None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        f: _Fused = ctx.fused
+        hooks, use, module = f.hooks, f.use, f.module
+        current = f.step == hooks._step
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        fuse = (current and need_w and use.grad is None and not torch.is_grad_enabled()
+                and len(hooks._captures[f.name].uses) == 1)
+        parts = None
+        if fuse:
+            try:
+                parts, grad_w = _parts_and_weight_grad(module, x, grad.detach(), hooks.method)
+            except RuntimeError:  # the training step goes on; stats() raises what it raises
+                parts = None
+        if parts is not None:
+            grad_x, _, grad_b = _plain_grads(module, x, weight, grad, (need_x, False, need_b))
+            grad_w = grad_w.to(weight.dtype)
+        else:
+            grad_x, grad_w, grad_b = _plain_grads(module, x, weight, grad, (need_x, need_w, need_b))
+        if current:
+            use.parts = parts
+            d = grad.detach()
+            # Reached twice (backward calls through a retained graph): the gradients add up, as .grad's.
+            use.grad = d if use.grad is None else use.grad + d
+            hooks._backward_seen = True
+        return grad_x, grad_w, grad_b, None
 
 
 def _supported_by_ops(module: nn.Module) -> bool:
@@ -625,6 +732,25 @@ class PerSampleHooks:
 
     The captured inputs are held until the next step, :meth:`clear` or :meth:`remove`.
 
+    **The weight gradient taken with the statistics** (``fuse_weight_grad=True``, the default). On
+    a step whose statistics are due (:attr:`stats_due`, which trainscope.Monitor sets per step), an
+    nn.Linear or nn.Conv2d measured alone (used once, no tied parameter) takes its parts and its
+    weight gradient in one computation on the backward pass: the Ḡ routes form Σᵢ Gᵢ anyway (from
+    their per-sample tiles, or their own GEMM), so the layer's own weight-gradient GEMM is not run
+    (:func:`linear_per_sample_parts_and_weight_grad`). Where the whole batch's per-sample blocks
+    fit the tile budget, the statistics then cost about passes over those blocks, not GEMMs: a
+    Linear(768, 3072) on B = 2, T = 1024, backward with statistics on a CPU, +45 % → +7 % over
+    the plain backward (bench/README.md). The forward hook replaces the layer's output by one
+    whose backward does this, so the hooks run first among the layer's forward hooks and every
+    other one sees the replacement. The weight gradient is the same sums as the layer's own, in
+    another order (they agree to the dtype's rounding); the input
+    and bias gradients are the layer's own. Where the parts cannot be taken there (the layer used
+    again in the step, a gradient reaching the output twice, ``create_graph=True``, an error),
+    the layer's own gradients are returned and the parts are taken later, as for other layers: the
+    training step never fails for it. Not fused: under autocast or mixed dtypes, padding modes
+    other than zeros or a string padding, torch.compile, several processes.
+    ``fuse_weight_grad=False`` keeps autograd's own weight gradients on every step.
+
     **Under torch.distributed** (DDP: every rank runs forward and backward on its own share of the
     batch) :meth:`layer_parts`, :meth:`parts`, :meth:`stats`, :meth:`grad_hist1d` and
     :meth:`grad_hist2d` describe the whole batch, as one process would on the concatenated batch
@@ -653,7 +779,8 @@ class PerSampleHooks:
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Iterable[Union[nn.Module, str]]] = None, *,
-                 method: str = "auto", loss_reduction: str = "mean", on_unsupported: str = "error"):
+                 method: str = "auto", loss_reduction: str = "mean", on_unsupported: str = "error",
+                 fuse_weight_grad: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleHooks: model must be an nn.Module, got {type(model).__name__}")
         if loss_reduction not in ("mean", "sum"):
@@ -672,10 +799,20 @@ class PerSampleHooks:
         #: Off: forward passes capture nothing (and cost nothing but a check); what was captured
         #: stays until :meth:`clear`. trainscope.Monitor arms its hooks only for due steps.
         self.enabled = True
+        if not isinstance(fuse_weight_grad, bool):
+            raise TypeError(f"PerSampleHooks: fuse_weight_grad must be a bool, got {type(fuse_weight_grad).__name__}")
+        self.fuse_weight_grad = fuse_weight_grad
+        #: Whether :meth:`stats` (or :meth:`parts`, :meth:`layer_parts`) will be taken for the steps
+        #: captured from now on: with ``fuse_weight_grad``, their parts are then taken on the backward
+        #: pass. trainscope.Monitor sets it per step (False when only histograms, alpha or the
+        #: gradient variance are due); the statistics are right either way.
+        self.stats_due = True
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
         for name, module in self._layers:
+            # First among the layer's forward hooks, so that every other one sees the output that
+            # carries the gradient (see _fuses).
             self._handles.append(module.register_forward_hook(
-                functools.partial(self._on_layer_forward, name), with_kwargs=True))
+                functools.partial(self._on_layer_forward, name), with_kwargs=True, prepend=True))
 
     # -- selection
 
@@ -864,10 +1001,44 @@ class PerSampleHooks:
         shape = out.transpose(0, 1).shape if to_batch_first else out.shape
         use = _Use(x, shape, out.dtype, to_batch_first=to_batch_first)
         self._captures[name].uses.append(use)
+        if kind is None and self._fuses(name, module, args, kwargs, out):
+            x_in = args[0] if args else kwargs["input"]
+            bias = module.bias if _tracks_bias(module) else None
+            return _WeightGradFromParts.apply(x_in, module.weight, bias,
+                                              _Fused(self, name, module, use, self._step, out.detach()))
         target, view = _hook_target(out)
         target.register_hook(functools.partial(self._on_grad, use, self._step, view))
         if isinstance(kind, _layers.MHAKind) and isinstance(output[1], torch.Tensor) and output[1].requires_grad:
             output[1].register_hook(functools.partial(self._on_weights_grad, use, self._step))
+
+    def _fuses(self, name: str, module: nn.Module, args, kwargs, out: torch.Tensor) -> bool:
+        """Whether this use of an nn.Linear or nn.Conv2d gets a backward pass that takes its parts
+        and its weight gradient together (:class:`_WeightGradFromParts`): statistics due, the layer
+        measured alone (no tied parameter), its weight trainable, input, weight and output of one
+        dtype (not under autocast), zero padding given as numbers, one process, not compiled; the
+        output not fused by other hooks already nor its gradient watched. The layer's other forward
+        hooks run after this one and see the replacement (a hook registered with prepend=True
+        later runs before it and sees the layer's own output, whose gradient then no longer
+        flows: register such a hook without prepend). A
+        checkpoint's recomputation inside backward is treated as its original forward pass was
+        (it must save the same tensors); that use never gets a gradient of its own, so its
+        layer's backward computes its own gradients and the parts come later."""
+        if not (self.fuse_weight_grad and self.stats_due and module.weight.requires_grad):
+            return False
+        # Fused already (by other hooks on the same model, whose hook ran first), or the output's
+        # gradient already watched: this output must stay the one that reaches the loss.
+        if isinstance(out.grad_fn, _WeightGradFromParts._backward_cls) or out._backward_hooks or out.retains_grad:
+            return False
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or not (x.dtype == out.dtype == module.weight.dtype):
+            return False
+        if x.dim() != (4 if isinstance(module, nn.Conv2d) else max(2, x.dim())) or x.shape[0] < 2:
+            return False  # unbatched, or too few samples for statistics: the layer's own backward
+        if any(name in g for g in self._groups) or torch.compiler.is_compiling():
+            return False
+        if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+            return False
+        return active_group(None) is None
 
     def _on_weights_grad(self, use: _Use, step: int, grad: torch.Tensor):
         if step == self._step:
@@ -974,6 +1145,12 @@ class PerSampleHooks:
         kinds = [(any_kind_of(m), m, xs, scale_grads(gs) if scale_grads else gs) for _, m, xs, gs in entries]
         return Materialised(kinds) if scale_grads else _layers.together(kinds, self.method)
 
+    def _parts_from_backward(self, name: str) -> Optional[PerSampleParts]:
+        """The layer's parts taken on the backward pass with its weight gradient
+        (:class:`_WeightGradFromParts`), when its one use of the step had them."""
+        uses = self._captures[name].uses
+        return uses[0].parts if len(uses) == 1 else None
+
     def layer_parts(self, process_group=None) -> dict:
         """{layer name: PerSampleParts} of every tracked layer that ran in the latest step (modules
         sharing parameters as one entry, their names joined by "+": "emb+head").
@@ -989,7 +1166,7 @@ class PerSampleHooks:
         for name, entries in self._units(self._ready()):
             _, module, xs, gs = entries[0]
             if len(entries) == 1:
-                p = layer_per_sample_parts(module, xs, gs, self.method)
+                p = self._parts_from_backward(name) or layer_per_sample_parts(module, xs, gs, self.method)
             else:
                 p = self._together(entries).parts()
             if self.loss_reduction == "mean":  # the captured gᵢ are ∇ℓᵢ / B
@@ -1277,6 +1454,29 @@ def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(
       has_bias=True, method="auto"):
     x = _fake_check_uses("conv2d_per_sample_parts", input, grad_output, conv=True)
     return _parts_fake(x, None)
+
+
+def _acc_dtype(input, grad_output):
+    # The kernels' accumulation dtype: float64 when both are, float32 otherwise.
+    both64 = input.dtype == torch.float64 and grad_output.dtype == torch.float64
+    return torch.float64 if both64 else torch.float32
+
+
+@register_fake("trainscope::linear_per_sample_parts_and_weight_grad")
+def _(input, grad_output, has_bias=True, method="auto"):
+    _fake_check("linear_per_sample_parts_and_weight_grad", input, grad_output, conv=False)
+    weight_grad = input.new_empty((grad_output.shape[-1], input.shape[-1]), dtype=_acc_dtype(input, grad_output))
+    return (*_parts_fake(input, grad_output), weight_grad)
+
+
+@register_fake("trainscope::conv2d_per_sample_parts_and_weight_grad")
+def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+      has_bias=True, method="auto"):
+    op = "conv2d_per_sample_parts_and_weight_grad"
+    _fake_check(op, input, grad_output, conv=True)
+    _conv_weight_2d(op, input, grad_output, kernel_size, groups)
+    shape = (grad_output.shape[1], input.shape[1] // groups, *_pair("kernel_size", kernel_size))
+    return (*_parts_fake(input, grad_output), input.new_empty(shape, dtype=_acc_dtype(input, grad_output)))
 
 
 def _moments_fake(input, grad_output, weight_shape, has_bias):

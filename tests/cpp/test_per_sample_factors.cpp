@@ -30,6 +30,7 @@ namespace {
 
 using trainscope::FactorMethod;
 using trainscope::PerSampleParts;
+using trainscope::PerSamplePartsAndWeightGrad;
 
 const auto kF64 = at::TensorOptions().dtype(at::kDouble);
 
@@ -192,6 +193,35 @@ TEST_P(PerSampleFactorsApiTest, Conv2dGeometries) {
       const PerSampleParts got = trainscope::conv2d_per_sample_parts(
           x, d, {c.k0, c.k1}, c.stride, c.padding, c.dilation, c.groups, c.bias, m);
       expect_parts(got, want, tolerance(dtype()), what, at::kDouble);
+    }
+  }
+}
+
+// The parts with the layer's weight gradient (what a fused backward pass takes): the parts of
+// every route, and Σᵢ Gᵢ shaped as the weight, against the per-sample reference summed; with the
+// default tile budget (the whole batch's blocks kept) and one of a few rows (blocks of rows).
+TEST_P(PerSampleFactorsApiTest, PartsWithTheWeightGradient) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(15);
+  const at::Tensor x = randn({4, 3, 5}, gen, dtype(), device()), d = randn({4, 3, 6}, gen, dtype(), device());
+  const at::Tensor g_lin = reference_grads(linear_layer(), x, d, {6, 5}, true);
+  const at::Tensor xc = randn({3, 4, 7, 6}, gen, dtype(), device());
+  const Layer conv = conv_layer({2, 1}, {1, 0}, {1, 1}, 2);
+  const at::Tensor dc = randn({3, 6, 4, 4}, gen, dtype(), device());
+  const at::Tensor g_conv = reference_grads(conv, xc, dc, {6, 2, 3, 3}, false);
+  for (const int64_t budget : {int64_t{0}, int64_t{40}}) {
+    const TileBudget tiles(budget);
+    for (FactorMethod m : kAllMethods) {
+      const std::string what = std::string(trainscope::factor_method_name(m)) + " budget " + std::to_string(budget);
+      const PerSamplePartsAndWeightGrad lin = trainscope::linear_per_sample_parts_and_weight_grad(x, d, true, m);
+      expect_parts(lin.parts, reference_parts(g_lin), tolerance(dtype()), "linear " + what, at::kDouble);
+      ASSERT_EQ(lin.weight_grad.sizes(), (std::vector<int64_t>{6, 5}));
+      EXPECT_EQ(lin.weight_grad.device(), device());
+      expect_close(lin.weight_grad.flatten(), g_lin.narrow(1, 0, 30).sum(0), tolerance(dtype()), "linear Ḡ " + what);
+      const PerSamplePartsAndWeightGrad cv = trainscope::conv2d_per_sample_parts_and_weight_grad(
+          xc, dc, {3, 3}, {2, 1}, {1, 0}, {1, 1}, 2, false, m);
+      expect_parts(cv.parts, reference_parts(g_conv), tolerance(dtype()), "conv " + what, at::kDouble);
+      ASSERT_EQ(cv.weight_grad.sizes(), (std::vector<int64_t>{6, 2, 3, 3}));
+      expect_close(cv.weight_grad.flatten(), g_conv.sum(0), tolerance(dtype()), "conv Ḡ " + what);
     }
   }
 }

@@ -354,6 +354,15 @@ def _cases() -> List[GraphCase]:
         add(f"conv2d_per_sample_parts-{method}", "conv2d_per_sample_parts", _build_conv,
             lambda i, m=method: list(OPS.conv2d_per_sample_parts(i["x"], i["d"], CONV_GEOMETRY["kernel_size"],
                                                                  *_conv_args(), True, m)))
+    # The parts with the weight gradient (a fused backward pass): a Ḡ route and the Gram route.
+    for method in ("tiled", "gram"):
+        add(f"linear_per_sample_parts_and_weight_grad-{method}", "linear_per_sample_parts_and_weight_grad",
+            _build_linear,
+            lambda i, m=method: list(OPS.linear_per_sample_parts_and_weight_grad(i["x"], i["d"], True, m)))
+        add(f"conv2d_per_sample_parts_and_weight_grad-{method}", "conv2d_per_sample_parts_and_weight_grad",
+            _build_conv,
+            lambda i, m=method: list(OPS.conv2d_per_sample_parts_and_weight_grad(
+                i["x"], i["d"], CONV_GEOMETRY["kernel_size"], *_conv_args(), True, m)))
     add("linear_per_sample_grad_hist1d", "linear_per_sample_grad_hist1d",
         lambda gen, device: _build_linear(gen, device, grad_scale=0.02),
         lambda i: [OPS.linear_per_sample_grad_hist1d(i["x"], i["d"], True, 50, 0.05)])

@@ -1042,6 +1042,166 @@ def test_ops_take_sequences_of_uses(gen):
 
 
 # ------------------------------------------------------------------------------------------------
+# The weight gradient taken with the statistics: a Linear or Conv2d measured alone gets its parts
+# and its weight gradient from one backward computation (PerSampleHooks(fuse_weight_grad=True),
+# the default), with the gradients of the layer's own backward pass.
+
+# The layers of make_model's models whose backward takes the parts (SmallCNN's c2 pads by
+# reflection and c3 by "same": their own backward, parts later).
+FUSED_LAYERS = {"mlp": {"0", "2", "4"}, "cnn": {"c1", "fc"}, "seq": {"inp", "mid", "out"}}
+
+
+def _grads_and_stats(model, x, y, dtype, **hook_kwargs):
+    """(parameter gradients, stats, layers whose parts came from backward) of one hooked step of a
+    copy of ``model`` in ``dtype``."""
+    m = copy.deepcopy(model).to(dtype)
+    hooks = PerSampleHooks(m, loss_reduction="mean", **hook_kwargs)
+    batch_loss(m(x.to(dtype)), y, "mean").backward()
+    fused = {n for n, c in hooks._captures.items() if any(u.parts is not None for u in c.uses)}
+    stats = hooks.stats()
+    hooks.remove()
+    return {n: p.grad for n, p in m.named_parameters()}, stats, fused
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    return max(((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max()).item() for k in b)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_backward_gives_the_layers_own_gradients_and_the_same_statistics(kind, method):
+    """With fuse_weight_grad every parameter's gradient is the layer's own backward pass's (float64:
+    to 1e-12; float32: to float32 rounding, the same sums in another order), and the statistics are
+    those taken after backward from the captured factors; the layers that can take their parts on
+    the backward pass do."""
+    model, _, _ = make_model(kind)
+    x, y = make_batch(kind, 6)
+    for dtype, grad_tol, stats_tol in ((torch.float64, 1e-12, 1e-10), (torch.float32, 2e-6, 1e-4)):
+        g_fused, s_fused, fused = _grads_and_stats(model, x, y, dtype, method=method)
+        g_own, s_own, none = _grads_and_stats(model, x, y, dtype, method=method, fuse_weight_grad=False)
+        assert fused == FUSED_LAYERS[kind] and not none
+        assert _max_rel_diff(g_fused, g_own) <= grad_tol
+        for name in NAMES:
+            assert s_fused[name].item() == pytest.approx(s_own[name].item(), rel=stats_tol, abs=1e-12), name
+
+
+def test_fused_backward_runs_no_weight_gradient_gemm_of_its_own():
+    """The backward pass of a fused Linear runs no GEMM shaped as its weight gradient (δᵀx over
+    the batch's rows): the route's own Ḡ work gives it. Without fusion autograd runs one per layer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    x, y = torch.randn(32, 16), torch.randint(0, 8, (32,))
+
+    def weight_grad_gemms(fuse: bool) -> int:
+        m = copy.deepcopy(model)
+        with PerSampleHooks(m, fuse_weight_grad=fuse) as hooks:
+            loss = F.cross_entropy(m(x), y)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                loss.backward()
+                hooks.stats()
+        shapes = {((24, 32), (32, 16)), ((8, 32), (32, 24))}  # [d_out, N] @ [N, d_in]
+        return sum(1 for e in prof.events() if e.name == "aten::mm"
+                   and tuple(tuple(s) for s in e.input_shapes[:2]) in shapes)
+
+    assert weight_grad_gemms(False) == 2
+    assert weight_grad_gemms(True) == 0
+
+
+def test_fused_backward_under_create_graph_is_differentiable():
+    """A backward pass with create_graph=True (Hessian-vector products) through fused layers takes
+    the layers' own differentiable gradients: the Hessian-vector product is the unhooked model's."""
+    model, _, _ = make_model("cnn")
+    x, y = make_batch("cnn", 5)
+
+    def hvp(hooked: bool):
+        m = copy.deepcopy(model).double()
+        params = list(m.parameters())
+        hooks = PerSampleHooks(m) if hooked else None
+        loss = batch_loss(m(x), y, "mean")
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        v = [torch.ones_like(p) for p in params]
+        out = torch.autograd.grad(sum((g * w).sum() for g, w in zip(grads, v)), params)
+        if hooks is not None:
+            hooks.remove()
+        return torch.cat([h.reshape(-1) for h in out])
+
+    torch.testing.assert_close(hvp(True), hvp(False), rtol=1e-12, atol=1e-12)
+
+
+def test_fused_backward_never_breaks_the_training_step(monkeypatch):
+    """When the parts cannot be taken on the backward pass, the layer's own gradients are returned and
+    the step goes on; the statistics are then taken from the captured factors, as without fusion."""
+    import trainscope.per_sample_factors as psf
+
+    def fails(*args):
+        raise RuntimeError("out of memory")
+
+    model, _, _ = make_model("mlp")
+    x, y = make_batch("mlp", 6)
+    g_own, s_own, _ = _grads_and_stats(model, x, y, torch.float64, fuse_weight_grad=False)
+    monkeypatch.setattr(psf, "_parts_and_weight_grad", fails)
+    g, s, fused = _grads_and_stats(model, x, y, torch.float64)
+    assert not fused
+    assert _max_rel_diff(g, g_own) <= 1e-12
+    torch.testing.assert_close(s.stats, s_own.stats, rtol=1e-10, atol=0)
+
+
+def test_fused_backward_only_while_statistics_are_due():
+    """Disarmed hooks leave the layer's output alone; armed with stats_due off (histograms only),
+    the backward pass takes no parts (what a Monitor does on such steps); a frozen bias and an
+    input without gradient get none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model[2].bias.requires_grad_(False)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with PerSampleHooks(model) as hooks:
+        hooks.enabled = False
+        assert type(model[0](x).grad_fn).__name__ != "_WeightGradFromPartsBackward"
+        hooks.enabled, hooks.stats_due = True, False
+        F.cross_entropy(model(x), y).backward()
+        assert all(u.parts is None for c in hooks._captures.values() for u in c.uses)
+        want = hooks.stats()
+        hooks.clear()
+        model.zero_grad()
+        hooks.stats_due = True
+        out = model(x)
+        assert type(out.grad_fn).__name__ == "_WeightGradFromPartsBackward"
+        F.cross_entropy(out, y).backward()
+        assert all(u.parts is not None for c in hooks._captures.values() for u in c.uses)
+        assert model[2].bias.grad is None
+        torch.testing.assert_close(hooks.stats().stats, want.stats, rtol=1e-10, atol=0)
+
+
+def test_fused_backward_with_two_hooks_and_a_users_gradient_hook():
+    """Two PerSampleHooks on one model (two callbacks) both capture the step: the first to run fuses,
+    the other watches the fused output; a user's forward hook registered earlier that watches the
+    layer's output gradient still gets it."""
+    model, _, _ = make_model("mlp")
+    model = model.double()
+    x, y = make_batch("mlp", 6)
+    ref = Reference(explicit_per_sample_grads(model, x, y))
+    seen = []
+
+    def watch(module, args, out):
+        out.register_hook(seen.append)
+
+    model[0].register_forward_hook(watch)
+    first, second = PerSampleHooks(model), PerSampleHooks(model)
+    batch_loss(model(x), y, "mean").backward()
+    for hooks in (first, second):
+        assert_stats_close(hooks.stats(), ref, 1e-9)
+    assert len(seen) == 1 and seen[0].shape == (6, 12)
+    assert {n for n, c in second._captures.items() if c.uses[0].parts is not None} == {"0", "2", "4"}
+
+
+def test_fuse_weight_grad_must_be_a_bool():
+    with pytest.raises(TypeError, match="fuse_weight_grad must be a bool"):
+        PerSampleHooks(nn.Linear(2, 2), fuse_weight_grad="yes")
+
+
+# ------------------------------------------------------------------------------------------------
 # PerSampleHooks: selection, lifetime, errors
 
 
@@ -1274,6 +1434,10 @@ def sample_inputs(device):
         (ops.linear_per_sample_parts.default, (x.detach().clone().requires_grad_(), d, True, "auto")),
         (ops.conv2d_per_sample_parts.default, (xc, dc, [3, 3], [2, 2], [1, 1], [1, 1], 2, True, "auto")),
         (ops.conv2d_per_sample_parts.default, (xc, dc, [3, 3], [2, 2], [1, 1], [1, 1], 2, False, "gram")),
+        (ops.linear_per_sample_parts_and_weight_grad.default, (x, d, True, "tiled")),
+        (ops.linear_per_sample_parts_and_weight_grad.default, (x64, d64, False, "gram")),
+        (ops.conv2d_per_sample_parts_and_weight_grad.default, (xc, dc, [3, 3], [2, 2], [1, 1], [1, 1], 2, True, "auto")),
+        (ops.conv2d_per_sample_parts_and_weight_grad.default, (xc, dc, [3, 3], [2, 2], [1, 1], [1, 1], 2, False, "gram")),
         (ops.linear_per_sample_grad_hist1d.default, (x, d, True, 17, 0.5)),
         (ops.conv2d_per_sample_grad_hist1d.default, (xc, dc, [3, 3], [2, 2], [1, 1], [1, 1], 2, False, 9, 1.0)),
         # Every use of a layer in one step.
