@@ -835,7 +835,9 @@ constexpr double kPassFlops = 100.0;
 //   when the gradient noise is low.
 // (The ghost norm needs 2T² per sample where a tile needs d_in·d_out: memory, not speed, which
 // the tile budget bounds either way.)
-Route route_of(const Problem& p, FactorMethod m) {
+// With weight_grad, the caller also wants Σᵢ Gᵢ (the layer's weight gradient, in place of the
+// backward pass's own GEMM): the Ḡ routes form it on the way, the Gram route needs that GEMM more.
+Route route_of(const Problem& p, FactorMethod m, bool weight_grad = false) {
   const double G = p.G, B = p.B, T = p.T, N = B * T, din = p.din, dout = p.dout, pass = kPassFlops;
   Route r{};
   const double layer_flops = 2 * G * N * din * dout;  // one GEMM of the layer's size
@@ -850,14 +852,14 @@ Route route_of(const Problem& p, FactorMethod m) {
   const double penalty = p.acc == at::kDouble ? 1.0 : f64_gemm_penalty(p.opts.device());
   r.gram_f64 = p.acc == at::kDouble || gram_flops <= kSmallGramFlops ||
                kGram64Saving * penalty * gram_flops <= gbar_flops;
-  const double gram_cost = (r.gram_f64 ? penalty : 1.0) * gram_flops;
+  const double gram_cost = (r.gram_f64 ? penalty : 1.0) * gram_flops + (weight_grad ? layer_flops : 0.0);
   r.gram = m == FactorMethod::kGram || (m == FactorMethod::kAuto && gram_cost < gbar_flops);
   return r;
 }
 
 // With weight_grad given, Σᵢ Gᵢ [G, d_out, d_in] goes there where the route forms it (the Ḡ routes).
 PerSampleParts weight_parts(const Problem& p, FactorMethod method, at::Tensor* weight_grad = nullptr) {
-  const Route r = route_of(p, method);
+  const Route r = route_of(p, method, weight_grad != nullptr);
   return r.gram ? gram_parts(p, r.gram_f64) : gbar_parts(p, r.tiled, weight_grad);
 }
 

@@ -122,7 +122,8 @@ PerSampleParts conv2d_per_sample_parts(const at::Tensor& input, const at::Tensor
 // (PerSampleHooks does, see per_sample_factors.py). The Gram route does not form it: there it is
 // the backward pass's own GEMM or convolution weight gradient, run here. The same sums as the
 // backward pass's, in another order: they agree to the accumulation dtype's rounding. One use of
-// the layer.
+// the layer. kAuto weighs the routes with the weight gradient counted: the Gram route pays its
+// GEMM more, the Ḡ routes nothing (their GEMM is the one the backward pass no longer runs).
 struct PerSamplePartsAndWeightGrad {
   PerSampleParts parts;
   at::Tensor weight_grad;

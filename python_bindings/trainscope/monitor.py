@@ -589,7 +589,10 @@ class Monitor:
       parameter count the statistics cover), ``method`` (:data:`trainscope.per_sample_factors.FACTOR_METHODS`), ``loss_reduction`` ("mean":
       the loss is the mean of the per-sample losses, torch's default; "sum"), ``nbins`` and
       ``maxval`` of the per-sample histogram (default: the Monitor's), ``hist2d`` (False),
-      ``nbins_param`` and ``maxval_param`` (100, 1.0) of its parameter axis. The 2-D histogram
+      ``nbins_param`` and ``maxval_param`` (100, 1.0) of its parameter axis, ``fuse_weight_grad``
+      (True: on steps whose statistics are due, a Linear or Conv2d measured alone takes its
+      statistics' parts and its weight gradient together on the backward pass, without a
+      weight-gradient GEMM of its own; see :class:`trainscope.PerSampleHooks`). The 2-D histogram
       pairs the per-sample gradients with the parameter values at ``step()``, i.e. after the
       optimizer step when ``step()`` is called after it (as ``weight_magnitude`` measures them);
       :meth:`close` (or leaving ``with Monitor(...)``) removes the hooks. Under torch.distributed

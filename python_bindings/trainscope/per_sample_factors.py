@@ -792,6 +792,13 @@ class PerSampleHooks:
         self.on_unsupported = on_unsupported
         self._layers, self._groups, self._skipped = self._select(model, layers, on_unsupported)
         self._param_names = _trainable_param_names(model)
+        # The Linear of an Embedding–Linear tie: its own parts (the tie's part that costs GEMMs)
+        # come from its factors alone, so its backward pass can take them with its weight gradient.
+        modules = dict(self._layers)
+        self._fusible_heads = {
+            n for g in self._groups
+            if _layers.TiedEmbeddingLinear.applies([(any_kind_of(modules[k]), modules[k], None, None) for k in g])
+            for n in g if isinstance(modules[n], nn.Linear)}
         self._runtime_skipped: dict = {}  # {layer name: why} of the latest step (on_unsupported="skip")
         self._captures = {name: _Capture() for name, _ in self._layers}
         self._step = 0                # stamps the gradient hooks of the current step
@@ -1014,7 +1021,8 @@ class PerSampleHooks:
     def _fuses(self, name: str, module: nn.Module, args, kwargs, out: torch.Tensor) -> bool:
         """Whether this use of an nn.Linear or nn.Conv2d gets a backward pass that takes its parts
         and its weight gradient together (:class:`_WeightGradFromParts`): statistics due, the layer
-        measured alone (no tied parameter), its weight trainable, input, weight and output of one
+        measured alone (no tied parameter, or the Linear of an Embedding–Linear tie, whose own
+        parts TiedEmbeddingLinear takes as they are), its weight trainable, input, weight and output of one
         dtype (not under autocast), zero padding given as numbers, one process, not compiled; the
         output not fused by other hooks already nor its gradient watched. The layer's other forward
         hooks run after this one and see the replacement (a hook registered with prepend=True
@@ -1034,7 +1042,9 @@ class PerSampleHooks:
             return False
         if x.dim() != (4 if isinstance(module, nn.Conv2d) else max(2, x.dim())) or x.shape[0] < 2:
             return False  # unbatched, or too few samples for statistics: the layer's own backward
-        if any(name in g for g in self._groups) or torch.compiler.is_compiling():
+        if any(name in g for g in self._groups) and name not in self._fusible_heads:
+            return False
+        if torch.compiler.is_compiling():
             return False
         if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
             return False
@@ -1143,7 +1153,10 @@ class PerSampleHooks:
         """The measure of modules sharing parameters: a token embedding tied to a Linear from
         their factors, other ties (and every histogram) from per-sample gradients formed in tiles."""
         kinds = [(any_kind_of(m), m, xs, scale_grads(gs) if scale_grads else gs) for _, m, xs, gs in entries]
-        return Materialised(kinds) if scale_grads else _layers.together(kinds, self.method)
+        if scale_grads:
+            return Materialised(kinds)
+        heads = [n for n, m, _, _ in entries if n in self._fusible_heads]
+        return _layers.together(kinds, self.method, self._parts_from_backward(heads[0]) if heads else None)
 
     def _parts_from_backward(self, name: str) -> Optional[PerSampleParts]:
         """The layer's parts taken on the backward pass with its weight gradient

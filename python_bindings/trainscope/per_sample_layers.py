@@ -1067,7 +1067,10 @@ class TiedEmbeddingLinear:
     if trainable, is a block of its own (Σ_s δh_is). Every use of either module counts as more
     positions of sample i."""
 
-    def __init__(self, entries, method: str = "auto"):
+    def __init__(self, entries, method: str = "auto", head_parts: Optional[PerSampleParts] = None):
+        # head_parts: the head's own parts when already taken (on the backward pass, with its
+        # weight gradient: PerSampleHooks' fused backward).
+        self.given_head_parts = head_parts
         (self.emb_kind, self.emb, exs, egs), (_, self.head, hxs, hgs) = sorted(
             entries, key=lambda e: not isinstance(e[0], EmbeddingKind))
         b = exs[0].shape[0]
@@ -1126,6 +1129,8 @@ class TiedEmbeddingLinear:
 
     def _head_parts(self) -> PerSampleParts:
         """The head's own parts (‖Hᵢ‖² with its bias, Hᵢ·Ḡ_H, ‖Ḡ_H‖²) by the Linear op's route."""
+        if self.given_head_parts is not None:
+            return self.given_head_parts
         op = torch.ops.trainscope.linear_per_sample_parts.default
         if self.batch == 1:  # the op needs two samples: one goes in twice (only ‖Hᵢ‖² is used then)
             sq, dots, m = op(torch.cat([self.x, self.x]), torch.cat([self.dh, self.dh]), self.bias, self.method)
@@ -1193,9 +1198,10 @@ class TiedEmbeddingLinear:
         return PerSampleParts(self.sq_norms(head.sq_norms), dots, mean_sq)
 
 
-def together(entries, method: str = "auto"):
+def together(entries, method: str = "auto", head_parts: Optional[PerSampleParts] = None):
     """The measure of modules sharing parameters: :class:`TiedEmbeddingLinear` for a token
-    embedding tied to a Linear, else :class:`Materialised` (per-sample gradients in tiles)."""
+    embedding tied to a Linear (``head_parts``: the Linear's own parts, when already taken), else
+    :class:`Materialised` (per-sample gradients in tiles)."""
     if TiedEmbeddingLinear.applies(entries):
-        return TiedEmbeddingLinear(entries, method)
+        return TiedEmbeddingLinear(entries, method, head_parts)
     return Materialised(entries)

@@ -157,6 +157,41 @@ def test_measure_now_never_measures_per_sample():
     mon.close()
 
 
+def test_parts_come_with_the_weight_gradients_on_steps_whose_statistics_are_due():
+    """On steps whose statistics are due the backward pass takes every Linear's and Conv2d's parts
+    with its weight gradient (no weight-gradient GEMM of the layer's own); on steps with only the
+    histogram due it is left as it is; per_sample_options={"fuse_weight_grad": False} never fuses,
+    and records the same statistics; request("per_sample") makes them due."""
+    runs = {}
+    for fuse in (True, False):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        records, fused = [], {}
+        mon = trainscope.Monitor(model, param_metrics=False, grad_hist=False, sinks=[records.append],
+                                 per_sample=trainscope.every(2), per_sample_hist=trainscope.every(1),
+                                 per_sample_options={"fuse_weight_grad": fuse})
+        for step in range(5):
+            x, y = batch(step)
+            opt.zero_grad()
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            losses.mean().backward()
+            fused[step] = sum(u.parts is not None for c in mon.per_sample_hooks._captures.values() for u in c.uses)
+            mon.step(step, losses)
+            opt.step()
+        mon.flush()
+        runs[fuse] = ({r.step: r.scalars for r in records}, fused)
+        assert not mon.per_sample_hooks.stats_due  # step 5: the histogram alone
+        mon.request("per_sample")
+        assert mon.per_sample_hooks.stats_due
+        mon.close()
+    assert runs[True][1] == {0: 3, 1: 0, 2: 3, 3: 0, 4: 3}
+    assert runs[False][1] == {0: 0, 1: 0, 2: 0, 3: 0, 4: 0}
+    for step in (0, 2, 4):
+        for name in STATS:
+            want = runs[False][0][step][f"per_sample/{name}"]
+            assert runs[True][0][step][f"per_sample/{name}"] == pytest.approx(want, rel=1e-4), (step, name)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"per_sample": 3}, "per_sample"),
     ({"per_sample_hist": "every:x"}, "per_sample_hist"),
@@ -165,6 +200,7 @@ def test_measure_now_never_measures_per_sample():
     ({"per_sample": True, "per_sample_options": {"loss_reduction": "none"}}, r"per_sample_options\['loss_reduction'\]"),
     ({"per_sample": True, "per_sample_options": {"nbins": 0}}, r"per_sample_options\['nbins'\]"),
     ({"per_sample": True, "per_sample_options": {"hist2d": "yes"}}, r"per_sample_options\['hist2d'\]"),
+    ({"per_sample": True, "per_sample_options": {"fuse_weight_grad": "yes"}}, r"per_sample_options\['fuse_weight_grad'\]"),
     ({"per_sample": True, "per_sample_options": []}, "per_sample_options must be a dict"),
 ])
 def test_bad_configuration_fails_at_construction_naming_the_argument(kwargs, match):

@@ -528,11 +528,18 @@ def test_tied_embedding_and_head(head_bias):
     model = TiedLM(head_bias=head_bias)
     tokens = torch.randint(0, 9, (5, 4))
     tokens[:, 1] = tokens[:, 0]
-    check(model, tokens)
+    check(model, tokens)  # the head's own parts taken on the backward pass, with its weight gradient
+    model.zero_grad()
     with PerSampleHooks(model) as hooks:
         assert hooks.layers == ["emb", "mix", "head"]
         sample_loss(model(tokens)).sum().backward()
+        assert hooks._captures["head"].uses[0].parts is not None
         assert sorted(hooks.layer_parts()) == ["emb+head", "mix"]
+        fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sample_loss(model(tokens)).sum().backward()  # no hooks: autograd's own gradients
+    for got, want in zip(fused_grads, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 class TiedTwice(nn.Module):
