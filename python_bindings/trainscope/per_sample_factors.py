@@ -605,7 +605,11 @@ class _WeightGradFromParts(torch.autograd.Function):
             except RuntimeError:  # the training step goes on; stats() raises what it raises
                 parts = None
         if parts is not None:
-            grad_x, _, grad_b = _plain_grads(module, x, weight, grad, (need_x, False, need_b))
+            # The bias gradient by itself: oneDNN's convolution backward costs as much for the
+            # input and bias gradients as for all three (the weight's shares their pass there).
+            grad_x = _plain_grads(module, x, weight, grad, (need_x, False, False))[0]
+            grad_b = grad.sum((0, 2, 3) if isinstance(module, nn.Conv2d) else tuple(range(grad.dim() - 1))) \
+                if need_b else None
             grad_w = grad_w.to(weight.dtype)
         else:
             grad_x, grad_w, grad_b = _plain_grads(module, x, weight, grad, (need_x, need_w, need_b))
