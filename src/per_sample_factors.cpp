@@ -106,14 +106,30 @@ int64_t f64_block_elems(const at::Device& device) {
 }
 
 // at::sum(t, dims, dtype) for t [B, ...] reduced over dims that exclude 0, a block of samples at
-// a time: at::sum upcasts a whole copy of t first when dtype is wider than t's. The same sums.
+// a time: at::sum upcasts a whole copy of t first when dtype is wider than t's. A sample larger
+// than a block is summed in chunks along the first of dims. The same sums, in another order.
 at::Tensor sum_per_sample(const at::Tensor& t, at::IntArrayRef dims, at::ScalarType dtype) {
   if (t.scalar_type() == dtype || t.size(0) == 0) return at::sum(t, dims, false, dtype);
+  const int64_t block = f64_block_elems(t.device());
   const int64_t n = t.size(0), per_sample = std::max<int64_t>(1, t.numel() / n);
-  const int64_t rb = std::max<int64_t>(1, f64_block_elems(t.device()) / per_sample);
+  const int64_t rb = std::max<int64_t>(1, block / per_sample);
   if (rb >= n) return at::sum(t, dims, false, dtype);
+  const int64_t dim = dims[0], len = t.size(dim);
+  const int64_t chunk = std::max<int64_t>(1, block / std::max<int64_t>(1, per_sample / std::max<int64_t>(1, len)));
   std::vector<at::Tensor> parts;
-  for (int64_t i = 0; i < n; i += rb) parts.push_back(at::sum(t.narrow(0, i, std::min(rb, n - i)), dims, false, dtype));
+  for (int64_t i = 0; i < n; i += rb) {
+    const at::Tensor rows = t.narrow(0, i, std::min(rb, n - i));
+    if (chunk >= len) {
+      parts.push_back(at::sum(rows, dims, false, dtype));
+      continue;
+    }
+    at::Tensor acc;
+    for (int64_t c = 0; c < len; c += chunk) {
+      const at::Tensor s = at::sum(rows.narrow(dim, c, std::min(chunk, len - c)), dims, false, dtype);
+      acc = acc.defined() ? acc.add_(s) : s;
+    }
+    parts.push_back(acc);
+  }
   return at::cat(parts);
 }
 
@@ -526,11 +542,14 @@ at::Tensor ghost_sq_norms(const Problem& p, const at::Tensor& x, const at::Tenso
 // the caller holds them, else undefined (made here if the route needs them).
 // The GEMM route forms every block in one buffer: a fresh large tensor per block costs more in
 // page faults on a CPU than the GEMM that fills it. fn must be done with a block when it returns.
+// With `into` given ([b·G·d_out·d_in] contiguous), the GEMM route writes the tile's whole blocks
+// there, in one block of all rows.
 void for_each_grad_block(const Problem& p, int64_t i0, int64_t b, at::Tensor x, at::Tensor d,
                          const std::function<void(int64_t, at::Tensor)>& fn, int64_t copies = 1,
-                         int64_t block_elems = 0) {
+                         int64_t block_elems = 0, const at::Tensor& into = {}) {
   const int64_t budget = (block_elems > 0 ? block_elems : factor_tile_elems()) / copies;
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(p.dout, budget / std::max<int64_t>(1, b * p.G * p.din)));
+  int64_t rows = std::max<int64_t>(1, std::min<int64_t>(p.dout, budget / std::max<int64_t>(1, b * p.G * p.din)));
+  if (into.defined() && !p.grad_block) rows = p.dout;
   if (p.grad_block) {
     for (int64_t o0 = 0; o0 < p.dout; o0 += rows) fn(o0, p.grad_block(i0, b, o0, std::min(rows, p.dout - o0)));
     return;
@@ -538,7 +557,7 @@ void for_each_grad_block(const Problem& p, int64_t i0, int64_t b, at::Tensor x, 
   if (!x.defined()) x = p.x(i0, b);
   if (!d.defined()) d = p.d(i0, b);
   const at::Tensor X = flat_batch(x), D = flat_batch(d).transpose(1, 2);  // [bG, d_out, T]
-  const at::Tensor buf = at::empty({b * p.G * rows * p.din}, X.options());
+  const at::Tensor buf = into.defined() && rows == p.dout ? into : at::empty({b * p.G * rows * p.din}, X.options());
   for (int64_t o0 = 0; o0 < p.dout; o0 += rows) {
     const int64_t o = std::min(rows, p.dout - o0);
     at::Tensor g = buf.narrow(0, 0, b * p.G * o * p.din).view({b * p.G, o, p.din});
@@ -573,17 +592,20 @@ int64_t hist_tile_samples(const Problem& p) {
 at::Tensor tiled_sq_norms(const Problem& p, int64_t i0, int64_t b, const at::Tensor& x, const at::Tensor& d,
                           at::Tensor* gsum = nullptr, at::Tensor* kept = nullptr) {
   at::Tensor acc;
+  // Kept blocks are formed in place where the GEMM route forms them (no copy of the whole batch's).
+  const at::Tensor into = kept != nullptr && !p.grad_block ? kept->narrow(0, i0, b).view(-1) : at::Tensor();
   for_each_grad_block(
       p, i0, b, x, d,
       [&](int64_t o0, at::Tensor g) {
         const at::Tensor s = rowwise_dot_f64(g.view({g.size(0), -1}));
         acc = acc.defined() ? acc.add_(s) : s;
         if (gsum != nullptr) gsum->narrow(1, o0, g.size(2)).add_(g.sum(0));
-        if (kept != nullptr) {
+        if (kept != nullptr && !into.defined()) {
           kept->narrow(0, i0, b).view({b, p.G, p.dout, p.din}).narrow(2, o0, g.size(2)).copy_(g);
         }
       },
-      /*copies=*/p.opts.device().is_cpu() ? 1 : 2);  // a GPU upcasts a whole block
+      /*copies=*/p.opts.device().is_cpu() ? 1 : 2,  // a GPU upcasts a whole block
+      /*block_elems=*/0, into);
   return acc.defined() ? acc : at::zeros({b}, f64_options(p));
 }
 
