@@ -743,8 +743,8 @@ class PerSampleHooks:
     their per-sample tiles, or their own GEMM), so the layer's own weight-gradient GEMM is not run
     (:func:`linear_per_sample_parts_and_weight_grad`). Where the whole batch's per-sample blocks
     fit the tile budget, the statistics then cost about passes over those blocks, not GEMMs: a
-    Linear(768, 3072) on B = 2, T = 1024, backward with statistics on a CPU, +41–50 % → +7–23 %
-    over the plain backward (bench/README.md, bench_fused_backward.py). The forward hook replaces the layer's output by one
+    Linear(768, 768) on B = 8, T = 256, backward with statistics on a CPU, +50 % → +20 % over the
+    plain backward (bench/README.md, bench_fused_backward.py). The forward hook replaces the layer's output by one
     whose backward does this, so the hooks run first among the layer's forward hooks and every
     other one sees the replacement. The weight gradient is the same sums as the layer's own, in
     another order (they agree to the dtype's rounding); the input
