@@ -744,13 +744,14 @@ class PerSampleHooks:
     (:func:`linear_per_sample_parts_and_weight_grad`). Where the whole batch's per-sample blocks
     fit the tile budget, the statistics then cost about passes over those blocks, not GEMMs: a
     Linear(768, 768) on B = 8, T = 256, backward with statistics on a CPU, +50 % → +20 % over the
-    plain backward (bench/README.md, bench_fused_backward.py). The forward hook replaces the layer's output by one
-    whose backward does this, so the hooks run first among the layer's forward hooks and every
-    other one sees the replacement. The weight gradient is the same sums as the layer's own, in
-    another order (they agree to the dtype's rounding); the input
+    plain backward (bench/README.md, bench_fused_backward.py). The LM head of a tied token
+    embedding is fused too (its own parts are what costs GEMMs in the tie). The forward hook
+    replaces the layer's output by one whose backward does this, so the hooks run first among the
+    layer's forward hooks and every other one sees the replacement. The weight gradient is the
+    same sums as the layer's own, in another order (they agree to the dtype's rounding); the input
     and bias gradients are the layer's own. Where the parts cannot be taken there (the layer used
-    again in the step, a gradient reaching the output twice, ``create_graph=True``, an error),
-    the layer's own gradients are returned and the parts are taken later, as for other layers: the
+    again in the step, a gradient reaching the output twice, ``create_graph=True``, an error), the
+    layer's own gradients are returned and the parts are taken later, as for other layers: the
     training step never fails for it. Not fused: under autocast or mixed dtypes, padding modes
     other than zeros or a string padding, torch.compile, several processes.
     ``fuse_weight_grad=False`` keeps autograd's own weight gradients on every step.
@@ -1024,17 +1025,19 @@ class PerSampleHooks:
 
     def _fuses(self, name: str, module: nn.Module, args, kwargs, out: torch.Tensor) -> bool:
         """Whether this use of an nn.Linear or nn.Conv2d gets a backward pass that takes its parts
-        and its weight gradient together (:class:`_WeightGradFromParts`): statistics due, the layer
-        measured alone (no tied parameter, or the Linear of an Embedding–Linear tie, whose own
-        parts TiedEmbeddingLinear takes as they are), its weight trainable, input, weight and output of one
-        dtype (not under autocast), zero padding given as numbers, one process, not compiled; the
-        output not fused by other hooks already nor its gradient watched. The layer's other forward
-        hooks run after this one and see the replacement (a hook registered with prepend=True
-        later runs before it and sees the layer's own output, whose gradient then no longer
-        flows: register such a hook without prepend). A
-        checkpoint's recomputation inside backward is treated as its original forward pass was
-        (it must save the same tensors); that use never gets a gradient of its own, so its
-        layer's backward computes its own gradients and the parts come later."""
+        and its weight gradient together (:class:`_WeightGradFromParts`): statistics due; the
+        layer measured alone (no tied parameter, or the Linear of an Embedding–Linear tie, whose
+        own parts TiedEmbeddingLinear takes as they are); its weight trainable; input, weight and
+        output of one dtype (not under autocast); a batch of two samples or more; zero padding
+        given as numbers; one process; not compiled; the output neither fused by other hooks
+        already nor its gradient watched.
+
+        The layer's other forward hooks run after this one and see the replacement (a hook
+        registered later with prepend=True runs before it and sees the layer's own output, whose
+        gradient then no longer flows: register such a hook without prepend). A checkpoint's
+        recomputation inside backward is treated as its original forward pass was (it must save
+        the same tensors); that use never gets a gradient of its own, so its layer's backward
+        computes its own gradients and the parts come later."""
         if not (self.fuse_weight_grad and self.stats_due and module.weight.requires_grad):
             return False
         # Fused already (by other hooks on the same model, whose hook ran first), or the output's
@@ -1044,13 +1047,14 @@ class PerSampleHooks:
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor) or not (x.dtype == out.dtype == module.weight.dtype):
             return False
-        if x.dim() != (4 if isinstance(module, nn.Conv2d) else max(2, x.dim())) or x.shape[0] < 2:
+        conv = isinstance(module, nn.Conv2d)
+        if x.dim() < 2 or (conv and x.dim() != 4) or x.shape[0] < 2:
             return False  # unbatched, or too few samples for statistics: the layer's own backward
         if any(name in g for g in self._groups) and name not in self._fusible_heads:
             return False
         if torch.compiler.is_compiling():
             return False
-        if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+        if conv and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
             return False
         return active_group(None) is None
 
@@ -1183,7 +1187,9 @@ class PerSampleHooks:
         for name, entries in self._units(self._ready()):
             _, module, xs, gs = entries[0]
             if len(entries) == 1:
-                p = self._parts_from_backward(name) or layer_per_sample_parts(module, xs, gs, self.method)
+                p = self._parts_from_backward(name)
+                if p is None:
+                    p = layer_per_sample_parts(module, xs, gs, self.method)
             else:
                 p = self._together(entries).parts()
             if self.loss_reduction == "mean":  # the captured gᵢ are ∇ℓᵢ / B
