@@ -678,8 +678,9 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled, at::Tensor* weight_grad 
       dg = flat_groups(d);
     }
   }
-  if (weight_grad != nullptr) *weight_grad = gsum.clone();
-  const at::Tensor gbar = gsum.div_(static_cast<double>(p.B));  // Ḡ [G, d_out, d_in]
+  // Ḡ [G, d_out, d_in]; Σᵢ Gᵢ itself when the caller wants it.
+  const at::Tensor gbar = weight_grad != nullptr ? gsum / static_cast<double>(p.B) : gsum.div_(static_cast<double>(p.B));
+  if (weight_grad != nullptr) *weight_grad = gsum;
   if (kept.defined()) {
     return {at::cat(sq), rowwise_dot_f64(kept, gbar.reshape({1, weight_elems}).expand({p.B, weight_elems})),
             sq_norm_f64(gbar)};
@@ -885,11 +886,16 @@ PerSampleParts weight_parts(const Problem& p, FactorMethod method, at::Tensor* w
   return r.gram ? gram_parts(p, r.gram_f64) : gbar_parts(p, r.tiled, weight_grad);
 }
 
-PerSampleParts parts_of(const Problem& p, FactorMethod method, at::Tensor* weight_grad = nullptr) {
+// With weight_grad given, the layer's bias gradient Σᵢ bᵢ [G·d_out] float64 goes to *bias_grad
+// too (from the per-sample bias gradients the parts need: no pass of its own over δ).
+PerSampleParts parts_of(const Problem& p, FactorMethod method, at::Tensor* weight_grad = nullptr,
+                        at::Tensor* bias_grad = nullptr) {
   check_batch_for_stats(p.op, p.B);
   PerSampleParts w = weight_parts(p, method, weight_grad);
   if (!p.bias_grads) return w;
-  const PerSampleParts b = parts_of_rows(p.bias_grads(at::kDouble));  // [B, d_out] float64
+  const at::Tensor rows = p.bias_grads(at::kDouble);  // [B, d_out] float64
+  if (bias_grad != nullptr) *bias_grad = rows.sum(0);
+  const PerSampleParts b = parts_of_rows(rows);
   return {w.sq_norms.add_(b.sq_norms), w.dots.add_(b.dots), w.mean_sq_norm.add_(b.mean_sq_norm)};
 }
 
@@ -1079,7 +1085,7 @@ PerSamplePartsAndWeightGrad linear_per_sample_parts_and_weight_grad(const at::Te
   c10::NoGradGuard no_grad;
   PerSamplePartsAndWeightGrad out;
   out.parts = parts_of(linear_uses(op, at::TensorList(input), at::TensorList(grad_output), has_bias), method,
-                       &out.weight_grad);
+                       &out.weight_grad, &out.bias_grad);
   const int64_t din = input.size(-1), dout = grad_output.size(-1);
   if (out.weight_grad.defined()) {
     out.weight_grad = out.weight_grad.view({dout, din});
@@ -1099,7 +1105,7 @@ PerSamplePartsAndWeightGrad conv2d_per_sample_parts_and_weight_grad(
   const ConvGeometry g = conv_geometry(op, kernel_size, stride, padding, dilation, groups);
   PerSamplePartsAndWeightGrad out;
   out.parts = parts_of(conv2d_uses(op, at::TensorList(input), at::TensorList(grad_output), g, has_bias), method,
-                       &out.weight_grad);
+                       &out.weight_grad, &out.bias_grad);
   const std::vector<int64_t> shape{grad_output.size(1), input.size(1) / g.groups, g.kernel[0], g.kernel[1]};
   if (out.weight_grad.defined()) {  // [G, C_out/G, C_in/G·kh·kw]: the weight's layout (see conv2d_problem)
     out.weight_grad = out.weight_grad.view(shape);

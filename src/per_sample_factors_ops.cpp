@@ -39,10 +39,12 @@ PartsTuple conv2d_parts_op(In input, In grad_output, at::IntArrayRef kernel_size
                                           has_bias, parse_factor_method(std::string(method))));
 }
 
-using PartsAndGradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using PartsAndGradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Without a bias, an empty [0] bias gradient.
 PartsAndGradTuple as_tuple(const PerSamplePartsAndWeightGrad& r) {
-  return {r.parts.sq_norms, r.parts.dots, r.parts.mean_sq_norm, r.weight_grad};
+  const at::Tensor bias = r.bias_grad.defined() ? r.bias_grad : at::empty({0}, r.parts.sq_norms.options());
+  return {r.parts.sq_norms, r.parts.dots, r.parts.mean_sq_norm, r.weight_grad, bias};
 }
 
 PartsAndGradTuple linear_parts_and_grad_op(const at::Tensor& input, const at::Tensor& grad_output, bool has_bias,
@@ -138,12 +140,13 @@ TORCH_LIBRARY_FRAGMENT(trainscope, m) {
   m.def("conv2d_per_sample_parts(Tensor input, Tensor grad_output, int[2] kernel_size, "
         "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool has_bias=True, "
         "str method=\"auto\") -> (Tensor, Tensor, Tensor)");
-  // The parts and the layer's weight gradient Σᵢ Gᵢ, shaped as its weight.
+  // The parts, the layer's weight gradient Σᵢ Gᵢ shaped as its weight, and its bias gradient
+  // (float64; empty without has_bias).
   m.def("linear_per_sample_parts_and_weight_grad(Tensor input, Tensor grad_output, bool has_bias=True, "
-        "str method=\"auto\") -> (Tensor, Tensor, Tensor, Tensor)");
+        "str method=\"auto\") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("conv2d_per_sample_parts_and_weight_grad(Tensor input, Tensor grad_output, int[2] kernel_size, "
         "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool has_bias=True, "
-        "str method=\"auto\") -> (Tensor, Tensor, Tensor, Tensor)");
+        "str method=\"auto\") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_per_sample_grad_hist1d(Tensor input, Tensor grad_output, bool has_bias=True, "
         "int nbins=100, float maxval=0.05) -> Tensor");
   m.def("conv2d_per_sample_grad_hist1d(Tensor input, Tensor grad_output, int[2] kernel_size, "

@@ -124,9 +124,12 @@ PerSampleParts conv2d_per_sample_parts(const at::Tensor& input, const at::Tensor
 // backward pass's, in another order: they agree to the accumulation dtype's rounding. One use of
 // the layer. kAuto weighs the routes with the weight gradient counted: the Gram route pays its
 // GEMM more, the Ḡ routes nothing (their GEMM is the one the backward pass no longer runs).
+// bias_grad: with has_bias, the bias gradient Σ_i,t δ_it [d_out] (a convolution's [C_out]) in
+// float64, summed from the per-sample bias gradients the parts need; undefined otherwise.
 struct PerSamplePartsAndWeightGrad {
   PerSampleParts parts;
   at::Tensor weight_grad;
+  at::Tensor bias_grad;
 };
 PerSamplePartsAndWeightGrad linear_per_sample_parts_and_weight_grad(
     const at::Tensor& input, const at::Tensor& grad_output, bool has_bias,

@@ -159,27 +159,31 @@ def conv2d_per_sample_parts(input: Uses, grad_output: Uses, kernel_size: IntOrPa
 
 
 def linear_per_sample_parts_and_weight_grad(input: torch.Tensor, grad_output: torch.Tensor, has_bias: bool = True,
-                                            method: str = "auto") -> Tuple[PerSampleParts, torch.Tensor]:
-    """:func:`linear_per_sample_parts` of one use, and the layer's weight gradient over the batch
+                                            method: str = "auto") -> Tuple[PerSampleParts, torch.Tensor,
+                                                                           Optional[torch.Tensor]]:
+    """:func:`linear_per_sample_parts` of one use, the layer's weight gradient over the batch
     Σᵢ Gᵢ = δᵀx [d_out, d_in] (float32, float64 for float64 inputs), formed on the way by the Ḡ
-    routes (by its own GEMM on the Gram route): a backward pass that takes its weight gradient from
-    here needs no weight-gradient GEMM of its own (what :class:`PerSampleHooks` does)."""
+    routes (by its own GEMM on the Gram route), and with ``has_bias`` its bias gradient [d_out]
+    (float64, from the per-sample bias gradients the parts need; None otherwise): a backward pass
+    that takes its gradients from here needs no weight-gradient GEMM of its own (what
+    :class:`PerSampleHooks` does)."""
     op = torch.ops.trainscope.linear_per_sample_parts_and_weight_grad
-    sq, dots, msq, weight_grad = op(input, grad_output, bool(has_bias), _check_method(method))
-    return PerSampleParts(sq, dots, msq), weight_grad
+    sq, dots, msq, weight_grad, bias_grad = op(input, grad_output, bool(has_bias), _check_method(method))
+    return PerSampleParts(sq, dots, msq), weight_grad, bias_grad if has_bias else None
 
 
 def conv2d_per_sample_parts_and_weight_grad(input: torch.Tensor, grad_output: torch.Tensor, kernel_size: IntOrPair,
                                             stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
                                             groups: int = 1, has_bias: bool = True, method: str = "auto"
-                                            ) -> Tuple[PerSampleParts, torch.Tensor]:
-    """:func:`conv2d_per_sample_parts` of one use, and the weight gradient over the batch shaped as
-    the weight [C_out, C_in/groups, kh, kw] (see :func:`linear_per_sample_parts_and_weight_grad`)."""
+                                            ) -> Tuple[PerSampleParts, torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`conv2d_per_sample_parts` of one use, the weight gradient over the batch shaped as the
+    weight [C_out, C_in/groups, kh, kw] and the bias gradient [C_out] (see
+    :func:`linear_per_sample_parts_and_weight_grad`)."""
     op = torch.ops.trainscope.conv2d_per_sample_parts_and_weight_grad
-    sq, dots, msq, weight_grad = op(input, grad_output, _pair("kernel_size", kernel_size), _pair("stride", stride),
-                                    _pair("padding", padding), _pair("dilation", dilation), int(groups),
-                                    bool(has_bias), _check_method(method))
-    return PerSampleParts(sq, dots, msq), weight_grad
+    sq, dots, msq, weight_grad, bias_grad = op(
+        input, grad_output, _pair("kernel_size", kernel_size), _pair("stride", stride), _pair("padding", padding),
+        _pair("dilation", dilation), int(groups), bool(has_bias), _check_method(method))
+    return PerSampleParts(sq, dots, msq), weight_grad, bias_grad if has_bias else None
 
 
 def linear_per_sample_grad_hist1d(input: Uses, grad_output: Uses, has_bias: bool = True,
@@ -601,16 +605,15 @@ class _WeightGradFromParts(torch.autograd.Function):
         parts = None
         if fuse:
             try:
-                parts, grad_w = _parts_and_weight_grad(module, x, grad.detach(), hooks.method)
+                parts, grad_w, grad_b = _parts_and_weight_grad(module, x, grad.detach(), hooks.method)
             except RuntimeError:  # the training step goes on; stats() raises what it raises
                 parts = None
         if parts is not None:
-            # The bias gradient by itself: oneDNN's convolution backward costs as much for the
-            # input and bias gradients as for all three (the weight's shares their pass there).
+            # The input gradient alone: the weight's and the bias's came with the parts (a bias is
+            # passed here exactly when it is tracked, so need_b is has_bias).
             grad_x = _plain_grads(module, x, weight, grad, (need_x, False, False))[0]
-            grad_b = grad.sum((0, 2, 3) if isinstance(module, nn.Conv2d) else tuple(range(grad.dim() - 1))) \
-                if need_b else None
             grad_w = grad_w.to(weight.dtype)
+            grad_b = grad_b.to(weight.dtype) if need_b else None
         else:
             grad_x, grad_w, grad_b = _plain_grads(module, x, weight, grad, (need_x, need_w, need_b))
         if current:
@@ -747,9 +750,10 @@ class PerSampleHooks:
     plain backward (bench/README.md, bench_fused_backward.py). The LM head of a tied token
     embedding is fused too (its own parts are what costs GEMMs in the tie). The forward hook
     replaces the layer's output by one whose backward does this, so the hooks run first among the
-    layer's forward hooks and every other one sees the replacement. The weight gradient is the
-    same sums as the layer's own, in another order (they agree to the dtype's rounding); the input
-    and bias gradients are the layer's own. Where the parts cannot be taken there (the layer used
+    layer's forward hooks and every other one sees the replacement. The weight and bias gradients
+    are the same sums as the layer's own, in another order (the bias's in float64, from the
+    per-sample bias gradients the parts need; they agree to the dtype's rounding); the input
+    gradient is the layer's own. Where the parts cannot be taken there (the layer used
     again in the step, a gradient reaching the output twice, ``create_graph=True``, an error), the
     layer's own gradients are returned and the parts are taken later, as for other layers: the
     training step never fails for it. Not fused: under autocast or mixed dtypes, padding modes
@@ -1489,7 +1493,8 @@ def _acc_dtype(input, grad_output):
 def _(input, grad_output, has_bias=True, method="auto"):
     _fake_check("linear_per_sample_parts_and_weight_grad", input, grad_output, conv=False)
     weight_grad = input.new_empty((grad_output.shape[-1], input.shape[-1]), dtype=_acc_dtype(input, grad_output))
-    return (*_parts_fake(input, grad_output), weight_grad)
+    bias_grad = input.new_empty((grad_output.shape[-1] if has_bias else 0,), dtype=torch.float64)
+    return (*_parts_fake(input, grad_output), weight_grad, bias_grad)
 
 
 @register_fake("trainscope::conv2d_per_sample_parts_and_weight_grad")
@@ -1499,7 +1504,9 @@ def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(
     _fake_check(op, input, grad_output, conv=True)
     _conv_weight_2d(op, input, grad_output, kernel_size, groups)
     shape = (grad_output.shape[1], input.shape[1] // groups, *_pair("kernel_size", kernel_size))
-    return (*_parts_fake(input, grad_output), input.new_empty(shape, dtype=_acc_dtype(input, grad_output)))
+    bias_grad = input.new_empty((grad_output.shape[1] if has_bias else 0,), dtype=torch.float64)
+    return (*_parts_fake(input, grad_output), input.new_empty(shape, dtype=_acc_dtype(input, grad_output)),
+            bias_grad)
 
 
 def _moments_fake(input, grad_output, weight_shape, has_bias):

@@ -217,11 +217,15 @@ TEST_P(PerSampleFactorsApiTest, PartsWithTheWeightGradient) {
       ASSERT_EQ(lin.weight_grad.sizes(), (std::vector<int64_t>{6, 5}));
       EXPECT_EQ(lin.weight_grad.device(), device());
       expect_close(lin.weight_grad.flatten(), g_lin.narrow(1, 0, 30).sum(0), tolerance(dtype()), "linear Ḡ " + what);
+      ASSERT_TRUE(lin.bias_grad.defined());
+      EXPECT_EQ(lin.bias_grad.scalar_type(), at::kDouble);
+      expect_close(lin.bias_grad, g_lin.narrow(1, 30, 6).sum(0), tolerance(dtype()), "linear bias " + what);
       const PerSamplePartsAndWeightGrad cv = trainscope::conv2d_per_sample_parts_and_weight_grad(
           xc, dc, {3, 3}, {2, 1}, {1, 0}, {1, 1}, 2, false, m);
       expect_parts(cv.parts, reference_parts(g_conv), tolerance(dtype()), "conv " + what, at::kDouble);
       ASSERT_EQ(cv.weight_grad.sizes(), (std::vector<int64_t>{6, 2, 3, 3}));
       expect_close(cv.weight_grad.flatten(), g_conv.sum(0), tolerance(dtype()), "conv Ḡ " + what);
+      EXPECT_FALSE(cv.bias_grad.defined());  // no bias
     }
   }
 }
