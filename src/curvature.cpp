@@ -20,6 +20,12 @@ CurvatureMethod parse_curvature_method(const std::string& name) {
   TORCH_CHECK(false, "trainscope: curvature method must be 'hutchinson' or 'exact', got '", name, "'");
 }
 
+MaxEvSolver parse_max_ev_solver(const std::string& name) {
+  if (name == "lanczos") return MaxEvSolver::kLanczos;
+  if (name == "power") return MaxEvSolver::kPower;
+  TORCH_CHECK(false, "trainscope: solver must be 'lanczos' or 'power', got '", name, "'");
+}
+
 namespace {
 
 constexpr double kTicEps = 1e-7;
@@ -65,6 +71,56 @@ at::Tensor power_iteration(const std::function<Tensors(const Tensors&)>& matvec,
     lam_old = lam_f;
   }
   return lam;
+}
+
+// The largest Ritz value of the Lanczos iteration from the power iteration's start (the same
+// definitions as trainscope.curvature._lanczos): three vectors kept, each new one orthogonalised
+// twice against the current one; stops on Cockpit's rule or an invariant Krylov space.
+at::Tensor lanczos(const std::function<Tensors(const Tensors&)>& matvec, const Tensors& params, at::Generator& gen,
+                   const CurvatureOptions& o) {
+  const at::Device dev = params[0].device();
+  Tensors v, v_prev;
+  for (const at::Tensor& p : params) v.push_back(at::rand(p.sizes(), gen, p.options().device(at::kCPU)).to(p.device()));
+  const at::Tensor n0 = dot64(v, v).sqrt();
+  for (at::Tensor& x : v) x = x / n0.to(x.dtype());
+  at::Tensor beta_prev;
+  std::vector<double> alphas, betas;
+  double theta_old = std::numeric_limits<double>::infinity();
+  double theta = std::numeric_limits<double>::quiet_NaN();
+  const double eps = params[0].scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                                            : std::numeric_limits<float>::epsilon();
+  for (int64_t k = 0; k < o.max_iter; ++k) {
+    Tensors w = matvec(v);
+    const at::Tensor hv_norm = dot64(w, w).sqrt();
+    at::Tensor alpha = dot64(v, w);
+    for (size_t i = 0; i < w.size(); ++i) {
+      w[i] = w[i] - alpha.to(w[i].dtype()) * v[i];
+      if (!v_prev.empty()) w[i] = w[i] - beta_prev.to(w[i].dtype()) * v_prev[i];
+    }
+    const at::Tensor again = dot64(v, w);  // what rounding left of v in w
+    for (size_t i = 0; i < w.size(); ++i) w[i] = w[i] - again.to(w[i].dtype()) * v[i];
+    alpha = alpha + again;
+    const at::Tensor beta = dot64(w, w).sqrt();
+    const at::Tensor host = at::stack({alpha, beta, hv_norm}).cpu();
+    const double alpha_f = host[0].item<double>(), beta_f = host[1].item<double>(), hv_norm_f = host[2].item<double>();
+    if (!std::isfinite(alpha_f) || !std::isfinite(beta_f) || !std::isfinite(hv_norm_f)) return nan64(dev);
+    alphas.push_back(alpha_f);
+    const int64_t n = static_cast<int64_t>(alphas.size());
+    at::Tensor t = at::zeros({n, n}, at::kDouble);
+    for (int64_t i = 0; i < n; ++i) {
+      t[i][i] = alphas[i];
+      if (i + 1 < n) t[i][i + 1] = t[i + 1][i] = betas[i];
+    }
+    theta = at::linalg_eigvalsh(t)[n - 1].item<double>();
+    if (beta_f <= 8 * eps * hv_norm_f) break;  // H maps the Krylov space into itself: θ is exact
+    if (std::abs(theta - theta_old) <= o.atol + o.rtol * std::abs(theta)) break;
+    theta_old = theta;
+    betas.push_back(beta_f);
+    v_prev = v;
+    beta_prev = beta;
+    for (size_t i = 0; i < w.size(); ++i) v[i] = w[i] / beta.to(w[i].dtype());
+  }
+  return at::full({}, theta, at::TensorOptions().dtype(at::kDouble).device(dev));
 }
 
 // The diagonal of H (per parameter, float64) and the trace's standard error.
@@ -140,7 +196,9 @@ CurvatureStats curvature_stats(const std::function<at::Tensor()>& loss_fn, const
     if (!grads[i].defined()) grads[i] = at::zeros_like(params[i]).requires_grad_();
   }
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
-  if (o.max_ev) {
+  if (o.max_ev && o.solver == MaxEvSolver::kLanczos) {
+    out.hess_max_ev = lanczos([&](const Tensors& v) { return hvp(grads, params, v); }, params, gen, o);
+  } else if (o.max_ev) {
     at::Tensor lam = power_iteration([&](const Tensors& v) { return hvp(grads, params, v); }, params, gen, o);
     const double shift = lam.item<double>();
     if (shift < 0) {  // the dominant eigenvalue is negative: iterate on H − λI

@@ -8,10 +8,11 @@
 //
 // L is the mean of the closure's per-sample losses (or the 0-d loss it returns). With H = ∇²L,
 // h = diag(H) and S_j = Σᵢ (∂ℓᵢ/∂θ_j)² (exact: one backward pass per sample):
-//   hess_max_ev  the largest eigenvalue of H: power iteration on Hessian-vector products from a
-//                uniform [0, 1) start, stopped when consecutive Rayleigh quotients agree to
-//                atol + rtol·|λ| (at most max_iter steps; the last estimate otherwise, a lower
-//                bound); a negative dominant eigenvalue is followed by a shifted iteration
+//   hess_max_ev  the largest eigenvalue of H from Hessian-vector products from a uniform [0, 1)
+//                start, stopped when consecutive estimates agree to atol + rtol·|λ| (at most
+//                max_iter products; the last estimate otherwise, a lower bound): the largest Ritz
+//                value of the Lanczos iteration (MaxEvSolver::kLanczos), or Cockpit's power
+//                iteration (kPower; a negative dominant eigenvalue is followed by a shifted one)
 //   hess_trace   Σ_j h_j;  tic_diag = Σ_j (S_j/B) / (h_j + 1e-7);  tic_trace = (Σ S_j/B) / (Σ h_j + 1e-7)
 // h is exact (CurvatureMethod::kExact: one Hessian-vector product per parameter element, up to
 // max_params elements) or estimated by Hutchinson (kHutchinson: `samples` Rademacher probes,
@@ -34,10 +35,17 @@ namespace trainscope {
 enum class CurvatureMethod { kHutchinson, kExact };
 CurvatureMethod parse_curvature_method(const std::string& name);  // "hutchinson", "exact"
 
+// How hess_max_ev is estimated: the Lanczos iteration (after as many products never below the
+// power iteration's estimate, and about half the products to Cockpit's stop on its 3c3d net), or
+// Cockpit's power iteration.
+enum class MaxEvSolver { kLanczos, kPower };
+MaxEvSolver parse_max_ev_solver(const std::string& name);  // "lanczos", "power"
+
 struct CurvatureOptions {
   CurvatureMethod method = CurvatureMethod::kHutchinson;
   int64_t samples = 100;       // Hutchinson probes
-  int64_t max_iter = 100;      // power iteration steps
+  MaxEvSolver solver = MaxEvSolver::kLanczos;
+  int64_t max_iter = 100;      // hess_max_ev's Hessian-vector products
   double rtol = 1e-3, atol = 1e-6;
   int64_t max_params = 10000;  // the exact method's limit on parameter elements
   uint64_t seed = 0;           // the start vector and the probes

@@ -243,8 +243,8 @@ ALPHA_KEY = "alpha"
 #: Key of the curvature family (Monitor(curvature=...), SPEC.md §6), which needs a closure.
 CURVATURE_KEY = "curvature"
 #: ``curvature_options`` keys and defaults (see :func:`trainscope.curvature.curvature_stats`).
-_CURVATURE_OPTIONS = {"which": None, "method": "hutchinson", "samples": 100, "max_iter": 100, "max_params": 10_000,
-                      "seed": 0}
+_CURVATURE_OPTIONS = {"which": None, "method": "hutchinson", "samples": 100, "solver": "lanczos", "max_iter": 100,
+                      "max_params": 10_000, "seed": 0}
 #: Every key the per-sample hooks serve: measured only by step(), never by measure_now().
 _HOOK_KEYS = ("per_sample", "per_sample_hist", GRAD_VARIANCE_KEY, ALPHA_KEY)
 #: Record names of the per-sample histograms.
@@ -451,7 +451,7 @@ def _captured_point(losses: torch.Tensor, projections: torch.Tensor, loss_reduct
 
 def _curvature_options(options) -> Dict[str, Any]:
     """``curvature_options`` checked, with defaults filled in; a bad entry is an error naming it."""
-    from .curvature import CURVATURE_STATS, METHODS
+    from .curvature import CURVATURE_STATS, METHODS, SOLVERS
 
     o = dict(_CURVATURE_OPTIONS)
     if options is not None:
@@ -469,6 +469,8 @@ def _curvature_options(options) -> Dict[str, Any]:
         o["which"] = tuple(o["which"])
     if o["method"] not in METHODS:
         raise ValueError(f"Monitor: curvature_options['method'] must be one of {METHODS}, got {o['method']!r}")
+    if o["solver"] not in SOLVERS:
+        raise ValueError(f"Monitor: curvature_options['solver'] must be one of {SOLVERS}, got {o['solver']!r}")
     for k in ("samples", "max_iter", "max_params"):
         o[k] = check_int(o[k], f"curvature_options[{k!r}]", "Monitor", low=1)
     o["seed"] = check_int(o["seed"], "curvature_options['seed']", "Monitor")
@@ -510,7 +512,7 @@ class _CurvatureQuantity(Quantity):
         try:
             with torch.enable_grad():
                 c = curvature_stats(closure, params, which=o["which"], method=o["method"], samples=o["samples"],
-                                    max_iter=o["max_iter"], max_params=o["max_params"], generator=generator,
+                                    solver=o["solver"], max_iter=o["max_iter"], max_params=o["max_params"], generator=generator,
                                     model=self._monitor._model)
         except ValueError as e:
             if o["method"] != "piecewise_linear":
@@ -629,7 +631,8 @@ class Monitor:
       parameters outside the layers it covers are an error at construction, and a graph that is
       not piecewise linear, seen at the first due step, reads NaN with one warning saying why;
       "auto": that where it applies, else Hutchinson with a warning saying why),
-      ``samples`` (Hutchinson probes, 100), ``max_iter`` (power iteration, 100), ``seed`` (0; the
+      ``samples`` (Hutchinson probes, 100), ``solver`` (of ``hess_max_ev``: "lanczos", or
+      Cockpit's "power" iteration), ``max_iter`` (its products, 100), ``seed`` (0; the
       probes of step s use seed + s). See :mod:`trainscope.curvature`. A due step without a
       closure is skipped with a warning, never an error.
 

@@ -1,7 +1,8 @@
 // trainscope::curvature_stats (include/trainscope/curvature.h) on a least-squares loss whose
 // Hessian, its diagonal and S are known in closed form: ℓᵢ = ½(xᵢᵀθ − yᵢ)², so H = XᵀX / B and
-// gᵢ = xᵢ(xᵢᵀθ − yᵢ). Exact method to rounding, Hutchinson within 5 standard errors, the power
-// iteration against the eigenvalues, NaN for a NaN loss, errors naming bad options.
+// gᵢ = xᵢ(xᵢᵀθ − yᵢ). Exact method to rounding, Hutchinson within 5 standard errors, the Lanczos
+// and power iterations against the eigenvalues and each other, NaN for a NaN loss, errors naming
+// bad options.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
@@ -48,6 +49,9 @@ TEST(CurvatureStats, ExactMethodMatchesTheClosedForm) {
   EXPECT_NEAR(c.hess_trace.item<double>(), h.sum().item<double>(), 1e-12);
   EXPECT_EQ(c.hess_trace_stderr.item<double>(), 0.0);
   EXPECT_NEAR(c.hess_max_ev.item<double>(), at::linalg_eigvalsh(H).max().item<double>(), 1e-8);
+  o.solver = trainscope::MaxEvSolver::kPower;
+  EXPECT_NEAR(trainscope::curvature_stats(p.losses(), {p.theta}, o).hess_max_ev.item<double>(),
+              at::linalg_eigvalsh(H).max().item<double>(), 1e-8);
   const double B = 12.0;
   EXPECT_NEAR(c.tic_diag.item<double>(), (S / B / (h + 1e-7)).sum().item<double>(), 1e-9);
   EXPECT_NEAR(c.tic_trace.item<double>(), (S.sum() / B / (h.sum() + 1e-7)).item<double>(), 1e-12);
@@ -75,19 +79,59 @@ TEST(CurvatureStats, NegativeDominantEigenvalueGivesTheLargest) {
   o.rtol = 1e-12;
   o.atol = 0;
   o.max_iter = 10000;
-  const trainscope::CurvatureStats c =
-      trainscope::curvature_stats([&] { return 0.5 * theta.dot(at::mv(A, theta)); }, {theta}, o);
-  EXPECT_NEAR(c.hess_max_ev.item<double>(), 2.0, 1e-6);
+  for (const auto solver : {trainscope::MaxEvSolver::kLanczos, trainscope::MaxEvSolver::kPower}) {
+    o.solver = solver;
+    const trainscope::CurvatureStats c =
+        trainscope::curvature_stats([&] { return 0.5 * theta.dot(at::mv(A, theta)); }, {theta}, o);
+    EXPECT_NEAR(c.hess_max_ev.item<double>(), 2.0, 1e-6) << (solver == trainscope::MaxEvSolver::kPower);
+  }
+}
+
+// After k products the Lanczos Krylov space holds the power iterate: its largest Ritz value is at
+// least the power iteration's Rayleigh quotient (equal after one), and at most λ_max.
+TEST(CurvatureStats, LanczosIsNeverBelowThePowerIterationAfterAsManyProducts) {
+  const Problem p = make(40, 30, 6);
+  const double lam_max = at::linalg_eigvalsh(p.hessian()).max().item<double>();
+  trainscope::CurvatureOptions o;
+  o.diag = false;
+  o.rtol = 0;
+  o.atol = 0;
+  for (int64_t k = 1; k <= 8; ++k) {
+    o.max_iter = k;
+    o.solver = trainscope::MaxEvSolver::kPower;
+    const double power = trainscope::curvature_stats(p.losses(), {p.theta}, o).hess_max_ev.item<double>();
+    o.solver = trainscope::MaxEvSolver::kLanczos;
+    const double lanczos = trainscope::curvature_stats(p.losses(), {p.theta}, o).hess_max_ev.item<double>();
+    EXPECT_GE(lanczos, power * (1 - 1e-12)) << "k " << k;
+    EXPECT_LE(lanczos, lam_max * (1 + 1e-12)) << "k " << k;
+    if (k == 1) EXPECT_NEAR(lanczos, power, 1e-12 * power);
+  }
+  // To a tight stop both find λ_max.
+  o.max_iter = 200;
+  o.rtol = 1e-13;
+  EXPECT_NEAR(trainscope::curvature_stats(p.losses(), {p.theta}, o).hess_max_ev.item<double>(), lam_max,
+              1e-9 * lam_max);
+  EXPECT_EQ(trainscope::parse_max_ev_solver("power"), trainscope::MaxEvSolver::kPower);
+  try {
+    trainscope::parse_max_ev_solver("arnoldi");
+    ADD_FAILURE() << "an unknown solver accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("solver"), std::string::npos) << e.what();
+  }
 }
 
 TEST(CurvatureStats, TroubleIsNanAndBadOptionsAreNamed) {
   const Problem p = make(4, 3, 4);
-  const trainscope::CurvatureStats c = trainscope::curvature_stats(
-      [&] { return p.losses()() * std::numeric_limits<double>::quiet_NaN(); }, {p.theta}, {});
-  for (const at::Tensor* t : {&c.hess_max_ev, &c.hess_trace, &c.tic_diag, &c.tic_trace}) {
-    EXPECT_TRUE(std::isnan(t->item<double>()));
-  }
   trainscope::CurvatureOptions o;
+  for (const auto solver : {trainscope::MaxEvSolver::kLanczos, trainscope::MaxEvSolver::kPower}) {
+    o.solver = solver;
+    const trainscope::CurvatureStats c = trainscope::curvature_stats(
+        [&] { return p.losses()() * std::numeric_limits<double>::quiet_NaN(); }, {p.theta}, o);
+    for (const at::Tensor* t : {&c.hess_max_ev, &c.hess_trace, &c.tic_diag, &c.tic_trace}) {
+      EXPECT_TRUE(std::isnan(t->item<double>()));
+    }
+  }
+  o = {};
   o.samples = 0;
   try {
     trainscope::curvature_stats(p.losses(), {p.theta}, o);
