@@ -666,7 +666,8 @@ def print_table(rows, device, args):
                   f"BackPACK DiagHessian, from layer factors); 'hutchinson' estimates it with {k} Rademacher "
                   f"probes{f' ({args.curvature_samples_from})' if args.curvature_samples_from else ''}, one "
                   f"Hessian-vector product each, and then compares an estimate at a chosen cost with an exact value. "
-                  f"hess_max_ev: power iteration on both sides (bench/README.md)")
+                  f"hess_max_ev: Cockpit's power iteration against trainscope's Lanczos iteration, from the same "
+                  f"start and with the same stopping rule (bench/README.md)")
 
     for r in rows:
         if "ratio" in r:

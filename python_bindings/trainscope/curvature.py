@@ -478,7 +478,7 @@ def hess_max_ev(loss, params, *, solver: str = "lanczos", max_iter: int = 100, r
     - ``"lanczos"`` (default): the largest Ritz value of the Lanczos iteration. Its Krylov space
       holds the power iterate, so after as many products it is never below the power
       iteration's estimate; with the default stop it needs about half the products (8 to 12
-      against 17 to 24 on Cockpit's 3c3d) and lands 2 to 5 times closer to λ_max. It is the
+      against 17 to 24 on Cockpit's 3c3d) and lands 1.7 to 3 times closer to λ_max. It is the
       largest eigenvalue whatever the sign of the dominant one.
     - ``"power"``: Cockpit's power iteration; from the same seed and with the default
       tolerances, Cockpit's HessMaxEV up to rounding. If the dominant eigenvalue is negative, a
