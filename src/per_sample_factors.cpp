@@ -86,6 +86,9 @@ struct Problem {
   at::TensorOptions opts;
   Accessor x, d;
   int64_t x_elems_per_sample;
+  // Elements of the layer's inputs and output gradients as the caller holds them (every use): a
+  // bound on what keeping the per-sample gradients may add, see keeps_blocks.
+  int64_t held_elems = 0;
   // [B, G·d_out] per-sample bias gradients summed in `dtype`; empty when the layer's bias is not
   // tracked. A function, so that building a Problem does no work before every argument is checked.
   std::function<at::Tensor(at::ScalarType dtype)> bias_grads;
@@ -207,6 +210,7 @@ Problem linear_problem(const char* op, const at::Tensor& input, const at::Tensor
     return grad_output.narrow(0, begin, count).reshape({count, 1, T, dout}).to(acc);
   };
   p.x_elems_per_sample = 0;
+  p.held_elems = input.numel() + grad_output.numel();
   if (has_bias) {
     p.bias_grads = [grad_output, B, T, dout](at::ScalarType dtype) {
       return sum_per_sample(grad_output.reshape({B, T, dout}), {1}, dtype);
@@ -372,6 +376,7 @@ Problem conv2d_problem(const char* op, const at::Tensor& input, const at::Tensor
   };
   // The input tile upcast, before unfolding.
   p.x_elems_per_sample = cin * input.size(2) * input.size(3);
+  p.held_elems = input.numel() + grad_output.numel();
   if (has_bias) {
     p.bias_grads = [grad_output](at::ScalarType dtype) { return sum_per_sample(grad_output, {2, 3}, dtype); };
   }
@@ -457,9 +462,11 @@ Problem combined_problem(const char* op, std::vector<Problem> uses) {
   p.opts = first.opts.dtype(acc);
   p.T = 0;
   p.x_elems_per_sample = 0;
+  p.held_elems = 0;
   std::vector<Accessor> xs, ds;
   for (const Problem& u : uses) {
     p.T += u.T;
+    p.held_elems += u.held_elems;
     // The use's tiles before they are concatenated.
     p.x_elems_per_sample += u.x_elems_per_sample + u.G * u.T * (u.din + u.dout);
     xs.push_back(u.x);
@@ -644,10 +651,16 @@ at::Tensor weight_dots_by_rows(const Problem& p, const at::Tensor& w, const at::
   return at::cat(dots);
 }
 
-// Whether the tiled Ḡ route keeps the whole batch's per-sample gradients (they fit the tile
-// budget): Gᵢ·Ḡ then comes from them (float64 products) instead of a second pass over x and δ
-// (a GEMM as large as the layer's weight gradient, or a convolution).
-bool keeps_blocks(const Problem& p) { return p.B > 0 && p.B * p.G * p.dout * p.din <= factor_tile_elems(); }
+// Whether the tiled Ḡ route keeps the whole batch's per-sample gradients: Gᵢ·Ḡ then comes from
+// them (float64 products) instead of a second pass over x and δ (a GEMM as large as the layer's
+// weight gradient, or a convolution). They are kept when they fit the tile budget, or when they
+// are no larger than the layer's inputs and output gradients, which the caller holds anyway: the
+// transient then at most doubles what the layer holds. A language model's head is such a layer:
+// B blocks of V × d against factors of B·T × (d + V) elements.
+bool keeps_blocks(const Problem& p) {
+  const int64_t blocks = p.B * p.G * p.dout * p.din;
+  return p.B > 0 && (blocks <= factor_tile_elems() || blocks <= p.held_elems);
+}
 
 // The Ḡ route: ‖Gᵢ‖² by the ghost norm or tiled, Ḡ = δᵀx / B, and Gᵢ·Ḡ from x Ḡᵀ. The GEMMs
 // run in the accumulation dtype, everything after them in float64. With weight_grad given, Σᵢ Gᵢ

@@ -13,7 +13,8 @@
 //           ‖Gᵢ‖² is tiled)
 //   Gᵢ·Ḡ    Σ_t δ_it · (Ḡ x_it): the rowwise sum of δ ∘ (x Ḡᵀ), one GEMM (a convolution's:
 //           the convolution of x with Ḡ); when tiled and the whole batch's Gᵢ fit the tile
-//           budget, they are kept and Gᵢ·Ḡ is their float64 dot with Ḡ, with no second pass
+//           budget, or are no larger than the layer's x and δ (a language model's head), they
+//           are kept and Gᵢ·Ḡ is their float64 dot with Ḡ, with no second pass
 //   ‖Ḡ‖²
 //
 // The Gram route ("gram"), about 2·N²·(d_in + d_out) flops, far fewer when N is small next to

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "src/per_sample_factors_internal.h"
@@ -199,33 +200,38 @@ TEST_P(PerSampleFactorsApiTest, Conv2dGeometries) {
 
 // The parts with the layer's weight gradient (what a fused backward pass takes): the parts of
 // every route, and Σᵢ Gᵢ shaped as the weight, against the per-sample reference summed; with the
-// default tile budget (the whole batch's blocks kept) and one of a few rows (blocks of rows).
+// default tile budget (the whole batch's blocks kept) and one of a few rows (blocks of rows),
+// under which the blocks are kept where they are no larger than x and δ (T = 3, 7×6 images) and
+// not kept where they are larger (T = 1, 3×3 images: a second pass for Gᵢ·Ḡ).
 TEST_P(PerSampleFactorsApiTest, PartsWithTheWeightGradient) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(15);
-  const at::Tensor x = randn({4, 3, 5}, gen, dtype(), device()), d = randn({4, 3, 6}, gen, dtype(), device());
-  const at::Tensor g_lin = reference_grads(linear_layer(), x, d, {6, 5}, true);
-  const at::Tensor xc = randn({3, 4, 7, 6}, gen, dtype(), device());
-  const Layer conv = conv_layer({2, 1}, {1, 0}, {1, 1}, 2);
-  const at::Tensor dc = randn({3, 6, 4, 4}, gen, dtype(), device());
-  const at::Tensor g_conv = reference_grads(conv, xc, dc, {6, 2, 3, 3}, false);
-  for (const int64_t budget : {int64_t{0}, int64_t{40}}) {
-    const TileBudget tiles(budget);
-    for (FactorMethod m : kAllMethods) {
-      const std::string what = std::string(trainscope::factor_method_name(m)) + " budget " + std::to_string(budget);
-      const PerSamplePartsAndWeightGrad lin = trainscope::linear_per_sample_parts_and_weight_grad(x, d, true, m);
-      expect_parts(lin.parts, reference_parts(g_lin), tolerance(dtype()), "linear " + what, at::kDouble);
-      ASSERT_EQ(lin.weight_grad.sizes(), (std::vector<int64_t>{6, 5}));
-      EXPECT_EQ(lin.weight_grad.device(), device());
-      expect_close(lin.weight_grad.flatten(), g_lin.narrow(1, 0, 30).sum(0), tolerance(dtype()), "linear Ḡ " + what);
-      ASSERT_TRUE(lin.bias_grad.defined());
-      EXPECT_EQ(lin.bias_grad.scalar_type(), at::kDouble);
-      expect_close(lin.bias_grad, g_lin.narrow(1, 30, 6).sum(0), tolerance(dtype()), "linear bias " + what);
-      const PerSamplePartsAndWeightGrad cv = trainscope::conv2d_per_sample_parts_and_weight_grad(
-          xc, dc, {3, 3}, {2, 1}, {1, 0}, {1, 1}, 2, false, m);
-      expect_parts(cv.parts, reference_parts(g_conv), tolerance(dtype()), "conv " + what, at::kDouble);
-      ASSERT_EQ(cv.weight_grad.sizes(), (std::vector<int64_t>{6, 2, 3, 3}));
-      expect_close(cv.weight_grad.flatten(), g_conv.sum(0), tolerance(dtype()), "conv Ḡ " + what);
-      EXPECT_FALSE(cv.bias_grad.defined());  // no bias
+  for (const auto& [T, H, W] : {std::tuple<int64_t, int64_t, int64_t>{3, 7, 6}, {1, 3, 3}}) {
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(15);
+    const at::Tensor x = randn({4, T, 5}, gen, dtype(), device()), d = randn({4, T, 6}, gen, dtype(), device());
+    const at::Tensor g_lin = reference_grads(linear_layer(), x, d, {6, 5}, true);
+    const at::Tensor xc = randn({3, 4, H, W}, gen, dtype(), device());
+    const Layer conv = conv_layer({2, 1}, {1, 0}, {1, 1}, 2);
+    const at::Tensor dc = randn({3, 6, (H - 1) / 2 + 1, W - 2}, gen, dtype(), device());
+    const at::Tensor g_conv = reference_grads(conv, xc, dc, {6, 2, 3, 3}, false);
+    for (const int64_t budget : {int64_t{0}, int64_t{40}}) {
+      const TileBudget tiles(budget);
+      for (FactorMethod m : kAllMethods) {
+        const std::string what = std::string(trainscope::factor_method_name(m)) + " budget " + std::to_string(budget);
+        const PerSamplePartsAndWeightGrad lin = trainscope::linear_per_sample_parts_and_weight_grad(x, d, true, m);
+        expect_parts(lin.parts, reference_parts(g_lin), tolerance(dtype()), "linear " + what, at::kDouble);
+        ASSERT_EQ(lin.weight_grad.sizes(), (std::vector<int64_t>{6, 5}));
+        EXPECT_EQ(lin.weight_grad.device(), device());
+        expect_close(lin.weight_grad.flatten(), g_lin.narrow(1, 0, 30).sum(0), tolerance(dtype()),
+                     "linear Ḡ " + what);
+        ASSERT_TRUE(lin.bias_grad.defined());
+        EXPECT_EQ(lin.bias_grad.scalar_type(), at::kDouble);
+        expect_close(lin.bias_grad, g_lin.narrow(1, 30, 6).sum(0), tolerance(dtype()), "linear bias " + what);
+        const PerSamplePartsAndWeightGrad cv = trainscope::conv2d_per_sample_parts_and_weight_grad(
+            xc, dc, {3, 3}, {2, 1}, {1, 0}, {1, 1}, 2, false, m);
+        expect_parts(cv.parts, reference_parts(g_conv), tolerance(dtype()), "conv " + what, at::kDouble);
+        ASSERT_EQ(cv.weight_grad.sizes(), (std::vector<int64_t>{6, 2, 3, 3}));
+        expect_close(cv.weight_grad.flatten(), g_conv.sum(0), tolerance(dtype()), "conv Ḡ " + what);
+        EXPECT_FALSE(cv.bias_grad.defined());  // no bias
+      }
     }
   }
 }
@@ -239,6 +245,13 @@ TEST_P(PerSampleFactorsApiTest, SmallTileBudgetTakesEveryTilingPath) {
   for (FactorMethod m : kForcedMethods) {
     expect_parts(trainscope::linear_per_sample_parts(x, d, true, m), want, tolerance(dtype()),
                  std::string("linear tiny budget ") + trainscope::factor_method_name(m), at::kDouble);
+  }
+  // Two positions: the blocks (5 × 42) are larger than x and δ (5 × 2 × 13), so not kept either.
+  const at::Tensor x2 = randn({5, 2, 7}, gen, dtype(), device()), d2 = randn({5, 2, 6}, gen, dtype(), device());
+  const Parts64 want2 = reference_parts(reference_grads(linear_layer(), x2, d2, {6, 7}, true));
+  for (FactorMethod m : kForcedMethods) {
+    expect_parts(trainscope::linear_per_sample_parts(x2, d2, true, m), want2, tolerance(dtype()),
+                 std::string("linear tiny budget, T = 2 ") + trainscope::factor_method_name(m), at::kDouble);
   }
   const at::Tensor xc = randn({4, 4, 6, 6}, gen, dtype(), device()), dc = randn({4, 6, 3, 3}, gen, dtype(), device());
   const Parts64 wc =
