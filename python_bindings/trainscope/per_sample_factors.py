@@ -1024,8 +1024,12 @@ class PerSampleHooks:
                                               _Fused(self, name, module, use, self._step, out.detach()))
         target, view = _hook_target(out)
         target.register_hook(functools.partial(self._on_grad, use, self._step, view))
-        if isinstance(kind, _layers.MHAKind) and isinstance(output[1], torch.Tensor) and output[1].requires_grad:
-            output[1].register_hook(functools.partial(self._on_weights_grad, use, self._step))
+        if isinstance(kind, _layers.MHAKind):
+            if isinstance(output[1], torch.Tensor) and output[1].requires_grad:
+                output[1].register_hook(functools.partial(self._on_weights_grad, use, self._step))
+            if self.stats_due and not torch.compiler.is_compiling():
+                step = self._step
+                kind.read_projections(module, x, out, lambda: step == self._step)
 
     def _fuses(self, name: str, module: nn.Module, args, kwargs, out: torch.Tensor) -> bool:
         """Whether this use of an nn.Linear or nn.Conv2d gets a backward pass that takes its parts

@@ -25,10 +25,13 @@ How each kind is measured:
 - ``nn.MultiheadAttention``: its projections are used through ``F.multi_head_attention_forward``,
   not through modules. They are linear layers on disjoint rows of its parameters
   (:class:`LinearBlock`): in_proj reads the query, key and value (one block of 3E rows for
-  self-attention on a packed weight), out_proj reads the attention output. The gradients reaching
-  the projections' outputs and that output are recomputed from the captured query, key, value and
-  masks by one batched forward and backward of the attention between them (samples do not
-  interact), in tiles of samples; the Linear ops then measure each block. A module with bias_k,
+  self-attention on a packed weight), out_proj reads the attention output. For packed
+  self-attention on a step whose statistics are due, the gradient reaching the in-projection's
+  output and the attention output are read from the training pass's autograd graph (the attention
+  output saved by out_proj's GEMM, the gradient by a hook on the in-projection's GEMM). Otherwise
+  they are recomputed from the captured query, key, value and masks by one batched forward and
+  backward of the attention between them (samples do not interact), in tiles of samples. The
+  Linear ops then measure each block. A module with bias_k,
   bias_v, add_zero_attn or a frozen parameter instead has its per-sample gradients formed by
   recomputing its whole forward in float64, one vjp per sample (``torch.func.vmap``). Dropout in
   train mode (not recomputable) and attention weights that reach the loss are refused.
@@ -636,6 +639,11 @@ class MHAInput:
         self.is_causal, self.training, self.per_sample_mask = is_causal, training, per_sample_mask
         self.batched, self.versions = batched, versions
         self.factors = None  # (output gradient, its _mha_factors), kept for the step's later uses
+        # Read from the training pass's graph (MHAKind.read_projections), else None: the attention
+        # output out_proj multiplied [L·b, E] and the gradient reaching the packed in-projection's
+        # output [L·b, 3E], both sequence first.
+        self.captured_y = None
+        self.captured_dqkv = None
 
     @property
     def shape(self):
@@ -708,11 +716,46 @@ def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _factors_of(module: nn.MultiheadAttention, x: "MHAInput", g: torch.Tensor) -> tuple:
-    """_mha_factors of one captured use, recomputed once per output gradient (the statistics
+    """_mha_factors of one captured use: as the training pass's graph gave them where it did
+    (:meth:`MHAKind.read_projections`), else recomputed, once per output gradient (the statistics
     across ranks ask for Σᵢ gᵢ, gᵢ·ḡ and ‖gᵢ‖² in turn)."""
     if x.factors is None or x.factors[0] is not g:
-        x.factors = (g, _mha_factors(module, x, g))
+        captured = _captured_factors(module, x)
+        x.factors = (g, captured if captured is not None else _mha_factors(module, x, g))
     return x.factors[1]
+
+
+def _captured_factors(module: nn.MultiheadAttention, x: "MHAInput") -> Optional[tuple]:
+    """(δq, δk, δv, y) batch first from what the training pass's graph gave, or None where it gave
+    nothing or not what _mha_factors would compute (another dtype, as under autocast, or shape)."""
+    dqkv, y = x.captured_dqkv, x.captured_y
+    if dqkv is None or y is None:
+        return None
+    b, l, e = x.query.shape
+    dtype = torch.promote_types(x.query.dtype, module.out_proj.weight.dtype)
+    if dqkv.dtype != dtype or y.dtype != dtype or dqkv.shape != (l * b, 3 * e) or y.shape != (l * b, e):
+        return None
+    return (*dqkv.view(l, b, 3 * e).transpose(0, 1).chunk(3, -1), y.view(l, b, e).transpose(0, 1))
+
+
+def _gemm_weight(node) -> Optional[torch.Tensor]:
+    """The parameter an autograd GEMM node (addmm, mm) multiplies by, reached through its
+    transpose (F.linear's W x), else None."""
+    for nf, _ in node.next_functions:
+        if nf is not None and type(nf).__name__ == "TBackward0":
+            for leaf, _ in nf.next_functions:
+                if leaf is not None and hasattr(leaf, "variable"):
+                    return leaf.variable
+    return None
+
+
+def _saved_left_factor(node) -> Optional[torch.Tensor]:
+    """The input an addmm or mm node saved for its weight gradient (F.linear's x)."""
+    for attr in ("_saved_mat1", "_saved_self"):
+        t = getattr(node, attr, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
 
 
 def _mha_factors(module: nn.MultiheadAttention, x: "MHAInput", g: torch.Tensor) -> tuple:
@@ -794,6 +837,44 @@ class MHAKind(LayerKind):
 
     def grad_to_batch_first(self, module) -> bool:
         return not module.batch_first
+
+    def read_projections(self, module, x: MHAInput, out: torch.Tensor, current) -> None:
+        """Spares :func:`_mha_factors` its recomputation of the attention, for packed
+        self-attention with every parameter trainable: in the autograd graph of the module's output
+        ``out``, the GEMM of out_proj saved the attention output y, which is kept, and the packed
+        in-projection's GEMM gets a hook that keeps the gradient reaching its output (added up over
+        backward passes through a retained graph while ``current()``). A graph without both GEMMs
+        (another torch, a compiled module) leaves them None: then they are recomputed."""
+        if not (self.factored(module) and module._qkv_same_embed_dim and _same_tensor(x.query, x.key)
+                and _same_tensor(x.key, x.value)) or out.grad_fn is None:
+            return
+        w_in, w_out = module.in_proj_weight, module.out_proj.weight
+        gemm_in = gemm_out = None
+        stack, seen = [out.grad_fn], set()
+        while stack and (gemm_in is None or gemm_out is None) and len(seen) < 256:  # the module's own nodes
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if type(node).__name__ in ("AddmmBackward0", "MmBackward0"):
+                w = _gemm_weight(node)
+                if w is w_out and gemm_out is None:
+                    gemm_out = node
+                elif w is w_in and gemm_in is None:
+                    gemm_in = node
+            stack.extend(nf for nf, _ in node.next_functions if nf is not None and not hasattr(nf, "variable"))
+        y = _saved_left_factor(gemm_out) if gemm_out is not None else None
+        if gemm_in is None or y is None:
+            return
+        x.captured_y = y.detach()
+
+        def keep(grad_inputs, grad_outputs):
+            g = grad_outputs[0]
+            if g is not None and current():
+                g = g.detach()
+                x.captured_dqkv = g if x.captured_dqkv is None else x.captured_dqkv + g
+
+        gemm_in.register_hook(keep)
 
     def problem(self, module, name, uses):
         for u in uses:

@@ -431,11 +431,44 @@ def test_multihead_attention_used_twice_and_with_key_padding_mask():
     check(Padded(), torch.randn(4, 5, 8))
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("cfg", [dict(), dict(bias=False), dict(causal=True), dict(padding=True)])
+def test_multihead_attention_factors_from_the_training_graph(batch_first, cfg):
+    """Packed self-attention: the attention output out_proj read and the gradient reaching the
+    in-projection come from the training pass's graph, equal to the recomputation's; a step whose
+    statistics are not due reads nothing."""
+    import trainscope.per_sample_layers as layers
+    gen(34)
+    attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, bias=cfg.get("bias", True)).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    kpm = (x[..., 0] > 0.5) & (torch.arange(5) > 0) if cfg.get("padding") else None
+    mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1) if cfg.get("causal") else None
+    hooks = PerSampleHooks(attn)
+    for due in (False, True):
+        hooks.clear()
+        hooks.stats_due = due
+        h = x if batch_first else x.transpose(0, 1)
+        out = attn(h, h, h, key_padding_mask=kpm, attn_mask=mask, is_causal=bool(mask is not None),
+                   need_weights=False)[0]
+        (out.tanh() ** 2).sum().backward()
+        (use,) = hooks._captures[""].uses
+        if not due:
+            assert use.input.captured_y is None and use.input.captured_dqkv is None
+            continue
+        captured = layers._captured_factors(attn, use.input)
+        assert captured is not None
+        recomputed = layers._mha_factors(attn, use.input, use.grad)
+        for a, b in zip(captured, recomputed):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    hooks.remove()
+
+
 @pytest.mark.parametrize("case", ["self", "cross", "separate_weights", "twice", "frozen", "bias_kv"])
 def test_multihead_attention_routes(monkeypatch, case):
-    """The projections' factors measure the module (one batched recomputation of the attention)
-    unless it has bias_k/bias_v or a frozen parameter, which go through per-sample vjps; both agree
-    with the reference, the histograms and per-element moments included."""
+    """The projections' factors measure the module unless it has bias_k/bias_v or a frozen
+    parameter, which go through per-sample vjps; for packed self-attention the factors come from the
+    training pass's graph, otherwise from one batched recomputation of the attention. Every route
+    agrees with the reference, the histograms and per-element moments included."""
     import trainscope.per_sample_layers as layers
     calls = []
     factors = layers._mha_factors
@@ -462,7 +495,7 @@ def test_multihead_attention_routes(monkeypatch, case):
         model.attn.out_proj.bias.requires_grad_(False)
     x = torch.randn(4, 5, 8)
     G = check(model, x)
-    assert bool(calls) == (case not in ("frozen", "bias_kv"))
+    assert bool(calls) == (case in ("cross", "separate_weights", "twice"))  # "twice": the cross-attention use
     # The per-sample gradients themselves (histogram and moments) against the reference's.
     with PerSampleHooks(model, loss_reduction="sum") as hooks:
         sample_loss(model(x.double())).sum().backward()
