@@ -606,7 +606,7 @@ at::Tensor tiled_sq_norms(const Problem& p, int64_t i0, int64_t b, const at::Ten
       [&](int64_t o0, at::Tensor g) {
         const at::Tensor s = rowwise_dot_f64(g.view({g.size(0), -1}));
         acc = acc.defined() ? acc.add_(s) : s;
-        if (gsum != nullptr) gsum->narrow(1, o0, g.size(2)).add_(g.sum(0));
+        if (gsum != nullptr) gsum->narrow(1, o0, g.size(2)).add_(g.size(0) == 1 ? g.select(0, 0) : g.sum(0));
         if (kept != nullptr && !into.defined()) {
           kept->narrow(0, i0, b).view({b, p.G, p.dout, p.din}).narrow(2, o0, g.size(2)).copy_(g);
         }
@@ -673,7 +673,8 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled, at::Tensor* weight_grad 
   at::Tensor kept;
   if (tiled && keeps_blocks(p)) kept = at::empty({p.B, weight_elems}, p.opts);
   std::vector<at::Tensor> sq;
-  at::Tensor gsum = at::zeros({p.G, p.dout, p.din}, p.opts);
+  // Σᵢ Gᵢ [G, d_out, d_in]: from the kept blocks at the end, else summed tile by tile.
+  at::Tensor gsum = kept.defined() ? at::Tensor() : at::zeros({p.G, p.dout, p.din}, p.opts);
   at::Tensor xg, dg;  // [G, B·T, d] of the whole batch, kept when both passes take it in one tile
   for (int64_t i0 = 0; i0 < p.B; i0 += b1) {
     const int64_t b = std::min(b1, p.B - i0);
@@ -681,7 +682,7 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled, at::Tensor* weight_grad 
     const bool factors = !tiled || !p.grad_block;
     const at::Tensor x = factors ? p.x(i0, b) : at::Tensor(), d = factors ? p.d(i0, b) : at::Tensor();
     if (tiled) {
-      sq.push_back(tiled_sq_norms(p, i0, b, x, d, &gsum, kept.defined() ? &kept : nullptr));
+      sq.push_back(tiled_sq_norms(p, i0, b, x, d, kept.defined() ? nullptr : &gsum, kept.defined() ? &kept : nullptr));
     } else {
       sq.push_back(ghost_sq_norms(p, x, d));
       gsum.baddbmm_(flat_groups(d).transpose(1, 2), flat_groups(x));
@@ -691,17 +692,20 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled, at::Tensor* weight_grad 
       dg = flat_groups(d);
     }
   }
-  // Ḡ [G, d_out, d_in]; Σᵢ Gᵢ itself when the caller wants it.
-  const at::Tensor gbar = weight_grad != nullptr ? gsum / static_cast<double>(p.B) : gsum.div_(static_cast<double>(p.B));
+  if (kept.defined()) gsum = kept.view({p.B, p.G, p.dout, p.din}).sum(0);
   if (weight_grad != nullptr) *weight_grad = gsum;
+  // Ḡ = Σᵢ Gᵢ / B itself is not formed (a parameter-sized copy where the caller keeps the sum):
+  // the products with Ḡ are the float64 products with the sum, scaled.
+  const double inv_b = 1.0 / static_cast<double>(p.B);
+  const at::Tensor msq = sq_norm_f64(gsum) * (inv_b * inv_b);
   if (kept.defined()) {
-    return {at::cat(sq), rowwise_dot_f64(kept, gbar.reshape({1, weight_elems}).expand({p.B, weight_elems})),
-            sq_norm_f64(gbar)};
+    return {at::cat(sq), rowwise_dot_f64(kept, gsum.reshape({1, weight_elems}).expand({p.B, weight_elems})) * inv_b,
+            msq};
   }
 
   // Pass 2: Gᵢ·Ḡ, by the layer's own operation where it has one.
-  if (p.weight_dots) return {at::cat(sq), p.weight_dots(gbar), sq_norm_f64(gbar)};
-  return {at::cat(sq), weight_dots_by_rows(p, gbar, xg, dg), sq_norm_f64(gbar)};
+  if (p.weight_dots) return {at::cat(sq), p.weight_dots(gsum) * inv_b, msq};
+  return {at::cat(sq), weight_dots_by_rows(p, gsum, xg, dg) * inv_b, msq};
 }
 
 int64_t isqrt(int64_t v) { return static_cast<int64_t>(std::sqrt(static_cast<double>(std::max<int64_t>(0, v)))); }
