@@ -820,8 +820,10 @@ class PerSampleHooks:
         self.fuse_weight_grad = fuse_weight_grad
         #: Whether :meth:`stats` (or :meth:`parts`, :meth:`layer_parts`) will be taken for the steps
         #: captured from now on: with ``fuse_weight_grad``, their parts are then taken on the backward
-        #: pass. trainscope.Monitor sets it per step (False when only histograms, alpha or the
-        #: gradient variance are due); the statistics are right either way.
+        #: pass, and nn.MultiheadAttention's projection factors are read from the training pass's
+        #: graph (held until the step's results are taken) instead of recomputed afterwards.
+        #: trainscope.Monitor sets it per step (False when only histograms, alpha or the gradient
+        #: variance are due); the statistics are right either way.
         self.stats_due = True
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
         for name, module in self._layers:
