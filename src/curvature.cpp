@@ -51,12 +51,18 @@ Tensors hvp(const Tensors& grads, const Tensors& params, const Tensors& v) {
   return out;
 }
 
-at::Tensor power_iteration(const std::function<Tensors(const Tensors&)>& matvec, const Tensors& params,
-                           at::Generator& gen, const CurvatureOptions& o) {
+// Cockpit's start vector of both eigenvalue iterations: uniform [0, 1), normalised.
+Tensors uniform_start(const Tensors& params, at::Generator& gen) {
   Tensors v;
   for (const at::Tensor& p : params) v.push_back(at::rand(p.sizes(), gen, p.options().device(at::kCPU)).to(p.device()));
   const at::Tensor n0 = dot64(v, v).sqrt();
   for (at::Tensor& x : v) x = x / n0.to(x.dtype());
+  return v;
+}
+
+at::Tensor power_iteration(const std::function<Tensors(const Tensors&)>& matvec, const Tensors& params,
+                           at::Generator& gen, const CurvatureOptions& o) {
+  Tensors v = uniform_start(params, gen);
   double lam_old = std::numeric_limits<double>::infinity();
   at::Tensor lam = nan64(params[0].device());
   for (int64_t k = 0; k < o.max_iter; ++k) {
@@ -79,10 +85,7 @@ at::Tensor power_iteration(const std::function<Tensors(const Tensors&)>& matvec,
 at::Tensor lanczos(const std::function<Tensors(const Tensors&)>& matvec, const Tensors& params, at::Generator& gen,
                    const CurvatureOptions& o) {
   const at::Device dev = params[0].device();
-  Tensors v, v_prev;
-  for (const at::Tensor& p : params) v.push_back(at::rand(p.sizes(), gen, p.options().device(at::kCPU)).to(p.device()));
-  const at::Tensor n0 = dot64(v, v).sqrt();
-  for (at::Tensor& x : v) x = x / n0.to(x.dtype());
+  Tensors v = uniform_start(params, gen), v_prev;
   at::Tensor beta_prev;
   std::vector<double> alphas, betas;
   double theta_old = std::numeric_limits<double>::infinity();
@@ -105,13 +108,12 @@ at::Tensor lanczos(const std::function<Tensors(const Tensors&)>& matvec, const T
     const double alpha_f = host[0].item<double>(), beta_f = host[1].item<double>(), hv_norm_f = host[2].item<double>();
     if (!std::isfinite(alpha_f) || !std::isfinite(beta_f) || !std::isfinite(hv_norm_f)) return nan64(dev);
     alphas.push_back(alpha_f);
-    const int64_t n = static_cast<int64_t>(alphas.size());
-    at::Tensor t = at::zeros({n, n}, at::kDouble);
-    for (int64_t i = 0; i < n; ++i) {
-      t[i][i] = alphas[i];
-      if (i + 1 < n) t[i][i + 1] = t[i + 1][i] = betas[i];
+    at::Tensor t = at::diag(at::tensor(alphas, at::kDouble));  // T_k, tridiagonal
+    if (!betas.empty()) {
+      const at::Tensor off = at::tensor(betas, at::kDouble);
+      t = t + at::diag(off, 1) + at::diag(off, -1);
     }
-    theta = at::linalg_eigvalsh(t)[n - 1].item<double>();
+    theta = at::linalg_eigvalsh(t)[-1].item<double>();
     if (beta_f <= 8 * eps * hv_norm_f) break;  // H maps the Krylov space into itself: θ is exact
     if (std::abs(theta - theta_old) <= o.atol + o.rtol * std::abs(theta)) break;
     theta_old = theta;

@@ -374,12 +374,17 @@ def hessian_vector_product(loss, params, vectors, *, grads=None) -> list:
     return _hvp(grads, params, vectors)
 
 
+def _uniform_start(params: list, generator) -> list:
+    """Cockpit's start vector of both eigenvalue iterations: uniform [0, 1), normalised."""
+    v = [_draw("uniform", p.shape, p, generator) for p in params]
+    norm = _dot64(v, v).sqrt()
+    return [x / norm.to(x.dtype) for x in v]
+
+
 def _power_iteration(matvec, params: list, generator, max_iter: int, rtol: float, atol: float) -> torch.Tensor:
     """Cockpit's power iteration: uniform start, normalised, Rayleigh quotient λ = vᵀHv in
     float64, stop when |λ_k − λ_{k−1}| ≤ atol + rtol·|λ_k|. NaN as soon as λ or ‖Hv‖ is not finite."""
-    v = [_draw("uniform", p.shape, p, generator) for p in params]
-    norm = _dot64(v, v).sqrt()
-    v = [x / norm.to(x.dtype) for x in v]
+    v = _uniform_start(params, generator)
     lam_old = math.inf
     lam = _nan(params[0].device)
     for _ in range(max_iter):
@@ -409,9 +414,7 @@ def _lanczos(matvec, params: list, generator, max_iter: int, rtol: float, atol: 
     does not move the largest); each new one is orthogonalised twice against the current one.
     NaN as soon as a product or a coefficient is not finite."""
     dev = params[0].device
-    v = [_draw("uniform", p.shape, p, generator) for p in params]
-    norm = _dot64(v, v).sqrt()
-    v = [x / norm.to(x.dtype) for x in v]
+    v = _uniform_start(params, generator)
     v_prev, beta_prev = None, None
     alphas: List[float] = []
     betas: List[float] = []

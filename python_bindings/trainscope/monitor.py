@@ -512,8 +512,8 @@ class _CurvatureQuantity(Quantity):
         try:
             with torch.enable_grad():
                 c = curvature_stats(closure, params, which=o["which"], method=o["method"], samples=o["samples"],
-                                    solver=o["solver"], max_iter=o["max_iter"], max_params=o["max_params"], generator=generator,
-                                    model=self._monitor._model)
+                                    solver=o["solver"], max_iter=o["max_iter"], max_params=o["max_params"],
+                                    generator=generator, model=self._monitor._model)
         except ValueError as e:
             if o["method"] != "piecewise_linear":
                 raise

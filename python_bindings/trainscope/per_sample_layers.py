@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._curvature_factors import _param_of
 from .per_sample_stats import PerSampleParts
 
 #: float64 elements of the temporaries of one tile of samples.
@@ -744,15 +745,19 @@ def _gemm_weight(node) -> Optional[torch.Tensor]:
     for nf, _ in node.next_functions:
         if nf is not None and type(nf).__name__ == "TBackward0":
             for leaf, _ in nf.next_functions:
-                if leaf is not None and hasattr(leaf, "variable"):
-                    return leaf.variable
+                if leaf is not None and _param_of(leaf) is not None:
+                    return _param_of(leaf)
     return None
 
 
 def _saved_left_factor(node) -> Optional[torch.Tensor]:
-    """The input an addmm or mm node saved for its weight gradient (F.linear's x)."""
+    """The input an addmm or mm node saved for its weight gradient (F.linear's x); None where it
+    cannot be read (saved-tensor hooks that do not unpack during forward): then recomputed."""
     for attr in ("_saved_mat1", "_saved_self"):
-        t = getattr(node, attr, None)
+        try:
+            t = getattr(node, attr, None)
+        except RuntimeError:
+            return None
         if isinstance(t, torch.Tensor):
             return t
     return None
@@ -862,7 +867,7 @@ class MHAKind(LayerKind):
                     gemm_out = node
                 elif w is w_in and gemm_in is None:
                     gemm_in = node
-            stack.extend(nf for nf, _ in node.next_functions if nf is not None and not hasattr(nf, "variable"))
+            stack.extend(nf for nf, _ in node.next_functions if nf is not None and _param_of(nf) is None)
         y = _saved_left_factor(gemm_out) if gemm_out is not None else None
         if gemm_in is None or y is None:
             return
