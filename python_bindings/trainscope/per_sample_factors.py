@@ -1490,9 +1490,7 @@ def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(
 
 
 def _acc_dtype(input, grad_output):
-    # The kernels' accumulation dtype: float64 when both are, float32 otherwise.
-    both64 = input.dtype == torch.float64 and grad_output.dtype == torch.float64
-    return torch.float64 if both64 else torch.float32
+    return _layers.acc_dtype(input, grad_output)
 
 
 @register_fake("trainscope::linear_per_sample_parts_and_weight_grad")

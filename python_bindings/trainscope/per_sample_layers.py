@@ -15,8 +15,9 @@ How each kind is measured:
 - normalisation layers (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, affine
   ``nn.InstanceNorm1d/2d/3d``, ``nn.BatchNorm1d/2d/3d`` using running statistics): per-sample
   gradients [B, C] are formed outright: weight Σ δ ⊙ x̂ over the positions, bias Σ δ, x̂ the
-  normalised input recomputed in float64 from the captured input with the module's eps and
-  statistics. A batch norm that normalises with batch statistics (train mode, or
+  normalised input recomputed from the captured input with the module's eps and statistics, in
+  the accumulation dtype of the layer's own backward pass (float64 for float64 layers, float32
+  otherwise), each sample's [C] sums then upcast to float64. A batch norm that normalises with batch statistics (train mode, or
   ``track_running_stats=False``) mixes the samples: refused, naming the layer.
 - ``nn.Conv1d`` (as Conv2d with a height of 1), ``nn.ConvTranspose1d/2d`` (the weight gradient of
   a transposed convolution is a convolution's with input and output gradient exchanged: the
@@ -58,6 +59,12 @@ from .per_sample_stats import PerSampleParts
 
 #: float64 elements of the temporaries of one tile of samples.
 TILE_ELEMS = 1 << 24
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of per-sample work on these tensors: float64 when all are, float32
+    otherwise (as the op library's kernels accumulate)."""
+    return torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _cat_positions(ts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -137,7 +144,8 @@ class LayerKind:
 class _NormKind(LayerKind):
     """Weight Σ δ ⊙ x̂ and bias Σ δ over the positions of each sample."""
 
-    def xhat(self, module, x: torch.Tensor, training: bool) -> torch.Tensor:
+    def xhat(self, module, x: torch.Tensor, training: bool, dtype: torch.dtype) -> torch.Tensor:
+        """The normalised input x, without the affine parameters, computed in ``dtype``."""
         raise NotImplementedError
 
     def param_dims(self, module, x) -> int:
@@ -160,17 +168,20 @@ class _NormKind(LayerKind):
         gw = gb = 0
         for x, g in zip(xs, gs):
             t = x.tensor
-            d = g.double()
+            # x̂ and the products in the layer's accumulation dtype, as the layer's own backward
+            # pass: float64 copies of activations would cost several passes over each of them.
+            acc = acc_dtype(t, g)
+            d = g.to(acc)
             shape_dims = self.param_dims(module, t)
             if shape_dims > 0:   # parameters over trailing dims (LayerNorm, RMSNorm)
                 dims = tuple(range(1, t.dim() - shape_dims))
             else:                # parameters over channels, dim 1 (GroupNorm, InstanceNorm, BatchNorm)
                 dims = tuple(range(2, t.dim()))
             if w is not None:
-                prod = d * self.xhat(module, t, x.training)
-                gw = gw + (prod.sum(dims) if dims else prod)
+                prod = d * self.xhat(module, t, x.training, acc)
+                gw = gw + (prod.sum(dims) if dims else prod).double()
             if b is not None:
-                gb = gb + (d.sum(dims) if dims else d)
+                gb = gb + (d.sum(dims) if dims else d).double()
         return ([gw] if w is not None else []) + ([gb] if b is not None else [])
 
     def per_sample_elems(self, module, xs, gs):
@@ -208,8 +219,8 @@ class LayerNormKind(_NormKind):
     def param_dims(self, module, x):
         return len(module.normalized_shape)
 
-    def xhat(self, module, x, training):
-        return F.layer_norm(x.double(), module.normalized_shape, None, None, module.eps)
+    def xhat(self, module, x, training, dtype):
+        return F.layer_norm(x.to(dtype), module.normalized_shape, None, None, module.eps)
 
 
 class RMSNormKind(_NormKind):
@@ -222,9 +233,9 @@ class RMSNormKind(_NormKind):
     def param_dims(self, module, x):
         return len(module.normalized_shape)
 
-    def xhat(self, module, x, training):
-        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-        return F.rms_norm(x.double(), module.normalized_shape, None, eps)
+    def xhat(self, module, x, training, dtype):
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps  # the layer's own
+        return F.rms_norm(x.to(dtype), module.normalized_shape, None, eps)
 
 
 class GroupNormKind(_NormKind):
@@ -234,12 +245,15 @@ class GroupNormKind(_NormKind):
     def param_dims(self, module, x):
         return 0
 
-    def xhat(self, module, x, training):
-        return F.group_norm(x.double(), module.num_groups, None, None, module.eps)
+    def xhat(self, module, x, training, dtype):
+        return F.group_norm(x.to(dtype), module.num_groups, None, None, module.eps)
 
 
-def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.double().reshape([1, -1] + [1] * (x.dim() - 2))
+def _running_xhat(module, x: torch.Tensor) -> torch.Tensor:
+    """x normalised by the module's running statistics (eval mode), in x's dtype."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean, var = module.running_mean.to(x.dtype).reshape(shape), module.running_var.to(x.dtype).reshape(shape)
+    return (x - mean) * torch.rsqrt(var + module.eps)
 
 
 class InstanceNormKind(_NormKind):
@@ -256,11 +270,11 @@ class InstanceNormKind(_NormKind):
                         f"{list(u.input.shape)}; per-sample gradients need a batch dim")
         return None
 
-    def xhat(self, module, x, training):
+    def xhat(self, module, x, training, dtype):
+        x = x.to(dtype)
         if training or not module.track_running_stats:  # each sample's own statistics
-            return F.instance_norm(x.double(), None, None, eps=module.eps)
-        return (x.double() - _channel_view(module.running_mean, x)) / torch.sqrt(
-            _channel_view(module.running_var, x) + module.eps)
+            return F.instance_norm(x, None, None, eps=module.eps)
+        return _running_xhat(module, x)
 
 
 class BatchNormKind(_NormKind):
@@ -278,9 +292,8 @@ class BatchNormKind(_NormKind):
                     "(reported in hooks.coverage)")
         return None
 
-    def xhat(self, module, x, training):
-        return (x.double() - _channel_view(module.running_mean, x)) / torch.sqrt(
-            _channel_view(module.running_var, x) + module.eps)
+    def xhat(self, module, x, training, dtype):
+        return _running_xhat(module, x.to(dtype))
 
 
 # ------------------------------------------------------------------------------------------------

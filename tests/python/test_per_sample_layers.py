@@ -899,9 +899,15 @@ def test_transformer_encoder_layer(norm_first):
 
 
 def test_float32_models_against_the_float64_reference():
+    """Float32 models (the normalisations' per-sample gradients in float32, as their own backward
+    pass) against float64 per-sample gradients of a float64 copy."""
     gen(29)
+    rms = nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8), nn.Tanh(), nn.Linear(8, 2)) if hasattr(nn, "RMSNorm") \
+        else nn.Sequential(nn.Linear(6, 2))
     for model, x in ((GPT(), torch.randint(0, 11, (4, 8))), (Conv1dNet(), torch.randn(5, 3, 8)),
-                     (Conv3dNet(), torch.randn(4, 2, 4, 4, 4))):
+                     (Conv3dNet(), torch.randn(4, 2, 4, 4, 4)),
+                     (_bn_eval(ResNetish(), (6, 3, 6, 6)), torch.randn(4, 3, 6, 6)),
+                     (rms, torch.randn(5, 3, 6))):
         x64 = x.double() if x.is_floating_point() else x
         ref = reference_stats(reference_grads(copy.deepcopy(model).double(), x64))
         with PerSampleHooks(model) as hooks:
