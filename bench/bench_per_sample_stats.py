@@ -712,6 +712,9 @@ MODEL_METHODS = ("plain", "trainscope", "opacus", "vmap")
 # Failures recorded in the row, not fatal: Opacus (third-party), and vmap, whose coverage of a
 # whole model's operators (attention, normalisation) depends on the torch version and device.
 MODEL_OPTIONAL = ("opacus", "vmap")
+#: Methods whose one step --profile records, and how many operators it prints.
+PROFILED_METHODS = ("plain", "trainscope")
+PROFILE_TOP = 12
 
 
 class Unsupported(Exception):
@@ -1078,6 +1081,37 @@ def _reset_vm_hwm():
         return False
 
 
+def profile_step(torch, device, step):
+    """One step under torch.profiler: {operator: ms}. On a GPU the time of the kernels each
+    operator launched itself (its children's are theirs), on a CPU the operator's own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step(lambda _name: None)
+        if cuda:
+            torch.cuda.synchronize(device)
+    times = {}
+    for e in prof.key_averages():
+        if cuda:
+            if str(getattr(e, "device_type", "CPU")).rsplit(".", 1)[-1] != "CPU":
+                continue  # a kernel's own row: its time is already its operator's
+            t = getattr(e, "self_device_time_total", 0)
+        else:
+            t = e.self_cpu_time_total
+        if t > 0:
+            times[e.key] = times.get(e.key, 0.0) + t / 1e3
+    return times
+
+
+def profile_difference(plain: dict, other: dict, top: int = PROFILE_TOP) -> list:
+    """[(operator, plain ms, other ms)] of the operators ``other`` spends most time in beyond
+    ``plain``, largest difference first."""
+    rows = [(k, plain.get(k, 0.0), other.get(k, 0.0)) for k in set(plain) | set(other)]
+    rows.sort(key=lambda r: r[2] - r[1], reverse=True)
+    return [r for r in rows[:top] if r[2] > r[1]]
+
+
 def run_model_method(torch, method, ctx, args):
     """One method on one model: time its step, measure one step's peak memory, keep its statistics."""
     device = ctx["device"]
@@ -1116,6 +1150,8 @@ def run_model_method(torch, method, ctx, args):
         entry["status"] = "ok"
         entry["step"] = summarize(totals)
         entry["phases_median_ms"] = {k: statistics.median(v) for k, v in phases.items()}
+        if args.profile and method in PROFILED_METHODS:
+            entry["profile_ms"] = profile_step(torch, device, step)
         if result is not None:
             entry["stats"] = dict(zip(STATS, (float(v) for v in result.double().cpu())))
             entry["norm_test"] = entry["stats"]["norm_test"]
@@ -1182,6 +1218,9 @@ def bench_model(torch, name, args, device):
         if "peak_ratio_vs_plain" in m:
             m["goals"]["peak_ok"] = m["peak_ratio_vs_plain"] <= GOAL_PEAK_RATIO
     ts, vm = ms.get("trainscope", {}), ms.get("vmap", {})
+    if "profile_ms" in plain and "profile_ms" in ts:
+        row["profile_added_ms"] = [{"op": k, "plain_ms": a, "trainscope_ms": b}
+                                   for k, a, b in profile_difference(plain["profile_ms"], ts["profile_ms"])]
     if ts.get("status") == "ok" and vm.get("status") == "ok":
         ts["norm_test_rel_diff_vs_vmap"] = _rel(ts["norm_test"], vm["norm_test"])
         row["agree"] = bool(ts["norm_test_rel_diff_vs_vmap"] <= AGREE_RTOL)
@@ -1258,6 +1297,20 @@ def print_model_tables(rows, args):
                 print(f"goal: {desc} {method}: overhead {ovh:.1f}% of plain backward "
                       f"(<= {100 * GOAL_OVERHEAD_FRACTION:.0f}%) {'met' if g['overhead_ok'] else 'MISSED'}; "
                       f"{peak}{suffix}")
+    for r in rows:
+        if r.get("profile_added_ms"):
+            print_profile(r, cpu)
+
+
+def print_profile(r, cpu):
+    """--profile: the operators trainscope's step spends its added time in."""
+    what = "own CPU time" if cpu else "time of the kernels each launched itself"
+    print()
+    print(f"{_model_desc(r)}: one profiled step each, operators by time added over the plain step ({what})")
+    print(f"  {'operator':<64} {'plain ms':>10} {'trainscope':>10} {'added':>9}")
+    for e in r["profile_added_ms"]:
+        print(f"  {e['op'][:64]:<64} {e['plain_ms']:>10.3f} {e['trainscope_ms']:>10.3f} "
+              f"{e['trainscope_ms'] - e['plain_ms']:>9.3f}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1408,6 +1461,9 @@ def parse_args(argv=None):
     g.add_argument("--image-size", type=int, default=224,
                    help="ResNet-18 input side: 224 (ImageNet stem, 1000 classes; default) or e.g. 32 (CIFAR "
                         "stem: 3x3 conv, no max-pool, 10 classes)")
+    g.add_argument("--profile", action="store_true",
+                   help="after timing, profile one plain and one trainscope step and print the operators "
+                        "the statistics add time in (torch.profiler; on a GPU the kernels' time)")
     g.add_argument("--resnet-norm", default="group", choices=("group", "bn-eval"),
                    help="ResNet-18 normalisation: group (GroupNorm, default) or bn-eval (BatchNorm2d in eval "
                         "mode); BatchNorm in train mode mixes the samples and has no per-sample gradients")

@@ -424,7 +424,7 @@ run_bench_phase() {
     skip bench_per_sample_models "out of time for the whole-model rows (phase budget ${BUDGET_S} s; raise BUDGET_S)"
   else
     bench_py per_sample_models "--gpt-layers 6 --gpt-batch 8 --seq-len 1024 --cnn-batch 128 --image-size 32 \
---repeats 5 --warmup 2" "${PS_MODELS_ARGS:-}" 90 per_sample_stats "--models gpt2,resnet18"
+--repeats 5 --warmup 2 --profile" "${PS_MODELS_ARGS:-}" 90 per_sample_stats "--models gpt2,resnet18"
   fi
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi -q -d CLOCK,TEMPERATURE,PERFORMANCE,POWER >"$LOGS/nvidia-smi-after.txt" 2>&1

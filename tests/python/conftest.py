@@ -75,14 +75,16 @@ def env_with_trainscope_on_path(extra: dict | None = None) -> dict:
     return env
 
 
-def run_bench_quick_cpu(script: str, json_out: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs ``bench/<script> --quick --device cpu --json <json_out>`` in a child interpreter and
+def run_bench_quick_cpu(script: str, json_out: Path, extra_env: dict | None = None,
+                        extra_args: tuple = ()) -> subprocess.CompletedProcess:
+    """Runs ``bench/<script> --quick --device cpu --json <json_out> [extra_args]`` in a child interpreter and
     asserts that it exits 0 and writes the JSON; returns the finished process (stdout, stderr).
     The child skips site-packages when this interpreter does (-S): then only PYTHONPATH decides
     which trainscope it imports, as here."""
     flags = ["-S"] if sys.flags.no_site else []
     proc = subprocess.run(
-        [sys.executable, *flags, str(BENCH_DIR / script), "--quick", "--device", "cpu", "--json", str(json_out)],
+        [sys.executable, *flags, str(BENCH_DIR / script), "--quick", "--device", "cpu", "--json", str(json_out),
+         *extra_args],
         capture_output=True, text=True, timeout=600, env=env_with_trainscope_on_path(extra_env),
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

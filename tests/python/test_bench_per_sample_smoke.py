@@ -7,7 +7,8 @@ their rows say "not installed" and the run still passes.
 
 The whole-model rows (a tiny GPT-2-style decoder and ResNet-18-style CNN) must run: plain and vmap
 steps, and trainscope's either measured or "unsupported" (PerSampleHooks refusing a layer kind it
-does not handle yet), with a goal line for each; any other outcome fails.
+does not handle yet), with a goal line for each; any other outcome fails. With --profile, each
+measured model lists the operators trainscope's step adds time in.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from conftest import run_bench_quick_cpu
 def test_bench_per_sample_stats_quick_cpu(tmp_path):
     out = tmp_path / "bench.json"
     # One intra-op thread: tiny ops on a busy machine otherwise stall on OpenMP barriers.
-    proc = run_bench_quick_cpu("bench_per_sample_stats.py", out, {"OMP_NUM_THREADS": "1"})
+    proc = run_bench_quick_cpu("bench_per_sample_stats.py", out, {"OMP_NUM_THREADS": "1"}, ("--profile",))
 
     data = json.loads(out.read_text())
     assert data["benchmark"] == "per_sample_stats"
@@ -78,6 +79,11 @@ def test_bench_per_sample_stats_quick_cpu(tmp_path):
             assert ts["note"].startswith("PerSampleHooks"), ts
         assert methods["opacus"]["status"] in ("ok", "unsupported", "not installed"), methods["opacus"]
         assert r["plain_backward_ms"] > 0
+        if ts["status"] == "ok":  # --profile: the operators the statistics add time in, printed
+            added = r["profile_added_ms"]
+            assert added and all(e["trainscope_ms"] > e["plain_ms"] for e in added), added
+            assert any(e["op"].startswith("trainscope::") for e in added), added
+            assert f"{added[0]['op'][:64]}" in proc.stdout
     goal_lines = [line for line in proc.stdout.splitlines() if line.startswith("goal: ")]
     for desc in ("goal: gpt2 ", "goal: resnet18 "):
         line = next((g for g in goal_lines if g.startswith(desc) and " trainscope: " in g), None)
