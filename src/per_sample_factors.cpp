@@ -99,6 +99,9 @@ struct Problem {
   // rows o0 .. o0+o of each group's d_out, by the layer's own weight-gradient operation with the
   // samples as groups, where that beats the unfolded product; empty otherwise.
   std::function<at::Tensor(int64_t begin, int64_t count, int64_t o0, int64_t o)> grad_block;
+  // Σᵢ Gᵢ [G, d_out, d_in] in `acc` by the layer's own weight-gradient operation (a convolution:
+  // no unfolded copy of the input, nor a re-laid-out one for a GEMM); empty otherwise.
+  std::function<at::Tensor()> grad_sum;
 };
 
 // Elements upcast to float64 at once by the helpers below: on a CPU a block that stays in cache
@@ -321,6 +324,18 @@ at::Tensor unfold_input(const at::Tensor& x, const ConvGeometry& g) {
   return windows.reshape({b, c * g.kernel[0] * g.kernel[1], oh * ow});
 }
 
+// A convolution's weight gradient [C_out, C_in/G, kh, kw] in `acc` by its library operation (the
+// backward pass's own; the weight's values are never read).
+at::Tensor conv2d_weight_grad(const at::Tensor& input, const at::Tensor& grad_output, const ConvGeometry& g,
+                              at::ScalarType acc) {
+  const at::Tensor x = input.to(acc);
+  const at::Tensor shape_only = at::empty({grad_output.size(1), input.size(1) / g.groups, g.kernel[0], g.kernel[1]},
+                                          x.options());
+  return std::get<1>(at::convolution_backward(grad_output.to(acc), x, shape_only, std::nullopt, g.stride, g.padding,
+                                              g.dilation, /*transposed=*/false, {0, 0}, g.groups,
+                                              {false, true, false}));
+}
+
 // Where a convolution's per-sample weight gradients come from its own weight gradient grouped by
 // sample (Problem::grad_block): at most this many input and output channels per group ...
 constexpr int64_t kGroupedGradMaxChannels = 128;
@@ -389,6 +404,10 @@ Problem conv2d_problem(const char* op, const at::Tensor& input, const at::Tensor
                                          /*transposed=*/false, {0, 0}, g.groups);
     const int64_t b = y.size(0);
     return rowwise_dot_f64(y.reshape({b, -1}), grad_output.reshape({b, -1}));
+  };
+  p.grad_sum = [input, grad_output, g, acc, G, dout, din]() {
+    const IeeeFloat32Convolutions ieee(input.device());  // float32 as the other routes' GEMMs
+    return conv2d_weight_grad(input, grad_output, g, acc).contiguous().view({G, dout, din});
   };
   // oneDNN's weight gradient of a convolution grouped by sample reads the input where it lies;
   // the unfolded product first writes it out kh·kw times. Measured on a CPU it is the faster one
@@ -484,6 +503,7 @@ Problem combined_problem(const char* op, std::vector<Problem> uses) {
   p.d = concat(ds);
   p.weight_dots = summed_over_uses(uses, &Problem::weight_dots);
   p.grad_block = summed_over_uses(uses, &Problem::grad_block);
+  p.grad_sum = summed_over_uses(uses, &Problem::grad_sum);
   p.bias_grads = summed_over_uses(uses, &Problem::bias_grads);
   return p;
 }
@@ -673,8 +693,10 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled, at::Tensor* weight_grad 
   at::Tensor kept;
   if (tiled && keeps_blocks(p)) kept = at::empty({p.B, weight_elems}, p.opts);
   std::vector<at::Tensor> sq;
-  // Σᵢ Gᵢ [G, d_out, d_in]: from the kept blocks at the end, else summed tile by tile.
-  at::Tensor gsum = kept.defined() ? at::Tensor() : at::zeros({p.G, p.dout, p.din}, p.opts);
+  // Σᵢ Gᵢ [G, d_out, d_in]: from the kept blocks at the end, by the layer's own weight gradient
+  // where the ghost norm has one, else summed tile by tile.
+  const bool own_sum = !tiled && p.grad_sum && p.B > 0;
+  at::Tensor gsum = kept.defined() || own_sum ? at::Tensor() : at::zeros({p.G, p.dout, p.din}, p.opts);
   at::Tensor xg, dg;  // [G, B·T, d] of the whole batch, kept when both passes take it in one tile
   for (int64_t i0 = 0; i0 < p.B; i0 += b1) {
     const int64_t b = std::min(b1, p.B - i0);
@@ -685,7 +707,7 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled, at::Tensor* weight_grad 
       sq.push_back(tiled_sq_norms(p, i0, b, x, d, kept.defined() ? nullptr : &gsum, kept.defined() ? &kept : nullptr));
     } else {
       sq.push_back(ghost_sq_norms(p, x, d));
-      gsum.baddbmm_(flat_groups(d).transpose(1, 2), flat_groups(x));
+      if (!own_sum) gsum.baddbmm_(flat_groups(d).transpose(1, 2), flat_groups(x));
     }
     if (factors && !kept.defined() && b == p.B && b2 == p.B && !p.weight_dots) {
       xg = flat_groups(x);
@@ -693,6 +715,7 @@ PerSampleParts gbar_parts(const Problem& p, bool tiled, at::Tensor* weight_grad 
     }
   }
   if (kept.defined()) gsum = kept.view({p.B, p.G, p.dout, p.din}).sum(0);
+  if (own_sum) gsum = p.grad_sum();
   if (weight_grad != nullptr) *weight_grad = gsum;
   // Ḡ = Σᵢ Gᵢ / B itself is not formed (a parameter-sized copy where the caller keeps the sum):
   // the products with Ḡ are the float64 products with the sum, scaled.
@@ -1126,12 +1149,8 @@ PerSamplePartsAndWeightGrad conv2d_per_sample_parts_and_weight_grad(
   const std::vector<int64_t> shape{grad_output.size(1), input.size(1) / g.groups, g.kernel[0], g.kernel[1]};
   if (out.weight_grad.defined()) {  // [G, C_out/G, C_in/G·kh·kw]: the weight's layout (see conv2d_problem)
     out.weight_grad = out.weight_grad.view(shape);
-  } else {  // the Gram route: the backward pass's own weight gradient (its values never read)
-    const at::ScalarType acc = acc_dtype(input, grad_output);
-    const at::Tensor x = input.to(acc), shape_only = at::empty(shape, x.options());
-    out.weight_grad = std::get<1>(at::convolution_backward(grad_output.to(acc), x, shape_only, std::nullopt, g.stride,
-                                                           g.padding, g.dilation, /*transposed=*/false, {0, 0},
-                                                           g.groups, {false, true, false}));
+  } else {  // the Gram route: the backward pass's own weight gradient
+    out.weight_grad = conv2d_weight_grad(input, grad_output, g, acc_dtype(input, grad_output));
   }
   return out;
 }
