@@ -1004,11 +1004,14 @@ void cpu_add_moments(const at::Tensor& g, const at::Tensor& sum, const at::Tenso
     for (int64_t gi = 0; gi < groups; ++gi) {
       const at::Tensor s_g = sum.select(0, gi), q_g = sq.select(0, gi);  // [o, d_in], rows d_in apart
       TORCH_INTERNAL_ASSERT(s_g.is_contiguous() && q_g.is_contiguous());
-      double* ds = s_g.data_ptr<double>();
-      double* dq = q_g.data_ptr<double>();
+      double* ds_g = s_g.data_ptr<double>();
+      double* dq_g = q_g.data_ptr<double>();
       at::parallel_for(0, w, 4096, [&](int64_t lo, int64_t hi) {
+        // Distinct arrays (restrict): the loop vectorises.
+        double* __restrict__ ds = ds_g;
+        double* __restrict__ dq = dq_g;
         for (int64_t i = 0; i < b; ++i) {
-          const scalar_t* row = src + (i * groups + gi) * w;
+          const scalar_t* __restrict__ row = src + (i * groups + gi) * w;
           for (int64_t j = lo; j < hi; ++j) {
             const double v = static_cast<double>(row[j]);
             ds[j] += v;
@@ -1020,6 +1023,34 @@ void cpu_add_moments(const at::Tensor& g, const at::Tensor& sum, const at::Tenso
   });
 }
 
+// On a CPU, Σᵢ Gᵢ and Σᵢ Gᵢ² are added a slice of rows at a time over every sample of a tile (rows
+// outermost): the accumulators' slice and each block stay in the core's cache. Sample-major order
+// streams both float64 accumulators, four times the layer's float32 size, through memory once per
+// sample, which costs more than the GEMMs where a sample has few positions.
+constexpr int64_t kCpuMomentSliceElems = int64_t{1} << 15;  // accumulator elements per slice
+constexpr int64_t kCpuMomentBlockElems = int64_t{1} << 18;  // per-sample gradient elements per block
+
+void cpu_moments_by_rows(const Problem& p, const at::Tensor& sum, const at::Tensor& sq) {
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(p.dout, kCpuMomentSliceElems / std::max<int64_t>(1, p.G * p.din)));
+  const int64_t bs = std::max<int64_t>(1, kCpuMomentBlockElems / std::max<int64_t>(1, p.G * rows * p.din));
+  const int64_t bt = tile_samples(p, 0);  // the factors of a tile of samples, loaded once
+  at::Tensor buf;
+  for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
+    const int64_t b = std::min(bt, p.B - i0), bi = std::min(bs, b);
+    const at::Tensor X = flat_batch(p.x(i0, b)), D = flat_batch(p.d(i0, b)).transpose(1, 2);  // [bG, T, d_in], [bG, d_out, T]
+    if (!buf.defined()) buf = at::empty({bi * p.G * rows * p.din}, X.options());
+    for (int64_t o0 = 0; o0 < p.dout; o0 += rows) {
+      const int64_t o = std::min(rows, p.dout - o0);
+      for (int64_t s0 = 0; s0 < b; s0 += bi) {
+        const int64_t c = std::min(bi, b - s0);
+        at::Tensor g = buf.narrow(0, 0, c * p.G * o * p.din).view({c * p.G, o, p.din});
+        at::bmm_out(g, D.narrow(0, s0 * p.G, c * p.G).narrow(1, o0, o), X.narrow(0, s0 * p.G, c * p.G));
+        cpu_add_moments(g.view({c, p.G, o, p.din}), sum.narrow(1, o0, o), sq.narrow(1, o0, o));
+      }
+    }
+  }
+}
+
 PerSampleMoments moments_of(const Problem& p) {
   const auto o64 = p.opts.dtype(at::kDouble);
   at::Tensor sum = at::zeros({p.G, p.dout, p.din}, o64), sq = at::zeros({p.G, p.dout, p.din}, o64);
@@ -1028,6 +1059,8 @@ PerSampleMoments moments_of(const Problem& p) {
     const at::Tensor d = p.d(0, p.B).to(at::kDouble).reshape({p.B, p.G, p.dout}).permute({1, 2, 0});  // [G, d_out, B]
     sum = at::bmm(d, x);
     sq = at::bmm(d.square(), x.square());
+  } else if (p.opts.device().is_cpu() && !p.grad_block) {
+    cpu_moments_by_rows(p, sum, sq);
   } else {
     const int64_t bt = hist_tile_samples(p);
     for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
