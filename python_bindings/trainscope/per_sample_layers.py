@@ -17,8 +17,9 @@ How each kind is measured:
   gradients [B, C] are formed outright: weight Σ δ ⊙ x̂ over the positions, bias Σ δ, x̂ the
   normalised input recomputed from the captured input with the module's eps and statistics, in
   the accumulation dtype of the layer's own backward pass (float64 for float64 layers, float32
-  otherwise), each sample's [C] sums then upcast to float64. A batch norm that normalises with batch statistics (train mode, or
-  ``track_running_stats=False``) mixes the samples: refused, naming the layer.
+  otherwise), each sample's [C] sums then upcast to float64. A batch norm that normalises with
+  batch statistics (train mode, or ``track_running_stats=False``) mixes the samples: refused,
+  naming the layer.
 - ``nn.Conv1d`` (as Conv2d with a height of 1), ``nn.ConvTranspose1d/2d`` (the weight gradient of
   a transposed convolution is a convolution's with input and output gradient exchanged: the
   Conv2d op on (δ, x); the bias, Σ δ, formed outright), ``nn.Conv3d`` (unfolded over three
