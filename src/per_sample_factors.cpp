@@ -421,12 +421,9 @@ Problem conv2d_problem(const char* op, const at::Tensor& input, const at::Tensor
       at::Tensor dy = grad_output.narrow(0, begin, count).to(acc);
       const int64_t h = dy.size(2), w = dy.size(3);
       dy = dy.view({count, G, dout, h, w}).narrow(2, o0, o).reshape({1, count * G * o, h, w});
-      // Only the weight gradient is asked for: the weight's values are never read.
-      const at::Tensor shape_only = at::empty({count * G * o, cin / G, g.kernel[0], g.kernel[1]}, x.options());
-      const at::Tensor gw = std::get<1>(at::convolution_backward(dy, x, shape_only, std::nullopt, g.stride, g.padding,
-                                                                 g.dilation, /*transposed=*/false, {0, 0},
-                                                                 count * G, {false, true, false}));
-      return gw.contiguous().view({count, G, o, din});
+      ConvGeometry by_sample = g;  // the samples' groups as more groups of one batch-of-one convolution
+      by_sample.groups = count * G;
+      return conv2d_weight_grad(x, dy, by_sample, acc).contiguous().view({count, G, o, din});
     };
   }
   return p;

@@ -1489,14 +1489,10 @@ def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(
     return _parts_fake(x, None)
 
 
-def _acc_dtype(input, grad_output):
-    return _layers.acc_dtype(input, grad_output)
-
-
 @register_fake("trainscope::linear_per_sample_parts_and_weight_grad")
 def _(input, grad_output, has_bias=True, method="auto"):
     _fake_check("linear_per_sample_parts_and_weight_grad", input, grad_output, conv=False)
-    weight_grad = input.new_empty((grad_output.shape[-1], input.shape[-1]), dtype=_acc_dtype(input, grad_output))
+    weight_grad = input.new_empty((grad_output.shape[-1], input.shape[-1]), dtype=_layers.acc_dtype(input, grad_output))
     bias_grad = input.new_empty((grad_output.shape[-1] if has_bias else 0,), dtype=torch.float64)
     return (*_parts_fake(input, grad_output), weight_grad, bias_grad)
 
@@ -1509,7 +1505,7 @@ def _(input, grad_output, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(
     _conv_weight_2d(op, input, grad_output, kernel_size, groups)
     shape = (grad_output.shape[1], input.shape[1] // groups, *_pair("kernel_size", kernel_size))
     bias_grad = input.new_empty((grad_output.shape[1] if has_bias else 0,), dtype=torch.float64)
-    return (*_parts_fake(input, grad_output), input.new_empty(shape, dtype=_acc_dtype(input, grad_output)),
+    return (*_parts_fake(input, grad_output), input.new_empty(shape, dtype=_layers.acc_dtype(input, grad_output)),
             bias_grad)
 
 
