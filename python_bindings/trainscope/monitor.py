@@ -253,8 +253,8 @@ PER_SAMPLE_HIST2D_NAME = "per_sample_grad_hist2d"
 
 #: ``per_sample_options`` keys and defaults (None: the Monitor's ``nbins`` / ``maxval``).
 PER_SAMPLE_OPTIONS = {"layers": None, "method": "auto", "loss_reduction": "mean", "on_unsupported": "error",
-                      "fuse_weight_grad": True, "nbins": None, "maxval": None, "hist2d": False, "nbins_param": 100,
-                      "maxval_param": 1.0}
+                      "fuse_weight_grad": True, "batch_first": True, "nbins": None, "maxval": None, "hist2d": False,
+                      "nbins_param": 100, "maxval_param": 1.0}
 
 
 def _per_sample_options(options, nbins, maxval) -> Dict[str, Any]:
@@ -284,6 +284,7 @@ def _per_sample_options(options, nbins, maxval) -> Dict[str, Any]:
                                               caller="Monitor")
     o["hist2d"] = check_bool(o["hist2d"], "per_sample_options['hist2d']", "Monitor")
     o["fuse_weight_grad"] = check_bool(o["fuse_weight_grad"], "per_sample_options['fuse_weight_grad']", "Monitor")
+    o["batch_first"] = check_bool(o["batch_first"], "per_sample_options['batch_first']", "Monitor")
     o["nbins_param"], o["maxval_param"] = check_hist_axis(o["nbins_param"], o["maxval_param"],
                                                           "per_sample_options['nbins_param']",
                                                           "per_sample_options['maxval_param']", caller="Monitor")
@@ -594,7 +595,9 @@ class Monitor:
       ``nbins_param`` and ``maxval_param`` (100, 1.0) of its parameter axis, ``fuse_weight_grad``
       (True: on steps whose statistics are due, a Linear or Conv2d measured alone takes its
       statistics' parts and its weight gradient together on the backward pass, without a
-      weight-gradient GEMM of its own; see :class:`trainscope.PerSampleHooks`). The 2-D histogram
+      weight-gradient GEMM of its own; see :class:`trainscope.PerSampleHooks`), ``batch_first``
+      (True; False for a model in torch's sequence-first layout, [T, B, ...]: see
+      :class:`trainscope.PerSampleHooks`). The 2-D histogram
       pairs the per-sample gradients with the parameter values at ``step()``, i.e. after the
       optimizer step when ``step()`` is called after it (as ``weight_magnitude`` measures them);
       :meth:`close` (or leaving ``with Monitor(...)``) removes the hooks. Under torch.distributed
@@ -719,7 +722,8 @@ class Monitor:
                                                    method=ps_options["method"],
                                                    loss_reduction=ps_options["loss_reduction"],
                                                    on_unsupported=ps_options["on_unsupported"],
-                                                   fuse_weight_grad=ps_options["fuse_weight_grad"])
+                                                   fuse_weight_grad=ps_options["fuse_weight_grad"],
+                                                   batch_first=ps_options["batch_first"])
             for key, spec in ps_specs.items():
                 self._m.add_external_quantity(key, spec)
             if PER_SAMPLE_KEY in ps_specs:

@@ -666,6 +666,29 @@ class Coverage:
                 "reasons": self.reasons}
 
 
+# torch's transformer layers; their self_attn's batch_first is the layout of everything inside.
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _check_transformer_layouts(model: nn.Module, layers: list, batch_first: bool) -> None:
+    """ValueError when a tracked layer that takes sequences sits inside a torch transformer layer
+    whose batch_first differs from the hooks': its rows would be positions, not samples (and when
+    T = B no batch-size check could tell)."""
+    tracked = {id(m): n for n, m in layers if any_kind_of(m) is not None and any_kind_of(m).seq_first_dims}
+    for owner_name, owner in model.named_modules():
+        attn = getattr(owner, "self_attn", None)
+        if not isinstance(owner, _TRANSFORMER_LAYERS) or getattr(attn, "batch_first", batch_first) == batch_first:
+            continue
+        inside = [tracked[id(m)] for m in owner.modules() if id(m) in tracked]
+        if inside:
+            layout = "[B, T, ...]" if attn.batch_first else "[T, B, ...] (torch's default)"
+            raise ValueError(
+                f"PerSampleHooks: layer {inside[0]!r} is inside {clean_param_name(owner_name)!r} "
+                f"({type(owner).__name__}, batch_first={attn.batch_first}), whose layers take {layout} inputs, "
+                f"but the hooks have batch_first={batch_first}: pass batch_first={attn.batch_first} (every "
+                "sequence layer of the model in that layout)")
+
+
 class PerSampleHooks:
     """Captures the input and the output gradient of every layer of ``model`` that holds trainable
     parameters (or of the listed ``layers``: modules or their names) during an ordinary forward
@@ -684,6 +707,17 @@ class PerSampleHooks:
     of samples; dropout in train mode and attention weights that reach the loss are refused; it
     reads the module's parameters when measuring, so measure before ``optimizer.step()``:
     parameters changed since the forward pass raise ValueError naming the layer). See :mod:`trainscope.per_sample_layers`.
+
+    ``batch_first`` (True): every tracked layer's input holds the batch in dim 0 (row i is
+    sample i), except nn.MultiheadAttention, which follows its own ``batch_first``. False, for a
+    model in torch's sequence-first layout (nn.Transformer* and nn.MultiheadAttention by default,
+    token ids [T, B]): nn.Linear, nn.LayerNorm and nn.RMSNorm on inputs of 3 or more dims and
+    nn.Embedding on 2 or more hold it in dim 1 (captured as [B, T, ...] views; their weight
+    gradient is then never fused), while [B, D] inputs (a classifier on pooled features),
+    convolutions and the channel norms stay batch-first. A sequence layer inside an
+    nn.TransformerEncoderLayer or nn.TransformerDecoderLayer whose ``batch_first`` differs from
+    the hooks' raises ValueError naming it at construction: when T = B no batch-size check could
+    tell positions from samples.
 
     ``on_unsupported``: with ``"error"`` (default) a module holding trainable parameters that is
     none of these raises TypeError naming every such module and its type; with ``"skip"`` those
@@ -789,9 +823,11 @@ class PerSampleHooks:
 
     def __init__(self, model: nn.Module, layers: Optional[Iterable[Union[nn.Module, str]]] = None, *,
                  method: str = "auto", loss_reduction: str = "mean", on_unsupported: str = "error",
-                 fuse_weight_grad: bool = True):
+                 fuse_weight_grad: bool = True, batch_first: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleHooks: model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"PerSampleHooks: batch_first must be a bool, got {type(batch_first).__name__}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"PerSampleHooks: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if on_unsupported not in ("error", "skip"):
@@ -800,6 +836,8 @@ class PerSampleHooks:
         self.loss_reduction = loss_reduction
         self.on_unsupported = on_unsupported
         self._layers, self._groups, self._skipped = self._select(model, layers, on_unsupported)
+        self.batch_first = batch_first
+        _check_transformer_layouts(model, self._layers, batch_first)
         self._param_names = _trainable_param_names(model)
         # The Linear of an Embedding–Linear tie: its own parts (the tie's part that costs GEMMs)
         # come from its factors alone, so its backward pass can take them with its weight gradient.
@@ -1015,11 +1053,16 @@ class PerSampleHooks:
             x = kind.capture(module, args, kwargs)
         else:
             x = (args[0] if args else kwargs["input"]).detach()
-        to_batch_first = isinstance(kind, _layers.MHAKind) and kind.grad_to_batch_first(module) and out.dim() == 3
+        # Inputs and outputs [T, B, ...] (batch_first=False) are held as [B, T, ...] views.
+        seq_first = self._seq_first(module, args, kwargs)
+        if seq_first:
+            x = any_kind_of(module).batch_to_front(x)
+        to_batch_first = seq_first or (isinstance(kind, _layers.MHAKind) and kind.grad_to_batch_first(module)
+                                       and out.dim() == 3)
         shape = out.transpose(0, 1).shape if to_batch_first else out.shape
         use = _Use(x, shape, out.dtype, to_batch_first=to_batch_first)
         self._captures[name].uses.append(use)
-        if kind is None and self._fuses(name, module, args, kwargs, out):
+        if kind is None and not seq_first and self._fuses(name, module, args, kwargs, out):
             x_in = args[0] if args else kwargs["input"]
             bias = module.bias if _tracks_bias(module) else None
             return _WeightGradFromParts.apply(x_in, module.weight, bias,
@@ -1032,6 +1075,15 @@ class PerSampleHooks:
             if self.stats_due and not torch.compiler.is_compiling():
                 step = self._step
                 kind.read_projections(module, x, out, lambda: step == self._step)
+
+    def _seq_first(self, module: nn.Module, args, kwargs) -> bool:
+        """Whether this use's input holds positions before the batch ([T, B, ...]): under
+        ``batch_first=False``, for the layer kinds that take sequences, at their sequence rank."""
+        if self.batch_first:
+            return False
+        dims = any_kind_of(module).seq_first_dims
+        x = args[0] if args else kwargs.get("input")
+        return dims is not None and isinstance(x, torch.Tensor) and x.dim() >= dims
 
     def _fuses(self, name: str, module: nn.Module, args, kwargs, out: torch.Tensor) -> bool:
         """Whether this use of an nn.Linear or nn.Conv2d gets a backward pass that takes its parts
@@ -1148,7 +1200,8 @@ class PerSampleHooks:
                     f"{first[0]!r} ({type(first[1]).__name__}) saw {first[2][0].shape[0]}; every tracked layer must "
                     "see the batch with row i being sample i (a layer applied to an unbatched input, such as a "
                     "position embedding of torch.arange(T), must take it expanded to [B, T]). Leave it out with "
-                    "layers=[...].")
+                    "layers=[...]" + ("; or, if the model's sequence layers take [T, B, ...] inputs (torch's "
+                                      "sequence-first layout), pass batch_first=False." if self.batch_first else "."))
         return out
 
     def _units(self, ready: list) -> list:

@@ -94,6 +94,11 @@ class LayerKind:
 
     base: type = nn.Module
     forwards: Tuple = ()
+    #: The fewest input dims at which the layer's input holds positions before the batch
+    #: ([T, B, ...]) when PerSampleHooks(batch_first=False); None: the batch is always dim 0
+    #: (convolutions and the channel norms, batch-first by definition) or the layer says itself
+    #: (nn.MultiheadAttention's batch_first).
+    seq_first_dims: Optional[int] = None
 
     def matches(self, module: nn.Module) -> bool:
         if not isinstance(module, self.base):
@@ -112,6 +117,10 @@ class LayerKind:
     def wrap(self, module, x):
         """An input given directly (not captured by the hooks) as the kind holds a captured one."""
         return x
+
+    def batch_to_front(self, x):
+        """A captured input [T, B, ...] as [B, T, ...] (a view)."""
+        return x.transpose(0, 1)
 
     def output(self, output):
         """The output tensor whose gradient is captured (None: nothing to capture)."""
@@ -161,6 +170,9 @@ class _NormKind(LayerKind):
         """An input given as a plain tensor (not captured by the hooks) is taken in the module's
         current mode."""
         return x if isinstance(x, _Tagged) else _Tagged(x.detach(), module.training)
+
+    def batch_to_front(self, x):
+        return _Tagged(x.tensor.transpose(0, 1), x.training)
 
     def grads(self, module, xs, gs):
         w = module.weight if module.weight is not None and module.weight.requires_grad else None
@@ -215,6 +227,7 @@ class _Tagged:
 
 class LayerNormKind(_NormKind):
     base = nn.LayerNorm
+    seq_first_dims = 3
     forwards = (("forward", nn.LayerNorm.forward),)
 
     def param_dims(self, module, x):
@@ -226,6 +239,7 @@ class LayerNormKind(_NormKind):
 
 class RMSNormKind(_NormKind):
     base = getattr(nn, "RMSNorm", ())
+    seq_first_dims = 3
     forwards = (("forward", nn.RMSNorm.forward),) if hasattr(nn, "RMSNorm") else ()
 
     def matches(self, module):
@@ -313,6 +327,7 @@ def _group_ids(keys: torch.Tensor) -> torch.Tensor:
 
 class EmbeddingKind(LayerKind):
     base = nn.Embedding
+    seq_first_dims = 2
     forwards = (("forward", nn.Embedding.forward),)
 
     def problem(self, module, name, uses):
@@ -374,6 +389,7 @@ class EmbeddingKind(LayerKind):
 
 class LinearKind(LayerKind):
     base = nn.Linear
+    seq_first_dims = 3
     forwards = (("forward", nn.Linear.forward),)
 
     def grads(self, module, xs, gs):

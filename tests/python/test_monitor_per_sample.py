@@ -201,6 +201,7 @@ def test_parts_come_with_the_weight_gradients_on_steps_whose_statistics_are_due(
     ({"per_sample": True, "per_sample_options": {"nbins": 0}}, r"per_sample_options\['nbins'\]"),
     ({"per_sample": True, "per_sample_options": {"hist2d": "yes"}}, r"per_sample_options\['hist2d'\]"),
     ({"per_sample": True, "per_sample_options": {"fuse_weight_grad": "yes"}}, r"per_sample_options\['fuse_weight_grad'\]"),
+    ({"per_sample": True, "per_sample_options": {"batch_first": "no"}}, r"per_sample_options\['batch_first'\]"),
     ({"per_sample": True, "per_sample_options": []}, "per_sample_options must be a dict"),
 ])
 def test_bad_configuration_fails_at_construction_naming_the_argument(kwargs, match):
@@ -244,3 +245,28 @@ def test_unsupported_layers_skipped_on_request_and_the_coverage_recorded():
     assert math.isfinite(recs[0].scalars["per_sample/norm_test"])
     with pytest.raises(ValueError, match="on_unsupported"):
         trainscope.Monitor(model, per_sample=True, per_sample_options={"on_unsupported": "maybe"})
+
+
+def test_sequence_first_model_takes_batch_first_false():
+    """A model in torch's sequence-first layout: refused at construction with the default, and
+    with per_sample_options={"batch_first": False} recorded as the hooks give it by hand."""
+    torch.manual_seed(3)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # batch_first=False: [T, B, D]
+    model = nn.Sequential(layer, nn.Linear(8, 3))
+    x, y = torch.randn(5, 4, 8), torch.randint(0, 3, (5, 4))   # [T, B, ...]
+    with pytest.raises(ValueError, match="pass batch_first=False"):
+        trainscope.Monitor(model, per_sample=True)
+    ref_model = copy.deepcopy(model)
+    with trainscope.PerSampleHooks(ref_model, batch_first=False) as h:
+        F.cross_entropy(ref_model(x).transpose(1, 2), y, reduction="none").mean(0).mean().backward()
+        want = h.stats()
+    records = []
+    mon = trainscope.Monitor(model, param_metrics=False, grad_hist=False, sinks=[records.append], per_sample=True,
+                             per_sample_options={"batch_first": False})
+    losses = F.cross_entropy(model(x).transpose(1, 2), y, reduction="none").mean(0)   # [B]
+    losses.mean().backward()
+    mon.step(0, losses)
+    mon.flush()
+    mon.close()
+    for name in STATS:
+        assert records[0].scalars[f"per_sample/{name}"] == pytest.approx(float(want[name]), rel=1e-6), name

@@ -776,6 +776,65 @@ def test_vit_block():
     check(ViTBlock(), torch.randn(4, 3, 8, 8))
 
 
+class SequenceFirstLM(nn.Module):
+    """torch's sequence-first layout inside (token ids [T, B], nn.TransformerEncoder with its
+    default batch_first=False); batch-first outside, for the reference. A classifier on the pooled
+    [B, D] features stays batch-first."""
+
+    def __init__(self, dim=16, vocab=11, ctx=8, norm_first=False):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(ctx, dim)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.lm, self.cls = nn.Linear(dim, vocab), nn.Linear(dim, 3)
+
+    def forward(self, ids):                                   # ids [B, T]
+        t = ids.transpose(0, 1)                               # [T, B]
+        h = self.tok(t) + self.pos(torch.arange(t.shape[0])[:, None].expand_as(t))
+        h = self.enc(h)                                       # [T, B, D]
+        return torch.cat([self.lm(h).transpose(0, 1).flatten(1), self.cls(h.mean(0))], 1)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("t", [5, 4])  # T = B = 4: no batch size could tell positions from samples
+def test_sequence_first_transformer(norm_first, t):
+    gen(24)
+    check(SequenceFirstLM(norm_first=norm_first), torch.randint(0, 11, (4, t)), batch_first=False)
+
+
+def test_transformer_layer_in_the_other_layout_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"'enc\.layers\.0\.linear1' is inside 'enc\.layers\.0' "
+                                         r"\(TransformerEncoderLayer, batch_first=False\).*pass batch_first=False"):
+        PerSampleHooks(SequenceFirstLM())
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"batch_first=True\).*pass batch_first=True"):
+        PerSampleHooks(model, batch_first=False)
+    with pytest.raises(TypeError, match="batch_first must be a bool"):
+        PerSampleHooks(model, batch_first="yes")
+
+
+def test_sequence_first_inputs_without_batch_first_name_the_option():
+    """Layers outside torch's transformer layers cannot be told apart by type: a batch-size
+    mismatch between them says which option fixes it."""
+    gen(25)
+
+    class SeqMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(7, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, ids):                               # ids [B, T]
+            h = torch.tanh(self.fc(self.emb(ids.transpose(0, 1))))   # [T, B, 6]
+            return self.head(h.mean(0))
+
+    model, ids = SeqMLP().double(), torch.randint(0, 7, (4, 5))
+    with PerSampleHooks(model) as hooks:
+        sample_loss(model(ids)).sum().backward()
+        with pytest.raises(ValueError, match="pass batch_first=False"):
+            hooks.stats()
+    check(model, ids, batch_first=False)
+
+
 class ResNetish(nn.Module):
     def __init__(self):
         super().__init__()
