@@ -268,15 +268,15 @@ def _per_sample_options(options, nbins, maxval) -> Dict[str, Any]:
         raise ValueError(f"Monitor: per_sample_options has the unknown key {unknown[0]!r}; the keys are "
                          f"{', '.join(PER_SAMPLE_OPTIONS)}")
     o = dict(PER_SAMPLE_OPTIONS, **options)
-    from .per_sample_factors import FACTOR_METHODS
+    from .per_sample_factors import FACTOR_METHODS, ON_UNSUPPORTED
 
     if o["method"] not in FACTOR_METHODS:
         raise ValueError(f"Monitor: per_sample_options['method'] must be one of {FACTOR_METHODS}, got {o['method']!r}")
     if o["loss_reduction"] not in ("mean", "sum"):
         raise ValueError(f"Monitor: per_sample_options['loss_reduction'] must be 'mean' or 'sum', "
                          f"got {o['loss_reduction']!r}")
-    if o["on_unsupported"] not in ("error", "skip"):
-        raise ValueError(f"Monitor: per_sample_options['on_unsupported'] must be 'error' or 'skip', "
+    if o["on_unsupported"] not in ON_UNSUPPORTED:
+        raise ValueError(f"Monitor: per_sample_options['on_unsupported'] must be one of {ON_UNSUPPORTED}, "
                          f"got {o['on_unsupported']!r}")
     o["nbins"], o["maxval"] = check_hist_axis(nbins if o["nbins"] is None else o["nbins"],
                                               maxval if o["maxval"] is None else o["maxval"],
@@ -589,7 +589,8 @@ class Monitor:
       None: every layer holding trainable parameters, all of which must be of
       :data:`trainscope.SUPPORTED_LAYERS`), ``on_unsupported`` ("error"; "skip": measure the
       supported layers, and record ``per_sample/covered_fraction``, the share of the trainable
-      parameter count the statistics cover), ``method`` (:data:`trainscope.per_sample_factors.FACTOR_METHODS`), ``loss_reduction`` ("mean":
+      parameter count the statistics cover; "vmap": measure the other modules by torch.func, see
+      :class:`trainscope.PerSampleHooks`), ``method`` (:data:`trainscope.per_sample_factors.FACTOR_METHODS`), ``loss_reduction`` ("mean":
       the loss is the mean of the per-sample losses, torch's default; "sum"), ``nbins`` and
       ``maxval`` of the per-sample histogram (default: the Monitor's), ``hist2d`` (False),
       ``nbins_param`` and ``maxval_param`` (100, 1.0) of its parameter axis, ``fuse_weight_grad``

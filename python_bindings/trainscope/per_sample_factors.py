@@ -92,6 +92,10 @@ FACTOR_METHODS = ("auto", "ghost", "tiled", "gram")
 #: :mod:`trainscope.per_sample_layers` (see there for each kind's math).
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d) + LAYER_TYPES
 
+#: PerSampleHooks' ``on_unsupported``: a module of no supported type is an error, left out, or
+#: measured by torch.func (per-sample vjps of its forward, checked to treat samples independently).
+ON_UNSUPPORTED = ("error", "skip", "vmap")
+
 IntOrPair = Union[int, Sequence[int]]
 
 #: One use of a layer (a tensor), or every use of it in one step (a sequence of tensors, one per use).
@@ -291,13 +295,14 @@ def _kind_inputs(kind, module: nn.Module, input) -> list:
 
 
 def layer_per_sample_parts(module: nn.Module, input: Uses, grad_output: Uses,
-                           method: str = "auto") -> PerSampleParts:
+                           method: str = "auto", *, _kind=None) -> PerSampleParts:
     """Parts of the per-sample gradients of a module of SUPPORTED_LAYERS (its trainable
     weight and bias) from the module's input and output gradient (or those of every use of it in
-    one step, as sequences: sample i's gradient is the sum over the uses)."""
-    if not _supported(module):
+    one step, as sequences: sample i's gradient is the sum over the uses). ``_kind``: the
+    module's kind when the hooks chose it (torch.func for other modules)."""
+    if _kind is None and not _supported(module):
         raise _layer_kind_error(None, module)
-    kind = kind_of(module)
+    kind = _kind or kind_of(module)
     if kind is not None:
         xs = _kind_inputs(kind, module, input)
         return kind.parts(module, xs, _use_list(grad_output), _check_method(method))
@@ -309,12 +314,12 @@ def layer_per_sample_parts(module: nn.Module, input: Uses, grad_output: Uses,
 
 
 def layer_per_sample_grad_hist1d(module: nn.Module, input: Uses, grad_output: Uses,
-                                 nbins: int = 100, maxval: float = 0.05) -> torch.Tensor:
+                                 nbins: int = 100, maxval: float = 0.05, *, _kind=None) -> torch.Tensor:
     """Histogram of the per-sample gradient elements of a module of SUPPORTED_LAYERS (one use,
     or every use as sequences)."""
-    if not _supported(module):
+    if _kind is None and not _supported(module):
         raise _layer_kind_error(None, module)
-    kind = kind_of(module)
+    kind = _kind or kind_of(module)
     if kind is not None:  # formed outright, in tiles of samples
         return Materialised([(kind, module, _kind_inputs(kind, module, input), _use_list(grad_output))]).hist1d(
             nbins, maxval, check_hist_axis)
@@ -325,15 +330,15 @@ def layer_per_sample_grad_hist1d(module: nn.Module, input: Uses, grad_output: Us
                                          module.dilation, module.groups, _tracks_bias(module), nbins, maxval)
 
 
-def layer_per_sample_grad_moments(module: nn.Module, input: Uses, grad_output: Uses) -> dict:
+def layer_per_sample_grad_moments(module: nn.Module, input: Uses, grad_output: Uses, *, _kind=None) -> dict:
     """{parameter: (Σᵢ Gᵢ, Σᵢ Gᵢ²)} (float64, shaped like the parameter) of the trainable weight
     and bias of a module of SUPPORTED_LAYERS from its input and output gradient (one use, or
     every use as sequences; SPEC.md §6). nn.Linear and nn.Conv2d by the ops
     ``linear_per_sample_grad_moments`` / ``conv2d_per_sample_grad_moments`` (an nn.Linear on
     [B, d_in]: two GEMMs of the factors), other layers from per-sample gradients in tiles."""
-    if not _supported(module):
+    if _kind is None and not _supported(module):
         raise _layer_kind_error(None, module)
-    kind = kind_of(module)
+    kind = _kind or kind_of(module)
     if kind is not None:
         mat = Materialised([(kind, module, _kind_inputs(kind, module, input), _use_list(grad_output))])
         out = {}
@@ -361,12 +366,12 @@ def layer_per_sample_grad_moments(module: nn.Module, input: Uses, grad_output: U
 
 def layer_per_sample_grad_hist2d(module: nn.Module, input: Uses, grad_output: Uses,
                                  nbins_grad: int = 100, maxval_grad: float = 0.05, nbins_param: int = 100,
-                                 maxval_param: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                                 maxval_param: float = 1.0, *, _kind=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Joint (per-sample gradient, parameter value) histogram of a module of SUPPORTED_LAYERS
     (one use, or every use as sequences)."""
-    if not _supported(module):
+    if _kind is None and not _supported(module):
         raise _layer_kind_error(None, module)
-    kind = kind_of(module)
+    kind = _kind or kind_of(module)
     if kind is not None:  # formed outright, in tiles of samples
         return Materialised([(kind, module, _kind_inputs(kind, module, input), _use_list(grad_output))]).hist2d(
             _hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param))
@@ -431,20 +436,20 @@ def _use_grad_sum(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tor
     return torch.cat(parts)
 
 
-def _layer_grad_sum(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor]) -> torch.Tensor:
+def _layer_grad_sum(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor], kind=None) -> torch.Tensor:
     """Σᵢ gᵢ of the layer's samples over its uses (inputs ``xs``, output gradients ``grads``)."""
-    kind = kind_of(module)
+    kind = kind or kind_of(module)
     if kind is not None:
         return kind.grad_sum(module, list(xs), list(grads))
     return functools.reduce(torch.add, [_use_grad_sum(module, x, g) for x, g in zip(xs, grads)])
 
 
 def _layer_dots(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor],
-                mean: torch.Tensor) -> torch.Tensor:
+                mean: torch.Tensor, kind=None) -> torch.Tensor:
     """gᵢ·ḡ [b] float64 of the layer's samples over its uses, ḡ flat in _use_grad_sum's layout
     (the weight, then the tracked bias). nn.Linear and nn.Conv2d by the projection ops (a
     convolution's by the library convolution with ḡ as its weight)."""
-    kind = kind_of(module)
+    kind = kind or kind_of(module)
     if kind is not None:
         return kind.dots(module, list(xs), list(grads), mean)
     n_b = module.weight.shape[0] if _tracks_bias(module) else 0
@@ -458,16 +463,16 @@ def _layer_dots(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Ten
 
 
 def _layer_sq_norms(module: nn.Module, xs: List[torch.Tensor], grads: List[torch.Tensor],
-                    method: str) -> torch.Tensor:
+                    method: str, kind=None) -> torch.Tensor:
     """‖gᵢ‖² [b] float64 over the layer's uses by the local op (which needs two samples: a single
     one goes in twice, ‖gᵢ‖² being each sample's own)."""
-    kind = kind_of(module)
+    kind = kind or kind_of(module)
     if kind is not None and xs[0].shape[0] == 1:
         return Materialised([(kind, module, list(xs), list(grads))]).sq_norms()
     if xs[0].shape[0] == 1:
         xs, grads = [torch.cat([x, x]) for x in xs], [torch.cat([g, g]) for g in grads]
-        return layer_per_sample_parts(module, xs, grads, method).sq_norms[:1]
-    return layer_per_sample_parts(module, xs, grads, method).sq_norms
+        return layer_per_sample_parts(module, xs, grads, method, _kind=kind).sq_norms[:1]
+    return layer_per_sample_parts(module, xs, grads, method, _kind=kind).sq_norms
 
 
 def _sum_over_ranks(counts: torch.Tensor, process_group) -> torch.Tensor:
@@ -633,8 +638,9 @@ def _supported_by_ops(module: nn.Module) -> bool:
 def _layers_kind_error(layers: list, all_layers: bool) -> TypeError:
     kinds = ", ".join(f"nn.{c.__name__}" for c in SUPPORTED_LAYERS)
     listed = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in layers)
-    hint = " Pass layers=[...] to track only supported layers, or on_unsupported='skip' to measure the rest " \
-        "(hooks.coverage then lists what is left out)." if all_layers else ""
+    hint = " Pass layers=[...] to track only supported layers, on_unsupported='skip' to measure the rest " \
+        "(hooks.coverage then lists what is left out), or on_unsupported='vmap' to measure them by torch.func " \
+        "(per-sample vector-Jacobian products of their forward)." if all_layers else ""
     return TypeError(f"PerSampleHooks: layer {listed} {'is' if len(layers) == 1 else 'are'} not supported; "
                      f"per-sample gradients handle {kinds} (subclasses that keep their forward).{hint}")
 
@@ -726,6 +732,12 @@ class PerSampleHooks:
     silently. What is found at measurement time (a batch norm normalising with batch statistics,
     which mix the samples) raises ValueError naming the layer, or under ``"skip"`` leaves the
     layer out and reports it in :attr:`coverage`. Passes under ``torch.no_grad()`` are ignored.
+    With ``"vmap"`` such a module (its own trainable parameters) is measured by torch.func
+    (:class:`trainscope.per_sample_layers.GenericKind`: per-sample vector-Jacobian products of its
+    forward, recomputed from the captured call with the parameters copied at the forward pass,
+    checked on the first samples to treat samples independently); what cannot be measured so (a
+    forward that mixes the samples, randomness, several outputs carrying gradients) raises
+    ValueError naming the layer when the results are taken.
 
     **Tied parameters** — a parameter held by several modules (a GPT-style token embedding and LM
     head, ``head.weight = emb.weight``; two Linear sharing a weight) — have one per-sample
@@ -830,12 +842,12 @@ class PerSampleHooks:
             raise TypeError(f"PerSampleHooks: batch_first must be a bool, got {type(batch_first).__name__}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"PerSampleHooks: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        if on_unsupported not in ("error", "skip"):
-            raise ValueError(f"PerSampleHooks: on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
+        if on_unsupported not in ON_UNSUPPORTED:
+            raise ValueError(f"PerSampleHooks: on_unsupported must be one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
         self.method = _check_method(method)
         self.loss_reduction = loss_reduction
         self.on_unsupported = on_unsupported
-        self._layers, self._groups, self._skipped = self._select(model, layers, on_unsupported)
+        self._layers, self._groups, self._skipped, self._generic = self._select(model, layers, on_unsupported)
         self.batch_first = batch_first
         _check_transformer_layouts(model, self._layers, batch_first)
         self._param_names = _trainable_param_names(model)
@@ -844,7 +856,7 @@ class PerSampleHooks:
         modules = dict(self._layers)
         self._fusible_heads = {
             n for g in self._groups
-            if _layers.TiedEmbeddingLinear.applies([(any_kind_of(modules[k]), modules[k], None, None) for k in g])
+            if _layers.TiedEmbeddingLinear.applies([(self._any_kind(modules[k]), modules[k], None, None) for k in g])
             for n in g if isinstance(modules[n], nn.Linear)}
         self._runtime_skipped: dict = {}  # {layer name: why} of the latest step (on_unsupported="skip")
         self._captures = {name: _Capture() for name, _ in self._layers}
@@ -875,7 +887,8 @@ class PerSampleHooks:
     @staticmethod
     def _select(model: nn.Module, layers, on_unsupported: str) -> tuple:
         """(tracked [(name, module)], tie groups [[name, ...]] of tracked modules sharing
-        parameters, {id(parameter): why} of the trainable parameters left out)."""
+        parameters, {id(parameter): why} of the trainable parameters left out, ids of the tracked
+        modules measured by torch.func: on_unsupported="vmap")."""
         # Layers are named by the model's own names (without DDP's "module." and the like).
         names = {m: clean_param_name(n) for n, m in model.named_modules()}
         # Submodules whose parameters their parent reads itself (MultiheadAttention's out_proj).
@@ -928,10 +941,12 @@ class PerSampleHooks:
         unsupported = [(n, m) for n, m in candidates if any_kind_of(m) is None]
         if unsupported and on_unsupported == "error":
             raise _layers_kind_error(unsupported, layers is None)
+        generic = {id(m) for n, m in unsupported} if on_unsupported == "vmap" else set()
         for n, m in unsupported:
-            for p in owned(m):
-                skipped.setdefault(id(p), f"layer {n!r} ({type(m).__name__}) is not supported")
-        chosen = [(n, m) for n, m in candidates if any_kind_of(m) is not None]
+            if id(m) not in generic:
+                for p in owned(m):
+                    skipped.setdefault(id(p), f"layer {n!r} ({type(m).__name__}) is not supported")
+        chosen = [(n, m) for n, m in candidates if any_kind_of(m) is not None or id(m) in generic]
         for name, module in chosen:
             if _supported_by_ops(module) and not module.weight.requires_grad and _tracks_bias(module):
                 raise ValueError(f"PerSampleHooks: layer {name!r} has a frozen weight and a trainable bias; "
@@ -964,7 +979,7 @@ class PerSampleHooks:
                 pname = next(k for k, p in m.named_parameters() if id(p) == pid)
                 why = (f"layer {n!r} ({type(m).__name__}) and module {on!r} ({type(om).__name__}) share the "
                        f"parameter {pname!r} (tied weights), and {on!r} is not measured")
-                if on_unsupported == "error" or layers is not None and any_kind_of(om) is not None:
+                if on_unsupported != "skip" or layers is not None and any_kind_of(om) is not None:
                     raise ValueError(f"PerSampleHooks: {why}: its per-sample gradient is the sum of both modules' "
                                      f"contributions. Track both (layers=[...]) or leave both out.")
                 dropped.update(id(mm) for _, mm in inside)
@@ -987,7 +1002,18 @@ class PerSampleHooks:
         for n, m in kept:
             by_root.setdefault(root(id(m)), []).append(n)
         groups = [g for g in by_root.values() if len(g) > 1]
-        return kept, groups, skipped
+        return kept, groups, skipped, generic & {id(m) for _, m in kept}
+
+    def _kind(self, module: nn.Module):
+        """The module's kind among per_sample_layers' (None for nn.Linear and nn.Conv2d, which
+        the ops measure), torch.func's for a module of no kind measured by it."""
+        kind = kind_of(module)
+        return _layers.GENERIC if kind is None and id(module) in self._generic else kind
+
+    def _any_kind(self, module: nn.Module):
+        """As :meth:`_kind`, nn.Linear and nn.Conv2d included."""
+        kind = any_kind_of(module)
+        return _layers.GENERIC if kind is None and id(module) in self._generic else kind
 
     @property
     def layers(self) -> list:
@@ -1005,7 +1031,7 @@ class PerSampleHooks:
         runtime = {}
         for name, module in self._layers:
             if name in self._runtime_skipped:
-                kind = any_kind_of(module)
+                kind = self._any_kind(module)
                 for _, p in kind.params(module):
                     runtime.setdefault(id(p), self._runtime_skipped[name])
         skipped.update(runtime)
@@ -1028,7 +1054,7 @@ class PerSampleHooks:
     def _tracked_param_ids(self) -> set:
         out = set()
         for _, module in self._layers:
-            out.update(id(p) for _, p in any_kind_of(module).params(module))
+            out.update(id(p) for _, p in self._any_kind(module).params(module))
         return out
 
     # -- hooks
@@ -1040,23 +1066,35 @@ class PerSampleHooks:
             self.clear()
 
     def _on_model_forward(self, module, args):
-        if self.enabled and torch.is_grad_enabled():
+        if self.enabled and torch.is_grad_enabled() and not _layers.recomputing():
             self._start_step_after_backward()
 
     def _on_layer_forward(self, name, module, args, kwargs, output):
-        kind = kind_of(module)
+        if _layers.recomputing():  # a module run again by torch.func for its per-sample gradients
+            return
+        kind = self._kind(module)
         out = kind.output(output) if kind is not None else output
+        generic = kind is _layers.GENERIC
+        if generic and out is None and self.enabled and torch.is_grad_enabled() and \
+                _layers.GenericKind.output_index(output) == -1:
+            # Several outputs carry gradients: held as a use that cannot be measured (an error, or
+            # skipped, when the results are taken), never silently left out.
+            self._start_step_after_backward()
+            self._captures[name].uses.append(_Use(kind.capture(module, args, kwargs, output), None, None))
+            return
         if not (self.enabled and torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
             return
         self._start_step_after_backward()
-        if kind is not None:
+        if generic:
+            x = kind.capture(module, args, kwargs, output)
+        elif kind is not None:
             x = kind.capture(module, args, kwargs)
         else:
             x = (args[0] if args else kwargs["input"]).detach()
         # Inputs and outputs [T, B, ...] (batch_first=False) are held as [B, T, ...] views.
         seq_first = self._seq_first(module, args, kwargs)
         if seq_first:
-            x = any_kind_of(module).batch_to_front(x)
+            x = self._any_kind(module).batch_to_front(x)
         to_batch_first = seq_first or (isinstance(kind, _layers.MHAKind) and kind.grad_to_batch_first(module)
                                        and out.dim() == 3)
         shape = out.transpose(0, 1).shape if to_batch_first else out.shape
@@ -1081,7 +1119,7 @@ class PerSampleHooks:
         ``batch_first=False``, for the layer kinds that take sequences, at their sequence rank."""
         if self.batch_first:
             return False
-        dims = any_kind_of(module).seq_first_dims
+        dims = self._any_kind(module).seq_first_dims
         x = args[0] if args else kwargs.get("input")
         return dims is not None and isinstance(x, torch.Tensor) and x.dim() >= dims
 
@@ -1151,7 +1189,8 @@ class PerSampleHooks:
         for name, module in self._layers:
             uses = self._captures[name].uses
             if uses:
-                any_grad = any_grad or any(u.grad is not None for u in uses)
+                any_grad = any_grad or any(u.grad is not None or getattr(u.input, "problem", None) is not None
+                                              for u in uses)  # a generic call that cannot be measured says why
                 ran.append((name, module, uses))
         if not ran:
             raise RuntimeError("PerSampleHooks: no tracked layer ran a forward pass with grad enabled since "
@@ -1163,11 +1202,11 @@ class PerSampleHooks:
         grouped = {n for g in self._groups for n in g}
         kept = []
         for name, module, uses in ran:
-            kind = kind_of(module)
+            kind = self._kind(module)
             problem = kind.problem(module, name, uses) if kind is not None else None
             if problem is None:
                 kept.append((name, module, uses))
-            elif self.on_unsupported == "error" or name in grouped:
+            elif self.on_unsupported != "skip" or name in grouped:
                 raise ValueError(f"PerSampleHooks: {problem}")
             else:
                 self._runtime_skipped[name] = problem
@@ -1223,7 +1262,7 @@ class PerSampleHooks:
     def _together(self, entries: list, scale_grads=None):
         """The measure of modules sharing parameters: a token embedding tied to a Linear from
         their factors, other ties (and every histogram) from per-sample gradients formed in tiles."""
-        kinds = [(any_kind_of(m), m, xs, scale_grads(gs) if scale_grads else gs) for _, m, xs, gs in entries]
+        kinds = [(self._any_kind(m), m, xs, scale_grads(gs) if scale_grads else gs) for _, m, xs, gs in entries]
         if scale_grads:
             return Materialised(kinds)
         heads = [n for n, m, _, _ in entries if n in self._fusible_heads]
@@ -1252,7 +1291,7 @@ class PerSampleHooks:
             if len(entries) == 1:
                 p = self._parts_from_backward(name)
                 if p is None:
-                    p = layer_per_sample_parts(module, xs, gs, self.method)
+                    p = layer_per_sample_parts(module, xs, gs, self.method, _kind=self._kind(module))
             else:
                 p = self._together(entries).parts()
             if self.loss_reduction == "mean":  # the captured gᵢ are ∇ℓᵢ / B
@@ -1279,7 +1318,7 @@ class PerSampleHooks:
         scale = float(b) if self.loss_reduction == "mean" else 1.0
         units = self._units(ready)
         together = [self._together(e) if len(e) > 1 else None for _, e in units]
-        sums = [(t.grad_sum() if t is not None else _layer_grad_sum(e[0][1], e[0][2], e[0][3])) * scale
+        sums = [(t.grad_sum() if t is not None else _layer_grad_sum(e[0][1], e[0][2], e[0][3], self._kind(e[0][1]))) * scale
                 for (_, e), t in zip(units, together)]
         device = sums[0].device
         packed = torch.cat([t.to(device) for t in sums] + [torch.full((1,), float(b), dtype=torch.float64,
@@ -1296,8 +1335,8 @@ class PerSampleHooks:
                 dots = t.dots(mean) * scale
                 sq = t.sq_norms() * (scale * scale)
             else:
-                dots = _layer_dots(module, xs, gs, mean) * scale
-                sq = _layer_sq_norms(module, xs, gs, self.method) * (scale * scale)
+                dots = _layer_dots(module, xs, gs, mean, self._kind(module)) * scale
+                sq = _layer_sq_norms(module, xs, gs, self.method, self._kind(module)) * (scale * scale)
             out[name] = PerSampleParts(sq, dots, mean.square().sum(), group)
         return out
 
@@ -1331,7 +1370,8 @@ class PerSampleHooks:
         """Exact int64 histogram [nbins] of all per-sample gradient elements of the tracked layers
         (of the whole batch under torch.distributed: the ranks' counts summed, one all-reduce)."""
         nbins, maxval = check_hist_axis(nbins, maxval)
-        hists = [layer_per_sample_grad_hist1d(e[0][1], e[0][2], self._hist_grads(e[0][3]), nbins, maxval)
+        hists = [layer_per_sample_grad_hist1d(e[0][1], e[0][2], self._hist_grads(e[0][3]), nbins, maxval,
+                                              _kind=self._kind(e[0][1]))
                  if len(e) == 1 else self._together(e, self._hist_grads).hist1d(nbins, maxval, check_hist_axis)
                  for _, e in self._units(self._ready())]
         return _sum_over_ranks(functools.reduce(torch.add, hists), process_group)
@@ -1355,8 +1395,8 @@ class PerSampleHooks:
             _, module, xs, gs = entries[0]
             device = gs[0].device
             if len(entries) == 1:
-                params = [p for _, p in any_kind_of(module).params(module)]
-                dots = _layer_dots(module, xs, gs, flat(params, device))
+                params = [p for _, p in self._any_kind(module).params(module)]
+                dots = _layer_dots(module, xs, gs, flat(params, device), self._kind(module))
             else:
                 t = self._together(entries)
                 params = t.params if isinstance(t, Materialised) else (
@@ -1386,7 +1426,8 @@ class PerSampleHooks:
         for _, entries in self._units(ready):
             _, module, xs, gs = entries[0]
             if len(entries) == 1:
-                for p, (s, q) in layer_per_sample_grad_moments(module, xs, per_sample(gs)).items():
+                for p, (s, q) in layer_per_sample_grad_moments(module, xs, per_sample(gs),
+                                                                _kind=self._kind(module)).items():
                     name = self._param_names[id(p)][0]
                     grad_sum[name], sq_sum[name] = s, q
                 continue
@@ -1423,7 +1464,7 @@ class PerSampleHooks:
         rank, as under DDP)."""
         axes = _hist2d_axes(nbins_grad, maxval_grad, nbins_param, maxval_param)
         results = [layer_per_sample_grad_hist2d(e[0][1], e[0][2], self._hist_grads(e[0][3]), nbins_grad,
-                                                maxval_grad, nbins_param, maxval_param)
+                                                maxval_grad, nbins_param, maxval_param, _kind=self._kind(e[0][1]))
                    if len(e) == 1 else self._together(e, self._hist_grads).hist2d(axes)
                    for _, e in self._units(self._ready())]
         counts = functools.reduce(torch.add, [c for c, _ in results])

@@ -37,6 +37,10 @@ How each kind is measured:
   bias_v, add_zero_attn or a frozen parameter instead has its per-sample gradients formed by
   recomputing its whole forward in float64, one vjp per sample (``torch.func.vmap``). Dropout in
   train mode (not recomputable) and attention weights that reach the loss are refused.
+- any other module with trainable parameters of its own, when the hooks are asked to
+  (``on_unsupported="vmap"``, :class:`GenericKind`): its forward recomputed by torch.func, one
+  vjp per sample from the captured call, after a check on the first samples that it treats the
+  samples independently.
 
 A parameter shared by several modules (tied weights): a token embedding tied to a Linear (a
 GPT-style LM head) by :class:`TiedEmbeddingLinear`, from their factors (no [B, V, D] tensor; the
@@ -49,6 +53,7 @@ cross terms between the modules are exact; memory is bounded by one tile.
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -1044,6 +1049,196 @@ def _mha_forward(module, p, q, k, v, key_padding_mask, attn_mask, is_causal):
         k_proj_weight=p.get("k_proj_weight"), v_proj_weight=p.get("v_proj_weight"), average_attn_weights=True,
         is_causal=is_causal)
     return out.transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Any other module, by torch.func (PerSampleHooks(on_unsupported="vmap"))
+
+
+class GenericCall:
+    """One call of a module measured by :class:`GenericKind`: its arguments (tensors detached; the
+    batched ones, whose dim 0 is the output's batch size, sliced by ``[a:b]``), a copy of the
+    parameters and buffers of the module and its submodules as they were in the call (the
+    optimizer may change them before the measurement), which output element's gradient is
+    captured, and ``problem`` when the call cannot be measured."""
+
+    def __init__(self, leaves, spec, batched, batch, state, out_index, problem=None):
+        self.leaves, self.spec, self.batched, self.batch = leaves, spec, batched, batch
+        self.state, self.out_index, self.problem = state, out_index, problem
+
+    @property
+    def shape(self):
+        return torch.Size([self.batch])
+
+    @property
+    def device(self):
+        t = next((x for x in self.leaves if isinstance(x, torch.Tensor)), None)
+        return t.device if t is not None else torch.device("cpu")
+
+    def numel(self):
+        return sum(x.numel() for x, b in zip(self.leaves, self.batched) if b)
+
+    def __len__(self):
+        return self.batch
+
+    def __getitem__(self, index: slice):
+        leaves = [x[index] if b else x for x, b in zip(self.leaves, self.batched)]
+        n = len(range(*index.indices(self.batch)))
+        return GenericCall(leaves, self.spec, self.batched, n, self.state, self.out_index, self.problem)
+
+
+_recomputing = threading.local()
+
+
+def recomputing() -> bool:
+    """True while :class:`GenericKind` runs a module's forward again (on this thread): the hooks
+    capture nothing then."""
+    return getattr(_recomputing, "active", False)
+
+
+class GenericKind(LayerKind):
+    """A module of no other kind holding trainable parameters of its own (PerSampleHooks'
+    ``on_unsupported="vmap"``): sample i's gradient of those parameters is the vector-Jacobian
+    product of the module's forward, recomputed on sample i's rows of its batched arguments (dim 0
+    of the output's batch size; other arguments as they are) with the parameters as they were in
+    the call, against sample i's output gradient, by torch.func (vmap of vjp), in tiles of
+    samples, in the call's dtypes. Its submodules' parameters are constants here (they are
+    measured as layers of their own). That is only right when the forward treats the samples
+    independently: :meth:`problem` checks it on the first samples (their per-sample gradients
+    must add up to the gradient of their batch) and refuses what fails, what torch.func cannot
+    transform (randomness such as dropout, data-dependent control flow, in-place updates of
+    buffers) and a call whose output is not one tensor carrying the gradient."""
+
+    #: Samples of the check that the forward treats the samples independently.
+    CHECK_SAMPLES = 4
+
+    def matches(self, module):
+        return False  # chosen per module by the hooks, never by type
+
+    def params(self, module):
+        # A MultiheadAttention subclass with its own forward reads its out_proj itself.
+        recurse = isinstance(module, nn.MultiheadAttention)
+        return [(n, p) for n, p in module.named_parameters(recurse=recurse) if p.requires_grad]
+
+    def output(self, output):
+        if isinstance(output, torch.Tensor):
+            return output
+        index = self.output_index(output)
+        return output[index] if isinstance(index, int) else None
+
+    @staticmethod
+    def output_index(output):
+        """None for a tensor; the index of the one element of a tuple or list that carries a
+        gradient; -1 when there is no such single element."""
+        if isinstance(output, torch.Tensor):
+            return None
+        if isinstance(output, (tuple, list)):
+            live = [i for i, t in enumerate(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if len(live) == 1:
+                return live[0]
+        return -1
+
+    def capture(self, module, args, kwargs, output=None):
+        from torch.utils._pytree import tree_flatten
+
+        leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
+        leaves = [x.detach() if isinstance(x, torch.Tensor) else x for x in leaves]
+        index = self.output_index(output)
+        out = output if index is None else (output[index] if index >= 0 else None)
+        if out is None:
+            return GenericCall(leaves, spec, [False] * len(leaves), 0, {}, index,
+                               problem="its output is not one tensor carrying the gradient (a tuple with several, "
+                                       "or another container)")
+        batch = out.shape[0] if out.dim() > 0 else 0
+        batched = [isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch for x in leaves]
+        state = {n: t.detach().clone() for n, t in list(module.named_parameters()) + list(module.named_buffers())}
+        problem = None if any(batched) else "none of its arguments holds the batch in dim 0"
+        return GenericCall(leaves, spec, batched, batch, state, index, problem)
+
+    def wrap(self, module, x):
+        if not isinstance(x, GenericCall):
+            raise TypeError(f"{type(module).__name__}: per-sample gradients by torch.func need the call the "
+                            "module ran; use PerSampleHooks(on_unsupported='vmap'), which captures it")
+        return x
+
+    def per_sample_elems(self, module, xs, gs):
+        b = max(xs[0].shape[0], 1)
+        return 2 * sum(p.numel() for _, p in self.params(module)) + sum(
+            (x.numel() + g.numel()) // b for x, g in zip(xs, gs))
+
+    def _vjps(self, module, call: GenericCall, grad: torch.Tensor, per_sample: bool) -> dict:
+        """{name: gradient} of the trained parameters: per sample ([b, *shape], vmap) or of the
+        call's rows as one batch."""
+        from torch.utils._pytree import tree_unflatten
+
+        names = [n for n, _ in self.params(module)]
+        trained = {n: call.state[n] for n in names}
+        consts = {n: t for n, t in call.state.items() if n not in trained}
+
+        def run(leaves, delta):
+            args, kwargs = tree_unflatten(list(leaves), call.spec)
+
+            def f(tp):
+                out = torch.func.functional_call(module, {**consts, **tp}, args, kwargs)
+                return out if call.out_index is None else out[call.out_index]
+
+            _, pull = torch.func.vjp(f, trained)
+            return pull(delta)[0]
+
+        def one(*rows):
+            it = iter(rows[:-1])
+            leaves = [next(it)[None] if b else x for x, b in zip(call.leaves, call.batched)]
+            return run(leaves, rows[-1][None])
+
+        before = recomputing()
+        _recomputing.active = True
+        try:
+            if not per_sample:
+                return run(call.leaves, grad)
+            batched = [x for x, b in zip(call.leaves, call.batched) if b]
+            return torch.func.vmap(one, randomness="error")(*batched, grad)
+        finally:
+            _recomputing.active = before
+
+    def problem(self, module, name, uses):
+        for u in uses:
+            if u.input.problem is not None:
+                return f"layer {name!r} ({type(module).__name__}): {u.input.problem}"
+        reached = [u for u in uses if u.grad is not None]
+        for u in reached:
+            call, grad = u.input, u.grad
+            n = min(call.batch, self.CHECK_SAMPLES)
+            try:
+                with torch.enable_grad():
+                    each = self._vjps(module, call[0:n], grad[:n], per_sample=True)
+                    whole = self._vjps(module, call[0:n], grad[:n], per_sample=False)
+            except Exception as e:  # noqa: BLE001  (what torch.func cannot transform, said, not raised)
+                return (f"layer {name!r} ({type(module).__name__}): its forward could not be recomputed one sample "
+                        f"at a time by torch.func ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            for key, g in each.items():
+                total, batch = g.sum(0).double(), whole[key].double()
+                eps = torch.finfo(g.dtype).eps if g.is_floating_point() else 0.0
+                tol = 64 * eps ** 0.5 * float(g.double().abs().sum(0).norm() + batch.norm())
+                if not torch.isfinite(total).all() or float((total - batch).norm()) > tol:
+                    if not torch.isfinite(batch).all():
+                        continue  # non-finite gradients: NaN in the statistics, as elsewhere
+                    return (f"layer {name!r} ({type(module).__name__}): its per-sample gradients of {key!r} do not "
+                            f"add up to the gradient of their batch, so its forward mixes the samples (batch "
+                            "statistics, a sum over dim 0, ...) and per-sample gradients are not defined")
+        return None
+
+    def grads(self, module, xs, gs):
+        names = [n for n, _ in self.params(module)]
+        total = None
+        for call, grad in zip(xs, gs):
+            with torch.enable_grad():
+                out = self._vjps(module, call, grad, per_sample=True)
+            total = out if total is None else {n: total[n] + out[n] for n in names}
+        return [total[n].double() for n in names]
+
+
+#: The kind of modules measured by torch.func.
+GENERIC = GenericKind()
 
 
 # ------------------------------------------------------------------------------------------------

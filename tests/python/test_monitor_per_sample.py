@@ -270,3 +270,29 @@ def test_sequence_first_model_takes_batch_first_false():
     mon.close()
     for name in STATS:
         assert records[0].scalars[f"per_sample/{name}"] == pytest.approx(float(want[name]), rel=1e-6), name
+
+
+def test_on_unsupported_vmap_measures_other_modules_in_the_monitor():
+    """A PReLU (no layer factors) measured by torch.func, recorded after optimizer.step() as the
+    hooks give it before the update."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 8), nn.PReLU(8), nn.Linear(8, 3))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with pytest.raises(TypeError, match="on_unsupported='vmap'"):
+        trainscope.Monitor(model, per_sample=True)
+    ref_model = copy.deepcopy(model)
+    with trainscope.PerSampleHooks(ref_model, on_unsupported="vmap") as h:
+        F.cross_entropy(ref_model(x), y).backward()
+        want = h.stats()
+    records = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    mon = trainscope.Monitor(model, param_metrics=False, grad_hist=False, sinks=[records.append], per_sample=True,
+                             per_sample_options={"on_unsupported": "vmap"})
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    losses.mean().backward()
+    opt.step()
+    mon.step(0, losses)
+    mon.flush()
+    mon.close()
+    for name in STATS:
+        assert records[0].scalars[f"per_sample/{name}"] == pytest.approx(float(want[name]), rel=1e-6), name

@@ -1072,3 +1072,136 @@ def test_every_route_of_a_convolution_agrees(conv):
         torch.testing.assert_close(parts.dots, G @ mean, rtol=RTOL, atol=0)
     torch.testing.assert_close(kind.grad_sum(module, xs, gs), G.sum(0), rtol=RTOL, atol=1e-12)
     torch.testing.assert_close(kind.dots(module, xs, gs, mean), G @ mean, rtol=RTOL, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Other modules by torch.func (on_unsupported="vmap")
+
+
+class Conv1D(nn.Module):
+    """A GPT-2-style "Conv1D" (a linear layer with its weight stored [in, out], by addmm)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.reshape(x.shape[:-1] + (self.nf,))
+
+
+class UpcastRMSNorm(nn.Module):
+    """An RMS norm computed in float32 whatever the input dtype, scale applied after."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.to(torch.float32) if x.dtype != torch.float64 else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class GPT2StyleBlock(nn.Module):
+    def __init__(self, dim=8, vocab=11):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.norm = UpcastRMSNorm(dim)
+        self.c_fc, self.c_proj = Conv1D(2 * dim, dim), Conv1D(dim, 2 * dim)
+        self.act = nn.PReLU(2 * dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids):
+        h = self.wte(ids)
+        h = h + self.c_proj(self.act(self.c_fc(self.norm(h)).transpose(1, 2)).transpose(1, 2))
+        return self.head(h)
+
+
+def test_vmap_measures_other_modules():
+    gen(26)
+    check(GPT2StyleBlock(), torch.randint(0, 11, (4, 5)), on_unsupported="vmap")
+
+
+def test_vmap_measures_a_module_with_two_batched_arguments_and_a_constant_one():
+    gen(27)
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.randn(6))
+
+        def forward(self, x, y, scale):
+            return torch.tanh(self.g * x) * y * scale
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bil, self.gate = nn.Linear(6, 6), nn.Bilinear(6, 6, 6), Gate()
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.gate(self.bil(h, x), h, torch.full((6,), 0.5, dtype=x.dtype))
+
+    check(Model(), torch.randn(4, 6), on_unsupported="vmap")
+
+
+class _Mixing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return self.g * (x - x.mean(0))  # a batch statistic: the samples interact
+
+
+class _Random(_Mixing):
+    def forward(self, x):
+        return F.dropout(self.g * x, 0.5, training=True)
+
+
+class _TwoOutputs(_Mixing):
+    def forward(self, x):
+        return self.g * x, 2 * self.g * x
+
+
+@pytest.mark.parametrize("module, match", [
+    (_Mixing(), r"layer 'm' \(_Mixing\): its per-sample gradients of 'g' do not add up to the gradient of their batch"),
+    (_Random(), r"layer 'm' \(_Random\): its forward could not be recomputed one sample at a time by torch.func"),
+    (_TwoOutputs(), r"layer 'm' \(_TwoOutputs\): its output is not one tensor carrying the gradient"),
+])
+def test_vmap_refuses_what_it_cannot_measure(module, match):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.m = nn.Linear(6, 6), module
+
+        def forward(self, x):
+            out = self.m(self.fc(x))
+            return out[0] + out[1] if isinstance(out, tuple) else out
+
+    model = Model().double()
+    with PerSampleHooks(model, on_unsupported="vmap") as hooks:
+        sample_loss(model(torch.randn(5, 6, dtype=torch.float64))).mean().backward()
+        with pytest.raises(ValueError, match=match):
+            hooks.stats()
+    with pytest.raises(TypeError, match="on_unsupported='vmap'"):
+        PerSampleHooks(model)
+
+
+def test_vmap_in_float32_and_after_an_optimizer_step():
+    """The modules measured by torch.func in a float32 model against float64 per-sample gradients;
+    measured after optimizer.step() (the Monitor's loop), from the parameters of the forward pass."""
+    gen(28)
+    model = GPT2StyleBlock()
+    ids = torch.randint(0, 11, (4, 5))
+    ref = reference_stats(reference_grads(copy.deepcopy(model).double(), ids))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with PerSampleHooks(model, on_unsupported="vmap") as hooks:
+        sample_loss(model(ids)).mean().backward()
+        opt.step()
+        got = hooks.stats().stats
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=0)
