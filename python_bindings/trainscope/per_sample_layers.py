@@ -1065,6 +1065,7 @@ class GenericCall:
     def __init__(self, leaves, spec, batched, batch, state, out_index, problem=None):
         self.leaves, self.spec, self.batched, self.batch = leaves, spec, batched, batch
         self.state, self.out_index, self.problem = state, out_index, problem
+        self.checked = None  # (the output gradient checked, GenericKind's verdict on it)
 
     @property
     def shape(self):
@@ -1124,7 +1125,7 @@ class GenericKind(LayerKind):
         if isinstance(output, torch.Tensor):
             return output
         index = self.output_index(output)
-        return output[index] if isinstance(index, int) else None
+        return output[index] if index is not None and index >= 0 else None
 
     @staticmethod
     def output_index(output):
@@ -1204,27 +1205,36 @@ class GenericKind(LayerKind):
         for u in uses:
             if u.input.problem is not None:
                 return f"layer {name!r} ({type(module).__name__}): {u.input.problem}"
-        reached = [u for u in uses if u.grad is not None]
-        for u in reached:
-            call, grad = u.input, u.grad
-            n = min(call.batch, self.CHECK_SAMPLES)
-            try:
-                with torch.enable_grad():
-                    each = self._vjps(module, call[0:n], grad[:n], per_sample=True)
-                    whole = self._vjps(module, call[0:n], grad[:n], per_sample=False)
-            except Exception as e:  # noqa: BLE001  (what torch.func cannot transform, said, not raised)
-                return (f"layer {name!r} ({type(module).__name__}): its forward could not be recomputed one sample "
-                        f"at a time by torch.func ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-            for key, g in each.items():
-                total, batch = g.sum(0).double(), whole[key].double()
-                eps = torch.finfo(g.dtype).eps if g.is_floating_point() else 0.0
-                tol = 64 * eps ** 0.5 * float(g.double().abs().sum(0).norm() + batch.norm())
-                if not torch.isfinite(total).all() or float((total - batch).norm()) > tol:
-                    if not torch.isfinite(batch).all():
-                        continue  # non-finite gradients: NaN in the statistics, as elsewhere
-                    return (f"layer {name!r} ({type(module).__name__}): its per-sample gradients of {key!r} do not "
-                            f"add up to the gradient of their batch, so its forward mixes the samples (batch "
-                            "statistics, a sum over dim 0, ...) and per-sample gradients are not defined")
+        for u in uses:
+            if u.grad is None:
+                continue
+            # Checked once per captured gradient: the results of a step are often taken several times.
+            if u.input.checked is None or u.input.checked[0] is not u.grad:
+                u.input.checked = (u.grad, self._check(module, name, u.input, u.grad))
+            if u.input.checked[1] is not None:
+                return u.input.checked[1]
+        return None
+
+    def _check(self, module, name, call: GenericCall, grad: torch.Tensor) -> Optional[str]:
+        """Why the call cannot be measured (None: it can), on its first samples."""
+        n = min(call.batch, self.CHECK_SAMPLES)
+        try:
+            with torch.enable_grad():
+                each = self._vjps(module, call[0:n], grad[:n], per_sample=True)
+                whole = self._vjps(module, call[0:n], grad[:n], per_sample=False)
+        except Exception as e:  # noqa: BLE001  (what torch.func cannot transform, said, not raised)
+            return (f"layer {name!r} ({type(module).__name__}): its forward could not be recomputed one sample "
+                    f"at a time by torch.func ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        for key, g in each.items():
+            total, batch = g.sum(0).double(), whole[key].double()
+            eps = torch.finfo(g.dtype).eps if g.is_floating_point() else 0.0
+            tol = 16 * eps ** 0.5 * float(g.double().abs().sum(0).norm() + batch.norm())
+            if not torch.isfinite(total).all() or float((total - batch).norm()) > tol:
+                if not torch.isfinite(batch).all():
+                    continue  # non-finite gradients: NaN in the statistics, as elsewhere
+                return (f"layer {name!r} ({type(module).__name__}): its per-sample gradients of {key!r} do not "
+                        f"add up to the gradient of their batch, so its forward mixes the samples (batch "
+                        "statistics, a sum over dim 0, ...) and per-sample gradients are not defined")
         return None
 
     def grads(self, module, xs, gs):
