@@ -18,7 +18,9 @@
 #endif
 
 #include "cuda/hist2d.h"
+#include "src/hist2d_internal.h"
 #include "src/nvtx.h"
+#include "src/param_stats_internal.h"
 #include "src/tensor_checks.h"
 
 namespace trainscope {
@@ -28,6 +30,9 @@ namespace tc = trainscope::cuda;
 namespace {
 
 constexpr const char* kOp = "trainscope::grad_hist2d";
+
+// Elements per CPU task of the outer-product path (as the fused parameter pass's chunks).
+constexpr int64_t kCpuGrainElems = int64_t{1} << 14;
 
 // Local counters per CPU task up to this many bins; beyond, tasks add straight into the output
 // with integer atomics (a private copy per thread would cost up to 128 MiB each).
@@ -78,31 +83,41 @@ int64_t check_inputs(at::TensorList grads, at::TensorList params, const Hist2dOp
   return batch;
 }
 
-// One item on the CPU: the parameter bins of its columns once, then its rows.
+// Counts one pair of bins: gbin from hist_bins (slot nbins_grad: non-finite), pbin from
+// hist2d_param_bin (-1: non-finite).
+inline void count_pair(int32_t gbin, int32_t pbin, int32_t nbins_grad, int64_t nbins_param, int64_t* counts,
+                       bool atomic, int64_t& nonfinite) {
+  if (gbin == nbins_grad || pbin < 0) {
+    ++nonfinite;
+    return;
+  }
+  const int64_t b = gbin * nbins_param + pbin;
+  if (atomic) {
+    __atomic_fetch_add(counts + b, int64_t{1}, __ATOMIC_RELAXED);  // integer adds commute
+  } else {
+    ++counts[b];
+  }
+}
+
+// One item on the CPU: the parameter bins of its columns once, then each row's gradient bins in a
+// vectorised pass (hist_bins: the bins of hist2d_flat_bin), then their counts.
 template <typename T>
 void cpu_item(const tc::Hist2dPair& d, const tc::Hist2dPlan& plan, int64_t batch, int64_t item,
               const tc::HistSpec& gs, const tc::HistSpec& ps, int64_t* counts, bool atomic,
-              std::vector<int32_t>& pbin, int64_t& nonfinite) {
+              std::vector<int32_t>& pbin, std::vector<int32_t>& gbin, int64_t& nonfinite) {
   const tc::Hist2dItem it = tc::hist2d_item(plan, batch, d.numel, item);
   const T* theta = static_cast<const T*>(d.param);
   const T* grad = static_cast<const T*>(d.grad);
   const int64_t width = it.col_end - it.col_begin;
+  const int32_t ng = static_cast<int32_t>(gs.nbins);
   pbin.resize(static_cast<size_t>(width));
+  gbin.resize(static_cast<size_t>(width));
   for (int64_t c = 0; c < width; ++c) {
     pbin[c] = tc::hist2d_param_bin(static_cast<double>(tc::widen(theta[it.col_begin + c])), ps);
   }
   for (int64_t r = it.row_begin; r < it.row_end; ++r) {
-    const T* row = grad + r * d.numel + it.col_begin;
-    for (int64_t c = 0; c < width; ++c) {
-      const int32_t b = tc::hist2d_flat_bin(static_cast<double>(tc::widen(row[c])), pbin[c], gs, ps.nbins);
-      if (b < 0) {
-        ++nonfinite;
-      } else if (atomic) {
-        __atomic_fetch_add(counts + b, int64_t{1}, __ATOMIC_RELAXED);  // integer adds commute
-      } else {
-        ++counts[b];
-      }
-    }
+    hist_bins(grad + r * d.numel + it.col_begin, width, gs.maxval, gs.width, ng, gbin.data());
+    for (int64_t c = 0; c < width; ++c) count_pair(gbin[c], pbin[c], ng, ps.nbins, counts, atomic, nonfinite);
   }
 }
 
@@ -130,13 +145,14 @@ void cpu_hist2d(const std::vector<tc::Hist2dPair>& pairs, int64_t batch, const t
     const bool shared = large && !alone;
     std::vector<int64_t> local(large || alone ? 0 : static_cast<size_t>(nbins), 0);
     int64_t* dst = large || alone ? counts : local.data();
-    std::vector<int32_t> pbin;
+    std::vector<int32_t> pbin, gbin;
     int64_t bad = 0;
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t t = tc::find_owner(first_item.data(), n, item);
       const tc::Hist2dPair& d = pairs[t];
       auto run = [&](auto element) {
-        cpu_item<decltype(element)>(d, plans[t], batch, item - first_item[t], gs, ps, dst, shared, pbin, bad);
+        cpu_item<decltype(element)>(d, plans[t], batch, item - first_item[t], gs, ps, dst, shared, pbin, gbin,
+                                    bad);
       };
       switch (d.dtype) {
         case tc::DType::kFloat32: run(float{}); break;
@@ -152,6 +168,47 @@ void cpu_hist2d(const std::vector<tc::Hist2dPair>& pairs, int64_t batch, const t
     nonfinite += bad;
   });
   out.nonfinite.fill_(nonfinite);
+}
+
+template <typename T>
+void cpu_outer_product(const at::Tensor& d, const at::Tensor& x, const at::Tensor& w, const tc::HistSpec& gs,
+                       const tc::HistSpec& ps, const Hist2d& out) {
+  const int64_t rows = d.size(0), dout = d.size(1), din = x.size(1), groups = w.size(0);
+  const T* D = d.data_ptr<T>();
+  const T* X = x.data_ptr<T>();
+  const T* W = w.data_ptr<T>();
+  // The parameter bins once; every sample's rows reuse them.
+  std::vector<int32_t> pbin(static_cast<size_t>(w.numel()));
+  at::parallel_for(0, w.numel(), kCpuGrainElems, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) pbin[i] = tc::hist2d_param_bin(static_cast<double>(W[i]), ps);
+  });
+  const int32_t ng = static_cast<int32_t>(gs.nbins);
+  const int64_t nbins = gs.nbins * ps.nbins;
+  const bool large = nbins > kMaxPrivateCpuBins;
+  int64_t* counts = out.counts.data_ptr<int64_t>();
+  int64_t nonfinite = 0;
+  std::mutex mutex;
+  // Unit u = one row of one sample's gradient: u / d_out is r, u % d_out the output unit.
+  at::parallel_for(0, rows * dout, std::max<int64_t>(1, kCpuGrainElems / din), [&](int64_t lo, int64_t hi) {
+    std::vector<int64_t> local(large ? 0 : static_cast<size_t>(nbins), 0);
+    int64_t* dst = large ? counts : local.data();
+    std::vector<T> row(static_cast<size_t>(din));
+    std::vector<int32_t> gbin(static_cast<size_t>(din));
+    int64_t bad = 0;
+    for (int64_t u = lo; u < hi; ++u) {
+      const int64_t r = u / dout, a = u - r * dout;
+      const T dv = D[u];
+      const T* xr = X + r * din;
+      for (int64_t k = 0; k < din; ++k) row[k] = dv * xr[k];  // one rounding, as a GEMM of depth one
+      hist_bins(row.data(), din, gs.maxval, gs.width, ng, gbin.data());
+      const int32_t* prow = pbin.data() + ((r % groups) * dout + a) * din;
+      for (int64_t k = 0; k < din; ++k) count_pair(gbin[k], prow[k], ng, ps.nbins, dst, large, bad);
+    }
+    std::lock_guard<std::mutex> lock(mutex);  // integer sums: the order does not matter
+    for (size_t b = 0; b < local.size(); ++b) counts[b] += local[b];
+    nonfinite += bad;
+  });
+  out.nonfinite.add_(nonfinite);
 }
 
 #if defined(TRAINSCOPE_WITH_CUDA)
@@ -172,6 +229,22 @@ void cuda_hist2d(const std::vector<tc::Hist2dPair>& pairs, int64_t batch, const 
 #endif
 
 }  // namespace
+
+void cpu_outer_product_hist2d(const at::Tensor& d, const at::Tensor& x, const at::Tensor& w,
+                              const Hist2dOptions& options, const Hist2d& out) {
+  TORCH_INTERNAL_ASSERT(d.is_cpu() && d.dim() == 2 && x.dim() == 2 && w.dim() == 3 && d.size(0) == x.size(0) &&
+                        d.size(1) == w.size(1) && x.size(1) == w.size(2) && d.size(0) % w.size(0) == 0 &&
+                        d.scalar_type() == x.scalar_type() && d.scalar_type() == w.scalar_type());
+  if (d.numel() == 0 || x.size(1) == 0) return;
+  const tc::HistSpec gs = tc::make_hist_spec(options.nbins_grad, options.maxval_grad);
+  const tc::HistSpec ps = tc::make_hist_spec(options.nbins_param, options.maxval_param);
+  const at::Tensor dc = d.contiguous(), xc = x.contiguous(), wc = w.contiguous();
+  switch (dc.scalar_type()) {
+    case at::kFloat: cpu_outer_product<float>(dc, xc, wc, gs, ps, out); break;
+    case at::kDouble: cpu_outer_product<double>(dc, xc, wc, gs, ps, out); break;
+    default: TORCH_INTERNAL_ASSERT(false, "cpu_outer_product_hist2d: float32 or float64 rows");
+  }
+}
 
 Hist2d grad_hist2d(at::TensorList per_sample_grads, at::TensorList params, const Hist2dOptions& options) {
   NvtxRange range{kOp};

@@ -29,6 +29,53 @@ namespace trainscope {
 
 namespace tc = trainscope::cuda;
 
+// The histogram alone (per-sample histograms bin billions of elements), in two passes per block
+// of values: the bins, computed without branches so that the compiler vectorises them (with the
+// widest vector unit the CPU has, chosen when the library loads), then the counts, with few bins
+// counted in several copies so that increments of one bin do not wait on each other.
+// The bin is hist_bin's: floor((clamp(x, -m, m) + m) / w), the last bin for x = m, by the exact
+// division hist_bin falls back to near an edge (a divide per value costs less here than the branch).
+// Non-finite values go to slot nbins and are counted in acc.nonfinite. (The file is compiled with
+// -fno-trapping-math: without it the compiler may not divide a lane whose value is then unused.)
+namespace {
+template <typename T>
+[[gnu::always_inline]] inline void hist_bins_of_block(const T* g, int64_t n, double maxval, double width,
+                                                      int32_t nbins, int32_t* bins) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = tc::widen(g[i]);
+    const bool finite = x - x == 0.0;  // false for NaN and ±Inf
+    double c = x < -maxval ? -maxval : x;
+    c = c > maxval ? maxval : c;
+    c = finite ? c : 0.0;
+    const int32_t b = static_cast<int32_t>((c + maxval) / width);  // c + maxval >= 0: truncation is floor
+    const int32_t last = b < nbins ? b : nbins - 1;
+    bins[i] = finite ? last : nbins;
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define TRAINSCOPE_HIST_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TRAINSCOPE_HIST_TARGETS
+#endif
+
+#define TRAINSCOPE_HIST_BINS(T, NAME)                                                                \
+  TRAINSCOPE_HIST_TARGETS void NAME(const T* g, int64_t n, double maxval, double width, int32_t nbins, \
+                                    int32_t* bins) {                                                  \
+    hist_bins_of_block(g, n, maxval, width, nbins, bins);                                             \
+  }
+TRAINSCOPE_HIST_BINS(float, hist_bins_f32)
+TRAINSCOPE_HIST_BINS(double, hist_bins_f64)
+TRAINSCOPE_HIST_BINS(tc::bf16_bits, hist_bins_bf16)
+TRAINSCOPE_HIST_BINS(tc::f16_bits, hist_bins_f16)
+#undef TRAINSCOPE_HIST_BINS
+}  // namespace
+
+void hist_bins(const float* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_f32(g, n, m, w, nb, b); }
+void hist_bins(const double* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_f64(g, n, m, w, nb, b); }
+void hist_bins(const tc::bf16_bits* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_bf16(g, n, m, w, nb, b); }
+void hist_bins(const tc::f16_bits* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_f16(g, n, m, w, nb, b); }
+
 const char* metric_name(Metric m) {
   switch (m) {
     case Metric::kGradNorm: return "grad_norm";
@@ -94,50 +141,6 @@ at::Device check_inputs(const char* op, const std::vector<NamedList>& lists) {
   return device;
 }
 
-// The histogram alone (per-sample histograms bin billions of elements), in two passes per block
-// of values: the bins, computed without branches so that the compiler vectorises them (with the
-// widest vector unit the CPU has, chosen when the library loads), then the counts, with few bins
-// counted in several copies so that increments of one bin do not wait on each other.
-// The bin is hist_bin's: floor((clamp(x, -m, m) + m) / w), the last bin for x = m, by the exact
-// division hist_bin falls back to near an edge (a divide per value costs less here than the branch).
-// Non-finite values go to slot nbins and are counted in acc.nonfinite. (The file is compiled with
-// -fno-trapping-math: without it the compiler may not divide a lane whose value is then unused.)
-template <typename T>
-[[gnu::always_inline]] inline void hist_bins_of_block(const T* g, int64_t n, double maxval, double width,
-                                                      int32_t nbins, int32_t* bins) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double x = tc::widen(g[i]);
-    const bool finite = x - x == 0.0;  // false for NaN and ±Inf
-    double c = x < -maxval ? -maxval : x;
-    c = c > maxval ? maxval : c;
-    c = finite ? c : 0.0;
-    const int32_t b = static_cast<int32_t>((c + maxval) / width);  // c + maxval >= 0: truncation is floor
-    const int32_t last = b < nbins ? b : nbins - 1;
-    bins[i] = finite ? last : nbins;
-  }
-}
-
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define TRAINSCOPE_HIST_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TRAINSCOPE_HIST_TARGETS
-#endif
-
-#define TRAINSCOPE_HIST_BINS(T, NAME)                                                                \
-  TRAINSCOPE_HIST_TARGETS void NAME(const T* g, int64_t n, double maxval, double width, int32_t nbins, \
-                                    int32_t* bins) {                                                  \
-    hist_bins_of_block(g, n, maxval, width, nbins, bins);                                             \
-  }
-TRAINSCOPE_HIST_BINS(float, hist_bins_f32)
-TRAINSCOPE_HIST_BINS(double, hist_bins_f64)
-TRAINSCOPE_HIST_BINS(tc::bf16_bits, hist_bins_bf16)
-TRAINSCOPE_HIST_BINS(tc::f16_bits, hist_bins_f16)
-#undef TRAINSCOPE_HIST_BINS
-
-inline void hist_bins(const float* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_f32(g, n, m, w, nb, b); }
-inline void hist_bins(const double* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_f64(g, n, m, w, nb, b); }
-inline void hist_bins(const tc::bf16_bits* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_bf16(g, n, m, w, nb, b); }
-inline void hist_bins(const tc::f16_bits* g, int64_t n, double m, double w, int32_t nb, int32_t* b) { hist_bins_f16(g, n, m, w, nb, b); }
 
 // Counts values into nbins bins (slot nbins: non-finite) in kCopies copies when the bins are few,
 // kept across calls so that a caller binning many short runs pays for the copies once.

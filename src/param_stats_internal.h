@@ -2,6 +2,7 @@
 // the calling op, so error messages and NVTX ranges name what the user called.
 #pragma once
 
+#include "cuda/common.h"
 #include "trainscope/param_stats.h"
 
 namespace trainscope {
@@ -27,6 +28,14 @@ ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList
 // the rank-one per-sample gradients d_r x_rᵀ, rows r of CPU tensors d [n, d_out] and x [n, d_in]
 // of one floating dtype, each element formed in that dtype as a GEMM of depth one forms it: the
 // blocks of a layer with one position per sample, never written to memory.
+// The bins of n values g (CPU) by grad_hist1d's rule on nbins bins of width `width` over
+// [-maxval, maxval] into bins[n], slot nbins for a non-finite value; without branches, vectorised
+// with the widest unit the CPU has.
+void hist_bins(const float* g, int64_t n, double maxval, double width, int32_t nbins, int32_t* bins);
+void hist_bins(const double* g, int64_t n, double maxval, double width, int32_t nbins, int32_t* bins);
+void hist_bins(const cuda::bf16_bits* g, int64_t n, double maxval, double width, int32_t nbins, int32_t* bins);
+void hist_bins(const cuda::f16_bits* g, int64_t n, double maxval, double width, int32_t nbins, int32_t* bins);
+
 void cpu_outer_product_hist1d(const at::Tensor& d, const at::Tensor& x, int64_t nbins, double maxval,
                               const at::Tensor& counts);
 

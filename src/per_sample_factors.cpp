@@ -31,6 +31,7 @@
 
 #include "cuda/hist2d.h"
 #include "cuda/histogram.h"
+#include "src/hist2d_internal.h"
 #include "src/ieee_convolutions.h"
 #include "src/nvtx.h"
 #include "src/param_stats_internal.h"
@@ -976,12 +977,18 @@ std::tuple<at::Tensor, at::Tensor> hist2d_of(const Problem& p, const at::Tensor&
   };
   // Parameters upcast exactly to the dtype the gradients are formed in.
   const at::Tensor w = weight.to(p.acc).reshape({p.G, p.dout, p.din});
-  const int64_t bt = hist_tile_samples(p);
-  for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
-    const int64_t b = std::min(bt, p.B - i0);
-    for_each_grad_block(
-        p, i0, b, {}, {}, [&](int64_t o0, at::Tensor g) { add(g, w.narrow(1, o0, g.size(2))); },
-        /*copies=*/1, hist_block_elems(p));
+  if (p.T == 1 && p.opts.device().is_cpu() && p.B > 0) {
+    // One position per sample: each per-sample gradient is an outer product, binned as it is formed.
+    cpu_outer_product_hist2d(p.d(0, p.B).reshape({p.B * p.G, p.dout}), p.x(0, p.B).reshape({p.B * p.G, p.din}), w,
+                             o, Hist2d{counts, nonfinite});
+  } else {
+    const int64_t bt = hist_tile_samples(p);
+    for (int64_t i0 = 0; i0 < p.B; i0 += bt) {
+      const int64_t b = std::min(bt, p.B - i0);
+      for_each_grad_block(
+          p, i0, b, {}, {}, [&](int64_t o0, at::Tensor g) { add(g, w.narrow(1, o0, g.size(2))); },
+          /*copies=*/1, hist_block_elems(p));
+    }
   }
   if (p.bias_grads && p.B > 0) add(p.bias_grads(p.acc), bias.to(p.acc));
   return {counts, nonfinite};

@@ -686,6 +686,27 @@ def test_hist2d_ops_exact(gen):
     assert torch.equal(counts, want) and int(nonfinite) == want_nf
 
 
+@requires_hist2d
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hist2d_ops_exact_with_one_position_per_sample(gen, dtype):
+    """One position per sample (nn.Linear on [B, d], a convolution whose output is 1×1, grouped):
+    the outer products binned as they are formed on a CPU, non-finite values on both sides."""
+    x, d = randn(gen, (7, 30), dtype), randn(gen, (7, 9), dtype, scale=0.3)
+    w, b = randn(gen, (9, 30), dtype), randn(gen, (9,), dtype)
+    x[0, 3], d[2, 5], w[1, 1] = float("nan"), float("inf"), float("nan")
+    g = d[:, :, None] * x[:, None, :]  # as a GEMM of depth one rounds them
+    counts, nonfinite = linear_per_sample_grad_hist2d(x, d, w, b, 16, 0.5, 8, 2.0)
+    want, want_nf = reference_hist2d(torch.cat([g.reshape(7, -1), d], 1),
+                                     torch.cat([w.reshape(-1), b]).expand(7, -1), 16, 0.5, 8, 2.0)
+    assert torch.equal(counts, want) and int(nonfinite) == want_nf
+    xc, dc = randn(gen, (3, 4, 3, 3), dtype), randn(gen, (3, 6, 1, 1), dtype, scale=0.3)
+    wc = randn(gen, (6, 2, 3, 3), dtype)
+    gc = explicit_conv_grads(xc.double(), dc.double(), (6, 2, 3, 3), 1, 0, 1, 2, bias=False).to(dtype)
+    counts, nonfinite = conv2d_per_sample_grad_hist2d(xc, dc, wc, None, 1, 0, 1, 2, 16, 0.5, 8, 2.0)
+    want, want_nf = reference_hist2d(gc, wc.reshape(-1).expand_as(gc), 16, 0.5, 8, 2.0)
+    assert torch.equal(counts, want) and int(nonfinite) == want_nf
+
+
 # ------------------------------------------------------------------------------------------------
 # Against the materialised path
 
