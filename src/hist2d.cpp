@@ -177,12 +177,25 @@ void cpu_outer_product(const at::Tensor& d, const at::Tensor& x, const at::Tenso
   const T* D = d.data_ptr<T>();
   const T* X = x.data_ptr<T>();
   const T* W = w.data_ptr<T>();
-  // The parameter bins once; every sample's rows reuse them.
+  const int64_t np = ps.nbins;
+  // The parameter bins once; every sample's rows reuse them. Per parameter row, also how many of
+  // its values fall in each parameter bin (slot np: non-finite), for the rows of zeros below.
   std::vector<int32_t> pbin(static_cast<size_t>(w.numel()));
-  at::parallel_for(0, w.numel(), kCpuGrainElems, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) pbin[i] = tc::hist2d_param_bin(static_cast<double>(W[i]), ps);
+  std::vector<int64_t> prow_hist(static_cast<size_t>(groups * dout * (np + 1)), 0);
+  at::parallel_for(0, groups * dout, std::max<int64_t>(1, kCpuGrainElems / din), [&](int64_t lo, int64_t hi) {
+    for (int64_t a = lo; a < hi; ++a) {
+      int64_t* h = prow_hist.data() + a * (np + 1);
+      for (int64_t k = a * din; k < (a + 1) * din; ++k) {
+        pbin[k] = tc::hist2d_param_bin(static_cast<double>(W[k]), ps);
+        ++h[pbin[k] < 0 ? np : pbin[k]];
+      }
+    }
   });
+  // A zero δ (a unit a ReLU switched off: often half the rows) makes a row of zeros, against a
+  // sample's finite inputs: such a row is counted from its parameter row's bins, never formed.
+  const std::vector<int64_t> finite = finite_per_row(X, x.size(0), din);
   const int32_t ng = static_cast<int32_t>(gs.nbins);
+  const int64_t zero_row = tc::hist_bin(0.0, gs) * np;
   const int64_t nbins = gs.nbins * ps.nbins;
   const bool large = nbins > kMaxPrivateCpuBins;
   int64_t* counts = out.counts.data_ptr<int64_t>();
@@ -198,11 +211,24 @@ void cpu_outer_product(const at::Tensor& d, const at::Tensor& x, const at::Tenso
     for (int64_t u = lo; u < hi; ++u) {
       const int64_t r = u / dout, a = u - r * dout;
       const T dv = D[u];
+      if (dv == T(0) && finite[r] == din) {
+        const int64_t* h = prow_hist.data() + ((r % groups) * dout + a) * (np + 1);
+        for (int64_t j = 0; j < np; ++j) {
+          if (h[j] == 0) continue;
+          if (large) {
+            __atomic_fetch_add(counts + zero_row + j, h[j], __ATOMIC_RELAXED);
+          } else {
+            dst[zero_row + j] += h[j];
+          }
+        }
+        bad += h[np];
+        continue;
+      }
       const T* xr = X + r * din;
       for (int64_t k = 0; k < din; ++k) row[k] = dv * xr[k];  // one rounding, as a GEMM of depth one
       hist_bins(row.data(), din, gs.maxval, gs.width, ng, gbin.data());
       const int32_t* prow = pbin.data() + ((r % groups) * dout + a) * din;
-      for (int64_t k = 0; k < din; ++k) count_pair(gbin[k], prow[k], ng, ps.nbins, dst, large, bad);
+      for (int64_t k = 0; k < din; ++k) count_pair(gbin[k], prow[k], ng, np, dst, large, bad);
     }
     std::lock_guard<std::mutex> lock(mutex);  // integer sums: the order does not matter
     for (size_t b = 0; b < local.size(); ++b) counts[b] += local[b];

@@ -170,6 +170,9 @@ class CpuHistCounter {
     }
   }
 
+  // Counts n values of bin `bin` (0 <= bin < nbins) at once.
+  void add_to_bin(int32_t bin, int64_t n) { local_[bin] += n; }
+
   // The non-finite values counted since the last call.
   int64_t take_nonfinite() {
     int64_t nonfinite = 0;
@@ -479,6 +482,22 @@ at::Tensor update_ratio(at::TensorList params, at::TensorList prev_params, bool 
               Metric::kUpdateRatio, per_tensor);
 }
 
+template <typename T>
+std::vector<int64_t> finite_per_row(const T* x, int64_t rows, int64_t cols) {
+  std::vector<int64_t> out(static_cast<size_t>(rows));
+  at::parallel_for(0, rows, std::max<int64_t>(1, tc::kDefaultChunkElems / std::max<int64_t>(cols, 1)),
+                   [&](int64_t lo, int64_t hi) {
+                     for (int64_t r = lo; r < hi; ++r) {
+                       int64_t n = 0;
+                       for (int64_t k = 0; k < cols; ++k) n += std::isfinite(static_cast<double>(x[r * cols + k]));
+                       out[r] = n;
+                     }
+                   });
+  return out;
+}
+template std::vector<int64_t> finite_per_row(const float*, int64_t, int64_t);
+template std::vector<int64_t> finite_per_row(const double*, int64_t, int64_t);
+
 void cpu_outer_product_hist1d(const at::Tensor& d, const at::Tensor& x, int64_t nbins, double maxval,
                               const at::Tensor& counts) {
   TORCH_INTERNAL_ASSERT(d.is_cpu() && x.is_cpu() && d.dim() == 2 && x.dim() == 2 && d.size(0) == x.size(0) &&
@@ -493,12 +512,20 @@ void cpu_outer_product_hist1d(const at::Tensor& d, const at::Tensor& x, int64_t 
   AT_DISPATCH_FLOATING_TYPES(dc.scalar_type(), "cpu_outer_product_hist1d", [&] {
     const scalar_t* D = dc.data_ptr<scalar_t>();
     const scalar_t* X = xc.data_ptr<scalar_t>();
+    // A zero δ (a unit a ReLU switched off: often half the rows) makes a row of zeros, but for the
+    // NaNs of non-finite inputs, which are left out: the row is counted without being formed.
+    const std::vector<int64_t> finite = finite_per_row(X, xc.size(0), din);
+    const int32_t zero_bin = static_cast<int32_t>(tc::hist_bin(0.0, hist));
     const int64_t grain = std::max<int64_t>(1, tc::kDefaultChunkElems / din);
     at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
       CpuHistCounter counter(hist);
       std::vector<scalar_t> row(din);
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t dv = D[r];
+        if (dv == scalar_t(0)) {
+          counter.add_to_bin(zero_bin, finite[r / dout]);
+          continue;
+        }
         const scalar_t* xr = X + (r / dout) * din;
         for (int64_t k = 0; k < din; ++k) row[k] = dv * xr[k];  // one rounding, as a GEMM of depth one
         counter.add(row.data(), din);

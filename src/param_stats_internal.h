@@ -2,6 +2,8 @@
 // the calling op, so error messages and NVTX ranges name what the user called.
 #pragma once
 
+#include <vector>
+
 #include "cuda/common.h"
 #include "trainscope/param_stats.h"
 
@@ -35,6 +37,11 @@ void hist_bins(const float* g, int64_t n, double maxval, double width, int32_t n
 void hist_bins(const double* g, int64_t n, double maxval, double width, int32_t nbins, int32_t* bins);
 void hist_bins(const cuda::bf16_bits* g, int64_t n, double maxval, double width, int32_t nbins, int32_t* bins);
 void hist_bins(const cuda::f16_bits* g, int64_t n, double maxval, double width, int32_t nbins, int32_t* bins);
+
+// How many of the `cols` values of each row of the row-major x [rows, cols] are finite (float or
+// double): a zero times those is a zero, times the others NaN.
+template <typename T>
+std::vector<int64_t> finite_per_row(const T* x, int64_t rows, int64_t cols);
 
 void cpu_outer_product_hist1d(const at::Tensor& d, const at::Tensor& x, int64_t nbins, double maxval,
                               const at::Tensor& counts);

@@ -690,15 +690,20 @@ def test_hist2d_ops_exact(gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_hist2d_ops_exact_with_one_position_per_sample(gen, dtype):
     """One position per sample (nn.Linear on [B, d], a convolution whose output is 1×1, grouped):
-    the outer products binned as they are formed on a CPU, non-finite values on both sides."""
+    the outer products binned as they are formed on a CPU, rows of zeros (a zero δ: counted without
+    being formed) with finite and non-finite inputs, non-finite values on both sides."""
     x, d = randn(gen, (7, 30), dtype), randn(gen, (7, 9), dtype, scale=0.3)
     w, b = randn(gen, (9, 30), dtype), randn(gen, (9,), dtype)
+    d[d > 0.1] = 0.0
+    d[1, 2], d[0, :4] = -0.0, 0.0
     x[0, 3], d[2, 5], w[1, 1] = float("nan"), float("inf"), float("nan")
     g = d[:, :, None] * x[:, None, :]  # as a GEMM of depth one rounds them
     counts, nonfinite = linear_per_sample_grad_hist2d(x, d, w, b, 16, 0.5, 8, 2.0)
     want, want_nf = reference_hist2d(torch.cat([g.reshape(7, -1), d], 1),
                                      torch.cat([w.reshape(-1), b]).expand(7, -1), 16, 0.5, 8, 2.0)
     assert torch.equal(counts, want) and int(nonfinite) == want_nf
+    hist = linear_per_sample_grad_hist1d(x, d, True, 16, 0.5)
+    assert torch.equal(hist, reference_hist1d(torch.cat([g.reshape(7, -1), d], 1), 16, 0.5))
     xc, dc = randn(gen, (3, 4, 3, 3), dtype), randn(gen, (3, 6, 1, 1), dtype, scale=0.3)
     wc = randn(gen, (6, 2, 3, 3), dtype)
     gc = explicit_conv_grads(xc.double(), dc.double(), (6, 2, 3, 3), 1, 0, 1, 2, bias=False).to(dtype)
