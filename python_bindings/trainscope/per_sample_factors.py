@@ -1077,8 +1077,8 @@ class PerSampleHooks:
         generic = kind is _layers.GENERIC
         if generic and out is None and self.enabled and torch.is_grad_enabled() and \
                 _layers.GenericKind.output_index(output) == -1:
-            # Several outputs carry gradients: held as a use that cannot be measured (an error, or
-            # skipped, when the results are taken), never silently left out.
+            # Several outputs carry gradients: held as a use that cannot be measured (an error
+            # naming the layer when the results are taken), never silently left out.
             self._start_step_after_backward()
             self._captures[name].uses.append(_Use(kind.capture(module, args, kwargs, output), None, None))
             return
