@@ -83,6 +83,15 @@ int64_t check_inputs(at::TensorList grads, at::TensorList params, const Hist2dOp
   return batch;
 }
 
+// Adds n to counts[b]: with integer atomics where tasks share the output (integer adds commute).
+inline void add_count(int64_t* counts, int64_t b, int64_t n, bool atomic) {
+  if (atomic) {
+    __atomic_fetch_add(counts + b, n, __ATOMIC_RELAXED);
+  } else {
+    counts[b] += n;
+  }
+}
+
 // Counts one pair of bins: gbin from hist_bins (slot nbins_grad: non-finite), pbin from
 // hist2d_param_bin (-1: non-finite).
 inline void count_pair(int32_t gbin, int32_t pbin, int32_t nbins_grad, int64_t nbins_param, int64_t* counts,
@@ -91,12 +100,7 @@ inline void count_pair(int32_t gbin, int32_t pbin, int32_t nbins_grad, int64_t n
     ++nonfinite;
     return;
   }
-  const int64_t b = gbin * nbins_param + pbin;
-  if (atomic) {
-    __atomic_fetch_add(counts + b, int64_t{1}, __ATOMIC_RELAXED);  // integer adds commute
-  } else {
-    ++counts[b];
-  }
+  add_count(counts, gbin * nbins_param + pbin, 1, atomic);
 }
 
 // One item on the CPU: the parameter bins of its columns once, then each row's gradient bins in a
@@ -214,12 +218,7 @@ void cpu_outer_product(const at::Tensor& d, const at::Tensor& x, const at::Tenso
       if (dv == T(0) && finite[r] == din) {
         const int64_t* h = prow_hist.data() + ((r % groups) * dout + a) * (np + 1);
         for (int64_t j = 0; j < np; ++j) {
-          if (h[j] == 0) continue;
-          if (large) {
-            __atomic_fetch_add(counts + zero_row + j, h[j], __ATOMIC_RELAXED);
-          } else {
-            dst[zero_row + j] += h[j];
-          }
+          if (h[j] != 0) add_count(dst, zero_row + j, h[j], large);
         }
         bad += h[np];
         continue;

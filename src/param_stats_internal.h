@@ -1,5 +1,6 @@
-// Shared between src/param_stats.cpp and src/ops.cpp: the fused entry point with the name of
-// the calling op, so error messages and NVTX ranges name what the user called.
+// Shared between src/param_stats.cpp and the files that call into it: the fused entry point with
+// the name of the calling op (error messages and NVTX ranges name what the user called), and the
+// CPU histogram pieces the per-sample histograms reuse (src/hist2d.cpp, src/per_sample_factors.cpp).
 #pragma once
 
 #include <vector>
@@ -26,10 +27,6 @@ ParamStats param_stats_impl(const char* op, at::TensorList grads, at::TensorList
                             const ParamStatsOptions& options, const char* grads_name = "grads",
                             bool grad_sums = true);
 
-// Adds to counts [nbins] int64 the histogram (grad_hist1d's bins; non-finite values left out) of
-// the rank-one per-sample gradients d_r x_rᵀ, rows r of CPU tensors d [n, d_out] and x [n, d_in]
-// of one floating dtype, each element formed in that dtype as a GEMM of depth one forms it: the
-// blocks of a layer with one position per sample, never written to memory.
 // The bins of n values g (CPU) by grad_hist1d's rule on nbins bins of width `width` over
 // [-maxval, maxval] into bins[n], slot nbins for a non-finite value; without branches, vectorised
 // with the widest unit the CPU has.
@@ -43,6 +40,10 @@ void hist_bins(const cuda::f16_bits* g, int64_t n, double maxval, double width, 
 template <typename T>
 std::vector<int64_t> finite_per_row(const T* x, int64_t rows, int64_t cols);
 
+// Adds to counts [nbins] int64 the histogram (grad_hist1d's bins; non-finite values left out) of
+// the rank-one per-sample gradients d_r x_rᵀ, rows r of CPU tensors d [n, d_out] and x [n, d_in]
+// of one floating dtype, each element formed in that dtype as a GEMM of depth one forms it: the
+// blocks of a layer with one position per sample, never written to memory.
 void cpu_outer_product_hist1d(const at::Tensor& d, const at::Tensor& x, int64_t nbins, double maxval,
                               const at::Tensor& counts);
 

@@ -1108,7 +1108,9 @@ class GenericKind(LayerKind):
     independently: :meth:`problem` checks it on the first samples (their per-sample gradients
     must add up to the gradient of their batch) and refuses what fails, what torch.func cannot
     transform (randomness such as dropout, data-dependent control flow, in-place updates of
-    buffers) and a call whose output is not one tensor carrying the gradient."""
+    buffers) and a call whose output is not one tensor carrying the gradient. The check reads
+    the device once per captured call (the verdict decides between a result and an error), at
+    the measurement, never in the training step."""
 
     #: Samples of the check that the forward treats the samples independently.
     CHECK_SAMPLES = 4
